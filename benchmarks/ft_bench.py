@@ -1,0 +1,249 @@
+"""Measure protection costs side by side, in one run, and print ratios.
+
+* pause per epoch (p50/p99) for a 128 MiB and a 512 MiB guest, idle and
+  under the disk writer;
+* failover time: SIGKILL of the primary QEMU → the guest's next ACK on
+  the serial console, and → the next answer of its counter service;
+* guest 4 KiB O_DSYNC write IOPS: unprotected, protected with write
+  replication (ours) and protected with block-copy (MFTVM 3's baseline).
+
+Usage::
+
+    .venv/bin/python benchmarks/ft_bench.py [--quick] [--out results.json]
+
+Needs root and the packages ``tools/run.sh`` installs. The numbers are
+from a noisy 2-core machine under TCG: compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+from mftvm_openstack.ft import vm
+from mftvm_openstack.ft.monitor import QMPMonitor
+from mftvm_openstack.images import builder, workload
+from mftvm_openstack.standalone import demo, manager
+
+#: QEMU COLO on this machine (FACTS.md): first checkpoint of a 128 MiB
+#: guest, and 4 KiB sync-write IOPS protected/unprotected.
+COLO_PAUSE_128_MS = 138
+COLO_IOPS_RATIO = 0.4
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.image = builder.build_guest_image(demo.cache_dir())
+        self.tmp = tempfile.mkdtemp(prefix='mftvm-bench-', dir='/var/tmp')
+        self.state = os.path.join(self.tmp, 'state')
+
+    def disk(self, name: str, mib: int = 256) -> str:
+        path = os.path.join(self.tmp, f'{name}.raw')
+        with open(path, 'wb') as f:
+            f.truncate(mib << 20)
+        return path
+
+    def protect(self, name: str, run: str, memory: int, port: int,
+                **opts: object) -> str:
+        spec = manager.make_spec(
+            name, self.image.kernel, self.image.initrd, self.disk(name),
+            append=f'console=ttyS0 quiet mftvm.run={run} '
+                   f'mftvm.writer_interval_ms=0',
+            memory_mib=memory,
+            nic=f'user,hostfwd=tcp:127.0.0.1:{port}-:7000')
+        return manager.protect(spec, manager.ProtectOptions(**opts),
+                               self.state)
+
+    def side(self, name: str, role: str) -> dict:
+        return manager.read_status(manager.guest_dir(self.state, name),
+                                   role) or {}
+
+    def wait_ready(self, gdir: str, role: str = 'primary',
+                   timeout: float = 120) -> None:
+        path = os.path.join(gdir, role, 'serial.log')
+        deadline = time.monotonic() + timeout
+        while 'MFTVM-GUEST-READY' not in workload.read_text(path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'guest in {gdir} did not boot')
+            time.sleep(0.2)
+
+    # -- pauses ---------------------------------------------------------
+    def pauses(self, memory: int, load: str) -> dict:
+        name = f'p{memory}{load}'
+        run = 'writer' if load == 'writer' else 'idle'
+        gdir = self.protect(name, run, memory, demo.free_port())
+        try:
+            self.wait_ready(gdir)
+            time.sleep(2)  # past the boot's own dirtying
+            start = self.side(name, 'primary').get('epochs', 0)
+            time.sleep(10 if self.quick else 30)
+            with open(os.path.join(gdir, 'primary', 'pauses.json')) as f:
+                pauses = json.load(f)[start:]
+        finally:
+            manager.stop(self.state, name)
+        pauses.sort()
+        return {'guest_mib': memory, 'load': load, 'epochs': len(pauses),
+                'pause_ms_p50': round(statistics.median(pauses), 1),
+                'pause_ms_p99': round(pauses[int(len(pauses) * 0.99) - 1],
+                                      1)}
+
+    # -- failover -------------------------------------------------------
+    def failover(self, runs: int) -> dict:
+        to_ack, to_answer, restore = [], [], []
+        for i in range(runs):
+            name = f'fo{i}'
+            port = demo.free_port()
+            gdir = self.protect(name, 'writer,counter', 128, port)
+            try:
+                self.wait_ready(gdir)
+                time.sleep(1 + (i % 3) * 0.37)
+                sec_serial = os.path.join(gdir, 'secondary', 'serial.log')
+                prim = self.side(name, 'primary')
+                os.kill(prim['qemu_pid'], signal.SIGKILL)
+                t0 = time.monotonic()
+                ack_at: list[float] = []
+
+                def watch_ack() -> None:
+                    while time.monotonic() - t0 < 60:
+                        if workload.serial_acks(
+                                workload.read_text(sec_serial)):
+                            ack_at.append(time.monotonic())
+                            return
+                        time.sleep(0.005)
+                watcher = threading.Thread(target=watch_ack)
+                watcher.start()
+                answer = None
+                while answer is None and time.monotonic() - t0 < 60:
+                    answer = workload.counter_request('127.0.0.1', port, 1)
+                to_answer.append(time.monotonic() - t0)
+                watcher.join()
+                if ack_at:
+                    to_ack.append(ack_at[0] - t0)
+                sec = self.side(name, 'secondary')
+                if sec.get('failover_ms') is not None:
+                    restore.append(sec['failover_ms'] / 1000)
+            finally:
+                manager.stop(self.state, name)
+
+        def ms(xs: list[float]) -> dict:
+            return {'median_ms': round(statistics.median(xs) * 1000),
+                    'max_ms': round(max(xs) * 1000), 'runs': len(xs)}
+        return {'kill_to_next_ack': ms(to_ack),
+                'kill_to_next_answer': ms(to_answer),
+                'restore_on_secondary': ms(restore)}
+
+    # -- IOPS -----------------------------------------------------------
+    def iops_protected(self, disk_sync: str, seconds: int) -> float:
+        name = f'io-{disk_sync}'
+        gdir = self.protect(name, f'iobench:{seconds}', 128,
+                            demo.free_port(), disk_sync=disk_sync)
+        try:
+            return self._wait_iops(os.path.join(gdir, 'primary',
+                                                'serial.log'), seconds)
+        finally:
+            manager.stop(self.state, name)
+
+    def iops_unprotected(self, seconds: int) -> float:
+        return asyncio.run(self._iops_plain(seconds))
+
+    async def _iops_plain(self, seconds: int) -> float:
+        spec = vm.GuestSpec(
+            name='io-plain', kernel=self.image.kernel,
+            initrd=self.image.initrd, disk=self.disk('io-plain'),
+            append=f'console=ttyS0 quiet mftvm.run=iobench:{seconds}',
+            accel=vm.probe_accelerator())
+        paths = vm.Paths(os.path.join(self.tmp, 'io-plain'))
+        os.makedirs(paths.root, exist_ok=True)
+        ram = vm.ram_path('io-plain', 'bench')
+        with open(ram, 'wb') as f:
+            f.truncate(spec.memory_bytes)
+        proc = await vm.ChildProcess.start(vm.qemu_argv(spec, paths, ram),
+                                           paths.log)
+        try:
+            mon = await QMPMonitor.connect(paths.qmp)
+            iops = await asyncio.to_thread(self._wait_iops, paths.serial,
+                                           seconds)
+            await mon.close()
+            return iops
+        finally:
+            await proc.kill()
+            os.unlink(ram)
+
+    def _wait_iops(self, serial: str, seconds: int) -> float:
+        deadline = time.monotonic() + 120 + seconds
+        while time.monotonic() < deadline:
+            m = workload.IOPS_RE.search(workload.read_text(serial))
+            if m:
+                return float(m.group(1))
+            time.sleep(0.5)
+        raise RuntimeError(f'no IOPS line in {serial}')
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--quick', action='store_true')
+    parser.add_argument('--out', default='benchmarks/results.json')
+    parser.add_argument('--failover-runs', type=int, default=10)
+    args = parser.parse_args()
+    bench = Bench(args.quick)
+    seconds = 10 if args.quick else 20
+    results: dict = {'machine': platform.node(),
+                     'accelerator': vm.probe_accelerator(),
+                     'date': time.strftime('%Y-%m-%d %H:%M')}
+    try:
+        print('== 4 KiB O_DSYNC write IOPS (unprotected, ours, baseline)')
+        plain = bench.iops_unprotected(seconds)
+        ours = bench.iops_protected('write-replication', seconds)
+        base = bench.iops_protected('block-copy', seconds)
+        results['iops'] = {
+            'unprotected': plain, 'write_replication': ours,
+            'block_copy_baseline': base,
+            'ratio_ours': round(ours / plain, 3),
+            'ratio_baseline': round(base / plain, 3),
+            'ratio_colo_reference': COLO_IOPS_RATIO}
+        print(f'  unprotected {plain:.0f}  ours {ours:.0f} '
+              f'({ours / plain:.2f}x)  block-copy {base:.0f} '
+              f'({base / plain:.2f}x)  COLO here {COLO_IOPS_RATIO}x')
+        print('== pause per epoch')
+        results['pauses'] = []
+        for memory in (128, 512):
+            for load in ('idle', 'writer'):
+                r = bench.pauses(memory, load)
+                results['pauses'].append(r)
+                print(f'  {memory:4d} MiB {load:6s} p50 {r["pause_ms_p50"]}'
+                      f' ms p99 {r["pause_ms_p99"]} ms ({r["epochs"]} '
+                      f'epochs)')
+        idle128 = results['pauses'][0]['pause_ms_p50']
+        results['pause_ratio_vs_colo_first_checkpoint'] = round(
+            idle128 / COLO_PAUSE_128_MS, 3)
+        print(f'  128 MiB idle p50 / COLO first checkpoint '
+              f'{COLO_PAUSE_128_MS} ms = {idle128 / COLO_PAUSE_128_MS:.2f}x')
+        print(f'== failover ({args.failover_runs} runs)')
+        results['failover'] = bench.failover(args.failover_runs)
+        for k, v in results['failover'].items():
+            print(f'  {k:22s} median {v["median_ms"]} ms max '
+                  f'{v["max_ms"]} ms')
+    finally:
+        bench.close()
+    with open(args.out, 'w') as f:
+        json.dump(results, f, indent=1)
+    print(f'results in {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""One epoch's checkpoint: taken on the primary, applied on the secondary.
+
+Primary, inside the pause (the guest is stopped for steps 1–5 only)::
+
+    1 stop   2 device state   3 RAM delta   4 disk mark   5 cont
+
+Steps 2, 3 and 4 are independent once the guest is stopped, so they run
+concurrently: the pause is the longest of them, not their sum. Device
+state comes from a migration with ``x-ignore-shared`` (guest RAM lives in
+a shared file, so the stream carries only device state and ROMs) into a
+unix socket we listen on.
+
+Secondary: :class:`ReplicaImage` keeps the RAM image and the device state
+of the last committed epoch; :func:`restore` starts a QEMU from them.
+
+Example::
+
+    capturer = CheckpointCapturer(monitor, tracker, workdir)
+    await capturer.setup()
+    ckpt = await capturer.capture(epoch, mark=...)   # guest paused inside
+    replica.apply(ckpt.epoch, ckpt.devstate, ckpt.delta)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import mmap
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Optional
+
+import numpy as np
+
+from mftvm_openstack.ft import vm
+from mftvm_openstack.ft.monitor import Monitor, MonitorError, QMPMonitor
+from mftvm_openstack.ft.trackers import PAGE_SIZE, DirtyTracker, RamDelta
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be taken; the guest has been resumed."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    epoch: int
+    devstate: bytes
+    delta: RamDelta
+    pause_s: float
+    devstate_s: float
+    ram_s: float
+    mark_s: float
+
+
+async def _resume(monitor: Monitor) -> None:
+    with contextlib.suppress(MonitorError):
+        await monitor.execute('cont')
+
+
+class CheckpointCapturer:
+    """Takes checkpoints of one running guest through its monitor."""
+
+    def __init__(self, monitor: Monitor, tracker: DirtyTracker,
+                 workdir: str) -> None:
+        self.monitor = monitor
+        self.tracker = tracker
+        self.sock_path = os.path.join(workdir, 'devstate.sock')
+
+    async def setup(self) -> None:
+        await self.monitor.execute(
+            'migrate-set-capabilities', capabilities=[
+                {'capability': 'x-ignore-shared', 'state': True}])
+        # The default bandwidth cap would stretch a 300 KB stream to ms.
+        await self.monitor.execute('migrate-set-parameters',
+                                   **{'max-bandwidth': 1 << 40})
+        self.tracker.start()
+
+    async def _device_state(self) -> bytes:
+        """Migrate device state into a socket of ours; return the bytes."""
+        chunks: list[bytes] = []
+        done = asyncio.get_running_loop().create_future()
+
+        async def on_conn(reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(1 << 20):
+                    chunks.append(data)
+                if not done.done():
+                    done.set_result(None)
+            except Exception as exc:
+                if not done.done():
+                    done.set_exception(exc)
+            finally:
+                writer.close()
+
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock_path)
+        server = await asyncio.start_unix_server(on_conn, self.sock_path)
+        try:
+            await self.monitor.execute('migrate', uri=f'unix:{self.sock_path}')
+            await asyncio.wait_for(done, 30)
+            status = await self._migration_status()
+            if status != 'completed':
+                raise CheckpointError(f'device-state migration ended in '
+                                      f'state {status!r}')
+        finally:
+            server.close()
+        return b''.join(chunks)
+
+    async def _migration_status(self) -> str:
+        # The stream's EOF comes when QEMU closes it, just before (or
+        # just after) it flags completion: poll the short gap.
+        for _ in range(200):
+            status = (await self.monitor.execute('query-migrate')).get(
+                'status', '')
+            if status not in ('active', 'setup', 'device'):
+                return str(status)
+            await asyncio.sleep(0.001)
+        return 'timeout'
+
+    async def capture(self, epoch: int,
+                      mark: Callable[[int], Awaitable[None]],
+                      on_stopped: Optional[Callable[[int], None]] = None,
+                      resume: bool = True) -> Checkpoint:
+        """Stop, take everything of ``epoch``, resume; return the checkpoint.
+
+        ``mark(epoch)`` sets the disk epoch boundary (on the secondary);
+        ``on_stopped`` runs right after the guest stopped (output commit
+        seals the epoch there). ``resume=False`` leaves the guest stopped
+        (the last checkpoint of a planned handover).
+        """
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        await self.monitor.execute('stop')
+        if on_stopped is not None:
+            on_stopped(epoch)
+        timings: dict[str, float] = {}
+
+        async def timed(name: str, aw: Awaitable[object]) -> object:
+            start = time.perf_counter()
+            result = await aw
+            timings[name] = time.perf_counter() - start
+            return result
+
+        try:
+            devstate, delta, _ = await asyncio.gather(
+                timed('dev', self._device_state()),
+                timed('ram', loop.run_in_executor(None, self.tracker.collect)),
+                timed('mark', mark(epoch)))
+        except BaseException as exc:
+            await _resume(self.monitor)
+            if isinstance(exc, (CheckpointError, asyncio.CancelledError)):
+                raise
+            raise CheckpointError(f'checkpoint {epoch} failed: {exc}') from exc
+        if resume:
+            await self.monitor.execute('cont')
+        pause = time.perf_counter() - t0
+        assert isinstance(devstate, bytes) and isinstance(delta, RamDelta)
+        return Checkpoint(epoch, devstate, delta, pause, timings['dev'],
+                          timings['ram'], timings['mark'])
+
+
+class ReplicaImage:
+    """The secondary's copy of guest RAM and device state.
+
+    ``apply`` takes a whole checkpoint at once (it has already been
+    received in full), so the image never mixes two epochs.
+    """
+
+    def __init__(self, ram_file: str, size: int, workdir: str) -> None:
+        self.ram_file = ram_file
+        self.size = size
+        self.devstate_path = os.path.join(workdir, 'devstate.bin')
+        self.committed = 0
+        fd = os.open(ram_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self._pages = np.frombuffer(self._map, np.uint8).reshape(
+            -1, PAGE_SIZE)
+
+    def apply(self, epoch: int, devstate: bytes, delta: RamDelta) -> None:
+        if len(delta.indices) and int(delta.indices.max()) >= len(
+                self._pages):
+            raise ValueError(f'checkpoint {epoch} writes beyond guest RAM')
+        self._pages[delta.indices] = delta.pages
+        tmp = self.devstate_path + '.tmp'
+        with open(tmp, 'wb') as f:
+            f.write(devstate)
+        os.replace(tmp, self.devstate_path)
+        self.committed = epoch
+
+    def close(self) -> None:
+        self._pages = np.zeros((0, PAGE_SIZE), np.uint8)
+        with contextlib.suppress(BufferError):
+            self._map.close()
+
+
+async def restore(spec: vm.GuestSpec, paths: vm.Paths, ram_file: str,
+                  devstate_path: str,
+                  disk_layers: list[tuple[str, str]],
+                  ) -> tuple[vm.ChildProcess, QMPMonitor]:
+    """Start a QEMU from a replica and run the guest on from it.
+
+    The new QEMU maps ``ram_file`` as guest RAM (so it is not copied),
+    loads the device state, resumes the guest and announces its MAC.
+    """
+    argv = vm.qemu_argv(spec, paths, ram_file, disk_layers, incoming=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(paths.qmp)
+    proc = await vm.ChildProcess.start(argv, paths.log)
+    try:
+        monitor = await QMPMonitor.connect(paths.qmp, 'restored-qemu', 30)
+    except MonitorError:
+        await proc.kill()
+        raise MonitorError(f'restored QEMU did not start: '
+                           f'{proc.last_log_line()}') from None
+    try:
+        await monitor.execute('migrate-set-capabilities', capabilities=[
+            {'capability': 'x-ignore-shared', 'state': True},
+            {'capability': 'events', 'state': True}])
+        monitor.clear_events()
+        await monitor.execute('migrate-incoming', uri=f'exec:cat '
+                              f'{devstate_path}')
+        await monitor.wait_event(
+            'MIGRATION', lambda e: e['data']['status'] in (
+                'completed', 'failed'), timeout=60)
+        status = await monitor.execute('query-migrate')
+        if status.get('status') != 'completed':
+            raise MonitorError(f'device state did not load: {status}')
+        await monitor.execute('cont')
+        await monitor.execute('announce-self', initial=50, max=550,
+                              rounds=5, step=100)
+    except BaseException:
+        await monitor.close()
+        await proc.kill()
+        raise
+    return proc, monitor

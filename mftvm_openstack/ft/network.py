@@ -1,0 +1,171 @@
+"""Output commit: the guest's packets leave only once their epoch commits.
+
+A ``filter-redirector`` on the guest's netdev (queue ``rx``: what the
+guest sends) hands every outgoing frame to this module over a unix
+socket, as a 4-byte big-endian length and the frame. We hold each frame,
+tagged with the epoch it was sent in, and write it back to the filter's
+second socket — from where it continues to the network — only after the
+secondary acknowledged that epoch. A failover can therefore never take
+back anything a client has seen (Remus semantics).
+
+Example::
+
+    out = OutputBuffer(paths.netout, paths.netin)
+    await out.attach(monitor)      # QEMU connects, filter installed
+    out.seal(epoch)                # inside the pause of checkpoint `epoch`
+    await out.release(epoch)       # once `epoch` is acked
+    await out.detach(monitor)      # unprotected: release all, remove filter
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import struct
+from typing import Optional
+
+from mftvm_openstack.ft.monitor import Monitor
+
+LOG = logging.getLogger(__name__)
+_LEN = struct.Struct('!I')
+#: A frame longer than this is garbage on the socket, not a packet.
+MAX_FRAME = 1 << 17
+
+
+class OutputBuffer:
+    """Holds guest frames per epoch; releases them on commit."""
+
+    def __init__(self, out_path: str, in_path: str,
+                 netdev: str = 'n0') -> None:
+        self.out_path = out_path   # QEMU → us (filter outdev)
+        self.in_path = in_path     # us → QEMU (filter indev)
+        self.netdev = netdev
+        # epoch the frames read from now on belong to
+        self._open_epoch = 1
+        self._held: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._holding = True
+        self._out: Optional[asyncio.StreamReader] = None
+        self._in: Optional[asyncio.StreamWriter] = None
+        self._connected = asyncio.Event()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._pump: Optional[asyncio.Task[None]] = None
+        self.frames_held = 0
+        self.frames_released = 0
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def attach(self, monitor: Monitor, first_epoch: int = 1) -> None:
+        """Listen, let QEMU connect, and install the filter."""
+        self._open_epoch = first_epoch
+        out_ready = asyncio.Event()
+        in_ready = asyncio.Event()
+
+        async def on_out(reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+            self._out = reader
+            out_ready.set()
+
+        async def on_in(reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+            self._in = writer
+            in_ready.set()
+
+        for path in (self.out_path, self.in_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._servers = [
+            await asyncio.start_unix_server(on_out, self.out_path),
+            await asyncio.start_unix_server(on_in, self.in_path)]
+        for chardev, path in (('oc-out', self.out_path),
+                              ('oc-in', self.in_path)):
+            await monitor.execute('chardev-add', id=chardev, backend={
+                'type': 'socket', 'data': {
+                    'addr': {'type': 'unix', 'data': {'path': path}},
+                    'server': False}})
+        await asyncio.wait_for(
+            asyncio.gather(out_ready.wait(), in_ready.wait()), 10)
+        await monitor.execute(
+            'object-add', **{'qom-type': 'filter-redirector', 'id': 'oc0',
+                             'netdev': self.netdev, 'queue': 'rx',
+                             'outdev': 'oc-out', 'indev': 'oc-in'})
+        self._pump = asyncio.create_task(self._read_frames())
+
+    async def _read_frames(self) -> None:
+        assert self._out is not None
+        try:
+            while True:
+                (length,) = _LEN.unpack(await self._out.readexactly(4))
+                if length > MAX_FRAME:
+                    LOG.error('filter sent a %d-byte frame; output commit '
+                              'stream is corrupt', length)
+                    return
+                frame = await self._out.readexactly(length)
+                if self._holding:
+                    self._held.append((self._open_epoch, frame))
+                    self.frames_held += 1
+                else:
+                    self._write(frame)
+                    await self._drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # QEMU went away: nothing left to hold
+
+    def _write(self, frame: bytes) -> None:
+        if self._in is not None and not self._in.is_closing():
+            self._in.write(_LEN.pack(len(frame)) + frame)
+            self.frames_released += 1
+
+    async def _drain(self) -> None:
+        if self._in is not None and not self._in.is_closing():
+            with contextlib.suppress(ConnectionError):
+                await self._in.drain()
+
+    def seal(self, epoch: int) -> None:
+        """Checkpoint ``epoch`` is being taken: later frames belong to the
+        next epoch. Frames still in the socket are tagged later, which only
+        holds them longer (safe)."""
+        self._open_epoch = epoch + 1
+
+    async def release(self, epoch: int) -> None:
+        """Send every frame of epochs ≤ ``epoch`` on to the network."""
+        while self._held and self._held[0][0] <= epoch:
+            self._write(self._held.popleft()[1])
+        await self._drain()
+
+    async def passthrough(self) -> None:
+        """Stop holding: release everything now and forward from now on."""
+        self._holding = False
+        while self._held:
+            self._write(self._held.popleft()[1])
+        await self._drain()
+
+    async def detach(self, monitor: Monitor) -> None:
+        """Unprotected for good: flush, then take the filter out of the
+        packet path so the guest's network no longer depends on us."""
+        await self.passthrough()
+        with contextlib.suppress(Exception):
+            await monitor.execute('object-del', id='oc0')
+            for chardev in ('oc-out', 'oc-in'):
+                await monitor.execute('chardev-remove', id=chardev)
+        await self.close()
+
+    def discard(self) -> None:
+        """Drop held frames (the guest they came from is gone)."""
+        self._held.clear()
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+        for server in self._servers:
+            server.close()
+        if self._in is not None:
+            self._in.close()
+        for path in (self.out_path, self.in_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

@@ -1,0 +1,471 @@
+"""The protected pair as two event-driven state machines.
+
+:class:`PrimaryPair` runs beside the guest; :class:`SecondaryPair` keeps
+the replica. Each one owns an event queue; everything that happens —
+an epoch timer tick, an ack, a broken stream, the guest exiting, an
+operator's command — arrives as a typed event and is handled in order,
+one at a time. Collaborators (checkpoint capturer, disk sync, output
+buffer, data channel, replica, clock) are injected, so unit tests drive
+the machines with fakes and functional tests with real QEMU.
+
+Primary states::
+
+    PROTECTED --SecondaryLost--> UNPROTECTED
+    PROTECTED/UNPROTECTED --GuestExited--> FAILED
+    any --Stop--> STOPPED
+
+Secondary states::
+
+    STANDBY --PrimaryLost / Takeover--> FAILING_OVER --> ACTIVE
+                                                     \\-> LOST (nothing
+                                                          committed yet)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Optional, Protocol
+
+import numpy as np
+
+from mftvm_openstack.ft import transport
+from mftvm_openstack.ft.transport import Kind
+
+LOG = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class RealClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+# -- events -----------------------------------------------------------------
+
+@dataclasses.dataclass
+class Tick:
+    """The current epoch has run its length."""
+
+
+@dataclasses.dataclass
+class Acked:
+    epoch: int
+
+
+@dataclasses.dataclass
+class SecondaryLost:
+    reason: str
+
+
+@dataclasses.dataclass
+class GuestExited:
+    reason: str
+
+
+@dataclasses.dataclass
+class Stop:
+    """Operator: end protection. ``handover``: move the guest to the
+    secondary first (planned failover, nothing lost)."""
+    handover: bool = False
+
+
+@dataclasses.dataclass
+class PrimaryLost:
+    reason: str
+
+
+@dataclasses.dataclass
+class Takeover:
+    """Operator: fail over now."""
+    reason: str = 'operator request'
+
+
+class State(enum.StrEnum):
+    PROTECTED = 'protected'
+    UNPROTECTED = 'unprotected'
+    FAILED = 'failed'
+    STOPPED = 'stopped'
+    STANDBY = 'standby'
+    FAILING_OVER = 'failing-over'
+    ACTIVE = 'active'
+    LOST = 'lost'
+
+
+class Stats:
+    """Counters both sides report through ``mftvm status``."""
+
+    def __init__(self) -> None:
+        self.epochs = 0
+        self.committed = 0
+        self.pauses_ms: list[float] = []
+        self.dirty_bytes = 0
+        self.last_ack_at: Optional[float] = None
+        self.failover_ms: Optional[float] = None
+        self.reason = ''
+
+    def percentile(self, q: float) -> Optional[float]:
+        if not self.pauses_ms:
+            return None
+        return float(np.percentile(self.pauses_ms[-5000:], q))
+
+    def as_dict(self) -> dict[str, Any]:
+        p50, p99 = self.percentile(50), self.percentile(99)
+        return {
+            'epochs': self.epochs, 'last_committed_epoch': self.committed,
+            'replication_lag_epochs': self.epochs - self.committed,
+            'pause_ms_p50': None if p50 is None else round(p50, 2),
+            'pause_ms_p99': None if p99 is None else round(p99, 2),
+            'dirty_mib_total': round(self.dirty_bytes / 2**20, 2),
+            'failover_ms': self.failover_ms, 'reason': self.reason,
+        }
+
+
+class _Machine:
+    """An event queue and the loop that handles its events in order."""
+
+    state: State
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self.stats = Stats()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.finished = asyncio.Event()
+
+    def post(self, event: Any) -> None:
+        self.events.put_nowait(event)
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        return task
+
+    async def _cancel_tasks(self) -> None:
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for task in self._tasks:
+            if task is not current:
+                with contextlib.suppress(BaseException):
+                    await task
+        self._tasks = []
+
+    async def handle(self, event: Any) -> None:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        try:
+            while not self.finished.is_set():
+                event = await self.events.get()
+                LOG.debug('%s: %s in %s', type(self).__name__, event,
+                          self.state.value)
+                await self.handle(event)
+        finally:
+            await self._cancel_tasks()
+            self.finished.set()
+
+
+# -- primary ----------------------------------------------------------------
+
+class PrimaryPair(_Machine):
+    """Checkpoints the running guest every epoch and ships it.
+
+    ``capturer`` is an epoch.CheckpointCapturer, ``disk`` a DiskSync,
+    ``output`` an OutputBuffer, ``channel`` a transport.Channel.
+    """
+
+    def __init__(self, *, capturer: Any, disk: Any, output: Any,
+                 channel: Any, monitor: Any, clock: Clock,
+                 epoch_ms: int, mark_timeout: float = 2.0,
+                 first_epoch: int = 1) -> None:
+        super().__init__(clock)
+        self.capturer = capturer
+        self.disk = disk
+        self.output = output
+        self.channel = channel
+        self.monitor = monitor
+        self.epoch_s = epoch_ms / 1000.0
+        self.mark_timeout = mark_timeout
+        self.state = State.PROTECTED
+        self.next_epoch = first_epoch
+        self._sending: Optional[asyncio.Task[Any]] = None
+        self._marked: dict[int, asyncio.Future[None]] = {}
+        self._acked: dict[int, asyncio.Future[None]] = {}
+
+    def start(self) -> None:
+        """Start the epoch timer and the reader of the secondary's replies."""
+        self._spawn(self._ticker())
+        self._spawn(self._reader())
+
+    async def _ticker(self) -> None:
+        while True:
+            await self.clock.sleep(self.epoch_s)
+            self.post(Tick())
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                msg = await self.channel.recv()
+                if msg.kind == Kind.MARKED:
+                    fut = self._marked.pop(msg.epoch, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                elif msg.kind == Kind.ACK:
+                    self.post(Acked(msg.epoch))
+                elif msg.kind == Kind.ERROR:
+                    self.post(SecondaryLost(
+                        f'secondary error: {msg.json().get("error")}'))
+                    return
+        except (ConnectionError, transport.ProtocolError, OSError) as exc:
+            self.post(SecondaryLost(f'data stream: {exc}'))
+
+    async def _mark(self, epoch: int) -> None:
+        # Disk sync first (the block-copy baseline copies the epoch's
+        # dirty blocks here), then the secondary starts a new overlay.
+        await self.disk.checkpoint(epoch)
+        fut = asyncio.get_running_loop().create_future()
+        self._marked[epoch] = fut
+        await self.channel.send(Kind.MARK, epoch)
+        await asyncio.wait_for(fut, self.mark_timeout)
+
+    async def _ship(self, ckpt: Any) -> None:
+        try:
+            await self.channel.send(
+                Kind.CHECKPOINT, ckpt.epoch,
+                *transport.encode_checkpoint(ckpt.devstate, ckpt.delta))
+        except (ConnectionError, OSError) as exc:
+            self.post(SecondaryLost(f'shipping checkpoint {ckpt.epoch}: '
+                                    f'{exc}'))
+
+    async def checkpoint(self, resume: bool = True) -> None:
+        epoch = self.next_epoch
+        ckpt = await self.capturer.capture(epoch, self._mark,
+                                           self.output.seal, resume)
+        self.next_epoch += 1
+        self.stats.epochs = epoch
+        self.stats.pauses_ms.append(ckpt.pause_s * 1000)
+        self.stats.dirty_bytes += ckpt.delta.nbytes
+        self._sending = self._spawn(self._ship(ckpt))
+
+    async def handle(self, event: Any) -> None:
+        if isinstance(event, Tick):
+            busy = self._sending is not None and not self._sending.done()
+            if self.state != State.PROTECTED:
+                return
+            if busy:
+                return  # shipping the last one: the epoch runs longer
+            try:
+                await self.checkpoint()
+            except Exception as exc:
+                self.post(SecondaryLost(f'checkpoint failed: {exc}'))
+        elif isinstance(event, Acked):
+            if event.epoch > self.stats.committed:
+                self.stats.committed = event.epoch
+                self.stats.last_ack_at = self.clock.monotonic()
+            await self.output.release(event.epoch)
+            for epoch in [e for e in self._acked if e <= event.epoch]:
+                fut = self._acked.pop(epoch)
+                if not fut.done():
+                    fut.set_result(None)
+        elif isinstance(event, SecondaryLost):
+            if self.state == State.PROTECTED:
+                await self._unprotect(event.reason)
+        elif isinstance(event, GuestExited):
+            await self._guest_exited(event.reason)
+        elif isinstance(event, Stop):
+            await self._stop(event.handover)
+
+    async def _unprotect(self, reason: str) -> None:
+        """The secondary is gone: carry on alone, release held output."""
+        LOG.warning('secondary lost (%s): guest continues unprotected',
+                    reason)
+        self.state = State.UNPROTECTED
+        self.stats.reason = reason
+        await self._cancel_tasks()
+        self.channel.close()
+        with contextlib.suppress(Exception):
+            await self.disk.stop()
+        await self.output.detach(self.monitor)
+
+    async def _guest_exited(self, reason: str) -> None:
+        LOG.error('guest exited on the primary: %s', reason)
+        was_protected = self.state == State.PROTECTED
+        self.state = State.FAILED
+        self.stats.reason = reason
+        # What is held was never committed: nobody may see it.
+        self.output.discard()
+        if was_protected:
+            with contextlib.suppress(Exception):
+                await self.channel.send_json(Kind.PRIMARY_LOST,
+                                             {'reason': reason})
+        self.channel.close()
+        self.finished.set()
+
+    async def _stop(self, handover: bool) -> None:
+        if handover and self.state == State.PROTECTED:
+            # Planned failover: the guest stops, its last epoch commits,
+            # then the secondary takes over with nothing lost.
+            if self._sending is not None:
+                with contextlib.suppress(BaseException):
+                    await self._sending
+            await self.checkpoint(resume=False)
+            fut = asyncio.get_running_loop().create_future()
+            self._acked[self.stats.epochs] = fut
+            if self._sending is not None:
+                await self._sending
+            await asyncio.wait_for(fut, 30)
+            self.output.discard()
+            await self.channel.send_json(Kind.PRIMARY_LOST,
+                                         {'reason': 'planned failover'})
+        elif self.state == State.PROTECTED:
+            with contextlib.suppress(Exception):
+                await self.channel.send(Kind.BYE)
+        self.state = State.STOPPED
+        self.channel.close()
+        self.finished.set()
+
+    def status(self) -> dict[str, Any]:
+        data = self.stats.as_dict()
+        data.update(role='primary', state=self.state.value,
+                    held_frames=self.output.held)
+        if self.stats.last_ack_at is not None:
+            data['ms_since_last_ack'] = round(
+                (self.clock.monotonic() - self.stats.last_ack_at) * 1000, 1)
+        return data
+
+
+# -- secondary --------------------------------------------------------------
+
+class SecondaryPair(_Machine):
+    """Applies checkpoints as they come; takes over when the primary dies.
+
+    ``replica`` is an epoch.ReplicaImage, ``store`` an EpochOverlayStore;
+    ``activate(committed_epoch)`` fences and restores the guest (it is
+    injected: the host decides how to fence and where QEMU runs).
+    """
+
+    def __init__(self, *, channel: Any, replica: Any, store: Any,
+                 activate: Callable[[int], Awaitable[None]],
+                 clock: Clock, detect_timeout: float = 1.0) -> None:
+        super().__init__(clock)
+        self.channel = channel
+        self.replica = replica
+        self.store = store
+        self.activate = activate
+        self.detect_timeout = detect_timeout
+        self.state = State.STANDBY
+        self._applying: Optional[asyncio.Task[Any]] = None
+        self._lost_at: Optional[float] = None
+
+    def start(self) -> None:
+        self._spawn(self._reader())
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                msg = await self.channel.recv(timeout=self.detect_timeout)
+                self.stats.last_ack_at = self.clock.monotonic()
+                if msg.kind == Kind.MARK:
+                    await self.store.mark(msg.epoch)
+                    await self.channel.send(Kind.MARKED, msg.epoch)
+                elif msg.kind == Kind.CHECKPOINT:
+                    devstate, delta = transport.decode_checkpoint(msg.payload)
+                    previous = self._applying
+                    self._applying = asyncio.ensure_future(
+                        self._apply(previous, msg.epoch, devstate, delta))
+                elif msg.kind == Kind.PRIMARY_LOST:
+                    self.post(PrimaryLost(
+                        f'primary reported: {msg.json().get("reason")}'))
+                    return
+                elif msg.kind == Kind.BYE:
+                    self.post(Stop())
+                    return
+        except TimeoutError:
+            self.post(PrimaryLost(f'no word from the primary for '
+                                  f'{self.detect_timeout}s'))
+        except (ConnectionError, OSError) as exc:
+            self.post(PrimaryLost(f'data stream: {exc}'))
+        except transport.ProtocolError as exc:
+            # A corrupt stream is no proof that the primary died: give up
+            # this replica (the primary carries on unprotected) rather
+            # than risk a second running copy.
+            LOG.error('protocol error from the primary: %s', exc)
+            self.stats.reason = f'protocol error: {exc}'
+            with contextlib.suppress(Exception):
+                await self.channel.send_json(Kind.ERROR, {'error': str(exc)})
+            self.post(Stop())
+
+    async def _apply(self, previous: Optional[asyncio.Task[Any]], epoch: int,
+                     devstate: bytes, delta: Any) -> None:
+        if previous is not None:
+            await previous   # checkpoints apply strictly in order
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.replica.apply, epoch,
+                                   devstate, delta)
+        self.stats.epochs = epoch
+        self.stats.committed = epoch
+        self.stats.dirty_bytes += delta.nbytes
+        await self.store.commit(epoch)
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.channel.send(Kind.ACK, epoch)
+
+    async def handle(self, event: Any) -> None:
+        if isinstance(event, (PrimaryLost, Takeover)):
+            if self.state == State.STANDBY:
+                await self._failover(event.reason)
+        elif isinstance(event, Stop):
+            self.state = State.STOPPED
+            self.channel.close()
+            self.finished.set()
+
+    async def _failover(self, reason: str) -> None:
+        started = self.clock.monotonic()
+        LOG.warning('primary lost (%s): failing over', reason)
+        self.state = State.FAILING_OVER
+        self.stats.reason = reason
+        self.channel.close()
+        if self._applying is not None:
+            # A checkpoint received in full still commits: finish it.
+            with contextlib.suppress(Exception):
+                await self._applying
+        committed = self.replica.committed
+        if committed == 0:
+            self.state = State.LOST
+            self.stats.reason = (f'{reason}; no checkpoint was ever '
+                                 f'committed, nothing to resume')
+            LOG.error(self.stats.reason)
+            self.finished.set()
+            return
+        try:
+            await self.activate(committed)
+        except Exception as exc:
+            self.state = State.LOST
+            self.stats.reason = f'{reason}; failover failed: {exc}'
+            LOG.error(self.stats.reason)
+        else:
+            self.state = State.ACTIVE
+            self.stats.failover_ms = round(
+                (self.clock.monotonic() - started) * 1000, 1)
+        self.finished.set()
+
+    def status(self) -> dict[str, Any]:
+        data = self.stats.as_dict()
+        data.update(role='secondary' if self.state in (
+            State.STANDBY, State.FAILING_OVER) else 'primary',
+            state=self.state.value)
+        return data

@@ -1,0 +1,197 @@
+"""The data plane: one framed stream from the primary to the secondary.
+
+Checkpoints are large and frequent, so they travel on a direct stream
+(TCP, or a unix socket on one machine), not on a message bus. Every frame
+is a fixed header plus a payload::
+
+    magic 'MFTV' | kind (1 byte) | 3 pad | epoch (u64) | length (u64)
+
+All integers are big-endian. Example::
+
+    chan = await Channel.connect(DataAddress.parse('unix:/run/x.sock'))
+    await chan.send(Kind.MARK, epoch=7)
+    msg = await chan.recv()            # Message(kind=Kind.MARKED, epoch=7)
+
+A CHECKPOINT payload is: device-state length (u64), page count (u64),
+device state, page numbers (u32 little-endian), pages (4 KiB each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import json
+import struct
+from typing import Any, Optional
+
+import numpy as np
+
+from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
+
+MAGIC = b'MFTV'
+HEADER = struct.Struct('!4sB3xQQ')
+#: A checkpoint can carry all of a large guest's RAM; refuse anything
+#: bigger than this as a corrupt or hostile frame.
+MAX_PAYLOAD = 1 << 40
+_CKPT = struct.Struct('!QQ')
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1         # primary → secondary: guest spec (JSON)
+    READY = 2         # secondary → primary: replica target (JSON)
+    MARK = 3          # disk epoch boundary, sent inside the pause
+    MARKED = 4
+    CHECKPOINT = 5    # device state + RAM delta of one epoch
+    ACK = 6           # the epoch is committed on the secondary
+    HEARTBEAT = 7
+    PRIMARY_LOST = 8  # the primary's guest is gone: take over now
+    ERROR = 9         # JSON {"error": "..."}
+    BYE = 10          # orderly end of protection
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame."""
+
+
+@dataclasses.dataclass
+class Message:
+    kind: Kind
+    epoch: int
+    payload: bytes = b''
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.payload)
+        except ValueError:
+            raise ProtocolError(f'{self.kind.name} payload is not JSON') \
+                from None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataAddress:
+    """Where a secondary listens: ``unix:/path`` or ``tcp:host:port``."""
+
+    path: Optional[str] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+
+    @classmethod
+    def parse(cls, text: str) -> DataAddress:
+        if text.startswith('unix:'):
+            return cls(path=text[5:])
+        if text.startswith('tcp:'):
+            host, _, port = text[4:].rpartition(':')
+            if host and port.isdigit():
+                return cls(host=host, port=int(port))
+        raise ValueError(f'bad data-plane address {text!r}: use unix:PATH '
+                         f'or tcp:HOST:PORT')
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f'unix:{self.path}'
+        return f'tcp:{self.host}:{self.port}'
+
+
+def encode_checkpoint(devstate: bytes, delta: RamDelta) -> list[Any]:
+    """The buffers of a CHECKPOINT payload (no copy of the pages)."""
+    return [_CKPT.pack(len(devstate), len(delta.indices)), devstate,
+            delta.indices.astype('<u4').tobytes(),
+            memoryview(delta.pages)]  # type: ignore[arg-type]
+
+
+def decode_checkpoint(payload: bytes) -> tuple[bytes, RamDelta]:
+    if len(payload) < _CKPT.size:
+        raise ProtocolError('short CHECKPOINT payload')
+    dev_len, npages = _CKPT.unpack_from(payload)
+    expected = _CKPT.size + dev_len + npages * (4 + PAGE_SIZE)
+    if len(payload) != expected:
+        raise ProtocolError(f'CHECKPOINT payload is {len(payload)} bytes, '
+                            f'header says {expected}')
+    off = _CKPT.size
+    devstate = payload[off:off + dev_len]
+    off += dev_len
+    indices = np.frombuffer(payload, '<u4', npages, off)
+    off += npages * 4
+    pages = np.frombuffer(payload, np.uint8, npages * PAGE_SIZE, off)
+    return devstate, RamDelta(indices, pages.reshape(-1, PAGE_SIZE))
+
+
+class Channel:
+    """A framed, ordered stream; one writer and one reader at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.bytes_sent = 0
+
+    @classmethod
+    async def connect(cls, addr: DataAddress,
+                      timeout: float = 10.0) -> Channel:
+        if addr.path is not None:
+            coro = asyncio.open_unix_connection(addr.path, limit=1 << 20)
+        else:
+            coro = asyncio.open_connection(addr.host, addr.port,
+                                           limit=1 << 20)
+        try:
+            reader, writer = await asyncio.wait_for(coro, timeout)
+        except (TimeoutError, OSError) as exc:
+            raise ConnectionError(
+                f'cannot reach the secondary at {addr}: '
+                f'{exc or "timed out"}') from None
+        return cls(reader, writer)
+
+    async def send(self, kind: Kind, epoch: int = 0,
+                   *buffers: Any) -> None:
+        length = sum(memoryview(b).nbytes for b in buffers)
+        self._writer.write(HEADER.pack(MAGIC, kind, epoch, length))
+        for buf in buffers:
+            self._writer.write(buf)
+        self.bytes_sent += HEADER.size + length
+        await self._writer.drain()
+
+    async def send_json(self, kind: Kind, data: Any, epoch: int = 0) -> None:
+        await self.send(kind, epoch, json.dumps(data).encode())
+
+    async def recv(self, timeout: Optional[float] = None) -> Message:
+        """The next frame; ``timeout`` bounds the wait for its header only
+        (a big checkpoint may take long to arrive once it has started)."""
+        try:
+            header = await asyncio.wait_for(
+                self._reader.readexactly(HEADER.size), timeout)
+        except asyncio.IncompleteReadError:
+            raise ConnectionError('the peer closed the data stream') from None
+        magic, kind, epoch, length = HEADER.unpack(header)
+        if magic != MAGIC:
+            raise ProtocolError(f'bad frame magic {magic!r}')
+        if length > MAX_PAYLOAD:
+            raise ProtocolError(f'frame of {length} bytes is too large')
+        try:
+            kind = Kind(kind)
+        except ValueError:
+            raise ProtocolError(f'unknown frame kind {kind}') from None
+        try:
+            payload = await self._reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise ConnectionError('the data stream broke mid-frame') from None
+        return Message(kind, epoch, payload)
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # the transport may already be gone
+            pass
+
+
+async def serve(addr: DataAddress, on_connect: Any) -> asyncio.AbstractServer:
+    """Listen on ``addr``; ``on_connect(channel)`` runs per connection."""
+    async def handle(reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        await on_connect(Channel(reader, writer))
+
+    if addr.path is not None:
+        return await asyncio.start_unix_server(handle, addr.path,
+                                               limit=1 << 20)
+    return await asyncio.start_server(handle, addr.host, addr.port,
+                                      limit=1 << 20)

@@ -1,0 +1,1 @@
+"""The mftvm test guest: its image builder, programs and disk record format."""

@@ -1,0 +1,77 @@
+"""Talking to the demo guest's workloads from the host.
+
+The guest's counter service answers each TCP request with the next
+value; its disk writer prints ``ACK k <hash>`` after record k is on
+disk. These helpers are shared by ``mftvm demo``, the functional tests
+and the benchmarks::
+
+    value = counter_request('127.0.0.1', 17000)        # -> 42
+    acks = serial_acks(open(serial).read())          # [(k, hash), ...]
+    last = check_disk_chain(layers)                  # last record index
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tempfile
+from typing import Optional, Sequence
+
+from mftvm_openstack.ft import vm
+from mftvm_openstack.images import records
+
+ACK_RE = re.compile(r'^ACK (\d+) ([0-9a-f]{64})\s*$', re.M)
+FUTURE_RE = re.compile(r'^FUTURE (\d+)', re.M)
+IOPS_RE = re.compile(r'^IOPS ([0-9.]+) WRITES (\d+) MAXLAT_MS ([0-9.]+)',
+                     re.M)
+
+
+def counter_request(host: str, port: int,
+                    timeout: float = 2.0) -> Optional[int]:
+    """One request to the counter service; None if no answer came."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b'INC\n')
+            data = b''
+            while not data.endswith(b'\n'):
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    text = data.strip()
+    return int(text) if text.isdigit() else None
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, 'rb') as f:
+            return f.read().decode(errors='replace')
+    except OSError:
+        return ''
+
+
+def serial_acks(text: str) -> list[tuple[int, str]]:
+    return [(int(m.group(1)), m.group(2)) for m in ACK_RE.finditer(text)]
+
+
+def future_records(text: str) -> list[int]:
+    """Records the writer found already on disk before writing them: after
+    a failover, proof that uncommitted writes survived."""
+    return [int(m.group(1)) for m in FUTURE_RE.finditer(text)]
+
+
+def disk_records(layers: Sequence[tuple[str, str]]) -> list[records.Record]:
+    """The writer records on a disk given as a layer chain."""
+    with tempfile.TemporaryDirectory(dir='/var/tmp') as tmp:
+        flat = os.path.join(tmp, 'flat.raw')
+        vm.flatten(layers, flat)
+        return records.read_records(flat)
+
+
+def check_disk_chain(layers: Sequence[tuple[str, str]]) -> int:
+    """Index of the last record; records.ChainError if the chain breaks."""
+    return records.verify_chain(disk_records(layers))

@@ -1,0 +1,138 @@
+"""Shared pieces of the real-QEMU tier: guest image, disks, waiting."""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+
+import testtools
+
+from mftvm_openstack.ft import vm
+from mftvm_openstack.images import builder, workload
+from mftvm_openstack.standalone import demo, manager
+
+_image = None
+_image_lock = threading.Lock()
+
+
+def guest_image():
+    global _image
+    with _image_lock:
+        if _image is None:
+            _image = builder.build_guest_image(demo.cache_dir())
+        return _image
+
+
+def wait_for(predicate, timeout, interval=0.05, what='condition'):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out after {timeout}s waiting for '
+                                 f'{what}')
+        time.sleep(interval)
+
+
+class SerialWatcher:
+    """Tails a serial log in a thread, timestamping each ACK as it
+    appears (the guest has no clock we trust across a failover)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.acks = []      # (host monotonic time, seq)
+        self.text = ''
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        pos = 0
+        partial = ''
+        while not self._stop.is_set():
+            try:
+                with open(self.path, 'rb') as f:
+                    f.seek(pos)
+                    data = f.read()
+            except OSError:
+                data = b''
+            if data:
+                pos += len(data)
+                now = time.monotonic()
+                chunk = partial + data.decode(errors='replace')
+                lines = chunk.split('\n')
+                partial = lines.pop()
+                for line in lines:
+                    self.text += line + '\n'
+                    m = workload.ACK_RE.match(line + '\n')
+                    if m:
+                        self.acks.append((now, int(m.group(1))))
+            time.sleep(0.01)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+class GuestTestCase(testtools.TestCase):
+    """Each test gets a state dir, a disk and a free port; whatever it
+    started is stopped (and killed if need be) at cleanup."""
+
+    def setUp(self):
+        super().setUp()
+        self.image = guest_image()
+        self.tmp = tempfile.mkdtemp(prefix='mftvm-test-', dir='/var/tmp')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.state_dir = os.path.join(self.tmp, 'state')
+        self.port = demo.free_port()
+
+    def make_disk(self, size_mib=64, fill_mib=0):
+        path = os.path.join(self.tmp, f'disk{len(os.listdir(self.tmp))}.raw')
+        with open(path, 'wb') as f:
+            f.truncate(size_mib << 20)
+        if fill_mib:
+            # Data beyond the guest's regions: the initial sync must copy it.
+            subprocess.run(['dd', 'if=/dev/urandom', f'of={path}', 'bs=1M',
+                            f'seek={size_mib - fill_mib}',
+                            f'count={fill_mib}', 'conv=notrunc'],
+                           check=True, capture_output=True)
+        return path
+
+    def protect(self, name='g', run='writer,counter', memory_mib=128,
+                epoch_ms=200, disk=None, writer_ms=20, **options):
+        disk = disk or self.make_disk()
+        spec = manager.make_spec(
+            name, self.image.kernel, self.image.initrd, disk,
+            append=f'console=ttyS0 quiet mftvm.run={run} '
+                   f'mftvm.writer_interval_ms={writer_ms}',
+            memory_mib=memory_mib,
+            nic=f'user,hostfwd=tcp:127.0.0.1:{self.port}-:7000')
+        opts = manager.ProtectOptions(epoch_ms=epoch_ms, **options)
+        self.addCleanup(self._stop_guest, name)
+        gdir = manager.protect(spec, opts, self.state_dir)
+        return spec, gdir
+
+    def _stop_guest(self, name):
+        try:
+            manager.stop(self.state_dir, name)
+        except manager.UserError:
+            pass
+
+    def side(self, name, role):
+        return manager.read_status(manager.guest_dir(self.state_dir, name),
+                                   role) or {}
+
+    def wait_counter(self, timeout=90):
+        return wait_for(
+            lambda: workload.counter_request('127.0.0.1', self.port),
+            timeout, 0.2, 'the guest counter service')
+
+
+def qemu_pids_for(name):
+    """PIDs of every qemu-system process running guest ``name``."""
+    out = subprocess.run(['pgrep', '-f', f'{vm.QEMU_BINARY} -name {name} '],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]

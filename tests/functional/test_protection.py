@@ -1,0 +1,157 @@
+"""A protected guest in real QEMU loses its primary, or its secondary.
+
+Each test protects the project's guest (disk writer + TCP counter) with
+two real host processes and kills real processes with SIGKILL.
+"""
+
+import os
+import random
+import signal
+import time
+
+from mftvm_openstack.images import records, workload
+from mftvm_openstack.standalone import manager
+from tests.functional import base
+
+
+class PrimaryLossTest(base.GuestTestCase):
+
+    def test_sigkill_primary_qemu_guest_continues_on_secondary(self):
+        spec, gdir = self.protect('pk')
+        last = self.wait_counter()
+        # Talk to the guest for a random while, then kill the primary QEMU
+        # a random moment after an answer: without output commit that
+        # answer came from an epoch the failover takes back.
+        deadline = time.monotonic() + random.uniform(3, 6)
+        while time.monotonic() < deadline:
+            got = workload.counter_request('127.0.0.1', self.port)
+            if got is not None:
+                self.assertEqual(last + 1, got)
+                last = got
+        time.sleep(random.uniform(0, 0.2))
+        prim = self.side('pk', 'primary')
+        self.assertEqual('protected', prim['state'])
+        os.kill(prim['qemu_pid'], signal.SIGKILL)
+        t_kill = time.monotonic()
+
+        after = base.wait_for(
+            lambda: workload.counter_request('127.0.0.1', self.port, 1),
+            60, 0, 'an answer from the failed-over guest')
+        answered_in = time.monotonic() - t_kill
+        # Output commit: the client never saw a value the failover undid.
+        self.assertEqual(last + 1, after)
+        sec = base.wait_for(
+            lambda: (s := self.side('pk', 'secondary')).get(
+                'state') == 'active' and s, 10, what='secondary active')
+        self.assertIsNotNone(sec['failover_ms'])
+        # Exactly one copy of the guest runs: the restored one.
+        self.assertEqual([sec['qemu_pid']], base.qemu_pids_for('pk'))
+
+        serial = os.path.join(gdir, 'secondary', 'serial.log')
+        base.wait_for(lambda: len(workload.serial_acks(
+            workload.read_text(serial))) >= 5, 30, what='ACKs after failover')
+        manager.stop(self.state_dir, 'pk')
+        text = workload.read_text(serial)
+        # The disk held no record from after the committed epoch...
+        self.assertEqual([], workload.future_records(text))
+        acks = workload.serial_acks(text)
+        disk = workload.disk_records(
+            [tuple(x) for x in sec['disk_layers']])
+        # ...its chain is intact, and the guest's ACKs continue it.
+        last_record = records.verify_chain(disk)
+        first_ack = acks[0][0]
+        self.assertLessEqual(acks[-1][0], last_record)
+        for seq, digest in acks:
+            self.assertEqual(digest, disk[seq].hash.hex())
+        self.assertEqual(list(range(first_ack, first_ack + len(acks))),
+                         [seq for seq, _ in acks])
+        print(f'failover: restore {sec["failover_ms"]} ms, kill -> next '
+              f'answer {answered_in * 1000:.0f} ms')
+
+    def test_sigkill_primary_host_process(self):
+        spec, gdir = self.protect('ph')
+        last = self.wait_counter()
+        prim = self.side('ph', 'primary')
+        qemu_pid = prim['qemu_pid']
+        os.kill(prim['host_pid'], signal.SIGKILL)
+        # The primary's QEMU dies with its host (no second copy)...
+        base.wait_for(lambda: not os.path.exists(f'/proc/{qemu_pid}'), 5,
+                      what='primary QEMU to die with its host')
+        # ...and the guest goes on from the secondary.
+        after = base.wait_for(
+            lambda: workload.counter_request('127.0.0.1', self.port, 1),
+            60, 0, 'an answer from the failed-over guest')
+        self.assertEqual(last + 1, after)
+        self.assertEqual('active', self.side('ph', 'secondary')['state'])
+
+
+class SecondaryLossTest(base.GuestTestCase):
+
+    def test_sigkill_secondary_primary_carries_on(self):
+        spec, gdir = self.protect('sk', writer_ms=10)
+        last = self.wait_counter()
+        watcher = base.SerialWatcher(os.path.join(gdir, 'primary',
+                                                  'serial.log'))
+        self.addCleanup(watcher.stop)
+        base.wait_for(lambda: len(watcher.acks) > 20, 30, what='ACKs')
+        sec = self.side('sk', 'secondary')
+        children = manager._child_pids(sec['host_pid'])
+        self.assertTrue(children, 'the secondary runs a storage daemon')
+        os.kill(sec['host_pid'], signal.SIGKILL)
+        t_kill = time.monotonic()
+        prim = base.wait_for(
+            lambda: (s := self.side('sk', 'primary')).get(
+                'state') == 'unprotected' and s, 15, what='unprotected')
+        self.assertIn('reason', prim)
+        # The storage daemon died with its host.
+        for pid in children:
+            base.wait_for(lambda: not os.path.exists(f'/proc/{pid}'), 5,
+                          what='secondary children to exit')
+        # The guest carries on: answers and disk writes continue.
+        for _ in range(5):
+            got = workload.counter_request('127.0.0.1', self.port)
+            self.assertEqual(last + 1, got)
+            last = got
+        base.wait_for(lambda: watcher.acks[-1][0] > t_kill + 3, 30,
+                      what='ACKs after the loss')
+        times = [t for t, _ in watcher.acks if t_kill - 1 < t]
+        stall = max(b - a for a, b in zip(times, times[1:]))
+        self.assertLess(stall, 2.0, 'disk I/O stalled after secondary loss')
+        manager.stop(self.state_dir, 'sk')
+        watcher.stop()
+        disk = workload.disk_records([(spec.disk, 'raw')])
+        last_record = records.verify_chain(disk)
+        seqs = [seq for _, seq in watcher.acks]
+        self.assertEqual(list(range(seqs[0], seqs[-1] + 1)), seqs)
+        self.assertGreaterEqual(last_record, seqs[-1])
+        print(f'secondary loss: longest ACK gap {stall * 1000:.0f} ms')
+
+
+class InitialSyncTest(base.GuestTestCase):
+
+    def test_protecting_a_running_guest_costs_no_downtime(self):
+        # The guest runs unprotected first, with 192 MiB of data the
+        # mirror must copy while the writer keeps writing.
+        disk = self.make_disk(size_mib=256, fill_mib=192)
+        # Stamp ACKs live from boot on: start watching before protect().
+        watcher = base.SerialWatcher(os.path.join(
+            manager.guest_dir(self.state_dir, 'is'), 'primary',
+            'serial.log'))
+        self.addCleanup(watcher.stop)
+        spec, gdir = self.protect('is', disk=disk, writer_ms=10,
+                                  start_delay=14)
+        prim = self.side('is', 'primary')
+        sync = prim['sync_window']
+        self.assertIsNotNone(sync)
+        base.wait_for(lambda: watcher.acks and watcher.acks[-1][0] >
+                      time.monotonic() - 0.5 and len(watcher.acks) > 200,
+                      30, what='writer progress')
+        watcher.stop()
+        # The sync window is in host monotonic time, as the ACK stamps.
+        during = [t for t, _ in watcher.acks
+                  if sync[0] - 0.5 <= t <= sync[1] + 0.5]
+        self.assertGreater(len(during), 5, 'the writer ran during the sync')
+        gaps = [b - a for a, b in zip(during, during[1:])]
+        self.assertLess(max(gaps), 1.0, 'the guest stalled during sync')
+        print(f'initial sync {sync[1] - sync[0]:.2f}s, longest ACK gap '
+              f'{max(gaps) * 1000:.0f} ms')

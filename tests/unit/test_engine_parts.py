@@ -1,0 +1,204 @@
+"""Trackers, data-plane framing and output commit, without QEMU."""
+
+import asyncio
+import mmap
+import os
+import struct
+import tempfile
+import unittest
+
+import numpy as np
+
+from mftvm_openstack.ft import trackers, transport
+from mftvm_openstack.ft.network import OutputBuffer
+from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
+from mftvm_openstack.ft.transport import Kind
+
+
+class ScanTrackerTest(unittest.TestCase):
+
+    def setUp(self):
+        fd, self.path = tempfile.mkstemp(dir='/dev/shm')
+        os.ftruncate(fd, 64 * PAGE_SIZE)
+        self.map = mmap.mmap(fd, 64 * PAGE_SIZE)
+        os.close(fd)
+        self.addCleanup(os.unlink, self.path)
+
+    def write(self, page, offset, value):
+        self.map[page * PAGE_SIZE + offset] = value
+
+    def test_first_collect_ships_non_zero_pages_then_only_changes(self):
+        self.write(3, 0, 1)
+        self.write(40, 4095, 2)
+        tracker = trackers.ScanTracker(self.path, 64 * PAGE_SIZE, 0)
+        tracker.CHUNK = 7  # exercise chunk edges
+        tracker.start()
+        delta = tracker.collect()
+        self.assertEqual([3, 40], sorted(delta.indices.tolist()))
+        self.assertEqual(0, len(tracker.collect().indices))
+        self.write(63, 100, 9)
+        self.write(3, 0, 0)  # back to zero is a change too
+        delta = tracker.collect()
+        order = np.argsort(delta.indices)
+        self.assertEqual([3, 63], delta.indices[order].tolist())
+        # The delta holds copies: later writes do not alter it.
+        self.write(63, 100, 77)
+        self.assertEqual(9, delta.pages[order][1][100])
+        self.assertEqual(0, delta.pages[order][0][0])
+        tracker.close()
+
+    def test_auto_picks_scan_where_soft_dirty_is_missing(self):
+        cls = trackers.tracker_class('auto')
+        if trackers.SoftDirtyTracker.unavailable_reason():
+            self.assertIs(trackers.ScanTracker, cls)
+        else:
+            self.assertIs(trackers.SoftDirtyTracker, cls)
+
+    def test_unknown_tracker_is_refused(self):
+        self.assertRaisesRegex(trackers.TrackerError, 'unknown dirty tracker',
+                               trackers.tracker_class, 'bogus')
+
+
+class SoftDirtyParsingTest(unittest.TestCase):
+
+    def test_find_mapping(self):
+        maps = ('7f00-7f10 rw-p 00000000 00:00 0 \n'
+                '7fa000000000-7fa008000000 rw-s 00000000 00:1a 99   '
+                '         /dev/shm/mftvm-vm0-primary.ram\n')
+        self.assertEqual((0x7fa000000000, 0x7fa008000000),
+                         trackers.find_mapping(
+                             maps, '/dev/shm/mftvm-vm0-primary.ram'))
+        self.assertRaises(trackers.TrackerError, trackers.find_mapping,
+                          maps, '/other')
+
+    def test_soft_dirty_bits(self):
+        entries = [0, 1 << 55, (1 << 63) | 5, (1 << 63) | (1 << 55)]
+        data = struct.pack('<4Q', *entries)
+        self.assertEqual([1, 3], trackers.soft_dirty_pages(data).tolist())
+
+
+class FramingTest(unittest.IsolatedAsyncioTestCase):
+
+    async def pair(self):
+        path = tempfile.mktemp(dir='/tmp', suffix='.sock')
+        accepted = asyncio.get_running_loop().create_future()
+
+        async def on_connect(chan):
+            accepted.set_result(chan)
+        server = await transport.serve(transport.DataAddress(path=path),
+                                       on_connect)
+        self.addCleanup(server.close)
+        client = await transport.Channel.connect(
+            transport.DataAddress.parse(f'unix:{path}'))
+        return client, await accepted
+
+    async def test_checkpoint_round_trip(self):
+        client, server = await self.pair()
+        pages = np.arange(3 * PAGE_SIZE, dtype=np.uint8).reshape(3, -1)
+        delta = RamDelta(np.array([5, 1, 9], np.uint32), pages)
+        await client.send(Kind.CHECKPOINT, 42,
+                          *transport.encode_checkpoint(b'state', delta))
+        msg = await server.recv(timeout=5)
+        self.assertEqual((Kind.CHECKPOINT, 42), (msg.kind, msg.epoch))
+        dev, got = transport.decode_checkpoint(msg.payload)
+        self.assertEqual(b'state', dev)
+        self.assertEqual([5, 1, 9], got.indices.tolist())
+        self.assertTrue((got.pages == pages).all())
+
+    async def test_garbage_is_a_protocol_error(self):
+        client, server = await self.pair()
+        client._writer.write(b'GET / HTTP/1.0\r\n\r\n' + b'x' * 16)
+        with self.assertRaisesRegex(transport.ProtocolError, 'magic'):
+            await server.recv(timeout=5)
+
+    async def test_oversized_and_unknown_frames_are_refused(self):
+        client, server = await self.pair()
+        client._writer.write(transport.HEADER.pack(b'MFTV', 5, 0, 1 << 50))
+        with self.assertRaisesRegex(transport.ProtocolError, 'too large'):
+            await server.recv(timeout=5)
+        client, server = await self.pair()
+        client._writer.write(transport.HEADER.pack(b'MFTV', 99, 0, 0))
+        with self.assertRaisesRegex(transport.ProtocolError, 'unknown'):
+            await server.recv(timeout=5)
+
+    async def test_truncated_checkpoint_is_refused(self):
+        delta = RamDelta(np.array([1], np.uint32),
+                         np.zeros((1, PAGE_SIZE), np.uint8))
+        payload = b''.join(bytes(memoryview(b)) for b in
+                           transport.encode_checkpoint(b'd', delta))
+        self.assertRaises(transport.ProtocolError,
+                          transport.decode_checkpoint, payload[:-1])
+
+    async def test_closed_stream(self):
+        client, server = await self.pair()
+        client.close()
+        with self.assertRaises(ConnectionError):
+            await server.recv(timeout=5)
+
+    def test_addresses(self):
+        self.assertEqual('tcp:10.0.0.1:4444', str(
+            transport.DataAddress.parse('tcp:10.0.0.1:4444')))
+        self.assertRaises(ValueError, transport.DataAddress.parse, 'tcp:x')
+
+
+class FakeFilterMonitor:
+    """Plays QEMU's side of the filter-redirector: connects to the
+    chardev sockets it is given, like QEMU's chardev-add does."""
+
+    def __init__(self):
+        self.streams = {}
+
+    async def execute(self, command, **args):
+        if command == 'chardev-add':
+            path = args['backend']['data']['addr']['data']['path']
+            self.streams[args['id']] = await asyncio.open_unix_connection(
+                path)
+        return {}
+
+    async def guest_sends(self, frame):
+        _, writer = self.streams['oc-out']
+        writer.write(struct.pack('!I', len(frame)) + frame)
+        await writer.drain()
+
+    async def network_got(self, timeout=0.2):
+        reader, _ = self.streams['oc-in']
+        try:
+            head = await asyncio.wait_for(reader.readexactly(4), timeout)
+        except TimeoutError:
+            return None
+        return await reader.readexactly(struct.unpack('!I', head)[0])
+
+
+class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
+
+    async def test_frames_leave_only_after_their_epoch_commits(self):
+        d = tempfile.mkdtemp()
+        out = OutputBuffer(os.path.join(d, 'o'), os.path.join(d, 'i'))
+        mon = FakeFilterMonitor()
+        await out.attach(mon)
+        self.addAsyncCleanup(out.close)
+        await mon.guest_sends(b'epoch1-a')
+        await asyncio.sleep(0.05)
+        out.seal(1)                      # checkpoint 1 taken
+        await mon.guest_sends(b'epoch2-a')
+        await asyncio.sleep(0.05)
+        self.assertIsNone(await mon.network_got())
+        await out.release(1)
+        self.assertEqual(b'epoch1-a', await mon.network_got())
+        self.assertIsNone(await mon.network_got())
+        out.seal(2)
+        await out.release(2)
+        self.assertEqual(b'epoch2-a', await mon.network_got())
+
+    async def test_passthrough_releases_everything_and_stops_holding(self):
+        d = tempfile.mkdtemp()
+        out = OutputBuffer(os.path.join(d, 'o'), os.path.join(d, 'i'))
+        mon = FakeFilterMonitor()
+        await out.attach(mon)
+        self.addAsyncCleanup(out.close)
+        await mon.guest_sends(b'held')
+        await asyncio.sleep(0.05)
+        await out.passthrough()
+        self.assertEqual(b'held', await mon.network_got())
+        await mon.guest_sends(b'direct')
+        self.assertEqual(b'direct', await mon.network_got(1))

@@ -1,0 +1,252 @@
+"""The pair state machines, driven with fakes (no QEMU)."""
+
+import asyncio
+import unittest
+
+import numpy as np
+
+from mftvm_openstack.ft import pair, transport
+from mftvm_openstack.ft.epoch import Checkpoint
+from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
+from mftvm_openstack.ft.transport import Kind, Message
+
+
+class FakeChannel:
+    def __init__(self):
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.sent: list[Message] = []
+        self.closed = False
+        self.on_send = None
+
+    async def send(self, kind, epoch=0, *buffers):
+        payload = b''.join(bytes(memoryview(b)) for b in buffers)
+        self.sent.append(Message(kind, epoch, payload))
+        if self.on_send:
+            self.on_send(kind, epoch)
+
+    async def send_json(self, kind, data, epoch=0):
+        await self.send(kind, epoch, b'{}')
+
+    async def recv(self, timeout=None):
+        item = await asyncio.wait_for(self.inbox.get(), timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self):
+        self.closed = True
+
+    def kinds(self):
+        return [m.kind for m in self.sent]
+
+
+class FakeCapturer:
+    def __init__(self):
+        self.captured = []
+
+    async def capture(self, epoch, mark, on_stopped=None, resume=True):
+        if on_stopped:
+            on_stopped(epoch)
+        await mark(epoch)
+        self.captured.append(epoch)
+        delta = RamDelta(np.array([epoch], np.uint32),
+                         np.full((1, PAGE_SIZE), epoch % 256, np.uint8))
+        return Checkpoint(epoch, b'dev%d' % epoch, delta, 0.01, 0, 0, 0)
+
+
+class FakeDisk:
+    def __init__(self):
+        self.calls = []
+
+    async def checkpoint(self, epoch):
+        self.calls.append(('checkpoint', epoch))
+
+    async def stop(self):
+        self.calls.append(('stop',))
+
+
+class FakeOutput:
+    def __init__(self):
+        self.sealed, self.released = [], []
+        self.detached = self.discarded = False
+        self.held = 0
+
+    def seal(self, epoch):
+        self.sealed.append(epoch)
+
+    async def release(self, epoch):
+        self.released.append(epoch)
+
+    async def detach(self, monitor):
+        self.detached = True
+
+    def discard(self):
+        self.discarded = True
+
+
+class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
+
+    def make(self):
+        self.chan = FakeChannel()
+        # The secondary answers every MARK at once.
+        self.chan.on_send = lambda kind, epoch: kind == Kind.MARK and \
+            self.chan.inbox.put_nowait(Message(Kind.MARKED, epoch))
+        self.cap, self.disk, self.out = FakeCapturer(), FakeDisk(), \
+            FakeOutput()
+        self.machine = pair.PrimaryPair(
+            capturer=self.cap, disk=self.disk, output=self.out,
+            channel=self.chan, monitor=None, clock=pair.RealClock(),
+            epoch_ms=10_000)
+        self.machine._spawn(self.machine._reader())
+        self.runner = asyncio.ensure_future(self.machine.run())
+
+    async def asyncTearDown(self):
+        self.runner.cancel()
+
+    async def settle(self):
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def test_tick_checkpoints_ships_and_ack_releases_output(self):
+        self.make()
+        self.machine.post(pair.Tick())
+        await self.settle()
+        self.assertEqual([1], self.cap.captured)
+        self.assertEqual([('checkpoint', 1)], self.disk.calls)
+        self.assertEqual([1], self.out.sealed)
+        self.assertEqual([Kind.MARK, Kind.CHECKPOINT], self.chan.kinds())
+        dev, delta = transport.decode_checkpoint(self.chan.sent[1].payload)
+        self.assertEqual(b'dev1', dev)
+        # Nothing is released before the ack...
+        self.assertEqual([], self.out.released)
+        self.chan.inbox.put_nowait(Message(Kind.ACK, 1))
+        await self.settle()
+        # ...and the acked epoch is released after it.
+        self.assertEqual([1], self.out.released)
+        self.assertEqual(1, self.machine.stats.committed)
+        self.assertEqual(pair.State.PROTECTED, self.machine.state)
+
+    async def test_broken_stream_leaves_guest_unprotected(self):
+        self.make()
+        self.chan.inbox.put_nowait(ConnectionError('reset'))
+        await self.settle()
+        self.assertEqual(pair.State.UNPROTECTED, self.machine.state)
+        self.assertIn(('stop',), self.disk.calls)
+        self.assertTrue(self.out.detached)
+        self.machine.post(pair.Tick())
+        await self.settle()
+        self.assertEqual([], self.cap.captured)
+
+    async def test_mark_timeout_means_secondary_lost(self):
+        self.make()
+        self.chan.on_send = None  # the secondary never answers MARK
+        self.machine.mark_timeout = 0.05
+        self.machine.post(pair.Tick())
+        await asyncio.sleep(0.2)
+        self.assertEqual(pair.State.UNPROTECTED, self.machine.state)
+        self.assertIn('checkpoint failed', self.machine.stats.reason)
+
+    async def test_guest_exit_tells_secondary_and_discards_output(self):
+        self.make()
+        self.machine.post(pair.GuestExited('killed'))
+        await self.settle()
+        self.assertEqual(pair.State.FAILED, self.machine.state)
+        self.assertIn(Kind.PRIMARY_LOST, self.chan.kinds())
+        self.assertTrue(self.out.discarded)
+        self.assertEqual([], self.out.released)
+
+
+class FakeReplica:
+    def __init__(self, delay=0.0):
+        self.committed = 0
+        self.applied = []
+        self.delay = delay
+
+    def apply(self, epoch, devstate, delta):
+        import time
+        time.sleep(self.delay)
+        self.applied.append(epoch)
+        self.committed = epoch
+
+
+class FakeStore:
+    def __init__(self):
+        self.calls = []
+
+    async def mark(self, epoch):
+        self.calls.append(('mark', epoch))
+
+    async def commit(self, epoch):
+        self.calls.append(('commit', epoch))
+
+
+def checkpoint_msg(epoch):
+    delta = RamDelta(np.array([0], np.uint32),
+                     np.zeros((1, PAGE_SIZE), np.uint8))
+    payload = b''.join(bytes(memoryview(b)) for b in
+                       transport.encode_checkpoint(b'dev', delta))
+    return Message(Kind.CHECKPOINT, epoch, payload)
+
+
+class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
+
+    def make(self, replica=None, timeout=5.0):
+        self.chan = FakeChannel()
+        self.replica = replica or FakeReplica()
+        self.store = FakeStore()
+        self.activated = []
+
+        async def activate(committed):
+            self.activated.append(committed)
+        self.machine = pair.SecondaryPair(
+            channel=self.chan, replica=self.replica, store=self.store,
+            activate=activate, clock=pair.RealClock(),
+            detect_timeout=timeout)
+        self.machine.start()
+        self.runner = asyncio.ensure_future(self.machine.run())
+
+    async def asyncTearDown(self):
+        self.runner.cancel()
+
+    async def test_mark_and_checkpoint_are_acknowledged_in_order(self):
+        self.make()
+        self.chan.inbox.put_nowait(Message(Kind.MARK, 1))
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        await asyncio.sleep(0.1)
+        self.assertEqual([('mark', 1), ('commit', 1)], self.store.calls)
+        self.assertEqual([Kind.MARKED, Kind.ACK], self.chan.kinds())
+        self.assertEqual([1], self.replica.applied)
+
+    async def test_primary_loss_fails_over_to_last_committed(self):
+        self.make(FakeReplica(delay=0.1))
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        self.chan.inbox.put_nowait(checkpoint_msg(2))
+        # The stream breaks while checkpoint 2 is still being applied:
+        # a checkpoint received in full still commits before takeover.
+        self.chan.inbox.put_nowait(ConnectionError('gone'))
+        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        self.assertEqual([2], self.activated)
+        self.assertEqual(pair.State.ACTIVE, self.machine.state)
+
+    async def test_silence_is_detected(self):
+        self.make(timeout=0.1)
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        self.assertEqual([1], self.activated)
+        self.assertIn('no word', self.machine.stats.reason)
+
+    async def test_nothing_committed_means_nothing_to_resume(self):
+        self.make()
+        self.chan.inbox.put_nowait(ConnectionError('gone'))
+        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        self.assertEqual([], self.activated)
+        self.assertEqual(pair.State.LOST, self.machine.state)
+
+    async def test_corrupt_frame_is_answered_with_error(self):
+        self.make()
+        self.chan.inbox.put_nowait(transport.ProtocolError('bad magic'))
+        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        self.assertIn(Kind.ERROR, self.chan.kinds())
+        # Not proof that the primary died: no takeover.
+        self.assertEqual([], self.activated)
+        self.assertEqual(pair.State.STOPPED, self.machine.state)
