@@ -123,3 +123,19 @@ class QMPMonitor(Monitor):
             await self._client.disconnect()
         except Exception:  # already gone: nothing to tidy
             pass
+
+
+def quiet_lost_connections(loop: asyncio.AbstractEventLoop) -> None:
+    """Don't print qemu.qmp's internal tracebacks when a QEMU dies.
+
+    A killed QEMU is an event the engine handles (failover); qemu.qmp
+    leaves an unretrieved EOFError behind for asyncio to complain about.
+    """
+    def handler(loop: asyncio.AbstractEventLoop,
+                context: dict[str, Any]) -> None:
+        exc = context.get('exception')
+        if isinstance(exc, (EOFError, ConnectionResetError)):
+            LOG.debug('QMP connection lost: %r', exc)
+            return
+        loop.default_exception_handler(context)
+    loop.set_exception_handler(handler)

@@ -82,7 +82,8 @@ def build_guest_image(out_dir: str, kernel: str | None = None) -> GuestImage:
     for path in (GUESTD_SOURCE, INIT_SCRIPT):
         with open(path, "rb") as f:
             key.update(f.read())
-    initrd = os.path.join(out_dir, f"mftvm-guest-{key.hexdigest()[:16]}.cpio.gz")
+    name = f"mftvm-guest-{key.hexdigest()[:16]}.cpio.gz"
+    initrd = os.path.join(out_dir, name)
     if os.path.exists(initrd):
         return GuestImage(kernel, initrd)
 
@@ -108,7 +109,8 @@ def compile_guestd(out_path: str, gcc: str = "gcc") -> str:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:
-        raise ImageError("gcc not found: apt-get install gcc libc6-dev")
+        raise ImageError(
+            "gcc not found: apt-get install gcc libc6-dev") from None
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
         raise ImageError(
@@ -130,7 +132,8 @@ def kernel_version(kernel: str) -> str:
             f.seek(offset + 0x200)
             return f.read(256).split(b" ")[0].decode()
     except (OSError, struct.error, UnicodeDecodeError) as exc:
-        raise ImageError(f"cannot read the version of kernel {kernel}: {exc}")
+        raise ImageError(
+            f"cannot read the version of kernel {kernel}: {exc}") from exc
 
 
 def _version_key(path: str) -> list:
@@ -163,7 +166,7 @@ def _is_static_elf(path: str) -> bool:
 
 
 def _module_paths(version: str) -> list[str]:
-    """Absolute paths of GUEST_MODULES and their dependencies, in load order."""
+    """Paths of GUEST_MODULES and their dependencies, in load order."""
     root = f"/lib/modules/{version}"
     dep_file = os.path.join(root, "modules.dep")
     try:
@@ -172,7 +175,7 @@ def _module_paths(version: str) -> list[str]:
     except OSError:
         raise ImageError(
             f"{dep_file} missing: install the modules of kernel {version} "
-            "(apt-get install linux-image-cloud-amd64)")
+            "(apt-get install linux-image-cloud-amd64)") from None
     deps = {}
     by_name = {}
     for line in lines:
@@ -222,7 +225,7 @@ def _read_module(path: str) -> bytes:
                                   capture_output=True).stdout
         except (OSError, subprocess.CalledProcessError):
             raise ImageError(
-                f"cannot decompress {path}: apt-get install zstd")
+                f"cannot decompress {path}: apt-get install zstd") from None
     raise ImageError(f"unknown kernel module format: {path}")
 
 

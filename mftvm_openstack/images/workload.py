@@ -16,7 +16,8 @@ import os
 import re
 import socket
 import tempfile
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from mftvm_openstack.ft import vm
 from mftvm_openstack.images import records

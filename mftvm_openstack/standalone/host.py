@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft import epoch, pair, trackers, transport, vm
-from mftvm_openstack.ft.monitor import QMPMonitor
+from mftvm_openstack.ft.monitor import QMPMonitor, quiet_lost_connections
 from mftvm_openstack.ft.network import OutputBuffer
 from mftvm_openstack.ft.transport import Kind
 
@@ -399,7 +399,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         format='%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s')
     host: Host = (PrimaryHost if args.role == 'primary' else SecondaryHost)(
         args.guest_dir)
-    return asyncio.run(host.run())
+    async def run() -> int:
+        quiet_lost_connections(asyncio.get_running_loop())
+        return await host.run()
+    return asyncio.run(run())
 
 
 if __name__ == '__main__':

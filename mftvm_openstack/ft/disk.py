@@ -1,0 +1,812 @@
+"""Disk replication: the primary's disk-sync plugins and the secondary's store.
+
+The guest disk of a protected instance exists twice. The primary's copy is
+the guest's own disk node (``disk0``); the secondary's copy is an
+:class:`EpochOverlayStore`: a ``qemu-storage-daemon`` (qsd) that serves the
+replica over NBD and keeps what arrives **epoch-buffered**, so a failover
+can hand the restored guest a disk that matches the committed epoch's RAM
+and device state exactly.
+
+Secondary side::
+
+    store = EpochOverlayStore('/var/lib/mftvm/vm0/disk', size=disk_size)
+    target = await store.start()     # NbdTarget(socket=..., export='disk0')
+    ...
+    await store.mark(7)              # in epoch 7's checkpoint pause
+    await store.commit(7)            # epoch 7 applied: may merge down
+    ...
+    layers = await store.failover_layers(committed_epoch=7)
+    argv = vm.qemu_argv(spec, paths, ram, disk_layers=layers, incoming=True)
+
+The qsd graph is ``export → top (throttle filter, no limits) → ovN → … →
+base (raw)``. ``mark(N)`` puts a fresh qcow2 overlay ``ov{N+1}`` under the
+filter (``blockdev-snapshot``), so the writes of epoch N+1 land in it and
+each layer holds exactly one range of epochs. Committed layers are merged
+into ``base`` by ``block-commit`` in the background; uncommitted layers
+are dropped on failover.
+
+Why the filter: ``block-commit`` must be rooted at a root node and blocks
+every operation, ``blockdev-snapshot`` included, on that root while it
+runs. With the filter as the root, marks (which snapshot the overlay under
+it) never wait for a merge.
+
+Primary side: plugins of the stevedore namespace ``mftvm.ft.disk_sync``:
+
+``write-replication`` (:class:`WriteReplication`)
+    A ``blockdev-mirror`` with ``copy-mode=write-blocking`` to the store's
+    NBD export: each guest write completes only once it is on both disks,
+    so the checkpoint pause copies nothing. The same job performs the
+    initial sync of the running guest.
+``block-copy`` (:class:`BlockCopy`)
+    The MFTVM 3 baseline kept for benchmarks: a dirty bitmap, and an
+    incremental ``blockdev-backup`` of the epoch's dirty blocks inside
+    every pause.
+
+Example::
+
+    sync = load_disk_sync('write-replication', monitor)
+    await sync.start(target)         # returns once the replica is in sync
+    await sync.checkpoint(epoch)     # inside each pause (after ``stop``)
+    sync.failed                      # asyncio.Event: the replica is lost
+    await sync.stop()                # secondary lost, or unprotect
+
+Block jobs are watched by polling ``query-jobs`` rather than by waiting
+for events: a :class:`~mftvm_openstack.ft.monitor.Monitor` hands each
+event to one waiter only, and the engine waits for its own events on the
+same monitor.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import glob
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+from stevedore import driver
+
+from mftvm_openstack.ft import vm
+from mftvm_openstack.ft.monitor import Monitor, MonitorError, QMPMonitor
+
+LOG = logging.getLogger(__name__)
+
+NAMESPACE = 'mftvm.ft.disk_sync'
+EXPORT_NAME = 'disk0'
+#: Job states after which a job does no more I/O.
+_DONE = frozenset({'concluded', 'null'})
+
+
+class DiskError(Exception):
+    """Replication or the replica store cannot do what was asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NbdTarget:
+    """Where the secondary serves the replica: a unix socket or host:port."""
+
+    socket: Optional[str] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+    export: str = EXPORT_NAME
+
+    def __post_init__(self) -> None:
+        if (self.socket is None) == (self.host is None or self.port is None):
+            raise ValueError('NbdTarget needs either socket, or host and port')
+
+    def qmp_server(self) -> dict[str, Any]:
+        """The ``server`` argument (SocketAddress) of an nbd blockdev-add."""
+        if self.socket is not None:
+            return {'type': 'unix', 'path': self.socket}
+        return {'type': 'inet', 'host': self.host, 'port': str(self.port)}
+
+    def uri(self) -> str:
+        """The export as an NBD URI (for qemu-img / qemu-io)."""
+        if self.socket is not None:
+            return f'nbd+unix:///{self.export}?socket={self.socket}'
+        return f'nbd://{self.host}:{self.port}/{self.export}'
+
+
+# -- block jobs ---------------------------------------------------------------
+
+async def job_info(monitor: Monitor, job_id: str) -> Optional[dict[str, Any]]:
+    """``query-jobs``' entry for ``job_id``, or None if there is none."""
+    for job in await monitor.execute('query-jobs'):
+        if job['id'] == job_id:
+            return dict(job)
+    return None
+
+
+async def wait_job(monitor: Monitor, job_id: str, states: frozenset[str],
+                   timeout: Optional[float],
+                   interval: float = 0.01) -> Optional[dict[str, Any]]:
+    """Poll until ``job_id`` is in one of ``states`` or gone; return it.
+
+    A job in a final state (concluded) is returned whatever ``states`` is,
+    so callers see failures instead of timing out on them.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        info = await job_info(monitor, job_id)
+        if info is None or info['status'] in states | _DONE:
+            return info
+        if deadline is not None and loop.time() > deadline:
+            raise DiskError(f'job {job_id} still {info["status"]} after '
+                            f'{timeout}s')
+        await asyncio.sleep(interval)
+
+
+async def _quietly(monitor: Monitor, command: str, **args: Any) -> bool:
+    """Run a clean-up command; False (and a debug log) if it failed."""
+    try:
+        await monitor.execute(command, **args)
+        return True
+    except MonitorError as exc:
+        LOG.debug('ignored: %s', exc)
+        return False
+
+
+async def _create_qcow2(path: str, size: int) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        'qemu-img', 'create', '-q', '-f', 'qcow2',
+        '-o', 'cluster_size=65536', path, str(size),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await proc.communicate()
+    except asyncio.CancelledError:
+        # Leave no qemu-img behind to create the file after a clean-up.
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    if proc.returncode != 0:
+        raise DiskError(f'qemu-img create {path} failed: '
+                        f'{out.decode(errors="replace").strip()}')
+
+
+# -- secondary: the epoch-buffered replica ---------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One image of the replica chain.
+
+    It holds the writes of epochs ``first_epoch`` up to the epoch before
+    the next layer's ``first_epoch`` (the top layer: up to now). The base
+    has ``first_epoch`` 0: it holds everything from before the first mark
+    and whatever has been merged into it.
+    """
+
+    node: str
+    path: str
+    fmt: str
+    first_epoch: int
+
+
+class LayerChain:
+    """The bookkeeping of the replica chain, base first (no QEMU here).
+
+    Rules that keep failover exact:
+
+    * only committed layers are merged, and never the top (active) one;
+    * failover to epoch C keeps the layers whose ``first_epoch`` ≤ C and
+      needs a layer boundary at C+1 (C was marked and not merged past).
+    """
+
+    def __init__(self, base: Layer) -> None:
+        self.layers: list[Layer] = [base]
+        self.committed = -1
+        self.last_mark: Optional[int] = None
+
+    @property
+    def top(self) -> Layer:
+        return self.layers[-1]
+
+    def push(self, epoch: int, layer: Layer) -> None:
+        """Record ``layer`` (holding epoch+1 on) as the new top."""
+        if self.last_mark is not None and epoch <= self.last_mark:
+            raise DiskError(f'mark({epoch}) after mark({self.last_mark}): '
+                            f'epochs must increase')
+        if layer.first_epoch != epoch + 1:
+            raise DiskError(f'layer {layer.node} does not start at epoch '
+                            f'{epoch + 1}')
+        self.layers.append(layer)
+        self.last_mark = epoch
+
+    def commit(self, epoch: int) -> None:
+        self.committed = max(self.committed, epoch)
+
+    def mergeable(self) -> list[Layer]:
+        """Overlays that may be merged into base now, bottom first.
+
+        A layer qualifies when all its epochs are committed and it is not
+        the top: the next layer starts at or before ``committed + 1``.
+        """
+        out = []
+        for below, above in zip(self.layers[1:], self.layers[2:]):
+            if above.first_epoch > self.committed + 1:
+                break
+            out.append(below)
+        return out
+
+    def merged(self, top: Layer) -> list[Layer]:
+        """Forget the overlays base..``top`` merged into base; return them."""
+        i = self.layers.index(top)
+        if i == 0 or i == len(self.layers) - 1:
+            raise DiskError(f'{top.node} is the base or the top: not merged')
+        gone = self.layers[1:i + 1]
+        del self.layers[1:i + 1]
+        return gone
+
+    def failover(self, committed: int) -> tuple[list[Layer], list[Layer]]:
+        """(layers to keep, layers to drop) for a failover to ``committed``."""
+        if self.last_mark is None or committed > self.last_mark:
+            raise DiskError(f'epoch {committed} was never marked (last mark '
+                            f'{self.last_mark}): its writes cannot be told '
+                            f'apart from later ones')
+        if not any(la.first_epoch == committed + 1 for la in self.layers):
+            raise DiskError(f'no layer boundary after epoch {committed}: it '
+                            f'was merged past, or not marked')
+        keep = [la for la in self.layers if la.first_epoch <= committed]
+        drop = [la for la in self.layers if la.first_epoch > committed]
+        return keep, drop
+
+
+class EpochOverlayStore:
+    """The secondary's replica disk, served over NBD, epoch-buffered.
+
+    ``mark`` runs inside the primary's checkpoint pause, so it only takes
+    two QMP round trips (~4 ms): overlay files come from a pool of
+    pre-created qcow2 images that a background task keeps filled.
+    ``listen=(host, port)`` serves NBD over TCP instead of a unix socket.
+    """
+
+    TOP = 'top'        # the pass-through filter the export sits on
+    BASE = 'base'
+    EXPORT_ID = 'exp0'
+
+    def __init__(self, workdir: str, size: int, *,
+                 listen: Optional[tuple[str, int]] = None,
+                 pool_size: int = 4, merge_at: int = 2,
+                 reuse: bool = False) -> None:
+        self.workdir = workdir
+        self.size = size
+        self.listen = listen
+        self.pool_size = pool_size
+        self.merge_at = max(1, merge_at)
+        self.reuse = reuse
+        self.qmp_path = os.path.join(workdir, 'qsd.sock')
+        self.nbd_path = os.path.join(workdir, 'nbd.sock')
+        self.log_path = os.path.join(workdir, 'qsd.log')
+        self.base_path = os.path.join(workdir, 'base.raw')
+        self.chain = LayerChain(Layer(self.BASE, self.base_path, 'raw', 0))
+        self.monitor: Optional[Monitor] = None
+        self.process: Optional[vm.ChildProcess] = None
+        self._pool: collections.deque[str] = collections.deque()
+        self._pool_seq = 0
+        self._pool_wakeup = asyncio.Event()
+        self._pool_task: Optional[asyncio.Task[None]] = None
+        self._merge_task: Optional[asyncio.Task[None]] = None
+        self._merge_seq = 0
+        self._merge_job = ''
+        self._closing = False     # no new work (merges, pool files)
+        self._down = False        # qsd has quit
+        self._failed_over = False
+        self._stats: dict[str, Any] = {
+            'marks': 0, 'merges': 0, 'merge_errors': 0, 'pool_misses': 0,
+            'last_mark_ms': None, 'max_mark_ms': None}
+
+    # -- lifecycle --
+
+    async def start(self) -> NbdTarget:
+        """Create the base, start qsd and export the replica; return where."""
+        os.makedirs(self.workdir, exist_ok=True)
+        for stale in (self._files('ov-*.qcow2') + self._files('pool-*.qcow2')
+                      + [self.qmp_path, self.nbd_path]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+        if not (self.reuse and os.path.exists(self.base_path)):
+            with open(self.base_path, 'wb') as f:
+                f.truncate(self.size)     # sparse: costs no disk space
+        self.process = await vm.ChildProcess.start(
+            vm.qsd_argv(self.qmp_path), self.log_path)
+        try:
+            monitor = await QMPMonitor.connect(self.qmp_path, name='qsd')
+            return await self.attach(monitor)
+        except BaseException:
+            await self._quit()
+            raise
+
+    async def attach(self, monitor: Monitor) -> NbdTarget:
+        """Build the graph and the export on the qsd behind ``monitor``.
+
+        :meth:`start` is "spawn qsd, then attach"; tests attach fakes.
+        """
+        self.monitor = monitor
+        await monitor.execute('blockdev-add', **{
+            'driver': 'raw', 'node-name': self.BASE, 'discard': 'unmap',
+            'file': {'driver': 'file', 'filename': self.base_path,
+                     'node-name': f'{self.BASE}-file'}})
+        # A throttle group without limits: a pass-through root node.
+        await monitor.execute('object-add', **{
+            'qom-type': 'throttle-group', 'id': 'tg0'})
+        await monitor.execute('blockdev-add', **{
+            'driver': 'throttle', 'node-name': self.TOP,
+            'throttle-group': 'tg0', 'file': self.BASE})
+        if self.listen is None:
+            addr: dict[str, Any] = {'type': 'unix',
+                                    'data': {'path': self.nbd_path}}
+            target = NbdTarget(socket=self.nbd_path)
+        else:
+            host, port = self.listen
+            addr = {'type': 'inet', 'data': {'host': host, 'port': str(port)}}
+            target = NbdTarget(host=host, port=port)
+        await monitor.execute('nbd-server-start', addr=addr)
+        await monitor.execute('block-export-add', type='nbd',
+                              id=self.EXPORT_ID, writable=True,
+                              name=target.export,
+                              **{'node-name': self.TOP})
+        # The first marks may come at once: have the pool ready.
+        await asyncio.gather(*(self._add_to_pool()
+                               for _ in range(self.pool_size)))
+        self._pool_task = asyncio.create_task(self._fill_pool())
+        return target
+
+    async def stop(self) -> None:
+        """Quit qsd and remove the overlays. Idempotent.
+
+        After :meth:`failover_layers` the kept layers belong to the
+        restored guest and are left alone.
+        """
+        self._closing = True
+        if not self._down:
+            await self._cancel_tasks()
+            await self._quit()
+            self._down = True
+        self._pool.clear()
+        for path in self._files('pool-*.qcow2'):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if not self._failed_over:
+            for layer in self.chain.layers[1:]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(layer.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.nbd_path)
+
+    # -- epochs --
+
+    @property
+    def layers(self) -> list[tuple[str, str]]:
+        """The current chain as (filename, format), base first."""
+        return [(la.path, la.fmt) for la in self.chain.layers]
+
+    async def mark(self, epoch: int) -> None:
+        """Start buffering epoch+1: put a fresh overlay on top.
+
+        Call inside the primary's pause for ``epoch``, once the guest is
+        stopped and its writes are done, so no write straddles the mark.
+        """
+        monitor = self._live()
+        t0 = time.perf_counter()
+        node = f'ov{epoch + 1}'
+        path = os.path.join(self.workdir, f'ov-{epoch + 1}.qcow2')
+        if self.chain.last_mark is not None and epoch <= self.chain.last_mark:
+            raise DiskError(f'mark({epoch}) after mark({self.chain.last_mark})'
+                            f': epochs must increase')
+        if self._pool:
+            os.replace(self._pool.popleft(), path)
+            self._pool_wakeup.set()
+        else:
+            # The pool could not keep up: slow, but still correct.
+            self._stats['pool_misses'] += 1
+            LOG.warning('overlay pool empty: creating %s inside the pause',
+                        path)
+            await _create_qcow2(path, self.size)
+        await monitor.execute('blockdev-add', **{
+            'driver': 'qcow2', 'node-name': node, 'backing': None,
+            'discard': 'unmap',
+            'file': {'driver': 'file', 'filename': path,
+                     'node-name': f'{node}-file'}})
+        try:
+            await monitor.execute('blockdev-snapshot',
+                                  node=self.chain.top.node, overlay=node)
+        except MonitorError:
+            await _quietly(monitor, 'blockdev-del', **{'node-name': node})
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        self.chain.push(epoch, Layer(node, path, 'qcow2', epoch + 1))
+        ms = (time.perf_counter() - t0) * 1000
+        self._stats['marks'] += 1
+        self._stats['last_mark_ms'] = ms
+        self._stats['max_mark_ms'] = max(self._stats['max_mark_ms'] or 0, ms)
+
+    async def commit(self, epoch: int) -> None:
+        """Epoch ``epoch`` is committed: merge committed layers if due."""
+        self.chain.commit(epoch)
+        self._maybe_merge()
+
+    def _maybe_merge(self) -> None:
+        if self._closing or self.monitor is None or self._merge_task:
+            return
+        layers = self.chain.mergeable()
+        if len(layers) < self.merge_at:
+            return
+        self._merge_seq += 1
+        self._merge_job = f'merge{self._merge_seq}'
+        self._merge_task = asyncio.create_task(
+            self._merge(self.monitor, self._merge_job, layers[-1]))
+
+    async def _merge(self, monitor: Monitor, job: str, top: Layer) -> None:
+        try:
+            if self._closing:
+                return
+            await monitor.execute('block-commit', **{
+                'job-id': job, 'device': self.TOP, 'top-node': top.node,
+                'base-node': self.BASE, 'auto-dismiss': False})
+            info = await wait_job(monitor, job, _DONE, None, interval=0.02)
+            await _quietly(monitor, 'job-dismiss', id=job)
+            if info is not None and info.get('error'):
+                # Cancelled (failover) or failed: the overlays still hold
+                # their data above base, so the chain is as before.
+                if not self._closing:
+                    self._stats['merge_errors'] += 1
+                    LOG.warning('merge into base failed: %s', info['error'])
+                return
+            gone = self.chain.merged(top)
+            self._stats['merges'] += 1
+            # blockdev-add'ed nodes outlive the commit: delete them, top
+            # down (each still holds the one below as its backing).
+            for layer in reversed(gone):
+                await _quietly(monitor, 'blockdev-del',
+                               **{'node-name': layer.node})
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(layer.path)
+        except MonitorError as exc:
+            if not self._closing:
+                self._stats['merge_errors'] += 1
+                LOG.warning('merge into base failed: %s', exc)
+        finally:
+            self._merge_task = None
+        self._maybe_merge()
+
+    async def failover_layers(self,
+                              committed_epoch: int) -> list[tuple[str, str]]:
+        """Fence, settle and stop; return the chain of ``committed_epoch``.
+
+        The returned (filename, format) layers, base first, hold exactly
+        the writes of epochs ≤ ``committed_epoch``; the newer overlays are
+        deleted. qsd has quit, so the files are free for the new QEMU.
+        """
+        monitor = self._live()
+        self.chain.failover(committed_epoch)      # fail early if impossible
+        self._closing = True
+        # Fence first: a primary we believe dead must not write any more.
+        await _quietly(monitor, 'block-export-del', id=self.EXPORT_ID,
+                       mode='hard')
+        await _quietly(monitor, 'nbd-server-stop')
+        merge = self._merge_task
+        if merge is not None:
+            # A half-done commit is harmless: the overlays keep their data
+            # until the job completes, and a completed one is accounted.
+            await _quietly(monitor, 'block-job-cancel', device=self._merge_job)
+            await merge
+        await self._cancel_tasks()
+        await self._quit()
+        self._down = True
+        keep, drop = self.chain.failover(committed_epoch)
+        for layer in drop:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(layer.path)
+        self.chain.layers = keep
+        self._failed_over = True
+        await self.stop()       # pool files and sockets
+        return [(la.path, la.fmt) for la in keep]
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats, chain_length=len(self.chain.layers),
+                    committed=self.chain.committed,
+                    merging=self._merge_task is not None,
+                    pool_ready=len(self._pool))
+
+    # -- helpers --
+
+    def _live(self) -> Monitor:
+        if self.monitor is None or self._closing:
+            raise DiskError('the replica store is not running')
+        return self.monitor
+
+    def _files(self, pattern: str) -> list[str]:
+        return glob.glob(os.path.join(self.workdir, pattern))
+
+    async def create_overlay_file(self, path: str) -> None:
+        """Create one empty overlay image (tests replace this)."""
+        await _create_qcow2(path, self.size)
+
+    async def _fill_pool(self) -> None:
+        while not self._closing:
+            if len(self._pool) >= self.pool_size:
+                self._pool_wakeup.clear()
+                await self._pool_wakeup.wait()
+                continue
+            try:
+                await self._add_to_pool()
+            except DiskError as exc:
+                LOG.error('cannot pre-create overlays: %s', exc)
+                return
+
+    async def _add_to_pool(self) -> None:
+        self._pool_seq += 1
+        path = os.path.join(self.workdir, f'pool-{self._pool_seq}.qcow2')
+        await self.create_overlay_file(path)
+        self._pool.append(path)
+
+    async def _cancel_tasks(self) -> None:
+        for task in (self._pool_task, self._merge_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._pool_task = self._merge_task = None
+
+    async def _quit(self) -> None:
+        if self.monitor is not None:
+            # QEMU closes the socket as it quits: the reply may never come.
+            with contextlib.suppress(MonitorError, TimeoutError):
+                await asyncio.wait_for(self.monitor.execute('quit'), 5)
+            await self.monitor.close()
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(self.process.wait(), 5)
+            except TimeoutError:
+                LOG.warning('qsd did not quit: killing it')
+                await self.process.kill()
+
+
+# -- primary: disk-sync plugins --------------------------------------------
+
+class DiskSync(abc.ABC):
+    """Keeps the secondary's replica in step with the primary's disk.
+
+    ``failed`` is set (and ``on_failure`` called with the reason) when the
+    replication broke: the engine then treats the secondary as lost. An
+    epoch during which replication failed must not be committed, so
+    :meth:`checkpoint` raises :class:`DiskError` once ``failed`` is set.
+    """
+
+    REPLICA = 'replica'     # the nbd node on the primary
+
+    def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
+        self.monitor = monitor
+        self.node = node
+        self.failed = asyncio.Event()
+        self.failure: Optional[str] = None
+        self.on_failure: Optional[Callable[[str], None]] = None
+        self.stop_timeout = 10.0
+        self._stats: dict[str, Any] = {'sync_s': None}
+
+    @abc.abstractmethod
+    async def start(self, target: NbdTarget) -> None:
+        """Sync the running guest's disk to ``target``; return when synced."""
+
+    @abc.abstractmethod
+    async def checkpoint(self, epoch: int) -> None:
+        """Inside the pause of ``epoch``, after ``stop``: finish the epoch."""
+
+    async def stop(self) -> None:
+        """Stop replicating; never hangs on a dead peer. Idempotent."""
+        try:
+            await asyncio.wait_for(self._stop(), self.stop_timeout)
+        except TimeoutError:
+            raise DiskError(f'disk sync did not stop within '
+                            f'{self.stop_timeout}s') from None
+
+    @abc.abstractmethod
+    async def _stop(self) -> None:
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats, failed=self.failed.is_set(),
+                    failure=self.failure)
+
+    def _fail(self, reason: str) -> None:
+        if self.failed.is_set():
+            return
+        LOG.error('disk replication of %s failed: %s', self.node, reason)
+        self.failure = reason
+        self.failed.set()
+        if self.on_failure is not None:
+            self.on_failure(reason)
+
+    async def _add_replica(self, target: NbdTarget) -> None:
+        await self.monitor.execute('blockdev-add', **{
+            'driver': 'nbd', 'node-name': self.REPLICA,
+            'server': target.qmp_server(), 'export': target.export,
+            # A dead peer fails requests at once instead of stalling the
+            # guest while QEMU tries to reconnect.
+            'reconnect-delay': 0})
+
+    async def _end_job(self, job: str) -> None:
+        info = await job_info(self.monitor, job)
+        if info is not None and info['status'] not in _DONE:
+            # force: a ready mirror would otherwise try to converge first.
+            await _quietly(self.monitor, 'block-job-cancel', device=job,
+                           force=True)
+            info = await wait_job(self.monitor, job, _DONE, None)
+        if info is not None:
+            await _quietly(self.monitor, 'job-dismiss', id=job)
+
+
+class WriteReplication(DiskSync):
+    """Every guest write goes to both disks (write-blocking mirror).
+
+    The mirror job ``repl0`` does the initial sync, becomes ``ready`` and
+    is never completed. A watcher polls it (every ``poll_interval`` s) and
+    sets ``failed`` when it ends or errors.
+    """
+
+    JOB = 'repl0'
+
+    def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
+        super().__init__(monitor, node)
+        self.poll_interval = 0.2
+        self.sync_timeout: Optional[float] = None
+        self._watch: Optional[asyncio.Task[None]] = None
+        self._active = False
+
+    async def start(self, target: NbdTarget) -> None:
+        t0 = time.perf_counter()
+        await self._add_replica(target)
+        self._active = True
+        try:
+            await self.monitor.execute(
+                'blockdev-mirror', **{
+                    'job-id': self.JOB, 'device': self.node,
+                    'target': self.REPLICA, 'sync': 'full',
+                    'copy-mode': 'write-blocking',
+                    # Keep a failed job around so we can read its error.
+                    'auto-dismiss': False})
+            info = await wait_job(self.monitor, self.JOB,
+                                  frozenset({'ready'}), self.sync_timeout)
+            if info is None or info['status'] != 'ready':
+                raise DiskError(f'initial disk sync failed: '
+                                f'{(info or {}).get("error", "job vanished")}')
+        except BaseException:
+            await self.stop()
+            raise
+        self._stats['sync_s'] = time.perf_counter() - t0
+        self._watch = asyncio.create_task(self._watch_job())
+
+    async def checkpoint(self, epoch: int) -> None:
+        # Writes are already on the replica: nothing to copy.
+        if self.failed.is_set():
+            raise DiskError(f'epoch {epoch}: disk replication failed: '
+                            f'{self.failure}')
+
+    async def _watch_job(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                info = await job_info(self.monitor, self.JOB)
+            except MonitorError as exc:
+                LOG.warning('cannot watch disk replication: %s', exc)
+                return
+            if info is None:
+                self._fail('the mirror job vanished')
+                return
+            if info['status'] in _DONE or info.get('error'):
+                self._fail(info.get('error') or
+                           f'the mirror job ended ({info["status"]})')
+                return
+
+    async def _stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        if not self._active:
+            return
+        await self._end_job(self.JOB)
+        await _quietly(self.monitor, 'blockdev-del',
+                       **{'node-name': self.REPLICA})
+        self._active = False
+
+
+class BlockCopy(DiskSync):
+    """MFTVM 3's way: copy the epoch's dirty blocks inside each pause."""
+
+    BITMAP = 'mftvm-bc0'
+
+    def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
+        super().__init__(monitor, node)
+        self.sync_timeout: Optional[float] = None
+        self.copy_timeout = 60.0
+        self._active = False
+        self._job: Optional[str] = None
+        self._stats.update(last_copy_ms=None, max_copy_ms=None, copies=0)
+
+    async def start(self, target: NbdTarget) -> None:
+        t0 = time.perf_counter()
+        await self._add_replica(target)
+        self._active = True
+        self._job = 'bc-full'
+        try:
+            # One transaction: every write after the full copy's start
+            # point is in the bitmap, every write before is in the copy.
+            await self.monitor.execute('transaction', actions=[
+                {'type': 'block-dirty-bitmap-add',
+                 'data': {'node': self.node, 'name': self.BITMAP}},
+                {'type': 'blockdev-backup',
+                 'data': {'job-id': self._job, 'device': self.node,
+                          'target': self.REPLICA, 'sync': 'full',
+                          'auto-dismiss': False}}])
+            await self._finish(self._job, self.sync_timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        self._stats['sync_s'] = time.perf_counter() - t0
+
+    async def checkpoint(self, epoch: int) -> None:
+        if self.failed.is_set():
+            raise DiskError(f'epoch {epoch}: disk copy failed: '
+                            f'{self.failure}')
+        t0 = time.perf_counter()
+        self._job = f'bc{epoch}'
+        try:
+            await self.monitor.execute('blockdev-backup', **{
+                'job-id': self._job, 'device': self.node,
+                'target': self.REPLICA, 'sync': 'incremental',
+                'bitmap': self.BITMAP, 'bitmap-mode': 'on-success',
+                'auto-dismiss': False})
+            await self._finish(self._job, self.copy_timeout, interval=0.001)
+        except (MonitorError, DiskError) as exc:
+            self._fail(str(exc))
+            raise DiskError(f'epoch {epoch}: disk copy failed: {exc}') \
+                from exc
+        ms = (time.perf_counter() - t0) * 1000
+        self._stats['copies'] += 1
+        self._stats['last_copy_ms'] = ms
+        self._stats['max_copy_ms'] = max(self._stats['max_copy_ms'] or 0, ms)
+
+    async def _finish(self, job: str, timeout: Optional[float],
+                      interval: float = 0.01) -> None:
+        info = await wait_job(self.monitor, job, _DONE, timeout, interval)
+        await _quietly(self.monitor, 'job-dismiss', id=job)
+        self._job = None
+        if info is not None and info.get('error'):
+            raise DiskError(f'{job}: {info["error"]}')
+
+    async def _stop(self) -> None:
+        if not self._active:
+            return
+        if self._job is not None:
+            await self._end_job(self._job)
+            self._job = None
+        await _quietly(self.monitor, 'block-dirty-bitmap-remove',
+                       node=self.node, name=self.BITMAP)
+        await _quietly(self.monitor, 'blockdev-del',
+                       **{'node-name': self.REPLICA})
+        self._active = False
+
+
+def load_disk_sync(name: str, monitor: Monitor,
+                   node: str = 'disk0') -> DiskSync:
+    """The disk-sync plugin ``name`` (write-replication or block-copy)."""
+    try:
+        mgr: driver.DriverManager = driver.DriverManager(
+            NAMESPACE, name, invoke_on_load=False)
+    except Exception:
+        raise DiskError(f'unknown disk sync {name!r}: use write-replication '
+                        f'or block-copy') from None
+    plugin: DiskSync = mgr.driver(monitor, node)
+    return plugin
