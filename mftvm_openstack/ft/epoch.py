@@ -233,6 +233,12 @@ async def restore(spec: vm.GuestSpec, paths: vm.Paths, ram_file: str,
         if status.get('status') != 'completed':
             raise MonitorError(f'device state did not load: {status}')
         await monitor.execute('cont')
+        for fwd in spec.forwards:
+            reply = await monitor.execute(
+                'human-monitor-command',
+                **{'command-line': f'hostfwd_add n0 {fwd.qemu()}'})
+            if reply:
+                raise MonitorError(f'port forward {fwd.qemu()}: {reply}')
         await monitor.execute('announce-self', initial=50, max=550,
                               rounds=5, step=100)
     except BaseException:

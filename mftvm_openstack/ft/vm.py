@@ -159,8 +159,12 @@ def qemu_argv(spec: GuestSpec, paths: Paths, ram_file: str,
     ``migrate-incoming`` of device state instead of booting.
     """
     layers = disk_layers or [(spec.disk, spec.disk_format)]
+    # A restoring QEMU opens its port forwards only once the guest runs
+    # (restore() adds them): a connection taken while the guest is still
+    # paused loses its first SYN and waits out a slow retransmit.
+    forwards = () if incoming else spec.forwards
     netdev = 'user,id=n0,ipv6=off' + ''.join(
-        f',hostfwd={f.qemu()}' for f in spec.forwards)
+        f',hostfwd={f.qemu()}' for f in forwards)
     argv = [
         QEMU_BINARY, '-name', spec.name, '-no-user-config', '-nodefaults',
         '-accel', spec.accel,
@@ -261,8 +265,8 @@ def probe_disk(path: str) -> tuple[str, int]:
         if 'lock' in probe.stderr:
             raise VMError(f'disk {path} is in use by another process; '
                           f'stop that process or choose another disk')
-        reason = (probe.stderr.strip().splitlines() or ['unknown'])[0]
-        raise VMError(f'disk {path} cannot be opened for writing: {reason}')
+        why = (probe.stderr.strip().splitlines() or ['unknown'])[0]
+        raise VMError(f'disk {path} cannot be opened for writing: {why}')
     if fmt not in ('raw', 'qcow2'):
         raise VMError(f'disk {path} is {fmt}; use raw or qcow2')
     if info.get('backing-filename'):

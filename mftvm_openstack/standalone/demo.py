@@ -102,14 +102,18 @@ def run(args: Any, state_dir: str) -> int:
 
 
 def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
+    # Ask only once the service listens: user-mode networking would hold
+    # an early request and deliver it later, unseen by this client.
     t_start = time.monotonic()
-    value: Optional[int] = None
-    while value is None:
+    serial = os.path.join(gdir, 'primary', 'serial.log')
+    while 'COUNTER-READY' not in workload.read_text(serial):
         if time.monotonic() - t_start > 120:
-            raise UserError('the demo guest did not answer within 120s '
-                            f'(logs in {gdir})')
-        value = workload.counter_request('127.0.0.1', port)
+            raise UserError('the demo guest did not start its service '
+                            f'within 120s (logs in {gdir})')
         time.sleep(0.2)
+    value = workload.counter_request('127.0.0.1', port, 10)
+    if value is None:
+        raise UserError(f'the demo guest does not answer (logs in {gdir})')
     kill_after = args.kill_after if args.kill_after is not None else \
         random.uniform(6, 12)
     print(f'mftvm demo: guest answers (counter={value}); killing the '
@@ -141,7 +145,7 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
           f'{kill_epoch}; last counter value seen {last_seen}', flush=True)
     after: Optional[int] = None
     while after is None and time.monotonic() - t_kill < 60:
-        after = workload.counter_request('127.0.0.1', port, timeout=1)
+        after = workload.counter_request('127.0.0.1', port, timeout=5)
     t_answer = time.monotonic()
     sec = _side(state_dir, 'secondary')
     for _ in range(50):

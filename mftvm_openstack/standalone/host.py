@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -127,13 +128,16 @@ class Host:
         data['updated'] = time.time()
         return data
 
+    def publish_status(self) -> None:
+        write_json_atomic(os.path.join(self.paths.root, 'status.json'),
+                          self.status())
+        if self.machine is not None and self.machine.stats.pauses_ms:
+            write_json_atomic(os.path.join(self.paths.root, 'pauses.json'),
+                              self.machine.stats.pauses_ms)
+
     async def _publish_status(self) -> None:
-        path = os.path.join(self.paths.root, 'status.json')
-        pauses = os.path.join(self.paths.root, 'pauses.json')
         while True:
-            write_json_atomic(path, self.status())
-            if self.machine is not None and self.machine.stats.pauses_ms:
-                write_json_atomic(pauses, self.machine.stats.pauses_ms)
+            self.publish_status()
             await asyncio.sleep(0.25)
 
     async def _control(self, reader: asyncio.StreamReader,
@@ -349,7 +353,8 @@ class SecondaryHost(Host):
             os.path.join(self.paths.root, 'disk'), self.spec.disk_size)
         target = await store.start()
         self.store = store
-        await channel.send_json(Kind.READY, {'target': target.to_json()})
+        await channel.send_json(Kind.READY,
+                                {'target': dataclasses.asdict(target)})
         machine = pair.SecondaryPair(
             channel=channel, replica=replica, store=store,
             activate=lambda committed: self.activate(replica, committed),
@@ -401,7 +406,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.guest_dir)
     async def run() -> int:
         quiet_lost_connections(asyncio.get_running_loop())
-        return await host.run()
+        try:
+            return await host.run()
+        finally:
+            host.publish_status()   # the last word: how this side ended
     return asyncio.run(run())
 
 

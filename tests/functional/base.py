@@ -125,10 +125,16 @@ class GuestTestCase(testtools.TestCase):
         return manager.read_status(manager.guest_dir(self.state_dir, name),
                                    role) or {}
 
-    def wait_counter(self, timeout=90):
-        return wait_for(
-            lambda: workload.counter_request('127.0.0.1', self.port),
-            timeout, 0.2, 'the guest counter service')
+    def wait_counter(self, gdir, timeout=90):
+        """The counter's first answer, asked once the service listens.
+
+        Asking earlier is not harmless: user-mode networking accepts the
+        connection and delivers the request once the guest listens, after
+        the client gave up, and that increment would go unseen."""
+        serial = os.path.join(gdir, 'primary', 'serial.log')
+        wait_for(lambda: 'COUNTER-READY' in workload.read_text(serial),
+                 timeout, 0.2, 'the guest counter service')
+        return workload.counter_request('127.0.0.1', self.port, 10)
 
 
 def qemu_pids_for(name):

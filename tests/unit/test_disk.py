@@ -1,0 +1,389 @@
+"""Disk replication logic with a fake monitor: no QEMU here."""
+
+import asyncio
+import os
+import shutil
+import tempfile
+
+import testtools
+
+from mftvm_openstack.ft import disk
+from mftvm_openstack.ft.monitor import Monitor, MonitorError
+
+
+class FakeMonitor(Monitor):
+    """Records commands; keeps a tiny model of block jobs."""
+
+    def __init__(self):
+        self.calls = []
+        self.jobs = {}
+        self.fail = {}            # command -> error message
+
+    async def execute(self, command, **arguments):
+        self.calls.append((command, arguments))
+        if command in self.fail:
+            raise MonitorError(self.fail[command])
+        if command == 'query-jobs':
+            return [dict(job) for job in self.jobs.values()]
+        if command in ('block-commit', 'blockdev-mirror', 'blockdev-backup'):
+            job = arguments['job-id']
+            self.jobs[job] = {'id': job, 'status': 'running'}
+        elif command == 'block-job-cancel':
+            job = self.jobs[arguments['device']]
+            if job['status'] == 'concluded':
+                raise MonitorError('cannot cancel a concluded job')
+            job.update(status='concluded', error='Operation canceled')
+        elif command == 'job-dismiss':
+            del self.jobs[arguments['id']]
+        return {}
+
+    async def wait_event(self, name, match=None, timeout=None):
+        raise AssertionError('disk code polls jobs, it waits for no event')
+
+    async def close(self):
+        pass
+
+    def names(self):
+        return [c for c, _ in self.calls]
+
+    def args(self, command):
+        return [a for c, a in self.calls if c == command]
+
+
+class FakeStore(disk.EpochOverlayStore):
+
+    async def create_overlay_file(self, path):
+        open(path, 'wb').close()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def layer(epoch):
+    return disk.Layer(f'ov{epoch}', f'/x/ov-{epoch}.qcow2', 'qcow2', epoch)
+
+
+def chain_with_marks(*epochs):
+    chain = disk.LayerChain(disk.Layer('base', '/x/base.raw', 'raw', 0))
+    for epoch in epochs:
+        chain.push(epoch, layer(epoch + 1))
+    return chain
+
+
+class TestLayerChain(testtools.TestCase):
+
+    def test_failover_keeps_layers_up_to_committed(self):
+        chain = chain_with_marks(1, 2, 3)      # base≤1, ov2, ov3, ov4 (top)
+        keep, drop = chain.failover(2)
+        self.assertEqual(['base', 'ov2'], [la.node for la in keep])
+        self.assertEqual(['ov3', 'ov4'], [la.node for la in drop])
+        keep, drop = chain.failover(3)
+        self.assertEqual(['base', 'ov2', 'ov3'], [la.node for la in keep])
+        self.assertEqual(['ov4'], [la.node for la in drop])
+
+    def test_failover_needs_a_mark_after_the_epoch(self):
+        chain = chain_with_marks(1, 2)
+        self.assertRaises(disk.DiskError, chain.failover, 3)
+        self.assertRaises(disk.DiskError, chain_with_marks().failover, 0)
+
+    def test_failover_refuses_epoch_merged_past(self):
+        chain = chain_with_marks(1, 2, 3, 4)
+        chain.commit(3)
+        chain.merged(chain.layers[2])          # ov2, ov3 into base
+        self.assertRaises(disk.DiskError, chain.failover, 2)
+        keep, _ = chain.failover(3)
+        self.assertEqual(['base'], [la.node for la in keep])
+
+    def test_failover_with_skipped_marks(self):
+        chain = chain_with_marks(2, 5)         # base≤2, ov3 holds 3..5
+        self.assertEqual(['base', 'ov3'],
+                         [la.node for la in chain.failover(5)[0]])
+        self.assertRaises(disk.DiskError, chain.failover, 4)
+
+    def test_mergeable_only_committed_and_never_top(self):
+        chain = chain_with_marks(1, 2, 3)
+        self.assertEqual([], chain.mergeable())            # nothing committed
+        chain.commit(1)
+        self.assertEqual([], chain.mergeable())            # ov2 holds 2
+        chain.commit(2)
+        self.assertEqual(['ov2'], [la.node for la in chain.mergeable()])
+        chain.commit(3)
+        self.assertEqual(['ov2', 'ov3'],
+                         [la.node for la in chain.mergeable()])
+        chain.commit(10)                       # ov4 is the top: never
+        self.assertEqual(['ov2', 'ov3'],
+                         [la.node for la in chain.mergeable()])
+
+    def test_merged_drops_layers_and_refuses_top_or_base(self):
+        chain = chain_with_marks(1, 2, 3)
+        self.assertRaises(disk.DiskError, chain.merged, chain.layers[0])
+        self.assertRaises(disk.DiskError, chain.merged, chain.top)
+        gone = chain.merged(chain.layers[2])
+        self.assertEqual(['ov2', 'ov3'], [la.node for la in gone])
+        self.assertEqual(['base', 'ov4'], [la.node for la in chain.layers])
+
+    def test_epochs_must_increase(self):
+        chain = chain_with_marks(3)
+        self.assertRaises(disk.DiskError, chain.push, 3, layer(4))
+        self.assertRaises(disk.DiskError, chain.push, 5, layer(5))
+
+
+class TestStoreWithFakeMonitor(testtools.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.mon = FakeMonitor()
+
+    async def attached(self, **kw):
+        store = FakeStore(self.tmp, 1 << 20, pool_size=2, **kw)
+        target = await store.attach(self.mon)
+        self.assertEqual(disk.NbdTarget(socket=store.nbd_path), target)
+        return store
+
+    async def settle(self):
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    def test_export_sits_on_the_filter(self):
+        async def scenario():
+            store = await self.attached()
+            export = self.mon.args('block-export-add')[0]
+            self.assertEqual(store.TOP, export['node-name'])
+            self.assertTrue(export['writable'])
+            self.assertEqual('disk0', export['name'])
+            await store.stop()
+        run(scenario())
+
+    def test_mark_is_one_command_on_the_current_top(self):
+        async def scenario():
+            store = await self.attached()
+            self.mon.calls.clear()
+            await store.mark(1)
+            self.assertEqual(['blockdev-snapshot'], self.mon.names())
+            self.assertEqual('base', self.mon.calls[0][1]['node'])
+            self.assertEqual(os.path.join(self.tmp, 'ov-2.qcow2'),
+                             store.layers[-1][0])
+            self.assertTrue(os.path.exists(store.layers[-1][0]))
+            await store.mark(2)
+            self.assertEqual(store.chain.layers[1].node,
+                             self.mon.args('blockdev-snapshot')[1]['node'])
+            await store.stop()
+            self.assertFalse(os.path.exists(store.layers[-1][0]))
+        run(scenario())
+
+    def test_commit_merges_only_committed_non_top_layers(self):
+        async def scenario():
+            store = await self.attached()
+            for epoch in range(1, 5):
+                await store.mark(epoch)
+            await store.commit(2)           # only ov2 committed: wait
+            await self.settle()
+            self.assertEqual([], self.mon.args('block-commit'))
+            await store.commit(3)           # ov2, ov3 committed
+            await self.settle()
+            job = self.mon.args('block-commit')[0]
+            self.assertEqual(store.TOP, job['device'])
+            self.assertEqual('base', job['base-node'])
+            ov3 = store.chain.layers[2]
+            self.assertEqual(ov3.node, job['top-node'])
+            self.assertEqual(3, ov3.first_epoch)
+            # While it runs, nothing else merges and marks still work.
+            await store.commit(4)
+            await store.mark(5)
+            self.mon.jobs[job['job-id']]['status'] = 'concluded'
+            await asyncio.sleep(0.1)
+            self.assertEqual(1, store.stats()['merges'])
+            deleted = [a['node-name'] for a in self.mon.args('blockdev-del')]
+            self.assertEqual(['ov-pool2', 'ov-pool1'], deleted[:2])
+            # ov2+ov3 merged; ov4 alone is committed: no second merge.
+            self.assertEqual([0, 4, 5, 6],
+                             [la.first_epoch for la in store.chain.layers])
+            self.assertEqual(1, len(self.mon.args('block-commit')))
+            self.assertFalse(os.path.exists(
+                os.path.join(self.tmp, 'ov-3.qcow2')))
+            await store.stop()
+        run(scenario())
+
+    def test_failed_merge_keeps_the_chain(self):
+        async def scenario():
+            store = await self.attached()
+            for epoch in range(1, 4):
+                await store.mark(epoch)
+            await store.commit(3)
+            await self.settle()
+            job = self.mon.args('block-commit')[0]['job-id']
+            self.mon.jobs[job].update(status='concluded', error='EIO')
+            await asyncio.sleep(0.1)
+            self.assertEqual(4, len(store.layers))
+            self.assertEqual(0, store.stats()['merges'])
+            self.assertEqual([], self.mon.args('blockdev-del'))
+            await store.stop()
+        run(scenario())
+
+    def test_failover_fences_first_and_cancels_merge(self):
+        async def scenario():
+            store = await self.attached()
+            for epoch in range(1, 5):
+                await store.mark(epoch)
+            await store.commit(3)
+            await self.settle()
+            self.assertTrue(store.stats()['merging'])
+            self.mon.calls.clear()
+            layers = await store.failover_layers(3)
+            names = self.mon.names()
+            self.assertEqual(['block-export-del', 'nbd-server-stop'],
+                             names[:2])
+            self.assertEqual('hard', self.mon.calls[0][1]['mode'])
+            self.assertIn('block-job-cancel', names)
+            self.assertLess(names.index('block-job-cancel'),
+                            names.index('quit'))
+            self.assertNotIn('blockdev-del', names)
+            self.assertEqual(
+                [os.path.join(self.tmp, n) for n in
+                 ('base.raw', 'ov-2.qcow2', 'ov-3.qcow2')],
+                [path for path, _ in layers])
+            left = sorted(f for f in os.listdir(self.tmp)
+                          if f.endswith('.qcow2'))
+            self.assertEqual(['ov-2.qcow2', 'ov-3.qcow2'], left)
+            await store.stop()             # leaves the kept layers alone
+            self.assertTrue(all(os.path.exists(p) for p, _ in layers[1:]))
+            with testtools.ExpectedException(disk.DiskError):
+                await store.mark(9)
+        run(scenario())
+
+    def test_failover_refused_before_fencing_when_impossible(self):
+        async def scenario():
+            store = await self.attached()
+            await store.mark(1)
+            self.mon.calls.clear()
+            with testtools.ExpectedException(disk.DiskError):
+                await store.failover_layers(2)
+            self.assertEqual([], self.mon.names())
+            await store.stop()
+        run(scenario())
+
+
+class TestNbdTarget(testtools.TestCase):
+
+    def test_unix_and_inet(self):
+        unix = disk.NbdTarget(socket='/run/x.sock')
+        self.assertEqual({'type': 'unix', 'path': '/run/x.sock'},
+                         unix.qmp_server())
+        self.assertEqual('nbd+unix:///disk0?socket=/run/x.sock', unix.uri())
+        inet = disk.NbdTarget(host='10.0.0.2', port=10809, export='vm0')
+        self.assertEqual({'type': 'inet', 'host': '10.0.0.2',
+                          'port': '10809'}, inet.qmp_server())
+        self.assertEqual('nbd://10.0.0.2:10809/vm0', inet.uri())
+
+    def test_needs_exactly_one_address(self):
+        self.assertRaises(ValueError, disk.NbdTarget)
+        self.assertRaises(ValueError, disk.NbdTarget, socket='/s',
+                          host='h', port=1)
+        self.assertRaises(ValueError, disk.NbdTarget, host='h')
+
+
+class TestWriteReplication(testtools.TestCase):
+
+    def test_start_mirrors_write_blocking_to_a_fail_fast_nbd_node(self):
+        async def scenario():
+            mon = FakeMonitor()
+            sync = disk.WriteReplication(mon, 'disk0')
+
+            async def ready_soon():
+                await asyncio.sleep(0.05)
+                mon.jobs['repl0']['status'] = 'ready'
+            asyncio.get_running_loop().create_task(ready_soon())
+            await sync.start(disk.NbdTarget(socket='/s'))
+            nbd = mon.args('blockdev-add')[0]
+            self.assertEqual(('nbd', 0, 'disk0'),
+                             (nbd['driver'], nbd['reconnect-delay'],
+                              nbd['export']))
+            mirror = mon.args('blockdev-mirror')[0]
+            self.assertEqual(('disk0', 'replica', 'full', 'write-blocking'),
+                             (mirror['device'], mirror['target'],
+                              mirror['sync'], mirror['copy-mode']))
+            await sync.checkpoint(1)       # nothing to do
+            self.assertNotIn('blockdev-backup', mon.names())
+            await sync.stop()
+            cancel = mon.args('block-job-cancel')[0]
+            self.assertEqual({'device': 'repl0', 'force': True}, cancel)
+            self.assertEqual('replica',
+                             mon.args('blockdev-del')[0]['node-name'])
+            self.assertEqual({}, mon.jobs)
+        run(scenario())
+
+    def test_job_error_sets_failed(self):
+        async def scenario():
+            mon = FakeMonitor()
+            sync = disk.WriteReplication(mon)
+            sync.poll_interval = 0.01
+            reasons = []
+            sync.on_failure = reasons.append
+            mon.jobs['repl0'] = {'id': 'repl0', 'status': 'ready'}
+            orig = mon.execute
+
+            async def execute(command, **args):
+                if command == 'blockdev-mirror':
+                    mon.calls.append((command, args))
+                    return {}
+                return await orig(command, **args)
+            mon.execute = execute
+            await sync.start(disk.NbdTarget(socket='/s'))
+            mon.jobs['repl0'].update(status='concluded',
+                                     error='Input/output error')
+            await asyncio.wait_for(sync.failed.wait(), 2)
+            self.assertEqual(['Input/output error'], reasons)
+            with testtools.ExpectedException(disk.DiskError):
+                await sync.checkpoint(7)
+            await sync.stop()
+            self.assertEqual([], mon.args('block-job-cancel'))
+            self.assertEqual({}, mon.jobs)
+        run(scenario())
+
+    def test_failed_initial_sync_cleans_up(self):
+        async def scenario():
+            mon = FakeMonitor()
+            mon.fail['blockdev-mirror'] = 'size mismatch'
+            sync = disk.WriteReplication(mon)
+            with testtools.ExpectedException(MonitorError):
+                await sync.start(disk.NbdTarget(socket='/s'))
+            self.assertEqual('replica',
+                             mon.args('blockdev-del')[0]['node-name'])
+        run(scenario())
+
+
+class TestBlockCopy(testtools.TestCase):
+
+    def test_bitmap_and_full_copy_in_one_transaction(self):
+        async def scenario():
+            mon = FakeMonitor()
+            orig = mon.execute
+
+            async def execute(command, **args):
+                result = await orig(command, **args)
+                if command == 'transaction':
+                    mon.jobs['bc-full'] = {'id': 'bc-full',
+                                           'status': 'concluded'}
+                if command == 'blockdev-backup':
+                    mon.jobs[args['job-id']]['status'] = 'concluded'
+                return result
+            mon.execute = execute
+            sync = disk.BlockCopy(mon)
+            await sync.start(disk.NbdTarget(socket='/s'))
+            actions = mon.args('transaction')[0]['actions']
+            self.assertEqual(['block-dirty-bitmap-add', 'blockdev-backup'],
+                             [a['type'] for a in actions])
+            self.assertEqual('full', actions[1]['data']['sync'])
+            await sync.checkpoint(3)
+            backup = mon.args('blockdev-backup')[0]
+            self.assertEqual(('incremental', sync.BITMAP, 'on-success'),
+                             (backup['sync'], backup['bitmap'],
+                              backup['bitmap-mode']))
+            self.assertEqual({}, mon.jobs)      # waited and dismissed
+            self.assertEqual(1, sync.stats()['copies'])
+            await sync.stop()
+            self.assertIn('block-dirty-bitmap-remove', mon.names())
+        run(scenario())
