@@ -232,8 +232,6 @@ async def restore(spec: vm.GuestSpec, paths: vm.Paths, ram_file: str,
         status = await monitor.execute('query-migrate')
         if status.get('status') != 'completed':
             raise MonitorError(f'device state did not load: {status}')
-        if os.environ.get('MFTVM_DEBUG_PCAP'):
-            await monitor.execute('object-add', **{'qom-type': 'filter-dump', 'id': 'fd0', 'netdev': 'n0', 'file': os.environ['MFTVM_DEBUG_PCAP']})
         await monitor.execute('cont')
         for fwd in spec.forwards:
             reply = await monitor.execute(

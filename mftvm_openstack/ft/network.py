@@ -48,6 +48,7 @@ class OutputBuffer:
         self._held: collections.deque[tuple[int, bytes]] = collections.deque()
         self._holding = True
         self._out: Optional[asyncio.StreamReader] = None
+        self._out_writer: Optional[asyncio.StreamWriter] = None
         self._in: Optional[asyncio.StreamWriter] = None
         self._connected = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
@@ -68,6 +69,7 @@ class OutputBuffer:
         async def on_out(reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
             self._out = reader
+            self._out_writer = writer  # closed by close()
             out_ready.set()
 
         async def on_in(reader: asyncio.StreamReader,
@@ -112,7 +114,13 @@ class OutputBuffer:
                     self._write(frame)
                     await self._drain()
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # QEMU went away: nothing left to hold
+            # A filter-redirector whose outdev is gone lets packets
+            # through unheld: worth a word in the log.
+            if self._holding:
+                LOG.warning('output commit: QEMU closed the filter socket')
+        except Exception:
+            LOG.exception('output commit: reading guest frames failed')
+            raise
 
     def _write(self, frame: bytes) -> None:
         if self._in is not None and not self._in.is_closing():
@@ -164,8 +172,9 @@ class OutputBuffer:
                 await self._pump
         for server in self._servers:
             server.close()
-        if self._in is not None:
-            self._in.close()
+        for writer in (self._in, self._out_writer):
+            if writer is not None:
+                writer.close()
         for path in (self.out_path, self.in_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -192,6 +192,7 @@ class PrimaryPair(_Machine):
     def __init__(self, *, capturer: Any, disk: Any, output: Any,
                  channel: Any, monitor: Any, clock: Clock,
                  epoch_ms: int, mark_timeout: float = 2.0,
+                 ship_timeout: float = 10.0,
                  first_epoch: int = 1) -> None:
         super().__init__(clock)
         self.capturer = capturer
@@ -201,6 +202,8 @@ class PrimaryPair(_Machine):
         self.monitor = monitor
         self.epoch_s = epoch_ms / 1000.0
         self.mark_timeout = mark_timeout
+        self.ship_timeout = ship_timeout
+        self._ship_started = 0.0
         self.state = State.PROTECTED
         self.next_epoch = first_epoch
         self._sending: Optional[asyncio.Task[Any]] = None
@@ -260,6 +263,7 @@ class PrimaryPair(_Machine):
         self.stats.epochs = epoch
         self.stats.pauses_ms.append(ckpt.pause_s * 1000)
         self.stats.dirty_bytes += ckpt.delta.nbytes
+        self._ship_started = self.clock.monotonic()
         self._sending = self._spawn(self._ship(ckpt))
 
     async def handle(self, event: Any) -> None:
@@ -268,7 +272,15 @@ class PrimaryPair(_Machine):
             if self.state != State.PROTECTED:
                 return
             if busy:
-                return  # shipping the last one: the epoch runs longer
+                # Still shipping the last one: the epoch runs longer. But
+                # a secondary that stopped reading would stretch it for
+                # ever, with the guest's output held all the while.
+                stuck = self.clock.monotonic() - self._ship_started
+                if stuck > self.ship_timeout:
+                    self.post(SecondaryLost(
+                        f'checkpoint {self.stats.epochs} not taken by the '
+                        f'secondary within {self.ship_timeout:.0f}s'))
+                return
             try:
                 await self.checkpoint()
             except Exception as exc:

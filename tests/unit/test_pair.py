@@ -155,6 +155,26 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertTrue(self.out.discarded)
         self.assertEqual([], self.out.released)
 
+    async def test_secondary_that_stops_reading_is_lost(self):
+        self.make()
+        self.machine.ship_timeout = 0.1
+        never = asyncio.get_running_loop().create_future()
+
+        async def stuck_send(kind, epoch=0, *buffers):
+            if kind == Kind.MARK:
+                self.chan.inbox.put_nowait(Message(Kind.MARKED, epoch))
+            else:
+                await never  # the socket buffer is full
+        self.chan.send = stuck_send
+        self.machine.post(pair.Tick())
+        await self.settle()
+        self.assertEqual(pair.State.PROTECTED, self.machine.state)
+        await asyncio.sleep(0.15)
+        self.machine.post(pair.Tick())
+        await self.settle()
+        self.assertEqual(pair.State.UNPROTECTED, self.machine.state)
+        self.assertIn('not taken by the secondary', self.machine.stats.reason)
+
 
 class FakeReplica:
     def __init__(self, delay=0.0):
