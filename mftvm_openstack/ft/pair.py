@@ -187,10 +187,16 @@ class PrimaryPair(_Machine):
 
     ``capturer`` is an epoch.CheckpointCapturer, ``disk`` a DiskSync,
     ``output`` an OutputBuffer, ``channel`` a transport.Channel.
+
+    ``invalidate_replica()`` runs when the secondary is dropped, *before*
+    any uncommitted output leaves: it must make sure the replica can no
+    longer take over (it is stale from then on), or a later failover would
+    take back what clients have seen.
     """
 
     def __init__(self, *, capturer: Any, disk: Any, output: Any,
                  channel: Any, monitor: Any, clock: Clock,
+                 invalidate_replica: Callable[[], Awaitable[None]],
                  epoch_ms: int, mark_timeout: float = 2.0,
                  ship_timeout: float = 10.0,
                  first_epoch: int = 1) -> None:
@@ -203,6 +209,7 @@ class PrimaryPair(_Machine):
         self.epoch_s = epoch_ms / 1000.0
         self.mark_timeout = mark_timeout
         self.ship_timeout = ship_timeout
+        self.invalidate_replica = invalidate_replica
         self._ship_started = 0.0
         self.state = State.PROTECTED
         self.next_epoch = first_epoch
@@ -309,9 +316,14 @@ class PrimaryPair(_Machine):
         self.state = State.UNPROTECTED
         self.stats.reason = reason
         await self._cancel_tasks()
+        with contextlib.suppress(Exception):
+            # Tell a secondary that still listens not to take over.
+            await asyncio.wait_for(self.channel.send_json(
+                Kind.BYE, {'reason': reason}), 0.5)
         self.channel.close()
         with contextlib.suppress(Exception):
             await self.disk.stop()
+        await self.invalidate_replica()
         await self.output.detach(self.monitor)
 
     async def _guest_exited(self, reason: str) -> None:
@@ -405,6 +417,7 @@ class SecondaryPair(_Machine):
                         f'primary reported: {msg.json().get("reason")}'))
                     return
                 elif msg.kind == Kind.BYE:
+                    self.stats.reason = 'the primary ended protection'
                     self.post(Stop())
                     return
         except TimeoutError:

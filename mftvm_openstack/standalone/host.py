@@ -56,11 +56,36 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 
 class OwnerLock:
-    """The standalone fence: one holder of ``owner.lock`` runs the guest."""
+    """The standalone fence: one holder of ``owner.lock`` runs the guest.
+
+    Beside the lock, ``replica.json`` says whether the secondary's replica
+    may still take over. The holder writes it; a secondary reads it only
+    once it holds the lock, so what it reads is the dead owner's last word.
+    """
 
     def __init__(self, guest_dir: str) -> None:
         self.path = os.path.join(guest_dir, 'owner.lock')
+        self.record_path = os.path.join(guest_dir, 'replica.json')
         self._fd: Optional[int] = None
+
+    def set_replica_valid(self, valid: bool, reason: str = '') -> None:
+        assert self._fd is not None, 'only the lock holder may write'
+        write_json_atomic(self.record_path, {'valid': valid,
+                                             'reason': reason})
+        # Durable before any output that depends on it leaves.
+        fd = os.open(self.record_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def replica_valid(self) -> tuple[bool, str]:
+        try:
+            with open(self.record_path) as f:
+                data = json.load(f)
+            return bool(data['valid']), str(data.get('reason', ''))
+        except (OSError, ValueError, KeyError):
+            return False, 'no valid replica record'
 
     def try_acquire(self) -> bool:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -295,10 +320,15 @@ class PrimaryHost(Host):
             beating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beating
+        async def invalidate_replica() -> None:
+            self.lock.set_replica_valid(False, 'the primary went on '
+                                        'unprotected')
+        self.lock.set_replica_valid(True)
         machine = pair.PrimaryPair(
             capturer=capturer, disk=sync, output=output, channel=channel,
             monitor=self.monitor, clock=pair.RealClock(),
-            epoch_ms=opts['epoch_ms'])
+            epoch_ms=opts['epoch_ms'],
+            invalidate_replica=invalidate_replica)
         self.machine = machine
         sync.on_failure = lambda why: machine.post(pair.SecondaryLost(why))
         machine.start()
@@ -388,6 +418,12 @@ class SecondaryHost(Host):
         if not await self.lock.acquire(timeout=10):
             raise RuntimeError('fencing failed: the primary still holds '
                                'the guest; not starting a second copy')
+        valid, why = self.lock.replica_valid()
+        if not valid:
+            # The primary ran on after dropping us: resuming this replica
+            # would take back what its clients have seen since.
+            raise RuntimeError(f'the replica is stale ({why}); not '
+                               f'resuming it')
         # Same machine: let the dead primary's QEMU release its ports.
         await wait_pid_gone(self.primary_qemu_pid, 5)
         self.qemu, self.monitor = await epoch.restore(

@@ -155,3 +155,32 @@ class InitialSyncTest(base.GuestTestCase):
         self.assertLess(max(gaps), 1.0, 'the guest stalled during sync')
         print(f'initial sync {sync[1] - sync[0]:.2f}s, longest ACK gap '
               f'{max(gaps) * 1000:.0f} ms')
+
+
+class StaleReplicaTest(base.GuestTestCase):
+
+    def test_dropped_replica_never_resumes(self):
+        spec, gdir = self.protect('st')
+        last = self.wait_counter(gdir)
+        sec = self.side('st', 'secondary')
+        # A secondary that stops answering is dropped...
+        os.kill(sec['host_pid'], signal.SIGSTOP)
+        try:
+            base.wait_for(lambda: self.side('st', 'primary').get(
+                'state') == 'unprotected', 30, what='primary unprotected')
+            # ...and the guest's answers from then on are not held.
+            for _ in range(3):
+                got = workload.counter_request('127.0.0.1', self.port)
+                self.assertEqual(last + 1, got)
+                last = got
+        finally:
+            os.kill(sec['host_pid'], signal.SIGCONT)
+        prim = self.side('st', 'primary')
+        os.kill(prim['qemu_pid'], signal.SIGKILL)
+        base.wait_for(lambda: not self.side('st', 'primary')['alive'], 10,
+                      what='the primary host to end')
+        time.sleep(3)
+        # Resuming the stale replica would take back the answers above.
+        sec = self.side('st', 'secondary')
+        self.assertIn(sec.get('state'), ('stopped', 'lost'), sec)
+        self.assertEqual([], base.qemu_pids_for('st'))

@@ -78,6 +78,7 @@ class FakeOutput:
         self.released.append(epoch)
 
     async def detach(self, monitor):
+        self.order.append('release-all')
         self.detached = True
 
     def discard(self):
@@ -93,10 +94,15 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
             self.chan.inbox.put_nowait(Message(Kind.MARKED, epoch))
         self.cap, self.disk, self.out = FakeCapturer(), FakeDisk(), \
             FakeOutput()
+        self.order = []
+
+        async def invalidate_replica():
+            self.order.append('invalidate')
         self.machine = pair.PrimaryPair(
             capturer=self.cap, disk=self.disk, output=self.out,
             channel=self.chan, monitor=None, clock=pair.RealClock(),
-            epoch_ms=10_000)
+            epoch_ms=10_000, invalidate_replica=invalidate_replica)
+        self.out.order = self.order
         self.machine._spawn(self.machine._reader())
         self.runner = asyncio.ensure_future(self.machine.run())
 
@@ -132,7 +138,9 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await self.settle()
         self.assertEqual(pair.State.UNPROTECTED, self.machine.state)
         self.assertIn(('stop',), self.disk.calls)
-        self.assertTrue(self.out.detached)
+        # The replica is made stale before held output is let go: a later
+        # takeover must not undo what clients then see.
+        self.assertEqual(['invalidate', 'release-all'], self.order)
         self.machine.post(pair.Tick())
         await self.settle()
         self.assertEqual([], self.cap.captured)
@@ -154,6 +162,7 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertIn(Kind.PRIMARY_LOST, self.chan.kinds())
         self.assertTrue(self.out.discarded)
         self.assertEqual([], self.out.released)
+        self.assertEqual([], self.order)  # the replica stays valid
 
     async def test_secondary_that_stops_reading_is_lost(self):
         self.make()
@@ -261,6 +270,14 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.wait_for(self.machine.finished.wait(), 5)
         self.assertEqual([], self.activated)
         self.assertEqual(pair.State.LOST, self.machine.state)
+
+    async def test_bye_means_no_takeover(self):
+        self.make()
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        self.chan.inbox.put_nowait(Message(Kind.BYE, 0))
+        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        self.assertEqual([], self.activated)
+        self.assertEqual(pair.State.STOPPED, self.machine.state)
 
     async def test_corrupt_frame_is_answered_with_error(self):
         self.make()
