@@ -279,13 +279,21 @@ def status(state_dir: str, name: str) -> dict[str, Any]:
 
 
 def _child_pids(pid: Any) -> list[int]:
+    """PIDs whose parent is ``pid`` (the processes a host owns)."""
     if not isinstance(pid, int):
         return []
-    try:
-        with open(f'/proc/{pid}/task/{pid}/children') as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
+    children = []
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                ppid = int(f.read().rsplit(') ', 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            children.append(int(entry))
+    return sorted(children)
 
 
 def failover(state_dir: str, name: str) -> dict[str, Any]:
