@@ -126,7 +126,7 @@ class Bench:
                 watcher.start()
                 answer = None
                 while answer is None and time.monotonic() - t0 < 60:
-                    answer = workload.counter_request('127.0.0.1', port, 1)
+                    answer = workload.counter_request('127.0.0.1', port, 5)
                 to_answer.append(time.monotonic() - t0)
                 watcher.join()
                 if ack_at:

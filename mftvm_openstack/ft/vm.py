@@ -177,7 +177,10 @@ def qemu_argv(spec: GuestSpec, paths: Paths, ram_file: str,
         *disk_blockdevs('disk0', layers),
         '-device', 'virtio-blk-pci,drive=disk0,id=vd0',
         '-netdev', netdev,
-        '-device', f'virtio-net-pci,netdev=n0,id=nic0,mac={spec.mac}',
+        # No option ROM: the kernel boots directly, and every ROM is
+        # migrated again at each checkpoint.
+        '-device', f'virtio-net-pci,netdev=n0,id=nic0,mac={spec.mac},'
+                   'romfile=',
         '-chardev', f'file,id=ser0,path={paths.serial},append=on',
         '-serial', 'chardev:ser0',
         '-display', 'none', '-vga', 'none',

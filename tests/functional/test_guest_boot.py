@@ -16,7 +16,7 @@ import fixtures
 import testtools
 from testtools import content
 
-from mftvm_openstack.images import builder, records
+from mftvm_openstack.images import builder, records, workload
 
 BOOT_TIMEOUT = 120
 ACK_RE = re.compile(r"ACK (\d+) ([0-9a-f]{64})")
@@ -95,16 +95,7 @@ class TestGuestBoot(testtools.TestCase):
                   f"{self._console()[-2000:]}")
 
     def _request(self):
-        with socket.create_connection(("127.0.0.1", self.port),
-                                      timeout=30) as s:
-            s.sendall(b"inc\n")
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = s.recv(64)
-                if not chunk:
-                    break
-                reply += chunk
-        return int(reply)
+        return workload.counter_request("127.0.0.1", self.port, 30)
 
     def test_writer_and_counter(self):
         start = time.monotonic()

@@ -39,6 +39,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -375,12 +376,26 @@ static __attribute__((noreturn)) void mode_counter(int argc, char **argv)
 				continue;
 			die("accept");
 		}
-		/* One request line; its content does not matter. */
+		/* A peer that vanished (its host-side half died with a failed
+		 * primary's QEMU) must not wedge this one-at-a-time server. */
+		struct timeval tmo = { .tv_sec = 3 };
+		setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof(tmo));
+		/* One request line; its content does not matter. A connection
+		 * that ends before its newline asked for nothing: no count. */
+		int complete = 0;
 		while (got < sizeof(line) - 1) {
 			ssize_t n = read(c, line + got, 1);
-			if (n <= 0 || line[got] == '\n')
+			if (n <= 0)
 				break;
+			if (line[got] == '\n') {
+				complete = 1;
+				break;
+			}
 			got++;
+		}
+		if (!complete) {
+			close(c);
+			continue;
 		}
 		/* Persist before replying: an answer the client saw must survive. */
 		value++;
