@@ -408,6 +408,8 @@ class EpochOverlayStore:
             self._stats['pool_misses'] += 1
             LOG.warning('overlay pool empty: creating one inside the pause')
             await self._add_to_pool()
+        LOG.debug('mark %d: pool %d, merge %s', epoch, len(self._pool),
+                  self._merge_job if self._merge_task else None)
         node, pooled = self._pool.popleft()
         self._pool_wakeup.set()
         # Name the file by the epochs it will hold (qsd keeps its fd).
@@ -423,6 +425,7 @@ class EpochOverlayStore:
             raise
         self.chain.push(epoch, Layer(node, path, 'qcow2', epoch + 1))
         ms = (time.perf_counter() - t0) * 1000
+        LOG.debug('mark %d done in %.1f ms', epoch, ms)
         self._stats['marks'] += 1
         self._stats['last_mark_ms'] = ms
         self._stats['max_mark_ms'] = max(self._stats['max_mark_ms'] or 0, ms)
@@ -447,6 +450,7 @@ class EpochOverlayStore:
         try:
             if self._closing:
                 return
+            LOG.debug('merge %s: %s into base', job, top.node)
             await monitor.execute('block-commit', **{
                 'job-id': job, 'device': self.TOP, 'top-node': top.node,
                 'base-node': self.BASE, 'auto-dismiss': False})

@@ -153,7 +153,8 @@ class CheckpointCapturer:
             await _resume(self.monitor)
             if isinstance(exc, (CheckpointError, asyncio.CancelledError)):
                 raise
-            raise CheckpointError(f'checkpoint {epoch} failed: {exc}') from exc
+            raise CheckpointError(
+                f'checkpoint {epoch} failed: {exc!r}') from exc
         if resume:
             await self.monitor.execute('cont')
         pause = time.perf_counter() - t0

@@ -151,8 +151,20 @@ class _Machine:
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
+        task.add_done_callback(self._task_done)
         self._tasks.append(task)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        # A helper task that dies of a bug must not die silently: the
+        # machine would wait for it for ever.
+        if not task.cancelled() and task.exception() is not None:
+            LOG.error('%s task failed', type(self).__name__,
+                      exc_info=task.exception())
+            self.post(self._on_task_failure(task.exception()))
+
+    def _on_task_failure(self, exc: BaseException) -> Any:
+        raise NotImplementedError
 
     async def _cancel_tasks(self) -> None:
         current = asyncio.current_task()
@@ -217,6 +229,9 @@ class PrimaryPair(_Machine):
         self._marked: dict[int, asyncio.Future[None]] = {}
         self._acked: dict[int, asyncio.Future[None]] = {}
 
+    def _on_task_failure(self, exc: BaseException) -> Any:
+        return SecondaryLost(f'internal error: {exc!r}')
+
     def start(self) -> None:
         """Start the epoch timer and the reader of the secondary's replies."""
         self._spawn(self._ticker())
@@ -250,6 +265,7 @@ class PrimaryPair(_Machine):
         await self.disk.checkpoint(epoch)
         fut = asyncio.get_running_loop().create_future()
         self._marked[epoch] = fut
+        LOG.debug('sending MARK %d', epoch)
         await self.channel.send(Kind.MARK, epoch)
         await asyncio.wait_for(fut, self.mark_timeout)
 
@@ -291,7 +307,10 @@ class PrimaryPair(_Machine):
             try:
                 await self.checkpoint()
             except Exception as exc:
-                self.post(SecondaryLost(f'checkpoint failed: {exc}'))
+                LOG.debug('checkpoint failed', exc_info=True)
+                # Now, not behind the ticks queued meanwhile: each would
+                # try again and pause the guest once more.
+                await self._unprotect(f'checkpoint failed: {exc}')
         elif isinstance(event, Acked):
             if event.epoch > self.stats.committed:
                 self.stats.committed = event.epoch
@@ -396,6 +415,11 @@ class SecondaryPair(_Machine):
         self._applying: Optional[asyncio.Task[Any]] = None
         self._lost_at: Optional[float] = None
 
+    def _on_task_failure(self, exc: BaseException) -> Any:
+        # Not proof that the primary died: give the replica up instead.
+        self.stats.reason = f'internal error: {exc!r}'
+        return Stop()
+
     def start(self) -> None:
         self._spawn(self._reader())
 
@@ -404,13 +428,20 @@ class SecondaryPair(_Machine):
             while True:
                 msg = await self.channel.recv(timeout=self.detect_timeout)
                 self.stats.last_ack_at = self.clock.monotonic()
+                LOG.debug('got %s %d (%d bytes)', msg.kind.name, msg.epoch,
+                          len(msg.payload))
                 if msg.kind == Kind.MARK:
+                    started = self.clock.monotonic()
                     await self.store.mark(msg.epoch)
                     await self.channel.send(Kind.MARKED, msg.epoch)
+                    took = self.clock.monotonic() - started
+                    if took > 0.5:
+                        LOG.warning('disk mark of epoch %d took %.0f ms',
+                                    msg.epoch, took * 1000)
                 elif msg.kind == Kind.CHECKPOINT:
                     devstate, delta = transport.decode_checkpoint(msg.payload)
                     previous = self._applying
-                    self._applying = asyncio.ensure_future(
+                    self._applying = self._spawn(
                         self._apply(previous, msg.epoch, devstate, delta))
                 elif msg.kind == Kind.PRIMARY_LOST:
                     self.post(PrimaryLost(

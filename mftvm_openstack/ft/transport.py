@@ -144,10 +144,13 @@ class Channel:
 
     async def send(self, kind: Kind, epoch: int = 0,
                    *buffers: Any) -> None:
-        length = sum(memoryview(b).nbytes for b in buffers)
+        # Flat byte views: the transport slices what a partial send left
+        # over, and slicing a 2-D view (a page array) cuts whole rows.
+        views = [memoryview(b).cast('B') for b in buffers]
+        length = sum(v.nbytes for v in views)
         self._writer.write(HEADER.pack(MAGIC, kind, epoch, length))
-        for buf in buffers:
-            self._writer.write(buf)
+        for view in views:
+            self._writer.write(view)
         self.bytes_sent += HEADER.size + length
         await self._writer.drain()
 

@@ -28,6 +28,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -430,18 +431,30 @@ class SecondaryHost(Host):
             self.spec, self.paths, self.ram, replica.devstate_path, layers)
 
 
+def dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        frames = task.get_stack()
+        where = ' <- '.join(f'{f.f_code.co_name}:{f.f_lineno}'
+                            for f in reversed(frames))
+        LOG.warning('task %s: %s', task.get_name(), where or 'starting')
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='mftvm-host')
     parser.add_argument('role', choices=['primary', 'secondary'])
     parser.add_argument('guest_dir')
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
+        level=logging.DEBUG if os.environ.get("MFTVM_DEBUG") else logging.INFO,
+        stream=sys.stderr,
         format='%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s')
     host: Host = (PrimaryHost if args.role == 'primary' else SecondaryHost)(
         args.guest_dir)
     async def run() -> int:
-        quiet_lost_connections(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        quiet_lost_connections(loop)
+        # SIGUSR1: log where every task of this host is waiting.
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         try:
             return await host.run()
         finally:

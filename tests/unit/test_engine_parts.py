@@ -105,6 +105,24 @@ class FramingTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual([5, 1, 9], got.indices.tolist())
         self.assertTrue((got.pages == pages).all())
 
+    async def test_large_checkpoint_survives_partial_sends(self):
+        client, server = await self.pair()
+        pages = np.random.randint(0, 255, (4096, PAGE_SIZE), np.uint8)
+        delta = RamDelta(np.arange(4096, dtype=np.uint32), pages)
+        # 16 MiB into a socket nobody reads yet: the kernel takes a part,
+        # the transport keeps the rest and sends it in pieces.
+        sending = asyncio.ensure_future(client.send(
+            Kind.CHECKPOINT, 7, *transport.encode_checkpoint(b'dev', delta)))
+        await asyncio.sleep(0.1)
+        marking = asyncio.ensure_future(client.send(Kind.MARK, 8))
+        msg = await asyncio.wait_for(server.recv(), 5)
+        await sending
+        await marking
+        _, got = transport.decode_checkpoint(msg.payload)
+        self.assertTrue((got.pages == pages).all())
+        follow = await asyncio.wait_for(server.recv(timeout=5), 5)
+        self.assertEqual((Kind.MARK, 8), (follow.kind, follow.epoch))
+
     async def test_garbage_is_a_protocol_error(self):
         client, server = await self.pair()
         client._writer.write(b'GET / HTTP/1.0\r\n\r\n' + b'x' * 16)
