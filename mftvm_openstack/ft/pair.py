@@ -158,10 +158,10 @@ class _Machine:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         # A helper task that dies of a bug must not die silently: the
         # machine would wait for it for ever.
-        if not task.cancelled() and task.exception() is not None:
-            LOG.error('%s task failed', type(self).__name__,
-                      exc_info=task.exception())
-            self.post(self._on_task_failure(task.exception()))
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            LOG.error('%s task failed', type(self).__name__, exc_info=exc)
+            self.post(self._on_task_failure(exc))
 
     def _on_task_failure(self, exc: BaseException) -> Any:
         raise NotImplementedError
@@ -222,6 +222,7 @@ class PrimaryPair(_Machine):
         self.mark_timeout = mark_timeout
         self.ship_timeout = ship_timeout
         self.invalidate_replica = invalidate_replica
+        self._guest_failures = 0
         self._ship_started = 0.0
         self.state = State.PROTECTED
         self.next_epoch = first_epoch
@@ -306,11 +307,10 @@ class PrimaryPair(_Machine):
                 return
             try:
                 await self.checkpoint()
+                self._guest_failures = 0
             except Exception as exc:
                 LOG.debug('checkpoint failed', exc_info=True)
-                # Now, not behind the ticks queued meanwhile: each would
-                # try again and pause the guest once more.
-                await self._unprotect(f'checkpoint failed: {exc}')
+                await self._checkpoint_failed(exc)
         elif isinstance(event, Acked):
             if event.epoch > self.stats.committed:
                 self.stats.committed = event.epoch
@@ -327,6 +327,21 @@ class PrimaryPair(_Machine):
             await self._guest_exited(event.reason)
         elif isinstance(event, Stop):
             await self._stop(event.handover)
+
+    async def _checkpoint_failed(self, exc: Exception) -> None:
+        # Whose fault? A QEMU that died mid-checkpoint is a failover, not
+        # a lost secondary: dropping the replica then would lose the guest.
+        try:
+            await asyncio.wait_for(self.monitor.execute('query-status'), 2)
+        except Exception:
+            self._guest_failures += 1
+            LOG.warning('checkpoint failed and QEMU does not answer: %s', exc)
+            if self._guest_failures >= 3:
+                await self._guest_exited('QEMU does not answer its monitor')
+            return  # its exit, when it comes, is handled as such
+        # Unprotect now, not behind the ticks queued meanwhile: each would
+        # pause the guest once more.
+        await self._unprotect(f'checkpoint failed: {exc}')
 
     async def _unprotect(self, reason: str) -> None:
         """The secondary is gone: carry on alone, release held output."""

@@ -85,7 +85,8 @@ class GuestTestCase(testtools.TestCase):
         super().setUp()
         self.image = guest_image()
         self.tmp = tempfile.mkdtemp(prefix='mftvm-test-', dir='/var/tmp')
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        if not os.environ.get('MFTVM_KEEP_TEST_DIRS'):
+            self.addCleanup(shutil.rmtree, self.tmp, True)
         self.state_dir = os.path.join(self.tmp, 'state')
         self.port = demo.free_port()
 

@@ -85,6 +85,16 @@ class FakeOutput:
         self.discarded = True
 
 
+class FakeMonitor:
+    def __init__(self):
+        self.alive = True
+
+    async def execute(self, command, **args):
+        if not self.alive:
+            raise ConnectionError('QEMU is gone')
+        return {'status': 'running'}
+
+
 class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
 
     def make(self):
@@ -94,13 +104,14 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
             self.chan.inbox.put_nowait(Message(Kind.MARKED, epoch))
         self.cap, self.disk, self.out = FakeCapturer(), FakeDisk(), \
             FakeOutput()
+        self.mon = FakeMonitor()
         self.order = []
 
         async def invalidate_replica():
             self.order.append('invalidate')
         self.machine = pair.PrimaryPair(
             capturer=self.cap, disk=self.disk, output=self.out,
-            channel=self.chan, monitor=None, clock=pair.RealClock(),
+            channel=self.chan, monitor=self.mon, clock=pair.RealClock(),
             epoch_ms=10_000, invalidate_replica=invalidate_replica)
         self.out.order = self.order
         self.machine._spawn(self.machine._reader())
@@ -153,6 +164,23 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.sleep(0.2)
         self.assertEqual(pair.State.UNPROTECTED, self.machine.state)
         self.assertIn('checkpoint failed', self.machine.stats.reason)
+
+    async def test_qemu_dying_mid_checkpoint_is_not_a_lost_secondary(self):
+        self.make()
+        self.chan.on_send = None
+        self.machine.mark_timeout = 0.05
+        self.mon.alive = False  # the checkpoint fails because QEMU died
+        self.machine.post(pair.Tick())
+        await asyncio.sleep(0.2)
+        # The replica stays valid and no BYE tells the secondary to stand
+        # down: it must take over when the exit is reported.
+        self.assertEqual(pair.State.PROTECTED, self.machine.state)
+        self.assertEqual([], self.order)
+        self.assertNotIn(Kind.BYE, self.chan.kinds())
+        self.machine.post(pair.GuestExited('killed'))
+        await self.settle()
+        self.assertEqual(pair.State.FAILED, self.machine.state)
+        self.assertIn(Kind.PRIMARY_LOST, self.chan.kinds())
 
     async def test_guest_exit_tells_secondary_and_discards_output(self):
         self.make()
