@@ -82,7 +82,9 @@ class PrimaryLossTest(base.GuestTestCase):
             lambda: workload.counter_request('127.0.0.1', self.port, 5),
             60, 0, 'an answer from the failed-over guest')
         self.assertEqual(last + 1, after)
-        self.assertEqual('active', self.side('ph', 'secondary')['state'])
+        # (status.json is published every 0.25 s)
+        base.wait_for(lambda: self.side('ph', 'secondary')['state'] ==
+                      'active', 5, what='the secondary to report active')
 
 
 class SecondaryLossTest(base.GuestTestCase):
