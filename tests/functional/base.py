@@ -140,6 +140,8 @@ class GuestTestCase(testtools.TestCase):
 
 def qemu_pids_for(name):
     """PIDs of every qemu-system process running guest ``name``."""
-    out = subprocess.run(['pgrep', '-f', f'{vm.QEMU_BINARY} -name {name} '],
+    # '[q]' keeps a concurrent pgrep for the same name from matching.
+    pattern = f'[{vm.QEMU_BINARY[0]}]{vm.QEMU_BINARY[1:]} -name {name} '
+    out = subprocess.run(['pgrep', '-f', pattern],
                          capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
