@@ -329,7 +329,8 @@ class PrimaryHost(Host):
             capturer=capturer, disk=sync, output=output, channel=channel,
             monitor=self.monitor, clock=pair.RealClock(),
             epoch_ms=opts['epoch_ms'],
-            invalidate_replica=invalidate_replica)
+            invalidate_replica=invalidate_replica,
+            guest_alive=lambda: self.qemu is not None and self.qemu.running)
         self.machine = machine
         sync.on_failure = lambda why: machine.post(pair.SecondaryLost(why))
         machine.start()

@@ -112,7 +112,8 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.machine = pair.PrimaryPair(
             capturer=self.cap, disk=self.disk, output=self.out,
             channel=self.chan, monitor=self.mon, clock=pair.RealClock(),
-            epoch_ms=10_000, invalidate_replica=invalidate_replica)
+            epoch_ms=10_000, invalidate_replica=invalidate_replica,
+            guest_alive=lambda: self.mon.alive)
         self.out.order = self.order
         self.machine._spawn(self.machine._reader())
         self.runner = asyncio.ensure_future(self.machine.run())
@@ -161,7 +162,7 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.chan.on_send = None  # the secondary never answers MARK
         self.machine.mark_timeout = 0.05
         self.machine.post(pair.Tick())
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
         self.assertEqual(pair.State.UNPROTECTED, self.machine.state)
         self.assertIn('checkpoint failed', self.machine.stats.reason)
 
@@ -171,7 +172,7 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.machine.mark_timeout = 0.05
         self.mon.alive = False  # the checkpoint fails because QEMU died
         self.machine.post(pair.Tick())
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
         # The replica stays valid and no BYE tells the secondary to stand
         # down: it must take over when the exit is reported.
         self.assertEqual(pair.State.PROTECTED, self.machine.state)
