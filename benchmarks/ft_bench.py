@@ -238,8 +238,10 @@ def main() -> int:
         for k, v in results['failover'].items():
             print(f'  {k:22s} median {v["median_ms"]} ms max '
                   f'{v["max_ms"]} ms')
-    finally:
-        bench.close()
+    except BaseException:
+        print(f'benchmark failed; its guests and logs are in {bench.tmp}')
+        raise
+    bench.close()
     with open(args.out, 'w') as f:
         json.dump(results, f, indent=1)
     print(f'results in {args.out}')

@@ -117,6 +117,12 @@ def decode_checkpoint(payload: bytes) -> tuple[bytes, RamDelta]:
     return devstate, RamDelta(indices, pages.reshape(-1, PAGE_SIZE))
 
 
+def _flat(buffer: Any) -> memoryview:
+    """A 1-D byte view of ``buffer`` (an empty one for an empty array)."""
+    view = memoryview(buffer)
+    return view.cast('B') if view.nbytes else memoryview(b'')
+
+
 class Channel:
     """A framed, ordered stream; one writer and one reader at a time."""
 
@@ -146,7 +152,7 @@ class Channel:
                    *buffers: Any) -> None:
         # Flat byte views: the transport slices what a partial send left
         # over, and slicing a 2-D view (a page array) cuts whole rows.
-        views = [memoryview(b).cast('B') for b in buffers]
+        views = [_flat(b) for b in buffers]
         length = sum(v.nbytes for v in views)
         self._writer.write(HEADER.pack(MAGIC, kind, epoch, length))
         for view in views:

@@ -446,7 +446,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('guest_dir')
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if os.environ.get("MFTVM_DEBUG") else logging.INFO,
+        level=logging.DEBUG if os.environ.get('MFTVM_DEBUG') else logging.INFO,
         stream=sys.stderr,
         format='%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s')
     host: Host = (PrimaryHost if args.role == 'primary' else SecondaryHost)(

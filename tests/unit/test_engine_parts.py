@@ -123,6 +123,15 @@ class FramingTest(unittest.IsolatedAsyncioTestCase):
         follow = await asyncio.wait_for(server.recv(timeout=5), 5)
         self.assertEqual((Kind.MARK, 8), (follow.kind, follow.epoch))
 
+    async def test_empty_checkpoint_round_trip(self):
+        # An idle guest dirties nothing in an epoch.
+        client, server = await self.pair()
+        await client.send(Kind.CHECKPOINT, 3, *transport.encode_checkpoint(
+            b'dev', RamDelta.empty()))
+        dev, delta = transport.decode_checkpoint(
+            (await server.recv(timeout=5)).payload)
+        self.assertEqual((b'dev', 0), (dev, len(delta.indices)))
+
     async def test_garbage_is_a_protocol_error(self):
         client, server = await self.pair()
         client._writer.write(b'GET / HTTP/1.0\r\n\r\n' + b'x' * 16)
