@@ -199,45 +199,22 @@ def main() -> int:
     parser.add_argument('--quick', action='store_true')
     parser.add_argument('--out', default='benchmarks/results.json')
     parser.add_argument('--failover-runs', type=int, default=10)
+    parser.add_argument('--only', choices=['iops', 'pauses', 'failover'],
+                        action='append', help='run only these parts')
     args = parser.parse_args()
     bench = Bench(args.quick)
     seconds = 10 if args.quick else 20
     results: dict = {'machine': platform.node(),
                      'accelerator': vm.probe_accelerator(),
                      'date': time.strftime('%Y-%m-%d %H:%M')}
+    parts = set(args.only or ['iops', 'pauses', 'failover'])
     try:
-        print('== 4 KiB O_DSYNC write IOPS (unprotected, ours, baseline)')
-        plain = bench.iops_unprotected(seconds)
-        ours = bench.iops_protected('write-replication', seconds)
-        base = bench.iops_protected('block-copy', seconds)
-        results['iops'] = {
-            'unprotected': plain, 'write_replication': ours,
-            'block_copy_baseline': base,
-            'ratio_ours': round(ours / plain, 3),
-            'ratio_baseline': round(base / plain, 3),
-            'ratio_colo_reference': COLO_IOPS_RATIO}
-        print(f'  unprotected {plain:.0f}  ours {ours:.0f} '
-              f'({ours / plain:.2f}x)  block-copy {base:.0f} '
-              f'({base / plain:.2f}x)  COLO here {COLO_IOPS_RATIO}x')
-        print('== pause per epoch')
-        results['pauses'] = []
-        for memory in (128, 512):
-            for load in ('idle', 'writer'):
-                r = bench.pauses(memory, load)
-                results['pauses'].append(r)
-                print(f'  {memory:4d} MiB {load:6s} p50 {r["pause_ms_p50"]}'
-                      f' ms p99 {r["pause_ms_p99"]} ms ({r["epochs"]} '
-                      f'epochs)')
-        idle128 = results['pauses'][0]['pause_ms_p50']
-        results['pause_ratio_vs_colo_first_checkpoint'] = round(
-            idle128 / COLO_PAUSE_128_MS, 3)
-        print(f'  128 MiB idle p50 / COLO first checkpoint '
-              f'{COLO_PAUSE_128_MS} ms = {idle128 / COLO_PAUSE_128_MS:.2f}x')
-        print(f'== failover ({args.failover_runs} runs)')
-        results['failover'] = bench.failover(args.failover_runs)
-        for k, v in results['failover'].items():
-            print(f'  {k:22s} median {v["median_ms"]} ms max '
-                  f'{v["max_ms"]} ms')
+        if 'iops' in parts:
+            iops(bench, seconds, results)
+        if 'pauses' in parts:
+            pauses(bench, results)
+        if 'failover' in parts:
+            failover(bench, args.failover_runs, results)
     except BaseException:
         print(f'benchmark failed; its guests and logs are in {bench.tmp}')
         raise
@@ -246,6 +223,45 @@ def main() -> int:
         json.dump(results, f, indent=1)
     print(f'results in {args.out}')
     return 0
+
+
+def iops(bench: Bench, seconds: int, results: dict) -> None:
+    print('== 4 KiB O_DSYNC write IOPS (unprotected, ours, baseline)')
+    plain = bench.iops_unprotected(seconds)
+    ours = bench.iops_protected('write-replication', seconds)
+    base = bench.iops_protected('block-copy', seconds)
+    results['iops'] = {
+        'unprotected': plain, 'write_replication': ours,
+        'block_copy_baseline': base,
+        'ratio_ours': round(ours / plain, 3),
+        'ratio_baseline': round(base / plain, 3),
+        'ratio_colo_reference': COLO_IOPS_RATIO}
+    print(f'  unprotected {plain:.0f}  ours {ours:.0f} '
+          f'({ours / plain:.2f}x)  block-copy {base:.0f} '
+          f'({base / plain:.2f}x)  COLO here {COLO_IOPS_RATIO}x')
+
+
+def pauses(bench: Bench, results: dict) -> None:
+    print('== pause per epoch')
+    results['pauses'] = []
+    for memory in (128, 512):
+        for load in ('idle', 'writer'):
+            r = bench.pauses(memory, load)
+            results['pauses'].append(r)
+            print(f'  {memory:4d} MiB {load:6s} p50 {r["pause_ms_p50"]}'
+                  f' ms p99 {r["pause_ms_p99"]} ms ({r["epochs"]} epochs)')
+    idle128 = results['pauses'][0]['pause_ms_p50']
+    results['pause_ratio_vs_colo_first_checkpoint'] = round(
+        idle128 / COLO_PAUSE_128_MS, 3)
+    print(f'  128 MiB idle p50 / COLO first checkpoint '
+          f'{COLO_PAUSE_128_MS} ms = {idle128 / COLO_PAUSE_128_MS:.2f}x')
+
+
+def failover(bench: Bench, runs: int, results: dict) -> None:
+    print(f'== failover ({runs} runs)')
+    results['failover'] = bench.failover(runs)
+    for k, v in results['failover'].items():
+        print(f'  {k:22s} median {v["median_ms"]} ms max {v["max_ms"]} ms')
 
 
 if __name__ == '__main__':

@@ -157,7 +157,9 @@ async def _quietly(monitor: Monitor, command: str, **args: Any) -> bool:
 async def _create_qcow2(path: str, size: int) -> None:
     proc = await asyncio.create_subprocess_exec(
         'qemu-img', 'create', '-q', '-f', 'qcow2',
-        '-o', 'cluster_size=65536', path, str(size),
+        # Subclusters: a 4 KiB write into a fresh overlay allocates 4 KiB,
+        # not a 64 KiB cluster copied up from below.
+        '-o', 'cluster_size=65536,extended_l2=on', path, str(size),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         out, _ = await proc.communicate()
