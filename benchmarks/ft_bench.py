@@ -131,7 +131,13 @@ class Bench:
                 watcher.join()
                 if ack_at:
                     to_ack.append(ack_at[0] - t0)
+                # status.json is published every 0.25 s
+                deadline = time.monotonic() + 5
                 sec = self.side(name, 'secondary')
+                while sec.get('failover_ms') is None and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    sec = self.side(name, 'secondary')
                 if sec.get('failover_ms') is not None:
                     restore.append(sec['failover_ms'] / 1000)
             finally:
