@@ -254,6 +254,12 @@ class PrimaryPair(_Machine):
                     if fut is not None and not fut.done():
                         fut.set_result(None)
                 elif msg.kind == Kind.ACK:
+                    # Resolved here, not in the event handler: a handover
+                    # waits for its last ack inside that handler.
+                    for epoch in [e for e in self._acked if e <= msg.epoch]:
+                        fut = self._acked.pop(epoch)
+                        if not fut.done():
+                            fut.set_result(None)
                     self.post(Acked(msg.epoch))
                 elif msg.kind == Kind.ERROR:
                     self.post(SecondaryLost(
@@ -317,10 +323,6 @@ class PrimaryPair(_Machine):
                 self.stats.committed = event.epoch
                 self.stats.last_ack_at = self.clock.monotonic()
             await self.output.release(event.epoch)
-            for epoch in [e for e in self._acked if e <= event.epoch]:
-                fut = self._acked.pop(epoch)
-                if not fut.done():
-                    fut.set_result(None)
         elif isinstance(event, SecondaryLost):
             if self.state == State.PROTECTED:
                 await self._unprotect(event.reason)
@@ -377,15 +379,15 @@ class PrimaryPair(_Machine):
         if handover and self.state == State.PROTECTED:
             # Planned failover: the guest stops, its last epoch commits,
             # then the secondary takes over with nothing lost.
-            if self._sending is not None:
-                with contextlib.suppress(BaseException):
-                    await self._sending
-            await self.checkpoint(resume=False)
-            fut = asyncio.get_running_loop().create_future()
-            self._acked[self.stats.epochs] = fut
-            if self._sending is not None:
-                await self._sending
-            await asyncio.wait_for(fut, 30)
+            try:
+                await self._last_checkpoint()
+            except Exception as exc:
+                LOG.error('handover failed (%s): the guest stays here',
+                          exc)
+                with contextlib.suppress(Exception):
+                    await self.monitor.execute('cont')
+                await self._unprotect(f'handover failed: {exc}')
+                return
             self.output.discard()
             await self.channel.send_json(Kind.PRIMARY_LOST,
                                          {'reason': 'planned failover'})
@@ -395,6 +397,16 @@ class PrimaryPair(_Machine):
         self.state = State.STOPPED
         self.channel.close()
         self.finished.set()
+
+    async def _last_checkpoint(self) -> None:
+        if self._sending is not None:
+            await self._sending
+        await self.checkpoint(resume=False)
+        fut = asyncio.get_running_loop().create_future()
+        self._acked[self.stats.epochs] = fut
+        if self._sending is not None:
+            await self._sending
+        await asyncio.wait_for(fut, 10)
 
     def status(self) -> dict[str, Any]:
         data = self.stats.as_dict()

@@ -87,6 +87,25 @@ class PrimaryLossTest(base.GuestTestCase):
                       'active', 5, what='the secondary to report active')
 
 
+class PlannedFailoverTest(base.GuestTestCase):
+
+    def test_operator_failover_loses_nothing(self):
+        spec, gdir = self.protect('pf')
+        last = self.wait_counter(gdir)
+        prim = self.side('pf', 'primary')
+        sec = manager.failover(self.state_dir, 'pf')
+        self.assertEqual('active', sec['state'])
+        # The old primary's QEMU is gone; only the moved guest runs.
+        base.wait_for(lambda: base.qemu_pids_for('pf') == [sec['qemu_pid']],
+                      10, what='one QEMU, the moved one')
+        self.assertFalse(os.path.exists(f'/proc/{prim["qemu_pid"]}'))
+        after = workload.counter_request('127.0.0.1', self.port, 10)
+        self.assertEqual(last + 1, after)
+        serial = workload.read_text(os.path.join(gdir, 'secondary',
+                                                 'serial.log'))
+        self.assertNotIn('MFTVM-GUEST-READY', serial)  # no reboot
+
+
 class SecondaryLossTest(base.GuestTestCase):
 
     def test_sigkill_secondary_primary_carries_on(self):
