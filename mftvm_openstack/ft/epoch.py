@@ -67,6 +67,7 @@ class CheckpointCapturer:
         self.monitor = monitor
         self.tracker = tracker
         self.sock_path = os.path.join(workdir, 'devstate.sock')
+        self.devstate_timeout = 5.0
 
     async def setup(self) -> None:
         await self.monitor.execute(
@@ -100,7 +101,9 @@ class CheckpointCapturer:
         server = await asyncio.start_unix_server(on_conn, self.sock_path)
         try:
             await self.monitor.execute('migrate', uri=f'unix:{self.sock_path}')
-            await asyncio.wait_for(done, 30)
+            # ~0.4 MB that takes 10-60 ms: seconds mean something is wrong,
+            # and the guest is stopped meanwhile.
+            await asyncio.wait_for(done, self.devstate_timeout)
             status = await self._migration_status()
             if status != 'completed':
                 raise CheckpointError(f'device-state migration ended in '
