@@ -55,8 +55,10 @@ class Checkpoint:
 
 
 async def _resume(monitor: Monitor) -> None:
-    with contextlib.suppress(MonitorError):
-        await monitor.execute('cont')
+    """After a failed checkpoint: end a migration left running, resume."""
+    for command in ('migrate_cancel', 'cont'):
+        with contextlib.suppress(MonitorError):
+            await monitor.execute(command)
 
 
 class CheckpointCapturer:
