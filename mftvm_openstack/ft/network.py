@@ -53,7 +53,6 @@ class OutputBuffer:
         self._connected = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self._pump: Optional[asyncio.Task[None]] = None
-        self.frames_held = 0
         self.frames_released = 0
 
     @property
@@ -109,7 +108,6 @@ class OutputBuffer:
                 frame = await self._out.readexactly(length)
                 if self._holding:
                     self._held.append((self._open_epoch, frame))
-                    self.frames_held += 1
                 else:
                     self._write(frame)
                     await self._drain()

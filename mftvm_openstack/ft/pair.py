@@ -411,7 +411,9 @@ class PrimaryPair(_Machine):
     def status(self) -> dict[str, Any]:
         data = self.stats.as_dict()
         data.update(role='primary', state=self.state.value,
-                    held_frames=self.output.held)
+                    held_frames=self.output.held,
+                    released_frames=self.output.frames_released,
+                    shipped_mib=round(self.channel.bytes_sent / 2**20, 2))
         if self.stats.last_ack_at is not None:
             data['ms_since_last_ack'] = round(
                 (self.clock.monotonic() - self.stats.last_ack_at) * 1000, 1)
@@ -439,7 +441,6 @@ class SecondaryPair(_Machine):
         self.detect_timeout = detect_timeout
         self.state = State.STANDBY
         self._applying: Optional[asyncio.Task[Any]] = None
-        self._lost_at: Optional[float] = None
 
     def _on_task_failure(self, exc: BaseException) -> Any:
         # Not proof that the primary died: give the replica up instead.

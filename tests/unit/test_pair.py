@@ -16,6 +16,7 @@ class FakeChannel:
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.sent: list[Message] = []
         self.closed = False
+        self.bytes_sent = 0
         self.on_send = None
 
     async def send(self, kind, epoch=0, *buffers):
@@ -69,7 +70,7 @@ class FakeOutput:
     def __init__(self):
         self.sealed, self.released = [], []
         self.detached = self.discarded = False
-        self.held = 0
+        self.held = self.frames_released = 0
 
     def seal(self, epoch):
         self.sealed.append(epoch)
