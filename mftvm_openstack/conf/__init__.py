@@ -1,0 +1,129 @@
+"""The agent's options, registered with oslo.config.
+
+Every option lives here, with its help text, so that
+``oslo-config-generator --config-file etc/mftvm/mftvm-config-generator.conf``
+writes the whole reference (``etc/mftvm/mftvm.conf.sample``)::
+
+    from mftvm_openstack import conf
+    CONF = conf.CONF                 # registered on import
+    CONF(['--config-file', '/etc/mftvm/mftvm.conf'], project='mftvm')
+    CONF.agent.heartbeat_interval    # 0.2
+
+``[DEFAULT] transport_url`` and the RabbitMQ options belong to
+oslo.messaging and are listed by its own ``oslo.messaging`` namespace.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from oslo_config import cfg
+
+CONF = cfg.CONF
+
+default_opts = [
+    cfg.StrOpt('host', default=socket.gethostname(),
+               sample_default='<hostname>',
+               help='Name of this hypervisor. Agents find each other by it '
+                    '(it is the RPC server name on topic mftvm-agent), so '
+                    'it must match the name Nova uses for this compute '
+                    'host.'),
+    cfg.StrOpt('state_path', default='/var/lib/mftvm',
+               help='Where the agent keeps its per-instance state: the '
+                    'guest spec, the role of this host, and the sockets, '
+                    'logs and replica files of the instance processes.'),
+]
+
+agent_opts = [
+    cfg.HostAddressOpt(
+        'my_ip', default='127.0.0.1',
+        help='Address of this host on the network that carries the '
+             'checkpoint stream and the disk replica (NBD). Peers connect '
+             'to it, so set it to an address they can reach.'),
+    cfg.ListOpt(
+        'peers', default=[],
+        help='Hosts that may serve as secondaries for the guests of this '
+             'host, in order of preference (standalone deployments; with '
+             'Nova, the scheduler chooses). Used to re-protect a guest '
+             'after a failover or after its secondary was lost.'),
+    cfg.BoolOpt(
+        'reprotect', default=True,
+        help='Re-protect a guest automatically, onto a peer, once its '
+             'secondary is lost or it has failed over here.'),
+    cfg.FloatOpt(
+        'reprotect_retry_interval', default=5.0, min=0.5,
+        help='Seconds between attempts to re-protect a guest when no peer '
+             'could take it.'),
+    cfg.FloatOpt(
+        'heartbeat_interval', default=0.2, min=0.05,
+        help='Seconds between heartbeats on the data stream of a pair.'),
+    cfg.IntOpt(
+        'heartbeat_misses', default=4, min=2,
+        help='Missed heartbeats after which a secondary declares its '
+             'primary lost. Detection takes heartbeat_interval * '
+             'heartbeat_misses (0.8 s by default).'),
+    cfg.FloatOpt(
+        'monitor_interval', default=0.5, min=0.1,
+        help='Seconds between the agent\'s checks of its instance '
+             'processes (a QEMU that exits, a failover that completed).'),
+    cfg.FloatOpt(
+        'protect_timeout', default=300.0, min=10,
+        help='Seconds a protect call may take, initial disk sync '
+             'included, before it is given up.'),
+]
+
+fencing_opts = [
+    cfg.StrOpt(
+        'backend_url', secret=True,
+        help='tooz coordination URL (e.g. redis://10.0.0.5:6379 or '
+             'etcd3+http://10.0.0.5:2379) that arbitrates who runs each '
+             'guest. Without it, a lock file in state_path fences, which '
+             'only works while both sides of a pair share one machine.'),
+    cfg.IntOpt(
+        'lease', default=3, min=1,
+        help='Seconds an ownership lease lasts without renewal. A primary '
+             'that cannot renew its lease stops its guest itself before '
+             'the lease runs out; a secondary takes over only after it '
+             'won the lease. Failover after the loss of a whole host '
+             'therefore takes at least the rest of the lease.'),
+    cfg.FloatOpt(
+        'acquire_timeout', default=10.0, min=1,
+        help='Seconds a secondary tries to win ownership before it gives '
+             'up and leaves the guest to its primary.'),
+]
+
+ft_opts = [
+    cfg.IntOpt('epoch_ms', default=200, min=20, max=10000,
+               help='Default length of an epoch (checkpoint interval) in '
+                    'milliseconds.'),
+    cfg.StrOpt('disk_sync', default='write-replication',
+               choices=['write-replication', 'block-copy'],
+               help='How the disk reaches the secondary: every write '
+                    'replicated as it happens (default), or the blocks of '
+                    'each epoch copied inside its checkpoint (the MFTVM 3 '
+                    'baseline, for comparison).'),
+    cfg.StrOpt('tracker', default='auto',
+               choices=['auto', 'scan', 'soft-dirty'],
+               help='How dirty guest memory is found; auto picks '
+                    'soft-dirty when the kernel supports it.'),
+]
+
+GROUPS = {
+    'DEFAULT': default_opts,
+    'agent': agent_opts,
+    'fencing': fencing_opts,
+    'ft': ft_opts,
+}
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    for group, opts in GROUPS.items():
+        conf.register_opts(opts, group=None if group == 'DEFAULT' else group)
+
+
+def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    """For oslo-config-generator (entry point ``oslo.config.opts``)."""
+    return [(group, list(opts)) for group, opts in GROUPS.items()]
+
+
+register_opts(CONF)
