@@ -16,6 +16,11 @@ esac
 
 APT_PACKAGES="qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64
     gcc libc6-dev python3-venv python3-dev iproute2 zstd xz-utils"
+# The agent's integration tests start their own broker and coordination
+# backend (in a network namespace); nothing is started system-wide.
+if [ "$job" = test ]; then
+    APT_PACKAGES="$APT_PACKAGES rabbitmq-server redis-server"
+fi
 
 missing=""
 for p in $APT_PACKAGES; do

@@ -10,12 +10,23 @@
     mftvm status NAME [--json]
     mftvm failover NAME
     mftvm stop NAME
+
+Remote mode: with ``--host HOST`` (and a broker given by
+``--transport-url URL`` or ``$MFTVM_TRANSPORT_URL``), ``status``,
+``failover`` and ``stop`` go to the agent (``mftvm-agent``) of HOST over
+RPC, and ``list`` shows the agent's instances::
+
+    export MFTVM_TRANSPORT_URL=rabbit://mftvm:PASSWORD@10.0.0.5:5672/
+    mftvm list --host hv1
+    mftvm --host hv1 status vm0 --json
+    mftvm failover vm0 --host hv2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -23,6 +34,10 @@ from typing import Any, Optional
 
 from mftvm_openstack.standalone import manager
 from mftvm_openstack.standalone.manager import UserError
+
+TRANSPORT_URL_ENV = 'MFTVM_TRANSPORT_URL'
+#: seconds a remote call waits for the agent (--timeout)
+REMOTE_TIMEOUT = 30
 
 
 def _fmt(value: Any, unit: str = '') -> str:
@@ -63,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--state-dir', default=None,
                         help='where guests keep their state (default: '
                         '$MFTVM_STATE_DIR or /var/lib/mftvm)')
+    parser.add_argument('--transport-url', default=None,
+                        help='messaging broker of the agents, for --host '
+                        f'(default: ${TRANSPORT_URL_ENV})')
+    parser.add_argument('--host', dest='global_host', default=None,
+                        metavar='HOST',
+                        help='ask the agent of this host over RPC instead '
+                        'of the local standalone guests')
+    parser.add_argument('--timeout', type=float, default=REMOTE_TIMEOUT,
+                        help='seconds to wait for the agent (--host; '
+                        f'default {REMOTE_TIMEOUT})')
     sub = parser.add_subparsers(dest='command', required=True)
 
     demo = sub.add_parser('demo', help='protect a demo guest, kill its '
@@ -101,7 +126,101 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument('name')
     sp = sub.add_parser('stop', help='stop both sides of a guest')
     sp.add_argument('name')
+    ls = sub.add_parser('list', help='the instances of an agent (--host)')
+    ls.add_argument('--json', action='store_true')
+    for remote in (st, fo, sp, ls):
+        remote.add_argument('--host', default=None,
+                            help='ask the agent of this host over RPC')
+        remote.add_argument('--timeout', dest='sub_timeout', type=float,
+                            default=None, help='as the global --timeout')
     return parser
+
+
+def _remote_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return _fmt(value)
+
+
+def print_remote_status(st: dict[str, Any], indent: str = '  ') -> None:
+    """An agent's status of an instance, one key per line."""
+    for key in sorted(st):
+        value = st[key]
+        if isinstance(value, dict) and value:
+            print(f'{indent}{key}:')
+            print_remote_status(value, indent + '  ')
+        else:
+            print(f'{indent}{key}: {_remote_value(value)}')
+
+
+def print_remote_list(items: list[dict[str, Any]]) -> None:
+    if not items:
+        print('no instances')
+        return
+    for item in items:
+        name = item.get('instance', item.get('name', '?'))
+        rest = ' '.join(f'{key}={_remote_value(item[key])}'
+                        for key in sorted(item)
+                        if key not in ('instance', 'name')
+                        and not isinstance(item[key], (dict, list)))
+        print(f'{name} {rest}'.rstrip())
+
+
+def cmd_remote(args: argparse.Namespace, host: str) -> int:
+    """status / failover / stop / list through the agent of ``host``."""
+    url = args.transport_url or os.environ.get(TRANSPORT_URL_ENV)
+    if not url:
+        raise UserError(f'--host needs a broker: give --transport-url or '
+                        f'set ${TRANSPORT_URL_ENV}')
+    import logging
+    import warnings
+
+    warnings.filterwarnings('ignore', message=r'\s*Eventlet is deprecated')
+    # one-line errors: the messaging library's warnings stay unprinted
+    logging.getLogger().addHandler(logging.NullHandler())
+    from mftvm_openstack import conf
+    from mftvm_openstack.agent import exception, rpcapi
+
+    try:
+        conf.CONF([], project='mftvm', default_config_files=[])
+        transport = rpcapi.get_transport(conf.CONF, url)
+    except exception.MftvmError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        rpcapi.check_transport(transport, conf.CONF, url)
+        timeout = getattr(args, 'sub_timeout', None) or args.timeout
+        api = rpcapi.AgentAPI(transport, timeout=timeout, retry=1)
+        if args.command == 'list':
+            items = api.list({}, host)
+            if args.json:
+                print(json.dumps(items, indent=1))
+            else:
+                print_remote_list(items)
+        elif args.command == 'status':
+            st = api.status({}, host, args.name)
+            if args.json:
+                print(json.dumps(st, indent=1))
+            else:
+                print(f'guest {args.name} on {host}')
+                print_remote_status(st)
+        elif args.command == 'failover':
+            res = api.failover({}, host, args.name)
+            took = (res or {}).get('failover_ms')
+            print(f'{args.name} now runs on {host}'
+                  + (f' (failover {took} ms)' if took is not None else ''))
+        elif args.command == 'stop':
+            api.stop_instance({}, host, args.name)
+            print(f'{args.name} stopped on {host}')
+        return 0
+    except exception.MftvmError as exc:
+        raise UserError(str(exc)) from None
+    except Exception as exc:     # a broker or driver failure: one line
+        text = str(exc).strip().splitlines()
+        raise UserError(rpcapi.mask_url(
+            f'{type(exc).__name__}: {text[0]}' if text
+            else type(exc).__name__)) from None
+    finally:
+        transport.cleanup()
 
 
 def cmd_protect(args: argparse.Namespace, state_dir: str) -> int:
@@ -135,6 +254,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     state_dir = args.state_dir or manager.default_state_dir()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        host = getattr(args, 'host', None) or args.global_host
+        if host and args.command in ('status', 'failover', 'stop', 'list'):
+            return cmd_remote(args, host)
+        if args.command == 'list':
+            raise UserError('list needs --host HOST (and --transport-url '
+                            f'or ${TRANSPORT_URL_ENV})')
+        if host:
+            raise UserError(f'{args.command} runs locally; --host is for '
+                            'status, failover, stop and list')
         if args.command == 'demo':
             from mftvm_openstack.standalone import demo
             return demo.run(args, state_dir)

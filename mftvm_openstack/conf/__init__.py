@@ -79,6 +79,11 @@ fencing_opts = [
              'etcd3+http://10.0.0.5:2379) that arbitrates who runs each '
              'guest. Without it, a lock file in state_path fences, which '
              'only works while both sides of a pair share one machine.'),
+    cfg.StrOpt(
+        'lock_path', default='/run/mftvm/fence',
+        help='Without backend_url: the directory of the lock files that '
+             'fence guests. Every agent on one machine must use the same '
+             'one.'),
     cfg.IntOpt(
         'lease', default=3, min=1,
         help='Seconds an ownership lease lasts without renewal. A primary '

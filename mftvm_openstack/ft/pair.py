@@ -213,6 +213,7 @@ class PrimaryPair(_Machine):
                  guest_alive: Callable[[], bool],
                  epoch_ms: int, mark_timeout: float = 2.0,
                  ship_timeout: float = 10.0,
+                 heartbeat_interval: float = 0.2,
                  first_epoch: int = 1) -> None:
         super().__init__(clock)
         self.capturer = capturer
@@ -223,6 +224,7 @@ class PrimaryPair(_Machine):
         self.epoch_s = epoch_ms / 1000.0
         self.mark_timeout = mark_timeout
         self.ship_timeout = ship_timeout
+        self.heartbeat_interval = heartbeat_interval
         self.invalidate_replica = invalidate_replica
         self.guest_alive = guest_alive
         self._ship_started = 0.0
@@ -236,9 +238,19 @@ class PrimaryPair(_Machine):
         return SecondaryLost(f'internal error: {exc!r}')
 
     def start(self) -> None:
-        """Start the epoch timer and the reader of the secondary's replies."""
+        """Start the epoch timer, the heartbeat and the reader of the
+        secondary's replies."""
         self._spawn(self._ticker())
         self._spawn(self._reader())
+        self._spawn(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        # The secondary counts silence as our death: say something even
+        # when epochs are longer than its detection time.
+        with contextlib.suppress(ConnectionError, OSError):
+            while True:
+                await self.channel.send(Kind.HEARTBEAT)
+                await self.clock.sleep(self.heartbeat_interval)
 
     async def _ticker(self) -> None:
         while True:

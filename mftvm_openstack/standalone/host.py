@@ -13,9 +13,17 @@ per role with that side's sockets, logs and ``status.json``.
 Each host answers JSON-line commands on ``<role>/control.sock``:
 ``{"op": "status"}``, ``{"op": "failover"}``, ``{"op": "stop"}``.
 
-Fencing on one machine is a lock file, ``owner.lock``: whoever runs the
-guest holds it, and a secondary takes over only once it holds it. The
-agent replaces it with a distributed lock (tooz) across machines.
+and, while this side runs the guest unprotected,
+``{"op": "protect", "secondary": "tcp:HOST:PORT", "pair_id": "..."}`` (to
+protect it again onto a new secondary) and ``{"op": "unprotect"}``.
+
+Whoever runs the guest holds its :mod:`fence <mftvm_openstack.agent.fencing>`
+(a lock file on one machine, a tooz lease across machines), renews it
+while it runs, and stops the guest itself when it cannot; a secondary
+takes over only once it holds the fence. ``guest.json``'s ``options``
+say where to listen and connect, which fence to use, and how fast to
+detect a lost primary; their defaults make the two sides of
+``mftvm protect`` meet on unix sockets in one directory.
 """
 
 from __future__ import annotations
@@ -24,16 +32,16 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import Callable
 from typing import Any, Optional
 
+from mftvm_openstack.agent import fencing
 from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft import epoch, pair, trackers, transport, vm
 from mftvm_openstack.ft.monitor import QMPMonitor, quiet_lost_connections
@@ -56,57 +64,6 @@ def write_json_atomic(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-class OwnerLock:
-    """The standalone fence: one holder of ``owner.lock`` runs the guest.
-
-    Beside the lock, ``replica.json`` says whether the secondary's replica
-    may still take over. The holder writes it; a secondary reads it only
-    once it holds the lock, so what it reads is the dead owner's last word.
-    """
-
-    def __init__(self, guest_dir: str) -> None:
-        self.path = os.path.join(guest_dir, 'owner.lock')
-        self.record_path = os.path.join(guest_dir, 'replica.json')
-        self._fd: Optional[int] = None
-
-    def set_replica_valid(self, valid: bool, reason: str = '') -> None:
-        assert self._fd is not None, 'only the lock holder may write'
-        write_json_atomic(self.record_path, {'valid': valid,
-                                             'reason': reason})
-        # Durable before any output that depends on it leaves.
-        fd = os.open(self.record_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def replica_valid(self) -> tuple[bool, str]:
-        try:
-            with open(self.record_path) as f:
-                data = json.load(f)
-            return bool(data['valid']), str(data.get('reason', ''))
-        except (OSError, ValueError, KeyError):
-            return False, 'no valid replica record'
-
-    def try_acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    async def acquire(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.try_acquire():
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
-
 async def wait_pid_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -118,36 +75,92 @@ async def wait_pid_gone(pid: int, timeout: float) -> bool:
     return False
 
 
+#: defaults of guest.json "options" that only the host reads
+HOST_DEFAULTS: dict[str, Any] = {
+    'listen': None,          # secondary: data address (default: unix)
+    'secondary': None,       # primary: where its secondary listens
+    'nbd_host': None,        # secondary: serve the disk over TCP here
+    'pair_id': 'pair-1',
+    'fence_url': None,       # tooz URL; None: a lock file in guest_dir
+    'fence_dir': None,       # where the lock file lives (default guest_dir)
+    'fence_lease': 3,
+    'fence_acquire_timeout': 10.0,
+    'member': None,          # this host's name at the coordination backend
+    'ram_tag': None,         # tells RAM files of one guest apart per host
+    'heartbeat_interval': 0.2,
+    'detect_timeout': 1.0,
+}
+
+#: a lease holder stops its guest this long before the lease would lapse
+FENCE_MARGIN = 0.75
+
+
+def free_port(host: str) -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 class Host:
-    """What both roles share: directories, status file, control socket."""
+    """One side of a protected guest, and the runner of the guest once it
+    owns it: both roles end up here after booting or taking over."""
 
     role = ''
 
     def __init__(self, guest_dir: str) -> None:
         self.guest_dir = guest_dir
-        self.spec, self.options = load_guest(guest_dir)
+        self.spec, options = load_guest(guest_dir)
+        self.options = {**HOST_DEFAULTS, **options}
         self.paths = vm.Paths(os.path.join(guest_dir, self.role))
         os.makedirs(self.paths.root, exist_ok=True)
-        self.lock = OwnerLock(guest_dir)
+        self.ram = vm.ram_path(self.spec.name,
+                               self.options['ram_tag'] or self.role)
+        self.fence: Optional[fencing.Fence] = None
         self.machine: Optional[Any] = None
         self.qemu: Optional[vm.ChildProcess] = None
         self.monitor: Optional[QMPMonitor] = None
         self.phase = 'starting'
         self.error = ''
+        self.pair_id = ''
         self.disk_layers: list[tuple[str, str]] = []
         self.sync_window: list[float] = []
+        self.listen = ''
         self.done = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._pending: Optional[tuple[str, str]] = None
+        self._stopping = False
+
+    def running_unprotected(self) -> bool:
+        if isinstance(self.machine, pair.PrimaryPair) and \
+                not self.machine.finished.is_set():
+            return self.machine.state == pair.State.UNPROTECTED
+        return self.phase in ('unprotected', 'active')
+
+    def load_fence(self) -> fencing.Fence:
+        opts = self.options
+        return fencing.load_fence(
+            opts['fence_url'], self.spec.name,
+            member=f'{opts["member"] or socket.gethostname()}-{os.getpid()}',
+            lease=int(opts['fence_lease']),
+            state_dir=opts['fence_dir'] or self.guest_dir)
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = {'role': self.role, 'state': self.phase}
         if self.machine is not None:
             data.update(self.machine.status())
+            if self.phase in ('unprotected', 'active', 'fenced'):
+                data['state'] = self.phase
         if self.error:
             data['error'] = self.error
         if self.disk_layers:
             data['disk_layers'] = self.disk_layers
         if self.sync_window:
             data['sync_window'] = self.sync_window
+        if self.listen:
+            data['listen'] = self.listen
+        data['pair_id'] = self.pair_id
         data['host_pid'] = os.getpid()
         data['qemu_pid'] = self.qemu.pid if self.qemu and \
             self.qemu.running else None
@@ -171,11 +184,13 @@ class Host:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
             request = json.loads(line or b'{}')
-            op = request.get('op') if isinstance(request, dict) else None
+            if not isinstance(request, dict):
+                raise ValueError('a request is a JSON object')
+            op = request.get('op')
             if op == 'status':
                 reply: dict[str, Any] = {'ok': True, 'status': self.status()}
-            elif op in ('failover', 'stop'):
-                reply = await self.command(op)
+            elif op in ('failover', 'stop', 'protect', 'unprotect'):
+                reply = await self.command(op, request)
             else:
                 reply = {'ok': False, 'error': f'unknown op {op!r}'}
         except Exception as exc:  # a bad client must not hurt the host
@@ -185,8 +200,40 @@ class Host:
             await writer.drain()
             writer.close()
 
-    async def command(self, op: str) -> dict[str, Any]:
-        raise NotImplementedError
+    async def command(self, op: str, request: dict[str, Any]) \
+            -> dict[str, Any]:
+        """What both roles do once they run the guest."""
+        machine = self.machine
+        running = isinstance(machine, pair.PrimaryPair)
+        if op == 'stop':
+            self._stopping = True
+            if running and not machine.finished.is_set():
+                machine.post(pair.Stop())
+            self._wakeup.set()
+            return {'ok': True}
+        if op == 'protect':
+            if not self.running_unprotected():
+                return {'ok': False, 'error': f'the guest is {self.phase} '
+                        f'here; it can be protected only while it runs '
+                        f'unprotected'}
+            addr = str(request.get('secondary') or '')
+            transport.DataAddress.parse(addr)   # ValueError names it
+            self._pending = (addr, str(request.get('pair_id') or 'pair-1'))
+            if running and not machine.finished.is_set():
+                machine.post(pair.Stop())     # the unprotected machine
+            self._wakeup.set()
+            return {'ok': True}
+        if op == 'unprotect':
+            if not running or machine.state != pair.State.PROTECTED:
+                return {'ok': False, 'error': 'the guest is not protected'}
+            machine.post(pair.SecondaryLost('protection ended by request'))
+            return {'ok': True}
+        # failover
+        if not running or machine.state != pair.State.PROTECTED:
+            return {'ok': False, 'error': 'the guest is not protected: '
+                    'there is no secondary to fail over to'}
+        machine.post(pair.Stop(handover=True))
+        return {'ok': True}
 
     async def serve_control(self) -> None:
         path = os.path.join(self.paths.root, 'control.sock')
@@ -194,11 +241,6 @@ class Host:
             os.unlink(path)
         await asyncio.start_unix_server(self._control, path)
         asyncio.ensure_future(self._publish_status())
-
-    async def watch_qemu(self, on_exit: Callable[[str], None]) -> None:
-        assert self.qemu is not None
-        code = await self.qemu.wait()
-        on_exit(f'QEMU (pid {self.qemu.pid}) exited with status {code}')
 
     async def stop_qemu(self) -> None:
         if self.monitor is not None:
@@ -210,40 +252,216 @@ class Host:
                 await asyncio.wait_for(self.qemu.wait(), 3)
             await self.qemu.kill()
 
+    # -- ownership --
+
+    async def keep_ownership(self) -> None:
+        """Renew the fence while the guest runs here; if it cannot be
+        renewed in time, stop the guest before another host may start it.
+        """
+        fence = self.fence
+        assert fence is not None
+        if fence.lease == float('inf'):
+            return
+        interval = fence.lease / 4
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(fence.renew),
+                                       interval)
+            except Exception as exc:
+                LOG.warning('cannot renew ownership of %s: %s',
+                            self.spec.name, exc or 'timed out')
+            left = fence.deadline(FENCE_MARGIN) - time.monotonic()
+            if left <= 0:
+                await self.self_fence('ownership could not be renewed '
+                                      'within its lease')
+                return
+            await asyncio.sleep(min(interval, left))
+
+    async def self_fence(self, reason: str) -> None:
+        LOG.error('fencing myself: %s; killing the guest', reason)
+        self.error = f'fenced: {reason}'
+        self.phase = 'fenced'
+        if isinstance(self.machine, pair.PrimaryPair):
+            self.machine.output.discard()
+        if self.qemu is not None:
+            await self.qemu.kill()
+        self._stopping = True
+        self._wakeup.set()
+
+    # -- running the guest --
+
+    async def own(self) -> None:
+        """Run the guest here until it exits or is stopped, protecting it
+        whenever a secondary is named (at start, or by a protect op)."""
+        assert self.qemu is not None
+        exited = asyncio.ensure_future(self.qemu.wait())
+        try:
+            while not self._stopping and not exited.done():
+                if self._pending is None:
+                    if self.phase not in ('active', 'fenced'):
+                        self.phase = 'unprotected'
+                    self._wakeup.clear()
+                    waiter = asyncio.ensure_future(self._wakeup.wait())
+                    await asyncio.wait([waiter, exited],
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                addr, self.pair_id = self._pending
+                self._pending = None
+                await self.run_protected(addr, exited)
+        finally:
+            exited.cancel()
+        if self.phase != 'fenced':
+            if self.qemu.running:
+                await self.stop_qemu()
+                self.phase = 'stopped'
+            elif not self._stopping:
+                self.phase = 'failed'
+                self.error = self.error or (f'QEMU exited: '
+                                            f'{self.qemu.last_log_line()}')
+
+    async def run_protected(self, addr: str,
+                            exited: asyncio.Future[Any]) -> None:
+        self.phase = 'syncing'
+        try:
+            machine = await self.protect(addr)
+        except Exception as exc:
+            self.error = f'protection failed: {exc}'
+            LOG.error('protecting %s onto %s failed: %s', self.spec.name,
+                      addr, exc)
+            LOG.debug('protection failure', exc_info=True)
+            self.phase = 'unprotected'
+            return
+        self.error = ''
+        self.phase = 'protected'
+
+        def on_exit(_: Any) -> None:
+            machine.post(pair.GuestExited(
+                f'QEMU (pid {self.qemu.pid if self.qemu else "?"}) '
+                f'exited: {self.qemu.last_log_line() if self.qemu else ""}'))
+        exited.add_done_callback(on_exit)
+        await machine.run()
+        exited.remove_done_callback(on_exit)
+        if machine.state == pair.State.UNPROTECTED:
+            self.phase = 'unprotected'
+        elif machine.state == pair.State.STOPPED and self._pending is None:
+            self._stopping = True     # stopped, or handed over
+
+    async def protect(self, address: str) -> pair.PrimaryPair:
+        assert self.monitor is not None and self.qemu is not None
+        opts = self.options
+        addr = transport.DataAddress.parse(address)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                channel = await transport.Channel.connect(addr)
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        await channel.send_json(Kind.HELLO, {
+            'qemu_pid': self.qemu.pid, 'host_pid': os.getpid(),
+            'pair_id': self.pair_id})
+        reply = await channel.recv(timeout=60)
+        if reply.kind != Kind.READY:
+            channel.close()
+            raise RuntimeError(f'secondary refused: '
+                               f'{reply.json().get("error")}')
+        target = ft_disk.NbdTarget(**reply.json()['target'])
+
+        async def heartbeat() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while True:
+                    await channel.send(Kind.HEARTBEAT)
+                    await asyncio.sleep(opts['heartbeat_interval'])
+        # Until the machine beats itself: the secondary counts silence as
+        # our death, and the initial sync and setup take a while.
+        beating = asyncio.ensure_future(heartbeat())
+        try:
+            sync = ft_disk.load_disk_sync(opts['disk_sync'], self.monitor)
+            started = time.monotonic()
+            await sync.start(target)
+            # CLOCK_MONOTONIC is system-wide: tests compare it with their
+            # own stamps of the guest's output.
+            self.sync_window = [started, time.monotonic()]
+            tracker = trackers.load_tracker(
+                opts['tracker'], self.ram, self.spec.memory_bytes,
+                self.qemu.pid)
+            capturer = epoch.CheckpointCapturer(self.monitor, tracker,
+                                                self.paths.root)
+            await capturer.setup()
+            output = OutputBuffer(self.paths.netout, self.paths.netin)
+            await output.attach(self.monitor)
+        except BaseException:
+            beating.cancel()
+            channel.close()
+            raise
+        fence = self.fence
+        assert fence is not None
+        pair_id = self.pair_id
+
+        async def invalidate_replica() -> None:
+            # Until this lands, held output stays held: a primary cut off
+            # from the backend as well runs into its lease and fences
+            # itself, and the replica then is still the truth.
+            while True:
+                try:
+                    await asyncio.to_thread(
+                        fence.mark_stale, pair_id,
+                        'the primary went on unprotected')
+                    return
+                except Exception as exc:
+                    LOG.warning('cannot mark the replica stale: %s', exc)
+                    await asyncio.sleep(0.2)
+        machine = pair.PrimaryPair(
+            capturer=capturer, disk=sync, output=output, channel=channel,
+            monitor=self.monitor, clock=pair.RealClock(),
+            epoch_ms=opts['epoch_ms'],
+            heartbeat_interval=opts['heartbeat_interval'],
+            invalidate_replica=invalidate_replica,
+            guest_alive=lambda: self.qemu is not None and self.qemu.running)
+        self.machine = machine
+        sync.on_failure = lambda why: machine.post(pair.SecondaryLost(why))
+        machine.start()
+        beating.cancel()
+        return machine
+
 
 class PrimaryHost(Host):
-    """Boots the guest, protects it, checkpoints it every epoch."""
+    """Boots the guest and runs it, protected by the secondary it names."""
 
     role = 'primary'
 
-    async def command(self, op: str) -> dict[str, Any]:
-        machine = self.machine
-        if op == 'failover':
-            if not isinstance(machine, pair.PrimaryPair) or \
-                    machine.state != pair.State.PROTECTED:
-                return {'ok': False, 'error': 'the guest is not protected: '
-                        'there is no secondary to fail over to'}
-            machine.post(pair.Stop(handover=True))
-        elif machine is not None:
-            machine.post(pair.Stop())
-        else:
-            self.done.set()
-        return {'ok': True}
-
     async def run(self) -> int:
-        if not self.lock.try_acquire():
-            LOG.error('another process runs guest %s', self.spec.name)
+        self.fence = self.load_fence()
+        # Short: at boot the guest must not be running anywhere.
+        won = await asyncio.to_thread(self.fence.acquire, 1.0)
+        if not won:
+            self.error = (f'another process runs guest {self.spec.name}; '
+                          f'not starting a second copy')
+            LOG.error(self.error)
+            self.phase = 'failed'
             return 1
+        owning = asyncio.ensure_future(self.keep_ownership())
+        try:
+            return await self._run()
+        finally:
+            owning.cancel()
+            if self.phase != 'fenced':
+                await asyncio.to_thread(self.fence.release)
+            self.fence.close()
+
+    async def _run(self) -> int:
         await self.serve_control()
         self.disk_layers = [(self.spec.disk, self.spec.disk_format)]
-        ram = vm.ram_path(self.spec.name, 'primary')
-        fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(self.ram, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(fd, self.spec.memory_bytes)
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.paths.qmp)
         self.qemu = await vm.ChildProcess.start(
-            vm.qemu_argv(self.spec, self.paths, ram), self.paths.log)
+            vm.qemu_argv(self.spec, self.paths, self.ram), self.paths.log)
         try:
             self.monitor = await QMPMonitor.connect(self.paths.qmp,
                                                     'primary-qemu')
@@ -256,112 +474,61 @@ class PrimaryHost(Host):
         if self.options.get('start_delay'):
             self.phase = 'unprotected'
             await asyncio.sleep(self.options['start_delay'])
-        self.phase = 'syncing'
-        try:
-            machine = await self.protect(ram)
-        except Exception as exc:
-            self.error = f'protection failed: {exc}'
-            LOG.exception('protection failed')
-            self.phase = 'failed'
-            await self.stop_qemu()
-            return 1
-        self.phase = 'protected'
-        watcher = asyncio.ensure_future(self.watch_qemu(
-            lambda why: machine.post(pair.GuestExited(why))))
-        await machine.run()
-        watcher.cancel()
-        self.phase = machine.state.value
-        if machine.state != pair.State.FAILED:
-            await self.stop_qemu()
+        secondary = self.options['secondary'] or 'unix:' + os.path.join(
+            self.guest_dir, 'secondary', 'data.sock')
+        self._pending = (secondary, self.options['pair_id'])
+        await self.own()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(ram)
-        return 0
-
-    async def protect(self, ram: str) -> pair.PrimaryPair:
-        assert self.monitor is not None and self.qemu is not None
-        opts = self.options
-        addr = transport.DataAddress(path=os.path.join(
-            self.guest_dir, 'secondary', 'data.sock'))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                channel = await transport.Channel.connect(addr)
-                break
-            except ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-        await channel.send_json(Kind.HELLO, {
-            'qemu_pid': self.qemu.pid, 'host_pid': os.getpid()})
-        reply = await channel.recv(timeout=60)
-        if reply.kind != Kind.READY:
-            raise RuntimeError(f'secondary refused: {reply.json()}')
-        target = ft_disk.NbdTarget(**reply.json()['target'])
-
-        async def heartbeat() -> None:
-            while True:
-                await channel.send(Kind.HEARTBEAT)
-                await asyncio.sleep(0.2)
-        beating = asyncio.ensure_future(heartbeat())
-        try:
-            sync = ft_disk.load_disk_sync(opts['disk_sync'], self.monitor)
-            started = time.monotonic()
-            await sync.start(target)
-            # CLOCK_MONOTONIC is system-wide: tests compare it with their
-            # own stamps of the guest's output.
-            self.sync_window = [started, time.monotonic()]
-            tracker = trackers.load_tracker(
-                opts['tracker'], ram, self.spec.memory_bytes, self.qemu.pid)
-            capturer = epoch.CheckpointCapturer(self.monitor, tracker,
-                                                self.paths.root)
-            await capturer.setup()
-            output = OutputBuffer(self.paths.netout, self.paths.netin)
-            await output.attach(self.monitor)
-        finally:
-            beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
-        async def invalidate_replica() -> None:
-            self.lock.set_replica_valid(False, 'the primary went on '
-                                        'unprotected')
-        self.lock.set_replica_valid(True)
-        machine = pair.PrimaryPair(
-            capturer=capturer, disk=sync, output=output, channel=channel,
-            monitor=self.monitor, clock=pair.RealClock(),
-            epoch_ms=opts['epoch_ms'],
-            invalidate_replica=invalidate_replica,
-            guest_alive=lambda: self.qemu is not None and self.qemu.running)
-        self.machine = machine
-        sync.on_failure = lambda why: machine.post(pair.SecondaryLost(why))
-        machine.start()
-        return machine
+            os.unlink(self.ram)
+        return 0 if self.phase in ('stopped', 'protected') else 1
 
 
 class SecondaryHost(Host):
-    """Keeps the replica; on loss of the primary, becomes the primary."""
+    """Keeps the replica; on loss of the primary, runs the guest."""
 
     role = 'secondary'
 
-    async def command(self, op: str) -> dict[str, Any]:
+    async def command(self, op: str, request: dict[str, Any]) \
+            -> dict[str, Any]:
         machine = self.machine
-        if op == 'failover':
-            if not isinstance(machine, pair.SecondaryPair) or \
-                    machine.state != pair.State.STANDBY:
-                return {'ok': False, 'error': 'this side is not a standby '
-                        'secondary'}
-            machine.post(pair.Takeover())
-        else:
-            if machine is not None and not machine.finished.is_set():
-                machine.post(pair.Stop())
+        if isinstance(machine, pair.SecondaryPair):
+            if op == 'failover':
+                if machine.state != pair.State.STANDBY:
+                    return {'ok': False, 'error': 'this side is not a '
+                            'standby secondary'}
+                machine.post(pair.Takeover())
+                return {'ok': True}
+            if op == 'stop':
+                self._stopping = True
+                if not machine.finished.is_set():
+                    machine.post(pair.Stop())
+                self.done.set()
+                self._wakeup.set()
+                return {'ok': True}
+        elif machine is None and op == 'stop':
+            self._stopping = True
             self.done.set()
-        return {'ok': True}
+            return {'ok': True}
+        return await super().command(op, request)
+
+    def listen_address(self) -> transport.DataAddress:
+        listen = self.options['listen']
+        if not listen:
+            return transport.DataAddress(path=os.path.join(
+                self.paths.root, 'data.sock'))
+        addr = transport.DataAddress.parse(listen)
+        if addr.path is None and addr.port == 0:
+            assert addr.host is not None
+            addr = transport.DataAddress(host=addr.host,
+                                         port=free_port(addr.host))
+        return addr
 
     async def run(self) -> int:
         await self.serve_control()
-        addr = transport.DataAddress(path=os.path.join(self.paths.root,
-                                                       'data.sock'))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(addr.path or '')
+        addr = self.listen_address()
+        if addr.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(addr.path)
         connected: asyncio.Future[transport.Channel] = \
             asyncio.get_running_loop().create_future()
 
@@ -373,16 +540,26 @@ class SecondaryHost(Host):
             else:
                 connected.set_result(channel)
         server = await transport.serve(addr, on_connect)
+        self.listen = str(addr)
         self.phase = 'waiting-for-primary'
-        channel = await connected
+        waiting = asyncio.ensure_future(self.done.wait())
+        await asyncio.wait([connected, waiting],
+                           return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
         server.close()
+        if not connected.done():
+            self.phase = 'stopped'
+            return 0
+        channel = connected.result()
         hello = (await channel.recv(timeout=30)).json()
         self.primary_qemu_pid = int(hello['qemu_pid'])
-        self.ram = vm.ram_path(self.spec.name, 'secondary')
+        self.pair_id = str(hello.get('pair_id') or self.options['pair_id'])
         replica = epoch.ReplicaImage(self.ram, self.spec.memory_bytes,
                                      self.paths.root)
+        nbd_host = self.options['nbd_host']
         store = ft_disk.EpochOverlayStore(
-            os.path.join(self.paths.root, 'disk'), self.spec.disk_size)
+            os.path.join(self.paths.root, 'disk'), self.spec.disk_size,
+            listen=(nbd_host, free_port(nbd_host)) if nbd_host else None)
         target = await store.start()
         self.store = store
         await channel.send_json(Kind.READY,
@@ -398,34 +575,47 @@ class SecondaryHost(Host):
         runner = asyncio.ensure_future(machine.run())
         await machine.finished.wait()
         self.phase = machine.state.value
+        runner.cancel()
         if machine.state == pair.State.ACTIVE and self.qemu is not None:
-            # We are the primary now (unprotected until re-protected).
-            stop = asyncio.ensure_future(self.done.wait())
-            exited = asyncio.ensure_future(self.qemu.wait())
-            await asyncio.wait([stop, exited],
-                               return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            await self.stop_qemu()
-            self.phase = 'stopped'
+            # We are the primary now, unprotected until a protect op.
+            owning = asyncio.ensure_future(self.keep_ownership())
+            try:
+                await self.own()
+            finally:
+                owning.cancel()
+                if self.fence is not None and self.phase != 'fenced':
+                    await asyncio.to_thread(self.fence.release)
         else:
             await store.stop()
-        runner.cancel()
         replica.close()
+        if self.fence is not None:
+            self.fence.close()
         return 0
 
     async def activate(self, replica: epoch.ReplicaImage,
                        committed: int) -> None:
         layers = await self.store.failover_layers(committed)
         self.disk_layers = layers
-        if not await self.lock.acquire(timeout=10):
+        fence = self.load_fence()
+        won = await asyncio.to_thread(
+            fence.acquire, self.options['fence_acquire_timeout'])
+        if not won:
+            fence.close()
             raise RuntimeError('fencing failed: the primary still holds '
                                'the guest; not starting a second copy')
-        valid, why = self.lock.replica_valid()
+        try:
+            valid, why = await asyncio.to_thread(fence.replica_valid,
+                                                 self.pair_id)
+        except Exception as exc:
+            valid, why = False, f'cannot tell whether it is current: {exc}'
         if not valid:
             # The primary ran on after dropping us: resuming this replica
             # would take back what its clients have seen since.
+            await asyncio.to_thread(fence.release)
+            fence.close()
             raise RuntimeError(f'the replica is stale ({why}); not '
                                f'resuming it')
+        self.fence = fence
         # Same machine: let the dead primary's QEMU release its ports.
         await wait_pid_gone(self.primary_qemu_pid, 5)
         self.qemu, self.monitor = await epoch.restore(

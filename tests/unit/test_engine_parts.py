@@ -229,20 +229,3 @@ class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(b'held', await mon.network_got())
         await mon.guest_sends(b'direct')
         self.assertEqual(b'direct', await mon.network_got(1))
-
-
-class OwnerLockTest(unittest.TestCase):
-
-    def test_replica_record_belongs_to_the_lock_holder(self):
-        from mftvm_openstack.standalone.host import OwnerLock
-        d = tempfile.mkdtemp()
-        owner, other = OwnerLock(d), OwnerLock(d)
-        self.assertEqual(False, other.replica_valid()[0])
-        self.assertTrue(owner.try_acquire())
-        self.assertFalse(other.try_acquire())
-        owner.set_replica_valid(True)
-        self.assertEqual(True, other.replica_valid()[0])
-        owner.set_replica_valid(False, 'went on unprotected')
-        self.assertEqual((False, 'went on unprotected'),
-                         other.replica_valid())
-        self.assertRaises(AssertionError, other.set_replica_valid, True)

@@ -1,0 +1,114 @@
+"""``mftvm-agent``: the fault-tolerance agent of one hypervisor.
+
+::
+
+    mftvm-agent [--config-file /etc/mftvm/mftvm.conf] [--debug]
+
+A minimal configuration::
+
+    [DEFAULT]
+    host = hv1
+    transport_url = rabbit://mftvm:PASSWORD@10.0.0.5:5672/
+    state_path = /var/lib/mftvm
+
+The agent checks that the broker takes messages before it starts serving;
+a missing or malformed ``transport_url`` or an unreachable broker ends it
+with one line on stderr and exit code 1 (the password is never shown).
+SIGTERM or SIGINT stops it (exit 0); SIGHUP reloads the mutable options.
+``/etc/mftvm/mftvm.conf`` is read when no ``--config-file`` is given and
+it exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Optional
+
+# eventlet (installed for oslo.service's other backend, imported by
+# futurist) warns on import; this agent does not use it
+warnings.filterwarnings('ignore', message=r'\s*Eventlet is deprecated')
+
+from oslo_service import backend as _backend  # noqa: E402
+
+if _backend.get_backend_type() is None:
+    _backend.init_backend(_backend.BackendType.THREADING)
+
+from oslo_config import cfg  # noqa: E402
+from oslo_log import log as logging  # noqa: E402
+
+from mftvm_openstack import conf as mftvm_conf  # noqa: E402
+
+CONF = mftvm_conf.CONF
+LOG = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_FILE = '/etc/mftvm/mftvm.conf'
+
+
+def _fail(message: str) -> int:
+    print(f'mftvm-agent: error: {message}', file=sys.stderr)
+    return 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from mftvm_openstack.agent import exception, rpcapi, service
+
+    args = sys.argv[1:] if argv is None else argv
+    logging.register_options(CONF)
+    defaults = ([DEFAULT_CONFIG_FILE]
+                if os.path.exists(DEFAULT_CONFIG_FILE) else [])
+    try:
+        CONF(args, project='mftvm', prog='mftvm-agent',
+             default_config_files=defaults)
+    except cfg.Error as exc:
+        return _fail(rpcapi.mask_url(str(exc).splitlines()[0]))
+    logging.setup(CONF, 'mftvm')
+
+    # transport_url is registered by oslo.messaging; ask for it by name
+    transport = None
+    try:
+        transport_url = _configured_transport_url()
+        if not transport_url:
+            return _fail('no transport_url in [DEFAULT]: set it to the '
+                         'RabbitMQ URL, e.g. '
+                         'rabbit://USER:PASSWORD@HOST:5672/')
+        transport = rpcapi.get_transport(CONF)
+        rpcapi.check_transport(transport, CONF)
+    except exception.MftvmError as exc:
+        return _fail(str(exc))
+    finally:
+        if transport is not None:
+            transport.cleanup()
+
+    LOG.info('mftvm-agent %s starting (broker %s)', CONF.host,
+             rpcapi.mask_url(transport_url))
+    svc = service.AgentService(CONF)
+    try:
+        return service.serve(svc, CONF)
+    except exception.MftvmError as exc:
+        LOG.error('mftvm-agent could not start: %s', exc)
+        return _fail(str(exc))
+    except Exception as exc:
+        LOG.exception('mftvm-agent could not start')
+        return _fail(f'could not start: {type(exc).__name__}: '
+                     f'{rpcapi.mask_url(str(exc).splitlines()[0])}')
+
+
+def _configured_transport_url() -> Optional[str]:
+    """``[DEFAULT] transport_url`` if set (its default does not count)."""
+    import oslo_messaging
+
+    try:
+        # registers oslo.messaging's [DEFAULT] options on CONF
+        oslo_messaging.TransportURL.parse(CONF)
+    except Exception:
+        pass        # get_transport() reports it
+    location = CONF.get_location('transport_url')
+    if location is None or location.location == cfg.Locations.opt_default:
+        return None
+    return CONF.transport_url or None
+
+
+if __name__ == '__main__':
+    sys.exit(main())

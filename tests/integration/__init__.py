@@ -1,0 +1,1 @@
+"""Integration tier: hosts as network namespaces (see ``lab.py``)."""

@@ -1,0 +1,110 @@
+"""Fences: one owner at a time, and stale-replica marks that outlive it."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import unittest
+import warnings
+
+from mftvm_openstack.agent import fencing
+
+
+class FenceContract:
+    """What every fence must do; subclasses say how to make two of one."""
+
+    def make(self, member: str) -> fencing.Fence:
+        raise NotImplementedError
+
+    def test_one_owner_at_a_time(self):
+        a, b = self.make('a'), self.make('b')
+        self.assertTrue(a.acquire(1))
+        self.assertFalse(b.acquire(0.1))
+        a.release()
+        self.assertTrue(b.acquire(1))
+
+    def test_stale_mark_is_seen_by_the_next_owner(self):
+        a, b = self.make('a'), self.make('b')
+        self.assertEqual((True, ''), b.replica_valid('p1'))
+        self.assertTrue(a.acquire(1))
+        a.mark_stale('p1', 'the primary went on unprotected')
+        a.mark_stale('p1', 'again')        # idempotent
+        a.release()
+        self.assertTrue(b.acquire(1))
+        valid, why = b.replica_valid('p1')
+        self.assertFalse(valid)
+        self.assertTrue(why)
+        self.assertEqual((True, ''), b.replica_valid('p2'))
+
+    def test_only_the_owner_marks(self):
+        a = self.make('a')
+        self.assertRaises(fencing.FenceError, a.mark_stale, 'p1', 'x')
+
+    def test_renew_needs_ownership(self):
+        a = self.make('a')
+        self.assertRaises(fencing.FenceError, a.renew)
+        self.assertTrue(a.acquire(1))
+        a.renew()
+
+
+class FileFenceTest(FenceContract, unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+
+    def make(self, member):
+        return fencing.FileFence(self.dir)
+
+    def test_never_lapses(self):
+        a = self.make('a')
+        self.assertTrue(a.acquire(1))
+        a.renew()
+        self.assertTrue(math.isinf(a.deadline(0.5)))
+
+
+class ToozFileBackendTest(FenceContract, unittest.TestCase):
+    """ToozFence on tooz's file driver (the lease test needs Redis: see
+    tests/integration/test_fencing.py)."""
+
+    def setUp(self):
+        warnings.simplefilter('ignore', DeprecationWarning)
+        self.url = 'file://' + tempfile.mkdtemp()
+        self.fences: list[fencing.Fence] = []
+
+    def tearDown(self):
+        for f in self.fences:
+            f.release()
+            f.close()
+
+    def make(self, member):
+        fence = fencing.ToozFence(self.url, 'vm0', member, lease=3)
+        self.fences.append(fence)
+        return fence
+
+    def test_deadline_counts_from_the_renewal(self):
+        a = self.make('a')
+        self.assertTrue(a.acquire(1))
+        a.renew()
+        left = a.deadline(0.5) - fencing.time.monotonic()
+        self.assertGreater(left, 2.0)
+        self.assertLessEqual(left, 2.5)
+
+
+class MaskUrlTest(unittest.TestCase):
+
+    def test_password_is_masked(self):
+        self.assertEqual('rabbit://u:***@h:5672/',
+                         fencing.mask_url('rabbit://u:secret@h:5672/'))
+        self.assertEqual('redis://h:6379', fencing.mask_url('redis://h:6379'))
+
+    def test_load_fence_picks_by_url(self):
+        d = tempfile.mkdtemp()
+        self.assertIsInstance(
+            fencing.load_fence(None, 'vm0', member='a', lease=3,
+                               state_dir=d), fencing.FileFence)
+
+    def test_unreachable_backend_is_a_clear_error(self):
+        fence = fencing.ToozFence('redis://127.0.0.1:1', 'vm0', 'a', 3)
+        self.addCleanup(fence.close)
+        self.assertFalse(fence.acquire(0.3))
+        self.assertRaises(fencing.FenceError, fence.renew)
