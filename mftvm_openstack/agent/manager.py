@@ -198,6 +198,7 @@ class AgentManager:
             'detect_timeout': (c.agent.heartbeat_interval
                                * c.agent.heartbeat_misses),
             'heartbeat_interval': c.agent.heartbeat_interval,
+            'hang_timeout': c.agent.hang_timeout,
             'fence_url': c.fencing.backend_url,
             'fence_dir': fence_dir,
             'fence_lease': c.fencing.lease,

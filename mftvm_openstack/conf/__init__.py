@@ -63,6 +63,11 @@ agent_opts = [
              'primary lost. Detection takes heartbeat_interval * '
              'heartbeat_misses (0.8 s by default).'),
     cfg.FloatOpt(
+        'hang_timeout', default=5.0, min=1,
+        help='Seconds a guest\'s QEMU may leave its monitor unanswered '
+             'before it counts as hung: it is killed, and its secondary '
+             'takes over.'),
+    cfg.FloatOpt(
         'monitor_interval', default=0.5, min=0.1,
         help='Seconds between the agent\'s checks of its instance '
              'processes (a QEMU that exits, a failover that completed).'),

@@ -89,6 +89,7 @@ HOST_DEFAULTS: dict[str, Any] = {
     'ram_tag': None,         # tells RAM files of one guest apart per host
     'heartbeat_interval': 0.2,
     'detect_timeout': 1.0,
+    'hang_timeout': 5.0,     # QEMU silent on QMP this long counts as dead
 }
 
 #: a lease holder stops its guest this long before the lease would lapse
@@ -290,11 +291,32 @@ class Host:
 
     # -- running the guest --
 
+    async def watch_hang(self) -> None:
+        """A QEMU that stops answering is as good as dead: kill it, so
+        that its secondary takes over (and it can never wake up again
+        beside the restored copy)."""
+        timeout = float(self.options['hang_timeout'])
+        while self.qemu is not None and self.qemu.running \
+                and self.monitor is not None:
+            try:
+                await asyncio.wait_for(self.monitor.execute('query-status'),
+                                       timeout)
+            except TimeoutError:
+                LOG.error('QEMU (pid %d) has not answered for %.0fs: '
+                          'killing it', self.qemu.pid, timeout)
+                self.error = f'QEMU hung (no answer for {timeout:.0f}s)'
+                await self.qemu.kill()
+                return
+            except Exception:
+                return      # the monitor is gone: QEMU exited
+            await asyncio.sleep(1.0)
+
     async def own(self) -> None:
         """Run the guest here until it exits or is stopped, protecting it
         whenever a secondary is named (at start, or by a protect op)."""
         assert self.qemu is not None
         exited = asyncio.ensure_future(self.qemu.wait())
+        watchdog = asyncio.ensure_future(self.watch_hang())
         try:
             while not self._stopping and not exited.done():
                 if self._pending is None:
@@ -311,6 +333,7 @@ class Host:
                 await self.run_protected(addr, exited)
         finally:
             exited.cancel()
+            watchdog.cancel()
         if self.phase != 'fenced':
             if self.qemu.running:
                 await self.stop_qemu()

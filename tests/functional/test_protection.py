@@ -87,6 +87,37 @@ class PrimaryLossTest(base.GuestTestCase):
                       'active', 5, what='the secondary to report active')
 
 
+class HungPrimaryTest(base.GuestTestCase):
+
+    def test_sigstop_primary_qemu_is_killed_and_guest_moves(self):
+        spec, gdir = self.protect('hu')
+        last = self.wait_counter(gdir)
+        prim = self.side('hu', 'primary')
+        # A hung QEMU: alive, but answers nothing, runs nothing.
+        os.kill(prim['qemu_pid'], signal.SIGSTOP)
+        self.addCleanup(self._kill_quietly, prim['qemu_pid'])
+        after = base.wait_for(
+            lambda: workload.counter_request('127.0.0.1', self.port, 5),
+            60, 0, 'an answer from the failed-over guest')
+        self.assertEqual(last + 1, after)
+        # The hung copy was killed: it can never wake up beside the
+        # restored one.
+        base.wait_for(lambda: not os.path.exists(
+            f'/proc/{prim["qemu_pid"]}'), 10, what='the hung QEMU to die')
+        sec = base.wait_for(
+            lambda: (s := self.side('hu', 'secondary')).get(
+                'state') == 'active' and s, 10, what='secondary active')
+        self.assertEqual([sec['qemu_pid']], base.qemu_pids_for('hu'))
+        self.assertIn('hung', self.side('hu', 'primary').get('error', ''))
+
+    @staticmethod
+    def _kill_quietly(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class PlannedFailoverTest(base.GuestTestCase):
 
     def test_operator_failover_loses_nothing(self):
