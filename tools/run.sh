@@ -44,12 +44,17 @@ if [ ! -x .venv/bin/python ]; then
     echo "== creating .venv"
     "$PY" -m venv .venv
 fi
-stamp=.venv/.mftvm-installed
-want=$(cat constraints.txt requirements.txt test-requirements.txt setup.cfg | sha256sum)
+stamp=.venv/.mftvm-installed-$job
+want=$(cat constraints.txt requirements.txt test-requirements.txt \
+    nova-requirements.txt setup.cfg | sha256sum)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "== pip install (pinned by constraints.txt)"
+    # Nova (for its in-process functional harness) only for the tests.
+    extra=""
+    [ "$job" = test ] && extra="-r nova-requirements.txt"
     .venv/bin/pip install -q --disable-pip-version-check \
-        -c constraints.txt -r requirements.txt -r test-requirements.txt
+        -c constraints.txt -r requirements.txt -r test-requirements.txt \
+        $extra
     .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt \
         --no-build-isolation -e .
     echo "$want" > "$stamp"

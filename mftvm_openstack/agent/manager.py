@@ -3,11 +3,12 @@
 Each guest side runs in its own *instance process*
 (:mod:`mftvm_openstack.standalone.host`), started detached so that it
 outlives the agent: an agent that restarts — even after SIGKILL — finds
-its guests where it left them, in ``[DEFAULT] state_path``::
+its guests where it left them, in ``[agent] state_path``::
 
-    <state_path>/instances/<name>/guest.json    spec and options
-    <state_path>/instances/<name>/record.json   role, peer, pair
-    <state_path>/instances/<name>/<role>/        sockets, logs, status.json
+    instances/<name>/guest.json    spec and options
+    instances/<name>/record.json   role, peer, pair
+    instances/<name>/<role>/       sockets, logs, status.json
+    ended/<name>/                  the last ended instance, for reading
 
 The manager never starts a guest's QEMU itself, and never restarts one: a
 guest runs only where an instance process won its fence. What the manager
@@ -148,8 +149,8 @@ class AgentManager:
     def __init__(self, conf: cfg.ConfigOpts = mftvm_conf.CONF,
                  agents: Any = None) -> None:
         self.conf = conf
-        self.host: str = conf.host
-        self.root = os.path.join(conf.state_path, 'instances')
+        self.host: str = conf.agent.host
+        self.root = os.path.join(conf.agent.state_path, 'instances')
         self._agents = agents
         self._lock = threading.RLock()
         self._busy: set[str] = set()       # instances being re-protected
@@ -199,6 +200,7 @@ class AgentManager:
                                * c.agent.heartbeat_misses),
             'heartbeat_interval': c.agent.heartbeat_interval,
             'hang_timeout': c.agent.hang_timeout,
+            'replica_timeout': c.agent.replica_timeout,
             'fence_url': c.fencing.backend_url,
             'fence_dir': fence_dir,
             'fence_lease': c.fencing.lease,
@@ -403,7 +405,8 @@ class AgentManager:
         if _pid_alive(pid):
             os.kill(pid, 9)
         # Kept (the last one per instance) for the operator to read.
-        ended = os.path.join(self.conf.state_path, 'ended', inst.name)
+        ended = os.path.join(self.conf.agent.state_path, 'ended',
+                             inst.name)
         shutil.rmtree(ended, ignore_errors=True)
         os.makedirs(os.path.dirname(ended), exist_ok=True)
         try:

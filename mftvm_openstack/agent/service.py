@@ -80,7 +80,7 @@ class AgentService(os_service.Service):
         super().start()
         self._stopping.clear()
         self._stopped.clear()
-        host = self.conf.host
+        host = self.conf.agent.host
         self.manager = self.manager_factory()
         self.manager.start()
         self._monitor = threading.Thread(

@@ -81,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if transport is not None:
             transport.cleanup()
 
-    LOG.info('mftvm-agent %s starting (broker %s)', CONF.host,
+    LOG.info('mftvm-agent %s starting (broker %s)', CONF.agent.host,
              rpcapi.mask_url(transport_url))
     svc = service.AgentService(CONF)
     try:

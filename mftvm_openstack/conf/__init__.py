@@ -11,6 +11,9 @@ writes the whole reference (``etc/mftvm/mftvm.conf.sample``)::
 
 ``[DEFAULT] transport_url`` and the RabbitMQ options belong to
 oslo.messaging and are listed by its own ``oslo.messaging`` namespace.
+Nothing of ours lives in ``[DEFAULT]``: Nova's compute driver imports
+this module into nova-compute, whose ``[DEFAULT] host`` and
+``state_path`` mean Nova's own.
 """
 
 from __future__ import annotations
@@ -21,20 +24,17 @@ from oslo_config import cfg
 
 CONF = cfg.CONF
 
-default_opts = [
+agent_opts = [
     cfg.StrOpt('host', default=socket.gethostname(),
                sample_default='<hostname>',
                help='Name of this hypervisor. Agents find each other by it '
                     '(it is the RPC server name on topic mftvm-agent), so '
                     'it must match the name Nova uses for this compute '
-                    'host.'),
+                    'host (nova.conf [DEFAULT] host).'),
     cfg.StrOpt('state_path', default='/var/lib/mftvm',
                help='Where the agent keeps its per-instance state: the '
                     'guest spec, the role of this host, and the sockets, '
                     'logs and replica files of the instance processes.'),
-]
-
-agent_opts = [
     cfg.HostAddressOpt(
         'my_ip', default='127.0.0.1',
         help='Address of this host on the network that carries the '
@@ -67,6 +67,11 @@ agent_opts = [
         help='Seconds a guest\'s QEMU may leave its monitor unanswered '
              'before it counts as hung: it is killed, and its secondary '
              'takes over.'),
+    cfg.FloatOpt(
+        'replica_timeout', default=3.0, min=0.5,
+        help='Seconds the secondary\'s disk replica may leave a request '
+             'unanswered before the primary cuts it off and carries on '
+             'unprotected (QEMU alone would freeze the guest waiting).'),
     cfg.FloatOpt(
         'monitor_interval', default=0.5, min=0.1,
         help='Seconds between the agent\'s checks of its instance '
@@ -119,7 +124,6 @@ ft_opts = [
 ]
 
 GROUPS = {
-    'DEFAULT': default_opts,
     'agent': agent_opts,
     'fencing': fencing_opts,
     'ft': ft_opts,
@@ -128,7 +132,7 @@ GROUPS = {
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     for group, opts in GROUPS.items():
-        conf.register_opts(opts, group=None if group == 'DEFAULT' else group)
+        conf.register_opts(opts, group=group)
 
 
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:

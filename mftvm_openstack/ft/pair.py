@@ -444,8 +444,15 @@ class SecondaryPair(_Machine):
 
     def __init__(self, *, channel: Any, replica: Any, store: Any,
                  activate: Callable[[int], Awaitable[None]],
-                 clock: Clock, detect_timeout: float = 1.0) -> None:
+                 clock: Clock, detect_timeout: float = 1.0,
+                 first_commit_timeout: float = 30.0) -> None:
         super().__init__(clock)
+        # Until a first checkpoint arrives there is nothing to resume, so
+        # silence then is no reason to give up quickly: the initial disk
+        # sync and the first, full-RAM checkpoint can starve a loaded
+        # primary's heartbeat.
+        self.first_commit_timeout = max(first_commit_timeout,
+                                        detect_timeout)
         self.channel = channel
         self.replica = replica
         self.store = store
@@ -465,7 +472,9 @@ class SecondaryPair(_Machine):
     async def _reader(self) -> None:
         try:
             while True:
-                msg = await self.channel.recv(timeout=self.detect_timeout)
+                timeout = self.detect_timeout if self._applying \
+                    else self.first_commit_timeout
+                msg = await self.channel.recv(timeout=timeout)
                 self.stats.last_ack_at = self.clock.monotonic()
                 LOG.debug('got %s %d (%d bytes)', msg.kind.name, msg.epoch,
                           len(msg.payload))
@@ -492,7 +501,7 @@ class SecondaryPair(_Machine):
                     return
         except TimeoutError:
             self.post(PrimaryLost(f'no word from the primary for '
-                                  f'{self.detect_timeout}s'))
+                                  f'{timeout}s'))
         except (ConnectionError, OSError) as exc:
             self.post(PrimaryLost(f'data stream: {exc}'))
         except transport.ProtocolError as exc:

@@ -46,6 +46,7 @@ from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft import epoch, pair, trackers, transport, vm
 from mftvm_openstack.ft.monitor import QMPMonitor, quiet_lost_connections
 from mftvm_openstack.ft.network import OutputBuffer
+from mftvm_openstack.ft.relay import NbdRelay
 from mftvm_openstack.ft.transport import Kind
 
 LOG = logging.getLogger('mftvm.host')
@@ -90,6 +91,7 @@ HOST_DEFAULTS: dict[str, Any] = {
     'heartbeat_interval': 0.2,
     'detect_timeout': 1.0,
     'hang_timeout': 5.0,     # QEMU silent on QMP this long counts as dead
+    'replica_timeout': 3.0,  # disk replica silent this long is cut off
 }
 
 #: a lease holder stops its guest this long before the lease would lapse
@@ -128,6 +130,7 @@ class Host:
         self.disk_layers: list[tuple[str, str]] = []
         self.sync_window: list[float] = []
         self.listen = ''
+        self.relay: Optional[NbdRelay] = None
         self.done = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._pending: Optional[tuple[str, str]] = None
@@ -151,7 +154,9 @@ class Host:
         data: dict[str, Any] = {'role': self.role, 'state': self.phase}
         if self.machine is not None:
             data.update(self.machine.status())
-            if self.phase in ('unprotected', 'active', 'fenced'):
+            # The machine's own state tells only while it runs the pair.
+            if self.machine.finished.is_set() or \
+                    self.phase not in ('protected', 'standby'):
                 data['state'] = self.phase
         if self.error:
             data['error'] = self.error
@@ -343,6 +348,10 @@ class Host:
                 self.error = self.error or (f'QEMU exited: '
                                             f'{self.qemu.last_log_line()}')
 
+    def _replica_cut(self, reason: str) -> None:
+        if isinstance(self.machine, pair.PrimaryPair):
+            self.machine.post(pair.SecondaryLost(reason))
+
     async def run_protected(self, addr: str,
                             exited: asyncio.Future[Any]) -> None:
         self.phase = 'syncing'
@@ -365,6 +374,9 @@ class Host:
         exited.add_done_callback(on_exit)
         await machine.run()
         exited.remove_done_callback(on_exit)
+        if self.relay is not None:
+            await self.relay.close()
+            self.relay = None
         if machine.state == pair.State.UNPROTECTED:
             self.phase = 'unprotected'
         elif machine.state == pair.State.STOPPED and self._pending is None:
@@ -392,6 +404,14 @@ class Host:
             raise RuntimeError(f'secondary refused: '
                                f'{reply.json().get("error")}')
         target = ft_disk.NbdTarget(**reply.json()['target'])
+        # QEMU reaches the replica through our relay, which cuts it off
+        # when it stops answering: QEMU itself would wait for ever.
+        relay = NbdRelay(target, os.path.join(self.paths.root,
+                                              'nbd-relay.sock'),
+                         stall_timeout=float(opts['replica_timeout']),
+                         on_cut=self._replica_cut)
+        self.relay = relay
+        target = await relay.start()
 
         async def heartbeat() -> None:
             with contextlib.suppress(ConnectionError, OSError):
@@ -419,6 +439,7 @@ class Host:
         except BaseException:
             beating.cancel()
             channel.close()
+            await relay.close()
             raise
         fence = self.fence
         assert fence is not None

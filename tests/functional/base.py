@@ -41,8 +41,9 @@ class SerialWatcher:
     """Tails a serial log in a thread, timestamping each ACK as it
     appears (the guest has no clock we trust across a failover)."""
 
-    def __init__(self, path):
+    def __init__(self, path, pattern=None):
         self.path = path
+        self.pattern = pattern or workload.ACK_RE
         self.acks = []      # (host monotonic time, seq)
         self.text = ''
         self._stop = threading.Event()
@@ -67,7 +68,7 @@ class SerialWatcher:
                 partial = lines.pop()
                 for line in lines:
                     self.text += line + '\n'
-                    m = workload.ACK_RE.match(line + '\n')
+                    m = self.pattern.match(line + '\n')
                     if m:
                         self.acks.append((now, int(m.group(1))))
             time.sleep(0.01)

@@ -137,6 +137,51 @@ class PlannedFailoverTest(base.GuestTestCase):
         self.assertNotIn('MFTVM-GUEST-READY', serial)  # no reboot
 
 
+class FrozenSecondaryTest(base.GuestTestCase):
+
+    def test_sigstop_secondary_primary_carries_on(self):
+        # A frozen peer, not a dead one: no reset, no EOF, just silence.
+        spec, gdir = self.protect('fz', writer_ms=10)
+        last = self.wait_counter(gdir)
+        watcher = base.SerialWatcher(os.path.join(gdir, 'primary',
+                                                  'serial.log'))
+        self.addCleanup(watcher.stop)
+        base.wait_for(lambda: len(watcher.acks) > 20, 30, what='ACKs')
+        sec = self.side('fz', 'secondary')
+        frozen = [sec['host_pid']] + manager._child_pids(sec['host_pid'])
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(self._thaw_and_kill, frozen)
+        t_stop = time.monotonic()
+        prim = base.wait_for(
+            lambda: (s := self.side('fz', 'primary')).get(
+                'state') == 'unprotected' and s, 30, what='unprotected')
+        self.assertIn('reason', prim)
+        # The guest was not frozen along with its replica: its disk
+        # writes and answers go on.
+        n = len(watcher.acks)
+        base.wait_for(lambda: len(watcher.acks) > n + 20, 20,
+                      what='ACKs after the secondary froze')
+        for _ in range(3):
+            got = workload.counter_request('127.0.0.1', self.port, 5)
+            self.assertEqual(last + 1, got)
+            last = got
+        gaps = [b - a for (a, _), (b, _) in zip(watcher.acks,
+                                                watcher.acks[1:])
+                if b > t_stop]
+        print(f'frozen secondary: longest ACK gap {max(gaps) * 1000:.0f} '
+              f'ms')
+
+    @staticmethod
+    def _thaw_and_kill(pids):
+        for pid in pids:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+
+
 class SecondaryLossTest(base.GuestTestCase):
 
     def test_sigkill_secondary_primary_carries_on(self):

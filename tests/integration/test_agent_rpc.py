@@ -33,12 +33,13 @@ MFTVM = os.path.join(BIN, 'mftvm')
 
 def write_config(tmp: str, host: str, url: Optional[str]) -> str:
     path = os.path.join(tmp, 'mftvm.conf')
-    lines = ['[DEFAULT]', f'host = {host}',
-             f'state_path = {os.path.join(tmp, "state")}',
+    lines = ['[DEFAULT]',
              f'log_file = {os.path.join(tmp, "agent.log")}', 'debug = true']
     if url is not None:
         lines.append(f'transport_url = {url}')
-    lines += ['[agent]', 'monitor_interval = 0.2', '']
+    lines += ['[agent]', f'host = {host}',
+              f'state_path = {os.path.join(tmp, "state")}',
+              'monitor_interval = 0.2', '']
     with open(path, 'w') as f:
         f.write('\n'.join(lines))
     return path

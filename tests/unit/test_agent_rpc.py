@@ -320,7 +320,7 @@ class ServiceOverFakeTransportTest(testtools.TestCase):
     @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
-        CONF.set_override('host', HOST)
+        CONF.set_override('host', HOST, group='agent')
         CONF.set_override('monitor_interval', 0.1, group='agent')
         cls.transport = rpcapi.get_transport(CONF, 'fake://')
         cls.manager = FakeManager()
@@ -335,7 +335,7 @@ class ServiceOverFakeTransportTest(testtools.TestCase):
         cls.service.stop()
         cls.service.wait()
         cls.transport.cleanup()
-        CONF.clear_override('host')
+        CONF.clear_override('host', group='agent')
         CONF.clear_override('monitor_interval', group='agent')
         super().tearDownClass()
 
@@ -426,8 +426,8 @@ class ServiceOverFakeTransportTest(testtools.TestCase):
 class ServiceLifecycleTest(testtools.TestCase):
 
     def test_stop_order_and_idempotence(self):
-        CONF.set_override('host', 'hv-life')
-        self.addCleanup(CONF.clear_override, 'host')
+        CONF.set_override('host', 'hv-life', group='agent')
+        self.addCleanup(CONF.clear_override, 'host', group='agent')
         transport = rpcapi.get_transport(CONF, 'fake://')
         self.addCleanup(transport.cleanup)
         events: list[str] = []

@@ -75,7 +75,9 @@ _REGISTERED = textwrap.dedent('''
     from mftvm_openstack import conf
     for mod in pkgutil.walk_packages(mftvm_openstack.__path__,
                                      'mftvm_openstack.'):
-        importlib.import_module(mod.name)
+        # The Nova driver runs inside nova-compute, with Nova's options.
+        if not mod.name.startswith('mftvm_openstack.nova'):
+            importlib.import_module(mod.name)
     builtin = set(cfg.ConfigOpts())
     registered = {'DEFAULT': []}
     for name in conf.CONF:

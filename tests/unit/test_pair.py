@@ -249,7 +249,7 @@ def checkpoint_msg(epoch):
 
 class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
 
-    def make(self, replica=None, timeout=5.0):
+    def make(self, replica=None, timeout=5.0, first_timeout=30.0):
         self.chan = FakeChannel()
         self.replica = replica or FakeReplica()
         self.store = FakeStore()
@@ -260,7 +260,7 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.machine = pair.SecondaryPair(
             channel=self.chan, replica=self.replica, store=self.store,
             activate=activate, clock=pair.RealClock(),
-            detect_timeout=timeout)
+            detect_timeout=timeout, first_commit_timeout=first_timeout)
         self.machine.start()
         self.runner = asyncio.ensure_future(self.machine.run())
 
@@ -293,6 +293,17 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.wait_for(self.machine.finished.wait(), 5)
         self.assertEqual([1], self.activated)
         self.assertIn('no word', self.machine.stats.reason)
+
+    async def test_silence_before_any_checkpoint_is_tolerated_longer(self):
+        # Nothing to resume yet: a primary starved by the initial sync
+        # is not given up after the short detection time...
+        self.make(timeout=0.1, first_timeout=0.6)
+        await asyncio.sleep(0.3)
+        self.assertEqual(pair.State.STANDBY, self.machine.state)
+        # ...but it is after the longer one.
+        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        self.assertEqual(pair.State.LOST, self.machine.state)
+        self.assertIn('0.6s', self.machine.stats.reason)
 
     async def test_nothing_committed_means_nothing_to_resume(self):
         self.make()

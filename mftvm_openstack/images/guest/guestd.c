@@ -471,6 +471,24 @@ static __attribute__((noreturn)) void mode_dirty(int argc, char **argv)
 	}
 }
 
+/* ----------------------------------------------------------------- ticker */
+
+/* Output with no disk I/O: "TICK n" every interval. Shows which copy of
+ * the guest runs when, even while its disk cannot be written. */
+static void mode_ticker(int argc, char **argv)
+{
+	int interval = atoi(argv[2]);
+	unsigned long long n = 0;
+
+	(void)argc;
+	if (interval <= 0)
+		interval = 50;
+	for (;; n++) {
+		printf("TICK %llu\n", n);
+		sleep_ms(interval);
+	}
+}
+
 /* ------------------------------------------------------------------- main */
 
 static void usage(void)
@@ -479,7 +497,8 @@ static void usage(void)
 		"usage: guestd writer DEV [interval_ms [max_records]]\n"
 		"       guestd counter PORT DEV\n"
 		"       guestd iobench DEV SECONDS\n"
-		"       guestd dirty MIB\n");
+		"       guestd dirty MIB\n"
+		"       guestd ticker INTERVAL_MS\n");
 	exit(2);
 }
 
@@ -497,6 +516,8 @@ int main(int argc, char **argv)
 		return mode_iobench(argc, argv);
 	if (strcmp(argv[1], "dirty") == 0)
 		mode_dirty(argc, argv);
+	if (strcmp(argv[1], "ticker") == 0)
+		mode_ticker(argc, argv);
 	usage();
 	return 2;
 }

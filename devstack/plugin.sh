@@ -1,0 +1,202 @@
+#!/bin/bash
+#
+# devstack/plugin.sh - DevStack plugin for mftvm-openstack
+#
+# Fault-tolerant instances: one mftvm-agent on every hypervisor, Nova's
+# compute driver set to mftvm.FTLibvirtDriver, Redis as the fencing backend.
+#
+# stack.sh sources this file with the phase as arguments:
+#
+#   stack pre-install   QEMU packages; redis-server on $SERVICE_HOST
+#   stack install       the mftvm-openstack package; Redis started
+#   stack post-config   $MFTVM_CONF written; compute_driver in $NOVA_CONF
+#   stack extra         mftvm-agent started
+#   unstack             mftvm-agent stopped
+#   clean               state and configuration removed
+#
+# Variables and their defaults are in devstack/settings.
+
+# Save trace setting
+_XTRACE_MFTVM=$(set +o | grep xtrace)
+set -o xtrace
+
+
+# Functions
+# ---------
+
+# _mftvm_on_service_host - true on the node that is $SERVICE_HOST
+function _mftvm_on_service_host {
+    case "$SERVICE_HOST" in
+        "$HOST_IP"|"${HOST_IPV6:-}"|localhost|127.0.0.1|::1|"$(hostname)")
+            return 0
+            ;;
+    esac
+    return 1
+}
+
+# _mftvm_wants_redis - true where Redis is to be installed and run
+function _mftvm_wants_redis {
+    [[ "$MFTVM_INSTALL_REDIS" == "True" ]] && [[ -n "$MFTVM_FENCING_URL" ]] \
+        && _mftvm_on_service_host
+}
+
+# install_mftvm_packages - QEMU for the agent, Redis for fencing
+function install_mftvm_packages {
+    if ! is_ubuntu; then
+        exit_distro_not_supported "mftvm-openstack (Debian or Ubuntu only)"
+    fi
+    if is_service_enabled mftvm-agent; then
+        # qemu-utils brings qemu-storage-daemon and qemu-img
+        install_package qemu-system-x86 qemu-utils
+    fi
+    if _mftvm_wants_redis; then
+        install_package redis-server
+    fi
+}
+
+# configure_mftvm_redis - make Redis reachable from the other nodes
+function configure_mftvm_redis {
+    # Debian's redis.conf listens on the loopback only; the last bind line
+    # wins, so append ours (replacing the one of an earlier run).
+    local bind="127.0.0.1"
+    case "$SERVICE_HOST" in
+        localhost|127.0.0.1) ;;
+        *) bind="$bind $SERVICE_HOST" ;;
+    esac
+    sudo sed -i '/^# mftvm-openstack$/,+1d' "$MFTVM_REDIS_CONF"
+    printf '# mftvm-openstack\nbind %s\n' "$bind" \
+        | sudo tee -a "$MFTVM_REDIS_CONF" >/dev/null
+    restart_service redis-server
+}
+
+# install_mftvm - the Python package (agent, Nova driver, validators)
+function install_mftvm {
+    setup_develop "$MFTVM_DIR"
+}
+
+# _mftvm_host - the name Nova's compute service uses on this node
+function _mftvm_host {
+    local host=$MFTVM_HOST
+    if [[ -z "$host" && -f "$NOVA_CONF" ]]; then
+        host=$(iniget "$NOVA_CONF" DEFAULT host)
+    fi
+    echo "${host:-$(hostname)}"
+}
+
+# configure_mftvm - write $MFTVM_CONF
+function configure_mftvm {
+    sudo install -d -o "$STACK_USER" "$MFTVM_CONF_DIR" "$MFTVM_STATE_PATH"
+    if is_service_enabled mftvm-agent && getent group kvm >/dev/null; then
+        # the agent runs QEMU as $STACK_USER: let it use KVM
+        add_user_to_group "$STACK_USER" kvm
+    fi
+    rm -f "$MFTVM_CONF"
+
+    local transport_url
+    transport_url=$(get_transport_url "$MFTVM_RPC_VHOST")
+    if [[ -z "$transport_url" ]] && is_service_enabled mftvm-agent; then
+        die $LINENO "mftvm-agent needs RabbitMQ: enable rabbit here, or" \
+            "set RABBIT_HOST and RABBIT_PASSWORD"
+    fi
+
+    # [DEFAULT] holds only oslo.messaging's and oslo.log's options; the
+    # agent's own host and state_path are in [agent]
+    iniset "$MFTVM_CONF" DEFAULT transport_url "$transport_url"
+    iniset "$MFTVM_CONF" DEFAULT debug "$ENABLE_DEBUG_LOG_LEVEL"
+    setup_logging "$MFTVM_CONF"
+
+    iniset "$MFTVM_CONF" agent host "$(_mftvm_host)"
+    iniset "$MFTVM_CONF" agent state_path "$MFTVM_STATE_PATH"
+    iniset "$MFTVM_CONF" agent my_ip "$MFTVM_MY_IP"
+    if [[ -n "$MFTVM_PEERS" ]]; then
+        iniset "$MFTVM_CONF" agent peers "$MFTVM_PEERS"
+    fi
+
+    if [[ -n "$MFTVM_FENCING_URL" ]]; then
+        iniset "$MFTVM_CONF" fencing backend_url "$MFTVM_FENCING_URL"
+    else
+        # lock files; the default under /run is not writable by $STACK_USER
+        iniset "$MFTVM_CONF" fencing lock_path "$MFTVM_STATE_PATH/fence"
+    fi
+    iniset "$MFTVM_CONF" fencing lease "$MFTVM_LEASE"
+
+    iniset "$MFTVM_CONF" ft epoch_ms "$MFTVM_EPOCH_MS"
+}
+
+# configure_mftvm_nova - Nova's compute driver on compute nodes
+function configure_mftvm_nova {
+    # DevStack writes the compute's configuration (nova-cpu.conf) from
+    # $NOVA_CONF when it starts nova-compute, after this phase.
+    if [[ "$MFTVM_SET_COMPUTE_DRIVER" != "True" ]] \
+            || ! is_service_enabled n-cpu; then
+        return
+    fi
+    if [[ "$VIRT_DRIVER" != "libvirt" ]]; then
+        warn $LINENO "compute_driver left alone: $MFTVM_COMPUTE_DRIVER" \
+            "needs VIRT_DRIVER=libvirt, not $VIRT_DRIVER"
+        return
+    fi
+    iniset "$NOVA_CONF" DEFAULT compute_driver "$MFTVM_COMPUTE_DRIVER"
+}
+
+# start_mftvm_agent - run the agent as a DevStack service
+function start_mftvm_agent {
+    run_process mftvm-agent \
+        "$MFTVM_BIN_DIR/mftvm-agent --config-file $MFTVM_CONF"
+}
+
+# stop_mftvm_agent - stop the agent (guests it started keep running)
+function stop_mftvm_agent {
+    stop_process mftvm-agent
+}
+
+# cleanup_mftvm - remove the agent's state and configuration
+function cleanup_mftvm {
+    sudo rm -rf "${MFTVM_STATE_PATH:?}" "${MFTVM_CONF_DIR:?}"
+}
+
+
+# Dispatcher
+# ----------
+
+if [[ "$1" == "stack" && "$2" == "pre-install" ]]; then
+    echo_summary "Installing packages for mftvm-openstack"
+    install_mftvm_packages
+
+elif [[ "$1" == "stack" && "$2" == "install" ]]; then
+    echo_summary "Installing mftvm-openstack"
+    install_mftvm
+    if _mftvm_wants_redis; then
+        echo_summary "Configuring Redis for mftvm fencing"
+        configure_mftvm_redis
+    fi
+
+elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
+    echo_summary "Configuring mftvm-openstack"
+    configure_mftvm
+    configure_mftvm_nova
+
+elif [[ "$1" == "stack" && "$2" == "extra" ]]; then
+    if is_service_enabled mftvm-agent; then
+        echo_summary "Starting mftvm-agent"
+        start_mftvm_agent
+    fi
+fi
+
+if [[ "$1" == "unstack" ]]; then
+    if is_service_enabled mftvm-agent; then
+        stop_mftvm_agent
+    fi
+fi
+
+if [[ "$1" == "clean" ]]; then
+    cleanup_mftvm
+fi
+
+# Restore xtrace
+$_XTRACE_MFTVM
+
+# Tell emacs to use shell-script-mode
+## Local variables:
+## mode: shell-script
+## End:

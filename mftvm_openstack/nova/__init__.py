@@ -1,0 +1,1 @@
+"""Nova integration: flavor extra-spec validators, FT requests, driver."""

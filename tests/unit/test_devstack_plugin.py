@@ -1,0 +1,449 @@
+"""The DevStack plugin (``devstack/settings``, ``devstack/plugin.sh``).
+
+DevStack cannot run here (it clones from the internet), so each test runs
+one phase the way stack.sh, unstack.sh and clean.sh do (settings sourced,
+then plugin.sh sourced with the phase as arguments) in a bash whose
+DevStack functions are stubs (``tests/unit/devstack_stubs.sh``). The stubs
+log their calls; iniset writes real ini files. The tests check the calls
+and the files, and that both scripts pass bashate.
+"""
+
+import configparser
+import os
+import pwd
+import subprocess
+import sys
+import warnings
+from importlib import metadata
+
+import fixtures
+import testtools
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+PLUGIN_DIR = os.path.join(ROOT, 'devstack')
+STUBS = os.path.join(ROOT, 'tests', 'unit', 'devstack_stubs.sh')
+SCRIPTS = [os.path.join(PLUGIN_DIR, name) for name in ('settings',
+                                                       'plugin.sh')]
+
+# An all-in-one node: controller and compute, as in DevStack's defaults.
+HOST_IP = '10.0.0.11'
+HOSTNAME = 'hv1'
+EXEC_PREFIX = '/opt/stack/data/venv/bin'
+AIO_SERVICES = ('key,n-api,n-cond,n-sch,n-cpu,placement-api,q-svc,'
+                'g-api,rabbit,mysql')
+CONTROLLER_SERVICES = 'key,n-api,n-cond,n-sch,placement-api,g-api,rabbit'
+TRANSPORT_URL = f'rabbit://stackrabbit:secret@{HOST_IP}:5672/'
+
+HARNESS = '''
+set -o errexit -o nounset -o pipefail
+source "$MFTVM_TEST_STUBS"
+"$@"
+'''
+
+
+def _known_options():
+    """{group: {option}} of what the agent reads from its config file."""
+    known = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')     # eventlet, via oslo.messaging
+        for ep in metadata.entry_points(group='oslo.config.opts'):
+            if ep.name not in ('mftvm', 'oslo.log', 'oslo.messaging'):
+                continue
+            for group, opts in ep.load()():
+                name = getattr(group, 'name', group) or 'DEFAULT'
+                known.setdefault(name, set()).update(o.dest for o in opts)
+    return known
+
+
+def _user():
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _bashate(*args):
+    # the bashate console script may not be on PATH; its module is
+    # importable wherever it is installed
+    cmd = [sys.executable, '-c',
+           'import sys; from bashate.bashate import main; sys.exit(main())']
+    return subprocess.run(cmd + list(args), capture_output=True, text=True,
+                          timeout=60)
+
+
+class DevStackPluginTest(testtools.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.tmp = self.useFixture(fixtures.TempDir()).path
+        self.log = os.path.join(self.tmp, 'calls.log')
+        self.conf_dir = os.path.join(self.tmp, 'etc', 'mftvm')
+        self.conf = os.path.join(self.conf_dir, 'mftvm.conf')
+        self.state = os.path.join(self.tmp, 'var', 'lib', 'mftvm')
+        self.nova_conf = os.path.join(self.tmp, 'nova.conf')
+        self.redis_conf = os.path.join(self.tmp, 'redis.conf')
+        with open(self.nova_conf, 'w') as f:
+            f.write('[DEFAULT]\ncompute_driver = libvirt.LibvirtDriver\n'
+                    'my_ip = 10.0.0.11\n\n[libvirt]\nvirt_type = qemu\n')
+        with open(self.redis_conf, 'w') as f:
+            f.write('port 6379\nbind 127.0.0.1 -::1\n')
+
+    def env(self, **overrides):
+        env = {
+            'PATH': os.environ.get('PATH', '/usr/bin:/bin'),
+            'LANG': 'C.UTF-8',
+            'MFTVM_TEST_STUBS': STUBS,
+            'MFTVM_TEST_PLUGIN_DIR': PLUGIN_DIR,
+            'MFTVM_TEST_LOG': self.log,
+            'MFTVM_TEST_PYTHON': sys.executable,
+            'MFTVM_TEST_HOSTNAME': HOSTNAME,
+            'MFTVM_TEST_EXEC_PREFIX': EXEC_PREFIX,
+            'MFTVM_TEST_GROUPS': 'kvm libvirt',
+            # DevStack's own variables
+            'DEST': '/opt/stack',
+            'HOST_IP': HOST_IP,
+            'SERVICE_HOST': HOST_IP,
+            'STACK_USER': _user(),
+            'ENABLED_SERVICES': AIO_SERVICES,
+            'NOVA_CONF': self.nova_conf,
+            'ENABLE_DEBUG_LOG_LEVEL': 'True',
+            'VIRT_DRIVER': 'libvirt',
+            'RABBIT_USERID': 'stackrabbit',
+            'RABBIT_PASSWORD': 'secret',
+            'RABBIT_HOST': HOST_IP,
+            # where this test keeps what the plugin writes
+            'MFTVM_CONF_DIR': self.conf_dir,
+            'MFTVM_STATE_PATH': self.state,
+            'MFTVM_REDIS_CONF': self.redis_conf,
+        }
+        env.update(overrides)
+        return {k: v for k, v in env.items() if v is not None}
+
+    def bash(self, *args, check=True, **overrides):
+        proc = subprocess.run(['bash', '-c', HARNESS, 'bash'] + list(args),
+                              env=self.env(**overrides), capture_output=True,
+                              text=True, timeout=120)
+        if check and proc.returncode != 0:
+            self.fail(f'{" ".join(args)} exited {proc.returncode}:\n'
+                      f'{proc.stderr[-4000:]}')
+        return proc
+
+    def phase(self, *phase, **overrides):
+        # Off by default until the Nova driver lands; these tests check
+        # what the plugin does when it is asked to set it.
+        overrides.setdefault('MFTVM_SET_COMPUTE_DRIVER', 'True')
+        self.bash('devstack_run_phase', *phase, **overrides)
+        return self.calls()
+
+    def settings(self, **overrides):
+        out = self.bash('devstack_print_settings', **overrides).stdout
+        return dict(line.split('=', 1) for line in out.splitlines())
+
+    def calls(self, name=None):
+        if not os.path.exists(self.log):
+            return []
+        with open(self.log) as f:
+            calls = [tuple(line.rstrip('\n').split('\t')) for line in f]
+        if name is None:
+            return calls
+        return [c[1:] for c in calls if c[0] == name]
+
+    def ini(self, path):
+        """{section: {option: value}}; [DEFAULT] is a section like any."""
+        self.assertTrue(os.path.exists(path), path)
+        conf = configparser.RawConfigParser(default_section='\0')
+        conf.optionxform = str
+        conf.read(path)
+        return {section: dict(conf.items(section))
+                for section in conf.sections()}
+
+    def reset(self):
+        if os.path.exists(self.log):
+            os.unlink(self.log)
+
+    # bashate
+
+    def test_bashate(self):
+        # E005 (no #! line) does not apply to settings, which is sourced
+        proc = _bashate('-v', '-i', 'E005', '-e', 'E*', *SCRIPTS, STUBS)
+        self.assertEqual(0, proc.returncode, proc.stdout + proc.stderr)
+        self.assertNotIn('E0', proc.stdout + proc.stderr)
+
+    # settings
+
+    def test_settings_defaults(self):
+        s = self.settings(MFTVM_CONF_DIR=None, MFTVM_STATE_PATH=None,
+                          MFTVM_REDIS_CONF=None, SERVICE_HOST='10.0.0.5')
+        self.assertEqual('/opt/stack/mftvm-openstack', s['MFTVM_DIR'])
+        self.assertEqual(EXEC_PREFIX, s['MFTVM_BIN_DIR'])
+        self.assertEqual('/etc/mftvm', s['MFTVM_CONF_DIR'])
+        self.assertEqual('/etc/mftvm/mftvm.conf', s['MFTVM_CONF'])
+        self.assertEqual('/var/lib/mftvm', s['MFTVM_STATE_PATH'])
+        self.assertEqual('redis://10.0.0.5:6379', s['MFTVM_FENCING_URL'])
+        self.assertEqual('200', s['MFTVM_EPOCH_MS'])
+        self.assertEqual('3', s['MFTVM_LEASE'])
+        self.assertEqual(HOST_IP, s['MFTVM_MY_IP'])
+        self.assertEqual('', s['MFTVM_PEERS'])
+        self.assertEqual('True', s['MFTVM_INSTALL_REDIS'])
+        self.assertEqual('False', s['MFTVM_SET_COMPUTE_DRIVER'])
+        self.assertEqual('mftvm.FTLibvirtDriver', s['MFTVM_COMPUTE_DRIVER'])
+        self.assertEqual([('mftvm-openstack',)], self.calls('define_plugin'))
+
+    def test_settings_keep_local_conf_values(self):
+        s = self.settings(MFTVM_DIR='/src/mftvm', MFTVM_CONF='/tmp/a.conf',
+                          MFTVM_FENCING_URL='', MFTVM_EPOCH_MS='50',
+                          MFTVM_INSTALL_REDIS='false',
+                          MFTVM_SET_COMPUTE_DRIVER='False')
+        self.assertEqual('/src/mftvm', s['MFTVM_DIR'])
+        self.assertEqual('/tmp/a.conf', s['MFTVM_CONF'])
+        self.assertEqual('', s['MFTVM_FENCING_URL'])
+        self.assertEqual('50', s['MFTVM_EPOCH_MS'])
+        self.assertEqual('False', s['MFTVM_INSTALL_REDIS'])
+        self.assertEqual('False', s['MFTVM_SET_COMPUTE_DRIVER'])
+
+    def test_settings_enable_agent_on_compute_nodes(self):
+        services = self.settings()['ENABLED_SERVICES'].split(',')
+        self.assertIn('mftvm-agent', services)
+        services = self.settings(
+            ENABLED_SERVICES=CONTROLLER_SERVICES)['ENABLED_SERVICES']
+        self.assertNotIn('mftvm-agent', services.split(','))
+
+    def test_settings_local_conf_can_disable_agent(self):
+        s = self.settings(MFTVM_TEST_LOCALRC='disable_service mftvm-agent')
+        self.assertNotIn('mftvm-agent', s['ENABLED_SERVICES'].split(','))
+        self.assertIn('n-cpu', s['ENABLED_SERVICES'].split(','))
+
+    # stack pre-install
+
+    def test_pre_install_all_in_one(self):
+        self.phase('stack', 'pre-install')
+        self.assertEqual([('qemu-system-x86', 'qemu-utils'),
+                          ('redis-server',)], self.calls('install_package'))
+
+    def test_pre_install_compute_subnode_has_no_redis(self):
+        self.phase('stack', 'pre-install', HOST_IP='10.0.0.12',
+                   SERVICE_HOST='10.0.0.5',
+                   ENABLED_SERVICES='n-cpu,placement-client')
+        self.assertEqual([('qemu-system-x86', 'qemu-utils')],
+                         self.calls('install_package'))
+
+    def test_pre_install_controller_without_compute(self):
+        self.phase('stack', 'pre-install',
+                   ENABLED_SERVICES=CONTROLLER_SERVICES)
+        self.assertEqual([('redis-server',)], self.calls('install_package'))
+
+    def test_pre_install_without_redis(self):
+        for env in ({'MFTVM_INSTALL_REDIS': 'False'},
+                    {'MFTVM_FENCING_URL': ''}):
+            self.reset()
+            self.phase('stack', 'pre-install', **env)
+            self.assertEqual([('qemu-system-x86', 'qemu-utils')],
+                             self.calls('install_package'), env)
+
+    def test_pre_install_refuses_other_distributions(self):
+        proc = self.bash('devstack_run_phase', 'stack', 'pre-install',
+                         check=False, MFTVM_TEST_OS_PACKAGE='rpm')
+        self.assertNotEqual(0, proc.returncode)
+        self.assertIn('Debian or Ubuntu', proc.stderr)
+        self.assertEqual([], self.calls('install_package'))
+
+    # stack install
+
+    def test_install(self):
+        self.phase('stack', 'install')
+        self.assertEqual([('/opt/stack/mftvm-openstack',)],
+                         self.calls('setup_develop'))
+        self.assertEqual([('redis-server',)], self.calls('restart_service'))
+        # a second run replaces the bind line of the first
+        self.phase('stack', 'install')
+        with open(self.redis_conf) as f:
+            self.assertEqual(
+                ['port 6379', 'bind 127.0.0.1 -::1', '# mftvm-openstack',
+                 f'bind 127.0.0.1 {HOST_IP}'], f.read().splitlines())
+
+    def test_install_compute_subnode_leaves_redis_alone(self):
+        self.phase('stack', 'install', HOST_IP='10.0.0.12',
+                   SERVICE_HOST='10.0.0.5', MFTVM_DIR='/src/mftvm',
+                   ENABLED_SERVICES='n-cpu,placement-client')
+        self.assertEqual([('/src/mftvm',)], self.calls('setup_develop'))
+        self.assertEqual([], self.calls('restart_service'))
+        with open(self.redis_conf) as f:
+            self.assertEqual('port 6379\nbind 127.0.0.1 -::1\n', f.read())
+
+    # stack post-config
+
+    def test_post_config_writes_agent_conf(self):
+        self.phase('stack', 'post-config')
+        self.assertTrue(os.path.isdir(self.state))
+        self.assertEqual({
+            'DEFAULT': {'transport_url': TRANSPORT_URL, 'debug': 'True'},
+            'agent': {'host': HOSTNAME, 'state_path': self.state,
+                      'my_ip': HOST_IP},
+            'fencing': {'backend_url': f'redis://{HOST_IP}:6379',
+                        'lease': '3'},
+            'ft': {'epoch_ms': '200'},
+        }, self.ini(self.conf))
+        self.assertEqual([(self.conf,)], self.calls('setup_logging'))
+        self.assertEqual([(_user(), 'kvm')], self.calls('add_user_to_group'))
+
+    def test_post_config_kvm_group_only_for_the_agent(self):
+        self.phase('stack', 'post-config', MFTVM_TEST_GROUPS='libvirt')
+        self.assertEqual([], self.calls('add_user_to_group'))
+        self.phase('stack', 'post-config',
+                   ENABLED_SERVICES=CONTROLLER_SERVICES)
+        self.assertEqual([], self.calls('add_user_to_group'))
+
+    def test_post_config_writes_only_known_options(self):
+        # every option in the section the agent reads it from
+        known = _known_options()
+        self.phase('stack', 'post-config', MFTVM_PEERS='hv2')
+        written = self.ini(self.conf)
+        self.phase('stack', 'post-config', MFTVM_FENCING_URL='')
+        for section, opts in self.ini(self.conf).items():
+            written.setdefault(section, {}).update(opts)
+        for section, opts in written.items():
+            unknown = set(opts) - known.get(section, set())
+            self.assertEqual(set(), unknown, f'[{section}]')
+
+    def test_post_config_sets_compute_driver(self):
+        self.phase('stack', 'post-config')
+        self.assertEqual({
+            'DEFAULT': {'compute_driver': 'mftvm.FTLibvirtDriver',
+                        'my_ip': '10.0.0.11'},
+            'libvirt': {'virt_type': 'qemu'},
+        }, self.ini(self.nova_conf))
+
+    def test_post_config_with_local_conf_values(self):
+        self.phase('stack', 'post-config', MFTVM_HOST='compute-7',
+                   MFTVM_MY_IP='192.168.1.7', MFTVM_PEERS='hv1,hv2,hv3',
+                   MFTVM_RPC_VHOST='mftvm', MFTVM_EPOCH_MS='100',
+                   MFTVM_LEASE='5', ENABLE_DEBUG_LOG_LEVEL='False',
+                   MFTVM_FENCING_URL='etcd3+http://10.0.0.5:2379',
+                   MFTVM_CONF=os.path.join(self.tmp, 'other.conf'))
+        self.assertFalse(os.path.exists(self.conf))
+        conf = self.ini(os.path.join(self.tmp, 'other.conf'))
+        self.assertEqual(TRANSPORT_URL + 'mftvm',
+                         conf['DEFAULT']['transport_url'])
+        self.assertEqual('False', conf['DEFAULT']['debug'])
+        self.assertEqual({'host': 'compute-7', 'state_path': self.state,
+                          'my_ip': '192.168.1.7', 'peers': 'hv1,hv2,hv3'},
+                         conf['agent'])
+        self.assertEqual({'backend_url': 'etcd3+http://10.0.0.5:2379',
+                          'lease': '5'}, conf['fencing'])
+        self.assertEqual({'epoch_ms': '100'}, conf['ft'])
+
+    def test_post_config_host_from_nova_conf(self):
+        with open(self.nova_conf, 'w') as f:
+            f.write('[DEFAULT]\nhost = compute-nova\n')
+        self.phase('stack', 'post-config')
+        self.assertEqual('compute-nova',
+                         self.ini(self.conf)['agent']['host'])
+
+    def test_post_config_rewrites_the_conf(self):
+        os.makedirs(self.conf_dir)
+        with open(self.conf, 'w') as f:
+            f.write('[agent]\npeers = stale\nreprotect = false\n')
+        self.phase('stack', 'post-config')
+        self.assertNotIn('peers', self.ini(self.conf)['agent'])
+        self.assertNotIn('reprotect', self.ini(self.conf)['agent'])
+
+    def test_post_config_without_fencing_url_uses_lock_files(self):
+        self.phase('stack', 'post-config', MFTVM_FENCING_URL='')
+        self.assertEqual({'lock_path': os.path.join(self.state, 'fence'),
+                          'lease': '3'}, self.ini(self.conf)['fencing'])
+
+    def test_post_config_compute_driver_not_set_when_false(self):
+        self.phase('stack', 'post-config', MFTVM_SET_COMPUTE_DRIVER='False')
+        self.assertEqual('libvirt.LibvirtDriver',
+                         self.ini(self.nova_conf)['DEFAULT']['compute_driver'])
+        self.assertNotIn(self.nova_conf,
+                         [c[0] for c in self.calls('iniset')])
+        # the agent is configured all the same
+        self.assertEqual(HOSTNAME, self.ini(self.conf)['agent']['host'])
+
+    def test_post_config_compute_driver_only_on_compute_nodes(self):
+        self.phase('stack', 'post-config',
+                   ENABLED_SERVICES=CONTROLLER_SERVICES)
+        self.assertEqual('libvirt.LibvirtDriver',
+                         self.ini(self.nova_conf)['DEFAULT']['compute_driver'])
+
+    def test_post_config_compute_driver_only_with_libvirt(self):
+        self.phase('stack', 'post-config', VIRT_DRIVER='fake')
+        self.assertEqual('libvirt.LibvirtDriver',
+                         self.ini(self.nova_conf)['DEFAULT']['compute_driver'])
+        [warning] = self.calls('warn')
+        self.assertIn('VIRT_DRIVER=libvirt', ' '.join(warning))
+
+    def test_post_config_needs_rabbit_for_the_agent(self):
+        proc = self.bash('devstack_run_phase', 'stack', 'post-config',
+                         check=False, ENABLED_SERVICES='n-cpu',
+                         RABBIT_HOST=None, RABBIT_PASSWORD=None)
+        self.assertNotEqual(0, proc.returncode)
+        self.assertIn('mftvm-agent needs RabbitMQ', proc.stderr)
+
+    # stack extra
+
+    def test_extra_starts_the_agent(self):
+        self.phase('stack', 'extra')
+        self.assertEqual(
+            [('mftvm-agent',
+              f'{EXEC_PREFIX}/mftvm-agent --config-file {self.conf}')],
+            self.calls('run_process'))
+
+    def test_extra_agent_not_started_when_disabled(self):
+        self.phase('stack', 'extra', ENABLED_SERVICES=CONTROLLER_SERVICES)
+        self.assertEqual([], self.calls('run_process'))
+        self.phase('stack', 'extra',
+                   MFTVM_TEST_LOCALRC='disable_service mftvm-agent')
+        self.assertEqual([], self.calls('run_process'))
+
+    def test_extra_agent_enabled_explicitly_without_compute(self):
+        self.phase('stack', 'extra',
+                   ENABLED_SERVICES=CONTROLLER_SERVICES + ',mftvm-agent')
+        self.assertEqual(['mftvm-agent'],
+                         [c[0] for c in self.calls('run_process')])
+
+    # unstack, clean
+
+    def test_unstack_stops_the_agent(self):
+        self.phase('unstack')
+        self.assertEqual([('mftvm-agent',)], self.calls('stop_process'))
+
+    def test_unstack_without_the_agent(self):
+        self.phase('unstack', ENABLED_SERVICES=CONTROLLER_SERVICES)
+        self.assertEqual([], self.calls('stop_process'))
+
+    def test_clean_removes_state_and_conf(self):
+        os.makedirs(os.path.join(self.state, 'instances', 'vm1'))
+        os.makedirs(self.conf_dir)
+        with open(self.conf, 'w') as f:
+            f.write('[DEFAULT]\n')
+        self.phase('clean')
+        self.assertFalse(os.path.exists(self.state))
+        self.assertFalse(os.path.exists(self.conf_dir))
+        self.assertTrue(os.path.exists(self.nova_conf))
+
+    # every phase
+
+    def test_phases_do_only_their_own_work(self):
+        work = ('install_package', 'setup_develop', 'restart_service',
+                'iniset', 'run_process', 'stop_process')
+        expected = {
+            ('stack', 'pre-install'): {'install_package'},
+            ('stack', 'install'): {'setup_develop', 'restart_service'},
+            ('stack', 'post-config'): {'iniset'},
+            ('stack', 'extra'): {'run_process'},
+            ('stack', 'test-config'): set(),
+            ('unstack',): {'stop_process'},
+            ('clean',): set(),
+        }
+        for phase, names in expected.items():
+            self.reset()
+            self.phase(*phase)
+            done = {c[0] for c in self.calls() if c[0] in work}
+            self.assertEqual(names, done, phase)
+
+    def test_xtrace_restored(self):
+        for before, after in (('set +o xtrace', 'set +o xtrace'),
+                              ('set -o xtrace', 'set -o xtrace')):
+            self.reset()
+            self.bash('eval', f'{before}; devstack_run_phase stack extra')
+            self.assertEqual([(after,)], self.calls('xtrace'))
