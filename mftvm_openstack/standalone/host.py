@@ -131,6 +131,8 @@ class Host:
         self.sync_window: list[float] = []
         self.listen = ''
         self.relay: Optional[NbdRelay] = None
+        # CLOCK_MONOTONIC stamps of a takeover: detected, fenced, resumed
+        self.takeover: dict[str, float] = {}
         self.done = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._pending: Optional[tuple[str, str]] = None
@@ -166,6 +168,8 @@ class Host:
             data['sync_window'] = self.sync_window
         if self.listen:
             data['listen'] = self.listen
+        if self.takeover:
+            data['takeover'] = self.takeover
         data['pair_id'] = self.pair_id
         data['host_pid'] = os.getpid()
         data['qemu_pid'] = self.qemu.pid if self.qemu and \
@@ -638,6 +642,7 @@ class SecondaryHost(Host):
 
     async def activate(self, replica: epoch.ReplicaImage,
                        committed: int) -> None:
+        self.takeover['detected'] = time.monotonic()
         layers = await self.store.failover_layers(committed)
         self.disk_layers = layers
         fence = self.load_fence()
@@ -660,10 +665,12 @@ class SecondaryHost(Host):
             raise RuntimeError(f'the replica is stale ({why}); not '
                                f'resuming it')
         self.fence = fence
+        self.takeover['fenced'] = time.monotonic()
         # Same machine: let the dead primary's QEMU release its ports.
         await wait_pid_gone(self.primary_qemu_pid, 5)
         self.qemu, self.monitor = await epoch.restore(
             self.spec, self.paths, self.ram, replica.devstate_path, layers)
+        self.takeover['resumed'] = time.monotonic()
 
 
 def dump_tasks() -> None:

@@ -1,0 +1,330 @@
+"""The Nova compute driver: libvirt, plus a secondary for FT servers.
+
+``FTLibvirtDriver`` is Nova's ``LibvirtDriver`` with
+:class:`FTDriverMixin` in front. Configure nova-compute with::
+
+    [DEFAULT]
+    compute_driver = mftvm.FTLibvirtDriver
+
+(Nova 34 imports ``nova.virt.<compute_driver>``: the module
+``nova.virt.mftvm`` is a shim shipped with this package, see
+:mod:`mftvm_openstack.nova.virt_shim`.)
+
+A server that does not ask for fault tolerance (see
+:mod:`mftvm_openstack.nova.ft_request`) is left to ``LibvirtDriver``
+alone: the mixin calls ``super()`` and does nothing else. For one that
+does (``openstack server create --property ft=true ...`` or a flavor
+with ``ft:enabled=true``), once ``LibvirtDriver.spawn`` has succeeded on
+the primary host::
+
+    spawn ──► select_destinations(copy of the request,  ──► Selection
+              ignore_hosts=[primary], consumer=uuid5(uuid))   (host B)
+          ──► system_metadata: ft_secondary_host=B, ft_status=protecting
+          ──► AgentAPI.protect(primary, spec, options, secondary_host=B)
+          ──► system_metadata: ft_status=protected
+
+**How the secondary is chosen.** Through Nova's own scheduler, with the
+same client the compute manager already holds
+(``nova.scheduler.client.query.SchedulerQueryClient``, an RPC call to
+nova-scheduler), given a ``RequestSpec`` built from the instance
+(``RequestSpec.from_components``: its flavor, image, NUMA topology, PCI
+requests, availability zone, project and user) with the primary host in
+``ignore_hosts``. The spec is built here rather than loaded
+(``RequestSpec.get_by_instance_uuid``) because request specs live in the
+API database, which a compute host (and a cell conductor) cannot reach.
+What the copy does not carry yet: the server group, port resource
+requests (QoS), aggregates a request was pinned to.
+
+**How its resources are held.** By the scheduler's own claim: the spec's
+``instance_uuid`` is :func:`secondary_consumer` (``uuid5`` of the
+server's uuid), so nova-scheduler puts an allocation for that consumer,
+the flavor's resources, on the chosen host's compute node provider, as
+it does for any server. The allocation lives as long as the server is
+protected; ``destroy`` deletes it. The resource tracker's periodic task
+leaves it alone (a consumer that is not an instance in the database only
+gets an INFO line), so the secondary host is never overcommitted. The
+server's project is charged twice, which is what protection costs.
+
+**No secondary host: degraded, never silent.** If the scheduler finds no
+other host (``NoValidHost``) or cannot be asked, the server stays ACTIVE
+on its primary (stopping a running guest because it cannot be protected
+would lower its availability, the opposite of the goal) and says so:
+``ft_status`` is set to ``unprotected: no secondary host (<reason>)`` in
+the instance's system metadata and in its server metadata, which its
+owner sees (``openstack server show``, ``properties``), and a warning is
+logged. Re-protecting it once a host is free is left to a later slice.
+
+**Agents.** The driver reaches the agents only through
+:class:`mftvm_openstack.agent.rpcapi.AgentAPI`. A failed agent call
+never fails the Nova operation: it is logged (one line) and recorded
+in ``ft_status`` (``error: protect failed: ...``). The secondary's
+allocation is kept then: the agent may be using the host.
+
+The ``spec`` sent to ``protect`` describes the libvirt domain::
+
+    {'libvirt_domain': 'instance-00000001', 'uuid': '...',
+     'memory_mib': 512, 'vcpus': 1}
+
+The agent's side for libvirt domains (taking over a domain libvirt
+started, through ``ft.monitor``'s libvirt backend) is a later slice: the
+agent today protects guests it starts itself.
+
+**Destroy.** For a server this host runs (``instance.host`` is this
+host: not the clean-up of a server evacuated or handed off elsewhere)
+the agents on both hosts are told ``stop_instance``, ``LibvirtDriver``
+destroys the domain, and the secondary's allocation is deleted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any, Optional
+
+from nova import exception as nova_exception
+from nova import objects
+from nova.compute import utils as compute_utils
+from nova.scheduler.client import query as scheduler_query
+from nova.scheduler.client import report as scheduler_report
+from nova.virt.libvirt import driver as libvirt_driver
+from oslo_log import log as logging
+
+from mftvm_openstack import conf as mftvm_conf
+from mftvm_openstack.agent import rpcapi
+from mftvm_openstack.nova import ft_request
+
+LOG = logging.getLogger(__name__)
+
+#: system metadata: the secondary's host, node and Placement consumer
+SECONDARY_HOST = 'ft_secondary_host'
+SECONDARY_NODE = 'ft_secondary_node'
+SECONDARY_CONSUMER = 'ft_secondary_consumer'
+#: system metadata and server metadata: where protection stands
+STATUS = 'ft_status'
+
+STATUS_PROTECTING = 'protecting'
+STATUS_PROTECTED = 'protected'
+STATUS_NO_SECONDARY = 'unprotected: no secondary host'
+STATUS_STOPPED = 'stopped'
+
+#: namespace of :func:`secondary_consumer`
+CONSUMER_NAMESPACE = uuid.UUID('5d0e8a39-4f4b-5b8e-9e0f-6d6674766d01')
+
+_STATUS_MAX = 255     # instance_metadata.value is a VARCHAR(255)
+
+
+def secondary_consumer(instance_uuid: str) -> str:
+    """The Placement consumer holding an instance's secondary resources.
+
+    Stable (``uuid5``), so any host can find it from the instance::
+
+        >>> secondary_consumer('2b4f0c71-2f0b-4fd8-9e5d-0b1b5d0a7a11')
+        '4af21d84-4048-5201-8285-522db2de0524'
+    """
+    return str(uuid.uuid5(CONSUMER_NAMESPACE, str(instance_uuid)))
+
+
+def domain_spec(instance: Any) -> dict[str, Any]:
+    """The ``spec`` of the agent's ``protect`` for a libvirt domain."""
+    return {
+        'libvirt_domain': instance.name,
+        'uuid': instance.uuid,
+        'memory_mib': instance.flavor.memory_mb,
+        'vcpus': instance.flavor.vcpus,
+    }
+
+
+def default_agent_api() -> rpcapi.AgentAPI:
+    """An agent client on ``[DEFAULT] transport_url`` (nova.conf's)."""
+    return rpcapi.AgentAPI(rpcapi.get_transport(mftvm_conf.CONF))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().split('\n', 1)[0] or type(exc).__name__
+    return text
+
+
+class FTDriverMixin:
+    """Fault tolerance for the compute driver it is mixed in front of.
+
+    Only FT servers are touched; everything else goes to ``super()``.
+    ``agent_api_factory`` builds the agent client on first use (tests
+    replace it with a fake).
+    """
+
+    agent_api_factory: Callable[[], Any] = staticmethod(default_agent_api)
+
+    _ft_host: Optional[str] = None
+    _ft_agent_api: Any = None
+
+    # -- Nova's driver interface ----------------------------------------
+
+    def init_host(self, host: str) -> Any:
+        self._ft_host = host
+        return super().init_host(host)  # type: ignore[misc]
+
+    def spawn(self, context: Any, instance: Any, image_meta: Any,
+              injected_files: Any, admin_password: Any, allocations: Any,
+              network_info: Any = None, block_device_info: Any = None,
+              power_on: bool = True, accel_info: Any = None) -> None:
+        request = self._ft_request(instance)
+        super().spawn(  # type: ignore[misc]
+            context, instance, image_meta, injected_files, admin_password,
+            allocations, network_info=network_info,
+            block_device_info=block_device_info, power_on=power_on,
+            accel_info=accel_info)
+        if request.enabled:
+            self._protect(context, instance, image_meta, request)
+
+    def destroy(self, context: Any, instance: Any, network_info: Any,
+                block_device_info: Any = None, destroy_disks: bool = True,
+                destroy_secrets: bool = True) -> None:
+        secondary = self._ft_secondary_to_release(instance)
+        if secondary is not None:
+            self._stop_agents(context, instance, secondary)
+        super().destroy(  # type: ignore[misc]
+            context, instance, network_info,
+            block_device_info=block_device_info,
+            destroy_disks=destroy_disks, destroy_secrets=destroy_secrets)
+        if secondary is not None:
+            self._release_secondary(context, instance)
+
+    # -- FT --------------------------------------------------------------
+
+    @property
+    def agent_api(self) -> Any:
+        if self._ft_agent_api is None:
+            self._ft_agent_api = type(self).agent_api_factory()
+        return self._ft_agent_api
+
+    @staticmethod
+    def _ft_request(instance: Any) -> ft_request.FTRequest:
+        """The server's FT request; a bad one aborts the build."""
+        try:
+            return ft_request.for_instance(instance)
+        except ft_request.InvalidFTRequest as exc:
+            raise nova_exception.BuildAbortException(
+                instance_uuid=instance.uuid, reason=str(exc)) from None
+
+    def _protect(self, context: Any, instance: Any, image_meta: Any,
+                 request: ft_request.FTRequest) -> None:
+        primary = instance.host
+        try:
+            selection = self._select_secondary(context, instance,
+                                               image_meta, primary)
+        except nova_exception.NoValidHost as exc:
+            self._degraded(instance, _one_line(exc))
+            return
+        except Exception as exc:  # RPC timeout, scheduler down, ...
+            LOG.exception('Could not ask the scheduler for a secondary '
+                          'host', instance=instance)
+            self._degraded(instance, _one_line(exc))
+            return
+
+        sysmeta = instance.system_metadata
+        sysmeta[SECONDARY_HOST] = selection.service_host
+        sysmeta[SECONDARY_NODE] = selection.nodename
+        sysmeta[SECONDARY_CONSUMER] = secondary_consumer(instance.uuid)
+        self._set_status(instance, STATUS_PROTECTING)
+        LOG.info('Secondary host %s (node %s) holds resources for this '
+                 'instance', selection.service_host, selection.nodename,
+                 instance=instance)
+        try:
+            self.agent_api.protect(
+                context, primary, instance.uuid, domain_spec(instance),
+                request.agent_options(),
+                secondary_host=selection.service_host)
+        except Exception as exc:
+            LOG.error('The agent on %s could not protect the instance '
+                      'with secondary %s: %s', primary,
+                      selection.service_host, _one_line(exc),
+                      instance=instance)
+            self._set_status(instance,
+                             f'error: protect failed: {_one_line(exc)}')
+            return
+        self._set_status(instance, STATUS_PROTECTED)
+
+    def _select_secondary(self, context: Any, instance: Any,
+                          image_meta: Any, primary: str) -> Any:
+        """Ask nova-scheduler for a host other than ``primary``.
+
+        The scheduler claims the flavor's resources there for
+        :func:`secondary_consumer`. Returns the ``Selection``.
+        """
+        consumer = secondary_consumer(instance.uuid)
+        spec = objects.RequestSpec.from_components(
+            context, consumer, image_meta, instance.flavor,
+            instance.numa_topology, instance.pci_requests,
+            {'ignore_hosts': [primary]}, None,
+            instance.availability_zone,
+            project_id=instance.project_id, user_id=instance.user_id)
+        spec.is_bfv = compute_utils.is_volume_backed_instance(
+            context, instance)
+        selections = scheduler_query.SchedulerQueryClient(
+        ).select_destinations(context, spec, [consumer],
+                              return_objects=True, return_alternates=False)
+        return selections[0][0]
+
+    def _degraded(self, instance: Any, reason: str) -> None:
+        LOG.warning('No secondary host for this fault-tolerant instance; '
+                    'it runs unprotected: %s', reason, instance=instance)
+        self._set_status(instance, f'{STATUS_NO_SECONDARY} ({reason})')
+
+    def _set_status(self, instance: Any, status: str) -> None:
+        """Record ``status`` in system and server metadata, and save."""
+        status = status[:_STATUS_MAX]
+        instance.system_metadata[STATUS] = status
+        instance.metadata[STATUS] = status
+        try:
+            instance.save()
+        except nova_exception.InstanceNotFound:
+            LOG.debug('Instance gone before ft_status %r was saved',
+                      status, instance=instance)
+
+    def _ft_secondary_to_release(self, instance: Any) -> Optional[str]:
+        """The secondary host to release on destroy, if any.
+
+        Only for an instance that this host runs: after an evacuation
+        (or an FT hand-off) the old host's clean-up must not touch the
+        new host's secondary.
+        """
+        sysmeta = getattr(instance, 'system_metadata', None) or {}
+        secondary = sysmeta.get(SECONDARY_HOST)
+        if not secondary:
+            return None
+        if self._ft_host is not None and instance.host != self._ft_host:
+            LOG.info('Not releasing secondary %s: the instance now runs '
+                     'on %s', secondary, instance.host, instance=instance)
+            return None
+        return str(secondary)
+
+    def _stop_agents(self, context: Any, instance: Any,
+                     secondary: str) -> None:
+        for host in (instance.host, secondary):
+            try:
+                self.agent_api.stop_instance(context, host, instance.uuid)
+            except Exception as exc:
+                LOG.warning('The agent on %s did not stop the instance: %s',
+                            host, _one_line(exc), instance=instance)
+
+    def _release_secondary(self, context: Any, instance: Any) -> None:
+        sysmeta = instance.system_metadata
+        consumer = sysmeta.get(SECONDARY_CONSUMER) or secondary_consumer(
+            instance.uuid)
+        try:
+            scheduler_report.report_client_singleton(
+            ).delete_allocation_for_instance(context, consumer, force=True)
+        except Exception as exc:
+            LOG.error('Could not delete the secondary\'s allocation '
+                      '(consumer %s): %s', consumer, _one_line(exc),
+                      instance=instance)
+            self._set_status(instance, 'error: secondary allocation not '
+                                       f'deleted: {_one_line(exc)}')
+            return
+        for key in (SECONDARY_HOST, SECONDARY_NODE, SECONDARY_CONSUMER):
+            sysmeta.pop(key, None)
+        self._set_status(instance, STATUS_STOPPED)
+
+
+class FTLibvirtDriver(FTDriverMixin, libvirt_driver.LibvirtDriver):
+    """``LibvirtDriver`` with fault tolerance for FT servers."""

@@ -1,0 +1,79 @@
+"""How Nova's ``compute_driver = mftvm.FTLibvirtDriver`` finds our driver.
+
+Nova 34 loads its driver with
+``importutils.import_object('nova.virt.%s' % CONF.compute_driver)``:
+there is no fallback to a full path, so a third-party driver needs a
+module under ``nova.virt``. ``nova/virt/__init__.py`` is a regular
+package, whose ``__path__`` is Nova's own directory only.
+
+The shim is the source tree's ``nova/virt/mftvm/__init__.py`` (no
+``nova/__init__.py``, no ``nova/virt/__init__.py`` next to it, so it can
+never shadow Nova). Two ways to make it importable:
+
+* **Installed** (deployments, DevStack): the distribution ships it as the
+  package ``nova/virt/mftvm``, as nova-powervm shipped
+  ``nova/virt/powervm_ext``; pip puts the file into Nova's
+  ``site-packages/nova/virt/mftvm/`` and removes it on uninstall.
+  ``setup.cfg``::
+
+      [files]
+      packages =
+          mftvm_openstack
+          nova/virt/mftvm
+
+  (pbr expands entries that are directories; the dotted
+  ``nova.virt.mftvm`` would be skipped as no such directory exists).
+
+* **From the source tree** (tests, editable installs, which map only
+  ``mftvm_openstack``): :func:`ensure_importable` appends the tree's
+  ``nova/virt`` to ``nova.virt.__path__`` of the running process, which
+  is what the installed layout amounts to::
+
+      >>> from mftvm_openstack.nova import virt_shim
+      >>> virt_shim.ensure_importable()
+      'source tree'
+      >>> from nova.virt import driver
+      >>> driver.load_compute_driver(virtapi, virt_shim.COMPUTE_DRIVER)
+      <mftvm_openstack.nova.driver.FTLibvirtDriver object at ...>
+
+Either way ``nova.virt.mftvm.FTLibvirtDriver`` is
+:class:`mftvm_openstack.nova.driver.FTLibvirtDriver` itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+#: the value of nova.conf's ``[DEFAULT] compute_driver``
+COMPUTE_DRIVER = 'mftvm.FTLibvirtDriver'
+#: the module Nova imports for it
+SHIM_MODULE = 'nova.virt.mftvm'
+
+#: the source tree's directory holding the shim package ``mftvm``
+SOURCE_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), 'nova', 'virt')
+
+
+def ensure_importable() -> str:
+    """Make :data:`SHIM_MODULE` importable; tell how it is found.
+
+    Returns ``'installed'`` if Nova's ``nova.virt`` already finds it,
+    ``'source tree'`` if :data:`SOURCE_DIR` was added to
+    ``nova.virt.__path__`` (idempotent).
+
+    :raises ImportError: neither is there (an sdist-less install without
+        the shim).
+    """
+    import nova.virt
+
+    if SOURCE_DIR not in nova.virt.__path__ and \
+            importlib.util.find_spec(SHIM_MODULE) is not None:
+        return 'installed'
+    if not os.path.isfile(os.path.join(SOURCE_DIR, 'mftvm', '__init__.py')):
+        raise ImportError(f'{SHIM_MODULE} is not installed and there is no '
+                          f'source tree shim in {SOURCE_DIR}')
+    if SOURCE_DIR not in nova.virt.__path__:
+        nova.virt.__path__.append(SOURCE_DIR)
+    return 'source tree'

@@ -1,0 +1,226 @@
+"""The FT compute driver in Nova's in-process functional harness.
+
+Real API, conductor, scheduler and Placement; fake-libvirt computes
+(Nova's ``ServersTestBase``) running ``compute_driver =
+mftvm.FTLibvirtDriver``, loaded by Nova itself through the
+``nova.virt.mftvm`` shim (:mod:`mftvm_openstack.nova.virt_shim`). The
+agents are a :class:`FakeAgentAPI` that records calls, installed as the
+driver's ``agent_api_factory``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fixtures
+from nova import context as nova_context
+from nova import objects
+from nova.tests.functional.libvirt import base
+from oslo_utils import importutils
+from testtools import content
+
+from mftvm_openstack.agent import exception as agent_exception
+from mftvm_openstack.nova import driver, virt_shim
+from tests.nova.test_extra_specs import api_paste_config
+
+FLAVOR = {'memory_mb': 512, 'vcpu': 1, 'disk': 1, 'ephemeral': 0}
+USAGE = {'VCPU': 1, 'MEMORY_MB': 512, 'DISK_GB': 1}
+NO_USAGE = {'VCPU': 0, 'MEMORY_MB': 0, 'DISK_GB': 0}
+
+
+class FakeAgentAPI:
+    """Stands for :class:`mftvm_openstack.agent.rpcapi.AgentAPI`.
+
+    ``calls`` records ``(method, host, kwargs)``; ``fail[method]`` is an
+    exception to raise instead of answering.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.fail: dict[str, Exception] = {}
+
+    def _call(self, method: str, host: str, **kwargs: Any) -> dict:
+        self.calls.append((method, host, kwargs))
+        if method in self.fail:
+            raise self.fail[method]
+        return {'instance': kwargs.get('instance'), 'state': 'ok'}
+
+    def protect(self, ctxt: Any, host: str, instance: str, spec: dict,
+                options: dict, secondary_host: Any = None) -> dict:
+        return self._call('protect', host, instance=instance, spec=spec,
+                          options=options, secondary_host=secondary_host)
+
+    def stop_instance(self, ctxt: Any, host: str, instance: str) -> dict:
+        return self._call('stop_instance', host, instance=instance)
+
+    def of(self, method: str) -> list[tuple[str, dict[str, Any]]]:
+        return [(h, kw) for m, h, kw in self.calls if m == method]
+
+
+class FTDriverTestBase(base.ServersTestBase):
+    """Computes ``HOSTS`` running FTLibvirtDriver, agents faked."""
+
+    microversion = 'latest'
+    ADMIN_API = True
+    HOSTS: tuple[str, ...] = ('host1', 'host2')
+
+    def setUp(self) -> None:
+        self.shim = virt_shim.ensure_importable()
+        super().setUp()
+        self.addDetail('shim', content.text_content(self.shim))
+        self.agent = FakeAgentAPI()
+        self.useFixture(fixtures.MonkeyPatch(
+            'mftvm_openstack.nova.driver.FTDriverMixin.agent_api_factory',
+            staticmethod(lambda: self.agent)))
+        for host in self.HOSTS:
+            self.start_compute(host)
+        self.flavor = self._create_flavor(name='mftvm.plain', **FLAVOR)
+        self.ft_flavor = self._create_flavor(
+            name='mftvm.ft', extra_spec={'ft:enabled': 'true',
+                                      'ft:epoch_ms': '100'}, **FLAVOR)
+
+    def _setup_services(self) -> None:
+        self.flags(api_paste_config=api_paste_config(), group='wsgi')
+        super()._setup_services()
+
+    def _setup_compute_service(self) -> None:
+        self.flags(compute_driver=virt_shim.COMPUTE_DRIVER)
+
+    # -- helpers ---------------------------------------------------------
+
+    def _boot(self, flavor: str, metadata: dict | None = None,
+              expected_state: str = 'ACTIVE') -> dict:
+        body = self._build_server(flavor_id=flavor, networks='none')
+        if metadata is not None:
+            body['metadata'] = metadata
+        server = self.api.post_server({'server': body})
+        return self._wait_for_state_change(server, expected_state)
+
+    def _sysmeta(self, server: dict) -> dict:
+        ctxt = nova_context.get_admin_context()
+        instance = objects.Instance.get_by_uuid(
+            ctxt, server['id'], expected_attrs=['system_metadata'])
+        return dict(instance.system_metadata)
+
+    def _usages(self) -> dict[str, dict]:
+        return {host: self._get_provider_usages(self.compute_rp_uuids[host])
+                for host in self.HOSTS}
+
+    def _other(self, host: str) -> str:
+        (other,) = [h for h in self.HOSTS if h != host]
+        return other
+
+
+class TestFTDriver(FTDriverTestBase):
+
+    def test_nova_loaded_our_driver(self) -> None:
+        for host in self.HOSTS:
+            self.assertIsInstance(self.computes[host].driver,
+                                  driver.FTLibvirtDriver)
+        self.assertIs(driver.FTLibvirtDriver, importutils.import_class(
+            'nova.virt.' + virt_shim.COMPUTE_DRIVER))
+
+    def _assert_protected(self, server: dict, options: dict) -> str:
+        primary = server['OS-EXT-SRV-ATTR:host']
+        secondary = self._other(primary)
+        sysmeta = self._sysmeta(server)
+        self.assertEqual(secondary, sysmeta[driver.SECONDARY_HOST])
+        self.assertEqual(driver.secondary_consumer(server['id']),
+                         sysmeta[driver.SECONDARY_CONSUMER])
+        self.assertEqual('protected', sysmeta[driver.STATUS])
+        self.assertEqual('protected', server['metadata'][driver.STATUS])
+        # resources held on both hosts, the secondary's by its consumer
+        self.assertEqual({primary: USAGE, secondary: USAGE}, self._usages())
+        allocs = self._get_allocations_by_server_uuid(
+            driver.secondary_consumer(server['id']))
+        self.assertEqual([self.compute_rp_uuids[secondary]], list(allocs))
+        self.assertEqual(
+            [(primary, {'instance': server['id'],
+                        'spec': {'libvirt_domain': self._domain(server),
+                                 'uuid': server['id'], 'memory_mib': 512,
+                                 'vcpus': 1},
+                        'options': options, 'secondary_host': secondary})],
+            self.agent.of('protect'))
+        return primary
+
+    def _domain(self, server: dict) -> str:
+        return server['OS-EXT-SRV-ATTR:instance_name']
+
+    def test_metadata_ft_protected_then_delete_releases(self) -> None:
+        server = self._boot(self.flavor, {'ft': 'true'})
+        primary = self._assert_protected(server, {})
+        secondary = self._other(primary)
+
+        self._delete_server(server)
+        self.assertEqual({primary: NO_USAGE, secondary: NO_USAGE},
+                         self._usages())
+        self.assertEqual(
+            [(primary, {'instance': server['id']}),
+             (secondary, {'instance': server['id']})],
+            self.agent.of('stop_instance'))
+
+    def test_flavor_ft_protected(self) -> None:
+        server = self._boot(self.ft_flavor)
+        self._assert_protected(server, {'epoch_ms': 100})
+
+    def test_non_ft_server_untouched(self) -> None:
+        server = self._boot(self.flavor, {'ft': 'false'})
+        primary = server['OS-EXT-SRV-ATTR:host']
+        self.assertEqual({primary: USAGE, self._other(primary): NO_USAGE},
+                         self._usages())
+        self.assertNotIn(driver.STATUS, server['metadata'])
+        self.assertNotIn(driver.SECONDARY_HOST, self._sysmeta(server))
+        self._delete_server(server)
+        self.assertEqual([], self.agent.calls)
+
+    def test_agent_failures_never_fail_nova(self) -> None:
+        self.agent.fail['protect'] = agent_exception.PeerUnreachable(
+            host='host?', reason='no answer')
+        self.agent.fail['stop_instance'] = agent_exception.InstanceNotFound(
+            instance='x')
+        server = self._boot(self.ft_flavor)
+        primary = server['OS-EXT-SRV-ATTR:host']
+        secondary = self._other(primary)
+        status = self._sysmeta(server)[driver.STATUS]
+        self.assertTrue(status.startswith('error: protect failed: the '
+                                          'agent on host host?'), status)
+        self.assertEqual(status, server['metadata'][driver.STATUS])
+        # the secondary stays held: the agent may be using it
+        self.assertEqual({primary: USAGE, secondary: USAGE}, self._usages())
+
+        self._delete_server(server)
+        self.assertEqual({primary: NO_USAGE, secondary: NO_USAGE},
+                         self._usages())
+        self.assertEqual([primary, secondary],
+                         [h for h, _ in self.agent.of('stop_instance')])
+
+    def test_invalid_ft_request_aborts_build(self) -> None:
+        # stored through a microversion that does not validate
+        self.admin_api.microversion = '2.85'
+        self.admin_api.post_extra_spec(
+            self.ft_flavor, {'extra_specs': {'ft:epoch_ms': '5'}})
+        server = self._boot(self.ft_flavor, expected_state='ERROR')
+        self.assertIn("flavor extra spec 'ft:epoch_ms'",
+                      server['fault']['message'])
+        self.assertEqual([], self.agent.calls)
+        self.assertEqual({h: NO_USAGE for h in self.HOSTS}, self._usages())
+
+
+class TestFTDriverOneHost(FTDriverTestBase):
+    """No host for a secondary: ACTIVE, unprotected, and saying so."""
+
+    HOSTS = ('host1',)
+
+    def test_no_secondary_host_degraded(self) -> None:
+        server = self._boot(self.flavor, {'ft': 'true'})
+        status = server['metadata'][driver.STATUS]
+        self.assertTrue(status.startswith(
+            'unprotected: no secondary host ('), status)
+        sysmeta = self._sysmeta(server)
+        self.assertEqual(status, sysmeta[driver.STATUS])
+        self.assertNotIn(driver.SECONDARY_HOST, sysmeta)
+        self.assertEqual({'host1': USAGE}, self._usages())
+        self.assertEqual([], self.agent.calls)
+        self._delete_server(server)
+        self.assertEqual({'host1': NO_USAGE}, self._usages())
+        self.assertEqual([], self.agent.calls)
