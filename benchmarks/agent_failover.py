@@ -3,7 +3,8 @@
 Three "hosts" (network namespaces, ``tests/integration/lab.py``) run a
 real ``mftvm-agent`` each, with RabbitMQ and Redis in a fourth. One guest
 is protected; then, ``--runs`` times: the host that runs it dies whole
-(SIGKILL of every process in its namespace), the guest goes on at its
+(its link cut, then SIGKILL of every process in its namespace: no FIN or
+RST reaches the secondary, as with a power loss), the guest goes on at its
 secondary, the dead host's agent is started again, and the guest is
 re-protected onto the next host. For each run it records, on the
 system-wide monotonic clock:
@@ -179,8 +180,11 @@ class AgentBench(fixtures.Fixture):
                 if got is not None:
                     assert got == last + 1, (got, last)
                     last = got
-            self.lab.kill_all(primary)
+            # Power off: the link goes first, so no FIN or RST tells the
+            # secondary; it has only the silence to go by.
             killed = time.monotonic()
+            self.lab.link_down(primary)
+            self.lab.kill_all(primary)
             got = wait(lambda s=secondary: workload.counter_request(
                 self.lab.ip(s), port, 2), 60, 'the answer', 0)
             answered = time.monotonic()
@@ -203,6 +207,7 @@ class AgentBench(fixtures.Fixture):
                   flush=True)
             # The dead host comes back (an empty agent); the survivor
             # re-protects the guest onto the next host.
+            self.lab.link_up(primary)
             self.start_agent(primary)
             st = wait(lambda s=secondary: (x := self.status(s)).get(
                 'state') == 'protected' and x.get(

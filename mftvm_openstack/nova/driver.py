@@ -81,8 +81,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Optional
 
-from nova import exception as nova_exception
-from nova import objects
+import nova.exception as nova_exception
+import nova.objects.request_spec as request_spec_obj
 from nova.compute import utils as compute_utils
 from nova.scheduler.client import query as scheduler_query
 from nova.scheduler.client import report as scheduler_report
@@ -252,7 +252,7 @@ class FTDriverMixin:
         :func:`secondary_consumer`. Returns the ``Selection``.
         """
         consumer = secondary_consumer(instance.uuid)
-        spec = objects.RequestSpec.from_components(
+        spec = request_spec_obj.RequestSpec.from_components(
             context, consumer, image_meta, instance.flavor,
             instance.numa_topology, instance.pci_requests,
             {'ignore_hosts': [primary]}, None,

@@ -12,29 +12,31 @@ never shadow Nova). Two ways to make it importable:
 
 * **Installed** (deployments, DevStack): the distribution ships it as the
   package ``nova/virt/mftvm``, as nova-powervm shipped
-  ``nova/virt/powervm_ext``; pip puts the file into Nova's
-  ``site-packages/nova/virt/mftvm/`` and removes it on uninstall.
-  ``setup.cfg``::
+  ``nova/virt/powervm_ext``. ``setup.cfg``::
 
       [files]
       packages =
           mftvm_openstack
           nova/virt/mftvm
 
-  (pbr expands entries that are directories; the dotted
-  ``nova.virt.mftvm`` would be skipped as no such directory exists).
+  pbr expands entries that are directories (the dotted
+  ``nova.virt.mftvm`` would be skipped: no such directory). The wheel
+  then holds ``nova/virt/mftvm/__init__.py`` and no other ``nova/``
+  file, so pip puts the shim into Nova's own
+  ``site-packages/nova/virt/mftvm/`` and removes it on uninstall; Nova's
+  files are never touched. No ``.pth`` file, no setup hook.
 
-* **From the source tree** (tests, editable installs, which map only
-  ``mftvm_openstack``): :func:`ensure_importable` appends the tree's
-  ``nova/virt`` to ``nova.virt.__path__`` of the running process, which
-  is what the installed layout amounts to::
+* **From the source tree** (tests; editable installs, whose finder maps
+  ``mftvm_openstack`` only): :func:`ensure_importable` appends the
+  tree's ``nova/virt`` to ``nova.virt.__path__`` in the running
+  process, which is what the installed layout amounts to::
 
-      >>> from mftvm_openstack.nova import virt_shim
-      >>> virt_shim.ensure_importable()
-      'source tree'
-      >>> from nova.virt import driver
-      >>> driver.load_compute_driver(virtapi, virt_shim.COMPUTE_DRIVER)
-      <mftvm_openstack.nova.driver.FTLibvirtDriver object at ...>
+      from mftvm_openstack.nova import virt_shim
+      from nova.virt import driver
+
+      virt_shim.ensure_importable()       # 'source tree' or 'installed'
+      driver.load_compute_driver(virtapi, virt_shim.COMPUTE_DRIVER)
+      # -> an mftvm_openstack.nova.driver.FTLibvirtDriver
 
 Either way ``nova.virt.mftvm.FTLibvirtDriver`` is
 :class:`mftvm_openstack.nova.driver.FTLibvirtDriver` itself.

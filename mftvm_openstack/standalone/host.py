@@ -94,8 +94,10 @@ HOST_DEFAULTS: dict[str, Any] = {
     'replica_timeout': 3.0,  # disk replica silent this long is cut off
 }
 
-#: a lease holder stops its guest this long before the lease would lapse
-FENCE_MARGIN = 0.75
+def fence_margin(lease: float) -> float:
+    """How long before its lease would lapse a holder stops its guest:
+    a quarter of the lease, within 0.25-0.75 s."""
+    return min(0.75, max(0.25, lease / 4))
 
 
 def free_port(host: str) -> int:
@@ -280,7 +282,8 @@ class Host:
             except Exception as exc:
                 LOG.warning('cannot renew ownership of %s: %s',
                             self.spec.name, exc or 'timed out')
-            left = fence.deadline(FENCE_MARGIN) - time.monotonic()
+            left = fence.deadline(fence_margin(fence.lease)) - \
+                time.monotonic()
             if left <= 0:
                 await self.self_fence('ownership could not be renewed '
                                       'within its lease')

@@ -10,11 +10,14 @@ driver's ``agent_api_factory``.
 
 from __future__ import annotations
 
+import doctest
+import os
 from typing import Any
 
 import fixtures
-from nova import context as nova_context
-from nova import objects
+import nova.context as nova_context
+import nova.objects.instance as instance_obj
+import testtools
 from nova.tests.functional.libvirt import base
 from oslo_utils import importutils
 from testtools import content
@@ -55,6 +58,43 @@ class FakeAgentAPI:
 
     def of(self, method: str) -> list[tuple[str, dict[str, Any]]]:
         return [(h, kw) for m, h, kw in self.calls if m == method]
+
+
+class TestDocstrings(testtools.TestCase):
+
+    def test_driver_doctests(self) -> None:
+        result = doctest.testmod(driver)
+        self.assertGreater(result.attempted, 0)
+        self.assertEqual(0, result.failed)
+
+
+class TestVirtShim(testtools.TestCase):
+    """``nova.virt.mftvm``, as Nova 34 imports ``compute_driver``."""
+
+    def test_shim_is_our_driver(self) -> None:
+        self.assertIn(virt_shim.ensure_importable(),
+                      ('installed', 'source tree'))
+        # idempotent, and what load_compute_driver imports
+        virt_shim.ensure_importable()
+        import nova.virt
+
+        self.assertEqual(len(set(nova.virt.__path__)),
+                         len(nova.virt.__path__))
+        self.assertIs(driver.FTLibvirtDriver, importutils.import_class(
+            'nova.virt.' + virt_shim.COMPUTE_DRIVER))
+
+    def test_source_shim_never_shadows_nova(self) -> None:
+        # no __init__.py above the shim: the source tree's nova/ is at
+        # most a namespace portion, and Nova's regular package wins
+        tree = os.path.dirname(os.path.dirname(virt_shim.SOURCE_DIR))
+        self.assertTrue(os.path.isfile(
+            os.path.join(virt_shim.SOURCE_DIR, 'mftvm', '__init__.py')))
+        for parent in ('nova', os.path.join('nova', 'virt')):
+            self.assertFalse(os.path.exists(
+                os.path.join(tree, parent, '__init__.py')), parent)
+        import nova
+
+        self.assertNotIn(os.path.join(tree, 'nova'), list(nova.__path__))
 
 
 class FTDriverTestBase(base.ServersTestBase):
@@ -98,7 +138,7 @@ class FTDriverTestBase(base.ServersTestBase):
 
     def _sysmeta(self, server: dict) -> dict:
         ctxt = nova_context.get_admin_context()
-        instance = objects.Instance.get_by_uuid(
+        instance = instance_obj.Instance.get_by_uuid(
             ctxt, server['id'], expected_attrs=['system_metadata'])
         return dict(instance.system_metadata)
 
