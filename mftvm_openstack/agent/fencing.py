@@ -71,6 +71,14 @@ class Fence(abc.ABC):
         """Give the ownership up (the guest no longer runs here)."""
 
     @abc.abstractmethod
+    def reclaim(self) -> Optional[bool]:
+        """After the lease lapsed unrenewed: take it again if it is free.
+
+        True: ours again; False: another holder has it (stop the guest
+        now); None: the backend did not answer.
+        """
+
+    @abc.abstractmethod
     def mark_stale(self, pair_id: str, reason: str) -> None:
         """Record durably that ``pair_id``'s replica may not take over."""
 
@@ -129,6 +137,9 @@ class FileFence(Fence):
 
     def _renew(self) -> bool:
         return self._fd is not None
+
+    def reclaim(self) -> Optional[bool]:
+        return self._fd is not None or self._try()
 
     def release(self) -> None:
         if self._fd is not None:
@@ -261,6 +272,27 @@ class ToozFence(Fence):
         if beat is None:
             return True     # a lock that never lapses (tooz's file driver)
         return bool(self._call('renewing the lease', beat))
+
+    def reclaim(self) -> Optional[bool]:
+        sent = time.monotonic()
+        try:
+            self._start()
+            if self._held:
+                # A renewal whose answer was lost may have landed after
+                # all: then the lease is still ours.
+                try:
+                    if self._renew():
+                        self._renewed_at = sent
+                        return True
+                except FenceError:
+                    pass
+            won = bool(self._lock.acquire(blocking=False))
+        except Exception:
+            return None
+        if won:
+            self._held = True
+            self._renewed_at = sent
+        return won
 
     def release(self) -> None:
         if self._held:

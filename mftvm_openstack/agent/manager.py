@@ -426,7 +426,7 @@ class AgentManager:
         keys = ('role', 'state', 'epochs', 'last_committed_epoch',
                 'pause_p50_ms', 'pause_p99_ms', 'failover_ms', 'error',
                 'reason', 'qemu_pid', 'host_pid', 'alive', 'pair_id',
-                'ms_since_last_ack', 'listen')
+                'ms_since_last_ack', 'listen', 'lease_held', 'takeover')
         out = {k: st[k] for k in keys if k in st}
         out.update(instance=instance, host=self.host,
                    peer=record.get('peer'))

@@ -63,7 +63,7 @@ agent_opts = [
              'primary lost. Detection takes heartbeat_interval * '
              'heartbeat_misses (0.8 s by default).'),
     cfg.FloatOpt(
-        'hang_timeout', default=5.0, min=1,
+        'hang_timeout', default=15.0, min=1,
         help='Seconds a guest\'s QEMU may leave its monitor unanswered '
              'before it counts as hung: it is killed, and its secondary '
              'takes over.'),

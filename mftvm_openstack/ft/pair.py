@@ -192,6 +192,13 @@ class _Machine:
             self.finished.set()
 
 
+def _echo_detect_s(payload: bytes) -> float:
+    try:
+        return max(0.0, int(payload or b'0') / 1000)
+    except ValueError:
+        return 0.0
+
+
 # -- primary ----------------------------------------------------------------
 
 class PrimaryPair(_Machine):
@@ -225,6 +232,11 @@ class PrimaryPair(_Machine):
         self.mark_timeout = mark_timeout
         self.ship_timeout = ship_timeout
         self.heartbeat_interval = heartbeat_interval
+        # heartbeat seq -> when it was sent; the newest echoed send time
+        self._beats: dict[int, float] = {}
+        self._beat_seq = 0
+        self.echoed_at: Optional[float] = None
+        self.peer_detect_s = 0.0
         self.invalidate_replica = invalidate_replica
         self.guest_alive = guest_alive
         self._ship_started = 0.0
@@ -249,8 +261,26 @@ class PrimaryPair(_Machine):
         # when epochs are longer than its detection time.
         with contextlib.suppress(ConnectionError, OSError):
             while True:
-                await self.channel.send(Kind.HEARTBEAT)
+                self._beat_seq += 1
+                self._beats[self._beat_seq] = self.clock.monotonic()
+                for old in [n for n in self._beats
+                            if n < self._beat_seq - 100]:
+                    del self._beats[old]
+                await self.channel.send(Kind.HEARTBEAT, self._beat_seq)
                 await self.clock.sleep(self.heartbeat_interval)
+
+    def peer_holds_until(self) -> float:
+        """Until when, on our clock, the secondary surely still counts us
+        alive (so it cannot be taking over): the send time of the newest
+        heartbeat it echoed, plus its detection time. -inf if unknown.
+
+        The secondary restarts its silence timer whenever it hears from
+        us, and it echoed heartbeat n only after hearing it; so it cannot
+        declare us lost before send_time(n) + its detection time.
+        """
+        if self.state != State.PROTECTED or self.echoed_at is None:
+            return float('-inf')
+        return self.echoed_at + self.peer_detect_s
 
     async def _ticker(self) -> None:
         while True:
@@ -273,6 +303,12 @@ class PrimaryPair(_Machine):
                         if not fut.done():
                             fut.set_result(None)
                     self.post(Acked(msg.epoch))
+                elif msg.kind == Kind.ECHO:
+                    sent = self._beats.pop(msg.epoch, None)
+                    if sent is not None and (self.echoed_at is None
+                                             or sent > self.echoed_at):
+                        self.echoed_at = sent
+                        self.peer_detect_s = _echo_detect_s(msg.payload)
                 elif msg.kind == Kind.ERROR:
                     self.post(SecondaryLost(
                         f'secondary error: {msg.json().get("error")}'))
@@ -491,6 +527,11 @@ class SecondaryPair(_Machine):
                     previous = self._applying
                     self._applying = self._spawn(
                         self._apply(previous, msg.epoch, devstate, delta))
+                elif msg.kind == Kind.HEARTBEAT:
+                    with contextlib.suppress(ConnectionError, OSError):
+                        await self.channel.send(
+                            Kind.ECHO, msg.epoch,
+                            str(round(self.detect_timeout * 1000)).encode())
                 elif msg.kind == Kind.PRIMARY_LOST:
                     self.post(PrimaryLost(
                         f'primary reported: {msg.json().get("reason")}'))

@@ -44,10 +44,12 @@ class Kind(enum.IntEnum):
     MARKED = 4
     CHECKPOINT = 5    # device state + RAM delta of one epoch
     ACK = 6           # the epoch is committed on the secondary
-    HEARTBEAT = 7
+    HEARTBEAT = 7     # primary → secondary; epoch field: a sequence no.
     PRIMARY_LOST = 8  # the primary's guest is gone: take over now
     ERROR = 9         # JSON {"error": "..."}
     BYE = 10          # orderly end of protection
+    ECHO = 11         # secondary → primary: heartbeat n heard; payload:
+                      # its detection time in ms (ASCII)
 
 
 class ProtocolError(Exception):

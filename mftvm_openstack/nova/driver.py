@@ -69,10 +69,19 @@ The agent's side for libvirt domains (taking over a domain libvirt
 started, through ``ft.monitor``'s libvirt backend) is a later slice: the
 agent today protects guests it starts itself.
 
+**Hand-off on failover.** Once the agent on the secondary's host has
+taken the server over, that host's nova-compute moves Nova's record
+there (host, node, Placement allocation, port binding, a ``done``
+evacuation Migration): see :mod:`mftvm_openstack.nova.handoff`. The
+driver watches its local agent for it from ``init_host`` to
+``cleanup_host``, every :attr:`FTDriverMixin.handoff_interval` seconds.
+
 **Destroy.** For a server this host runs (``instance.host`` is this
 host: not the clean-up of a server evacuated or handed off elsewhere)
 the agents on both hosts are told ``stop_instance``, ``LibvirtDriver``
-destroys the domain, and the secondary's allocation is deleted.
+destroys the domain, and the secondary's allocation is deleted. A
+server handed off here and not re-protected has no secondary: the agent
+here, which runs it, is told ``stop_instance``.
 """
 
 from __future__ import annotations
@@ -81,9 +90,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Optional
 
+import nova.context as nova_context
 import nova.exception as nova_exception
+import nova.objects.instance as instance_obj
 import nova.objects.request_spec as request_spec_obj
 from nova.compute import utils as compute_utils
+from nova.network import neutron as neutron_api
 from nova.scheduler.client import query as scheduler_query
 from nova.scheduler.client import report as scheduler_report
 from nova.virt.libvirt import driver as libvirt_driver
@@ -91,7 +103,7 @@ from oslo_log import log as logging
 
 from mftvm_openstack import conf as mftvm_conf
 from mftvm_openstack.agent import rpcapi
-from mftvm_openstack.nova import ft_request
+from mftvm_openstack.nova import ft_request, handoff
 
 LOG = logging.getLogger(__name__)
 
@@ -153,15 +165,42 @@ class FTDriverMixin:
     """
 
     agent_api_factory: Callable[[], Any] = staticmethod(default_agent_api)
+    #: seconds between two looks at the local agent for takeovers
+    #: (:mod:`~mftvm_openstack.nova.handoff`); 0 turns the watch off
+    handoff_interval: float = 2.0
+    #: after a hand-off, ask the scheduler for a new secondary (not the
+    #: old primary's host) and tell the agent to protect onto it
+    reprotect_after_handoff: bool = False
 
     _ft_host: Optional[str] = None
     _ft_agent_api: Any = None
+    _ft_watcher: Optional[handoff.TakeoverWatcher] = None
+    _ft_context: Any = None
+    _ft_list_failing: bool = False
+    #: instance uuid -> why the watcher leaves it alone while the agent
+    #: lists it ('runs here', 'handed off', ...)
+    _ft_seen: dict[str, str]
 
     # -- Nova's driver interface ----------------------------------------
 
     def init_host(self, host: str) -> Any:
         self._ft_host = host
-        return super().init_host(host)  # type: ignore[misc]
+        result = super().init_host(host)  # type: ignore[misc]
+        # the manager's own admin context at start-up: in Nova's harness
+        # it is the one targeted at this compute's cell
+        self._ft_context = nova_context.get_admin_context()
+        self._ft_seen = {}
+        if self.handoff_interval > 0:
+            self._ft_watcher = handoff.TakeoverWatcher(
+                host, self._ft_check_takeovers, self.handoff_interval)
+            self._ft_watcher.start()
+        return result
+
+    def cleanup_host(self, host: str) -> None:
+        watcher, self._ft_watcher = self._ft_watcher, None
+        if watcher is not None:
+            watcher.stop()
+        super().cleanup_host(host)  # type: ignore[misc]
 
     def spawn(self, context: Any, instance: Any, image_meta: Any,
               injected_files: Any, admin_password: Any, allocations: Any,
@@ -182,6 +221,10 @@ class FTDriverMixin:
         secondary = self._ft_secondary_to_release(instance)
         if secondary is not None:
             self._stop_agents(context, instance, secondary)
+        elif self._ft_runs_here_handed_off(instance):
+            # the agent here runs the guest (it took it over): libvirt
+            # knows nothing of it
+            self._stop_agents(context, instance, None)
         super().destroy(  # type: ignore[misc]
             context, instance, network_info,
             block_device_info=block_device_info,
@@ -207,11 +250,12 @@ class FTDriverMixin:
                 instance_uuid=instance.uuid, reason=str(exc)) from None
 
     def _protect(self, context: Any, instance: Any, image_meta: Any,
-                 request: ft_request.FTRequest) -> None:
+                 request: ft_request.FTRequest,
+                 avoid: tuple[str, ...] = ()) -> None:
         primary = instance.host
         try:
             selection = self._select_secondary(context, instance,
-                                               image_meta, primary)
+                                               image_meta, primary, avoid)
         except nova_exception.NoValidHost as exc:
             self._degraded(instance, _one_line(exc))
             return
@@ -245,17 +289,19 @@ class FTDriverMixin:
         self._set_status(instance, STATUS_PROTECTED)
 
     def _select_secondary(self, context: Any, instance: Any,
-                          image_meta: Any, primary: str) -> Any:
+                          image_meta: Any, primary: str,
+                          avoid: tuple[str, ...] = ()) -> Any:
         """Ask nova-scheduler for a host other than ``primary``.
 
-        The scheduler claims the flavor's resources there for
-        :func:`secondary_consumer`. Returns the ``Selection``.
+        Hosts in ``avoid`` are not chosen either. The scheduler claims
+        the flavor's resources there for :func:`secondary_consumer`.
+        Returns the ``Selection``.
         """
         consumer = secondary_consumer(instance.uuid)
         spec = request_spec_obj.RequestSpec.from_components(
             context, consumer, image_meta, instance.flavor,
             instance.numa_topology, instance.pci_requests,
-            {'ignore_hosts': [primary]}, None,
+            {'ignore_hosts': [primary, *avoid]}, None,
             instance.availability_zone,
             project_id=instance.project_id, user_id=instance.user_id)
         spec.is_bfv = compute_utils.is_volume_backed_instance(
@@ -281,6 +327,82 @@ class FTDriverMixin:
             LOG.debug('Instance gone before ft_status %r was saved',
                       status, instance=instance)
 
+    # -- hand-off on failover (see mftvm_openstack.nova.handoff) ---------
+
+    def _ft_check_takeovers(self) -> None:
+        """One look at the local agent; hand off what it took over.
+
+        Instances already known to run here (or not to be Nova's FT
+        servers) are remembered while the agent lists them, so a steady
+        state costs one agent call per tick and no database access.
+        """
+        host, context = self._ft_host, self._ft_context
+        if host is None or context is None:
+            return
+        try:
+            entries = self.agent_api.list(context, host)
+        except Exception as exc:
+            log = LOG.debug if self._ft_list_failing else LOG.warning
+            log('Cannot ask the agent on %s for takeovers: %s', host,
+                _one_line(exc))
+            self._ft_list_failing = True
+            return
+        self._ft_list_failing = False
+        running = handoff.taken_over(entries)
+        for uuid_ in list(self._ft_seen):
+            if uuid_ not in running:
+                del self._ft_seen[uuid_]
+        for uuid_ in running:
+            if uuid_ not in self._ft_seen:
+                self._ft_take_over(context.elevated(), host, uuid_)
+
+    def _ft_take_over(self, context: Any, host: str, uuid_: str) -> None:
+        try:
+            instance = instance_obj.Instance.get_by_uuid(
+                context, uuid_,
+                expected_attrs=['system_metadata', 'metadata', 'flavor'])
+        except nova_exception.InstanceNotFound:
+            self._ft_seen[uuid_] = 'not a Nova instance'
+            return
+        if instance.host == host:
+            self._ft_seen[uuid_] = 'runs here'
+            return
+        old_host = instance.host
+        sysmeta = instance.system_metadata
+        consumer = sysmeta.get(SECONDARY_CONSUMER) or secondary_consumer(
+            instance.uuid)
+        try:
+            migration = handoff.hand_off(
+                context, instance, host, network_api=neutron_api.API(),
+                reportclient=scheduler_report.report_client_singleton(),
+                consumer=consumer)
+        except handoff.HandoffError as exc:
+            LOG.error('Hand-off to %s failed (retrying): %s', host, exc,
+                      instance=instance)
+            return
+        except Exception:
+            LOG.exception('Hand-off to %s failed (retrying)', host,
+                          instance=instance)
+            return
+        if migration is None:
+            self._ft_seen[uuid_] = 'nothing to hand off'
+            return
+        self._ft_seen[uuid_] = 'handed off'
+        if self.reprotect_after_handoff:
+            self._reprotect_after_handoff(context, instance, old_host)
+
+    def _reprotect_after_handoff(self, context: Any, instance: Any,
+                                 old_host: str) -> None:
+        """Choose a new secondary (never ``old_host``) and protect."""
+        try:
+            request = ft_request.for_instance(instance)
+        except ft_request.InvalidFTRequest as exc:
+            LOG.warning('Not re-protected: %s', exc, instance=instance)
+            return
+        if request.enabled:
+            self._protect(context, instance, instance.image_meta, request,
+                          avoid=(old_host,))
+
     def _ft_secondary_to_release(self, instance: Any) -> Optional[str]:
         """The secondary host to release on destroy, if any.
 
@@ -298,9 +420,19 @@ class FTDriverMixin:
             return None
         return str(secondary)
 
+    def _ft_runs_here_handed_off(self, instance: Any) -> bool:
+        """Handed off here and not re-protected (no secondary)."""
+        sysmeta = getattr(instance, 'system_metadata', None) or {}
+        status = str(sysmeta.get(STATUS) or '')
+        return (status.startswith(handoff.FAILED_OVER) and
+                self._ft_host is not None and
+                instance.host == self._ft_host)
+
     def _stop_agents(self, context: Any, instance: Any,
-                     secondary: str) -> None:
+                     secondary: Optional[str]) -> None:
         for host in (instance.host, secondary):
+            if host is None:
+                continue
             try:
                 self.agent_api.stop_instance(context, host, instance.uuid)
             except Exception as exc:

@@ -90,9 +90,14 @@ HOST_DEFAULTS: dict[str, Any] = {
     'ram_tag': None,         # tells RAM files of one guest apart per host
     'heartbeat_interval': 0.2,
     'detect_timeout': 1.0,
-    'hang_timeout': 5.0,     # QEMU silent on QMP this long counts as dead
+    'hang_timeout': 15.0,    # QEMU silent on QMP this long counts as dead
     'replica_timeout': 3.0,  # disk replica silent this long is cut off
 }
+
+#: a primary that lives on the secondary's word stops this long before
+#: the secondary could declare it lost
+ECHO_MARGIN = 0.3
+
 
 def fence_margin(lease: float) -> float:
     """How long before its lease would lapse a holder stops its guest:
@@ -139,6 +144,7 @@ class Host:
         self._wakeup = asyncio.Event()
         self._pending: Optional[tuple[str, str]] = None
         self._stopping = False
+        self._lost_to_another = False
 
     def running_unprotected(self) -> bool:
         if isinstance(self.machine, pair.PrimaryPair) and \
@@ -172,6 +178,8 @@ class Host:
             data['listen'] = self.listen
         if self.takeover:
             data['takeover'] = self.takeover
+        if self.fence is not None and self.fence.lease != float('inf'):
+            data['lease_held'] = time.monotonic() < self.fence.deadline(0)
         data['pair_id'] = self.pair_id
         data['host_pid'] = os.getpid()
         data['qemu_pid'] = self.qemu.pid if self.qemu and \
@@ -188,7 +196,10 @@ class Host:
 
     async def _publish_status(self) -> None:
         while True:
-            self.publish_status()
+            try:
+                self.publish_status()
+            except Exception:   # a stale status.json would mislead all
+                LOG.exception('cannot publish status')
             await asyncio.sleep(0.25)
 
     async def _control(self, reader: asyncio.StreamReader,
@@ -267,13 +278,42 @@ class Host:
     # -- ownership --
 
     async def keep_ownership(self) -> None:
-        """Renew the fence while the guest runs here; if it cannot be
-        renewed in time, stop the guest before another host may start it.
+        """Renew the fence while the guest runs here, and stop the guest
+        before another host may start it.
+
+        The guest may run while either holds: our lease (renewed every
+        lease/4), or the secondary's word that it still hears us (echoed
+        heartbeats: it cannot take over before the newest echoed
+        heartbeat's send time plus its detection time). So a lost
+        coordination backend alone stops nothing, and a host cut off from
+        both stops its guest in time.
         """
         fence = self.fence
         assert fence is not None
         if fence.lease == float('inf'):
             return
+        renewing = asyncio.ensure_future(self._renew_loop(fence))
+        try:
+            while True:
+                if time.monotonic() > self.may_run_until(fence):
+                    await self.self_fence(
+                        'ownership could not be renewed within its lease, '
+                        'and the secondary no longer vouches for us')
+                    return
+                if self._lost_to_another:
+                    await self.self_fence('another host owns the guest')
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            renewing.cancel()
+
+    def may_run_until(self, fence: fencing.Fence) -> float:
+        until = fence.deadline(fence_margin(fence.lease))
+        if isinstance(self.machine, pair.PrimaryPair):
+            until = max(until, self.machine.peer_holds_until() - ECHO_MARGIN)
+        return until
+
+    async def _renew_loop(self, fence: fencing.Fence) -> None:
         interval = fence.lease / 4
         while True:
             try:
@@ -282,13 +322,16 @@ class Host:
             except Exception as exc:
                 LOG.warning('cannot renew ownership of %s: %s',
                             self.spec.name, exc or 'timed out')
-            left = fence.deadline(fence_margin(fence.lease)) - \
-                time.monotonic()
-            if left <= 0:
-                await self.self_fence('ownership could not be renewed '
-                                      'within its lease')
-                return
-            await asyncio.sleep(min(interval, left))
+                if time.monotonic() > fence.deadline(0):
+                    # Lapsed at the backend too: take it back if free.
+                    got = await asyncio.to_thread(fence.reclaim)
+                    if got is False:
+                        self._lost_to_another = True
+                        return
+                    if got:
+                        LOG.warning('ownership of %s regained',
+                                    self.spec.name)
+            await asyncio.sleep(interval)
 
     async def self_fence(self, reason: str) -> None:
         LOG.error('fencing myself: %s; killing the guest', reason)

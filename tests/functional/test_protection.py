@@ -196,9 +196,16 @@ class SecondaryLossTest(base.GuestTestCase):
         self.assertTrue(children, 'the secondary runs a storage daemon')
         os.kill(sec['host_pid'], signal.SIGKILL)
         t_kill = time.monotonic()
-        prim = base.wait_for(
-            lambda: (s := self.side('sk', 'primary')).get(
-                'state') == 'unprotected' and s, 15, what='unprotected')
+        try:
+            prim = base.wait_for(
+                lambda: (s := self.side('sk', 'primary')).get(
+                    'state') == 'unprotected' and s, 15, what='unprotected')
+        except AssertionError:
+            # Say where it stuck: the primary's last status and log.
+            log = workload.read_text(os.path.join(gdir, 'primary-host.log'))
+            self.fail(f'not unprotected within 15s; primary status '
+                      f'{self.side("sk", "primary")}; log tail:\n'
+                      + '\n'.join(log.splitlines()[-15:]))
         self.assertIn('reason', prim)
         # The storage daemon died with its host.
         for pid in children:

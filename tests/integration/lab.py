@@ -628,7 +628,8 @@ class Redis(fixtures.Fixture):
     or (with ``lab=None``) in the root namespace on 127.0.0.1.
 
     ``url`` is ``redis://IP:PORT``; e.g. ``redis.Redis.from_url(url)``
-    or a tooz ``redis://`` backend URL.
+    or a tooz ``redis://`` backend URL. ``process`` is the server's
+    Popen (SIGSTOP/SIGCONT it to take the backend away and back).
     """
 
     START_TIMEOUT = 30.0
@@ -664,6 +665,8 @@ class Redis(fixtures.Fixture):
                 proc = subprocess.Popen(argv, start_new_session=True,
                                         **kwargs)
         self.addCleanup(_stop_process, proc, signal.SIGTERM, 5.0)
+        #: the redis-server process (SIGSTOP it to lose the backend)
+        self.process = proc
 
         client = redis.Redis(host=self.host, port=self.port,
                              socket_connect_timeout=0.5, socket_timeout=2)

@@ -40,6 +40,14 @@ class FenceContract:
         a = self.make('a')
         self.assertRaises(fencing.FenceError, a.mark_stale, 'p1', 'x')
 
+    def test_reclaim_only_what_is_free(self):
+        a, b = self.make('a'), self.make('b')
+        self.assertTrue(a.acquire(1))
+        self.assertTrue(a.reclaim())        # still ours
+        self.assertFalse(b.reclaim())       # another holds it
+        a.release()
+        self.assertTrue(b.reclaim())
+
     def test_renew_needs_ownership(self):
         a = self.make('a')
         self.assertRaises(fencing.FenceError, a.renew)

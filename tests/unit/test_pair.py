@@ -126,6 +126,23 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         for _ in range(20):
             await asyncio.sleep(0)
 
+    async def test_echoed_heartbeat_vouches_for_the_primary(self):
+        self.make()
+        self.machine._spawn(self.machine._heartbeat())
+        await asyncio.sleep(0.05)
+        beats = [m for m in self.chan.sent if m.kind == Kind.HEARTBEAT]
+        self.assertTrue(beats)
+        # No echo yet: nobody vouches for us.
+        self.assertEqual(float('-inf'), self.machine.peer_holds_until())
+        sent = self.machine._beats[beats[0].epoch]
+        self.chan.inbox.put_nowait(Message(Kind.ECHO, beats[0].epoch,
+                                           b'800'))
+        await self.settle()
+        self.assertAlmostEqual(sent + 0.8, self.machine.peer_holds_until())
+        # An unprotected primary has no one to vouch for it.
+        self.machine.state = pair.State.UNPROTECTED
+        self.assertEqual(float('-inf'), self.machine.peer_holds_until())
+
     async def test_tick_checkpoints_ships_and_ack_releases_output(self):
         self.make()
         self.machine.post(pair.Tick())
@@ -293,6 +310,13 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.wait_for(self.machine.finished.wait(), 5)
         self.assertEqual([1], self.activated)
         self.assertIn('no word', self.machine.stats.reason)
+
+    async def test_heartbeats_are_echoed_with_the_detection_time(self):
+        self.make(timeout=0.8)
+        self.chan.inbox.put_nowait(Message(Kind.HEARTBEAT, 7))
+        await asyncio.sleep(0.05)
+        echo = [m for m in self.chan.sent if m.kind == Kind.ECHO]
+        self.assertEqual([(7, b'800')], [(m.epoch, m.payload) for m in echo])
 
     async def test_silence_before_any_checkpoint_is_tolerated_longer(self):
         # Nothing to resume yet: a primary starved by the initial sync

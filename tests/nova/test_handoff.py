@@ -1,0 +1,263 @@
+"""Hand-off on failover in Nova's in-process harness.
+
+Three fake-libvirt computes run FTLibvirtDriver; the agents are a
+:class:`TakeoverAgentAPI` whose ``list()`` reports, per host, what the
+test says the agent runs. A server is booted FT (primary P, secondary S
+chosen by the scheduler, third host T free), then the agent on S
+"takes it over": S's nova-compute must move Nova's record there, with
+no reboot, and P coming back must not start a second copy.
+"""
+
+from __future__ import annotations
+
+import doctest
+import time
+from typing import Any
+
+import fixtures
+import nova.context as nova_context
+import nova.objects.instance as instance_obj
+import testtools
+from nova.tests.fixtures import libvirt as fakelibvirt
+from nova.virt.libvirt import driver as libvirt_driver
+
+from mftvm_openstack.nova import driver, handoff
+from tests.nova import test_driver
+
+USAGE = test_driver.USAGE
+NO_USAGE = test_driver.NO_USAGE
+#: how long the API may take to show the hand-off (the watcher polls
+#: every 0.1 s here)
+HANDOFF_TIMEOUT = 15.0
+
+
+class TakeoverAgentAPI(test_driver.FakeAgentAPI):
+    """The fake agents, plus ``list()`` of what each host runs.
+
+    ``list`` is polled by the driver's watcher: it is not recorded in
+    ``calls``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running: dict[str, list[dict[str, Any]]] = {}
+        self.list_calls: dict[str, int] = {}
+
+    def list(self, ctxt: Any, host: str) -> list[dict[str, Any]]:
+        self.list_calls[host] = self.list_calls.get(host, 0) + 1
+        return [dict(e) for e in self.running.get(host, [])]
+
+    def take_over(self, host: str, instance: str,
+                  state: str = 'active') -> None:
+        """The agent on ``host`` now runs ``instance`` as primary."""
+        self.running.setdefault(host, []).append(
+            {'instance': instance, 'role': 'primary', 'state': state,
+             'alive': True, 'host': host, 'peer': None})
+
+
+class TestDocstrings(testtools.TestCase):
+
+    def test_handoff_doctests(self) -> None:
+        result = doctest.testmod(handoff)
+        self.assertGreater(result.attempted, 0)
+        self.assertEqual(0, result.failed)
+
+    def test_keys_match_the_driver(self) -> None:
+        self.assertEqual(
+            (driver.SECONDARY_HOST, driver.SECONDARY_NODE,
+             driver.SECONDARY_CONSUMER, driver.STATUS),
+            (handoff.SECONDARY_HOST, handoff.SECONDARY_NODE,
+             handoff.SECONDARY_CONSUMER, handoff.STATUS))
+
+
+class HandoffTestBase(test_driver.FTDriverTestBase):
+
+    HOSTS = ('host1', 'host2', 'host3')
+    REPROTECT = False
+
+    def setUp(self) -> None:
+        # before the computes start: the watcher reads it in init_host
+        self.useFixture(fixtures.MonkeyPatch(
+            'mftvm_openstack.nova.driver.FTDriverMixin.handoff_interval',
+            0.1))
+        self.useFixture(fixtures.MonkeyPatch(
+            'mftvm_openstack.nova.driver.FTDriverMixin.'
+            'reprotect_after_handoff', self.REPROTECT))
+        super().setUp()
+        self.takeover = TakeoverAgentAPI()
+        self.agent = self.takeover
+        # the drivers build their client on first use: give them ours
+        for compute in self.computes.values():
+            compute.driver._ft_agent_api = self.agent
+        self.power_calls: list[tuple[str, str]] = []
+        for name in ('power_on', 'power_off', 'reboot', 'spawn',
+                     'resume_state_on_host_boot'):
+            self._spy(name)
+
+    def _spy(self, name: str) -> None:
+        original = getattr(libvirt_driver.LibvirtDriver, name)
+        calls = self.power_calls
+
+        def spy(drv: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append((name, drv._ft_host))
+            return original(drv, *args, **kwargs)
+
+        self.useFixture(fixtures.MonkeyPatch(
+            f'nova.virt.libvirt.driver.LibvirtDriver.{name}', spy))
+
+    def _boot_ft(self, networks: Any = 'none') -> dict:
+        body = self._build_server(flavor_id=self.ft_flavor,
+                                  networks=networks)
+        server = self.api.post_server({'server': body})
+        return self._wait_for_state_change(server, 'ACTIVE')
+
+    def _roles(self, server: dict) -> tuple[str, str, str]:
+        primary = server['OS-EXT-SRV-ATTR:host']
+        secondary = self._sysmeta(server)[driver.SECONDARY_HOST]
+        (third,) = set(self.HOSTS) - {primary, secondary}
+        return primary, secondary, third
+
+    def _wait_for_host(self, server: dict, host: str) -> tuple[dict, float]:
+        start = time.monotonic()
+        while True:
+            server = self.api.get_server(server['id'])
+            if server['OS-EXT-SRV-ATTR:host'] == host:
+                return server, time.monotonic() - start
+            if time.monotonic() - start > HANDOFF_TIMEOUT:
+                self.fail(f'server still on {server["OS-EXT-SRV-ATTR:host"]}'
+                          f' after {HANDOFF_TIMEOUT} s')
+            time.sleep(0.05)
+
+    def _domains(self, host: str) -> list[str]:
+        conn = self.computes[host].driver._host.get_connection()
+        flags = (fakelibvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE |
+                 fakelibvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE)
+        return [d.UUIDString() for d in conn.listAllDomains(flags)]
+
+    def _migrations(self, server: dict) -> list[dict]:
+        return [m for m in self.admin_api.get_migrations()
+                if m['instance_uuid'] == server['id']]
+
+
+class TestHandoff(HandoffTestBase):
+
+    def test_takeover_moves_record_and_old_host_stays_clean(self) -> None:
+        port = self.neutron.port_1['id']
+        server = self._boot_ft(networks=[{'port': port}])
+        primary, secondary, third = self._roles(server)
+        self.assertEqual([server['id']], self._domains(primary))
+        self.assertEqual({primary: USAGE, secondary: USAGE,
+                          third: NO_USAGE}, self._usages())
+        self.assertEqual(
+            primary, self.neutron.show_port(port)['port']['binding:host_id'])
+        del self.power_calls[:]
+        calls_before = len(self.agent.calls)
+
+        self.takeover.take_over(secondary, server['id'])
+        server, waited = self._wait_for_host(server, secondary)
+        self.addDetail('handoff_seconds',
+                       testtools.content.text_content(f'{waited:.2f}'))
+
+        # the API: ACTIVE, running, no task, on the new host
+        self.assertEqual('ACTIVE', server['status'])
+        self.assertEqual(1, server['OS-EXT-STS:power_state'])
+        self.assertIsNone(server['OS-EXT-STS:task_state'])
+        self.assertEqual(secondary,
+                         server['OS-EXT-SRV-ATTR:hypervisor_hostname'])
+        (migration,) = self._migrations(server)
+        self.assertEqual(
+            ('evacuation', 'done', primary, secondary, secondary),
+            (migration['migration_type'], migration['status'],
+             migration['source_compute'], migration['dest_compute'],
+             migration['dest_node']))
+        # Placement: the instance on the new host only, the secondary's
+        # hold gone (moved into it)
+        self.assertEqual({primary: NO_USAGE, secondary: USAGE,
+                          third: NO_USAGE}, self._usages())
+        self.assertEqual([self.compute_rp_uuids[secondary]],
+                         list(self._get_allocations_by_server_uuid(
+                             server['id'])))
+        self.assertEqual({}, self._get_allocations_by_server_uuid(
+            driver.secondary_consumer(server['id'])))
+        # no reboot, nothing started
+        self.assertEqual([], self.power_calls)
+        self.assertEqual(calls_before, len(self.agent.calls))
+        # status, secondary forgotten, port bound to the new host
+        status = f'failed-over from {primary}; unprotected'
+        self.assertEqual(status, server['metadata'][driver.STATUS])
+        sysmeta = self._sysmeta(server)
+        self.assertEqual(status, sysmeta[driver.STATUS])
+        for key in (driver.SECONDARY_HOST, driver.SECONDARY_NODE,
+                    driver.SECONDARY_CONSUMER):
+            self.assertNotIn(key, sysmeta)
+        self.assertEqual(
+            secondary,
+            self.neutron.show_port(port)['port']['binding:host_id'])
+        actions = [a['action'] for a in
+                   self.api.get_instance_actions(server['id'])]
+        self.assertIn(handoff.ACTION, actions)
+        ctxt = nova_context.get_admin_context()
+        instance = instance_obj.Instance.get_by_uuid(ctxt, server['id'])
+        self.assertEqual(self.computes[secondary].manager.rt
+                         .compute_nodes[secondary].id, instance.compute_id)
+
+        # the old host comes back: its copy is destroyed, not started
+        self.restart_compute_service(primary)
+        self.computes[primary].driver._ft_agent_api = self.agent
+        self.assertEqual([], self._domains(primary))
+        server = self.api.get_server(server['id'])
+        self.assertEqual(secondary, server['OS-EXT-SRV-ATTR:host'])
+        self.assertEqual('ACTIVE', server['status'])
+        self.assertEqual([], self.power_calls)
+        self.assertEqual(calls_before, len(self.agent.calls))
+        self.assertEqual('completed', self._migrations(server)[0]['status'])
+        self.assertEqual({primary: NO_USAGE, secondary: USAGE,
+                          third: NO_USAGE}, self._usages())
+        # the watcher keeps quiet once the record is here
+        time.sleep(0.3)
+        self.assertEqual(1, len(self._migrations(server)))
+
+        # deleting it now is the new host's business
+        self._delete_server(server)
+        self.assertEqual({h: NO_USAGE for h in self.HOSTS}, self._usages())
+        self.assertEqual([(secondary, {'instance': server['id']})],
+                         self.agent.of('stop_instance'))
+
+    def test_takeover_by_a_host_nova_did_not_choose_is_ignored(self) -> None:
+        server = self._boot_ft()
+        primary, secondary, third = self._roles(server)
+        self.takeover.take_over(third, server['id'])
+        deadline = time.monotonic() + 5
+        while self.takeover.list_calls.get(third, 0) < 3:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        server = self.api.get_server(server['id'])
+        self.assertEqual(primary, server['OS-EXT-SRV-ATTR:host'])
+        self.assertEqual([], self._migrations(server))
+        self.assertEqual({primary: USAGE, secondary: USAGE,
+                          third: NO_USAGE}, self._usages())
+
+
+class TestHandoffReprotect(HandoffTestBase):
+    """``reprotect_after_handoff``: a new secondary on the third host."""
+
+    REPROTECT = True
+
+    def test_takeover_then_reprotected_on_third_host(self) -> None:
+        server = self._boot_ft()
+        primary, secondary, third = self._roles(server)
+        self.takeover.take_over(secondary, server['id'])
+        server, _ = self._wait_for_host(server, secondary)
+        deadline = time.monotonic() + HANDOFF_TIMEOUT
+        while self._sysmeta(server).get(driver.STATUS) != 'protected':
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        sysmeta = self._sysmeta(server)
+        self.assertEqual(third, sysmeta[driver.SECONDARY_HOST])
+        self.assertEqual({primary: NO_USAGE, secondary: USAGE,
+                          third: USAGE}, self._usages())
+        self.assertEqual(secondary, self.agent.of('protect')[-1][0])
+        self.assertEqual(third,
+                         self.agent.of('protect')[-1][1]['secondary_host'])
+        self.assertEqual([], [c for c in self.power_calls
+                              if c[0] != 'spawn'])
