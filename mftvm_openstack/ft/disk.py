@@ -88,6 +88,15 @@ class DiskError(Exception):
     """Replication or the replica store cannot do what was asked."""
 
 
+#: The replica's files skip fsync. A flush from the primary still gets
+#: every write (and qcow2's metadata) to this host's page cache, which is
+#: all a failover here reads; and if this host itself crashes, its
+#: replica is given up anyway (the primary re-protects elsewhere).
+#: Durability is the primary disk's job. (It spares one fsync per guest
+#: flush; on this noisy machine the IOPS gain was not measurable.)
+REPLICA_CACHE = {'no-flush': True}
+
+
 @dataclasses.dataclass(frozen=True)
 class NbdTarget:
     """Where the secondary serves the replica: a unix socket or host:port."""
@@ -338,8 +347,10 @@ class EpochOverlayStore:
         self.monitor = monitor
         await monitor.execute('blockdev-add', **{
             'driver': 'raw', 'node-name': self.BASE, 'discard': 'unmap',
+            'cache': REPLICA_CACHE,
             'file': {'driver': 'file', 'filename': self.base_path,
-                     'node-name': f'{self.BASE}-file'}})
+                     'node-name': f'{self.BASE}-file',
+                     'cache': REPLICA_CACHE}})
         # A throttle group without limits: a pass-through root node.
         await monitor.execute('object-add', **{
             'qom-type': 'throttle-group', 'id': 'tg0'})
@@ -557,9 +568,9 @@ class EpochOverlayStore:
         await self.create_overlay_file(path)
         await monitor.execute('blockdev-add', **{
             'driver': 'qcow2', 'node-name': node, 'backing': None,
-            'discard': 'unmap',
+            'discard': 'unmap', 'cache': REPLICA_CACHE,
             'file': {'driver': 'file', 'filename': path,
-                     'node-name': f'{node}-file'}})
+                     'node-name': f'{node}-file', 'cache': REPLICA_CACHE}})
         self._pool.append((node, path))
 
     async def _cancel_tasks(self) -> None:
