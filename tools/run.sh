@@ -18,8 +18,10 @@ APT_PACKAGES="qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64
     gcc libc6-dev python3-venv python3-dev iproute2 zstd xz-utils"
 # The agent's integration tests start their own broker and coordination
 # backend (in a network namespace); nothing is started system-wide.
+# The libvirt tier runs a real libvirtd (started by the test).
 if [ "$job" = test ]; then
-    APT_PACKAGES="$APT_PACKAGES rabbitmq-server redis-server"
+    APT_PACKAGES="$APT_PACKAGES rabbitmq-server redis-server
+        libvirt-daemon-system libvirt-dev pkg-config"
 fi
 
 missing=""

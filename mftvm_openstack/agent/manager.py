@@ -274,7 +274,7 @@ class AgentManager:
         pair_id = uuid.uuid4().hex[:12]
         target, address = self._prepare_peer(instance, spec, opts,
                                              prefer=secondary_host,
-                                             exclude=())
+                                             last=())
         opts.update(secondary=address, pair_id=pair_id)
         with self._lock:
             inst = self._new_dir(instance, spec, opts)
@@ -303,22 +303,25 @@ class AgentManager:
                                  f'{self.conf.agent.protect_timeout:.0f}s')
 
     def _candidates(self, prefer: Optional[str],
-                    exclude: tuple[str, ...]) -> list[str]:
+                    last: tuple[str, ...]) -> list[str]:
+        """Peers to ask, in order: ``prefer``, then ``[agent] peers``;
+        hosts in ``last`` (the one just lost) only after all others."""
         hosts = ([prefer] if prefer else []) + list(self.conf.agent.peers)
         out: list[str] = []
         for h in hosts:
-            if h and h != self.host and h not in exclude and h not in out:
+            if h and h != self.host and h not in out:
                 out.append(h)
+        out.sort(key=lambda h: h in last)     # stable: keeps the order
         return out
 
     def _prepare_peer(self, instance: str, spec: dict[str, Any],
                       options: dict[str, Any], prefer: Optional[str],
-                      exclude: tuple[str, ...]) -> tuple[str, str]:
+                      last: tuple[str, ...]) -> tuple[str, str]:
         """Ask the first willing peer for a secondary: (host, address)."""
         request = {k: options[k] for k in ('epoch_ms', 'disk_sync',
                                            'tracker')}
         errors = []
-        for host in self._candidates(prefer, exclude):
+        for host in self._candidates(prefer, last):
             try:
                 reply = self.agents.prepare_secondary(
                     {}, host, instance, spec, request, self.host)
@@ -328,7 +331,7 @@ class AgentManager:
                             instance, host, exc)
                 errors.append(f'{host}: {exc}')
         raise exception.PeerUnreachable(
-            host=','.join(self._candidates(prefer, exclude)) or '(none)',
+            host=','.join(self._candidates(prefer, last)) or '(none)',
             reason='; '.join(errors) or 'no peer configured ([agent] '
             'peers) or named')
 
@@ -339,10 +342,11 @@ class AgentManager:
         record = inst.record
         guest = _read_json(os.path.join(inst.dir, 'guest.json')) or {}
         spec, options = guest.get('spec'), guest.get('options', {})
-        # The host we lost is not asked first: it is likely still down.
-        exclude = (str(record.get('peer', '')),) if not prefer else ()
+        # The host we lost is asked last: it is likely still down (but
+        # it may be the only one left).
+        last = (str(record.get('peer', '')),) if not prefer else ()
         target, address = self._prepare_peer(instance, spec or {}, options,
-                                             prefer=prefer, exclude=exclude)
+                                             prefer=prefer, last=last)
         pair_id = uuid.uuid4().hex[:12]
         reply = inst.control('protect', secondary=address, pair_id=pair_id)
         if not reply.get('ok'):

@@ -76,6 +76,67 @@ evacuation Migration): see :mod:`mftvm_openstack.nova.handoff`. The
 driver watches its local agent for it from ``init_host`` to
 ``cleanup_host``, every :attr:`FTDriverMixin.handoff_interval` seconds.
 
+**Stop, start, reboot.** The guest runs on the primary only; the
+agents must not read a deliberate stop or restart as a lost primary::
+
+    power_off ──► AgentAPI.unprotect(primary)   (its agent stops the
+              ──► LibvirtDriver.power_off        secondary's side)
+              ──► ft_status=stopped
+    power_on  ──► LibvirtDriver.power_on
+              ──► secondary still valid? ─ yes ─► AgentAPI.protect(
+              │                                    primary, secondary=B)
+              └── no: delete its allocation, select a new one, protect
+              ──► ft_status=protected (or degraded / error)
+    reboot    ──► unprotect ──► LibvirtDriver.reboot ──► as power_on
+
+A stopped FT server **keeps its secondary's allocation**: Nova keeps the
+primary's resources for a SHUTOFF server too, and keeping the
+secondary's is what makes ``start`` able to protect again at once onto
+the same host, which cannot have been filled meanwhile. The secondary
+is "still valid" when its allocation is still in Placement and its
+nova-compute service is up and enabled; otherwise it is released and
+the scheduler chooses another (never the old one). (When that cannot
+be checked, the secondary is kept: the agent says if it is unusable.)
+During a reboot ``ft_status`` reads ``unprotected: rebooting``. An FT
+server that
+ran degraded (no secondary) gets a new chance at every start and
+reboot. ``LibvirtDriver``'s ``power_on`` and hard reboot destroy and
+re-create the domain through ``destroy``: while the mixin restarts a
+server, that ``destroy`` is libvirt's alone (no agent told, nothing
+released). Agent failures are logged and recorded in ``ft_status``
+(``stopped; error: unprotect failed: ...``), never raised.
+
+**Resize, cold and live migration are refused** for an FT server (its
+``ft`` request is on): the primary would move while the agents' pair,
+the replicated disk and the secondary's anti-affinity stay behind, and
+a move is a window where neither host can fail over. Supporting it
+means unprotect, move, re-protect (and re-check anti-affinity against
+the new primary): a later slice. The refusal leaves the server ACTIVE
+on its host, with its allocations unchanged, and names the way out
+(:data:`MOVE_REFUSED`). Once the ``ft`` server property is unset, the
+move goes ahead; a secondary still held then is unprotected and
+released first (``ft_status`` ``unprotected: ft off``), as it is at the
+next start or reboot. (FT asked by the flavor cannot be unset by its
+user: such a server cannot be moved, nor resized to a flavor without
+FT, in this slice.)
+
+* resize and cold migration: ``migrate_disk_and_power_off`` raises
+  ``InstanceFaultRollback(MigrationPreCheckError)``, the path
+  ``LibvirtDriver`` itself takes for moves it cannot do; Nova rolls the
+  server back to ACTIVE, reverts the allocations, records the reason as
+  the instance fault and the ``compute_resize_instance`` action event's
+  details;
+* live migration: ``check_can_live_migrate_destination`` (on the
+  destination) and ``check_can_live_migrate_source`` raise
+  ``NoValidHost`` with the reason. Not ``MigrationPreCheckError``: the
+  conductor takes that for "this destination cannot" and tries every
+  other host, ending in a generic ``NoValidHost`` that loses the reason.
+  The conductor keeps the server ACTIVE, sets the migration to
+  ``error`` and records the reason as the instance fault and the
+  ``conductor_live_migrate_instance`` event's details (``openstack
+  server event show``); before microversion 2.25 the API answers 400
+  with it.
+
 **Destroy.** For a server this host runs (``instance.host`` is this
 host: not the clean-up of a server evacuated or handed off elsewhere)
 the agents on both hosts are told ``stop_instance``, ``LibvirtDriver``
@@ -86,18 +147,21 @@ here, which runs it, is told ``stop_instance``.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import nova.context as nova_context
 import nova.exception as nova_exception
 import nova.objects.instance as instance_obj
 import nova.objects.request_spec as request_spec_obj
+import nova.objects.service as service_obj
 from nova.compute import utils as compute_utils
 from nova.network import neutron as neutron_api
 from nova.scheduler.client import query as scheduler_query
 from nova.scheduler.client import report as scheduler_report
+from nova.servicegroup import api as servicegroup_api
 from nova.virt.libvirt import driver as libvirt_driver
 from oslo_log import log as logging
 
@@ -118,6 +182,18 @@ STATUS_PROTECTING = 'protecting'
 STATUS_PROTECTED = 'protected'
 STATUS_NO_SECONDARY = 'unprotected: no secondary host'
 STATUS_STOPPED = 'stopped'
+STATUS_REBOOTING = 'unprotected: rebooting'
+STATUS_FT_OFF = 'unprotected: ft off'
+
+#: why a move of an FT server is refused (``%(what)s``: 'Resize or cold
+#: migration', 'Live migration'; ``%(remedy)s``: one of the two below).
+#: Kept short: Nova cuts instance fault messages and action event details
+#: at 255 characters, its own prefix included
+MOVE_REFUSED = ('%(what)s of a fault-tolerant instance is refused (its '
+                'secondary would not follow): %(remedy)s')
+REMEDY_METADATA = 'unprotect it first (unset the ft server property)'
+REMEDY_FLAVOR = ('its flavor asks for FT (ft:enabled): boot a snapshot of '
+                 'it with another flavor')
 
 #: namespace of :func:`secondary_consumer`
 CONSUMER_NAMESPACE = uuid.UUID('5d0e8a39-4f4b-5b8e-9e0f-6d6674766d01')
@@ -180,6 +256,9 @@ class FTDriverMixin:
     #: instance uuid -> why the watcher leaves it alone while the agent
     #: lists it ('runs here', 'handed off', ...)
     _ft_seen: dict[str, str]
+    #: instances the mixin restarts now (power_on, reboot): the
+    #: ``destroy`` LibvirtDriver does inside is not a deletion
+    _ft_restarting_uuids: Optional[set[str]] = None
 
     # -- Nova's driver interface ----------------------------------------
 
@@ -218,6 +297,15 @@ class FTDriverMixin:
     def destroy(self, context: Any, instance: Any, network_info: Any,
                 block_device_info: Any = None, destroy_disks: bool = True,
                 destroy_secrets: bool = True) -> None:
+        if instance.uuid in self._ft_restarting:
+            # LibvirtDriver's hard reboot (power_on too) re-creating the
+            # domain: the server stays, and so does its secondary
+            super().destroy(  # type: ignore[misc]
+                context, instance, network_info,
+                block_device_info=block_device_info,
+                destroy_disks=destroy_disks,
+                destroy_secrets=destroy_secrets)
+            return
         secondary = self._ft_secondary_to_release(instance)
         if secondary is not None:
             self._stop_agents(context, instance, secondary)
@@ -231,6 +319,85 @@ class FTDriverMixin:
             destroy_disks=destroy_disks, destroy_secrets=destroy_secrets)
         if secondary is not None:
             self._release_secondary(context, instance)
+
+    def power_off(self, instance: Any, timeout: int = 0,
+                  retry_interval: int = 0) -> None:
+        ft = self._ft_lifecycle(instance)
+        error = None
+        if ft and self._ft_secondary(instance):
+            error = self._unprotect(nova_context.get_admin_context(),
+                                    instance)
+        super().power_off(  # type: ignore[misc]
+            instance, timeout=timeout, retry_interval=retry_interval)
+        if ft:
+            self._set_status(instance, STATUS_STOPPED if error is None
+                             else f'{STATUS_STOPPED}; {error}')
+
+    def power_on(self, context: Any, instance: Any, network_info: Any,
+                 block_device_info: Any = None, accel_info: Any = None,
+                 share_info: Any = None) -> None:
+        with self._ft_restart(instance):
+            super().power_on(  # type: ignore[misc]
+                context, instance, network_info,
+                block_device_info=block_device_info,
+                accel_info=accel_info, share_info=share_info)
+        if self._ft_lifecycle(instance):
+            self._reprotect(context, instance)
+
+    def reboot(self, context: Any, instance: Any, network_info: Any,
+               reboot_type: str, block_device_info: Any = None,
+               bad_volumes_callback: Any = None, accel_info: Any = None,
+               share_info: Any = None) -> None:
+        ft = self._ft_lifecycle(instance)
+        if ft and self._ft_secondary(instance):
+            error = self._unprotect(context, instance)
+            self._set_status(instance, STATUS_REBOOTING if error is None
+                             else f'{STATUS_REBOOTING}; {error}')
+        with self._ft_restart(instance):
+            super().reboot(  # type: ignore[misc]
+                context, instance, network_info, reboot_type,
+                block_device_info=block_device_info,
+                bad_volumes_callback=bad_volumes_callback,
+                accel_info=accel_info, share_info=share_info)
+        if ft:
+            self._reprotect(context, instance)
+
+    def migrate_disk_and_power_off(self, context: Any, instance: Any,
+                                   dest: str, flavor: Any,
+                                   network_info: Any,
+                                   block_device_info: Any = None,
+                                   timeout: int = 0,
+                                   retry_interval: int = 0) -> Any:
+        reason = self._ft_move_refused(instance,
+                                       'Resize or cold migration')
+        if reason is not None:
+            raise nova_exception.InstanceFaultRollback(
+                nova_exception.MigrationPreCheckError(reason=reason))
+        self._drop_leftover_secondary(context, instance)
+        return super().migrate_disk_and_power_off(  # type: ignore[misc]
+            context, instance, dest, flavor, network_info,
+            block_device_info=block_device_info, timeout=timeout,
+            retry_interval=retry_interval)
+
+    def check_can_live_migrate_destination(
+            self, context: Any, instance: Any, src_compute_info: Any,
+            dst_compute_info: Any, block_migration: bool = False,
+            disk_over_commit: bool = False) -> Any:
+        # the source's driver may be another: refuse here too, first
+        self._refuse_live_migration(instance)
+        return super().check_can_live_migrate_destination(  # type: ignore
+            context, instance, src_compute_info, dst_compute_info,
+            block_migration=block_migration,
+            disk_over_commit=disk_over_commit)
+
+    def check_can_live_migrate_source(self, context: Any, instance: Any,
+                                      dest_check_data: Any,
+                                      block_device_info: Any = None) -> Any:
+        self._refuse_live_migration(instance)
+        self._drop_leftover_secondary(context, instance)
+        return super().check_can_live_migrate_source(  # type: ignore[misc]
+            context, instance, dest_check_data,
+            block_device_info=block_device_info)
 
     # -- FT --------------------------------------------------------------
 
@@ -273,16 +440,22 @@ class FTDriverMixin:
         LOG.info('Secondary host %s (node %s) holds resources for this '
                  'instance', selection.service_host, selection.nodename,
                  instance=instance)
+        self._protect_onto(context, instance, request,
+                           selection.service_host)
+
+    def _protect_onto(self, context: Any, instance: Any,
+                      request: ft_request.FTRequest,
+                      secondary: str) -> None:
+        """Tell the primary's agent to protect onto ``secondary``."""
+        primary = instance.host
         try:
             self.agent_api.protect(
                 context, primary, instance.uuid, domain_spec(instance),
-                request.agent_options(),
-                secondary_host=selection.service_host)
+                request.agent_options(), secondary_host=secondary)
         except Exception as exc:
             LOG.error('The agent on %s could not protect the instance '
-                      'with secondary %s: %s', primary,
-                      selection.service_host, _one_line(exc),
-                      instance=instance)
+                      'with secondary %s: %s', primary, secondary,
+                      _one_line(exc), instance=instance)
             self._set_status(instance,
                              f'error: protect failed: {_one_line(exc)}')
             return
@@ -310,6 +483,162 @@ class FTDriverMixin:
         ).select_destinations(context, spec, [consumer],
                               return_objects=True, return_alternates=False)
         return selections[0][0]
+
+    # -- lifecycle: stop, start, reboot, moves ----------------------------
+
+    @property
+    def _ft_restarting(self) -> set[str]:
+        if self._ft_restarting_uuids is None:
+            self._ft_restarting_uuids = set()
+        return self._ft_restarting_uuids
+
+    @contextlib.contextmanager
+    def _ft_restart(self, instance: Any) -> Iterator[None]:
+        """While LibvirtDriver restarts ``instance``, ``destroy`` is its
+        own (see :meth:`destroy`)."""
+        self._ft_restarting.add(instance.uuid)
+        try:
+            yield
+        finally:
+            self._ft_restarting.discard(instance.uuid)
+
+    @staticmethod
+    def _ft_secondary(instance: Any) -> Optional[str]:
+        sysmeta = getattr(instance, 'system_metadata', None) or {}
+        secondary = sysmeta.get(SECONDARY_HOST)
+        return str(secondary) if secondary else None
+
+    @staticmethod
+    def _ft_asked(instance: Any) -> bool:
+        """The server's FT request is on (a bad one counts as on)."""
+        try:
+            return ft_request.for_instance(instance).enabled
+        except ft_request.InvalidFTRequest:
+            return True
+
+    def _ft_lifecycle(self, instance: Any) -> bool:
+        """Stop, start and reboot of ``instance`` concern the agents.
+
+        It holds a secondary, or asks for FT and is not a server an
+        agent here took over (the hand-off's business, not libvirt's).
+        """
+        if self._ft_secondary(instance):
+            return True
+        sysmeta = getattr(instance, 'system_metadata', None) or {}
+        if str(sysmeta.get(STATUS) or '').startswith(handoff.FAILED_OVER):
+            return False
+        return self._ft_asked(instance)
+
+    def _ft_move_refused(self, instance: Any, what: str) -> Optional[str]:
+        """Why ``instance`` may not move, or None.
+
+        It may once it no longer asks for FT, even while it still holds
+        a secondary (see :meth:`_drop_leftover_secondary`).
+        """
+        if not self._ft_asked(instance):
+            return None
+        flavor = getattr(instance, 'flavor', None)
+        specs = getattr(flavor, 'extra_specs', None) or {}
+        try:
+            by_flavor = ft_request.parse_bool(
+                ft_request.FLAVOR, ft_request.ENABLED,
+                specs.get(ft_request.ENABLED, 'false'))
+        except ft_request.InvalidFTRequest:
+            by_flavor = True
+        reason = MOVE_REFUSED % {
+            'what': what,
+            'remedy': REMEDY_FLAVOR if by_flavor else REMEDY_METADATA}
+        LOG.warning('Refused: %s', reason, instance=instance)
+        return reason
+
+    def _drop_leftover_secondary(self, context: Any,
+                                 instance: Any) -> None:
+        """Before ``instance`` moves: if FT was turned off (the ``ft``
+        property unset) while it still holds a secondary, stop the
+        protection and release the secondary."""
+        if not self._ft_secondary(instance) or self._ft_asked(instance):
+            return
+        error = self._unprotect(context, instance)
+        self._release_secondary(
+            context, instance,
+            status=STATUS_FT_OFF if error is None
+            else f'{STATUS_FT_OFF}; {error}')
+
+    def _refuse_live_migration(self, instance: Any) -> None:
+        reason = self._ft_move_refused(instance, 'Live migration')
+        if reason is not None:
+            raise nova_exception.NoValidHost(reason=reason)
+
+    def _unprotect(self, context: Any, instance: Any) -> Optional[str]:
+        """Tell the primary's agent to stop protecting ``instance``.
+
+        Its agent tells the secondary's. Returns None, or the error for
+        ``ft_status`` (logged; never raised).
+        """
+        try:
+            self.agent_api.unprotect(context, instance.host, instance.uuid)
+        except Exception as exc:
+            LOG.error('The agent on %s could not unprotect the instance: '
+                      '%s', instance.host, _one_line(exc),
+                      instance=instance)
+            return f'error: unprotect failed: {_one_line(exc)}'
+        return None
+
+    def _reprotect(self, context: Any, instance: Any) -> None:
+        """Protect ``instance`` again once it runs (start, reboot).
+
+        Onto its recorded secondary while that is still valid, else onto
+        a newly selected one (see the module's docstring).
+        """
+        try:
+            request = ft_request.for_instance(instance)
+        except ft_request.InvalidFTRequest as exc:
+            LOG.warning('Not re-protected: %s', exc, instance=instance)
+            self._set_status(instance, f'error: {_one_line(exc)}')
+            return
+        secondary = self._ft_secondary(instance)
+        if secondary is not None:
+            invalid = self._secondary_invalid(context, instance, secondary)
+            if invalid is None:
+                self._set_status(instance, STATUS_PROTECTING)
+                self._protect_onto(context, instance, request, secondary)
+                return
+            LOG.info('Secondary %s no longer fit (%s): choosing another',
+                     secondary, invalid, instance=instance)
+            if not self._release_secondary(context, instance, status=None):
+                return
+        if not request.enabled:
+            # FT was turned off while it had a secondary: now released
+            self._set_status(instance, STATUS_FT_OFF)
+            return
+        self._protect(context, instance, instance.image_meta, request,
+                      avoid=(secondary,) if secondary else ())
+
+    def _secondary_invalid(self, context: Any, instance: Any,
+                           secondary: str) -> Optional[str]:
+        """Why the recorded secondary can no longer serve, or None."""
+        consumer = instance.system_metadata.get(
+            SECONDARY_CONSUMER) or secondary_consumer(instance.uuid)
+        try:
+            allocs = scheduler_report.report_client_singleton(
+            ).get_allocs_for_consumer(context, consumer)
+            if not allocs.get('allocations'):
+                return 'its allocation is gone'
+            service = service_obj.Service.get_by_compute_host(
+                context, secondary)
+        except nova_exception.ComputeHostNotFound:
+            return 'its host is gone'
+        except Exception as exc:
+            # a passing fault must not cost a good secondary: keep it (the
+            # agent says so if it cannot protect onto it)
+            LOG.warning('Cannot check secondary %s, keeping it: %s',
+                        secondary, _one_line(exc), instance=instance)
+            return None
+        if service.disabled:
+            return 'its compute service is disabled'
+        if not servicegroup_api.API().service_is_up(service):
+            return 'its compute service is down'
+        return None
 
     def _degraded(self, instance: Any, reason: str) -> None:
         LOG.warning('No secondary host for this fault-tolerant instance; '
@@ -439,7 +768,13 @@ class FTDriverMixin:
                 LOG.warning('The agent on %s did not stop the instance: %s',
                             host, _one_line(exc), instance=instance)
 
-    def _release_secondary(self, context: Any, instance: Any) -> None:
+    def _release_secondary(self, context: Any, instance: Any,
+                           status: Optional[str] = STATUS_STOPPED) -> bool:
+        """Delete the secondary's allocation and forget it.
+
+        ``status`` (None: left as is) is recorded once done. False if
+        Placement refused (recorded in ``ft_status``).
+        """
         sysmeta = instance.system_metadata
         consumer = sysmeta.get(SECONDARY_CONSUMER) or secondary_consumer(
             instance.uuid)
@@ -452,10 +787,14 @@ class FTDriverMixin:
                       instance=instance)
             self._set_status(instance, 'error: secondary allocation not '
                                        f'deleted: {_one_line(exc)}')
-            return
+            return False
         for key in (SECONDARY_HOST, SECONDARY_NODE, SECONDARY_CONSUMER):
             sysmeta.pop(key, None)
-        self._set_status(instance, STATUS_STOPPED)
+        if status is not None:
+            self._set_status(instance, status)
+        else:
+            instance.save()
+        return True
 
 
 class FTLibvirtDriver(FTDriverMixin, libvirt_driver.LibvirtDriver):

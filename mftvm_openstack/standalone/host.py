@@ -38,6 +38,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -287,25 +288,32 @@ class Host:
         heartbeat's send time plus its detection time). So a lost
         coordination backend alone stops nothing, and a host cut off from
         both stops its guest in time.
+
+        Renewal runs in its own thread: an event loop slowed down by a
+        busy host must not let a lease lapse that nobody else wants.
         """
         fence = self.fence
         assert fence is not None
         if fence.lease == float('inf'):
             return
-        renewing = asyncio.ensure_future(self._renew_loop(fence))
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._renew_forever,
+                                   args=(fence, stop), daemon=True,
+                                   name='lease-renewal')
+        renewer.start()
         try:
             while True:
+                if self._lost_to_another:
+                    await self.self_fence('another host owns the guest')
+                    return
                 if time.monotonic() > self.may_run_until(fence):
                     await self.self_fence(
                         'ownership could not be renewed within its lease, '
                         'and the secondary no longer vouches for us')
                     return
-                if self._lost_to_another:
-                    await self.self_fence('another host owns the guest')
-                    return
                 await asyncio.sleep(0.05)
         finally:
-            renewing.cancel()
+            stop.set()
 
     def may_run_until(self, fence: fencing.Fence) -> float:
         until = fence.deadline(fence_margin(fence.lease))
@@ -313,25 +321,25 @@ class Host:
             until = max(until, self.machine.peer_holds_until() - ECHO_MARGIN)
         return until
 
-    async def _renew_loop(self, fence: fencing.Fence) -> None:
+    def _renew_forever(self, fence: fencing.Fence,
+                       stop: threading.Event) -> None:
         interval = fence.lease / 4
-        while True:
+        while not stop.is_set():
             try:
-                await asyncio.wait_for(asyncio.to_thread(fence.renew),
-                                       interval)
+                fence.renew()
             except Exception as exc:
                 LOG.warning('cannot renew ownership of %s: %s',
-                            self.spec.name, exc or 'timed out')
+                            self.spec.name, exc or 'no answer')
                 if time.monotonic() > fence.deadline(0):
                     # Lapsed at the backend too: take it back if free.
-                    got = await asyncio.to_thread(fence.reclaim)
+                    got = fence.reclaim()
                     if got is False:
                         self._lost_to_another = True
                         return
                     if got:
                         LOG.warning('ownership of %s regained',
                                     self.spec.name)
-            await asyncio.sleep(interval)
+            stop.wait(interval)
 
     async def self_fence(self, reason: str) -> None:
         LOG.error('fencing myself: %s; killing the guest', reason)
