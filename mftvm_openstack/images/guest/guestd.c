@@ -378,7 +378,7 @@ static __attribute__((noreturn)) void mode_counter(int argc, char **argv)
 		}
 		/* A peer that vanished (its host-side half died with a failed
 		 * primary's QEMU) must not wedge this one-at-a-time server. */
-		struct timeval tmo = { .tv_sec = 3 };
+		struct timeval tmo = { .tv_sec = 1 };
 		setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof(tmo));
 		/* One request line; its content does not matter. A connection
 		 * that ends before its newline asked for nothing: no count. */
