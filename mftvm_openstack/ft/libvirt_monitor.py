@@ -29,7 +29,6 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any, Optional
 
 from mftvm_openstack.ft.monitor import Event, Monitor, MonitorError
@@ -186,19 +185,8 @@ class LibvirtMonitor(Monitor):
                                f'{answer["error"].get("desc")}')
         return answer.get('return')
 
-    async def wait_event(self, name: str,
-                         match: Optional[Callable[[Event], bool]] = None,
-                         timeout: Optional[float] = None) -> Event:
-        async def _wait() -> Event:
-            while True:
-                event = await self._events.get()
-                if event['event'] == name and (match is None or match(event)):
-                    return event
-        try:
-            return await asyncio.wait_for(_wait(), timeout)
-        except TimeoutError:
-            raise MonitorError(
-                f'{self._name}: no {name} event within {timeout}s') from None
+    async def _next_event(self) -> Event:
+        return await self._events.get()
 
     def clear_events(self) -> None:
         """Forget buffered events (call before starting what emits them)."""

@@ -41,11 +41,29 @@ class Monitor(abc.ABC):
     async def execute(self, command: str, **arguments: Any) -> Any:
         """Run ``command``; its ``return`` value, or MonitorError."""
 
-    @abc.abstractmethod
+    #: how messages name this endpoint
+    _name = 'monitor'
+
+    async def _next_event(self) -> Event:
+        """The next event from QEMU, in order (backends that use the
+        shared :meth:`wait_event` provide this)."""
+        raise NotImplementedError
+
     async def wait_event(self, name: str,
                          match: Optional[Callable[[Event], bool]] = None,
                          timeout: Optional[float] = None) -> Event:
-        """Wait for the next event called ``name`` (and accepted by match)."""
+        """Wait for the next event called ``name`` (and accepted by match);
+        events before it are consumed."""
+        async def _wait() -> Event:
+            while True:
+                event = await self._next_event()
+                if event['event'] == name and (match is None or match(event)):
+                    return event
+        try:
+            return await asyncio.wait_for(_wait(), timeout)
+        except TimeoutError:
+            raise MonitorError(
+                f'{self._name}: no {name} event within {timeout}s') from None
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -99,19 +117,8 @@ class QMPMonitor(Monitor):
             raise MonitorError(f'{self._name}: {command} failed: '
                                f'{type(exc).__name__}: {exc}') from exc
 
-    async def wait_event(self, name: str,
-                         match: Optional[Callable[[Event], bool]] = None,
-                         timeout: Optional[float] = None) -> Event:
-        async def _wait() -> Event:
-            while True:
-                event = dict(await self._listener.get())
-                if event['event'] == name and (match is None or match(event)):
-                    return event
-        try:
-            return await asyncio.wait_for(_wait(), timeout)
-        except TimeoutError:
-            raise MonitorError(
-                f'{self._name}: no {name} event within {timeout}s') from None
+    async def _next_event(self) -> Event:
+        return dict(await self._listener.get())
 
     def clear_events(self) -> None:
         """Forget buffered events (call before starting what emits them)."""
