@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +42,7 @@ from oslo_config import cfg
 from mftvm_openstack import conf as mftvm_conf
 from mftvm_openstack.agent import exception
 from mftvm_openstack.ft import vm
+from mftvm_openstack.standalone.manager import control, pid_alive
 
 LOG = logging.getLogger(__name__)
 
@@ -68,16 +68,6 @@ def _read_json(path: str) -> Optional[dict[str, Any]]:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().rsplit(') ', 1)[-1][:1] != 'Z'
-    except OSError:
-        return False
 
 
 class Instance:
@@ -109,26 +99,14 @@ class Instance:
         data = _read_json(os.path.join(self.dir, role, 'status.json'))
         if data is None:
             pid = self.record.get('pid')
-            return {'state': 'starting', 'alive': _pid_alive(pid),
+            return {'state': 'starting', 'alive': pid_alive(pid),
                     'host_pid': pid}
-        data['alive'] = _pid_alive(data.get('host_pid'))
+        data['alive'] = pid_alive(data.get('host_pid'))
         return data
 
     def control(self, op: str, timeout: float = 30.0,
                 **args: Any) -> dict[str, Any]:
-        path = os.path.join(self.dir, self.role, 'control.sock')
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(json.dumps({'op': op, **args}).encode() + b'\n')
-            data = b''
-            while not data.endswith(b'\n'):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply: dict[str, Any] = json.loads(data or b'{}')
-        return reply
+        return control(self.dir, self.role, op, timeout, **args)
 
     def spawn(self, role: str) -> int:
         log = open(os.path.join(self.dir, f'{role}-host.log'), 'ab')
@@ -397,7 +375,7 @@ class AgentManager:
             except OSError:
                 pass
             deadline = time.monotonic() + 20
-            while _pid_alive(st.get('host_pid')) and \
+            while pid_alive(st.get('host_pid')) and \
                     time.monotonic() < deadline:
                 time.sleep(0.1)
         self._discard(inst)
@@ -406,7 +384,7 @@ class AgentManager:
     def _discard(self, inst: Instance) -> None:
         st = inst.live_status() or {}
         pid = st.get('host_pid')
-        if _pid_alive(pid):
+        if pid_alive(pid):
             os.kill(pid, 9)
         # Kept (the last one per instance) for the operator to read.
         ended = os.path.join(self.conf.agent.state_path, 'ended',

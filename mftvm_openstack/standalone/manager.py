@@ -160,12 +160,13 @@ def read_status(gdir: str, role: str) -> Optional[dict[str, Any]]:
             data: dict[str, Any] = json.load(f)
     except (OSError, ValueError):
         return None
-    data['alive'] = _pid_alive(data.get('host_pid'))
+    data['alive'] = pid_alive(data.get('host_pid'))
     return data
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` runs (a zombie counts as gone)."""
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -232,14 +233,15 @@ def _kill_all(gdir: str, procs: list[subprocess.Popen[bytes]]) -> None:
         p.wait()
 
 
-def control(gdir: str, role: str, op: str,
-            timeout: float = 60.0) -> dict[str, Any]:
-    """Send one control command to a host; ConnectionError if it is gone."""
+def control(gdir: str, role: str, op: str, timeout: float = 60.0,
+            **args: Any) -> dict[str, Any]:
+    """Send one control command (``op`` and its ``args``) to a host;
+    ConnectionError if it is gone."""
     path = os.path.join(gdir, role, 'control.sock')
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(json.dumps({'op': op}).encode() + b'\n')
+        s.sendall(json.dumps({'op': op, **args}).encode() + b'\n')
         data = b''
         while not data.endswith(b'\n'):
             chunk = s.recv(65536)
@@ -337,7 +339,7 @@ def stop(state_dir: str, name: str, timeout: float = 20.0) -> None:
                 pass
     deadline = time.monotonic() + timeout
     for pid in pids:
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
