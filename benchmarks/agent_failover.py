@@ -52,33 +52,6 @@ from mftvm_openstack.standalone import demo, manager  # noqa: E402
 from tests.integration import lab as ftlab  # noqa: E402
 
 HOSTS = ('h1', 'h2', 'h3')
-AGENT = os.path.join(os.path.dirname(sys.executable), 'mftvm-agent')
-CONF = """\
-[DEFAULT]
-transport_url = {rabbit}
-rpc_response_timeout = 20
-
-[agent]
-host = {host}
-state_path = {state}
-my_ip = {ip}
-peers = {peers}
-
-[fencing]
-backend_url = {redis}
-lease = {lease}
-"""
-
-
-def wait(pred: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f'timed out waiting for {what}')
-        time.sleep(interval)
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -106,7 +79,8 @@ class AgentBench(fixtures.Fixture):
         self.api = rpcapi.AgentAPI(
             rpcapi.get_transport(url=self.rabbit.url), timeout=10)
         for host in HOSTS:
-            wait(lambda h=host: self._answers(h), 60, f'agent {host}', 0.5)
+            ftlab.wait_for(lambda h=host: self._answers(h), 60, 0.5,
+                           f'agent {host}')
 
     def _remove_ram(self) -> None:
         for host in HOSTS:
@@ -116,18 +90,8 @@ class AgentBench(fixtures.Fixture):
                 pass
 
     def start_agent(self, host: str) -> None:
-        state = os.path.join(self.tmp, host)
-        os.makedirs(state, exist_ok=True)
-        conf = os.path.join(self.tmp, f'{host}.conf')
-        with open(conf, 'w') as f:
-            f.write(CONF.format(host=host, state=state,
-                                rabbit=self.rabbit.url, redis=self.redis.url,
-                                ip=self.lab.ip(host), lease=self.lease,
-                                peers=','.join(HOSTS)))
-        log = open(os.path.join(self.tmp, f'{host}-agent.log'), 'ab')
-        self.addCleanup(log.close)
-        self.lab.popen(host, [AGENT, '--config-file', conf], stdout=log,
-                       stderr=log)
+        ftlab.start_agent(self.lab, host, self.tmp, self.rabbit, self.redis,
+                          lease=self.lease)
 
     def _answers(self, host: str) -> bool:
         try:
@@ -169,8 +133,8 @@ class AgentBench(fixtures.Fixture):
         primary, secondary = 'h1', 'h2'
         serial = os.path.join(self.tmp, 'h1', 'instances', self.name,
                               'primary', 'serial.log')
-        wait(lambda: 'COUNTER-READY' in workload.read_text(serial), 90,
-             'the counter service', 0.2)
+        ftlab.wait_for(lambda: 'COUNTER-READY' in workload.read_text(
+            serial), 90, 0.2, 'the counter service')
         last = workload.counter_request(self.lab.ip(primary), port, 10)
         results = []
         for n in range(runs):
@@ -185,16 +149,16 @@ class AgentBench(fixtures.Fixture):
             killed = time.monotonic()
             self.lab.link_down(primary)
             self.lab.kill_all(primary)
-            got = wait(lambda s=secondary: workload.counter_request(
-                self.lab.ip(s), port, 2), 60, 'the answer', 0)
+            got = ftlab.wait_for(lambda s=secondary: workload.counter_request(
+                self.lab.ip(s), port, 2), 60, 0, 'the answer')
             answered = time.monotonic()
             if got != last + 1:
                 raise RuntimeError(f'run {n}: answer {got} after {last}: '
                                    f'output commit broken')
             last = got
-            take = wait(lambda s=secondary: self.side_file(
-                s, 'secondary').get('takeover', {}).get('resumed') and
-                self.side_file(s, 'secondary')['takeover'], 10, 'takeover')
+            take = ftlab.wait_for(lambda s=secondary: (
+                t := self.side_file(s, 'secondary').get('takeover', {})).get(
+                    'resumed') and t, 10, what='takeover')
             row = {
                 'detect_ms': (take['detected'] - killed) * 1000,
                 'fence_wait_ms': (take['fenced'] - take['detected']) * 1000,
@@ -209,10 +173,10 @@ class AgentBench(fixtures.Fixture):
             # re-protects the guest onto the next host.
             self.lab.link_up(primary)
             self.start_agent(primary)
-            st = wait(lambda s=secondary: (x := self.status(s)).get(
-                'state') == 'protected' and x.get(
-                    'last_committed_epoch', 0) >= 1 and x, 180,
-                'reprotection', 0.5)
+            st = ftlab.wait_for(lambda s=secondary: (
+                x := self.status(s)).get('state') == 'protected' and x.get(
+                    'last_committed_epoch', 0) >= 1 and x, 180, 0.5,
+                'reprotection')
             primary, secondary = secondary, st['peer']
         return results
 
@@ -238,8 +202,8 @@ async def boot_to_answer(image: builder.GuestImage, tmp: str) -> float:
     try:
         monitor = await QMPMonitor.connect(paths.qmp, 'boot')
         await asyncio.to_thread(
-            wait, lambda: 'COUNTER-READY' in workload.read_text(
-                paths.serial), 90, 'boot', 0.02)
+            ftlab.wait_for, lambda: 'COUNTER-READY' in workload.read_text(
+                paths.serial), 90, 0.02, 'boot')
         await asyncio.to_thread(workload.counter_request, '127.0.0.1', port,
                                 10)
         took = time.monotonic() - started

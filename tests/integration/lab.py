@@ -686,3 +686,45 @@ class Redis(fixtures.Fixture):
             raise RuntimeError(f'{e}\n{_tail(self._log)}') from None
         finally:
             client.close()
+
+
+AGENT_CONF = """\
+[DEFAULT]
+transport_url = {rabbit}
+rpc_response_timeout = 20
+debug = {debug}
+
+[agent]
+host = {host}
+state_path = {state}
+my_ip = {ip}
+peers = {peers}
+
+[fencing]
+backend_url = {redis}
+lease = {lease}
+
+[ft]
+epoch_ms = 200
+"""
+
+
+def start_agent(lab: Lab, host: str, workdir: str, rabbit: RabbitMQ,
+                redis: Redis, lease: int = 3) -> subprocess.Popen:
+    """Write ``host``'s agent config under ``workdir`` and start a real
+    ``mftvm-agent`` in its namespace (state in ``workdir/<host>``, log in
+    ``workdir/<host>-agent.log``; every lab host is a peer)."""
+    import sys
+
+    state = os.path.join(workdir, host)
+    os.makedirs(state, exist_ok=True)
+    conf = os.path.join(workdir, f'{host}.conf')
+    with open(conf, 'w') as f:
+        f.write(AGENT_CONF.format(
+            host=host, state=state, rabbit=rabbit.url, redis=redis.url,
+            ip=lab.ip(host), peers=','.join(lab.hosts), lease=lease,
+            debug='true' if os.environ.get('MFTVM_DEBUG') else 'false'))
+    agent = os.path.join(os.path.dirname(sys.executable), 'mftvm-agent')
+    with open(os.path.join(workdir, f'{host}-agent.log'), 'ab') as log:
+        return lab.popen(host, [agent, '--config-file', conf], stdout=log,
+                         stderr=log)

@@ -15,7 +15,7 @@ import random
 import re
 import shutil
 import signal
-import sys
+import subprocess
 import tempfile
 import threading
 import time
@@ -30,26 +30,6 @@ from tests.integration import lab as ftlab
 
 HOSTS = ('h1', 'h2', 'h3')
 TICK_RE = re.compile(r'^TICK (\d+)\s*$')
-AGENT = os.path.join(os.path.dirname(sys.executable), 'mftvm-agent')
-
-AGENT_CONF = """\
-[DEFAULT]
-transport_url = {rabbit}
-rpc_response_timeout = 20
-debug = {debug}
-
-[agent]
-host = {host}
-state_path = {state}
-my_ip = {ip}
-peers = {peers}
-
-[fencing]
-backend_url = {redis}
-
-[ft]
-epoch_ms = 200
-"""
 
 
 class AgentLab(testtools.TestCase):
@@ -78,20 +58,9 @@ class AgentLab(testtools.TestCase):
         for path in glob.glob(f'/dev/shm/mftvm-{self.name}-*.ram'):
             os.unlink(path)
 
-    def start_agent(self, host: str) -> object:
-        state = os.path.join(self.tmp, host)
-        os.makedirs(state, exist_ok=True)
-        conf = os.path.join(self.tmp, f'{host}.conf')
-        with open(conf, 'w') as f:
-            f.write(AGENT_CONF.format(
-                host=host, state=state, rabbit=self.rabbit.url,
-                redis=self.redis.url, ip=self.lab.ip(host),
-                peers=','.join(HOSTS),
-                debug='true' if os.environ.get('MFTVM_DEBUG') else 'false'))
-        log = open(os.path.join(self.tmp, f'{host}-agent.log'), 'ab')
-        self.addCleanup(log.close)
-        return self.lab.popen(host, [AGENT, '--config-file', conf],
-                              stdout=log, stderr=log)
+    def start_agent(self, host: str) -> subprocess.Popen:
+        return ftlab.start_agent(self.lab, host, self.tmp, self.rabbit,
+                                 self.redis)
 
     def _answers(self, host: str) -> bool:
         try:
