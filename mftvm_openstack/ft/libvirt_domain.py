@@ -48,9 +48,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import shutil
+import signal
 import tempfile
-from typing import Any
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from typing import Any, Optional
 from xml.sax.saxutils import quoteattr
 
 from mftvm_openstack.ft import vm
@@ -64,6 +68,9 @@ MACHINE = 'pc-i440fx-7.2'
 RAM_BACKEND = 'pc.ram'
 #: Libvirt's id of the first NIC's netdev.
 NETDEV = 'hostnet0'
+#: ``libvirt.VIR_DOMAIN_XML_MIGRATABLE``: the XML another host can run
+#: (no runtime-only parts), as libvirt's own migration sends it.
+MIGRATABLE_XML = 8
 
 
 def _a(value: object) -> str:
@@ -194,26 +201,95 @@ async def _send_devstate(sock: str, devstate_path: str,
             await writer.wait_closed()
 
 
+def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
+                serial_path: str, name: Optional[str] = None) -> str:
+    """The XML that resumes the domain described by ``xml`` from a replica.
+
+    ``xml`` is the primary's domain XML (``XMLDesc`` with
+    ``VIR_DOMAIN_XML_MIGRATABLE``, which the primary ships to its
+    secondary, or :func:`domain_xml`). The result:
+
+    * runs on the replica: the first disk is the top of ``disk_layers``
+      (base first) with the lower layers as its ``<backingStore>`` chain,
+      so a failover needs no flattening;
+    * writes the serial console (file or ``<log>``) to ``serial_path``:
+      the primary's path may not exist on this host;
+    * waits for device state (``-incoming defer``);
+    * is called ``name`` if given, and then has no ``<uuid>`` (one
+      libvirtd on one machine plays both hosts in tests).
+    """
+    ET.register_namespace('qemu', QEMU_NS)
+    root = ET.fromstring(xml)
+    if name:
+        name_el = root.find('name')
+        if name_el is None:
+            name_el = ET.SubElement(root, 'name')
+        name_el.text = name
+        for uuid in root.findall('uuid'):
+            root.remove(uuid)
+    disk = root.find("devices/disk[@device='disk']")
+    if disk is None:
+        raise ValueError('the domain XML has no disk to restore onto')
+    for old in disk.findall('backingStore'):
+        disk.remove(old)
+    disk.set('type', 'file')
+    top, top_fmt = disk_layers[-1]
+    driver = disk.find('driver')
+    if driver is None:
+        driver = ET.SubElement(disk, 'driver', name='qemu')
+    driver.set('type', top_fmt)
+    source = disk.find('source')
+    if source is None:
+        source = ET.SubElement(disk, 'source')
+    source.attrib.clear()
+    source.set('file', top)
+    below = disk
+    for path, fmt in reversed(disk_layers[:-1]):
+        store = ET.SubElement(below, 'backingStore', type='file')
+        ET.SubElement(store, 'format', type=fmt)
+        ET.SubElement(store, 'source', file=path)
+        below = store
+    ET.SubElement(below, 'backingStore')    # the chain ends here
+    for tag in ('serial', 'console'):
+        for dev in root.findall(f'devices/{tag}'):
+            if dev.get('type') == 'file':
+                src = dev.find('source')
+                if src is not None:
+                    src.set('path', serial_path)
+            log = dev.find('log')
+            if log is not None:
+                log.set('file', serial_path)
+    cmdline = root.find(f'{{{QEMU_NS}}}commandline')
+    if cmdline is None:
+        cmdline = ET.SubElement(root, f'{{{QEMU_NS}}}commandline')
+    if not any(arg.get('value') == '-incoming' for arg in cmdline):
+        ET.SubElement(cmdline, f'{{{QEMU_NS}}}arg', value='-incoming')
+        ET.SubElement(cmdline, f'{{{QEMU_NS}}}arg', value='defer')
+    return ET.tostring(root, encoding='unicode')
+
+
 async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
                   ram_src: str, devstate_path: str,
-                  disk_layers: list[tuple[str, str]],
-                  name: str | None = None,
+                  disk_layers: Sequence[tuple[str, str]],
+                  name: str | None = None, xml: str | None = None,
                   ) -> tuple[Any, LibvirtMonitor]:
     """Run the guest on, as a libvirt domain, from a replica.
 
-    Starts the domain paused with ``-incoming defer``, copies the
-    replica's RAM image into the domain's shared RAM file (libvirt picks
-    its path; the copy is what the guest sees: QEMU maps it shared),
-    loads the device state with ``migrate-incoming`` over a unix socket
-    (libvirt runs QEMU with ``-sandbox spawn=deny``: no ``exec:``),
-    resumes the guest, opens its port forwards and announces its MAC.
-    Returns the ``virDomain`` and its monitor. ``conn`` must have been
-    opened by :func:`~.libvirt_monitor.connect`.
+    ``xml`` is the primary's domain XML (default: :func:`domain_xml` of
+    ``spec``); :func:`restore_xml` points it at the replica. The domain
+    starts paused with ``-incoming defer``; the replica's RAM image is
+    copied into the domain's shared RAM file (libvirt picks its path; the
+    copy is what the guest sees: QEMU maps it shared); the device state
+    loads with ``migrate-incoming`` over a unix socket (libvirt runs QEMU
+    with ``-sandbox spawn=deny``: no ``exec:``); then the guest resumes,
+    its port forwards open and its MAC is announced. Returns the
+    ``virDomain`` and its monitor. ``conn`` must have been opened by
+    :func:`~.libvirt_monitor.connect`.
     """
     import libvirt  # type: ignore[import-untyped,unused-ignore]
 
-    xml = domain_xml(spec, serial_path, disk_layers, incoming=True,
-                     name=name)
+    xml = restore_xml(xml or domain_xml(spec, serial_path), disk_layers,
+                      serial_path, name=name)
     dom = await asyncio.to_thread(conn.createXML, xml,
                                   libvirt.VIR_DOMAIN_START_PAUSED)
     monitor = await LibvirtMonitor.for_domain(conn, dom)
@@ -246,3 +322,102 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return dom, monitor
+
+
+# -- a domain someone else started -------------------------------------------
+
+async def guest_disk(monitor: Monitor) -> tuple[str, int]:
+    """(node name, virtual size in bytes) of the guest's first writable
+    disk: what write replication mirrors. Libvirt names its nodes itself
+    (``libvirt-1-format``); our own QEMU calls it ``disk0``."""
+    for dev in await monitor.execute('query-block'):
+        inserted = dev.get('inserted')
+        if not inserted or dev.get('removable') or inserted.get('ro'):
+            continue
+        return (str(inserted['node-name']),
+                int(inserted['image']['virtual-size']))
+    raise MonitorError('the guest has no writable disk to replicate')
+
+
+async def qemu_pid(monitor: Monitor) -> int:
+    """The pid of the QEMU behind ``monitor``: the process that owns its
+    vCPU threads (works for any libvirt URI, as long as it is local)."""
+    cpus = await monitor.execute('query-cpus-fast')
+    tid = int(cpus[0]['thread-id'])
+    with open(f'/proc/{tid}/status') as f:
+        for line in f:
+            if line.startswith('Tgid:'):
+                return int(line.split()[1])
+    raise MonitorError(f'cannot tell which process runs vCPU thread {tid}')
+
+
+class DomainProcess:
+    """The QEMU of a running libvirt domain, watched like a child of ours.
+
+    It has what the engine's host uses of :class:`~.vm.ChildProcess`
+    (``pid``, ``running``, ``wait()``, ``kill()``, ``last_log_line()``),
+    through a pidfd: its exit is noticed at once, and a kill can never
+    hit a recycled pid. ``kill()`` is SIGKILL, not ``virDomainDestroy``:
+    fencing must not wait for libvirt; libvirt notices the death itself.
+    """
+
+    #: where the system libvirtd logs each domain's QEMU
+    LOG_DIR = '/var/log/libvirt/qemu'
+
+    def __init__(self, name: str, pid: int) -> None:
+        self.name = name
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)   # ProcessLookupError: gone
+        self._exited = False
+
+    @classmethod
+    async def of(cls, monitor: Monitor, name: str) -> DomainProcess:
+        return cls(name, await qemu_pid(monitor))
+
+    @property
+    def running(self) -> bool:
+        if not self._exited and self._pidfd >= 0:
+            readable, _, _ = select.select([self._pidfd], [], [], 0)
+            self._exited = bool(readable)
+        return not self._exited
+
+    async def wait(self) -> int:
+        """Until the QEMU is gone. Its exit code is libvirtd's to read:
+        this returns -1."""
+        if self.running:
+            loop = asyncio.get_running_loop()
+            gone: asyncio.Future[None] = loop.create_future()
+
+            def readable() -> None:
+                if not gone.done():
+                    gone.set_result(None)
+            loop.add_reader(self._pidfd, readable)
+            try:
+                await gone
+            finally:
+                loop.remove_reader(self._pidfd)
+            self._exited = True
+        return -1
+
+    async def kill(self) -> None:
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        await self.wait()
+
+    def last_log_line(self) -> str:
+        path = os.path.join(self.LOG_DIR, f'{self.name}.log')
+        try:
+            with open(path, 'rb') as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                lines = f.read().decode(errors='replace').splitlines()
+        except OSError:
+            return ''
+        return lines[-1].strip() if lines else ''
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+            self._exited = True

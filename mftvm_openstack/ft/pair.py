@@ -24,6 +24,7 @@ Secondary states::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -108,10 +109,19 @@ class State(enum.StrEnum):
 class Stats:
     """Counters both sides report through ``mftvm status``."""
 
+    #: epochs kept for the pause percentiles and the timeline
+    WINDOW = 10000
+
     def __init__(self) -> None:
         self.epochs = 0
         self.committed = 0
-        self.pauses_ms: list[float] = []
+        # The latest epochs only: a guest protected for months must not
+        # grow these (nor the pauses.json written from them) for ever.
+        self.pauses_ms: collections.deque[float] = collections.deque(
+            maxlen=self.WINDOW)
+        # where the pause went: (device state, RAM delta, disk mark) in ms
+        self.parts_ms: collections.deque[tuple[float, float, float]] = \
+            collections.deque(maxlen=self.WINDOW)
         self.dirty_bytes = 0
         self.last_ack_at: Optional[float] = None
         self.failover_ms: Optional[float] = None
@@ -120,7 +130,14 @@ class Stats:
     def percentile(self, q: float) -> Optional[float]:
         if not self.pauses_ms:
             return None
-        return float(np.percentile(self.pauses_ms[-5000:], q))
+        return float(np.percentile(self.pauses_ms, q))
+
+    def _parts_p50(self) -> Optional[dict[str, float]]:
+        if not self.parts_ms:
+            return None
+        p50 = np.median(np.array(self.parts_ms), axis=0)
+        return {name: round(float(ms), 2) for name, ms in
+                zip(('devstate', 'ram', 'disk_mark'), p50)}
 
     def as_dict(self) -> dict[str, Any]:
         p50, p99 = self.percentile(50), self.percentile(99)
@@ -129,6 +146,7 @@ class Stats:
             'replication_lag_epochs': self.epochs - self.committed,
             'pause_ms_p50': None if p50 is None else round(p50, 2),
             'pause_ms_p99': None if p99 is None else round(p99, 2),
+            'pause_parts_ms_p50': self._parts_p50(),
             'dirty_mib_total': round(self.dirty_bytes / 2**20, 2),
             'failover_ms': self.failover_ms, 'reason': self.reason,
         }
@@ -342,6 +360,8 @@ class PrimaryPair(_Machine):
         self.next_epoch += 1
         self.stats.epochs = epoch
         self.stats.pauses_ms.append(ckpt.pause_s * 1000)
+        self.stats.parts_ms.append((ckpt.devstate_s * 1000,
+                                    ckpt.ram_s * 1000, ckpt.mark_s * 1000))
         self.stats.dirty_bytes += ckpt.delta.nbytes
         self._ship_started = self.clock.monotonic()
         self._sending = self._spawn(self._ship(ckpt))

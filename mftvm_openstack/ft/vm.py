@@ -59,12 +59,18 @@ class HostForward:
 
 @dataclasses.dataclass(frozen=True)
 class GuestSpec:
-    """Everything that defines the guest's virtual hardware."""
+    """Everything that defines the guest's virtual hardware.
+
+    Either the engine starts the guest itself (``kernel``, ``initrd`` and
+    ``disk`` say what to run), or ``domain`` names the libvirt domain that
+    runs it (Nova's ``instance-0000000N``): the libvirt domain's own XML
+    is then the hardware, and the engine adopts the running domain.
+    """
 
     name: str
-    kernel: str
-    initrd: str
-    disk: str
+    kernel: str = ''
+    initrd: str = ''
+    disk: str = ''
     append: str = 'console=ttyS0 quiet'
     disk_format: str = 'raw'
     disk_size: int = 0  # virtual size in bytes, filled by probe_disk()
@@ -72,6 +78,7 @@ class GuestSpec:
     smp: int = 1
     forwards: tuple[HostForward, ...] = ()
     accel: str = 'tcg'
+    domain: str = ''
 
     @property
     def mac(self) -> str:
@@ -89,8 +96,14 @@ class GuestSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GuestSpec:
         data = dict(data)
-        data['forwards'] = tuple(HostForward(**f) for f in data['forwards'])
-        return cls(**data)
+        data['forwards'] = tuple(HostForward(**f)
+                                 for f in data.get('forwards', ()))
+        spec = cls(**data)
+        if not spec.domain and not (spec.kernel and spec.initrd
+                                    and spec.disk):
+            raise ValueError('a guest needs kernel, initrd and disk, or '
+                             'the libvirt domain that runs it')
+        return spec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,8 +44,21 @@ from typing import Any, Optional
 
 from mftvm_openstack.agent import fencing
 from mftvm_openstack.ft import disk as ft_disk
-from mftvm_openstack.ft import epoch, pair, trackers, transport, vm
-from mftvm_openstack.ft.monitor import QMPMonitor, quiet_lost_connections
+from mftvm_openstack.ft import (
+    epoch,
+    libvirt_domain,
+    libvirt_monitor,
+    pair,
+    trackers,
+    transport,
+    vm,
+)
+from mftvm_openstack.ft.libvirt_monitor import LibvirtMonitor
+from mftvm_openstack.ft.monitor import (
+    Monitor,
+    QMPMonitor,
+    quiet_lost_connections,
+)
 from mftvm_openstack.ft.network import OutputBuffer
 from mftvm_openstack.ft.relay import NbdRelay
 from mftvm_openstack.ft.transport import Kind
@@ -93,6 +106,8 @@ HOST_DEFAULTS: dict[str, Any] = {
     'detect_timeout': 1.0,
     'hang_timeout': 15.0,    # QEMU silent on QMP this long counts as dead
     'replica_timeout': 3.0,  # disk replica silent this long is cut off
+    'libvirt_uri': 'qemu:///system',   # for a guest run by libvirt
+    'domain_name': None,     # secondary: its restored domain's name
 }
 
 #: a primary that lives on the secondary's word stops this long before
@@ -104,6 +119,12 @@ def fence_margin(lease: float) -> float:
     """How long before its lease would lapse a holder stops its guest:
     a quarter of the lease, within 0.25-0.75 s."""
     return min(0.75, max(0.25, lease / 4))
+
+
+def boot_id() -> str:
+    """This machine's boot id: tells whether a peer runs on it too."""
+    with open('/proc/sys/kernel/random/boot_id') as f:
+        return f.read().strip()
 
 
 def free_port(host: str) -> int:
@@ -130,8 +151,17 @@ class Host:
                                self.options['ram_tag'] or self.role)
         self.fence: Optional[fencing.Fence] = None
         self.machine: Optional[Any] = None
-        self.qemu: Optional[vm.ChildProcess] = None
-        self.monitor: Optional[QMPMonitor] = None
+        # The guest's QEMU: a child of ours (vm.ChildProcess), or a
+        # libvirt domain's (libvirt_domain.DomainProcess).
+        self.qemu: Optional[Any] = None
+        self.monitor: Optional[Monitor] = None
+        # What the engine works on: the guest RAM file, the disk node to
+        # mirror, the netdev to hold output of (libvirt names its own).
+        self.guest_ram = self.ram
+        self.disk_node = 'disk0'
+        self.netdev = 'n0'
+        self.domain: Optional[Any] = None      # libvirt.virDomain
+        self._libvirt: Optional[Any] = None    # libvirt.virConnect
         self.phase = 'starting'
         self.error = ''
         self.pair_id = ''
@@ -193,7 +223,7 @@ class Host:
                           self.status())
         if self.machine is not None and self.machine.stats.pauses_ms:
             write_json_atomic(os.path.join(self.paths.root, 'pauses.json'),
-                              self.machine.stats.pauses_ms)
+                              list(self.machine.stats.pauses_ms))
 
     async def _publish_status(self) -> None:
         while True:
@@ -267,6 +297,9 @@ class Host:
         asyncio.ensure_future(self._publish_status())
 
     async def stop_qemu(self) -> None:
+        if self.domain is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.domain.destroy)
         if self.monitor is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.monitor.execute('quit'), 2)
@@ -275,6 +308,44 @@ class Host:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.qemu.wait(), 3)
             await self.qemu.kill()
+
+    # -- a guest run by libvirt --
+
+    async def libvirt(self) -> Any:
+        if self._libvirt is None:
+            self._libvirt = await libvirt_monitor.connect(
+                self.options['libvirt_uri'])
+        return self._libvirt
+
+    async def lookup_domain(self, name: str) -> Any:
+        conn = await self.libvirt()
+        try:
+            dom = await asyncio.to_thread(conn.lookupByName, name)
+            active = await asyncio.to_thread(dom.isActive)
+        except Exception as exc:
+            raise RuntimeError(f'no domain {name} at '
+                               f'{self.options["libvirt_uri"]}: {exc}') \
+                from None
+        if not active:
+            raise RuntimeError(f'domain {name} is not running')
+        return dom
+
+    async def use_domain(self, dom: Any,
+                         monitor: Optional[LibvirtMonitor] = None) -> None:
+        """Run the engine on libvirt domain ``dom`` from now on."""
+        if monitor is None:
+            monitor = await LibvirtMonitor.for_domain(await self.libvirt(),
+                                                      dom)
+        try:
+            ram = await libvirt_domain.ram_file(monitor)
+            node, _ = await libvirt_domain.guest_disk(monitor)
+            qemu = await libvirt_domain.DomainProcess.of(monitor, dom.name())
+        except BaseException:
+            await monitor.close()
+            raise
+        self.domain, self.monitor, self.qemu = dom, monitor, qemu
+        self.guest_ram, self.disk_node = ram, node
+        self.netdev = libvirt_domain.NETDEV
 
     # -- ownership --
 
@@ -453,9 +524,17 @@ class Host:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
-        await channel.send_json(Kind.HELLO, {
+        hello: dict[str, Any] = {
             'qemu_pid': self.qemu.pid, 'host_pid': os.getpid(),
-            'pair_id': self.pair_id})
+            'boot_id': boot_id(), 'pair_id': self.pair_id}
+        if self.domain is not None:
+            # The secondary restores into the same virtual hardware, and
+            # sizes its replica from the disk libvirt gave the guest.
+            _, hello['disk_size'] = await libvirt_domain.guest_disk(
+                self.monitor)
+            hello['domain_xml'] = await asyncio.to_thread(
+                self.domain.XMLDesc, libvirt_domain.MIGRATABLE_XML)
+        await channel.send_json(Kind.HELLO, hello)
         reply = await channel.recv(timeout=60)
         if reply.kind != Kind.READY:
             channel.close()
@@ -480,19 +559,21 @@ class Host:
         # our death, and the initial sync and setup take a while.
         beating = asyncio.ensure_future(heartbeat())
         try:
-            sync = ft_disk.load_disk_sync(opts['disk_sync'], self.monitor)
+            sync = ft_disk.load_disk_sync(opts['disk_sync'], self.monitor,
+                                          self.disk_node)
             started = time.monotonic()
             await sync.start(target)
             # CLOCK_MONOTONIC is system-wide: tests compare it with their
             # own stamps of the guest's output.
             self.sync_window = [started, time.monotonic()]
             tracker = trackers.load_tracker(
-                opts['tracker'], self.ram, self.spec.memory_bytes,
+                opts['tracker'], self.guest_ram, self.spec.memory_bytes,
                 self.qemu.pid)
             capturer = epoch.CheckpointCapturer(self.monitor, tracker,
                                                 self.paths.root)
             await capturer.setup()
-            output = OutputBuffer(self.paths.netout, self.paths.netin)
+            output = OutputBuffer(self.paths.netout, self.paths.netin,
+                                  self.netdev)
             await output.attach(self.monitor)
         except BaseException:
             beating.cancel()
@@ -556,6 +637,24 @@ class PrimaryHost(Host):
 
     async def _run(self) -> int:
         await self.serve_control()
+        started = await (self.adopt_domain() if self.spec.domain
+                         else self.start_qemu())
+        if not started:
+            self.phase = 'failed'
+            return 1
+        if self.options.get('start_delay'):
+            self.phase = 'unprotected'
+            await asyncio.sleep(self.options['start_delay'])
+        secondary = self.options['secondary'] or 'unix:' + os.path.join(
+            self.guest_dir, 'secondary', 'data.sock')
+        self._pending = (secondary, self.options['pair_id'])
+        await self.own()
+        if not self.spec.domain:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.ram)
+        return 0 if self.phase in ('stopped', 'protected') else 1
+
+    async def start_qemu(self) -> bool:
         self.disk_layers = [(self.spec.disk, self.spec.disk_format)]
         fd = os.open(self.ram, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(fd, self.spec.memory_bytes)
@@ -571,24 +670,30 @@ class PrimaryHost(Host):
             await self.qemu.wait()
             self.error = f'QEMU failed to start: {self.qemu.last_log_line()}'
             LOG.error(self.error)
-            self.phase = 'failed'
-            return 1
-        if self.options.get('start_delay'):
-            self.phase = 'unprotected'
-            await asyncio.sleep(self.options['start_delay'])
-        secondary = self.options['secondary'] or 'unix:' + os.path.join(
-            self.guest_dir, 'secondary', 'data.sock')
-        self._pending = (secondary, self.options['pair_id'])
-        await self.own()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.ram)
-        return 0 if self.phase in ('stopped', 'protected') else 1
+            return False
+        return True
+
+    async def adopt_domain(self) -> bool:
+        """Take on the running libvirt domain ``spec.domain``: its QEMU
+        is libvirt's, the engine drives it through libvirt's monitor."""
+        try:
+            await self.use_domain(await self.lookup_domain(self.spec.domain))
+        except Exception as exc:
+            self.error = (f'cannot protect libvirt domain '
+                          f'{self.spec.domain}: {exc}')
+            LOG.error(self.error)
+            return False
+        return True
 
 
 class SecondaryHost(Host):
     """Keeps the replica; on loss of the primary, runs the guest."""
 
     role = 'secondary'
+    #: from the primary's HELLO: does it run on this machine, and the
+    #: XML of its libvirt domain (None: not a libvirt guest)
+    primary_local = True
+    primary_xml: Optional[str] = None
 
     async def command(self, op: str, request: dict[str, Any]) \
             -> dict[str, Any]:
@@ -655,12 +760,16 @@ class SecondaryHost(Host):
         channel = connected.result()
         hello = (await channel.recv(timeout=30)).json()
         self.primary_qemu_pid = int(hello['qemu_pid'])
+        # Only a primary on this very machine has a pid to wait for.
+        self.primary_local = hello.get('boot_id') == boot_id()
+        self.primary_xml = hello.get('domain_xml')
+        disk_size = int(hello.get('disk_size') or self.spec.disk_size)
         self.pair_id = str(hello.get('pair_id') or self.options['pair_id'])
         replica = epoch.ReplicaImage(self.ram, self.spec.memory_bytes,
                                      self.paths.root)
         nbd_host = self.options['nbd_host']
         store = ft_disk.EpochOverlayStore(
-            os.path.join(self.paths.root, 'disk'), self.spec.disk_size,
+            os.path.join(self.paths.root, 'disk'), disk_size,
             listen=(nbd_host, free_port(nbd_host)) if nbd_host else None)
         target = await store.start()
         self.store = store
@@ -720,10 +829,20 @@ class SecondaryHost(Host):
                                f'resuming it')
         self.fence = fence
         self.takeover['fenced'] = time.monotonic()
-        # Same machine: let the dead primary's QEMU release its ports.
-        await wait_pid_gone(self.primary_qemu_pid, 5)
-        self.qemu, self.monitor = await epoch.restore(
-            self.spec, self.paths, self.ram, replica.devstate_path, layers)
+        if self.primary_local:
+            # Same machine: let the dead primary's QEMU release its ports.
+            await wait_pid_gone(self.primary_qemu_pid, 5)
+        if self.spec.domain:
+            name = self.options['domain_name'] or self.spec.domain
+            dom, monitor = await libvirt_domain.restore(
+                await self.libvirt(), self.spec, self.paths.serial,
+                self.ram, replica.devstate_path, layers, name=name,
+                xml=self.primary_xml)
+            await self.use_domain(dom, monitor)
+        else:
+            self.qemu, self.monitor = await epoch.restore(
+                self.spec, self.paths, self.ram, replica.devstate_path,
+                layers)
         self.takeover['resumed'] = time.monotonic()
 
 

@@ -193,8 +193,13 @@ def _host_log_tail(gdir: str, role: str) -> str:
 
 
 def protect(spec: vm.GuestSpec, opts: ProtectOptions,
-            state_dir: str) -> str:
-    """Start both sides of ``spec`` and return once it is protected."""
+            state_dir: str,
+            host_options: Optional[dict[str, Any]] = None) -> str:
+    """Start both sides of ``spec`` and return once it is protected.
+
+    ``host_options`` adds options only the host processes read (see
+    ``standalone.host.HOST_DEFAULTS``), e.g. ``libvirt_uri``.
+    """
     _check_options(opts)
     _check_state_dir(state_dir)
     gdir = guest_dir(state_dir, spec.name)
@@ -205,7 +210,8 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
     os.makedirs(gdir)
     with open(os.path.join(gdir, 'guest.json'), 'w') as f:
         json.dump({'spec': spec.to_json(),
-                   'options': dataclasses.asdict(opts)}, f, indent=1)
+                   'options': {**dataclasses.asdict(opts),
+                               **(host_options or {})}}, f, indent=1)
     procs = [_spawn_host('secondary', gdir), _spawn_host('primary', gdir)]
     deadline = time.monotonic() + opts.protect_timeout
     while time.monotonic() < deadline:

@@ -13,7 +13,9 @@ already answers on the system socket; no systemd is needed.
 """
 
 import asyncio
+import dataclasses
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -30,6 +32,7 @@ from mftvm_openstack.ft import (
     vm,
 )
 from mftvm_openstack.images import records, workload
+from mftvm_openstack.standalone import manager
 from tests.functional import base
 
 URI = 'qemu:///system'
@@ -206,3 +209,114 @@ class LibvirtEpochTest(base.GuestTestCase):
         first = workload.serial_acks(text)[0][0]
         self.assertIn(first, (on_disk, on_disk + 1))
         records.verify_chain(records.read_records(replica_disk))
+
+
+class LibvirtProtectionTest(base.GuestTestCase):
+    """A running libvirt domain (as Nova would start it) is adopted and
+    protected by the host processes, loses its QEMU to SIGKILL, and runs
+    on as a libvirt domain restored by the secondary: output commit,
+    disk replication and the restore all go through libvirt."""
+
+    def setUp(self):
+        super().setUp()
+        try:
+            import libvirt  # noqa: F401
+        except ImportError:
+            self.skipTest('libvirt-python is not installed')
+        self.useFixture(LibvirtDaemons())
+
+    def _destroy(self, conn, name):
+        import libvirt
+        try:
+            conn.lookupByName(name).destroy()
+        except libvirt.libvirtError:
+            pass    # gone already
+
+    def test_adopted_domain_fails_over_into_a_libvirt_domain(self):
+        import libvirt
+
+        name = f'mftvm-lvp-{os.getpid()}'
+        restored = f'{name}-b'
+        disk = self.make_disk()
+        spec = manager.make_spec(
+            name, self.image.kernel, self.image.initrd, disk,
+            append='console=ttyS0 quiet mftvm.run=writer,counter '
+                   'mftvm.writer_interval_ms=20',
+            memory_mib=128,
+            nic=f'user,hostfwd=tcp:127.0.0.1:{self.port}-:7000')
+        conn = libvirt.open(URI)
+        self.addCleanup(conn.close)
+        # Started by someone else (Nova): we only get its name.
+        serial = os.path.join(self.tmp, 'domain-serial.log')
+        conn.createXML(libvirt_domain.domain_xml(spec, serial), 0)
+        self.addCleanup(self._destroy, conn, name)
+        self.addCleanup(self._destroy, conn, restored)
+        asyncio.run(self._open_forwards(spec))
+        base.wait_for(lambda: 'COUNTER-READY' in workload.read_text(serial),
+                      90, 0.2, 'the guest counter service')
+        last = workload.counter_request('127.0.0.1', self.port, 10)
+        self.assertIsNotNone(last)
+
+        ft_spec = dataclasses.replace(spec, domain=name)
+        self.addCleanup(self._stop_guest, name)
+        gdir = manager.protect(
+            ft_spec, manager.ProtectOptions(epoch_ms=200), self.state_dir,
+            host_options={'libvirt_uri': URI, 'domain_name': restored})
+        prim = self.side(name, 'primary')
+        self.assertEqual('protected', prim['state'])
+        # The engine works on libvirt's QEMU, not one of its own.
+        self.assertEqual(_qemu_pid(name), prim['qemu_pid'])
+        deadline = time.monotonic() + random.uniform(2, 4)
+        while time.monotonic() < deadline:
+            got = workload.counter_request('127.0.0.1', self.port)
+            if got is not None:
+                self.assertEqual(last + 1, got)
+                last = got
+        time.sleep(random.uniform(0, 0.2))
+        os.kill(prim['qemu_pid'], signal.SIGKILL)
+        t_kill = time.monotonic()
+
+        after = base.wait_for(
+            lambda: workload.counter_request('127.0.0.1', self.port, 5),
+            90, 0, 'an answer from the restored domain')
+        answered_in = time.monotonic() - t_kill
+        # Output commit held through libvirt's netdev, too.
+        self.assertEqual(last + 1, after)
+        sec = base.wait_for(
+            lambda: (s := self.side(name, 'secondary')).get(
+                'state') == 'active' and s, 10, what='secondary active')
+        # The guest runs on as a libvirt domain, and only there.
+        rdom = conn.lookupByName(restored)
+        self.assertEqual(libvirt.VIR_DOMAIN_RUNNING, rdom.state()[0])
+        self.assertEqual(_qemu_pid(restored), sec['qemu_pid'])
+        self.assertFalse(os.path.exists(f'/proc/{prim["qemu_pid"]}'))
+
+        rserial = os.path.join(gdir, 'secondary', 'serial.log')
+        base.wait_for(lambda: len(workload.serial_acks(
+            workload.read_text(rserial))) >= 5, 30, what='ACKs after failover')
+        manager.stop(self.state_dir, name)
+        # Stopping the guest stops its domain (a transient domain is
+        # undefined as it stops).
+        base.wait_for(lambda: restored not in [
+            d.name() for d in conn.listAllDomains(
+                libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)], 10, 0.1,
+            'the restored domain to stop')
+        text = workload.read_text(rserial)
+        self.assertNotIn('MFTVM-GUEST-READY', text)     # no reboot
+        self.assertEqual([], workload.future_records(text))
+        acks = workload.serial_acks(text)
+        on_disk = workload.disk_records(
+            [tuple(x) for x in sec['disk_layers']])
+        last_record = records.verify_chain(on_disk)
+        self.assertLessEqual(acks[-1][0], last_record)
+        for seq, digest in acks:
+            self.assertEqual(digest, on_disk[seq].hash.hex())
+        print(f'libvirt failover: restore {sec["failover_ms"]} ms, kill -> '
+              f'next answer {answered_in * 1000:.0f} ms')
+
+    async def _open_forwards(self, spec):
+        monitor = await libvirt_monitor.LibvirtMonitor.open(URI, spec.name)
+        try:
+            await libvirt_domain.add_forwards(monitor, spec)
+        finally:
+            await monitor.close()
