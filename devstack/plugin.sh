@@ -123,6 +123,15 @@ function configure_mftvm {
     iniset "$MFTVM_CONF" ft epoch_ms "$MFTVM_EPOCH_MS"
 }
 
+# _mftvm_file_backed_memory - MiB of guest memory to back by files
+function _mftvm_file_backed_memory {
+    if [[ -n "$MFTVM_FILE_BACKED_MEMORY" ]]; then
+        echo "$MFTVM_FILE_BACKED_MEMORY"
+    else
+        awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo
+    fi
+}
+
 # configure_mftvm_nova - Nova's compute driver on compute nodes
 function configure_mftvm_nova {
     # DevStack writes the compute's configuration (nova-cpu.conf) from
@@ -137,6 +146,12 @@ function configure_mftvm_nova {
         return
     fi
     iniset "$NOVA_CONF" DEFAULT compute_driver "$MFTVM_COMPUTE_DRIVER"
+    # Guest RAM in a shared file (<memoryBacking> source file, access
+    # shared) for every instance: the agent reads an FT guest's RAM from
+    # it. Nova requires ram_allocation_ratio 1.0 with it.
+    iniset "$NOVA_CONF" libvirt file_backed_memory \
+        "$(_mftvm_file_backed_memory)"
+    iniset "$NOVA_CONF" DEFAULT ram_allocation_ratio 1.0
 }
 
 # start_mftvm_agent - run the agent as a DevStack service

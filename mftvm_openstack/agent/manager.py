@@ -185,6 +185,7 @@ class AgentManager:
             'fence_acquire_timeout': c.fencing.acquire_timeout,
             'member': self.host,
             'ram_tag': f'{self.host}',
+            'libvirt_uri': c.agent.libvirt_uri,
         }
 
     def _new_dir(self, name: str, spec: dict[str, Any],

@@ -40,6 +40,13 @@ agent_opts = [
         help='Address of this host on the network that carries the '
              'checkpoint stream and the disk replica (NBD). Peers connect '
              'to it, so set it to an address they can reach.'),
+    cfg.StrOpt(
+        'libvirt_uri', default='qemu:///system',
+        help='Libvirt connection of this host, for guests that run as '
+             'libvirt domains (Nova\'s FT instances): the agent adopts a '
+             'running domain through it, and a failover restores the '
+             'guest as a domain through it. It must be local: the agent '
+             'reads guest RAM from the domain\'s shared memory file.'),
     cfg.ListOpt(
         'peers', default=[],
         help='Hosts that may serve as secondaries for the guests of this '

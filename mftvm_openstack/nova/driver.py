@@ -60,14 +60,17 @@ never fails the Nova operation: it is logged (one line) and recorded
 in ``ft_status`` (``error: protect failed: ...``). The secondary's
 allocation is kept then: the agent may be using the host.
 
-The ``spec`` sent to ``protect`` describes the libvirt domain::
+The ``spec`` sent to ``protect`` names the libvirt domain that
+``LibvirtDriver.spawn`` started (an engine ``GuestSpec``)::
 
-    {'libvirt_domain': 'instance-00000001', 'uuid': '...',
-     'memory_mib': 512, 'vcpus': 1}
+    {'name': '<instance uuid>', 'domain': 'instance-00000001',
+     'memory_mib': 512, 'smp': 1}
 
-The agent's side for libvirt domains (taking over a domain libvirt
-started, through ``ft.monitor``'s libvirt backend) is a later slice: the
-agent today protects guests it starts itself.
+The agent's instance process adopts that running domain (QMP through
+libvirt, guest RAM from its shared memory file: set ``[libvirt]
+file_backed_memory`` in nova.conf), ships the domain's XML to the
+secondary, and a failover restores the guest there as a domain of the
+same name, from that XML.
 
 **Hand-off on failover.** Once the agent on the secondary's host has
 taken the server over, that host's nova-compute moves Nova's record
@@ -215,10 +218,10 @@ def secondary_consumer(instance_uuid: str) -> str:
 def domain_spec(instance: Any) -> dict[str, Any]:
     """The ``spec`` of the agent's ``protect`` for a libvirt domain."""
     return {
-        'libvirt_domain': instance.name,
-        'uuid': instance.uuid,
+        'name': instance.uuid,
+        'domain': instance.name,
         'memory_mib': instance.flavor.memory_mb,
-        'vcpus': instance.flavor.vcpus,
+        'smp': instance.flavor.vcpus,
     }
 
 
@@ -310,8 +313,9 @@ class FTDriverMixin:
         if secondary is not None:
             self._stop_agents(context, instance, secondary)
         elif self._ft_runs_here_handed_off(instance):
-            # the agent here runs the guest (it took it over): libvirt
-            # knows nothing of it
+            # the agent here took the guest over (its instance process
+            # restored the domain): it stops it, and LibvirtDriver then
+            # finds the domain gone
             self._stop_agents(context, instance, None)
         super().destroy(  # type: ignore[misc]
             context, instance, network_info,

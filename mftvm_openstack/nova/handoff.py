@@ -63,8 +63,12 @@ sets each port's ``binding:host_id`` to this host (and the
 ``device_owner`` zone), then ``get_instance_nw_info`` refreshes the
 info cache. No migration is passed: there is no migration context (no
 PCI/SR-IOV mapping; ports with resource requests would need provider
-mappings, which an FT server does not have). Plugging the VIFs for the
-guest on this host is the agent's part.
+mappings, which an FT server does not have). The VIFs on this host come
+from libvirt itself: the agent restored the guest as a domain from the
+primary's XML, whose interfaces (an Open vSwitch ``virtualport``, a
+bridge) libvirt plugs as it starts it. Interfaces that os-vif prepares
+outside libvirt (hybrid-plug ``qbr`` bridges, vhost-user) are not
+prepared on this host yet.
 
 *The old host.* Evacuation's rule applies unchanged: when its
 nova-compute starts again, ``_destroy_evacuated_instances`` finds the
@@ -76,8 +80,9 @@ server is not started there: ``init_host`` only resumes instances whose
 ``instance.host`` is that host.
 
 *Deleting it afterwards* is the new host's business: its driver tells
-its own agent ``stop_instance`` (``ft_status`` says it was handed off,
-and libvirt there knows nothing of the guest).
+its own agent ``stop_instance`` (``ft_status`` says it was handed off;
+the agent's instance process runs the restored domain and stops it),
+then LibvirtDriver's own ``destroy`` cleans up as for any server.
 
 Re-protection onto a third host is a separate step, off by default
 (``FTDriverMixin.reprotect_after_handoff``; the agent may re-protect on

@@ -176,9 +176,9 @@ class TestFTDriver(FTDriverTestBase):
         self.assertEqual([self.compute_rp_uuids[secondary]], list(allocs))
         self.assertEqual(
             [(primary, {'instance': server['id'],
-                        'spec': {'libvirt_domain': self._domain(server),
-                                 'uuid': server['id'], 'memory_mib': 512,
-                                 'vcpus': 1},
+                        'spec': {'name': server['id'],
+                                 'domain': self._domain(server),
+                                 'memory_mib': 512, 'smp': 1},
                         'options': options, 'secondary_host': secondary})],
             self.agent.of('protect'))
         return primary

@@ -96,9 +96,9 @@ class LifecycleTestBase(test_driver.FTDriverTestBase):
                       secondary: str) -> tuple[str, str, dict]:
         return ('protect', primary, {
             'instance': server['id'],
-            'spec': {'libvirt_domain':
-                     server['OS-EXT-SRV-ATTR:instance_name'],
-                     'uuid': server['id'], 'memory_mib': 512, 'vcpus': 1},
+            'spec': {'name': server['id'],
+                     'domain': server['OS-EXT-SRV-ATTR:instance_name'],
+                     'memory_mib': 512, 'smp': 1},
             'options': {'epoch_ms': 100}, 'secondary_host': secondary})
 
     def _unprotect_call(self, primary: str,

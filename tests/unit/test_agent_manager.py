@@ -1,13 +1,19 @@
-"""The manager's choice of peers (no agents, no QEMU)."""
+"""The manager's choice of peers and its guest files (no agents, no
+QEMU)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 import unittest
 
 from oslo_config import cfg
 
 from mftvm_openstack import conf
-from mftvm_openstack.agent import manager
+from mftvm_openstack.agent import exception, manager
+from mftvm_openstack.ft import vm
 
 
 class CandidatesTest(unittest.TestCase):
@@ -35,3 +41,42 @@ class CandidatesTest(unittest.TestCase):
         self.assertEqual(['h3', 'h2'], m._candidates(None, ('h2',)))
         self.assertEqual(['h3'], self.make('h1', ['h3'])._candidates(
             None, ('h3',)))
+
+
+class GuestDirTest(unittest.TestCase):
+    """What the agent writes for an instance process, from an RPC spec."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        c = cfg.ConfigOpts()
+        conf.register_opts(c)
+        c([], project='mftvm-test')
+        c.set_override('host', 'hv1', group='agent')
+        c.set_override('state_path', self.tmp, group='agent')
+        c.set_override('libvirt_uri', 'qemu+unix:///system', group='agent')
+        self.m = manager.AgentManager(c, agents=object())
+
+    def test_nova_domain_spec_is_accepted_with_libvirt_uri(self):
+        # The shape FTLibvirtDriver sends (nova.driver.domain_spec).
+        spec = {'name': 'c0ffee00-0000-4000-8000-000000000001',
+                'domain': 'instance-00000001', 'memory_mib': 512,
+                'smp': 1}
+        inst = self.m._new_dir('c0ffee00', spec,
+                               self.m._host_options({}))
+        with open(os.path.join(inst.dir, 'guest.json')) as f:
+            guest = json.load(f)
+        self.assertEqual(spec, guest['spec'])
+        self.assertEqual('qemu+unix:///system',
+                         guest['options']['libvirt_uri'])
+        loaded = vm.GuestSpec.from_json(guest['spec'])
+        self.assertEqual('instance-00000001', loaded.domain)
+        self.assertEqual(512 << 20, loaded.memory_bytes)
+
+    def test_spec_without_guest_or_domain_is_refused(self):
+        with self.assertRaises(exception.InvalidRequest) as ctx:
+            self.m._new_dir('x', {'name': 'x', 'memory_mib': 128},
+                            self.m._host_options({}))
+        self.assertIn('libvirt domain', str(ctx.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, 'instances',
+                                                     'x')))

@@ -183,7 +183,8 @@ class DevStackPluginTest(testtools.TestCase):
         self.assertEqual(HOST_IP, s['MFTVM_MY_IP'])
         self.assertEqual('', s['MFTVM_PEERS'])
         self.assertEqual('True', s['MFTVM_INSTALL_REDIS'])
-        self.assertEqual('False', s['MFTVM_SET_COMPUTE_DRIVER'])
+        self.assertEqual('True', s['MFTVM_SET_COMPUTE_DRIVER'])
+        self.assertEqual('', s['MFTVM_FILE_BACKED_MEMORY'])
         self.assertEqual('mftvm.FTLibvirtDriver', s['MFTVM_COMPUTE_DRIVER'])
         self.assertEqual([('mftvm-openstack',)], self.calls('define_plugin'))
 
@@ -305,11 +306,21 @@ class DevStackPluginTest(testtools.TestCase):
 
     def test_post_config_sets_compute_driver(self):
         self.phase('stack', 'post-config')
+        with open('/proc/meminfo') as f:
+            total_mib = next(int(line.split()[1]) // 1024 for line in f
+                             if line.startswith('MemTotal:'))
         self.assertEqual({
             'DEFAULT': {'compute_driver': 'mftvm.FTLibvirtDriver',
-                        'my_ip': '10.0.0.11'},
-            'libvirt': {'virt_type': 'qemu'},
+                        'my_ip': '10.0.0.11',
+                        'ram_allocation_ratio': '1.0'},
+            'libvirt': {'virt_type': 'qemu',
+                        'file_backed_memory': str(total_mib)},
         }, self.ini(self.nova_conf))
+
+    def test_post_config_file_backed_memory_from_local_conf(self):
+        self.phase('stack', 'post-config', MFTVM_FILE_BACKED_MEMORY='8192')
+        self.assertEqual('8192', self.ini(self.nova_conf)['libvirt'][
+            'file_backed_memory'])
 
     def test_post_config_with_local_conf_values(self):
         self.phase('stack', 'post-config', MFTVM_HOST='compute-7',
