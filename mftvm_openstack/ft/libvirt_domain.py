@@ -51,7 +51,10 @@ import os
 import select
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -268,6 +271,25 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
     return ET.tostring(root, encoding='unicode')
 
 
+async def _wait_not_running(conn: Any, name: str,
+                            timeout: float = 5.0) -> None:
+    """Until no domain ``name`` runs here: one whose QEMU was just
+    killed may take libvirt a moment to tear down. One that keeps running
+    is a second copy of the guest: refuse."""
+    deadline = time.monotonic() + timeout
+
+    def running() -> bool:
+        try:
+            return bool(conn.lookupByName(name).isActive())
+        except Exception:   # libvirtError: no such domain (any more)
+            return False
+    while await asyncio.to_thread(running):
+        if time.monotonic() > deadline:
+            raise MonitorError(f'domain {name} already runs on this host; '
+                               f'not starting a second copy of the guest')
+        await asyncio.sleep(0.05)
+
+
 async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
                   ram_src: str, devstate_path: str,
                   disk_layers: Sequence[tuple[str, str]],
@@ -290,6 +312,7 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
 
     xml = restore_xml(xml or domain_xml(spec, serial_path), disk_layers,
                       serial_path, name=name)
+    await _wait_not_running(conn, ET.fromstring(xml).findtext('name', ''))
     dom = await asyncio.to_thread(conn.createXML, xml,
                                   libvirt.VIR_DOMAIN_START_PAUSED)
     monitor = await LibvirtMonitor.for_domain(conn, dom)
@@ -369,6 +392,32 @@ class DomainProcess:
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)   # ProcessLookupError: gone
         self._exited = False
+        self._guard: Optional[asyncio.subprocess.Process] = None
+
+    async def start_guard(self) -> None:
+        """Make this QEMU die with the calling process, as our own QEMU
+        does: see :mod:`~mftvm_openstack.ft.domain_guard`. Call it from
+        the event loop's thread (the death signal follows the forking
+        thread)."""
+        def before_exec() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            vm.parent_death_signal(signal.SIGTERM)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, '-m', 'mftvm_openstack.ft.domain_guard',
+            str(self.pid), str(os.getpid()), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, preexec_fn=before_exec)
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        except TimeoutError:
+            line = b''
+        if line.strip() != b'ready' and self.running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise MonitorError(f'could not tie QEMU {self.pid} of domain '
+                               f'{self.name} to this process (its guard '
+                               f'did not start)')
+        self._guard = proc
 
     @classmethod
     async def of(cls, monitor: Monitor, name: str) -> DomainProcess:

@@ -310,9 +310,15 @@ def check_kernel(path: str) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def parent_death_signal(sig: int) -> None:
+    """In a child before exec: get ``sig`` when the forking thread
+    (our event loop's) exits."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def _die_with_parent() -> None:
+    parent_death_signal(signal.SIGKILL)
 
 
 class ChildProcess:

@@ -340,6 +340,9 @@ class Host:
             ram = await libvirt_domain.ram_file(monitor)
             node, _ = await libvirt_domain.guest_disk(monitor)
             qemu = await libvirt_domain.DomainProcess.of(monitor, dom.name())
+            # From now on, the guest dies with this process, as a QEMU of
+            # our own would: nobody else fences it if we die alone.
+            await qemu.start_guard()
         except BaseException:
             await monitor.close()
             raise

@@ -2,18 +2,22 @@
 
 The primary is a libvirt domain; the engine drives it only through
 :class:`LibvirtMonitor` (QMP passed through libvirt) and reads guest RAM
-from the shared file libvirt gave the domain. After a few epochs the
-domain's QEMU is killed and the last committed epoch is restored as a
-second libvirt domain (the other "host"), which runs the guest on.
+from the shared file libvirt gave the domain. ``LibvirtEpochTest`` takes
+checkpoints by hand, kills the domain's QEMU and restores the last
+committed epoch as a second libvirt domain (the other "host").
+``LibvirtProtectionTest`` does it the way Nova's guests are protected: the
+host processes adopt a running domain, replicate its disk and hold its
+output, and the secondary restores it as a libvirt domain.
 
 Needs the Debian packages libvirt-daemon-system (libvirtd, virtlogd) and
 libvirt-dev + pkg-config (to build libvirt-python). libvirtd and
-virtlogd are started here, as children of the test, unless a libvirtd
-already answers on the system socket; no systemd is needed.
+virtlogd are started here unless a libvirtd already answers on the
+system socket (no systemd is needed), and left running.
 """
 
 import asyncio
 import dataclasses
+import fcntl
 import os
 import random
 import shutil
@@ -44,33 +48,31 @@ def _libvirtd_answers():
 
 
 class LibvirtDaemons(fixtures.Fixture):
-    """virtlogd + libvirtd started by hand (system sockets), if needed."""
+    """virtlogd + libvirtd started by hand (system sockets), if needed.
+
+    They are left running afterwards, as the system daemons they stand in
+    for: tests in other worker processes use the same libvirtd, and one
+    test's clean-up must not pull it from under another's guests. A lock
+    keeps two workers from starting it at once.
+    """
+
+    LOCK = '/run/mftvm-test-libvirtd.lock'
+    LOG_DIR = '/var/tmp/mftvm-test-libvirtd'
 
     def _setUp(self):
-        self.procs = []
-        if _libvirtd_answers():
-            return  # someone else's libvirtd: use it, leave it alone
-        log_dir = self.useFixture(fixtures.TempDir()).path
-        for daemon in ('virtlogd', 'libvirtd'):
-            path = shutil.which(daemon) or f'/usr/sbin/{daemon}'
-            log = open(os.path.join(log_dir, f'{daemon}.log'), 'ab')
-            self.addCleanup(log.close)
-            proc = subprocess.Popen([path], stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log,
-                                    start_new_session=True)
-            self.procs.append(proc)
-            self.addCleanup(self._stop, proc)
-        base.wait_for(_libvirtd_answers, 30, 0.2, 'libvirtd')
-
-    @staticmethod
-    def _stop(proc):
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with open(self.LOCK, 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _libvirtd_answers():
+                return
+            os.makedirs(self.LOG_DIR, exist_ok=True)
+            for daemon in ('virtlogd', 'libvirtd'):
+                path = shutil.which(daemon) or f'/usr/sbin/{daemon}'
+                with open(os.path.join(self.LOG_DIR, f'{daemon}.log'),
+                          'ab') as log:
+                    subprocess.Popen([path], stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=log,
+                                     start_new_session=True)
+            base.wait_for(_libvirtd_answers, 30, 0.2, 'libvirtd')
 
 
 def _qemu_pid(name):
@@ -232,11 +234,11 @@ class LibvirtProtectionTest(base.GuestTestCase):
         except libvirt.libvirtError:
             pass    # gone already
 
-    def test_adopted_domain_fails_over_into_a_libvirt_domain(self):
+    def start_and_protect(self, name, restored):
+        """Start domain ``name`` as Nova would, then protect it; return
+        (libvirt connection, guest dir, counter's last answer)."""
         import libvirt
 
-        name = f'mftvm-lvp-{os.getpid()}'
-        restored = f'{name}-b'
         disk = self.make_disk()
         spec = manager.make_spec(
             name, self.image.kernel, self.image.initrd, disk,
@@ -266,6 +268,15 @@ class LibvirtProtectionTest(base.GuestTestCase):
         self.assertEqual('protected', prim['state'])
         # The engine works on libvirt's QEMU, not one of its own.
         self.assertEqual(_qemu_pid(name), prim['qemu_pid'])
+        return conn, gdir, last
+
+    def test_adopted_domain_fails_over_into_a_libvirt_domain(self):
+        import libvirt
+
+        name = f'mftvm-lvp-{os.getpid()}'
+        restored = f'{name}-b'
+        conn, gdir, last = self.start_and_protect(name, restored)
+        prim = self.side(name, 'primary')
         deadline = time.monotonic() + random.uniform(2, 4)
         while time.monotonic() < deadline:
             got = workload.counter_request('127.0.0.1', self.port)
@@ -320,3 +331,23 @@ class LibvirtProtectionTest(base.GuestTestCase):
             await libvirt_domain.add_forwards(monitor, spec)
         finally:
             await monitor.close()
+
+    def test_domain_dies_with_the_process_that_protects_it(self):
+        # A host process killed alone must not leave libvirt's QEMU
+        # running unfenced while the secondary takes over.
+        name = f'mftvm-lvh-{os.getpid()}'
+        restored = f'{name}-b'
+        conn, gdir, last = self.start_and_protect(name, restored)
+        prim = self.side(name, 'primary')
+        os.kill(prim['host_pid'], signal.SIGKILL)
+        base.wait_for(lambda: not os.path.exists(
+            f'/proc/{prim["qemu_pid"]}'), 10, 0.05,
+            "the domain's QEMU to die with its host process")
+        after = base.wait_for(
+            lambda: workload.counter_request('127.0.0.1', self.port, 5),
+            90, 0, 'an answer from the restored domain')
+        self.assertEqual(last + 1, after)
+        sec = base.wait_for(
+            lambda: (s := self.side(name, 'secondary')).get(
+                'state') == 'active' and s, 10, what='secondary active')
+        self.assertEqual(_qemu_pid(restored), sec['qemu_pid'])
