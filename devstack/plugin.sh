@@ -128,7 +128,10 @@ function _mftvm_file_backed_memory {
     if [[ -n "$MFTVM_FILE_BACKED_MEMORY" ]]; then
         echo "$MFTVM_FILE_BACKED_MEMORY"
     else
-        awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo
+        # all but 1 GiB for the host itself (Nova allows no
+        # reserved_host_memory_mb with file-backed memory)
+        awk '/^MemTotal:/ {m = int($2 / 1024) - 1024;
+            print (m < 1024 ? 1024 : m)}' /proc/meminfo
     fi
 }
 
@@ -148,10 +151,12 @@ function configure_mftvm_nova {
     iniset "$NOVA_CONF" DEFAULT compute_driver "$MFTVM_COMPUTE_DRIVER"
     # Guest RAM in a shared file (<memoryBacking> source file, access
     # shared) for every instance: the agent reads an FT guest's RAM from
-    # it. Nova requires ram_allocation_ratio 1.0 with it.
+    # it.
     iniset "$NOVA_CONF" libvirt file_backed_memory \
         "$(_mftvm_file_backed_memory)"
+    # Nova refuses to start with file-backed memory unless these hold.
     iniset "$NOVA_CONF" DEFAULT ram_allocation_ratio 1.0
+    iniset "$NOVA_CONF" DEFAULT reserved_host_memory_mb 0
 }
 
 # start_mftvm_agent - run the agent as a DevStack service

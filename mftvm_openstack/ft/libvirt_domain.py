@@ -218,12 +218,15 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
     * writes the serial console (file or ``<log>``) to ``serial_path``:
       the primary's path may not exist on this host;
     * waits for device state (``-incoming defer``);
-    * is called ``name`` if given, and then has no ``<uuid>`` (one
-      libvirtd on one machine plays both hosts in tests).
+    * is called ``name`` if given; a new name drops the ``<uuid>`` too
+      (one libvirtd on one machine plays both hosts in tests), the same
+      name keeps it (Nova looks its domains up by the instance uuid).
     """
     ET.register_namespace('qemu', QEMU_NS)
     root = ET.fromstring(xml)
-    if name:
+    if name and name != root.findtext('name'):
+        # Another guest as far as libvirt knows. The same name keeps the
+        # uuid: Nova finds its instances' domains by uuid.
         name_el = root.find('name')
         if name_el is None:
             name_el = ET.SubElement(root, 'name')

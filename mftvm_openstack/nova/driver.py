@@ -601,6 +601,11 @@ class FTDriverMixin:
             self._set_status(instance, f'error: {_one_line(exc)}')
             return
         secondary = self._ft_secondary(instance)
+        if secondary is not None and not request.enabled:
+            # FT was turned off while it was stopped: let its secondary go
+            if self._release_secondary(context, instance, status=None):
+                self._set_status(instance, STATUS_FT_OFF)
+            return
         if secondary is not None:
             invalid = self._secondary_invalid(context, instance, secondary)
             if invalid is None:

@@ -164,6 +164,23 @@ class TestStopStart(LifecycleTestBase):
                          list(self._secondary_allocs(server)))
         self.assertEqual(self._usage_of(primary, third), self._usages())
 
+    def test_start_after_ft_unset_releases_secondary(self) -> None:
+        server, primary, secondary, _ = self._boot_ft({'ft': 'true'})
+        server = self._stop_server(server)
+        self.api.delete_server_metadata(server['id'], 'ft')
+
+        self.agent.calls.clear()
+        server = self._start_server(server)
+        self.assertEqual(primary, server['OS-EXT-SRV-ATTR:host'])
+        # not protected again: its secondary is let go instead
+        self.assertEqual([], self.agent.of('protect'))
+        self.assertEqual({}, self._secondary_allocs(server))
+        self.assertNotIn(driver.SECONDARY_HOST, self._sysmeta(server))
+        self.assertEqual('unprotected: ft off', self._status(server))
+        self.assertEqual(
+            {h: USAGE if h == primary else NO_USAGE for h in self.HOSTS},
+            self._usages())
+
     def test_agent_failures_never_fail_stop_start(self) -> None:
         server, primary, secondary, _ = self._boot_ft()
         self.agent.fail['unprotect'] = agent_exception.PeerUnreachable(

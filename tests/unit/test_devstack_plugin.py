@@ -312,9 +312,11 @@ class DevStackPluginTest(testtools.TestCase):
         self.assertEqual({
             'DEFAULT': {'compute_driver': 'mftvm.FTLibvirtDriver',
                         'my_ip': '10.0.0.11',
-                        'ram_allocation_ratio': '1.0'},
+                        'ram_allocation_ratio': '1.0',
+                        'reserved_host_memory_mb': '0'},
             'libvirt': {'virt_type': 'qemu',
-                        'file_backed_memory': str(total_mib)},
+                        'file_backed_memory': str(
+                            max(1024, total_mib - 1024))},
         }, self.ini(self.nova_conf))
 
     def test_post_config_file_backed_memory_from_local_conf(self):
