@@ -128,6 +128,19 @@ ft_opts = [
                choices=['auto', 'scan', 'soft-dirty'],
                help='How dirty guest memory is found; auto picks '
                     'soft-dirty when the kernel supports it.'),
+    cfg.FloatOpt(
+        'handoff_interval', default=2.0, min=0,
+        help='nova-compute (FTLibvirtDriver) only: seconds between two '
+             'looks at the local agent for servers it took over from a '
+             'failed host, whose Nova record then moves here. 0 turns '
+             'the hand-off off.'),
+    cfg.BoolOpt(
+        'reprotect_after_handoff', default=True,
+        help='nova-compute (FTLibvirtDriver) only: once a server has '
+             'been handed off to this host, ask the scheduler for a new '
+             'secondary (never the failed host), hold it in Placement and '
+             'protect onto it. Leave [agent] peers empty under Nova, so '
+             'that agents do not re-protect outside Placement first.'),
 ]
 
 GROUPS = {

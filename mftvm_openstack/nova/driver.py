@@ -77,7 +77,9 @@ taken the server over, that host's nova-compute moves Nova's record
 there (host, node, Placement allocation, port binding, a ``done``
 evacuation Migration): see :mod:`mftvm_openstack.nova.handoff`. The
 driver watches its local agent for it from ``init_host`` to
-``cleanup_host``, every :attr:`FTDriverMixin.handoff_interval` seconds.
+``cleanup_host``, every ``[ft] handoff_interval`` seconds (2); then, by
+default (``[ft] reprotect_after_handoff``), it asks the scheduler for a
+new secondary and protects the server onto it.
 
 **Stop, start, reboot.** The guest runs on the primary only; the
 agents must not read a deliberate stop or restart as a lost primary::
@@ -244,12 +246,17 @@ class FTDriverMixin:
     """
 
     agent_api_factory: Callable[[], Any] = staticmethod(default_agent_api)
-    #: seconds between two looks at the local agent for takeovers
-    #: (:mod:`~mftvm_openstack.nova.handoff`); 0 turns the watch off
-    handoff_interval: float = 2.0
-    #: after a hand-off, ask the scheduler for a new secondary (not the
-    #: old primary's host) and tell the agent to protect onto it
-    reprotect_after_handoff: bool = False
+    @property
+    def handoff_interval(self) -> float:
+        """Seconds between two looks at the local agent for takeovers
+        (:mod:`~mftvm_openstack.nova.handoff`); 0 turns the watch off."""
+        return float(mftvm_conf.CONF.ft.handoff_interval)
+
+    @property
+    def reprotect_after_handoff(self) -> bool:
+        """After a hand-off, ask the scheduler for a new secondary (not
+        the old primary's host) and tell the agent to protect onto it."""
+        return bool(mftvm_conf.CONF.ft.reprotect_after_handoff)
 
     _ft_host: Optional[str] = None
     _ft_agent_api: Any = None
