@@ -1,7 +1,7 @@
 """Client side of the agent's RPC API (topic ``mftvm-agent``).
 
 Every agent listens on topic :data:`TOPIC` with its host name
-(``[DEFAULT] host``) as server name; a call names the host it goes to::
+(``[agent] host``) as server name; a call names the host it goes to::
 
     from mftvm_openstack import conf
     from mftvm_openstack.agent import rpcapi

@@ -7,8 +7,10 @@
 A minimal configuration::
 
     [DEFAULT]
-    host = hv1
     transport_url = rabbit://mftvm:PASSWORD@10.0.0.5:5672/
+
+    [agent]
+    host = hv1
     state_path = /var/lib/mftvm
 
 The agent checks that the broker takes messages before it starts serving;

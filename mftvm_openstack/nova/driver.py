@@ -188,6 +188,8 @@ STATUS_PROTECTED = 'protected'
 STATUS_NO_SECONDARY = 'unprotected: no secondary host'
 STATUS_STOPPED = 'stopped'
 STATUS_REBOOTING = 'unprotected: rebooting'
+STATUS_PAUSED = 'unprotected: paused'
+STATUS_SUSPENDED = 'unprotected: suspended'
 STATUS_FT_OFF = 'unprotected: ft off'
 
 #: why a move of an FT server is refused (``%(what)s``: 'Resize or cold
@@ -354,6 +356,43 @@ class FTDriverMixin:
                 accel_info=accel_info, share_info=share_info)
         if self._ft_lifecycle(instance):
             self._reprotect(context, instance)
+
+    # A paused or suspended guest is no guest to checkpoint: each epoch
+    # ends with ``cont``, which would undo a pause. So protection ends
+    # first (the secondary stays held) and resumes afterwards.
+
+    def pause(self, instance: Any) -> None:
+        self._ft_hold(instance, STATUS_PAUSED)
+        super().pause(instance)  # type: ignore[misc]
+
+    def unpause(self, instance: Any) -> None:
+        super().unpause(instance)  # type: ignore[misc]
+        if self._ft_lifecycle(instance):
+            self._reprotect(nova_context.get_admin_context(), instance)
+
+    def suspend(self, context: Any, instance: Any) -> None:
+        self._ft_hold(instance, STATUS_SUSPENDED)
+        super().suspend(context, instance)  # type: ignore[misc]
+
+    def resume(self, context: Any, instance: Any, network_info: Any,
+               block_device_info: Any = None,
+               share_info: Any = None) -> None:
+        super().resume(  # type: ignore[misc]
+            context, instance, network_info,
+            block_device_info=block_device_info, share_info=share_info)
+        if self._ft_lifecycle(instance):
+            self._reprotect(context, instance)
+
+    def _ft_hold(self, instance: Any, status: str) -> None:
+        """Unprotect ``instance`` before it stops running, secondary kept."""
+        if not self._ft_lifecycle(instance):
+            return
+        error = None
+        if self._ft_secondary(instance):
+            error = self._unprotect(nova_context.get_admin_context(),
+                                    instance)
+        self._set_status(instance, status if error is None
+                         else f'{status}; {error}')
 
     def reboot(self, context: Any, instance: Any, network_info: Any,
                reboot_type: str, block_device_info: Any = None,

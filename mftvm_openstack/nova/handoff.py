@@ -2,8 +2,8 @@
 
 When the primary host of a protected server fails, the agent on the
 secondary's host fences it and runs the guest from the last committed
-epoch (see DESIGN.md, *Failover*). Nova still believes the server runs
-on the old host. This module moves Nova's record, as an evacuation
+epoch (see doc/architecture.rst, *Failover*). Nova still believes the
+server runs on the old host. This module moves Nova's record, as an evacuation
 would, but without rebuilding anything: the guest is already running.
 
 **Where it runs.** In nova-compute on the *new* host, which owns its

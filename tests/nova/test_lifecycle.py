@@ -210,6 +210,45 @@ class TestStopStart(LifecycleTestBase):
         self.assertNotIn(driver.STATUS, self._sysmeta(server))
 
 
+class TestPauseSuspend(LifecycleTestBase):
+    """Each epoch ends with ``cont``: protection must end before a pause
+    or a suspend, or the next epoch would undo it."""
+
+    def _test_hold(self, hold, release, held_state: str,
+                   status: str) -> None:
+        server, primary, secondary, _ = self._boot_ft()
+        held = self._secondary_allocs(server)
+
+        server = hold(server)
+        self.assertEqual(held_state, server['status'])
+        self.assertEqual([self._unprotect_call(primary, server)],
+                         self.agent.calls)
+        self.assertEqual(status, self._status(server))
+        self.assertEqual(held, self._secondary_allocs(server))
+
+        self.agent.calls.clear()
+        server = release(server)
+        self.assertEqual([self._protect_call(primary, server, secondary)],
+                         self.agent.calls)
+        self.assertEqual('protected', self._status(server))
+        self.assertEqual(held, self._secondary_allocs(server))
+        self.assertEqual(self._usage_of(primary, secondary), self._usages())
+
+    def test_pause_unprotects_unpause_reprotects(self) -> None:
+        def pause(server: dict) -> dict:
+            self.api.post_server_action(server['id'], {'pause': None})
+            return self._wait_for_state_change(server, 'PAUSED')
+
+        def unpause(server: dict) -> dict:
+            self.api.post_server_action(server['id'], {'unpause': None})
+            return self._wait_for_state_change(server, 'ACTIVE')
+        self._test_hold(pause, unpause, 'PAUSED', 'unprotected: paused')
+
+    def test_suspend_unprotects_resume_reprotects(self) -> None:
+        self._test_hold(self._suspend_server, self._resume_server,
+                        'SUSPENDED', 'unprotected: suspended')
+
+
 class TestReboot(LifecycleTestBase):
 
     def _test_reboot(self, hard: bool) -> None:
