@@ -33,6 +33,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -336,6 +337,83 @@ static int mode_writer(int argc, char **argv)
 
 /* ---------------------------------------------------------------- counter */
 
+/*
+ * An answered connection is not closed at once: it lingers until its client
+ * closes (it does once it has the answer; at most 1 s), so TIME_WAIT lands
+ * on the client's side, not in this guest. A guest TIME_WAIT outlives a
+ * failover, but the user-mode network's TCP peer (slirp) is reborn with the
+ * new QEMU and starts its ISNs low again: a reconnect from a recently used
+ * client port hits the old TIME_WAIT, which answers the SYN with a bare ACK;
+ * slirp resets it and sends its SYN again only ~6 s later, past the client's
+ * timeout. Lingering happens beside serving: a connection whose client died
+ * with the old QEMU must not hold up the next request.
+ */
+#define LINGER_MAX 16
+static struct {
+	int fd;
+	double until;
+} lingering[LINGER_MAX];
+static int n_lingering;
+
+static void linger_drop(int i)
+{
+	close(lingering[i].fd);
+	lingering[i] = lingering[--n_lingering];
+}
+
+static void linger_add(int c)
+{
+	if (n_lingering == LINGER_MAX)
+		linger_drop(0);
+	lingering[n_lingering].fd = c;
+	lingering[n_lingering].until = now_s() + 1.0;
+	n_lingering++;
+}
+
+/* Close lingering connections as their clients close (or time runs out)
+ * until srv has a connection to accept. */
+static void linger_until_acceptable(int srv)
+{
+	for (;;) {
+		struct pollfd pfd[LINGER_MAX + 1];
+		double now = now_s(), next = 0;
+		int i, timeout = -1;
+
+		for (i = 0; i < n_lingering;) {
+			if (lingering[i].until <= now) {
+				linger_drop(i);
+				continue;
+			}
+			if (!next || lingering[i].until < next)
+				next = lingering[i].until;
+			i++;
+		}
+		if (next)
+			timeout = (int)((next - now) * 1000) + 1;
+		pfd[0].fd = srv;
+		pfd[0].events = POLLIN;
+		for (i = 0; i < n_lingering; i++) {
+			pfd[i + 1].fd = lingering[i].fd;
+			pfd[i + 1].events = POLLIN;
+		}
+		if (poll(pfd, n_lingering + 1, timeout) < 0) {
+			if (errno == EINTR)
+				continue;
+			die("poll");
+		}
+		/* Backwards: linger_drop(i) moves the last entry, already
+		 * looked at, into slot i. */
+		for (i = n_lingering - 1; i >= 0; i--) {
+			char junk[64];
+			if (pfd[i + 1].revents &&
+			    read(lingering[i].fd, junk, sizeof(junk)) <= 0)
+				linger_drop(i);
+		}
+		if (pfd[0].revents)
+			return;
+	}
+}
+
 /* Serves forever. */
 static __attribute__((noreturn)) void mode_counter(int argc, char **argv)
 {
@@ -369,7 +447,10 @@ static __attribute__((noreturn)) void mode_counter(int argc, char **argv)
 	for (;;) {
 		char line[65], reply[32];
 		size_t got = 0;
-		int c = accept(srv, NULL, NULL);
+		int c;
+
+		linger_until_acceptable(srv);
+		c = accept(srv, NULL, NULL);
 
 		if (c < 0) {
 			if (errno == EINTR)
@@ -406,8 +487,8 @@ static __attribute__((noreturn)) void mode_counter(int argc, char **argv)
 		int len = snprintf(reply, sizeof(reply), "%llu\n", (unsigned long long)value);
 		if (write(c, reply, len) != len)
 			printf("COUNTER-WARNING short reply\n");
-		close(c);
 		printf("COUNT %llu\n", (unsigned long long)value);
+		linger_add(c);
 	}
 }
 
