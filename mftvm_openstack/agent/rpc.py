@@ -53,6 +53,7 @@ import oslo_messaging  # noqa: E402
 from oslo_serialization import jsonutils  # noqa: E402
 
 from mftvm_openstack.agent import exception  # noqa: E402
+from mftvm_openstack.ft import disk as ft_disk  # noqa: E402
 
 LOG = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ _NAME_RE = re.compile(NAME_PATTERN)
 _HOST_RE = re.compile(HOST_PATTERN)
 
 EPOCH_MS_RANGE = (20, 10000)
-DISK_SYNC_CHOICES = ('write-replication', 'block-copy')
+DISK_SYNC_CHOICES = ft_disk.DISK_SYNCS
 TRACKER_CHOICES = ('auto', 'scan', 'soft-dirty')
 OPTION_KEYS = ('epoch_ms', 'disk_sync', 'tracker', 'start_delay')
 

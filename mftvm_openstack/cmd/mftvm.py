@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Any, Optional
 
+from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.standalone import manager
 from mftvm_openstack.standalone.manager import UserError
 
@@ -111,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument('--epoch-ms', type=int, default=200)
     prot.add_argument('--tracker', default='auto',
                       help='dirty tracker: auto, scan, soft-dirty')
-    prot.add_argument('--disk-sync', default='write-replication',
-                      help='write-replication (default) or block-copy')
+    prot.add_argument('--disk-sync', default=ft_disk.DEFAULT_DISK_SYNC,
+                      help=f'{" | ".join(ft_disk.DISK_SYNCS)} (default '
+                           f'{ft_disk.DEFAULT_DISK_SYNC})')
     prot.add_argument('--nic', default=None,
                       help='user,hostfwd=tcp:127.0.0.1:PORT-:GUESTPORT')
     prot.add_argument('--foreground', action='store_true',

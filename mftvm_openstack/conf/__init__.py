@@ -22,6 +22,8 @@ import socket
 
 from oslo_config import cfg
 
+from mftvm_openstack.ft.disk import DEFAULT_DISK_SYNC, DISK_SYNCS
+
 CONF = cfg.CONF
 
 agent_opts = [
@@ -118,12 +120,16 @@ ft_opts = [
     cfg.IntOpt('epoch_ms', default=200, min=20, max=10000,
                help='Default length of an epoch (checkpoint interval) in '
                     'milliseconds.'),
-    cfg.StrOpt('disk_sync', default='write-replication',
-               choices=['write-replication', 'block-copy'],
-               help='How the disk reaches the secondary: every write '
-                    'replicated as it happens (default), or the blocks of '
-                    'each epoch copied inside its checkpoint (the MFTVM 3 '
-                    'baseline, for comparison).'),
+    cfg.StrOpt('disk_sync', default=DEFAULT_DISK_SYNC,
+               choices=list(DISK_SYNCS),
+               help='How the disk reaches the secondary. async-replication '
+                    '(default): every write travels to the replica as it '
+                    'happens, without the guest waiting for it; each '
+                    'checkpoint waits for the last few. write-replication: '
+                    'each write completes only once the replica has it '
+                    '(every sync write pays a round trip). block-copy: the '
+                    'blocks of each epoch are copied inside its checkpoint '
+                    '(the MFTVM 3 baseline, for comparison).'),
     cfg.StrOpt('tracker', default='auto',
                choices=['auto', 'scan', 'soft-dirty'],
                help='How dirty guest memory is found; auto picks '

@@ -33,11 +33,17 @@ it) never wait for a merge.
 
 Primary side: plugins of the stevedore namespace ``mftvm.ft.disk_sync``:
 
+``async-replication`` (:class:`AsyncReplication`, the default)
+    A ``blockdev-mirror`` in the background to the store's NBD export:
+    guest writes travel to the replica as they happen, without waiting
+    for it, and each checkpoint waits for the few still on their way.
+    Only a committed epoch's writes count on the secondary, so nothing
+    is lost by not waiting per write.
 ``write-replication`` (:class:`WriteReplication`)
-    A ``blockdev-mirror`` with ``copy-mode=write-blocking`` to the store's
-    NBD export: each guest write completes only once it is on both disks,
-    so the checkpoint pause copies nothing. The same job performs the
-    initial sync of the running guest.
+    The same mirror with ``copy-mode=write-blocking``: each guest write
+    completes only once it is on both disks, and the checkpoint waits for
+    nothing; every sync write pays a round trip to the replica. Both
+    mirrors also perform the initial sync of the running guest.
 ``block-copy`` (:class:`BlockCopy`)
     The MFTVM 3 baseline kept for benchmarks: a dirty bitmap, and an
     incremental ``blockdev-backup`` of the epoch's dirty blocks inside
@@ -45,7 +51,7 @@ Primary side: plugins of the stevedore namespace ``mftvm.ft.disk_sync``:
 
 Example::
 
-    sync = load_disk_sync('write-replication', monitor)
+    sync = load_disk_sync('async-replication', monitor)
     await sync.start(target)         # returns once the replica is in sync
     await sync.checkpoint(epoch)     # inside each pause (after ``stop``)
     sync.failed                      # asyncio.Event: the replica is lost
@@ -79,6 +85,9 @@ from mftvm_openstack.ft.monitor import Monitor, MonitorError, QMPMonitor
 LOG = logging.getLogger(__name__)
 
 NAMESPACE = 'mftvm.ft.disk_sync'
+#: the disk-sync plugins, the default first
+DISK_SYNCS = ('async-replication', 'write-replication', 'block-copy')
+DEFAULT_DISK_SYNC = DISK_SYNCS[0]
 EXPORT_NAME = 'disk0'
 #: Job states after which a job does no more I/O.
 _DONE = frozenset({'concluded', 'null'})
@@ -678,6 +687,10 @@ class WriteReplication(DiskSync):
     """
 
     JOB = 'repl0'
+    COPY_MODE = 'write-blocking'
+    #: bytes the mirror tracks dirty data by (None: QEMU's default, the
+    #: cluster size); a synchronous mirror never leaves any
+    GRANULARITY: Optional[int] = None
 
     def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
         super().__init__(monitor, node)
@@ -690,14 +703,16 @@ class WriteReplication(DiskSync):
         t0 = time.perf_counter()
         await self._add_replica(target)
         self._active = True
+        args: dict[str, Any] = {
+            'job-id': self.JOB, 'device': self.node,
+            'target': self.REPLICA, 'sync': 'full',
+            'copy-mode': self.COPY_MODE,
+            # Keep a failed job around so we can read its error.
+            'auto-dismiss': False}
+        if self.GRANULARITY:
+            args['granularity'] = self.GRANULARITY
         try:
-            await self.monitor.execute(
-                'blockdev-mirror', **{
-                    'job-id': self.JOB, 'device': self.node,
-                    'target': self.REPLICA, 'sync': 'full',
-                    'copy-mode': 'write-blocking',
-                    # Keep a failed job around so we can read its error.
-                    'auto-dismiss': False})
+            await self.monitor.execute('blockdev-mirror', **args)
             info = await wait_job(self.monitor, self.JOB,
                                   frozenset({'ready'}), self.sync_timeout)
             if info is None or info['status'] != 'ready':
@@ -743,6 +758,61 @@ class WriteReplication(DiskSync):
         await _quietly(self.monitor, 'blockdev-del',
                        **{'node-name': self.REPLICA})
         self._active = False
+
+
+class AsyncReplication(WriteReplication):
+    """Guest writes go to the replica as they happen, but asynchronously;
+    each checkpoint waits for what is still on its way.
+
+    A write-blocking mirror makes every guest write wait for the
+    replica's answer, yet only a *committed* epoch's writes count on the
+    secondary (a failover drops the rest). So the mirror here copies in
+    the background (``copy-mode=background``, dirty data tracked per
+    4 KiB) and keeps up with the guest during the epoch; inside the pause
+    (the guest is stopped, its I/O drained) :meth:`checkpoint` wakes the
+    job and waits until nothing is dirty or in flight. Only then does the
+    epoch's mark go out, so its overlay holds every write of the epoch.
+    The pause grows by the tail of the epoch's writes; guest writes no
+    longer wait for the network.
+    """
+
+    COPY_MODE = 'background'
+    GRANULARITY = 4096
+
+    def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
+        super().__init__(monitor, node)
+        #: the longest a checkpoint waits for the replica to catch up
+        self.drain_timeout = 2.0
+        self._stats.update(last_drain_ms=None, max_drain_ms=None)
+
+    async def checkpoint(self, epoch: int) -> None:
+        await super().checkpoint(epoch)
+        t0 = time.perf_counter()
+        # Setting the speed wakes a job that sleeps between iterations.
+        await self.monitor.execute('block-job-set-speed', device=self.JOB,
+                                   speed=0)
+        deadline = t0 + self.drain_timeout
+        while True:
+            job = None
+            for entry in await self.monitor.execute('query-block-jobs'):
+                if entry.get('device') == self.JOB:
+                    job = entry
+            if job is None or job.get('status') in _DONE:
+                self._fail('the mirror job ended')
+                raise DiskError(f'epoch {epoch}: disk replication failed: '
+                                f'{self.failure}')
+            # len - offset: bytes dirty or in flight (QEMU counts both)
+            if job['len'] == job['offset']:
+                break
+            if time.perf_counter() > deadline:
+                self._fail(f'the replica did not catch up within '
+                           f'{self.drain_timeout:.1f}s')
+                raise DiskError(f'epoch {epoch}: {self.failure}')
+            await asyncio.sleep(0.001)
+        ms = (time.perf_counter() - t0) * 1000
+        self._stats['last_drain_ms'] = round(ms, 2)
+        self._stats['max_drain_ms'] = round(
+            max(ms, self._stats['max_drain_ms'] or 0), 2)
 
 
 class BlockCopy(DiskSync):
@@ -824,12 +894,12 @@ class BlockCopy(DiskSync):
 
 def load_disk_sync(name: str, monitor: Monitor,
                    node: str = 'disk0') -> DiskSync:
-    """The disk-sync plugin ``name`` (write-replication or block-copy)."""
+    """The disk-sync plugin ``name`` (one of :data:`DISK_SYNCS`)."""
     try:
         mgr: driver.DriverManager = driver.DriverManager(
             NAMESPACE, name, invoke_on_load=False)
     except Exception:
-        raise DiskError(f'unknown disk sync {name!r}: use write-replication '
-                        f'or block-copy') from None
+        raise DiskError(f'unknown disk sync {name!r}: use one of '
+                        f'{", ".join(DISK_SYNCS)}') from None
     plugin: DiskSync = mgr.driver(monitor, node)
     return plugin

@@ -110,10 +110,12 @@ EXTRA_SPEC_VALIDATORS = [
         name=ft_request.DISK_SYNC,
         description=(
             'How the disks of fault-tolerant servers of this flavor (see '
-            '``ft:enabled``) reach the secondary. ``write-replication`` '
-            '(the default, the agent\'s ``[ft] disk_sync``) replicates '
-            'every guest write as it happens, so no disk data is copied '
-            'during the checkpoint pause. ``block-copy`` copies the blocks '
+            '``ft:enabled``) reach the secondary. ``async-replication`` '
+            '(the default, the agent\'s ``[ft] disk_sync``) sends every '
+            'guest write to the replica as it happens, without the guest '
+            'waiting for it; each checkpoint waits for the last few. '
+            '``write-replication`` makes each write wait until the replica '
+            'has it (slower sync writes). ``block-copy`` copies the blocks '
             'written in each epoch inside its checkpoint, which lengthens '
             'the pause; it is kept as a baseline for comparisons. Only '
             'supported by compute hosts running the mftvm-openstack '

@@ -47,7 +47,7 @@ The rules:
   microversion 2.86 on, so an older client can store anything. Unknown
   ``ft:`` keys are refused, as the API does.
 * An option that is not set stays ``None``: the agent applies its
-  ``[ft]`` defaults (200 ms epochs, ``write-replication``).
+  ``[ft]`` defaults (200 ms epochs, ``async-replication``).
 
 Every error is an :class:`InvalidFTRequest` (a ``ValueError``) whose
 message starts with where the bad value is and its key.
@@ -60,6 +60,8 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from oslo_utils import strutils
+
+from mftvm_openstack.ft import disk as ft_disk
 
 #: the extra-spec namespace (``ft:...``)
 NAMESPACE = 'ft'
@@ -76,7 +78,7 @@ METADATA_KEY = 'ft'
 EPOCH_MS_MIN = 20
 EPOCH_MS_MAX = 10000
 #: the disk-sync plugins (stevedore namespace ``mftvm.ft.disk_sync``)
-DISK_SYNC_CHOICES = ('write-replication', 'block-copy')
+DISK_SYNC_CHOICES = ft_disk.DISK_SYNCS
 
 #: where a value came from, as error messages name it
 FLAVOR = 'flavor extra spec'

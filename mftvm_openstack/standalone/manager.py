@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any, Optional
 
+from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft import trackers, vm
 
 ROLES = ('primary', 'secondary')
@@ -42,7 +43,7 @@ class UserError(Exception):
 class ProtectOptions:
     epoch_ms: int = 200
     tracker: str = 'auto'
-    disk_sync: str = 'write-replication'
+    disk_sync: str = ft_disk.DEFAULT_DISK_SYNC
     detect_timeout: float = 1.0
     #: seconds the guest runs unprotected before protection starts (the
     #: initial sync then copies a live guest's disk)
@@ -134,9 +135,9 @@ def _check_options(opts: ProtectOptions) -> None:
         trackers.tracker_class(opts.tracker)
     except trackers.TrackerError as exc:
         raise UserError(f'--tracker: {exc}') from None
-    if opts.disk_sync not in ('write-replication', 'block-copy'):
-        raise UserError(f'--disk-sync {opts.disk_sync!r}: use '
-                        f'write-replication or block-copy')
+    if opts.disk_sync not in ft_disk.DISK_SYNCS:
+        raise UserError(f'--disk-sync {opts.disk_sync!r}: use one of '
+                        f'{", ".join(ft_disk.DISK_SYNCS)}')
 
 
 def guest_dir(state_dir: str, name: str) -> str:

@@ -193,6 +193,8 @@ class TestEpochOverlayStore(DiskTestCase):
 
 class TestWriteReplication(DiskTestCase):
 
+    SYNC = disk.WriteReplication
+
     def make_guest(self):
         src = os.path.join(self.tmp, 'src.raw')
         with open(src, 'wb') as f:
@@ -204,7 +206,7 @@ class TestWriteReplication(DiskTestCase):
         guest = self.make_guest()
         store = disk.EpochOverlayStore(self.store_dir, SIZE)
         await guest.start()
-        sync = disk.WriteReplication(guest.monitor)
+        sync = self.SYNC(guest.monitor)
         try:
             target = await store.start()
             await sync.start(target)
@@ -244,7 +246,7 @@ class TestWriteReplication(DiskTestCase):
         guest = self.make_guest()
         store = disk.EpochOverlayStore(self.store_dir, SIZE)
         await guest.start()
-        sync = disk.WriteReplication(guest.monitor)
+        sync = self.SYNC(guest.monitor)
         try:
             await sync.start(await store.start())
             before = [await guest.write(0x21, i * CHUNK) for i in range(5)]
@@ -278,6 +280,14 @@ class TestWriteReplication(DiskTestCase):
         self.assertIn(status['status'], ('prelaunch', 'paused'))
         self.assertTrue(expect(source, 0, 0x22))
         self.assertTrue(expect(source, 4 * MiB, 0x23))
+
+
+class TestAsyncReplication(TestWriteReplication):
+    """The same, with the background mirror drained at each checkpoint:
+    the replica holds exactly the epochs marked, and a dead peer costs
+    the guest nothing."""
+
+    SYNC = disk.AsyncReplication
 
 
 class TestBlockCopy(DiskTestCase):

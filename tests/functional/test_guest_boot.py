@@ -105,7 +105,10 @@ class TestGuestBoot(testtools.TestCase):
             f"{time.monotonic() - start:.1f}"))
         self._wait_for(lambda t: "COUNTER-READY 7000 0" in t, "counter")
         self.assertEqual([1, 2, 3], [self._request() for _ in range(3)])
-        self._wait_for(lambda t: len(ACK_RE.findall(t)) >= 10, "10 ACKs")
+        # The guest logs a count just after answering: wait for the log
+        # line too, not only for the answer.
+        self._wait_for(lambda t: len(ACK_RE.findall(t)) >= 10 and
+                       "COUNT 3" in t, "10 ACKs and COUNT 3")
 
         self._kill()
         console = self._console()

@@ -355,6 +355,94 @@ class TestWriteReplication(testtools.TestCase):
         run(scenario())
 
 
+class BlockJobsMonitor(FakeMonitor):
+    """query-block-jobs reports ``remaining`` bytes (dirty or in
+    flight), 4 KiB fewer at each poll once the job was woken
+    (block-job-set-speed)."""
+
+    def __init__(self, remaining):
+        super().__init__()
+        self.remaining = remaining
+        self.woken = False
+
+    async def execute(self, command, **arguments):
+        if command == 'block-job-set-speed':
+            self.calls.append((command, arguments))
+            self.woken = True
+            return {}
+        if command == 'query-block-jobs':
+            self.calls.append((command, arguments))
+            jobs = []
+            for job in self.jobs.values():
+                if self.woken and self.remaining:
+                    self.remaining -= 4096
+                jobs.append({'device': job['id'], 'status': job['status'],
+                             'len': 1 << 20,
+                             'offset': (1 << 20) - self.remaining})
+            return jobs
+        return await super().execute(command, **arguments)
+
+
+class TestAsyncReplication(testtools.TestCase):
+
+    async def _started(self, mon):
+        sync = disk.AsyncReplication(mon, 'disk0')
+
+        async def ready_soon():
+            await asyncio.sleep(0.05)
+            mon.jobs['repl0']['status'] = 'ready'
+        asyncio.get_running_loop().create_task(ready_soon())
+        await sync.start(disk.NbdTarget(socket='/s'))
+        return sync
+
+    def test_background_mirror_drained_at_each_checkpoint(self):
+        async def scenario():
+            mon = BlockJobsMonitor(remaining=3 * 4096)
+            sync = await self._started(mon)
+            mirror = mon.args('blockdev-mirror')[0]
+            self.assertEqual(('background', 4096),
+                             (mirror['copy-mode'], mirror['granularity']))
+            await sync.checkpoint(1)
+            # woken first, then polled until nothing is dirty or in flight
+            names = mon.names()
+            self.assertLess(names.index('block-job-set-speed'),
+                            names.index('query-block-jobs'))
+            self.assertEqual(0, mon.remaining)
+            self.assertEqual(3, names.count('query-block-jobs'))
+            self.assertFalse(sync.failed.is_set())
+            await sync.stop()
+        run(scenario())
+
+    def test_replica_that_does_not_catch_up_fails_the_epoch(self):
+        async def scenario():
+            mon = BlockJobsMonitor(remaining=1 << 20)
+            sync = await self._started(mon)
+            sync.drain_timeout = 0.05
+            reasons = []
+            sync.on_failure = reasons.append
+            mon.remaining = 1 << 40    # far more than 0.05 s of polls
+            with testtools.ExpectedException(disk.DiskError,
+                                             '.*did not catch up.*'):
+                await sync.checkpoint(7)
+            self.assertTrue(sync.failed.is_set())
+            self.assertEqual(1, len(reasons))
+            # and the next epoch is refused at once
+            with testtools.ExpectedException(disk.DiskError):
+                await sync.checkpoint(8)
+            await sync.stop()
+        run(scenario())
+
+    def test_ended_job_fails_the_epoch(self):
+        async def scenario():
+            mon = BlockJobsMonitor(remaining=4096)
+            sync = await self._started(mon)
+            mon.jobs['repl0']['status'] = 'concluded'
+            with testtools.ExpectedException(disk.DiskError):
+                await sync.checkpoint(3)
+            self.assertTrue(sync.failed.is_set())
+        run(scenario())
+
+
 class TestBlockCopy(testtools.TestCase):
 
     def test_bitmap_and_full_copy_in_one_transaction(self):

@@ -154,7 +154,8 @@ class TestOptions(testtools.TestCase):
                                     {'ft:disk_sync': value}, {})
             self.assertEqual(
                 f"flavor extra spec 'ft:disk_sync': {value!r} is not one "
-                f"of: write-replication, block-copy", str(exc))
+                f"of: async-replication, write-replication, block-copy",
+                str(exc))
 
     def test_long_values_are_shortened_in_messages(self):
         exc = self.assertRaises(InvalidFTRequest, get_ft_request,
