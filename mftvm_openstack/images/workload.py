@@ -26,6 +26,8 @@ ACK_RE = re.compile(r'^ACK (\d+) ([0-9a-f]{64})\s*$', re.M)
 FUTURE_RE = re.compile(r'^FUTURE (\d+)', re.M)
 IOPS_RE = re.compile(r'^IOPS ([0-9.]+) WRITES (\d+) MAXLAT_MS ([0-9.]+)',
                      re.M)
+#: printed by the guest's iobench as its timed writes begin
+IOBENCH_START = 'IOBENCH-START'
 
 
 def counter_request(host: str, port: int,

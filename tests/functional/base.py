@@ -1,7 +1,9 @@
 """Shared pieces of the real-QEMU tier: guest image, disks, waiting."""
 
 import os
+import random
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -126,6 +128,37 @@ class GuestTestCase(testtools.TestCase):
     def side(self, name, role):
         return manager.read_status(manager.guest_dir(self.state_dir, name),
                                    role) or {}
+
+    def talk(self, last, seconds):
+        """Ask the counter for ``seconds``; each answer must be last + 1.
+        Returns the last answer."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            got = workload.counter_request('127.0.0.1', self.port)
+            if got is not None:
+                self.assertEqual(last + 1, got)
+                last = got
+        return last
+
+    def kill_and_ask(self, qemu_pid, last, timeout=60):
+        """SIGKILL the primary QEMU a random moment after an answer
+        (without output commit, that answer came from an epoch the
+        failover takes back); the guest's next answer must be exactly
+        last + 1. Returns it and the seconds it took."""
+        time.sleep(random.uniform(0, 0.2))
+        os.kill(qemu_pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        after = wait_for(
+            lambda: workload.counter_request('127.0.0.1', self.port, 5),
+            timeout, 0, 'an answer from the failed-over guest')
+        answered_in = time.monotonic() - t_kill
+        self.assertEqual(last + 1, after)
+        return after, answered_in
+
+    def wait_active(self, name, timeout=10):
+        """The secondary's status once it reports running the guest."""
+        return wait_for(lambda: (s := self.side(name, 'secondary')).get(
+            'state') == 'active' and s, timeout, what='secondary active')
 
     def wait_counter(self, gdir, timeout=90):
         """The counter's first answer, asked once the service listens.

@@ -277,25 +277,10 @@ class LibvirtProtectionTest(base.GuestTestCase):
         restored = f'{name}-b'
         conn, gdir, last = self.start_and_protect(name, restored)
         prim = self.side(name, 'primary')
-        deadline = time.monotonic() + random.uniform(2, 4)
-        while time.monotonic() < deadline:
-            got = workload.counter_request('127.0.0.1', self.port)
-            if got is not None:
-                self.assertEqual(last + 1, got)
-                last = got
-        time.sleep(random.uniform(0, 0.2))
-        os.kill(prim['qemu_pid'], signal.SIGKILL)
-        t_kill = time.monotonic()
-
-        after = base.wait_for(
-            lambda: workload.counter_request('127.0.0.1', self.port, 5),
-            90, 0, 'an answer from the restored domain')
-        answered_in = time.monotonic() - t_kill
-        # Output commit held through libvirt's netdev, too.
-        self.assertEqual(last + 1, after)
-        sec = base.wait_for(
-            lambda: (s := self.side(name, 'secondary')).get(
-                'state') == 'active' and s, 10, what='secondary active')
+        last = self.talk(last, random.uniform(2, 4))
+        # Output commit holds through libvirt's netdev, too.
+        _, answered_in = self.kill_and_ask(prim['qemu_pid'], last, 90)
+        sec = self.wait_active(name)
         # The guest runs on as a libvirt domain, and only there.
         rdom = conn.lookupByName(restored)
         self.assertEqual(libvirt.VIR_DOMAIN_RUNNING, rdom.state()[0])
@@ -347,7 +332,5 @@ class LibvirtProtectionTest(base.GuestTestCase):
             lambda: workload.counter_request('127.0.0.1', self.port, 5),
             90, 0, 'an answer from the restored domain')
         self.assertEqual(last + 1, after)
-        sec = base.wait_for(
-            lambda: (s := self.side(name, 'secondary')).get(
-                'state') == 'active' and s, 10, what='secondary active')
+        sec = self.wait_active(name)
         self.assertEqual(_qemu_pid(restored), sec['qemu_pid'])

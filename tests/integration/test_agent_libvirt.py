@@ -32,20 +32,29 @@ URI = test_libvirt.URI
 class AgentLibvirtTest(AgentLab):
 
     def setUp(self) -> None:
+        self.domain = f'instance-{os.getpid():08x}'
+        # Registered first, so it runs last: once the lab's hosts are
+        # gone. Destroyed earlier, the domain would count as a lost
+        # primary, and the secondary would restore it once more.
+        self.addCleanup(self._destroy)
         super().setUp()
         import libvirt
         self.useFixture(test_libvirt.LibvirtDaemons())
         self.conn = libvirt.open(URI)
         self.addCleanup(self.conn.close)
-        self.domain = f'instance-{os.getpid():08x}'
-        self.addCleanup(self._destroy)
 
     def _destroy(self) -> None:
         import libvirt
         try:
-            self.conn.lookupByName(self.domain).destroy()
+            conn = libvirt.open(URI)
+        except libvirt.libvirtError:
+            return      # no libvirtd: nothing can run
+        try:
+            conn.lookupByName(self.domain).destroy()
         except libvirt.libvirtError:
             pass    # gone already
+        finally:
+            conn.close()
 
     def start_domain(self, port: int) -> int:
         """Start the guest as a libvirt domain; return the counter's first

@@ -285,18 +285,24 @@ class TestNbdTarget(testtools.TestCase):
         self.assertRaises(ValueError, disk.NbdTarget, host='h')
 
 
+async def start_mirror(sync_class, mon):
+    """A started mirror-based disk sync (its job turns ready soon)."""
+    sync = sync_class(mon, 'disk0')
+
+    async def ready_soon():
+        await asyncio.sleep(0.05)
+        mon.jobs['repl0']['status'] = 'ready'
+    asyncio.get_running_loop().create_task(ready_soon())
+    await sync.start(disk.NbdTarget(socket='/s'))
+    return sync
+
+
 class TestWriteReplication(testtools.TestCase):
 
     def test_start_mirrors_write_blocking_to_a_fail_fast_nbd_node(self):
         async def scenario():
             mon = FakeMonitor()
-            sync = disk.WriteReplication(mon, 'disk0')
-
-            async def ready_soon():
-                await asyncio.sleep(0.05)
-                mon.jobs['repl0']['status'] = 'ready'
-            asyncio.get_running_loop().create_task(ready_soon())
-            await sync.start(disk.NbdTarget(socket='/s'))
+            sync = await start_mirror(disk.WriteReplication, mon)
             nbd = mon.args('blockdev-add')[0]
             self.assertEqual(('nbd', 0, 'disk0'),
                              (nbd['driver'], nbd['reconnect-delay'],
@@ -386,14 +392,7 @@ class BlockJobsMonitor(FakeMonitor):
 class TestAsyncReplication(testtools.TestCase):
 
     async def _started(self, mon):
-        sync = disk.AsyncReplication(mon, 'disk0')
-
-        async def ready_soon():
-            await asyncio.sleep(0.05)
-            mon.jobs['repl0']['status'] = 'ready'
-        asyncio.get_running_loop().create_task(ready_soon())
-        await sync.start(disk.NbdTarget(socket='/s'))
-        return sync
+        return await start_mirror(disk.AsyncReplication, mon)
 
     def test_background_mirror_drained_at_each_checkpoint(self):
         async def scenario():
