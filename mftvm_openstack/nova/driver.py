@@ -234,6 +234,11 @@ def default_agent_api() -> rpcapi.AgentAPI:
     return rpcapi.AgentAPI(rpcapi.get_transport(mftvm_conf.CONF))
 
 
+def _status(status: str, error: Optional[str]) -> str:
+    """``status``, with the error of getting there appended if any."""
+    return status if error is None else f'{status}; {error}'
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().split('\n', 1)[0] or type(exc).__name__
     return text
@@ -336,15 +341,11 @@ class FTDriverMixin:
     def power_off(self, instance: Any, timeout: int = 0,
                   retry_interval: int = 0) -> None:
         ft = self._ft_lifecycle(instance)
-        error = None
-        if ft and self._ft_secondary(instance):
-            error = self._unprotect(nova_context.get_admin_context(),
-                                    instance)
+        error = self._unprotect_held(instance) if ft else None
         super().power_off(  # type: ignore[misc]
             instance, timeout=timeout, retry_interval=retry_interval)
         if ft:
-            self._set_status(instance, STATUS_STOPPED if error is None
-                             else f'{STATUS_STOPPED}; {error}')
+            self._set_status(instance, _status(STATUS_STOPPED, error))
 
     def power_on(self, context: Any, instance: Any, network_info: Any,
                  block_device_info: Any = None, accel_info: Any = None,
@@ -385,14 +386,16 @@ class FTDriverMixin:
 
     def _ft_hold(self, instance: Any, status: str) -> None:
         """Unprotect ``instance`` before it stops running, secondary kept."""
-        if not self._ft_lifecycle(instance):
-            return
-        error = None
-        if self._ft_secondary(instance):
-            error = self._unprotect(nova_context.get_admin_context(),
-                                    instance)
-        self._set_status(instance, status if error is None
-                         else f'{status}; {error}')
+        if self._ft_lifecycle(instance):
+            self._set_status(instance, _status(
+                status, self._unprotect_held(instance)))
+
+    def _unprotect_held(self, instance: Any) -> Optional[str]:
+        """Unprotect ``instance`` if it holds a secondary (which stays
+        held); the error to record, if any."""
+        if not self._ft_secondary(instance):
+            return None
+        return self._unprotect(nova_context.get_admin_context(), instance)
 
     def reboot(self, context: Any, instance: Any, network_info: Any,
                reboot_type: str, block_device_info: Any = None,
@@ -401,8 +404,7 @@ class FTDriverMixin:
         ft = self._ft_lifecycle(instance)
         if ft and self._ft_secondary(instance):
             error = self._unprotect(context, instance)
-            self._set_status(instance, STATUS_REBOOTING if error is None
-                             else f'{STATUS_REBOOTING}; {error}')
+            self._set_status(instance, _status(STATUS_REBOOTING, error))
         with self._ft_restart(instance):
             super().reboot(  # type: ignore[misc]
                 context, instance, network_info, reboot_type,
@@ -609,10 +611,8 @@ class FTDriverMixin:
         if not self._ft_secondary(instance) or self._ft_asked(instance):
             return
         error = self._unprotect(context, instance)
-        self._release_secondary(
-            context, instance,
-            status=STATUS_FT_OFF if error is None
-            else f'{STATUS_FT_OFF}; {error}')
+        self._release_secondary(context, instance,
+                                status=_status(STATUS_FT_OFF, error))
 
     def _refuse_live_migration(self, instance: Any) -> None:
         reason = self._ft_move_refused(instance, 'Live migration')

@@ -156,9 +156,11 @@ class Host:
         self.qemu: Optional[Any] = None
         self.monitor: Optional[Monitor] = None
         # What the engine works on: the guest RAM file, the disk node to
-        # mirror, the netdev to hold output of (libvirt names its own).
+        # mirror and its size, the netdev to hold output of (libvirt
+        # names its own).
         self.guest_ram = self.ram
         self.disk_node = 'disk0'
+        self.disk_size = self.spec.disk_size
         self.netdev = 'n0'
         self.domain: Optional[Any] = None      # libvirt.virDomain
         self._libvirt: Optional[Any] = None    # libvirt.virConnect
@@ -338,7 +340,7 @@ class Host:
                                                       dom)
         try:
             ram = await libvirt_domain.ram_file(monitor)
-            node, _ = await libvirt_domain.guest_disk(monitor)
+            node, size = await libvirt_domain.guest_disk(monitor)
             qemu = await libvirt_domain.DomainProcess.of(monitor, dom.name())
             # From now on, the guest dies with this process, as a QEMU of
             # our own would: nobody else fences it if we die alone.
@@ -347,7 +349,7 @@ class Host:
             await monitor.close()
             raise
         self.domain, self.monitor, self.qemu = dom, monitor, qemu
-        self.guest_ram, self.disk_node = ram, node
+        self.guest_ram, self.disk_node, self.disk_size = ram, node, size
         self.netdev = libvirt_domain.NETDEV
 
     # -- ownership --
@@ -527,14 +529,14 @@ class Host:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
+        # The secondary sizes its replica from the disk this guest runs on
+        # (libvirt's, for a domain), and restores a domain into the same
+        # virtual hardware.
         hello: dict[str, Any] = {
             'qemu_pid': self.qemu.pid, 'host_pid': os.getpid(),
-            'boot_id': boot_id(), 'pair_id': self.pair_id}
+            'boot_id': boot_id(), 'pair_id': self.pair_id,
+            'disk_size': self.disk_size}
         if self.domain is not None:
-            # The secondary restores into the same virtual hardware, and
-            # sizes its replica from the disk libvirt gave the guest.
-            _, hello['disk_size'] = await libvirt_domain.guest_disk(
-                self.monitor)
             hello['domain_xml'] = await asyncio.to_thread(
                 self.domain.XMLDesc, libvirt_domain.MIGRATABLE_XML)
         await channel.send_json(Kind.HELLO, hello)

@@ -12,7 +12,7 @@ import time
 import testtools
 
 from mftvm_openstack.ft import vm
-from mftvm_openstack.images import builder, workload
+from mftvm_openstack.images import builder, records, workload
 from mftvm_openstack.standalone import demo, manager
 
 _image = None
@@ -170,6 +170,19 @@ class GuestTestCase(testtools.TestCase):
         wait_for(lambda: 'COUNTER-READY' in workload.read_text(serial),
                  timeout, 0.2, 'the guest counter service')
         return workload.counter_request('127.0.0.1', self.port, 10)
+
+
+def assert_ran_on_from_checkpoint(test, text, on_disk, disk_path):
+    """The restored guest's console ``text`` shows it ran on from
+    exactly the checkpoint whose disk held records up to ``on_disk``: no
+    reboot, its next record is the one after (or the one in flight at)
+    the checkpoint, and the chain it writes on ``disk_path`` stays
+    intact."""
+    test.assertNotIn('MFTVM-GUEST-READY', text)
+    test.assertEqual([], workload.future_records(text))
+    first = workload.serial_acks(text)[0][0]
+    test.assertIn(first, (on_disk, on_disk + 1))
+    records.verify_chain(records.read_records(disk_path))
 
 
 def qemu_pids_for(name):

@@ -94,12 +94,6 @@ class EpochRestoreTest(base.GuestTestCase):
                 await rmon.close()
                 await rproc.kill()
             watcher.stop()
-            text = workload.read_text(rpaths.serial)
-            # It ran on from exactly the checkpoint: no reboot, its next
-            # record is the one after (or the one in flight at) the
-            # checkpoint, and the chain it writes stays intact.
-            self.assertNotIn('MFTVM-GUEST-READY', text)
-            self.assertEqual([], workload.future_records(text))
-            first = workload.serial_acks(text)[0][0]
-            self.assertIn(first, (on_disk, on_disk + 1))
-            records.verify_chain(records.read_records(f'{disk}.{n}'))
+            base.assert_ran_on_from_checkpoint(
+                self, workload.read_text(rpaths.serial), on_disk,
+                f'{disk}.{n}')

@@ -15,12 +15,10 @@ reach it over its unix socket.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
 
-from mftvm_openstack.ft import libvirt_domain, libvirt_monitor
 from mftvm_openstack.images import workload
 from mftvm_openstack.standalone import demo, manager
 from tests.functional import base, test_libvirt
@@ -69,20 +67,12 @@ class AgentLibvirtTest(AgentLab):
             memory_mib=128,
             nic=f'user,hostfwd=tcp:127.0.0.1:{port}-:7000')
         serial = os.path.join(self.tmp, 'domain-serial.log')
-        self.conn.createXML(libvirt_domain.domain_xml(spec, serial), 0)
-        asyncio.run(self._open_forwards(spec))
+        test_libvirt.start_domain(self.conn, spec, serial)
         base.wait_for(lambda: 'COUNTER-READY' in workload.read_text(serial),
                       90, 0.2, 'the guest counter service')
         first = workload.counter_request('127.0.0.1', port, 10)
         self.assertIsNotNone(first)
         return first
-
-    async def _open_forwards(self, spec) -> None:
-        monitor = await libvirt_monitor.LibvirtMonitor.open(URI, spec.name)
-        try:
-            await libvirt_domain.add_forwards(monitor, spec)
-        finally:
-            await monitor.close()
 
     def talk_local(self, port: int, last: int, seconds: float) -> int:
         deadline = time.monotonic() + seconds
