@@ -171,6 +171,8 @@ class AgentManager:
                                      options.get('instance', ''))
         return {
             'epoch_ms': options.get('epoch_ms', c.ft.epoch_ms),
+            'idle_epoch_ms': options.get('idle_epoch_ms',
+                                         c.ft.idle_epoch_ms),
             'disk_sync': options.get('disk_sync', c.ft.disk_sync),
             'tracker': options.get('tracker', c.ft.tracker),
             'start_delay': options.get('start_delay', 0.0),

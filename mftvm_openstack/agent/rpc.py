@@ -65,9 +65,11 @@ _NAME_RE = re.compile(NAME_PATTERN)
 _HOST_RE = re.compile(HOST_PATTERN)
 
 EPOCH_MS_RANGE = (20, 10000)
+IDLE_EPOCH_MS_RANGE = (0, 60000)
 DISK_SYNC_CHOICES = ft_disk.DISK_SYNCS
 TRACKER_CHOICES = ('auto', 'scan', 'soft-dirty')
-OPTION_KEYS = ('epoch_ms', 'disk_sync', 'tracker', 'start_delay')
+OPTION_KEYS = ('epoch_ms', 'idle_epoch_ms', 'disk_sync', 'tracker',
+               'start_delay')
 
 
 class Manager(Protocol):
@@ -148,13 +150,15 @@ def check_options(value: Any) -> dict[str, Any]:
         if key not in OPTION_KEYS:
             raise _invalid(f'options.{key}', f'is not a known option '
                            f'(known: {", ".join(OPTION_KEYS)})')
-    if 'epoch_ms' in value:
-        low, high = EPOCH_MS_RANGE
-        epoch_ms = value['epoch_ms']
-        if (not isinstance(epoch_ms, int) or isinstance(epoch_ms, bool)
-                or not low <= epoch_ms <= high):
-            raise _invalid('options.epoch_ms', f'must be an integer from '
-                           f'{low} to {high} (got {_shown(epoch_ms)})')
+    for key, (low, high) in (('epoch_ms', EPOCH_MS_RANGE),
+                             ('idle_epoch_ms', IDLE_EPOCH_MS_RANGE)):
+        if key not in value:
+            continue
+        ms = value[key]
+        if (not isinstance(ms, int) or isinstance(ms, bool)
+                or not low <= ms <= high):
+            raise _invalid(f'options.{key}', f'must be an integer from '
+                           f'{low} to {high} (got {_shown(ms)})')
     for key, choices in (('disk_sync', DISK_SYNC_CHOICES),
                          ('tracker', TRACKER_CHOICES)):
         if key in value and value[key] not in choices:

@@ -4,7 +4,7 @@
 
     mftvm demo
     mftvm protect NAME --kernel K --initrd I --disk D [--append A]
-          [--memory MiB] [--smp N] [--epoch-ms MS]
+          [--memory MiB] [--smp N] [--epoch-ms MS] [--idle-epoch-ms MS]
           [--nic user,hostfwd=tcp:127.0.0.1:PORT-:GPORT] [--state-dir DIR]
           [--foreground]
     mftvm status NAME [--json]
@@ -109,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument('--disk', required=True)
     prot.add_argument('--memory', type=int, default=128, help='MiB')
     prot.add_argument('--smp', type=int, default=1)
-    prot.add_argument('--epoch-ms', type=int, default=200)
+    prot.add_argument('--epoch-ms', type=int, default=200,
+                      help='epoch length while the guest sends packets '
+                           '(they wait for the commit; default 200)')
+    prot.add_argument('--idle-epoch-ms', type=int, default=1000,
+                      help='longest epoch while the guest sends nothing '
+                           '(fewer pauses; default 1000, 0: always '
+                           '--epoch-ms)')
     prot.add_argument('--tracker', default='auto',
                       help='dirty tracker: auto, scan, soft-dirty')
     prot.add_argument('--disk-sync', default=ft_disk.DEFAULT_DISK_SYNC,
@@ -230,6 +236,7 @@ def cmd_protect(args: argparse.Namespace, state_dir: str) -> int:
         args.name, args.kernel, args.initrd, args.disk, args.append,
         args.memory, args.smp, args.nic)
     opts = manager.ProtectOptions(epoch_ms=args.epoch_ms,
+                                  idle_epoch_ms=args.idle_epoch_ms,
                                   tracker=args.tracker,
                                   disk_sync=args.disk_sync)
     gdir = manager.protect(spec, opts, state_dir)

@@ -119,7 +119,18 @@ fencing_opts = [
 ft_opts = [
     cfg.IntOpt('epoch_ms', default=200, min=20, max=10000,
                help='Default length of an epoch (checkpoint interval) in '
-                    'milliseconds.'),
+                    'milliseconds while the guest sends packets: they are '
+                    'held until their epoch commits, so this bounds the '
+                    'latency protection adds.'),
+    cfg.IntOpt('idle_epoch_ms', default=1000, min=0, max=60000,
+               help='Longest epoch, in milliseconds, while the guest sends '
+                    'no packets: no client waits on such an epoch, so it '
+                    'runs on (fewer checkpoint pauses) until the guest '
+                    'sends or this much time has passed. Never shorter '
+                    'than epoch_ms; 0 makes every epoch epoch_ms long. '
+                    'Longer idle epochs leave the secondary further '
+                    'behind, which a failover never shows to clients (the '
+                    'guest redoes the unseen work).'),
     cfg.StrOpt('disk_sync', default=DEFAULT_DISK_SYNC,
                choices=list(DISK_SYNCS),
                help='How the disk reaches the secondary. async-replication '

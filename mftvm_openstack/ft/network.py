@@ -54,6 +54,9 @@ class OutputBuffer:
         self._servers: list[asyncio.AbstractServer] = []
         self._pump: Optional[asyncio.Task[None]] = None
         self.frames_released = 0
+        #: set while the open epoch holds a frame: somebody may be
+        #: waiting for it, so the epoch should end soon (PrimaryPair)
+        self.waiting = asyncio.Event()
 
     @property
     def held(self) -> int:
@@ -108,6 +111,7 @@ class OutputBuffer:
                 frame = await self._out.readexactly(length)
                 if self._holding:
                     self._held.append((self._open_epoch, frame))
+                    self.waiting.set()
                 else:
                     self._write(frame)
                     await self._drain()
@@ -135,6 +139,7 @@ class OutputBuffer:
         next epoch. Frames still in the socket are tagged later, which only
         holds them longer (safe)."""
         self._open_epoch = epoch + 1
+        self.waiting.clear()
 
     async def release(self, epoch: int) -> None:
         """Send every frame of epochs ≤ ``epoch`` on to the network."""

@@ -225,6 +225,10 @@ class PrimaryPair(_Machine):
     ``capturer`` is an epoch.CheckpointCapturer, ``disk`` a DiskSync,
     ``output`` an OutputBuffer, ``channel`` a transport.Channel.
 
+    An epoch lasts ``epoch_ms`` when the guest sent packets in it (they
+    wait for its commit), else up to ``idle_epoch_ms`` (never less than
+    ``epoch_ms``; 0: every epoch lasts ``epoch_ms``).
+
     ``guest_alive()`` says whether the guest's QEMU process still runs.
     ``invalidate_replica()`` runs when the secondary is dropped, *before*
     any uncommitted output leaves: it must make sure the replica can no
@@ -236,7 +240,8 @@ class PrimaryPair(_Machine):
                  channel: Any, monitor: Any, clock: Clock,
                  invalidate_replica: Callable[[], Awaitable[None]],
                  guest_alive: Callable[[], bool],
-                 epoch_ms: int, mark_timeout: float = 2.0,
+                 epoch_ms: int, idle_epoch_ms: int = 0,
+                 mark_timeout: float = 2.0,
                  ship_timeout: float = 10.0,
                  heartbeat_interval: float = 0.2,
                  first_epoch: int = 1) -> None:
@@ -247,6 +252,7 @@ class PrimaryPair(_Machine):
         self.channel = channel
         self.monitor = monitor
         self.epoch_s = epoch_ms / 1000.0
+        self.idle_epoch_s = max(idle_epoch_ms, epoch_ms) / 1000.0
         self.mark_timeout = mark_timeout
         self.ship_timeout = ship_timeout
         self.heartbeat_interval = heartbeat_interval
@@ -301,8 +307,17 @@ class PrimaryPair(_Machine):
         return self.echoed_at + self.peer_detect_s
 
     async def _ticker(self) -> None:
+        # An epoch ends epoch_s after the last one if the guest sent
+        # something in it (its packets wait for the commit). One in which
+        # it sent nothing keeps no client waiting: it runs on, up to
+        # idle_epoch_s, and ends as soon as the guest sends. Fewer pauses,
+        # the same output latency.
         while True:
             await self.clock.sleep(self.epoch_s)
+            rest = self.idle_epoch_s - self.epoch_s
+            if rest > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.output.waiting.wait(), rest)
             self.post(Tick())
 
     async def _reader(self) -> None:
@@ -530,7 +545,7 @@ class SecondaryPair(_Machine):
             while True:
                 timeout = self.detect_timeout if self._applying \
                     else self.first_commit_timeout
-                msg = await self.channel.recv(timeout=timeout)
+                msg = await self._recv(timeout)
                 self.stats.last_ack_at = self.clock.monotonic()
                 LOG.debug('got %s %d (%d bytes)', msg.kind.name, msg.epoch,
                           len(msg.payload))
@@ -574,6 +589,15 @@ class SecondaryPair(_Machine):
             with contextlib.suppress(Exception):
                 await self.channel.send_json(Kind.ERROR, {'error': str(exc)})
             self.post(Stop())
+
+    async def _recv(self, timeout: float) -> Any:
+        try:
+            return await self.channel.recv(timeout=timeout)
+        except TimeoutError:
+            # When this process was starved of CPU for longer than the
+            # timeout, the timer fires before the frame that has arrived
+            # meanwhile is read: a frame ready now is no silence.
+            return await self.channel.recv(timeout=0.05)
 
     async def _apply(self, previous: Optional[asyncio.Task[Any]], epoch: int,
                      devstate: bytes, delta: Any) -> None:

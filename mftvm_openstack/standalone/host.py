@@ -606,6 +606,7 @@ class Host:
             capturer=capturer, disk=sync, output=output, channel=channel,
             monitor=self.monitor, clock=pair.RealClock(),
             epoch_ms=opts['epoch_ms'],
+            idle_epoch_ms=opts.get('idle_epoch_ms') or 0,
             heartbeat_interval=opts['heartbeat_interval'],
             invalidate_replica=invalidate_replica,
             guest_alive=lambda: self.qemu is not None and self.qemu.running)
@@ -804,6 +805,11 @@ class SecondaryHost(Host):
         else:
             await store.stop()
         replica.close()
+        # The replica (or, after a takeover, the guest's RAM; its QEMU
+        # dies with this process) would otherwise hold host memory in
+        # /dev/shm after the guest is gone.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.ram)
         if self.fence is not None:
             self.fence.close()
         return 0

@@ -42,6 +42,9 @@ class UserError(Exception):
 @dataclasses.dataclass
 class ProtectOptions:
     epoch_ms: int = 200
+    #: how long an epoch may run while the guest sends nothing (no client
+    #: waits on it); never less than epoch_ms, 0: always epoch_ms
+    idle_epoch_ms: int = 1000
     tracker: str = 'auto'
     disk_sync: str = ft_disk.DEFAULT_DISK_SYNC
     detect_timeout: float = 1.0
@@ -131,6 +134,9 @@ def _check_state_dir(state_dir: str) -> None:
 def _check_options(opts: ProtectOptions) -> None:
     if not 20 <= opts.epoch_ms <= 10000:
         raise UserError(f'--epoch-ms {opts.epoch_ms}: give 20 to 10000')
+    if not 0 <= opts.idle_epoch_ms <= 60000:
+        raise UserError(f'--idle-epoch-ms {opts.idle_epoch_ms}: give 0 to '
+                        f'60000 (0: every epoch lasts --epoch-ms)')
     try:
         trackers.tracker_class(opts.tracker)
     except trackers.TrackerError as exc:

@@ -1,5 +1,6 @@
 """Shared pieces of the real-QEMU tier: guest image, disks, waiting."""
 
+import glob
 import os
 import random
 import shutil
@@ -10,6 +11,7 @@ import threading
 import time
 
 import testtools
+from testtools import content
 
 from mftvm_openstack.ft import vm
 from mftvm_openstack.images import builder, records, workload
@@ -92,6 +94,17 @@ class GuestTestCase(testtools.TestCase):
             self.addCleanup(shutil.rmtree, self.tmp, True)
         self.state_dir = os.path.join(self.tmp, 'state')
         self.port = demo.free_port()
+        self.addOnException(self._attach_host_logs)
+
+    def _attach_host_logs(self, exc_info):
+        # The host processes' own account of a failure, in the test result
+        # (the state dir is gone after the run).
+        for path in sorted(glob.glob(os.path.join(self.state_dir, '*',
+                                                  '*-host.log'))):
+            with open(path, errors='replace') as f:
+                tail = f.readlines()[-200:]
+            self.addDetail(os.path.relpath(path, self.state_dir),
+                           content.text_content(''.join(tail)))
 
     def make_disk(self, size_mib=64, fill_mib=0):
         path = os.path.join(self.tmp, f'disk{len(os.listdir(self.tmp))}.raw')
@@ -183,6 +196,11 @@ def assert_ran_on_from_checkpoint(test, text, on_disk, disk_path):
     first = workload.serial_acks(text)[0][0]
     test.assertIn(first, (on_disk, on_disk + 1))
     records.verify_chain(records.read_records(disk_path))
+
+
+def ram_files(name):
+    """The guest RAM files of ``name`` still on this host."""
+    return sorted(glob.glob(vm.ram_path(name, 'ROLE').replace('ROLE', '*')))
 
 
 def qemu_pids_for(name):

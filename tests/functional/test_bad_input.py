@@ -91,6 +91,8 @@ class BadInputTest(base.GuestTestCase):
         self.assertUserError(self.mftvm(*self.protect_args(
             **{'--epoch-ms': '5'})), '--epoch-ms 5')
         self.assertUserError(self.mftvm(*self.protect_args(
+            **{'--idle-epoch-ms': '-1'})), '--idle-epoch-ms -1', '0 to')
+        self.assertUserError(self.mftvm(*self.protect_args(
             **{'--tracker': 'magic'})), 'unknown dirty tracker')
 
     def test_unknown_option(self):

@@ -285,6 +285,8 @@ class LibvirtProtectionTest(base.GuestTestCase):
         conn, gdir, last = self.start_and_protect(name, restored)
         prim = self.side(name, 'primary')
         last = self.talk(last, random.uniform(2, 4))
+        # Still protected (else the kill below could only end the guest).
+        self.assertEqual('protected', self.side(name, 'primary')['state'])
         # Output commit holds through libvirt's netdev, too.
         _, answered_in = self.kill_and_ask(prim['qemu_pid'], last, 90)
         sec = self.wait_active(name)

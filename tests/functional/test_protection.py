@@ -34,6 +34,8 @@ class PrimaryLossTest(base.GuestTestCase):
         base.wait_for(lambda: len(workload.serial_acks(
             workload.read_text(serial))) >= 5, 30, what='ACKs after failover')
         manager.stop(self.state_dir, 'pk')
+        # Both RAM files are gone: the dead primary's and the guest's.
+        self.assertEqual([], base.ram_files('pk'))
         text = workload.read_text(serial)
         # The disk held no record from after the committed epoch...
         self.assertEqual([], workload.future_records(text))
@@ -238,6 +240,10 @@ class InitialSyncTest(base.GuestTestCase):
         self.assertGreater(len(during), 5, 'the writer ran during the sync')
         gaps = [b - a for a, b in zip(during, during[1:])]
         self.assertLess(max(gaps), 1.0, 'the guest stalled during sync')
+        # Stopping a protected pair leaves no RAM file behind (the
+        # standby's replica included).
+        manager.stop(self.state_dir, 'is')
+        self.assertEqual([], base.ram_files('is'))
         print(f'initial sync {sync[1] - sync[0]:.2f}s, longest ACK gap '
               f'{max(gaps) * 1000:.0f} ms')
 
@@ -269,3 +275,32 @@ class StaleReplicaTest(base.GuestTestCase):
         sec = self.side('st', 'secondary')
         self.assertIn(sec.get('state'), ('stopped', 'lost'), sec)
         self.assertEqual([], base.qemu_pids_for('st'))
+
+
+class IdleEpochTest(base.GuestTestCase):
+
+    def test_epochs_stretch_while_the_guest_sends_nothing(self):
+        # The guest writes its disk throughout but talks only when asked.
+        spec, gdir = self.protect('ie', epoch_ms=100, idle_epoch_ms=1500)
+        last = self.wait_counter(gdir)
+        # The guest's network stack still sends for a few seconds after
+        # a connection (ARP probes about once a second, each ending an
+        # epoch); it is silent after that.
+        time.sleep(3)
+
+        def epochs():
+            return self.side('ie', 'primary')['epochs']
+        before, t0 = epochs(), time.monotonic()
+        time.sleep(6)
+        silent = (epochs() - before) / (time.monotonic() - t0)
+        # Silent: about one epoch per 1.5 s (fixed epochs: ten a second).
+        self.assertLess(silent, 2, f'{silent:.1f} epochs/s while silent')
+        # Asked, the guest answers without waiting out an idle epoch: its
+        # answer ends the epoch it was sent in.
+        before, t0 = epochs(), time.monotonic()
+        answers = self.talk(last, 4) - last
+        talking = (epochs() - before) / (time.monotonic() - t0)
+        self.assertGreater(answers, 8, f'{answers} answers in 4 s')
+        self.assertGreater(talking, 2, f'{talking:.1f} epochs/s talking')
+        print(f'idle epochs: {silent:.2f} epochs/s silent, {talking:.1f} '
+              f'talking ({answers} answers in 4 s)')

@@ -172,6 +172,14 @@ class EndpointChecksTest(testtools.TestCase):
             self.endpoint.protect({}, **self.protect(
                 options={'epoch_ms': good}))
 
+    def test_idle_epoch_ms(self):
+        for bad in (-1, 60001, '1000', 1000.0, False, None):
+            self.assertInvalid('options.idle_epoch_ms', 'protect',
+                               **self.protect(options={'idle_epoch_ms': bad}))
+        for good in (0, 60000):
+            self.endpoint.protect({}, **self.protect(
+                options={'idle_epoch_ms': good}))
+
     def test_disk_sync_and_tracker(self):
         for bad in ('rsync', '', None, 1):
             self.assertInvalid('options.disk_sync', 'protect',

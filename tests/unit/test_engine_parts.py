@@ -204,11 +204,16 @@ class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
         mon = FakeFilterMonitor()
         await out.attach(mon)
         self.addAsyncCleanup(out.close)
+        self.assertFalse(out.waiting.is_set())
         await mon.guest_sends(b'epoch1-a')
         await asyncio.sleep(0.05)
+        # A held frame: somebody may wait for this epoch to commit.
+        self.assertTrue(out.waiting.is_set())
         out.seal(1)                      # checkpoint 1 taken
+        self.assertFalse(out.waiting.is_set())
         await mon.guest_sends(b'epoch2-a')
         await asyncio.sleep(0.05)
+        self.assertTrue(out.waiting.is_set())
         self.assertIsNone(await mon.network_got())
         await out.release(1)
         self.assertEqual(b'epoch1-a', await mon.network_got())

@@ -71,9 +71,11 @@ class FakeOutput:
         self.sealed, self.released = [], []
         self.detached = self.discarded = False
         self.held = self.frames_released = 0
+        self.waiting = asyncio.Event()
 
     def seal(self, epoch):
         self.sealed.append(epoch)
+        self.waiting.clear()
 
     async def release(self, epoch):
         self.released.append(epoch)
@@ -98,7 +100,7 @@ class FakeMonitor:
 
 class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
 
-    def make(self):
+    def make(self, epoch_ms=10_000, idle_epoch_ms=0):
         self.chan = FakeChannel()
         # The secondary answers every MARK at once.
         self.chan.on_send = lambda kind, epoch: kind == Kind.MARK and \
@@ -113,7 +115,8 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.machine = pair.PrimaryPair(
             capturer=self.cap, disk=self.disk, output=self.out,
             channel=self.chan, monitor=self.mon, clock=pair.RealClock(),
-            epoch_ms=10_000, invalidate_replica=invalidate_replica,
+            epoch_ms=epoch_ms, idle_epoch_ms=idle_epoch_ms,
+            invalidate_replica=invalidate_replica,
             guest_alive=lambda: self.mon.alive)
         self.out.order = self.order
         self.machine._spawn(self.machine._reader())
@@ -161,6 +164,28 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual([1], self.out.released)
         self.assertEqual(1, self.machine.stats.committed)
         self.assertEqual(pair.State.PROTECTED, self.machine.state)
+
+    async def test_epochs_last_epoch_ms_when_idle_epochs_are_off(self):
+        self.make(epoch_ms=30)
+        self.machine._spawn(self.machine._ticker())
+        await asyncio.sleep(0.35)
+        self.assertGreaterEqual(len(self.cap.captured), 4)
+
+    async def test_an_epoch_without_output_runs_on_until_the_guest_sends(self):
+        self.make(epoch_ms=30, idle_epoch_ms=1000)
+        self.machine._spawn(self.machine._ticker())
+        await asyncio.sleep(0.35)
+        # Nothing sent: nobody waits for a commit, no pause is taken.
+        self.assertEqual([], self.cap.captured)
+        # The guest sends: its epoch (older than epoch_ms) ends now.
+        self.out.waiting.set()
+        await asyncio.sleep(0.1)
+        self.assertEqual([1], self.cap.captured)
+        # Silent again: the next epoch runs to idle_epoch_ms, no longer.
+        await asyncio.sleep(0.6)
+        self.assertEqual([1], self.cap.captured)
+        await asyncio.sleep(0.6)
+        self.assertEqual([1, 2], self.cap.captured)
 
     async def test_broken_stream_leaves_guest_unprotected(self):
         self.make()
@@ -310,6 +335,26 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.wait_for(self.machine.finished.wait(), 5)
         self.assertEqual([1], self.activated)
         self.assertIn('no word', self.machine.stats.reason)
+
+    async def test_a_frame_waiting_when_the_timer_fires_is_no_silence(self):
+        # A starved loop runs the expired timer before reading the frame
+        # that came meanwhile: the fake times out once with one waiting.
+        self.make(timeout=0.1)
+        recv = self.chan.recv
+        starved = []
+
+        async def late_recv(timeout=None):
+            if not starved and not self.chan.inbox.empty():
+                starved.append(timeout)
+                raise TimeoutError
+            return await recv(timeout)
+        self.chan.recv = late_recv
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        self.chan.inbox.put_nowait(Message(Kind.HEARTBEAT, 1))
+        await asyncio.sleep(0.05)
+        self.assertEqual(pair.State.STANDBY, self.machine.state)
+        self.assertEqual([1], self.replica.applied)
+        self.assertEqual(1, len(starved))
 
     async def test_heartbeats_are_echoed_with_the_detection_time(self):
         self.make(timeout=0.8)
