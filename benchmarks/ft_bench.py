@@ -97,21 +97,30 @@ class Bench:
             time.sleep(0.2)
 
     # -- pauses ---------------------------------------------------------
-    def pauses(self, memory: int, load: str) -> dict:
-        name = f'p{memory}{load}'
+    def pauses(self, memory: int, load: str, fixed: bool = False) -> dict:
+        # fixed: every epoch epoch_ms long, as for a guest that keeps
+        # sending (these guests send nothing: by default their epochs
+        # run to idle_epoch_ms)
+        name = f'p{memory}{load}{"-fixed" if fixed else ""}'
         run = 'writer' if load == 'writer' else 'idle'
-        gdir = self.protect(name, run, memory, demo.free_port())
+        gdir = self.protect(name, run, memory, demo.free_port(),
+                            **({'idle_epoch_ms': 0} if fixed else {}))
+        # Enough epochs for a p50 and p99 worth the name: idle epochs come
+        # about once a second.
+        seconds = (10 if self.quick else 30) * (1 if fixed else 3)
         try:
             self.wait_ready(gdir)
             time.sleep(2)  # past the boot's own dirtying
             start = self.side(name, 'primary').get('epochs', 0)
-            time.sleep(10 if self.quick else 30)
+            time.sleep(seconds)
             with open(os.path.join(gdir, 'primary', 'pauses.json')) as f:
                 pauses = json.load(f)[start:]
         finally:
             manager.stop(self.state, name)
         pauses.sort()
-        return {'guest_mib': memory, 'load': load, 'epochs': len(pauses),
+        return {'guest_mib': memory, 'load': load,
+                'epochs': 'fixed' if fixed else 'idle-epochs',
+                'epochs_per_s': round(len(pauses) / seconds, 2),
                 'pause_ms_p50': round(statistics.median(pauses), 1),
                 'pause_ms_p99': round(pauses[int(len(pauses) * 0.99) - 1],
                                       1)}
@@ -241,7 +250,8 @@ def main() -> int:
                         help='rounds of the IOPS comparison (default 4, '
                              '2 with --quick)')
     parser.add_argument('--only', choices=['iops', 'pauses', 'failover'],
-                        action='append', help='run only these parts')
+                        action='append', help='run only these parts (an '
+                        'existing --out file keeps the other parts)')
     args = parser.parse_args()
     bench = Bench(args.quick)
     seconds = 10 if args.quick else 20
@@ -261,6 +271,10 @@ def main() -> int:
         print(f'benchmark failed; its guests and logs are in {bench.tmp}')
         raise
     bench.close()
+    if args.only and os.path.exists(args.out):
+        # Only some parts were run: keep the others' last results.
+        with open(args.out) as f:
+            results = {**json.load(f), **results}
     with open(args.out, 'w') as f:
         json.dump(results, f, indent=1)
     print(f'results in {args.out}')
@@ -331,10 +345,12 @@ def pauses(bench: Bench, results: dict) -> None:
     results['pauses'] = []
     for memory in (128, 512):
         for load in ('idle', 'writer'):
-            r = bench.pauses(memory, load)
-            results['pauses'].append(r)
-            print(f'  {memory:4d} MiB {load:6s} p50 {r["pause_ms_p50"]}'
-                  f' ms p99 {r["pause_ms_p99"]} ms ({r["epochs"]} epochs)')
+            for fixed in (False, True):
+                r = bench.pauses(memory, load, fixed)
+                results['pauses'].append(r)
+                print(f'  {memory:4d} MiB {load:6s} {r["epochs"]:11s} p50 '
+                      f'{r["pause_ms_p50"]} ms p99 {r["pause_ms_p99"]} ms '
+                      f'({r["epochs_per_s"]} epochs/s)', flush=True)
     idle128 = results['pauses'][0]['pause_ms_p50']
     results['pause_ratio_vs_colo_first_checkpoint'] = round(
         idle128 / COLO_PAUSE_128_MS, 3)

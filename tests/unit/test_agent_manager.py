@@ -73,6 +73,13 @@ class GuestDirTest(unittest.TestCase):
         self.assertEqual('instance-00000001', loaded.domain)
         self.assertEqual(512 << 20, loaded.memory_bytes)
 
+    def test_idle_epochs_from_the_request_or_the_ft_group(self):
+        self.assertEqual(1000, self.m._host_options({})['idle_epoch_ms'])
+        self.m.conf.set_override('idle_epoch_ms', 0, group='ft')
+        self.assertEqual(0, self.m._host_options({})['idle_epoch_ms'])
+        self.assertEqual(2500, self.m._host_options(
+            {'idle_epoch_ms': 2500})['idle_epoch_ms'])
+
     def test_spec_without_guest_or_domain_is_refused(self):
         with self.assertRaises(exception.InvalidRequest) as ctx:
             self.m._new_dir('x', {'name': 'x', 'memory_mib': 128},
