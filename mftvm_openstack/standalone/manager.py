@@ -16,6 +16,7 @@ says what to do; nothing is left running when protect() fails.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -356,3 +357,15 @@ def stop(state_dir: str, name: str, timeout: float = 20.0) -> None:
             time.sleep(0.05)
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+    # A host killed (here, or before) could not remove its guest RAM file
+    # from /dev/shm. Once neither host runs, nothing maps it any more
+    # (each QEMU dies with its host).
+    deadline = time.monotonic() + 5
+    while any(pid_alive(pid) for pid in pids) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not any((read_status(gdir, role) or {}).get('alive')
+               for role in ('primary', 'secondary')):
+        for role in ('primary', 'secondary'):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(vm.ram_path(name, role))

@@ -70,6 +70,9 @@ class PrimaryLossTest(base.GuestTestCase):
         # (status.json is published every 0.25 s)
         base.wait_for(lambda: self.side('ph', 'secondary')['state'] ==
                       'active', 5, what='the secondary to report active')
+        # The killed host left its RAM file; stop removes it.
+        manager.stop(self.state_dir, 'ph')
+        self.assertEqual([], base.ram_files('ph'))
 
 
 class HungPrimaryTest(base.GuestTestCase):
