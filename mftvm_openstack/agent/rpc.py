@@ -54,6 +54,7 @@ from oslo_serialization import jsonutils  # noqa: E402
 
 from mftvm_openstack.agent import exception  # noqa: E402
 from mftvm_openstack.ft import disk as ft_disk  # noqa: E402
+from mftvm_openstack.ft import pair  # noqa: E402
 
 LOG = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ HOST_PATTERN = r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$'
 _NAME_RE = re.compile(NAME_PATTERN)
 _HOST_RE = re.compile(HOST_PATTERN)
 
-EPOCH_MS_RANGE = (20, 10000)
-IDLE_EPOCH_MS_RANGE = (0, 60000)
 DISK_SYNC_CHOICES = ft_disk.DISK_SYNCS
 TRACKER_CHOICES = ('auto', 'scan', 'soft-dirty')
 OPTION_KEYS = ('epoch_ms', 'idle_epoch_ms', 'disk_sync', 'tracker',
@@ -150,8 +149,8 @@ def check_options(value: Any) -> dict[str, Any]:
         if key not in OPTION_KEYS:
             raise _invalid(f'options.{key}', f'is not a known option '
                            f'(known: {", ".join(OPTION_KEYS)})')
-    for key, (low, high) in (('epoch_ms', EPOCH_MS_RANGE),
-                             ('idle_epoch_ms', IDLE_EPOCH_MS_RANGE)):
+    for key, (low, high) in (('epoch_ms', pair.EPOCH_MS_RANGE),
+                             ('idle_epoch_ms', pair.IDLE_EPOCH_MS_RANGE)):
         if key not in value:
             continue
         ms = value[key]

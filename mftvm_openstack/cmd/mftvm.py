@@ -109,13 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument('--disk', required=True)
     prot.add_argument('--memory', type=int, default=128, help='MiB')
     prot.add_argument('--smp', type=int, default=1)
-    prot.add_argument('--epoch-ms', type=int, default=200,
+    defaults = manager.ProtectOptions()
+    prot.add_argument('--epoch-ms', type=int, default=defaults.epoch_ms,
                       help='epoch length while the guest sends packets '
-                           '(they wait for the commit; default 200)')
-    prot.add_argument('--idle-epoch-ms', type=int, default=1000,
+                           '(they wait for the commit; default '
+                           f'{defaults.epoch_ms})')
+    prot.add_argument('--idle-epoch-ms', type=int,
+                      default=defaults.idle_epoch_ms,
                       help='longest epoch while the guest sends nothing '
-                           '(fewer pauses; default 1000, 0: always '
-                           '--epoch-ms)')
+                           f'(fewer pauses; default {defaults.idle_epoch_ms}'
+                           ', 0: always --epoch-ms)')
     prot.add_argument('--tracker', default='auto',
                       help='dirty tracker: auto, scan, soft-dirty')
     prot.add_argument('--disk-sync', default=ft_disk.DEFAULT_DISK_SYNC,

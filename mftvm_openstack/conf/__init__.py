@@ -23,6 +23,7 @@ import socket
 from oslo_config import cfg
 
 from mftvm_openstack.ft.disk import DEFAULT_DISK_SYNC, DISK_SYNCS
+from mftvm_openstack.ft.pair import EPOCH_MS_RANGE, IDLE_EPOCH_MS_RANGE
 
 CONF = cfg.CONF
 
@@ -117,12 +118,14 @@ fencing_opts = [
 ]
 
 ft_opts = [
-    cfg.IntOpt('epoch_ms', default=200, min=20, max=10000,
+    cfg.IntOpt('epoch_ms', default=200, min=EPOCH_MS_RANGE[0],
+               max=EPOCH_MS_RANGE[1],
                help='Default length of an epoch (checkpoint interval) in '
                     'milliseconds while the guest sends packets: they are '
                     'held until their epoch commits, so this bounds the '
                     'latency protection adds.'),
-    cfg.IntOpt('idle_epoch_ms', default=1000, min=0, max=60000,
+    cfg.IntOpt('idle_epoch_ms', default=1000, min=IDLE_EPOCH_MS_RANGE[0],
+               max=IDLE_EPOCH_MS_RANGE[1],
                help='Longest epoch, in milliseconds, while the guest sends '
                     'no packets: no client waits on such an epoch, so it '
                     'runs on (fewer checkpoint pauses) until the guest '

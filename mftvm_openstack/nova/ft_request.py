@@ -62,6 +62,7 @@ from typing import Any, Optional
 from oslo_utils import strutils
 
 from mftvm_openstack.ft import disk as ft_disk
+from mftvm_openstack.ft.pair import EPOCH_MS_RANGE
 
 #: the extra-spec namespace (``ft:...``)
 NAMESPACE = 'ft'
@@ -75,8 +76,7 @@ DISK_SYNC = 'ft:disk_sync'
 METADATA_KEY = 'ft'
 
 #: the epoch lengths the agent accepts (``[ft] epoch_ms``)
-EPOCH_MS_MIN = 20
-EPOCH_MS_MAX = 10000
+EPOCH_MS_MIN, EPOCH_MS_MAX = EPOCH_MS_RANGE
 #: the disk-sync plugins (stevedore namespace ``mftvm.ft.disk_sync``)
 DISK_SYNC_CHOICES = ft_disk.DISK_SYNCS
 

@@ -30,7 +30,7 @@ import time
 from typing import Any, Optional
 
 from mftvm_openstack.ft import disk as ft_disk
-from mftvm_openstack.ft import trackers, vm
+from mftvm_openstack.ft import pair, trackers, vm
 
 ROLES = ('primary', 'secondary')
 NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$')
@@ -133,11 +133,13 @@ def _check_state_dir(state_dir: str) -> None:
 
 
 def _check_options(opts: ProtectOptions) -> None:
-    if not 20 <= opts.epoch_ms <= 10000:
-        raise UserError(f'--epoch-ms {opts.epoch_ms}: give 20 to 10000')
-    if not 0 <= opts.idle_epoch_ms <= 60000:
-        raise UserError(f'--idle-epoch-ms {opts.idle_epoch_ms}: give 0 to '
-                        f'60000 (0: every epoch lasts --epoch-ms)')
+    low, high = pair.EPOCH_MS_RANGE
+    if not low <= opts.epoch_ms <= high:
+        raise UserError(f'--epoch-ms {opts.epoch_ms}: give {low} to {high}')
+    low, high = pair.IDLE_EPOCH_MS_RANGE
+    if not low <= opts.idle_epoch_ms <= high:
+        raise UserError(f'--idle-epoch-ms {opts.idle_epoch_ms}: give {low} '
+                        f'to {high} (0: every epoch lasts --epoch-ms)')
     try:
         trackers.tracker_class(opts.tracker)
     except trackers.TrackerError as exc:
@@ -364,8 +366,7 @@ def stop(state_dir: str, name: str, timeout: float = 20.0) -> None:
     while any(pid_alive(pid) for pid in pids) and \
             time.monotonic() < deadline:
         time.sleep(0.05)
-    if not any((read_status(gdir, role) or {}).get('alive')
-               for role in ('primary', 'secondary')):
+    if not any(pid_alive(pid) for pid in pids):
         for role in ('primary', 'secondary'):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(vm.ram_path(name, role))

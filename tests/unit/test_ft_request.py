@@ -219,9 +219,14 @@ class TestMisc(testtools.TestCase):
 
     def test_limits_match_the_agent(self):
         # the agent checks the same options again on its RPC API
-        from mftvm_openstack.agent import rpc
-        self.assertEqual(rpc.EPOCH_MS_RANGE, (ft_request.EPOCH_MS_MIN,
-                                              ft_request.EPOCH_MS_MAX))
+        from mftvm_openstack.agent import exception, rpc
+        low, high = ft_request.EPOCH_MS_MIN, ft_request.EPOCH_MS_MAX
+        for ms in (low, high):
+            self.assertEqual({'epoch_ms': ms},
+                             rpc.check_options({'epoch_ms': ms}))
+        for ms in (low - 1, high + 1):
+            self.assertRaises(exception.InvalidRequest, rpc.check_options,
+                              {'epoch_ms': ms})
         self.assertEqual(tuple(rpc.DISK_SYNC_CHOICES),
                          ft_request.DISK_SYNC_CHOICES)
         self.assertEqual(rpc.check_options(
