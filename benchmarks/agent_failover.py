@@ -48,7 +48,7 @@ from mftvm_openstack.agent import rpcapi  # noqa: E402
 from mftvm_openstack.ft import vm  # noqa: E402
 from mftvm_openstack.ft.monitor import QMPMonitor  # noqa: E402
 from mftvm_openstack.images import builder, workload  # noqa: E402
-from mftvm_openstack.standalone import demo, manager  # noqa: E402
+from mftvm_openstack.local import demo, operations  # noqa: E402
 from tests.integration import lab as ftlab  # noqa: E402
 
 HOSTS = ('h1', 'h2', 'h3')
@@ -120,7 +120,7 @@ class AgentBench(fixtures.Fixture):
         disk = os.path.join(self.tmp, 'disk.raw')
         with open(disk, 'wb') as f:
             f.truncate(64 << 20)
-        return manager.make_spec(
+        return operations.make_spec(
             self.name, self.image.kernel, self.image.initrd, disk,
             append='console=ttyS0 quiet mftvm.run=writer,counter '
                    'mftvm.writer_interval_ms=50', memory_mib=128,
@@ -187,7 +187,7 @@ async def boot_to_answer(image: builder.GuestImage, tmp: str) -> float:
     disk = os.path.join(tmp, 'boot.raw')
     with open(disk, 'wb') as f:
         f.truncate(64 << 20)
-    spec = manager.make_spec(
+    spec = operations.make_spec(
         'bootbase', image.kernel, image.initrd, disk,
         append='console=ttyS0 quiet mftvm.run=counter', memory_mib=128,
         nic=f'user,hostfwd=tcp:127.0.0.1:{port}-:7000')

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from mftvm_openstack.ft import vm
 from mftvm_openstack.ft.monitor import QMPMonitor
 from mftvm_openstack.images import builder, workload
-from mftvm_openstack.standalone import demo, manager
+from mftvm_openstack.local import demo, operations
 
 #: QEMU COLO on this machine (FACTS.md): first checkpoint of a 128 MiB
 #: guest, and 4 KiB sync-write IOPS protected/unprotected.
@@ -74,17 +74,17 @@ class Bench:
 
     def protect(self, name: str, run: str, memory: int, port: int,
                 **opts: object) -> str:
-        spec = manager.make_spec(
+        spec = operations.make_spec(
             name, self.image.kernel, self.image.initrd, self.disk(name),
             append=f'console=ttyS0 quiet mftvm.run={run} '
                    f'mftvm.writer_interval_ms=0',
             memory_mib=memory,
             nic=f'user,hostfwd=tcp:127.0.0.1:{port}-:7000')
-        return manager.protect(spec, manager.ProtectOptions(**opts),
+        return operations.protect(spec, operations.ProtectOptions(**opts),
                                self.state)
 
     def side(self, name: str, role: str) -> dict:
-        return manager.read_status(manager.guest_dir(self.state, name),
+        return operations.read_status(operations.guest_dir(self.state, name),
                                    role) or {}
 
     def wait_ready(self, gdir: str, role: str = 'primary',
@@ -116,7 +116,7 @@ class Bench:
             with open(os.path.join(gdir, 'primary', 'pauses.json')) as f:
                 pauses = json.load(f)[start:]
         finally:
-            manager.stop(self.state, name)
+            operations.stop(self.state, name)
         pauses.sort()
         return {'guest_mib': memory, 'load': load,
                 'epochs': 'fixed' if fixed else 'idle-epochs',
@@ -167,7 +167,7 @@ class Bench:
                 if sec.get('failover_ms') is not None:
                     restore.append(sec['failover_ms'] / 1000)
             finally:
-                manager.stop(self.state, name)
+                operations.stop(self.state, name)
 
         def ms(xs: list[float]) -> dict:
             return {'median_ms': round(statistics.median(xs) * 1000),
@@ -187,7 +187,7 @@ class Bench:
             return self._wait_iops(os.path.join(gdir, 'primary',
                                                 'serial.log'), seconds)
         finally:
-            manager.stop(self.state, name)
+            operations.stop(self.state, name)
 
     def iops_unprotected(self, seconds: int, run: int = 0) -> float:
         return asyncio.run(self._iops_plain(seconds, f'io-plain-{run}'))

@@ -1,7 +1,7 @@
 """The agent's manager: the FT guests of one hypervisor.
 
 Each guest side runs in its own *instance process*
-(:mod:`mftvm_openstack.standalone.host`), started detached so that it
+(:mod:`mftvm_openstack.instance.host`), started detached so that it
 outlives the agent: an agent that restarts — even after SIGKILL — finds
 its guests where it left them, in ``[agent] state_path``::
 
@@ -42,7 +42,7 @@ from oslo_config import cfg
 from mftvm_openstack import conf as mftvm_conf
 from mftvm_openstack.agent import exception
 from mftvm_openstack.ft import vm
-from mftvm_openstack.standalone.manager import control, pid_alive
+from mftvm_openstack.instance.client import control, pid_alive
 
 LOG = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Instance:
         log = open(os.path.join(self.dir, f'{role}-host.log'), 'ab')
         with log:
             proc = subprocess.Popen(
-                [sys.executable, '-m', 'mftvm_openstack.standalone.host',
+                [sys.executable, '-m', 'mftvm_openstack.instance',
                  role, self.dir], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=log, start_new_session=True)
         self.save_record(role=role, pid=proc.pid)

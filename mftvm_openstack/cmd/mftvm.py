@@ -33,8 +33,8 @@ import time
 from typing import Any, Optional
 
 from mftvm_openstack.ft import disk as ft_disk
-from mftvm_openstack.standalone import manager
-from mftvm_openstack.standalone.manager import UserError
+from mftvm_openstack.local import operations
+from mftvm_openstack.local.operations import UserError
 
 TRANSPORT_URL_ENV = 'MFTVM_TRANSPORT_URL'
 #: seconds a remote call waits for the agent (--timeout)
@@ -47,7 +47,7 @@ def _fmt(value: Any, unit: str = '') -> str:
 
 def print_status(st: dict[str, Any]) -> None:
     print(f'guest {st["name"]}')
-    for role in manager.ROLES:
+    for role in operations.ROLES:
         side = st.get(role)
         if side is None:
             print(f'  {role:9} side: not started')
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument('--disk', required=True)
     prot.add_argument('--memory', type=int, default=128, help='MiB')
     prot.add_argument('--smp', type=int, default=1)
-    defaults = manager.ProtectOptions()
+    defaults = operations.ProtectOptions()
     prot.add_argument('--epoch-ms', type=int, default=defaults.epoch_ms,
                       help='epoch length while the guest sends packets '
                            '(they wait for the commit; default '
@@ -235,27 +235,27 @@ def cmd_remote(args: argparse.Namespace, host: str) -> int:
 
 
 def cmd_protect(args: argparse.Namespace, state_dir: str) -> int:
-    spec = manager.make_spec(
+    spec = operations.make_spec(
         args.name, args.kernel, args.initrd, args.disk, args.append,
         args.memory, args.smp, args.nic)
-    opts = manager.ProtectOptions(epoch_ms=args.epoch_ms,
+    opts = operations.ProtectOptions(epoch_ms=args.epoch_ms,
                                   idle_epoch_ms=args.idle_epoch_ms,
                                   tracker=args.tracker,
                                   disk_sync=args.disk_sync)
-    gdir = manager.protect(spec, opts, state_dir)
+    gdir = operations.protect(spec, opts, state_dir)
     print(f'{args.name} is protected (state in {gdir})')
     if not args.foreground:
         return 0
     try:
         while True:
-            st = manager.status(state_dir, args.name)
+            st = operations.status(state_dir, args.name)
             if not any((st.get(r) or {}).get('alive')
-                       for r in manager.ROLES):
+                       for r in operations.ROLES):
                 print(f'{args.name}: both sides have ended')
                 return 0
             time.sleep(1)
     except KeyboardInterrupt:
-        manager.stop(state_dir, args.name)
+        operations.stop(state_dir, args.name)
         print(f'{args.name} stopped')
         return 0
 
@@ -263,7 +263,7 @@ def cmd_protect(args: argparse.Namespace, state_dir: str) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    state_dir = args.state_dir or manager.default_state_dir()
+    state_dir = args.state_dir or operations.default_state_dir()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         host = getattr(args, 'host', None) or args.global_host
@@ -276,24 +276,24 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UserError(f'{args.command} runs locally; --host is for '
                             'status, failover, stop and list')
         if args.command == 'demo':
-            from mftvm_openstack.standalone import demo
+            from mftvm_openstack.local import demo
             return demo.run(args, state_dir)
         if args.command == 'protect':
             return cmd_protect(args, state_dir)
         if args.command == 'status':
-            st = manager.status(state_dir, args.name)
+            st = operations.status(state_dir, args.name)
             if args.json:
                 print(json.dumps(st, indent=1))
             else:
                 print_status(st)
             return 0
         if args.command == 'failover':
-            sec = manager.failover(state_dir, args.name)
+            sec = operations.failover(state_dir, args.name)
             print(f'{args.name} now runs on the former secondary '
                   f'(failover {sec.get("failover_ms")} ms)')
             return 0
         if args.command == 'stop':
-            manager.stop(state_dir, args.name)
+            operations.stop(state_dir, args.name)
             print(f'{args.name} stopped')
             return 0
     except UserError as exc:

@@ -22,8 +22,8 @@ import socket
 
 from oslo_config import cfg
 
-from mftvm_openstack.ft.disk import DEFAULT_DISK_SYNC, DISK_SYNCS
-from mftvm_openstack.ft.pair import EPOCH_MS_RANGE, IDLE_EPOCH_MS_RANGE
+from mftvm_openstack.contract import plugins
+from mftvm_openstack.contract.limits import EPOCH_MS_RANGE, IDLE_EPOCH_MS_RANGE
 
 CONF = cfg.CONF
 
@@ -134,8 +134,8 @@ ft_opts = [
                     'Longer idle epochs leave the secondary further '
                     'behind, which a failover never shows to clients (the '
                     'guest redoes the unseen work).'),
-    cfg.StrOpt('disk_sync', default=DEFAULT_DISK_SYNC,
-               choices=list(DISK_SYNCS),
+    cfg.StrOpt('disk_sync', default=plugins.DEFAULT_DISK_SYNC,
+               choices=list(plugins.disk_sync_choices()),
                help='How the disk reaches the secondary. async-replication '
                     '(default): every write travels to the replica as it '
                     'happens, without the guest waiting for it; each '
@@ -145,7 +145,7 @@ ft_opts = [
                     'blocks of each epoch are copied inside its checkpoint '
                     '(the MFTVM 3 baseline, for comparison).'),
     cfg.StrOpt('tracker', default='auto',
-               choices=['auto', 'scan', 'soft-dirty'],
+               choices=list(plugins.tracker_choices()),
                help='How dirty guest memory is found; auto picks '
                     'soft-dirty when the kernel supports it.'),
     cfg.FloatOpt(

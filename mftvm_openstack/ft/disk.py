@@ -79,15 +79,16 @@ from typing import Any, Optional
 
 from stevedore import driver
 
+from mftvm_openstack.contract import plugins
 from mftvm_openstack.ft import vm
 from mftvm_openstack.ft.monitor import Monitor, MonitorError, QMPMonitor
 
 LOG = logging.getLogger(__name__)
 
-NAMESPACE = 'mftvm.ft.disk_sync'
+NAMESPACE = plugins.DISK_SYNC_NAMESPACE
 #: the disk-sync plugins, the default first
-DISK_SYNCS = ('async-replication', 'write-replication', 'block-copy')
-DEFAULT_DISK_SYNC = DISK_SYNCS[0]
+DISK_SYNCS = plugins.disk_sync_choices()
+DEFAULT_DISK_SYNC = plugins.DEFAULT_DISK_SYNC
 EXPORT_NAME = 'disk0'
 #: Job states after which a job does no more I/O.
 _DONE = frozenset({'concluded', 'null'})

@@ -35,16 +35,12 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
+from mftvm_openstack.contract.limits import EPOCH_MS_RANGE, IDLE_EPOCH_MS_RANGE  # noqa: F401
 from mftvm_openstack.ft import transport
 from mftvm_openstack.ft.transport import Kind
 
 LOG = logging.getLogger(__name__)
 
-#: the epoch lengths (ms) the engine runs with: the one range that the
-#: CLI, the [ft] options, RPC requests and flavor extra specs check
-EPOCH_MS_RANGE = (20, 10000)
-#: the longest idle epoch (ms): 0 (every epoch epoch_ms long) to a minute
-IDLE_EPOCH_MS_RANGE = (0, 60000)
 
 
 class Clock(Protocol):

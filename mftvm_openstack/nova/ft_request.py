@@ -61,8 +61,8 @@ from typing import Any, Optional
 
 from oslo_utils import strutils
 
-from mftvm_openstack.ft import disk as ft_disk
-from mftvm_openstack.ft.pair import EPOCH_MS_RANGE
+from mftvm_openstack.contract import plugins
+from mftvm_openstack.contract.limits import EPOCH_MS_RANGE
 
 #: the extra-spec namespace (``ft:...``)
 NAMESPACE = 'ft'
@@ -78,7 +78,7 @@ METADATA_KEY = 'ft'
 #: the epoch lengths the agent accepts (``[ft] epoch_ms``)
 EPOCH_MS_MIN, EPOCH_MS_MAX = EPOCH_MS_RANGE
 #: the disk-sync plugins (stevedore namespace ``mftvm.ft.disk_sync``)
-DISK_SYNC_CHOICES = ft_disk.DISK_SYNCS
+DISK_SYNC_CHOICES = plugins.disk_sync_choices()
 
 #: where a value came from, as error messages name it
 FLAVOR = 'flavor extra spec'

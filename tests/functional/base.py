@@ -15,7 +15,7 @@ from testtools import content
 
 from mftvm_openstack.ft import vm
 from mftvm_openstack.images import builder, records, workload
-from mftvm_openstack.standalone import demo, manager
+from mftvm_openstack.local import demo, operations
 
 _image = None
 _image_lock = threading.Lock()
@@ -121,26 +121,26 @@ class GuestTestCase(testtools.TestCase):
     def protect(self, name='g', run='writer,counter', memory_mib=128,
                 epoch_ms=200, disk=None, writer_ms=20, **options):
         disk = disk or self.make_disk()
-        spec = manager.make_spec(
+        spec = operations.make_spec(
             name, self.image.kernel, self.image.initrd, disk,
             append=f'console=ttyS0 quiet mftvm.run={run} '
                    f'mftvm.writer_interval_ms={writer_ms}',
             memory_mib=memory_mib,
             nic=f'user,hostfwd=tcp:127.0.0.1:{self.port}-:7000')
-        opts = manager.ProtectOptions(epoch_ms=epoch_ms, **options)
+        opts = operations.ProtectOptions(epoch_ms=epoch_ms, **options)
         self.addCleanup(self._stop_guest, name)
-        gdir = manager.protect(spec, opts, self.state_dir)
+        gdir = operations.protect(spec, opts, self.state_dir)
         return spec, gdir
 
     def _stop_guest(self, name):
         try:
-            manager.stop(self.state_dir, name)
-        except manager.UserError:
+            operations.stop(self.state_dir, name)
+        except operations.UserError:
             pass
 
     def side(self, name, role):
-        return manager.read_status(manager.guest_dir(self.state_dir, name),
-                                   role) or {}
+        gdir = operations.guest_dir(self.state_dir, name)
+        return operations.read_status(gdir, role) or {}
 
     def talk(self, last, seconds):
         """Ask the counter for ``seconds``; each answer must be last + 1.

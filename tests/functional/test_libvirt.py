@@ -36,7 +36,7 @@ from mftvm_openstack.ft import (
     vm,
 )
 from mftvm_openstack.images import records, workload
-from mftvm_openstack.standalone import manager
+from mftvm_openstack.local import operations
 from tests.functional import base
 
 URI = 'qemu:///system'
@@ -249,7 +249,7 @@ class LibvirtProtectionTest(base.GuestTestCase):
         import libvirt
 
         disk = self.make_disk()
-        spec = manager.make_spec(
+        spec = operations.make_spec(
             name, self.image.kernel, self.image.initrd, disk,
             append='console=ttyS0 quiet mftvm.run=writer,counter '
                    'mftvm.writer_interval_ms=20',
@@ -268,8 +268,8 @@ class LibvirtProtectionTest(base.GuestTestCase):
 
         ft_spec = dataclasses.replace(spec, domain=name)
         self.addCleanup(self._stop_guest, name)
-        gdir = manager.protect(
-            ft_spec, manager.ProtectOptions(epoch_ms=200), self.state_dir,
+        gdir = operations.protect(
+            ft_spec, operations.ProtectOptions(epoch_ms=200), self.state_dir,
             host_options={'libvirt_uri': URI, 'domain_name': restored})
         prim = self.side(name, 'primary')
         self.assertEqual('protected', prim['state'])
@@ -299,7 +299,7 @@ class LibvirtProtectionTest(base.GuestTestCase):
         rserial = os.path.join(gdir, 'secondary', 'serial.log')
         base.wait_for(lambda: len(workload.serial_acks(
             workload.read_text(rserial))) >= 5, 30, what='ACKs after failover')
-        manager.stop(self.state_dir, name)
+        operations.stop(self.state_dir, name)
         # Stopping the guest stops its domain (a transient domain is
         # undefined as it stops).
         base.wait_for(lambda: restored not in [

@@ -10,7 +10,7 @@ import signal
 import time
 
 from mftvm_openstack.images import records, workload
-from mftvm_openstack.standalone import manager
+from mftvm_openstack.local import operations
 from tests.functional import base
 
 
@@ -33,7 +33,7 @@ class PrimaryLossTest(base.GuestTestCase):
         serial = os.path.join(gdir, 'secondary', 'serial.log')
         base.wait_for(lambda: len(workload.serial_acks(
             workload.read_text(serial))) >= 5, 30, what='ACKs after failover')
-        manager.stop(self.state_dir, 'pk')
+        operations.stop(self.state_dir, 'pk')
         # Both RAM files are gone: the dead primary's and the guest's.
         self.assertEqual([], base.ram_files('pk'))
         text = workload.read_text(serial)
@@ -71,7 +71,7 @@ class PrimaryLossTest(base.GuestTestCase):
         base.wait_for(lambda: self.side('ph', 'secondary')['state'] ==
                       'active', 5, what='the secondary to report active')
         # The killed host left its RAM file; stop removes it.
-        manager.stop(self.state_dir, 'ph')
+        operations.stop(self.state_dir, 'ph')
         self.assertEqual([], base.ram_files('ph'))
 
 
@@ -110,7 +110,7 @@ class PlannedFailoverTest(base.GuestTestCase):
         spec, gdir = self.protect('pf')
         last = self.wait_counter(gdir)
         prim = self.side('pf', 'primary')
-        sec = manager.failover(self.state_dir, 'pf')
+        sec = operations.failover(self.state_dir, 'pf')
         self.assertEqual('active', sec['state'])
         # The old primary's QEMU is gone; only the moved guest runs.
         base.wait_for(lambda: base.qemu_pids_for('pf') == [sec['qemu_pid']],
@@ -134,7 +134,7 @@ class FrozenSecondaryTest(base.GuestTestCase):
         self.addCleanup(watcher.stop)
         base.wait_for(lambda: len(watcher.acks) > 20, 30, what='ACKs')
         sec = self.side('fz', 'secondary')
-        frozen = [sec['host_pid']] + manager._child_pids(sec['host_pid'])
+        frozen = [sec['host_pid']] + operations._child_pids(sec['host_pid'])
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         self.addCleanup(self._thaw_and_kill, frozen)
@@ -178,7 +178,7 @@ class SecondaryLossTest(base.GuestTestCase):
         self.addCleanup(watcher.stop)
         base.wait_for(lambda: len(watcher.acks) > 20, 30, what='ACKs')
         sec = self.side('sk', 'secondary')
-        children = manager._child_pids(sec['host_pid'])
+        children = operations._child_pids(sec['host_pid'])
         self.assertTrue(children, 'the secondary runs a storage daemon')
         os.kill(sec['host_pid'], signal.SIGKILL)
         t_kill = time.monotonic()
@@ -207,7 +207,7 @@ class SecondaryLossTest(base.GuestTestCase):
         times = [t for t, _ in watcher.acks if t_kill - 1 < t]
         stall = max(b - a for a, b in zip(times, times[1:]))
         self.assertLess(stall, 2.0, 'disk I/O stalled after secondary loss')
-        manager.stop(self.state_dir, 'sk')
+        operations.stop(self.state_dir, 'sk')
         watcher.stop()
         disk = workload.disk_records([(spec.disk, 'raw')])
         last_record = records.verify_chain(disk)
@@ -225,7 +225,7 @@ class InitialSyncTest(base.GuestTestCase):
         disk = self.make_disk(size_mib=256, fill_mib=192)
         # Stamp ACKs live from boot on: start watching before protect().
         watcher = base.SerialWatcher(os.path.join(
-            manager.guest_dir(self.state_dir, 'is'), 'primary',
+            operations.guest_dir(self.state_dir, 'is'), 'primary',
             'serial.log'))
         self.addCleanup(watcher.stop)
         spec, gdir = self.protect('is', disk=disk, writer_ms=10,
@@ -245,7 +245,7 @@ class InitialSyncTest(base.GuestTestCase):
         self.assertLess(max(gaps), 1.0, 'the guest stalled during sync')
         # Stopping a protected pair leaves no RAM file behind (the
         # standby's replica included).
-        manager.stop(self.state_dir, 'is')
+        operations.stop(self.state_dir, 'is')
         self.assertEqual([], base.ram_files('is'))
         print(f'initial sync {sync[1] - sync[0]:.2f}s, longest ACK gap '
               f'{max(gaps) * 1000:.0f} ms')

@@ -24,7 +24,7 @@ import testtools
 
 from mftvm_openstack.agent import rpcapi
 from mftvm_openstack.images import workload
-from mftvm_openstack.standalone import demo, manager
+from mftvm_openstack.local import demo, operations
 from tests.functional import base
 from tests.integration import lab as ftlab
 
@@ -84,7 +84,7 @@ class AgentLab(testtools.TestCase):
         disk = os.path.join(self.tmp, 'disk.raw')
         with open(disk, 'wb') as f:
             f.truncate(64 << 20)
-        spec = manager.make_spec(
+        spec = operations.make_spec(
             self.name, self.image.kernel, self.image.initrd, disk,
             append=f'console=ttyS0 quiet mftvm.run={run} '
                    'mftvm.writer_interval_ms=50',

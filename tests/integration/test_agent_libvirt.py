@@ -20,7 +20,7 @@ import signal
 import time
 
 from mftvm_openstack.images import workload
-from mftvm_openstack.standalone import demo, manager
+from mftvm_openstack.local import demo, operations
 from tests.functional import base, test_libvirt
 from tests.integration.test_agent_failover import AgentLab
 
@@ -60,7 +60,7 @@ class AgentLibvirtTest(AgentLab):
         disk = os.path.join(self.tmp, 'disk.raw')
         with open(disk, 'wb') as f:
             f.truncate(64 << 20)
-        spec = manager.make_spec(
+        spec = operations.make_spec(
             self.domain, self.image.kernel, self.image.initrd, disk,
             append='console=ttyS0 quiet mftvm.run=writer,counter '
                    'mftvm.writer_interval_ms=50',

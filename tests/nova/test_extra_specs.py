@@ -41,7 +41,7 @@ BAD_VALUES = [
     ('ft:epoch_ms', 'fast', 'is not an integer'),
     ('ft:epoch_ms', '100.0', 'is not an integer'),
     ('ft:disk_sync', 'colo', 'is not one of: async-replication, '
-                             'write-replication, block-copy'),
+                             'block-copy, write-replication'),
     ('ft:disk_sync', 'Block-Copy', 'is not one of'),
 ]
 GOOD_VALUES = [

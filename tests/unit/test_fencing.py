@@ -7,7 +7,7 @@ import tempfile
 import unittest
 import warnings
 
-from mftvm_openstack.agent import fencing
+from mftvm_openstack import fencing
 
 
 class FenceContract:

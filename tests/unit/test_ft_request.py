@@ -154,7 +154,7 @@ class TestOptions(testtools.TestCase):
                                     {'ft:disk_sync': value}, {})
             self.assertEqual(
                 f"flavor extra spec 'ft:disk_sync': {value!r} is not one "
-                f"of: async-replication, write-replication, block-copy",
+                f"of: async-replication, block-copy, write-replication",
                 str(exc))
 
     def test_long_values_are_shortened_in_messages(self):

@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 from mftvm_openstack.ft import vm
 from mftvm_openstack.images import builder, records, workload
-from mftvm_openstack.standalone import manager
-from mftvm_openstack.standalone.manager import UserError
+from mftvm_openstack.local import operations
+from mftvm_openstack.local.operations import UserError
 
 NAME = 'mftvm-demo'
 
@@ -47,7 +47,7 @@ def _progress(text: str) -> None:
 
 
 def _side(state_dir: str, role: str) -> dict[str, Any]:
-    return manager.read_status(manager.guest_dir(state_dir, NAME),
+    return operations.read_status(operations.guest_dir(state_dir, NAME),
                                role) or {}
 
 
@@ -79,26 +79,26 @@ def run(args: Any, state_dir: str) -> int:
         raise UserError(str(exc)) from None
     os.makedirs(state_dir, exist_ok=True)
     disk = os.path.join(state_dir, f'{NAME}-disk.raw')
-    manager_dir = manager.guest_dir(state_dir, NAME)
-    if os.path.exists(os.path.join(manager_dir, 'guest.json')):
-        manager.stop(state_dir, NAME)
+    guest_dir_ = operations.guest_dir(state_dir, NAME)
+    if os.path.exists(os.path.join(guest_dir_, 'guest.json')):
+        operations.stop(state_dir, NAME)
     with open(disk, 'wb') as f:
         f.truncate(64 << 20)
     port = free_port()
-    spec = manager.make_spec(
+    spec = operations.make_spec(
         NAME, image.kernel, image.initrd, disk,
         append='console=ttyS0 quiet mftvm.run=writer,counter '
                'mftvm.writer_interval_ms=50',
         memory_mib=args.memory,
         nic=f'user,hostfwd=tcp:127.0.0.1:{port}-:7000')
-    opts = manager.ProtectOptions(epoch_ms=args.epoch_ms)
+    opts = operations.ProtectOptions(epoch_ms=args.epoch_ms)
     print(f'mftvm demo: protecting {NAME} ({args.memory} MiB, epoch '
           f'{args.epoch_ms} ms, {spec.accel}) ...', flush=True)
-    gdir = manager.protect(spec, opts, state_dir)
+    gdir = operations.protect(spec, opts, state_dir)
     try:
         return _drive(args, state_dir, gdir, port)
     finally:
-        manager.stop(state_dir, NAME)
+        operations.stop(state_dir, NAME)
 
 
 def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
@@ -160,7 +160,7 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
                                              'serial.log'))
     acks = workload.serial_acks(serial)
     futures = workload.future_records(serial)
-    manager.stop(state_dir, NAME)
+    operations.stop(state_dir, NAME)
     chain_ok, chain_last = True, -1
     try:
         chain_last = workload.check_disk_chain(

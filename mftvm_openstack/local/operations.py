@@ -2,7 +2,7 @@
 
 These are what the ``mftvm`` CLI calls. A guest lives in
 ``<state-dir>/<name>/``; its two sides run as host processes
-(:mod:`mftvm_openstack.standalone.host`) started detached, so the CLI can
+(:mod:`mftvm_openstack.instance.host`) started detached, so the CLI can
 return once the guest is protected::
 
     spec = make_spec('vm0', kernel=..., initrd=..., disk=...)
@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft import pair, trackers, vm
+from mftvm_openstack.instance.client import control, pid_alive, read_status
 
 ROLES = ('primary', 'secondary')
 NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$')
@@ -157,39 +158,13 @@ def _spawn_host(role: str, gdir: str) -> subprocess.Popen[bytes]:
     log = open(os.path.join(gdir, f'{role}-host.log'), 'ab')
     with log:
         return subprocess.Popen(
-            [sys.executable, '-m', 'mftvm_openstack.standalone.host', role,
+            [sys.executable, '-m', 'mftvm_openstack.instance', role,
              gdir], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             start_new_session=True)
 
 
-def read_status(gdir: str, role: str) -> Optional[dict[str, Any]]:
-    """The last status a host published, or None. ``alive`` says whether
-    its process still runs."""
-    try:
-        with open(os.path.join(gdir, role, 'status.json')) as f:
-            data: dict[str, Any] = json.load(f)
-    except (OSError, ValueError):
-        return None
-    data['alive'] = pid_alive(data.get('host_pid'))
-    return data
 
 
-def pid_alive(pid: Any) -> bool:
-    """Whether process ``pid`` runs (a zombie counts as gone)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours (protect --foreground) counts as gone.
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().split(') ')[-1][:1] != 'Z'
-    except OSError:
-        return False
 
 
 def _host_log_tail(gdir: str, role: str) -> str:
@@ -249,23 +224,6 @@ def _kill_all(gdir: str, procs: list[subprocess.Popen[bytes]]) -> None:
         p.wait()
 
 
-def control(gdir: str, role: str, op: str, timeout: float = 60.0,
-            **args: Any) -> dict[str, Any]:
-    """Send one control command (``op`` and its ``args``) to a host;
-    ConnectionError if it is gone."""
-    path = os.path.join(gdir, role, 'control.sock')
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(json.dumps({'op': op, **args}).encode() + b'\n')
-        data = b''
-        while not data.endswith(b'\n'):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply: dict[str, Any] = json.loads(data or b'{}')
-    return reply
 
 
 def _require_guest(state_dir: str, name: str) -> str:

@@ -3,8 +3,8 @@
 ``mftvm protect`` starts two of these, one per role, as separate OS
 processes, so killing one is a real fault::
 
-    python -m mftvm_openstack.standalone.host secondary DIR
-    python -m mftvm_openstack.standalone.host primary DIR
+    python -m mftvm_openstack.instance.host secondary DIR
+    python -m mftvm_openstack.instance.host primary DIR
 
 ``DIR`` is the guest's state directory (``<state-dir>/<name>``); it holds
 ``guest.json`` (the spec and protection options), and one sub-directory
@@ -17,7 +17,7 @@ and, while this side runs the guest unprotected,
 ``{"op": "protect", "secondary": "tcp:HOST:PORT", "pair_id": "..."}`` (to
 protect it again onto a new secondary) and ``{"op": "unprotect"}``.
 
-Whoever runs the guest holds its :mod:`fence <mftvm_openstack.agent.fencing>`
+Whoever runs the guest holds its :mod:`fence <mftvm_openstack.fencing>`
 (a lock file on one machine, a tooz lease across machines), renews it
 while it runs, and stops the guest itself when it cannot; a secondary
 takes over only once it holds the fence. ``guest.json``'s ``options``
@@ -42,7 +42,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from mftvm_openstack.agent import fencing
+from mftvm_openstack import fencing
 from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft import (
     epoch,

@@ -1,0 +1,16 @@
+"""The contract: every value that crosses a process boundary, defined once.
+
+Four kinds of process talk about protected guests: the instance process
+(one side of one guest), the agent (one per hypervisor), the ``mftvm`` CLI
+and Nova's compute driver. They share no memory; what they say to each
+other is defined here, typed, and checked on the way in:
+
+* :mod:`.states` — the states and roles of a guest's side (the only
+  spelling of them anywhere);
+* :mod:`.limits` — the ranges of the settings a caller may choose;
+* :mod:`.plugins` — the names of the tracker and disk-sync plugins, read
+  from their entry points.
+
+Nothing here imports the engine, numpy, stevedore or QEMU's libraries:
+nova-api imports it (through the flavor validators) and must stay light.
+"""

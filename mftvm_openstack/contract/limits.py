@@ -1,0 +1,12 @@
+"""The ranges of the settings a caller chooses, each defined once.
+
+The ``[ft]`` options, the agent's RPC check, the CLI and Nova's flavor
+validators all read them from here::
+
+    low, high = EPOCH_MS_RANGE
+"""
+
+#: the epoch lengths (ms) the engine runs with
+EPOCH_MS_RANGE = (20, 10000)
+#: the longest idle epoch (ms): 0 (every epoch epoch_ms long) to a minute
+IDLE_EPOCH_MS_RANGE = (0, 60000)

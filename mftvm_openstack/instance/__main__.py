@@ -1,0 +1,8 @@
+"""``python -m mftvm_openstack.instance ROLE GUEST_DIR``: run one side."""
+
+import sys
+
+from mftvm_openstack.instance.host import main
+
+if __name__ == '__main__':
+    sys.exit(main())
