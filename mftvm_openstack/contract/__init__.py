@@ -9,7 +9,13 @@ other is defined here, typed, and checked on the way in:
   spelling of them anywhere);
 * :mod:`.limits` — the ranges of the settings a caller may choose;
 * :mod:`.plugins` — the names of the tracker and disk-sync plugins, read
-  from their entry points.
+  from their entry points;
+* :mod:`.record` — the typed, checked records the rest are made of;
+* :mod:`.status` — what one side says about itself (``status.json``, the
+  control socket, the agent's ``status`` RPC);
+* :mod:`.control` — the instance process's control requests and replies;
+* :mod:`.hello` — the handshake of a pair's data stream, with its
+  protocol version.
 
 Nothing here imports the engine, numpy, stevedore or QEMU's libraries:
 nova-api imports it (through the flavor validators) and must stay light.

@@ -1,0 +1,51 @@
+"""The handshake that opens a pair's data stream.
+
+The primary connects and sends :class:`Hello`; the secondary answers
+:class:`Ready` (where to write the disk replica) or an error frame and
+closes. A secondary refuses a Hello of another protocol version::
+
+    Hello(version=PROTOCOL_VERSION, qemu_pid=..., host_pid=...,
+          boot_id=..., pair_id='pair-1', disk_size=1 << 30).to_dict()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from mftvm_openstack.contract.control import PAIR_ID_PATTERN
+from mftvm_openstack.contract.record import Record, field
+
+#: bumped whenever a frame's meaning changes
+PROTOCOL_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello(Record):
+    version: int
+    #: the primary's QEMU and instance process, and the machine they run
+    #: on (a secondary on the same machine waits for that QEMU to exit
+    #: before it restores the guest)
+    qemu_pid: int
+    host_pid: int
+    boot_id: str = field(max_len=64)
+    pair_id: str = field(pattern=PAIR_ID_PATTERN)
+    #: virtual size in bytes of the disk the guest runs on
+    disk_size: int = field(range=(0, 1 << 50))
+    #: a libvirt guest's domain XML (None: the engine's own QEMU)
+    domain_xml: Optional[str] = field(default=None, max_len=1 << 20)
+
+
+@dataclasses.dataclass(frozen=True)
+class NbdTargetInfo(Record):
+    """Where the secondary serves the disk replica over NBD."""
+
+    socket: Optional[str] = field(default=None, max_len=4096)
+    host: Optional[str] = field(default=None, max_len=255)
+    port: Optional[int] = field(default=None, range=(1, 65535))
+    export: str = field(default='disk0', pattern=r'[A-Za-z0-9_.-]{1,64}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Ready(Record):
+    target: NbdTargetInfo
