@@ -31,7 +31,9 @@ every operation, ``blockdev-snapshot`` included, on that root while it
 runs. With the filter as the root, marks (which snapshot the overlay under
 it) never wait for a merge.
 
-Primary side: plugins of the stevedore namespace ``mftvm.ft.disk_sync``:
+Primary side: plugins of the stevedore namespace ``mftvm.ft.disk_sync``
+(any installed package may add one; see
+:mod:`mftvm_openstack.contract.plugins`). This package registers three:
 
 ``async-replication`` (:class:`AsyncReplication`, the default)
     A ``blockdev-mirror`` in the background to the store's NBD export:
@@ -77,18 +79,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
-from stevedore import driver
-
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.ft import vm
 from mftvm_openstack.ft.monitor import Monitor, MonitorError, QMPMonitor
+from mftvm_openstack.ft.plugin_loader import load_plugin_class
 
 LOG = logging.getLogger(__name__)
 
-NAMESPACE = plugins.DISK_SYNC_NAMESPACE
-#: the disk-sync plugins, the default first
-DISK_SYNCS = plugins.disk_sync_choices()
-DEFAULT_DISK_SYNC = plugins.DEFAULT_DISK_SYNC
 EXPORT_NAME = 'disk0'
 #: Job states after which a job does no more I/O.
 _DONE = frozenset({'concluded', 'null'})
@@ -895,12 +892,20 @@ class BlockCopy(DiskSync):
 
 def load_disk_sync(name: str, monitor: Monitor,
                    node: str = 'disk0') -> DiskSync:
-    """The disk-sync plugin ``name`` (one of :data:`DISK_SYNCS`)."""
-    try:
-        mgr: driver.DriverManager = driver.DriverManager(
-            NAMESPACE, name, invoke_on_load=False)
-    except Exception:
-        raise DiskError(f'unknown disk sync {name!r}: use one of '
-                        f'{", ".join(DISK_SYNCS)}') from None
-    plugin: DiskSync = mgr.driver(monitor, node)
-    return plugin
+    """The disk-sync plugin ``name`` (one of
+    :func:`~mftvm_openstack.contract.plugins.disk_sync_choices`) for the
+    disk ``node``; DiskError if it is unknown or cannot be loaded."""
+    cls: type[DiskSync] = load_plugin_class(
+        plugins.DISK_SYNC_NAMESPACE, name, kind='disk sync', base=DiskSync,
+        error=DiskError)
+    return cls(monitor, node)
+
+
+def __getattr__(name: str) -> Any:
+    # The agent, the CLI and the local operations read these here until
+    # they ask contract.plugins themselves; read fresh, never a snapshot.
+    if name == 'DISK_SYNCS':
+        return plugins.disk_sync_choices()
+    if name == 'DEFAULT_DISK_SYNC':
+        return plugins.DEFAULT_DISK_SYNC
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
