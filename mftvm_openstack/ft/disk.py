@@ -59,10 +59,11 @@ Example::
     sync.failed                      # asyncio.Event: the replica is lost
     await sync.stop()                # secondary lost, or unprotect
 
-Block jobs are watched by polling ``query-jobs`` rather than by waiting
-for events: a :class:`~mftvm_openstack.ft.monitor.Monitor` hands each
-event to one waiter only, and the engine waits for its own events on the
-same monitor.
+Block jobs are waited for by their ``JOB_STATUS_CHANGE`` events (each
+wait has its own event stream, so the engine's waits on the same monitor
+take none away), with a look at ``query-jobs`` every few seconds in case
+QEMU went away. The one wait with no event is the checkpoint's drain of
+an asynchronous mirror, which polls ``query-block-jobs``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ from typing import Any, Optional
 
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.ft import vm
-from mftvm_openstack.ft.monitor import Monitor, MonitorError, QMPMonitor
+from mftvm_openstack.ft.monitor import Event, Monitor, MonitorError, QMPMonitor
 from mftvm_openstack.ft.plugin_loader import load_plugin_class
 
 LOG = logging.getLogger(__name__)
@@ -142,22 +143,37 @@ async def job_info(monitor: Monitor, job_id: str) -> Optional[dict[str, Any]]:
 
 async def wait_job(monitor: Monitor, job_id: str, states: frozenset[str],
                    timeout: Optional[float],
-                   interval: float = 0.01) -> Optional[dict[str, Any]]:
-    """Poll until ``job_id`` is in one of ``states`` or gone; return it.
+                   recheck: float = 2.0) -> Optional[dict[str, Any]]:
+    """Wait until ``job_id`` is in one of ``states`` or gone; return it.
 
     A job in a final state (concluded) is returned whatever ``states`` is,
-    so callers see failures instead of timing out on them.
+    so callers see failures instead of timing out on them. The wait is
+    for the job's ``JOB_STATUS_CHANGE`` events; every ``recheck`` s the
+    job is looked at anyway, which raises MonitorError once QEMU is gone
+    (a dead QEMU sends no event). ``timeout`` None: the caller bounds the
+    wait (an initial sync takes as long as the disk is large).
     """
+    wanted = states | _DONE
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
-    while True:
-        info = await job_info(monitor, job_id)
-        if info is None or info['status'] in states | _DONE:
-            return info
-        if deadline is not None and loop.time() > deadline:
-            raise DiskError(f'job {job_id} still {info["status"]} after '
-                            f'{timeout}s')
-        await asyncio.sleep(interval)
+
+    def is_it(event: Event) -> bool:
+        data = event.get('data') or {}
+        return data.get('id') == job_id and data.get('status') in (
+            wanted | {'null'})
+    # Subscribed before the first look: a change in between is queued.
+    with monitor.events('JOB_STATUS_CHANGE') as events:
+        while True:
+            info = await job_info(monitor, job_id)
+            if info is None or info['status'] in wanted:
+                return info
+            left = recheck if deadline is None else min(
+                recheck, deadline - loop.time())
+            if left <= 0:
+                raise DiskError(f'job {job_id} still {info["status"]} after '
+                                f'{timeout}s')
+            with contextlib.suppress(MonitorError):     # no event: look
+                await events.wait(is_it, left)
 
 
 async def _quietly(monitor: Monitor, command: str, **args: Any) -> bool:
@@ -318,6 +334,8 @@ class EpochOverlayStore:
         self._merge_task: Optional[asyncio.Task[None]] = None
         self._merge_seq = 0
         self._merge_job = ''
+        #: the longest one merge into base may run before it is cancelled
+        self.merge_timeout = 600.0
         self._closing = False     # no new work (merges, pool files)
         self._down = False        # qsd has quit
         self._failed_over = False
@@ -474,7 +492,13 @@ class EpochOverlayStore:
             await monitor.execute('block-commit', **{
                 'job-id': job, 'device': self.TOP, 'top-node': top.node,
                 'base-node': self.BASE, 'auto-dismiss': False})
-            info = await wait_job(monitor, job, _DONE, None, interval=0.02)
+            try:
+                info = await wait_job(monitor, job, _DONE, self.merge_timeout)
+            except DiskError:
+                # A merge this slow holds up nothing but the next merge:
+                # cancelled, the overlays keep their data above base.
+                await _quietly(monitor, 'block-job-cancel', device=job)
+                info = await wait_job(monitor, job, _DONE, 10)
             await _quietly(monitor, 'job-dismiss', id=job)
             if info is not None and info.get('error'):
                 # Cancelled (failover) or failed: the overlays still hold
@@ -492,7 +516,7 @@ class EpochOverlayStore:
                                **{'node-name': layer.node})
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(layer.path)
-        except MonitorError as exc:
+        except (MonitorError, DiskError) as exc:
             if not self._closing:
                 self._stats['merge_errors'] += 1
                 LOG.warning('merge into base failed: %s', exc)
@@ -671,7 +695,8 @@ class DiskSync(abc.ABC):
             # force: a ready mirror would otherwise try to converge first.
             await _quietly(self.monitor, 'block-job-cancel', device=job,
                            force=True)
-            info = await wait_job(self.monitor, job, _DONE, None)
+            info = await wait_job(self.monitor, job, _DONE,
+                                  self.stop_timeout)
         if info is not None:
             await _quietly(self.monitor, 'job-dismiss', id=job)
 
@@ -680,8 +705,9 @@ class WriteReplication(DiskSync):
     """Every guest write goes to both disks (write-blocking mirror).
 
     The mirror job ``repl0`` does the initial sync, becomes ``ready`` and
-    is never completed. A watcher polls it (every ``poll_interval`` s) and
-    sets ``failed`` when it ends or errors.
+    is never completed. A watcher waits for its status changes (and looks
+    at it every ``recheck_interval`` s anyway) and sets ``failed`` when it
+    ends or errors.
     """
 
     JOB = 'repl0'
@@ -692,7 +718,7 @@ class WriteReplication(DiskSync):
 
     def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
         super().__init__(monitor, node)
-        self.poll_interval = 0.2
+        self.recheck_interval = 2.0
         self.sync_timeout: Optional[float] = None
         self._watch: Optional[asyncio.Task[None]] = None
         self._active = False
@@ -729,20 +755,25 @@ class WriteReplication(DiskSync):
                             f'{self.failure}')
 
     async def _watch_job(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                info = await job_info(self.monitor, self.JOB)
-            except MonitorError as exc:
-                LOG.warning('cannot watch disk replication: %s', exc)
-                return
-            if info is None:
-                self._fail('the mirror job vanished')
-                return
-            if info['status'] in _DONE or info.get('error'):
-                self._fail(info.get('error') or
-                           f'the mirror job ended ({info["status"]})')
-                return
+        def about_it(event: Event) -> bool:
+            return (event.get('data') or {}).get('id') == self.JOB
+        with self.monitor.events('JOB_STATUS_CHANGE') as events:
+            while True:
+                try:
+                    info = await job_info(self.monitor, self.JOB)
+                except MonitorError as exc:
+                    LOG.warning('cannot watch disk replication: %s', exc)
+                    return
+                if info is None:
+                    self._fail('the mirror job vanished')
+                    return
+                if info['status'] in _DONE or info.get('error'):
+                    self._fail(info.get('error') or
+                               f'the mirror job ended ({info["status"]})')
+                    return
+                # No event within the interval: look again all the same.
+                with contextlib.suppress(MonitorError):
+                    await events.wait(about_it, self.recheck_interval)
 
     async def _stop(self) -> None:
         if self._watch is not None:
@@ -790,6 +821,8 @@ class AsyncReplication(WriteReplication):
         await self.monitor.execute('block-job-set-speed', device=self.JOB,
                                    speed=0)
         deadline = t0 + self.drain_timeout
+        # QEMU announces no drained mirror (BLOCK_JOB_READY comes once, at
+        # the first convergence): poll, a millisecond apart, in the pause.
         while True:
             job = None
             for entry in await self.monitor.execute('query-block-jobs'):
@@ -859,7 +892,7 @@ class BlockCopy(DiskSync):
                 'target': self.REPLICA, 'sync': 'incremental',
                 'bitmap': self.BITMAP, 'bitmap-mode': 'on-success',
                 'auto-dismiss': False})
-            await self._finish(self._job, self.copy_timeout, interval=0.001)
+            await self._finish(self._job, self.copy_timeout)
         except (MonitorError, DiskError) as exc:
             self._fail(str(exc))
             raise DiskError(f'epoch {epoch}: disk copy failed: {exc}') \
@@ -869,9 +902,8 @@ class BlockCopy(DiskSync):
         self._stats['last_copy_ms'] = ms
         self._stats['max_copy_ms'] = max(self._stats['max_copy_ms'] or 0, ms)
 
-    async def _finish(self, job: str, timeout: Optional[float],
-                      interval: float = 0.01) -> None:
-        info = await wait_job(self.monitor, job, _DONE, timeout, interval)
+    async def _finish(self, job: str, timeout: Optional[float]) -> None:
+        info = await wait_job(self.monitor, job, _DONE, timeout)
         await _quietly(self.monitor, 'job-dismiss', id=job)
         self._job = None
         if info is not None and info.get('error'):
