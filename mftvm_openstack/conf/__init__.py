@@ -144,7 +144,7 @@ ft_opts = [
                     '(every sync write pays a round trip). block-copy: the '
                     'blocks of each epoch are copied inside its checkpoint '
                     '(the MFTVM 3 baseline, for comparison).'),
-    cfg.StrOpt('tracker', default='auto',
+    cfg.StrOpt('tracker', default=plugins.AUTO_TRACKER,
                choices=list(plugins.tracker_choices()),
                help='How dirty guest memory is found; auto picks '
                     'soft-dirty when the kernel supports it.'),

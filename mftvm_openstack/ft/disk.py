@@ -31,7 +31,9 @@ every operation, ``blockdev-snapshot`` included, on that root while it
 runs. With the filter as the root, marks (which snapshot the overlay under
 it) never wait for a merge.
 
-Primary side: plugins of the stevedore namespace ``mftvm.ft.disk_sync``:
+Primary side: plugins of the stevedore namespace ``mftvm.ft.disk_sync``
+(any installed package may add one; see
+:mod:`mftvm_openstack.contract.plugins`). This package registers three:
 
 ``async-replication`` (:class:`AsyncReplication`, the default)
     A ``blockdev-mirror`` in the background to the store's NBD export:
@@ -57,10 +59,11 @@ Example::
     sync.failed                      # asyncio.Event: the replica is lost
     await sync.stop()                # secondary lost, or unprotect
 
-Block jobs are watched by polling ``query-jobs`` rather than by waiting
-for events: a :class:`~mftvm_openstack.ft.monitor.Monitor` hands each
-event to one waiter only, and the engine waits for its own events on the
-same monitor.
+Block jobs are waited for by their ``JOB_STATUS_CHANGE`` events (each
+wait has its own event stream, so the engine's waits on the same monitor
+take none away), with a look at ``query-jobs`` every few seconds in case
+QEMU went away. The one wait with no event is the checkpoint's drain of
+an asynchronous mirror, which polls ``query-block-jobs``.
 """
 
 from __future__ import annotations
@@ -77,18 +80,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
-from stevedore import driver
-
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.ft import vm
-from mftvm_openstack.ft.monitor import Monitor, MonitorError, QMPMonitor
+from mftvm_openstack.ft.monitor import Event, Monitor, MonitorError, QMPMonitor
+from mftvm_openstack.ft.plugin_loader import load_plugin_class
 
 LOG = logging.getLogger(__name__)
 
-NAMESPACE = plugins.DISK_SYNC_NAMESPACE
-#: the disk-sync plugins, the default first
-DISK_SYNCS = plugins.disk_sync_choices()
-DEFAULT_DISK_SYNC = plugins.DEFAULT_DISK_SYNC
 EXPORT_NAME = 'disk0'
 #: Job states after which a job does no more I/O.
 _DONE = frozenset({'concluded', 'null'})
@@ -145,22 +143,37 @@ async def job_info(monitor: Monitor, job_id: str) -> Optional[dict[str, Any]]:
 
 async def wait_job(monitor: Monitor, job_id: str, states: frozenset[str],
                    timeout: Optional[float],
-                   interval: float = 0.01) -> Optional[dict[str, Any]]:
-    """Poll until ``job_id`` is in one of ``states`` or gone; return it.
+                   recheck: float = 2.0) -> Optional[dict[str, Any]]:
+    """Wait until ``job_id`` is in one of ``states`` or gone; return it.
 
     A job in a final state (concluded) is returned whatever ``states`` is,
-    so callers see failures instead of timing out on them.
+    so callers see failures instead of timing out on them. The wait is
+    for the job's ``JOB_STATUS_CHANGE`` events; every ``recheck`` s the
+    job is looked at anyway, which raises MonitorError once QEMU is gone
+    (a dead QEMU sends no event). ``timeout`` None: the caller bounds the
+    wait (an initial sync takes as long as the disk is large).
     """
+    wanted = states | _DONE
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
-    while True:
-        info = await job_info(monitor, job_id)
-        if info is None or info['status'] in states | _DONE:
-            return info
-        if deadline is not None and loop.time() > deadline:
-            raise DiskError(f'job {job_id} still {info["status"]} after '
-                            f'{timeout}s')
-        await asyncio.sleep(interval)
+
+    def is_it(event: Event) -> bool:
+        data = event.get('data') or {}
+        return data.get('id') == job_id and data.get('status') in (
+            wanted | {'null'})
+    # Subscribed before the first look: a change in between is queued.
+    with monitor.events('JOB_STATUS_CHANGE') as events:
+        while True:
+            info = await job_info(monitor, job_id)
+            if info is None or info['status'] in wanted:
+                return info
+            left = recheck if deadline is None else min(
+                recheck, deadline - loop.time())
+            if left <= 0:
+                raise DiskError(f'job {job_id} still {info["status"]} after '
+                                f'{timeout}s')
+            with contextlib.suppress(MonitorError):     # no event: look
+                await events.wait(is_it, left)
 
 
 async def _quietly(monitor: Monitor, command: str, **args: Any) -> bool:
@@ -321,6 +334,8 @@ class EpochOverlayStore:
         self._merge_task: Optional[asyncio.Task[None]] = None
         self._merge_seq = 0
         self._merge_job = ''
+        #: the longest one merge into base may run before it is cancelled
+        self.merge_timeout = 600.0
         self._closing = False     # no new work (merges, pool files)
         self._down = False        # qsd has quit
         self._failed_over = False
@@ -477,7 +492,13 @@ class EpochOverlayStore:
             await monitor.execute('block-commit', **{
                 'job-id': job, 'device': self.TOP, 'top-node': top.node,
                 'base-node': self.BASE, 'auto-dismiss': False})
-            info = await wait_job(monitor, job, _DONE, None, interval=0.02)
+            try:
+                info = await wait_job(monitor, job, _DONE, self.merge_timeout)
+            except DiskError:
+                # A merge this slow holds up nothing but the next merge:
+                # cancelled, the overlays keep their data above base.
+                await _quietly(monitor, 'block-job-cancel', device=job)
+                info = await wait_job(monitor, job, _DONE, 10)
             await _quietly(monitor, 'job-dismiss', id=job)
             if info is not None and info.get('error'):
                 # Cancelled (failover) or failed: the overlays still hold
@@ -495,7 +516,7 @@ class EpochOverlayStore:
                                **{'node-name': layer.node})
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(layer.path)
-        except MonitorError as exc:
+        except (MonitorError, DiskError) as exc:
             if not self._closing:
                 self._stats['merge_errors'] += 1
                 LOG.warning('merge into base failed: %s', exc)
@@ -674,7 +695,8 @@ class DiskSync(abc.ABC):
             # force: a ready mirror would otherwise try to converge first.
             await _quietly(self.monitor, 'block-job-cancel', device=job,
                            force=True)
-            info = await wait_job(self.monitor, job, _DONE, None)
+            info = await wait_job(self.monitor, job, _DONE,
+                                  self.stop_timeout)
         if info is not None:
             await _quietly(self.monitor, 'job-dismiss', id=job)
 
@@ -683,8 +705,9 @@ class WriteReplication(DiskSync):
     """Every guest write goes to both disks (write-blocking mirror).
 
     The mirror job ``repl0`` does the initial sync, becomes ``ready`` and
-    is never completed. A watcher polls it (every ``poll_interval`` s) and
-    sets ``failed`` when it ends or errors.
+    is never completed. A watcher waits for its status changes (and looks
+    at it every ``recheck_interval`` s anyway) and sets ``failed`` when it
+    ends or errors.
     """
 
     JOB = 'repl0'
@@ -695,7 +718,7 @@ class WriteReplication(DiskSync):
 
     def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
         super().__init__(monitor, node)
-        self.poll_interval = 0.2
+        self.recheck_interval = 2.0
         self.sync_timeout: Optional[float] = None
         self._watch: Optional[asyncio.Task[None]] = None
         self._active = False
@@ -732,20 +755,25 @@ class WriteReplication(DiskSync):
                             f'{self.failure}')
 
     async def _watch_job(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                info = await job_info(self.monitor, self.JOB)
-            except MonitorError as exc:
-                LOG.warning('cannot watch disk replication: %s', exc)
-                return
-            if info is None:
-                self._fail('the mirror job vanished')
-                return
-            if info['status'] in _DONE or info.get('error'):
-                self._fail(info.get('error') or
-                           f'the mirror job ended ({info["status"]})')
-                return
+        def about_it(event: Event) -> bool:
+            return (event.get('data') or {}).get('id') == self.JOB
+        with self.monitor.events('JOB_STATUS_CHANGE') as events:
+            while True:
+                try:
+                    info = await job_info(self.monitor, self.JOB)
+                except MonitorError as exc:
+                    LOG.warning('cannot watch disk replication: %s', exc)
+                    return
+                if info is None:
+                    self._fail('the mirror job vanished')
+                    return
+                if info['status'] in _DONE or info.get('error'):
+                    self._fail(info.get('error') or
+                               f'the mirror job ended ({info["status"]})')
+                    return
+                # No event within the interval: look again all the same.
+                with contextlib.suppress(MonitorError):
+                    await events.wait(about_it, self.recheck_interval)
 
     async def _stop(self) -> None:
         if self._watch is not None:
@@ -793,6 +821,8 @@ class AsyncReplication(WriteReplication):
         await self.monitor.execute('block-job-set-speed', device=self.JOB,
                                    speed=0)
         deadline = t0 + self.drain_timeout
+        # QEMU announces no drained mirror (BLOCK_JOB_READY comes once, at
+        # the first convergence): poll, a millisecond apart, in the pause.
         while True:
             job = None
             for entry in await self.monitor.execute('query-block-jobs'):
@@ -862,7 +892,7 @@ class BlockCopy(DiskSync):
                 'target': self.REPLICA, 'sync': 'incremental',
                 'bitmap': self.BITMAP, 'bitmap-mode': 'on-success',
                 'auto-dismiss': False})
-            await self._finish(self._job, self.copy_timeout, interval=0.001)
+            await self._finish(self._job, self.copy_timeout)
         except (MonitorError, DiskError) as exc:
             self._fail(str(exc))
             raise DiskError(f'epoch {epoch}: disk copy failed: {exc}') \
@@ -872,9 +902,8 @@ class BlockCopy(DiskSync):
         self._stats['last_copy_ms'] = ms
         self._stats['max_copy_ms'] = max(self._stats['max_copy_ms'] or 0, ms)
 
-    async def _finish(self, job: str, timeout: Optional[float],
-                      interval: float = 0.01) -> None:
-        info = await wait_job(self.monitor, job, _DONE, timeout, interval)
+    async def _finish(self, job: str, timeout: Optional[float]) -> None:
+        info = await wait_job(self.monitor, job, _DONE, timeout)
         await _quietly(self.monitor, 'job-dismiss', id=job)
         self._job = None
         if info is not None and info.get('error'):
@@ -895,12 +924,20 @@ class BlockCopy(DiskSync):
 
 def load_disk_sync(name: str, monitor: Monitor,
                    node: str = 'disk0') -> DiskSync:
-    """The disk-sync plugin ``name`` (one of :data:`DISK_SYNCS`)."""
-    try:
-        mgr: driver.DriverManager = driver.DriverManager(
-            NAMESPACE, name, invoke_on_load=False)
-    except Exception:
-        raise DiskError(f'unknown disk sync {name!r}: use one of '
-                        f'{", ".join(DISK_SYNCS)}') from None
-    plugin: DiskSync = mgr.driver(monitor, node)
-    return plugin
+    """The disk-sync plugin ``name`` (one of
+    :func:`~mftvm_openstack.contract.plugins.disk_sync_choices`) for the
+    disk ``node``; DiskError if it is unknown or cannot be loaded."""
+    cls: type[DiskSync] = load_plugin_class(
+        plugins.DISK_SYNC_NAMESPACE, name, kind='disk sync', base=DiskSync,
+        error=DiskError)
+    return cls(monitor, node)
+
+
+def __getattr__(name: str) -> Any:
+    # The agent, the CLI and the local operations read these here until
+    # they ask contract.plugins themselves; read fresh, never a snapshot.
+    if name == 'DISK_SYNCS':
+        return plugins.disk_sync_choices()
+    if name == 'DEFAULT_DISK_SYNC':
+        return plugins.DEFAULT_DISK_SYNC
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

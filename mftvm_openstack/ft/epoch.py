@@ -35,7 +35,13 @@ from typing import Optional
 import numpy as np
 
 from mftvm_openstack.ft import vm
-from mftvm_openstack.ft.monitor import Monitor, MonitorError, QMPMonitor
+from mftvm_openstack.ft.monitor import (
+    MIGRATION_ENDED,
+    EventStream,
+    Monitor,
+    MonitorError,
+    QMPMonitor,
+)
 from mftvm_openstack.ft.trackers import PAGE_SIZE, DirtyTracker, RamDelta
 
 
@@ -70,11 +76,17 @@ class CheckpointCapturer:
         self.tracker = tracker
         self.sock_path = os.path.join(workdir, 'devstate.sock')
         self.devstate_timeout = 5.0
+        #: how long the end of a migration whose stream has ended may
+        #: take to be announced
+        self.end_timeout = 0.2
 
     async def setup(self) -> None:
         await self.monitor.execute(
             'migrate-set-capabilities', capabilities=[
-                {'capability': 'x-ignore-shared', 'state': True}])
+                {'capability': 'x-ignore-shared', 'state': True},
+                # MIGRATION events: the end of each device-state stream
+                # is announced rather than asked for.
+                {'capability': 'events', 'state': True}])
         # The default bandwidth cap would stretch a 300 KB stream to ms.
         await self.monitor.execute('migrate-set-parameters',
                                    **{'max-bandwidth': 1 << 40})
@@ -102,11 +114,13 @@ class CheckpointCapturer:
             os.unlink(self.sock_path)
         server = await asyncio.start_unix_server(on_conn, self.sock_path)
         try:
-            await self.monitor.execute('migrate', uri=f'unix:{self.sock_path}')
-            # ~0.4 MB that takes 10-60 ms: seconds mean something is wrong,
-            # and the guest is stopped meanwhile.
-            await asyncio.wait_for(done, self.devstate_timeout)
-            status = await self._migration_status()
+            with self.monitor.events('MIGRATION') as events:
+                await self.monitor.execute('migrate',
+                                           uri=f'unix:{self.sock_path}')
+                # ~0.4 MB that takes 10-60 ms: seconds mean something is
+                # wrong, and the guest is stopped meanwhile.
+                await asyncio.wait_for(done, self.devstate_timeout)
+                status = await self._migration_end(events)
             if status != 'completed':
                 raise CheckpointError(f'device-state migration ended in '
                                       f'state {status!r}')
@@ -114,16 +128,20 @@ class CheckpointCapturer:
             server.close()
         return b''.join(chunks)
 
-    async def _migration_status(self) -> str:
-        # The stream's EOF comes when QEMU closes it, just before (or
-        # just after) it flags completion: poll the short gap.
-        for _ in range(200):
-            status = (await self.monitor.execute('query-migrate')).get(
-                'status', '')
-            if status not in ('active', 'setup', 'device'):
-                return str(status)
-            await asyncio.sleep(0.001)
-        return 'timeout'
+    async def _migration_end(self, events: EventStream) -> str:
+        # The stream's EOF comes when QEMU closes it, just before (or just
+        # after) it announces the end: the event is usually queued by now,
+        # which spares the pause a query-migrate round trip.
+        try:
+            event = await events.wait(
+                lambda e: e['data'].get('status') in MIGRATION_ENDED,
+                timeout=self.end_timeout)
+            return str(event['data']['status'])
+        except MonitorError:
+            # No announcement (a monitor that dropped it): ask.
+            status = str((await self.monitor.execute('query-migrate')).get(
+                'status', ''))
+            return status if status in MIGRATION_ENDED else 'timeout'
 
     async def capture(self, epoch: int,
                       mark: Callable[[int], Awaitable[None]],
@@ -229,12 +247,11 @@ async def restore(spec: vm.GuestSpec, paths: vm.Paths, ram_file: str,
         await monitor.execute('migrate-set-capabilities', capabilities=[
             {'capability': 'x-ignore-shared', 'state': True},
             {'capability': 'events', 'state': True}])
-        monitor.clear_events()
-        await monitor.execute('migrate-incoming', uri=f'exec:cat '
-                              f'{devstate_path}')
-        await monitor.wait_event(
-            'MIGRATION', lambda e: e['data']['status'] in (
-                'completed', 'failed'), timeout=60)
+        with monitor.events('MIGRATION') as events:
+            await monitor.execute('migrate-incoming', uri=f'exec:cat '
+                                  f'{devstate_path}')
+            await events.wait(lambda e: e['data'].get('status') in
+                              MIGRATION_ENDED, timeout=60)
         status = await monitor.execute('query-migrate')
         if status.get('status') != 'completed':
             raise MonitorError(f'device state did not load: {status}')

@@ -54,7 +54,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -62,7 +61,8 @@ from xml.sax.saxutils import quoteattr
 
 from mftvm_openstack.ft import vm
 from mftvm_openstack.ft.libvirt_monitor import LibvirtMonitor
-from mftvm_openstack.ft.monitor import Monitor, MonitorError
+from mftvm_openstack.ft.monitor import MIGRATION_ENDED, Monitor, MonitorError
+from mftvm_openstack.waiting import wait_until
 
 QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0'
 #: Pinned: both sides of a pair must run the same machine type.
@@ -279,18 +279,15 @@ async def _wait_not_running(conn: Any, name: str,
     """Until no domain ``name`` runs here: one whose QEMU was just
     killed may take libvirt a moment to tear down. One that keeps running
     is a second copy of the guest: refuse."""
-    deadline = time.monotonic() + timeout
-
-    def running() -> bool:
+    def gone() -> bool:
         try:
-            return bool(conn.lookupByName(name).isActive())
+            return not conn.lookupByName(name).isActive()
         except Exception:   # libvirtError: no such domain (any more)
-            return False
-    while await asyncio.to_thread(running):
-        if time.monotonic() > deadline:
-            raise MonitorError(f'domain {name} already runs on this host; '
-                               f'not starting a second copy of the guest')
-        await asyncio.sleep(0.05)
+            return True
+    # Libvirt's calls block: the whole wait runs in a worker thread.
+    if not await asyncio.to_thread(wait_until, gone, timeout):
+        raise MonitorError(f'domain {name} already runs on this host; '
+                           f'not starting a second copy of the guest')
 
 
 async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
@@ -326,13 +323,12 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
         await monitor.execute('migrate-set-capabilities', capabilities=[
             {'capability': 'x-ignore-shared', 'state': True},
             {'capability': 'events', 'state': True}])
-        monitor.clear_events()
         sock = os.path.join(workdir, 'incoming.sock')
-        await monitor.execute('migrate-incoming', uri=f'unix:{sock}')
-        await _send_devstate(sock, devstate_path, 30)
-        await monitor.wait_event(
-            'MIGRATION', lambda e: e['data'].get('status') in (
-                'completed', 'failed'), timeout=60)
+        with monitor.events('MIGRATION') as events:
+            await monitor.execute('migrate-incoming', uri=f'unix:{sock}')
+            await _send_devstate(sock, devstate_path, 30)
+            await events.wait(lambda e: e['data'].get('status') in
+                              MIGRATION_ENDED, timeout=60)
         status = await monitor.execute('query-migrate')
         if status.get('status') != 'completed':
             raise MonitorError(f'device state did not load: {status}')

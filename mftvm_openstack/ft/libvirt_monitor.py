@@ -17,8 +17,9 @@ it still tracks the guest's pause and resume from QEMU's own events.
 Example::
 
     mon = await LibvirtMonitor.open('qemu:///system', 'vm0')
-    await mon.execute('stop')
-    await mon.wait_event('STOP', timeout=5)
+    with mon.events('STOP') as events:
+        await mon.execute('stop')
+        await events.wait(timeout=5)
     await mon.execute('cont')
     await mon.close()
 """
@@ -93,18 +94,17 @@ async def connect(uri: str) -> Any:
 class LibvirtMonitor(Monitor):
     """:class:`Monitor` of one libvirt domain (QMP passed through libvirt).
 
-    Events are queued from the moment of :meth:`open`, so an event that
-    arrives before ``wait_event`` is called is not lost; ``wait_event``
-    consumes (and drops) the events it passes over, as QMPMonitor does.
+    Libvirt's event thread hands each event to the asyncio loop, which
+    gives it to the open :meth:`~Monitor.events` streams.
     """
 
     def __init__(self, conn: Any, dom: Any, name: str,
                  owns_conn: bool = True) -> None:
+        super().__init__()
         self._conn = conn
         self._dom = dom
         self._name = name
         self._owns_conn = owns_conn
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._callback_id: Optional[int] = None
         self._closed = False
@@ -163,7 +163,7 @@ class LibvirtMonitor(Monitor):
                        'timestamp': {'seconds': seconds,
                                      'microseconds': micros}}
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._dispatch, item)
         except RuntimeError:  # the asyncio loop is gone
             pass
 
@@ -184,14 +184,6 @@ class LibvirtMonitor(Monitor):
             raise MonitorError(f'{self._name}: {command} failed: '
                                f'{answer["error"].get("desc")}')
         return answer.get('return')
-
-    async def _next_event(self) -> Event:
-        return await self._events.get()
-
-    def clear_events(self) -> None:
-        """Forget buffered events (call before starting what emits them)."""
-        while not self._events.empty():
-            self._events.get_nowait()
 
     async def close(self) -> None:
         """Stop watching events and disconnect; never raises."""

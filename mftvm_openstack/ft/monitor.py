@@ -6,12 +6,18 @@ The default backend speaks QMP over a unix socket with ``qemu.qmp``; a
 libvirt backend (``libvirt_qemu.qemuMonitorCommand``) can sit behind the
 same interface, so the engine never knows which one it talks to.
 
-Example::
+Events are received by subscription: open a stream *before* asking for
+what will send the event, so it cannot slip by unseen; every stream gets
+every event of its names (the engine and a disk sync may wait on one
+monitor at once), and none is kept for nobody::
 
     mon = await QMPMonitor.connect('/run/mftvm/vm0/qmp.sock')
-    await mon.execute('stop')
+    with mon.events('JOB_STATUS_CHANGE') as events:
+        await mon.execute('blockdev-backup', **{'job-id': 'j1', ...})
+        event = await events.wait(
+            lambda e: e['data']['id'] == 'j1'
+            and e['data']['status'] == 'concluded', timeout=60)
     status = await mon.execute('query-status')
-    event = await mon.wait_event('MIGRATION', lambda e: ...)
     await mon.close()
 """
 
@@ -19,8 +25,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Optional
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
@@ -29,41 +36,76 @@ LOG = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
+#: the states a migration ends in (QEMU's MigrationStatus), as its
+#: MIGRATION events announce them
+MIGRATION_ENDED = frozenset({'completed', 'failed', 'cancelled'})
+
 
 class MonitorError(Exception):
     """A QMP command failed; ``str()`` names the command and QEMU's reason."""
 
 
+class EventStream:
+    """The events of some names a monitor received since it was opened,
+    in order (see :meth:`Monitor.events`)."""
+
+    def __init__(self, get: Callable[[], Awaitable[Event]],
+                 names: tuple[str, ...], monitor_name: str) -> None:
+        self._get = get
+        self.names = names
+        self._monitor_name = monitor_name
+
+    async def wait(self, match: Optional[Callable[[Event], bool]] = None,
+                   timeout: float = 10.0) -> Event:
+        """The next event ``match`` accepts (any, without ``match``);
+        those before it are dropped. MonitorError after ``timeout`` s."""
+        async def first() -> Event:
+            while True:
+                event = await self._get()
+                if match is None or match(event):
+                    return event
+        try:
+            return await asyncio.wait_for(first(), timeout)
+        except TimeoutError:
+            raise MonitorError(
+                f'{self._monitor_name}: no {"/".join(self.names) or "event"}'
+                f' event within {timeout}s') from None
+
+
 class Monitor(abc.ABC):
-    """The engine's view of one QMP endpoint."""
+    """The engine's view of one QMP endpoint.
+
+    Backends that receive events hand each to :meth:`_dispatch`, which
+    feeds the open streams; QMPMonitor uses qemu.qmp's listeners instead.
+    """
+
+    #: how messages name this endpoint
+    _name = 'monitor'
+
+    def __init__(self) -> None:
+        self._streams: list[tuple[frozenset[str], asyncio.Queue[Event]]] = []
 
     @abc.abstractmethod
     async def execute(self, command: str, **arguments: Any) -> Any:
         """Run ``command``; its ``return`` value, or MonitorError."""
 
-    #: how messages name this endpoint
-    _name = 'monitor'
-
-    async def _next_event(self) -> Event:
-        """The next event from QEMU, in order (backends that use the
-        shared :meth:`wait_event` provide this)."""
-        raise NotImplementedError
-
-    async def wait_event(self, name: str,
-                         match: Optional[Callable[[Event], bool]] = None,
-                         timeout: Optional[float] = None) -> Event:
-        """Wait for the next event called ``name`` (and accepted by match);
-        events before it are consumed."""
-        async def _wait() -> Event:
-            while True:
-                event = await self._next_event()
-                if event['event'] == name and (match is None or match(event)):
-                    return event
+    @contextlib.contextmanager
+    def events(self, *names: str) -> Iterator[EventStream]:
+        """A stream of the events called ``names`` (all, without names)
+        from now until the block ends."""
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        entry = (frozenset(names), queue)
+        self._streams.append(entry)
         try:
-            return await asyncio.wait_for(_wait(), timeout)
-        except TimeoutError:
-            raise MonitorError(
-                f'{self._name}: no {name} event within {timeout}s') from None
+            yield EventStream(queue.get, names, self._name)
+        finally:
+            self._streams.remove(entry)
+
+    def _dispatch(self, event: Event) -> None:
+        """Give ``event`` to every open stream that wants it."""
+        for names, queue in self._streams:
+            if not names or event.get('event') in names:
+                queue.put_nowait(event)
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -73,16 +115,23 @@ class Monitor(abc.ABC):
 class QMPMonitor(Monitor):
     """:class:`Monitor` over a QMP unix socket, using ``qemu.qmp``.
 
-    Events are queued from the moment of connection, so an event that
-    arrives before ``wait_event`` is called is not lost; ``wait_event``
-    consumes (and drops) the events it passes over.
+    Each event stream is a qemu.qmp ``EventListener``, registered for the
+    stream's lifetime only.
     """
 
     def __init__(self, client: QMPClient, name: str) -> None:
+        super().__init__()
         self._client = client
         self._name = name
-        self._listener = EventListener()
-        client.register_listener(self._listener)
+
+    @contextlib.contextmanager
+    def events(self, *names: str) -> Iterator[EventStream]:
+        listener = EventListener(names or None)
+
+        async def get() -> Event:
+            return dict(await listener.get())
+        with self._client.listen(listener):
+            yield EventStream(get, names, self._name)
 
     @classmethod
     async def connect(cls, path: str, name: str = 'qemu',
@@ -116,13 +165,6 @@ class QMPMonitor(Monitor):
         except Exception as exc:
             raise MonitorError(f'{self._name}: {command} failed: '
                                f'{type(exc).__name__}: {exc}') from exc
-
-    async def _next_event(self) -> Event:
-        return dict(await self._listener.get())
-
-    def clear_events(self) -> None:
-        """Forget buffered events (call before starting what emits them)."""
-        self._listener.clear()
 
     async def close(self) -> None:
         """Disconnect; never raises."""

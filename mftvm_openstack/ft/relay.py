@@ -32,9 +32,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Callable
-from typing import Optional
+from typing import Optional, Protocol
 
 from mftvm_openstack.ft.disk import NbdTarget
 
@@ -43,8 +42,23 @@ LOG = logging.getLogger(__name__)
 CHUNK = 1 << 18
 
 
+class Timer(Protocol):
+    """What ``loop.call_later`` returns: a call that can be called off."""
+
+    def cancel(self) -> None: ...
+
+
+#: ``loop.call_later``'s shape: (delay in s, callback) -> Timer
+CallLater = Callable[[float, Callable[[], None]], Timer]
+
+
 class _Link:
-    """One QEMU connection and its upstream twin."""
+    """One QEMU connection and its upstream twin.
+
+    A stall timer runs from the first request the export has not answered
+    yet; any answer stops it (what is still outstanding gets a fresh
+    allowance with the next request), and if it fires the link is cut.
+    """
 
     def __init__(self, relay: NbdRelay, down_r: asyncio.StreamReader,
                  down_w: asyncio.StreamWriter,
@@ -52,12 +66,12 @@ class _Link:
                  up_w: asyncio.StreamWriter) -> None:
         self.relay = relay
         self.writers = (down_w, up_w)
-        # monotonic time since when the export owes us an answer
-        self.waiting_since: Optional[float] = None
+        self._stall: Optional[Timer] = None
+        self._call_later: CallLater = (
+            relay.call_later or asyncio.get_running_loop().call_later)
         self.tasks = [
             asyncio.ensure_future(self._pump(down_r, up_w, upstream=True)),
             asyncio.ensure_future(self._pump(up_r, down_w, upstream=False)),
-            asyncio.ensure_future(self._watch()),
         ]
 
     async def _pump(self, reader: asyncio.StreamReader,
@@ -68,12 +82,13 @@ class _Link:
                 if not data:
                     break
                 if upstream:
-                    if self.waiting_since is None:
-                        self.waiting_since = time.monotonic()
-                else:
-                    # The export answers: whatever is still outstanding
-                    # gets a fresh allowance.
-                    self.waiting_since = None
+                    if self._stall is None:
+                        self._stall = self._call_later(
+                            self.relay.stall_timeout, self._stalled)
+                elif self._stall is not None:
+                    # The export answers: no stall.
+                    self._stall.cancel()
+                    self._stall = None
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -81,19 +96,16 @@ class _Link:
         finally:
             self.close()
 
-    async def _watch(self) -> None:
-        timeout = self.relay.stall_timeout
-        while True:
-            await asyncio.sleep(min(0.25, timeout / 4))
-            since = self.waiting_since
-            if since is not None and time.monotonic() - since > timeout:
-                name = self.relay.upstream_name
-                self.relay._cut(f'the disk replica at {name} did not '
-                                f'answer for {timeout:.1f}s')
-                self.close()
-                return
+    def _stalled(self) -> None:
+        self._stall = None
+        self.relay._cut(f'the disk replica at {self.relay.upstream_name} '
+                        f'did not answer for {self.relay.stall_timeout:.1f}s')
+        self.close()
 
     def close(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         for writer in self.writers:
             with contextlib.suppress(Exception):
                 writer.close()
@@ -109,8 +121,11 @@ class NbdRelay:
 
     def __init__(self, upstream: NbdTarget, path: str,
                  stall_timeout: float = 3.0,
-                 on_cut: Optional[Callable[[str], None]] = None) -> None:
+                 on_cut: Optional[Callable[[str], None]] = None,
+                 call_later: Optional[CallLater] = None) -> None:
         self.upstream = upstream
+        #: arms the stall timers (None: the running loop's call_later)
+        self.call_later = call_later
         self.upstream_name = upstream.uri()
         self.path = path
         self.stall_timeout = stall_timeout

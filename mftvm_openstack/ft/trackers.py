@@ -26,18 +26,21 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import dataclasses
+import logging
 import mmap
 import os
 import struct
-import typing
 from typing import Optional
 
 import numpy as np
-from stevedore import driver
+
+from mftvm_openstack.contract import plugins
+from mftvm_openstack.ft.plugin_loader import load_plugin_class
+
+LOG = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
 _WORDS = PAGE_SIZE // 8
-NAMESPACE = 'mftvm.ft.trackers'
 
 
 class TrackerError(Exception):
@@ -70,8 +73,6 @@ def _map(path: str, size: int) -> mmap.mmap:
 
 class DirtyTracker(abc.ABC):
     """Finds the pages of ``ram_file`` written since the last collect()."""
-
-    name = ''
 
     def __init__(self, ram_file: str, size: int, qemu_pid: int) -> None:
         self.ram_file = ram_file
@@ -109,7 +110,6 @@ class ScanTracker(DirtyTracker):
     stopped, so its vCPU cores are free.
     """
 
-    name = 'scan'
     #: pages per compare step: small enough to keep temporaries in cache
     CHUNK = 4096
 
@@ -207,8 +207,6 @@ def soft_dirty_pages(pagemap: bytes) -> np.ndarray:
 class SoftDirtyTracker(DirtyTracker):
     """Use the kernel's soft-dirty bits of QEMU's mapping of guest RAM."""
 
-    name = 'soft-dirty'
-
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
         return soft_dirty_supported()
@@ -241,21 +239,21 @@ class SoftDirtyTracker(DirtyTracker):
 
 def tracker_class(name: str) -> type[DirtyTracker]:
     """The tracker plugin ``name`` (``auto``: soft-dirty where it works,
-    else scan); TrackerError if unknown or unable to run on this host."""
-    if name == 'auto':
-        name = 'scan' if SoftDirtyTracker.unavailable_reason() else \
-            'soft-dirty'
-    try:
-        mgr: driver.DriverManager = driver.DriverManager(
-            NAMESPACE, name, invoke_on_load=False)
-    except Exception:
-        raise TrackerError(f'unknown dirty tracker {name!r}: use auto, scan '
-                           f'or soft-dirty') from None
-    cls = typing.cast(type[DirtyTracker], mgr.driver)
+    else scan); TrackerError if unknown, broken or unable to run here."""
+    if name == plugins.AUTO_TRACKER:
+        why_not = SoftDirtyTracker.unavailable_reason()
+        picked = ScanTracker if why_not else SoftDirtyTracker
+        LOG.info('dirty tracker %s: %s.%s%s', name, picked.__module__,
+                 picked.__qualname__, f' ({why_not})' if why_not else '')
+        return picked
+    cls: type[DirtyTracker] = load_plugin_class(
+        plugins.TRACKER_NAMESPACE, name, kind='dirty tracker',
+        base=DirtyTracker, error=TrackerError,
+        choices=plugins.tracker_choices())
     reason = cls.unavailable_reason()
     if reason:
         raise TrackerError(f'dirty tracker {name} cannot run here: {reason}; '
-                           f'use the scan tracker')
+                           f'use {plugins.AUTO_TRACKER}')
     return cls
 
 

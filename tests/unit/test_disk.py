@@ -12,12 +12,23 @@ from mftvm_openstack.ft.monitor import Monitor, MonitorError
 
 
 class FakeMonitor(Monitor):
-    """Records commands; keeps a tiny model of block jobs."""
+    """Records commands; keeps a tiny model of block jobs, whose status
+    changes it announces (JOB_STATUS_CHANGE) as QEMU does."""
 
     def __init__(self):
+        super().__init__()
         self.calls = []
         self.jobs = {}
         self.fail = {}            # command -> error message
+        #: mirror jobs turn ready on their own, just after they start
+        self.ready_mirrors = False
+
+    def set_job(self, job, status, error=None):
+        self.jobs[job]['status'] = status
+        if error:
+            self.jobs[job]['error'] = error
+        self._dispatch({'event': 'JOB_STATUS_CHANGE',
+                        'data': {'id': job, 'status': status}})
 
     async def execute(self, command, **arguments):
         self.calls.append((command, arguments))
@@ -28,17 +39,20 @@ class FakeMonitor(Monitor):
         if command in ('block-commit', 'blockdev-mirror', 'blockdev-backup'):
             job = arguments['job-id']
             self.jobs[job] = {'id': job, 'status': 'running'}
+            if command == 'blockdev-mirror' and self.ready_mirrors:
+                asyncio.get_running_loop().call_soon(
+                    self.set_job, job, 'ready')
         elif command == 'block-job-cancel':
             job = self.jobs[arguments['device']]
             if job['status'] == 'concluded':
                 raise MonitorError('cannot cancel a concluded job')
-            job.update(status='concluded', error='Operation canceled')
+            self.set_job(job['id'], 'concluded', 'Operation canceled')
         elif command == 'job-dismiss':
             del self.jobs[arguments['id']]
+            self._dispatch({'event': 'JOB_STATUS_CHANGE',
+                            'data': {'id': arguments['id'],
+                                     'status': 'null'}})
         return {}
-
-    async def wait_event(self, name, match=None, timeout=None):
-        raise AssertionError('disk code polls jobs, it waits for no event')
 
     async def close(self):
         pass
@@ -193,8 +207,8 @@ class TestStoreWithFakeMonitor(testtools.TestCase):
             # While it runs, nothing else merges and marks still work.
             await store.commit(4)
             await store.mark(5)
-            self.mon.jobs[job['job-id']]['status'] = 'concluded'
-            await asyncio.sleep(0.1)
+            self.mon.set_job(job['job-id'], 'concluded')
+            await self.settle()
             self.assertEqual(1, store.stats()['merges'])
             deleted = [a['node-name'] for a in self.mon.args('blockdev-del')]
             self.assertEqual(['ov-pool2', 'ov-pool1'], deleted[:2])
@@ -215,8 +229,8 @@ class TestStoreWithFakeMonitor(testtools.TestCase):
             await store.commit(3)
             await self.settle()
             job = self.mon.args('block-commit')[0]['job-id']
-            self.mon.jobs[job].update(status='concluded', error='EIO')
-            await asyncio.sleep(0.1)
+            self.mon.set_job(job, 'concluded', 'EIO')
+            await self.settle()
             self.assertEqual(4, len(store.layers))
             self.assertEqual(0, store.stats()['merges'])
             self.assertEqual([], self.mon.args('blockdev-del'))
@@ -286,13 +300,9 @@ class TestNbdTarget(testtools.TestCase):
 
 
 async def start_mirror(sync_class, mon):
-    """A started mirror-based disk sync (its job turns ready soon)."""
+    """A started mirror-based disk sync (its job turns ready at once)."""
     sync = sync_class(mon, 'disk0')
-
-    async def ready_soon():
-        await asyncio.sleep(0.05)
-        mon.jobs['repl0']['status'] = 'ready'
-    asyncio.get_running_loop().create_task(ready_soon())
+    mon.ready_mirrors = True
     await sync.start(disk.NbdTarget(socket='/s'))
     return sync
 
@@ -325,7 +335,8 @@ class TestWriteReplication(testtools.TestCase):
         async def scenario():
             mon = FakeMonitor()
             sync = disk.WriteReplication(mon)
-            sync.poll_interval = 0.01
+            # Only the job's event can wake the watcher within the test.
+            sync.recheck_interval = 60
             reasons = []
             sync.on_failure = reasons.append
             mon.jobs['repl0'] = {'id': 'repl0', 'status': 'ready'}
@@ -338,8 +349,7 @@ class TestWriteReplication(testtools.TestCase):
                 return await orig(command, **args)
             mon.execute = execute
             await sync.start(disk.NbdTarget(socket='/s'))
-            mon.jobs['repl0'].update(status='concluded',
-                                     error='Input/output error')
+            mon.set_job('repl0', 'concluded', 'Input/output error')
             await asyncio.wait_for(sync.failed.wait(), 2)
             self.assertEqual(['Input/output error'], reasons)
             with testtools.ExpectedException(disk.DiskError):
@@ -416,10 +426,10 @@ class TestAsyncReplication(testtools.TestCase):
         async def scenario():
             mon = BlockJobsMonitor(remaining=1 << 20)
             sync = await self._started(mon)
-            sync.drain_timeout = 0.05
+            sync.drain_timeout = 0.005
             reasons = []
             sync.on_failure = reasons.append
-            mon.remaining = 1 << 40    # far more than 0.05 s of polls
+            mon.remaining = 1 << 40    # far more than 5 ms of polls
             with testtools.ExpectedException(disk.DiskError,
                                              '.*did not catch up.*'):
                 await sync.checkpoint(7)
@@ -448,14 +458,16 @@ class TestBlockCopy(testtools.TestCase):
         async def scenario():
             mon = FakeMonitor()
             orig = mon.execute
+            loop = asyncio.get_running_loop()
 
             async def execute(command, **args):
                 result = await orig(command, **args)
                 if command == 'transaction':
                     mon.jobs['bc-full'] = {'id': 'bc-full',
-                                           'status': 'concluded'}
+                                           'status': 'running'}
+                    loop.call_soon(mon.set_job, 'bc-full', 'concluded')
                 if command == 'blockdev-backup':
-                    mon.jobs[args['job-id']]['status'] = 'concluded'
+                    loop.call_soon(mon.set_job, args['job-id'], 'concluded')
                 return result
             mon.execute = execute
             sync = disk.BlockCopy(mon)
@@ -473,4 +485,62 @@ class TestBlockCopy(testtools.TestCase):
             self.assertEqual(1, sync.stats()['copies'])
             await sync.stop()
             self.assertIn('block-dirty-bitmap-remove', mon.names())
+        run(scenario())
+
+
+class TestWaitJob(testtools.TestCase):
+
+    def test_waits_for_the_status_event_not_by_polling(self):
+        async def scenario():
+            mon = FakeMonitor()
+            await mon.execute('blockdev-backup', **{'job-id': 'j1'})
+            await mon.execute('blockdev-backup', **{'job-id': 'j2'})
+            mon.calls.clear()
+            waiting = asyncio.ensure_future(disk.wait_job(
+                mon, 'j1', frozenset({'ready'}), timeout=60, recheck=60))
+            for _ in range(50):
+                await asyncio.sleep(0)
+            mon.set_job('j2', 'ready')          # another job: not it
+            mon.set_job('j1', 'paused')         # not a wanted state
+            for _ in range(50):
+                await asyncio.sleep(0)
+            self.assertFalse(waiting.done())
+            mon.set_job('j1', 'ready')
+            info = await waiting
+            self.assertEqual('ready', info['status'])
+            # one look before waiting, one after the event
+            self.assertEqual(['query-jobs', 'query-jobs'], mon.names())
+        run(scenario())
+
+    def test_a_final_state_or_a_vanished_job_ends_the_wait(self):
+        async def scenario():
+            mon = FakeMonitor()
+            await mon.execute('blockdev-backup', **{'job-id': 'j1'})
+            asyncio.get_running_loop().call_soon(
+                mon.set_job, 'j1', 'concluded', 'EIO')
+            info = await disk.wait_job(mon, 'j1', frozenset({'ready'}), 60)
+            self.assertEqual('EIO', info['error'])
+            await mon.execute('blockdev-backup', **{'job-id': 'j2'})
+            dismiss = asyncio.ensure_future(mon.execute('job-dismiss',
+                                                        id='j2'))
+            self.assertIsNone(await disk.wait_job(
+                mon, 'j2', frozenset({'ready'}), 60, recheck=60))
+            await dismiss
+        run(scenario())
+
+    def test_rechecks_without_events_and_times_out(self):
+        async def scenario():
+            mon = FakeMonitor()
+            await mon.execute('blockdev-backup', **{'job-id': 'j1'})
+            mon.calls.clear()
+            with testtools.ExpectedException(disk.DiskError,
+                                             '.*still running.*'):
+                await disk.wait_job(mon, 'j1', frozenset({'ready'}),
+                                    timeout=0.005, recheck=0.001)
+            self.assertGreater(mon.names().count('query-jobs'), 1)
+            # A QEMU gone sends no event: the recheck finds out.
+            mon.fail['query-jobs'] = 'connection lost'
+            with testtools.ExpectedException(MonitorError):
+                await disk.wait_job(mon, 'j1', frozenset({'ready'}),
+                                    timeout=60, recheck=0.001)
         run(scenario())

@@ -113,7 +113,8 @@ class FramingTest(unittest.IsolatedAsyncioTestCase):
         # the transport keeps the rest and sends it in pieces.
         sending = asyncio.ensure_future(client.send(
             Kind.CHECKPOINT, 7, *transport.encode_checkpoint(b'dev', delta)))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0)          # it runs until the socket is full
+        self.assertFalse(sending.done())
         marking = asyncio.ensure_future(client.send(Kind.MARK, 8))
         msg = await asyncio.wait_for(server.recv(), 5)
         await sending
@@ -187,7 +188,10 @@ class FakeFilterMonitor:
         writer.write(struct.pack('!I', len(frame)) + frame)
         await writer.drain()
 
-    async def network_got(self, timeout=0.2):
+    async def network_got(self, timeout=0.01):
+        """The next frame the buffer let out; None if none came within
+        ``timeout`` (a frame let out is in the socket at once: the
+        buffer counts it in ``frames_released`` when it writes it)."""
         reader, _ = self.streams['oc-in']
         try:
             head = await asyncio.wait_for(reader.readexactly(4), timeout)
@@ -206,21 +210,23 @@ class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
         self.addAsyncCleanup(out.close)
         self.assertFalse(out.waiting.is_set())
         await mon.guest_sends(b'epoch1-a')
-        await asyncio.sleep(0.05)
         # A held frame: somebody may wait for this epoch to commit.
-        self.assertTrue(out.waiting.is_set())
+        await asyncio.wait_for(out.waiting.wait(), 2)
+        self.assertEqual(1, out.held)
         out.seal(1)                      # checkpoint 1 taken
         self.assertFalse(out.waiting.is_set())
         await mon.guest_sends(b'epoch2-a')
-        await asyncio.sleep(0.05)
-        self.assertTrue(out.waiting.is_set())
+        await asyncio.wait_for(out.waiting.wait(), 2)
+        self.assertEqual((2, 0), (out.held, out.frames_released))
         self.assertIsNone(await mon.network_got())
         await out.release(1)
-        self.assertEqual(b'epoch1-a', await mon.network_got())
+        self.assertEqual((1, 1), (out.held, out.frames_released))
+        self.assertEqual(b'epoch1-a', await mon.network_got(2))
         self.assertIsNone(await mon.network_got())
         out.seal(2)
         await out.release(2)
-        self.assertEqual(b'epoch2-a', await mon.network_got())
+        self.assertEqual((0, 2), (out.held, out.frames_released))
+        self.assertEqual(b'epoch2-a', await mon.network_got(2))
 
     async def test_passthrough_releases_everything_and_stops_holding(self):
         d = tempfile.mkdtemp()
@@ -229,8 +235,8 @@ class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
         await out.attach(mon)
         self.addAsyncCleanup(out.close)
         await mon.guest_sends(b'held')
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(out.waiting.wait(), 2)
         await out.passthrough()
-        self.assertEqual(b'held', await mon.network_got())
+        self.assertEqual(b'held', await mon.network_got(2))
         await mon.guest_sends(b'direct')
         self.assertEqual(b'direct', await mon.network_got(1))
