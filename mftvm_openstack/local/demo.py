@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any, Optional
 
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import vm
 from mftvm_openstack.images import builder, records, workload
 from mftvm_openstack.local import operations
@@ -46,9 +48,11 @@ def _progress(text: str) -> None:
     sys.stdout.flush()
 
 
-def _side(state_dir: str, role: str) -> dict[str, Any]:
-    return operations.read_status(operations.guest_dir(state_dir, NAME),
-                               role) or {}
+def _side(state_dir: str, role: Role) -> InstanceStatus:
+    """What ``role`` last published (STARTING before it published)."""
+    return operations.status_of(operations.guest_dir(state_dir, NAME),
+                                role) or \
+        InstanceStatus(role=role, state=State.STARTING)
 
 
 def plot_timeline(pauses_ms: list[float], kill_epoch: Optional[int],
@@ -127,18 +131,18 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
             if got != last_seen + 1:
                 print(f'\nmftvm demo: counter jumped {last_seen} -> {got}')
             last_seen, answers = got, answers + 1
-        prim = _side(state_dir, 'primary')
-        _progress(f'epoch {prim.get("epochs")} committed '
-                  f'{prim.get("last_committed_epoch")} pause p50 '
-                  f'{prim.get("pause_ms_p50")} ms p99 '
-                  f'{prim.get("pause_ms_p99")} ms  counter {last_seen}')
+        prim = _side(state_dir, Role.PRIMARY)
+        _progress(f'epoch {prim.epochs} committed '
+                  f'{prim.last_committed_epoch} pause p50 '
+                  f'{prim.pause_ms_p50} ms p99 '
+                  f'{prim.pause_ms_p99} ms  counter {last_seen}')
         time.sleep(0.1)
-    prim = _side(state_dir, 'primary')
-    qemu_pid = prim.get('qemu_pid')
+    prim = _side(state_dir, Role.PRIMARY)
+    qemu_pid = prim.qemu_pid
     if not qemu_pid:
         raise UserError(f'the primary QEMU is not running (logs in {gdir})')
-    kill_epoch = prim.get('epochs')
-    before_kill = dict(prim)
+    kill_epoch = prim.epochs
+    before_kill = prim
     os.kill(qemu_pid, signal.SIGKILL)
     t_kill = time.monotonic()
     print(f'\nmftvm demo: SIGKILL primary QEMU pid {qemu_pid} at epoch '
@@ -147,15 +151,15 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
     while after is None and time.monotonic() - t_kill < 60:
         after = workload.counter_request('127.0.0.1', port, timeout=5)
     t_answer = time.monotonic()
-    sec = _side(state_dir, 'secondary')
+    sec = _side(state_dir, Role.SECONDARY)
     for _ in range(50):
-        if sec.get('state') == 'active':
+        if sec.state is State.ACTIVE:
             break
         time.sleep(0.1)
-        sec = _side(state_dir, 'secondary')
+        sec = _side(state_dir, Role.SECONDARY)
     consistent = after == last_seen + 1
     time.sleep(2)  # let the guest write on, then check its disk
-    sec = _side(state_dir, 'secondary')
+    sec = _side(state_dir, Role.SECONDARY)
     serial = workload.read_text(os.path.join(gdir, 'secondary',
                                              'serial.log'))
     acks = workload.serial_acks(serial)
@@ -164,7 +168,7 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
     chain_ok, chain_last = True, -1
     try:
         chain_last = workload.check_disk_chain(
-            [tuple(x) for x in sec.get('disk_layers', [])])
+            list(sec.disk_layers))
     except (records.ChainError, OSError, ValueError) as exc:
         chain_ok = False
         print(f'mftvm demo: disk chain broken: {exc}')
@@ -178,12 +182,11 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
         'guest_memory_mib': args.memory, 'epoch_ms': args.epoch_ms,
         'accelerator': vm.probe_accelerator(),
         'epochs_before_kill': kill_epoch,
-        'last_committed_before_kill': before_kill.get(
-            'last_committed_epoch'),
-        'pause_ms_p50': before_kill.get('pause_ms_p50'),
-        'pause_ms_p99': before_kill.get('pause_ms_p99'),
-        'dirty_mib_total': before_kill.get('dirty_mib_total'),
-        'restore_ms': sec.get('failover_ms'),
+        'last_committed_before_kill': before_kill.last_committed_epoch,
+        'pause_ms_p50': before_kill.pause_ms_p50,
+        'pause_ms_p99': before_kill.pause_ms_p99,
+        'dirty_mib_total': before_kill.dirty_mib_total,
+        'restore_ms': sec.failover_ms,
         'kill_to_next_answer_ms': round((t_answer - t_kill) * 1000, 1)
         if after is not None else None,
         'counter_last_seen_before_kill': last_seen,

@@ -13,6 +13,7 @@ from oslo_config import cfg
 
 from mftvm_openstack import conf
 from mftvm_openstack.agent import exception, manager
+from mftvm_openstack.contract.spec import ProtectionOptions
 from mftvm_openstack.ft import vm
 
 
@@ -62,11 +63,13 @@ class GuestDirTest(unittest.TestCase):
         spec = {'name': 'c0ffee00-0000-4000-8000-000000000001',
                 'domain': 'instance-00000001', 'memory_mib': 512,
                 'smp': 1}
-        inst = self.m._new_dir('c0ffee00', spec,
-                               self.m._host_options({}))
+        inst = self.m._new_dir('c0ffee00', vm.GuestSpec.from_json(spec),
+                               self.m._host_options(ProtectionOptions()))
         with open(os.path.join(inst.dir, 'guest.json')) as f:
             guest = json.load(f)
-        self.assertEqual(spec, guest['spec'])
+        self.assertEqual(spec, {k: guest['spec'][k] for k in spec})
+        self.assertEqual(vm.GuestSpec.from_json(spec),
+                         vm.GuestSpec.from_json(guest['spec']))
         self.assertEqual('qemu+unix:///system',
                          guest['options']['libvirt_uri'])
         loaded = vm.GuestSpec.from_json(guest['spec'])
@@ -74,16 +77,17 @@ class GuestDirTest(unittest.TestCase):
         self.assertEqual(512 << 20, loaded.memory_bytes)
 
     def test_idle_epochs_from_the_request_or_the_ft_group(self):
-        self.assertEqual(1000, self.m._host_options({})['idle_epoch_ms'])
+        none = ProtectionOptions()
+        self.assertEqual(1000, self.m._host_options(none)['idle_epoch_ms'])
         self.m.conf.set_override('idle_epoch_ms', 0, group='ft')
-        self.assertEqual(0, self.m._host_options({})['idle_epoch_ms'])
+        self.assertEqual(0, self.m._host_options(none)['idle_epoch_ms'])
         self.assertEqual(2500, self.m._host_options(
-            {'idle_epoch_ms': 2500})['idle_epoch_ms'])
+            ProtectionOptions(idle_epoch_ms=2500))['idle_epoch_ms'])
 
     def test_spec_without_guest_or_domain_is_refused(self):
         with self.assertRaises(exception.InvalidRequest) as ctx:
-            self.m._new_dir('x', {'name': 'x', 'memory_mib': 128},
-                            self.m._host_options({}))
+            self.m._new_dir('x', vm.GuestSpec(name='x', memory_mib=128),
+                            self.m._host_options(ProtectionOptions()))
         self.assertIn('libvirt domain', str(ctx.exception))
         self.assertFalse(os.path.exists(os.path.join(self.tmp, 'instances',
                                                      'x')))
