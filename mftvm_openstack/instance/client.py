@@ -9,8 +9,8 @@ use these helpers; what they read is checked against the contract::
 
     st = status_of(gdir, Role.PRIMARY)     # InstanceStatus, or None
     st.state is State.PROTECTED and st.alive
-    read_status(gdir, 'primary')           # the same as a dict
-    control(gdir, 'primary', ControlRequest(op=ControlOp.STATUS))
+    read_status(gdir, Role.PRIMARY)        # the same as a dict
+    control(gdir, Role.PRIMARY, ControlRequest(op=ControlOp.STATUS))
     # ControlReply(ok=True, error='', status=InstanceStatus(...))
     pid_alive(1234)
 """

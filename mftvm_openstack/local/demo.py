@@ -109,7 +109,7 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
     # Ask only once the service listens: user-mode networking would hold
     # an early request and deliver it later, unseen by this client.
     t_start = time.monotonic()
-    serial = os.path.join(gdir, 'primary', 'serial.log')
+    serial = os.path.join(gdir, Role.PRIMARY, 'serial.log')
     while 'COUNTER-READY' not in workload.read_text(serial):
         if time.monotonic() - t_start > 120:
             raise UserError('the demo guest did not start its service '
@@ -160,7 +160,7 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
     consistent = after == last_seen + 1
     time.sleep(2)  # let the guest write on, then check its disk
     sec = _side(state_dir, Role.SECONDARY)
-    serial = workload.read_text(os.path.join(gdir, 'secondary',
+    serial = workload.read_text(os.path.join(gdir, Role.SECONDARY,
                                              'serial.log'))
     acks = workload.serial_acks(serial)
     futures = workload.future_records(serial)
@@ -174,7 +174,7 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
         print(f'mftvm demo: disk chain broken: {exc}')
     pauses = []
     try:
-        with open(os.path.join(gdir, 'primary', 'pauses.json')) as f:
+        with open(os.path.join(gdir, Role.PRIMARY, 'pauses.json')) as f:
             pauses = json.load(f)
     except (OSError, ValueError):
         pass
