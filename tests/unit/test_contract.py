@@ -8,12 +8,15 @@ over the consumers' sources for status keys the contract does not have.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import unittest
 from importlib import metadata
 from unittest import mock
 
+from mftvm_openstack.cmd import mftvm
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.record import ContractError
 from mftvm_openstack.contract.spec import (
@@ -21,8 +24,10 @@ from mftvm_openstack.contract.spec import (
     HostForward,
     ProtectionOptions,
 )
+from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import vm
+from mftvm_openstack.local.operations import LocalGuestStatus
 
 
 class GuestSpecTest(unittest.TestCase):
@@ -151,3 +156,44 @@ class ProducersAndConsumersAgreeTest(unittest.TestCase):
     def test_the_walk_would_see_the_old_bug(self):
         self.assertEqual({'pause_p50_ms'}, _status_keys_read(
             "out = {k: st[k] for k in keys}\nst.get('pause_p50_ms')"))
+
+
+class CliTest(unittest.TestCase):
+    """The local CLI shows what the contract says."""
+
+    def test_plugin_names_in_the_help_come_from_the_entry_points(self):
+        real = metadata.entry_points
+
+        def entry_points(group):
+            found = list(real(group=group))
+            if group == plugins.DISK_SYNC_NAMESPACE:
+                found.append(metadata.EntryPoint('third-party-sync', 'x:Y',
+                                                 group))
+            return found
+        out = io.StringIO()
+        with mock.patch.object(plugins.metadata, 'entry_points',
+                               entry_points), \
+                contextlib.redirect_stdout(out), \
+                self.assertRaises(SystemExit):
+            mftvm.build_parser().parse_args(['protect', '--help'])
+        text = ' '.join(out.getvalue().split())
+        self.assertIn('third-party-sync', text)
+        for name in plugins.tracker_choices():
+            self.assertIn(name, text)
+
+    def test_local_status_shows_both_sides_and_children(self):
+        st = LocalGuestStatus(
+            name='vm0',
+            primary=InstanceStatus(role=Role.PRIMARY,
+                                   state=State.PROTECTED, host_pid=10,
+                                   alive=True, epochs=5, pause_ms_p50=7.5),
+            secondary=None, child_pids={'primary': (11, 12)})
+        self.assertEqual(st, LocalGuestStatus.from_dict(st.to_dict()))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            mftvm.print_status(st)
+        text = out.getvalue()
+        self.assertIn('state=protected host-pid=10 (running)', text)
+        self.assertIn('children: [11, 12]', text)
+        self.assertIn('pause p50=7.5ms', text)
+        self.assertIn('secondary side: not started', text)
