@@ -181,8 +181,8 @@ class AgentManager:
 
     # -- options --
 
-    def _host_options(self, options: ProtectionOptions,
-                      instance: str = '') -> dict[str, Any]:
+    def host_options(self, options: ProtectionOptions,
+                     instance: str = '') -> dict[str, Any]:
         """guest.json options: the request's, then this host's settings."""
         c = self.conf
         fence_dir = None
@@ -212,8 +212,11 @@ class AgentManager:
             'libvirt_uri': c.agent.libvirt_uri,
         }
 
-    def _new_dir(self, name: str, spec: GuestSpec,
-                 options: dict[str, Any]) -> Instance:
+    def new_instance_dir(self, name: str, spec: GuestSpec,
+                         options: dict[str, Any]) -> Instance:
+        """A fresh directory for ``name`` with its guest.json: what an
+        instance process started there runs. Conflict if one runs
+        there; InvalidRequest if ``spec`` says nothing to run."""
         inst = self._instance(name, must_exist=False)
         status = inst.live_status()
         if status is not None and status.alive:
@@ -238,11 +241,11 @@ class AgentManager:
     def prepare_secondary(self, instance: str, spec: GuestSpec,
                           options: ProtectionOptions,
                           primary_host: str) -> dict[str, Any]:
-        opts = self._host_options(options, instance)
+        opts = self.host_options(options, instance)
         my_ip = self.conf.agent.my_ip
         opts.update(listen=f'tcp:{my_ip}:0', nbd_host=my_ip)
         with self._lock:
-            inst = self._new_dir(instance, spec, opts)
+            inst = self.new_instance_dir(instance, spec, opts)
             inst.save_record(peer=primary_host, created=time.time())
             inst.spawn(Role.SECONDARY)
         listening: list[str] = []
@@ -274,14 +277,14 @@ class AgentManager:
                     f' here, not running unprotected')
             self.reprotect(instance, prefer=secondary_host)
             return self._wait_protected(inst)
-        opts = self._host_options(options, instance)
+        opts = self.host_options(options, instance)
         pair_id = uuid.uuid4().hex[:12]
         target, address = self._prepare_peer(instance, spec, opts,
                                              prefer=secondary_host,
                                              last=())
         opts.update(secondary=address, pair_id=pair_id)
         with self._lock:
-            inst = self._new_dir(instance, spec, opts)
+            inst = self.new_instance_dir(instance, spec, opts)
             inst.save_record(peer=target, pair_id=pair_id,
                              created=time.time(), auto_reprotect=True)
             inst.spawn(Role.PRIMARY)
@@ -309,8 +312,8 @@ class AgentManager:
                                  reason='not protected within '
                                  f'{self.conf.agent.protect_timeout:.0f}s')
 
-    def _candidates(self, prefer: Optional[str],
-                    last: tuple[str, ...]) -> list[str]:
+    def candidates(self, prefer: Optional[str],
+                   last: tuple[str, ...]) -> list[str]:
         """Peers to ask, in order: ``prefer``, then ``[agent] peers``;
         hosts in ``last`` (the one just lost) only after all others."""
         hosts = ([prefer] if prefer else []) + list(self.conf.agent.peers)
@@ -333,7 +336,7 @@ class AgentManager:
                                     disk_sync=options['disk_sync'],
                                     tracker=options['tracker'])
         errors = []
-        for host in self._candidates(prefer, last):
+        for host in self.candidates(prefer, last):
             try:
                 reply = self.agents.prepare_secondary(
                     {}, host, instance, spec, request, self.host)
@@ -343,7 +346,7 @@ class AgentManager:
                             instance, host, exc)
                 errors.append(f'{host}: {exc}')
         raise exception.PeerUnreachable(
-            host=','.join(self._candidates(prefer, last)) or '(none)',
+            host=','.join(self.candidates(prefer, last)) or '(none)',
             reason='; '.join(errors) or 'no peer configured ([agent] '
             'peers) or named')
 

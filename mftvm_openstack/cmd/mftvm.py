@@ -177,17 +177,21 @@ def print_remote_status(st: dict[str, Any], indent: str = '  ') -> None:
             print(f'{indent}{key}: {_remote_value(value)}')
 
 
-def print_remote_list(items: list[dict[str, Any]]) -> None:
+#: what ``mftvm list --host`` shows of each instance (``--json``: all)
+LIST_FIELDS = ('role', 'state', 'alive', 'peer', 'epochs',
+               'last_committed_epoch', 'pause_ms_p50', 'error')
+
+
+def print_remote_list(items: list[InstanceStatus]) -> None:
     if not items:
         print('no instances')
         return
     for item in items:
-        name = item.get('instance', item.get('name', '?'))
-        rest = ' '.join(f'{key}={_remote_value(item[key])}'
-                        for key in sorted(item)
-                        if key not in ('instance', 'name')
-                        and not isinstance(item[key], (dict, list)))
-        print(f'{name} {rest}'.rstrip())
+        shown = item.to_dict()
+        rest = ' '.join(f'{key}={_remote_value(shown[key])}'
+                        for key in LIST_FIELDS
+                        if shown[key] not in (None, ''))
+        print(f'{item.instance or "?"} {rest}'.rstrip())
 
 
 def cmd_remote(args: argparse.Namespace, host: str) -> int:
@@ -215,9 +219,10 @@ def cmd_remote(args: argparse.Namespace, host: str) -> int:
         timeout = getattr(args, 'sub_timeout', None) or args.timeout
         api = rpcapi.AgentAPI(transport, timeout=timeout, retry=1)
         if args.command == 'list':
-            items = api.list({}, host)
+            items = [InstanceStatus.from_dict(item, 'list entry')
+                     for item in api.list({}, host)]
             if args.json:
-                print(json.dumps(items, indent=1))
+                print(json.dumps([i.to_dict() for i in items], indent=1))
             else:
                 print_remote_list(items)
         elif args.command == 'status':

@@ -3,6 +3,8 @@ QEMU)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -35,17 +37,17 @@ class CandidatesTest(unittest.TestCase):
 
     def test_self_is_never_a_candidate_and_order_is_kept(self):
         m = self.make('h2', ['h1', 'h2', 'h3'])
-        self.assertEqual(['h1', 'h3'], m._candidates(None, ()))
+        self.assertEqual(['h1', 'h3'], m.candidates(None, ()))
 
     def test_preferred_first(self):
         m = self.make('h1', ['h2', 'h3'])
-        self.assertEqual(['h3', 'h2'], m._candidates('h3', ()))
+        self.assertEqual(['h3', 'h2'], m.candidates('h3', ()))
 
     def test_the_lost_peer_is_asked_last_not_never(self):
         # It may be the only peer left once another one failed too.
         m = self.make('h1', ['h2', 'h3'])
-        self.assertEqual(['h3', 'h2'], m._candidates(None, ('h2',)))
-        self.assertEqual(['h3'], self.make('h1', ['h3'])._candidates(
+        self.assertEqual(['h3', 'h2'], m.candidates(None, ('h2',)))
+        self.assertEqual(['h3'], self.make('h1', ['h3']).candidates(
             None, ('h3',)))
 
 
@@ -68,8 +70,9 @@ class GuestDirTest(unittest.TestCase):
         spec = {'name': 'c0ffee00-0000-4000-8000-000000000001',
                 'domain': 'instance-00000001', 'memory_mib': 512,
                 'smp': 1}
-        inst = self.m._new_dir('c0ffee00', vm.GuestSpec.from_json(spec),
-                               self.m._host_options(ProtectionOptions()))
+        inst = self.m.new_instance_dir(
+            'c0ffee00', vm.GuestSpec.from_json(spec),
+            self.m.host_options(ProtectionOptions()))
         with open(os.path.join(inst.dir, 'guest.json')) as f:
             guest = json.load(f)
         self.assertEqual(spec, {k: guest['spec'][k] for k in spec})
@@ -83,16 +86,17 @@ class GuestDirTest(unittest.TestCase):
 
     def test_idle_epochs_from_the_request_or_the_ft_group(self):
         none = ProtectionOptions()
-        self.assertEqual(1000, self.m._host_options(none)['idle_epoch_ms'])
+        self.assertEqual(1000, self.m.host_options(none)['idle_epoch_ms'])
         self.m.conf.set_override('idle_epoch_ms', 0, group='ft')
-        self.assertEqual(0, self.m._host_options(none)['idle_epoch_ms'])
-        self.assertEqual(2500, self.m._host_options(
+        self.assertEqual(0, self.m.host_options(none)['idle_epoch_ms'])
+        self.assertEqual(2500, self.m.host_options(
             ProtectionOptions(idle_epoch_ms=2500))['idle_epoch_ms'])
 
     def test_spec_without_guest_or_domain_is_refused(self):
         with self.assertRaises(exception.InvalidRequest) as ctx:
-            self.m._new_dir('x', vm.GuestSpec(name='x', memory_mib=128),
-                            self.m._host_options(ProtectionOptions()))
+            self.m.new_instance_dir(
+                'x', vm.GuestSpec(name='x', memory_mib=128),
+                self.m.host_options(ProtectionOptions()))
         self.assertIn('libvirt domain', str(ctx.exception))
         self.assertFalse(os.path.exists(os.path.join(self.tmp, 'instances',
                                                      'x')))
@@ -141,6 +145,20 @@ class FakeInstanceProcess:
 
     def close(self) -> None:
         self.server.close()
+
+
+class RemoteListTest(unittest.TestCase):
+
+    def test_list_shows_a_few_fields_per_instance(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            mftvm.print_remote_list([InstanceStatus(
+                role=Role.PRIMARY, state=State.PROTECTED, alive=True,
+                epochs=9, instance='vm0', host='hv1', peer='hv2')])
+            mftvm.print_remote_list([])
+        self.assertEqual('vm0 role=primary state=protected alive=True '
+                         'peer=hv2 epochs=9 last_committed_epoch=0\n'
+                         'no instances\n', out.getvalue())
 
 
 class StatusTest(unittest.TestCase):
