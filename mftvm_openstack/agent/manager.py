@@ -57,6 +57,7 @@ from mftvm_openstack.contract.record import ContractError
 from mftvm_openstack.contract.spec import (
     FailoverResult,
     GuestSpec,
+    PreparedSecondary,
     ProtectionOptions,
 )
 from mftvm_openstack.contract.states import Role, State
@@ -259,7 +260,8 @@ class AgentManager:
         if wait_until(ready, timeout=30) and listening:
             LOG.info('%s: secondary for %s ready at %s', instance,
                      primary_host, listening[0])
-            return {'host': self.host, 'data_address': listening[0]}
+            return PreparedSecondary(host=self.host,
+                                     data_address=listening[0]).to_dict()
         self._discard(inst)
         raise exception.Conflict(instance=instance,
                                  reason='the secondary process did not '
@@ -340,7 +342,9 @@ class AgentManager:
             try:
                 reply = self.agents.prepare_secondary(
                     {}, host, instance, spec, request, self.host)
-                return host, str(reply['data_address'])
+                ready = PreparedSecondary.from_dict(reply,
+                                                    'prepare_secondary')
+                return host, ready.data_address
             except Exception as exc:
                 LOG.warning('%s: host %s cannot be the secondary: %s',
                             instance, host, exc)

@@ -4,7 +4,8 @@ what a failover answers.
 The agent's ``protect`` and ``prepare_secondary`` RPCs carry a
 :class:`GuestSpec` and a :class:`ProtectionOptions`; the CLI builds the
 same spec, and the instance process reads it back from ``guest.json``.
-``failover`` answers a :class:`FailoverResult`.
+``prepare_secondary`` answers a :class:`PreparedSecondary`,
+``failover`` a :class:`FailoverResult`.
 Every field is typed and checked, because spec values end up on a QEMU
 command line run as root: a path is absolute and holds no comma or
 control character, a port forward is an IPv4 literal and two port
@@ -145,6 +146,16 @@ class ProtectionOptions(Record):
     #: seconds the guest runs unprotected before protection starts
     start_delay: Optional[float] = field(default=None, range=(0, math.inf),
                                          nullable=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedSecondary(Record):
+    """What ``prepare_secondary`` answers: the secondary listens."""
+
+    host: str = field(pattern=HOST_PATTERN)
+    #: where the primary sends its data stream: ``tcp:HOST:PORT``
+    data_address: str = field(
+        pattern=r'tcp:[A-Za-z0-9_.:\[\]-]{1,255}:[0-9]{1,5}')
 
 
 @dataclasses.dataclass(frozen=True)

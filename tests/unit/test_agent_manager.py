@@ -139,9 +139,11 @@ class FakeInstanceProcess:
                 request = json.loads(conn.makefile().readline())
                 self.requests.append(request)
                 reply, status = self.answer(request)
+                # published first: the caller's next look sees it (no
+                # polling interval to sleep through)
+                if status is not None:
+                    self.publish(status)
                 conn.sendall(json.dumps(reply).encode() + b'\n')
-            if status is not None:
-                self.publish(status)
 
     def close(self) -> None:
         self.server.close()

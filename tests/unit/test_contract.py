@@ -20,8 +20,10 @@ from mftvm_openstack.cmd import mftvm
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.record import ContractError
 from mftvm_openstack.contract.spec import (
+    FailoverResult,
     GuestSpec,
     HostForward,
+    PreparedSecondary,
     ProtectionOptions,
 )
 from mftvm_openstack.contract.states import Role, State
@@ -107,6 +109,25 @@ class ProtectionOptionsTest(unittest.TestCase):
                 {'disk_sync': 'later-sync', 'tracker': 'later'})
         self.assertEqual(('later-sync', 'later'),
                          (opts.disk_sync, opts.tracker))
+
+
+class RepliesTest(unittest.TestCase):
+    """What one agent answers another (or the CLI) is checked too."""
+
+    def test_prepared_secondary(self):
+        ready = PreparedSecondary(host='hv2', data_address='tcp:10.0.0.2:4711')
+        self.assertEqual(ready, PreparedSecondary.from_dict(ready.to_dict()))
+        for bad in ('unix:/run/x.sock', 'tcp:10.0.0.2:4711,x',
+                    'tcp:10.0.0.2', 'tcp:h:4711\n', '', 4711, None):
+            self.assertRaises(ContractError, PreparedSecondary.from_dict,
+                              {'host': 'hv2', 'data_address': bad})
+
+    def test_failover_result(self):
+        result = FailoverResult(instance='vm0', host='hv2', runs_on='hv2',
+                                failover_ms=350.0)
+        self.assertEqual(result, FailoverResult.from_dict(result.to_dict()))
+        self.assertRaises(ContractError, FailoverResult.from_dict,
+                          {'instance': 'vm0', 'accepted': True})
 
 
 def _status_keys_read(source: str) -> set[str]:
