@@ -24,6 +24,7 @@ from mftvm_openstack.ft import vm
 from mftvm_openstack.images import builder, records, workload
 from mftvm_openstack.local import operations
 from mftvm_openstack.local.operations import UserError
+from mftvm_openstack.waiting import wait_until
 
 NAME = 'mftvm-demo'
 
@@ -108,13 +109,11 @@ def run(args: Any, state_dir: str) -> int:
 def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
     # Ask only once the service listens: user-mode networking would hold
     # an early request and deliver it later, unseen by this client.
-    t_start = time.monotonic()
     serial = os.path.join(gdir, Role.PRIMARY, 'serial.log')
-    while 'COUNTER-READY' not in workload.read_text(serial):
-        if time.monotonic() - t_start > 120:
-            raise UserError('the demo guest did not start its service '
-                            f'within 120s (logs in {gdir})')
-        time.sleep(0.2)
+    if not wait_until(lambda: 'COUNTER-READY' in workload.read_text(serial),
+                      120, interval=0.2):
+        raise UserError('the demo guest did not start its service '
+                        f'within 120s (logs in {gdir})')
     value = workload.counter_request('127.0.0.1', port, 10)
     if value is None:
         raise UserError(f'the demo guest does not answer (logs in {gdir})')
@@ -151,12 +150,8 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
     while after is None and time.monotonic() - t_kill < 60:
         after = workload.counter_request('127.0.0.1', port, timeout=5)
     t_answer = time.monotonic()
-    sec = _side(state_dir, Role.SECONDARY)
-    for _ in range(50):
-        if sec.state is State.ACTIVE:
-            break
-        time.sleep(0.1)
-        sec = _side(state_dir, Role.SECONDARY)
+    wait_until(lambda: _side(state_dir, Role.SECONDARY).state
+               is State.ACTIVE, 5, interval=0.1)
     consistent = after == last_seen + 1
     time.sleep(2)  # let the guest write on, then check its disk
     sec = _side(state_dir, Role.SECONDARY)

@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import Any, Optional
 
 from mftvm_openstack.contract import plugins
@@ -48,6 +47,7 @@ from mftvm_openstack.instance.client import (  # noqa: F401 (read_status)
     read_status,
     status_of,
 )
+from mftvm_openstack.waiting import wait_until
 
 ROLES = (Role.PRIMARY, Role.SECONDARY)
 NAME_RE = re.compile(NAME_PATTERN)
@@ -188,10 +188,6 @@ def _spawn_host(role: Role, gdir: str) -> subprocess.Popen[bytes]:
             start_new_session=True)
 
 
-
-
-
-
 def _host_log_tail(gdir: str, role: Role) -> str:
     try:
         with open(os.path.join(gdir, f'{role}-host.log'), 'rb') as f:
@@ -225,11 +221,11 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
                                    **(host_options or {})}})
     procs = [_spawn_host(Role.SECONDARY, gdir),
              _spawn_host(Role.PRIMARY, gdir)]
-    deadline = time.monotonic() + opts.protect_timeout
-    while time.monotonic() < deadline:
+
+    def protected() -> bool:
         st = status_of(gdir, Role.PRIMARY)
         if st and st.last_committed_epoch >= 1:
-            return gdir
+            return True
         dead = [(role, p) for role, p in zip(ROLES[::-1], procs)
                 if p.poll() is not None]
         if dead or (st and st.state is State.FAILED):
@@ -238,7 +234,9 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
             _kill_all(gdir, procs)
             raise UserError(f'protecting {spec.name} failed on the {role} '
                             f'side: {why} (logs in {gdir})')
-        time.sleep(0.1)
+        return False
+    if wait_until(protected, opts.protect_timeout, interval=0.1):
+        return gdir
     _kill_all(gdir, procs)
     raise UserError(f'{spec.name} was not protected within '
                     f'{opts.protect_timeout:.0f}s (logs in {gdir})')
@@ -249,8 +247,6 @@ def _kill_all(gdir: str, procs: list[subprocess.Popen[bytes]]) -> None:
         if p.poll() is None:
             p.kill()
         p.wait()
-
-
 
 
 def _require_guest(state_dir: str, name: str) -> str:
@@ -347,16 +343,20 @@ def failover(state_dir: str, name: str) -> dict[str, Any]:
                         f'status {name}"') from None
     if not reply.ok:
         raise UserError(f'{name}: failover refused: {reply.error}')
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    active: list[InstanceStatus] = []
+
+    def done() -> bool:
         sec = status_of(gdir, Role.SECONDARY)
         if sec is not None and sec.state is State.ACTIVE:
-            return sec.to_dict()
+            active.append(sec)
+            return True
         if sec is None or sec.state in (State.LOST, State.STOPPED) \
                 or not sec.alive:
             raise UserError(f'{name}: failover failed: '
                             f'{(sec and sec.reason) or "secondary gone"}')
-        time.sleep(0.1)
+        return False
+    if wait_until(done, 60, interval=0.1):
+        return active[0].to_dict()
     raise UserError(f'{name}: failover did not finish within 60s')
 
 
@@ -373,20 +373,17 @@ def stop(state_dir: str, name: str, timeout: float = 20.0) -> None:
                         timeout=5)
             except (OSError, ValueError):
                 pass
-    deadline = time.monotonic() + timeout
+
+    def all_gone() -> bool:
+        return not any(pid_alive(pid) for pid in pids)
+    wait_until(all_gone, timeout)
     for pid in pids:
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     # A host killed (here, or before) could not remove its guest RAM file
     # from /dev/shm. Once neither host runs, nothing maps it any more
     # (each QEMU dies with its host).
-    deadline = time.monotonic() + 5
-    while any(pid_alive(pid) for pid in pids) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not any(pid_alive(pid) for pid in pids):
+    if wait_until(all_gone, 5):
         for role in ROLES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(vm.ram_path(name, role))
