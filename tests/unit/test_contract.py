@@ -174,6 +174,10 @@ class ProducersAndConsumersAgreeTest(unittest.TestCase):
                     read = _status_keys_read(f.read())
                 self.assertEqual(set(), read - fields)
 
+    def test_the_cli_lists_fields_of_the_status(self):
+        fields = {f.name for f in dataclasses.fields(InstanceStatus)}
+        self.assertLessEqual(set(mftvm.LIST_FIELDS), fields)
+
     def test_the_walk_would_see_the_old_bug(self):
         self.assertEqual({'pause_p50_ms'}, _status_keys_read(
             "out = {k: st[k] for k in keys}\nst.get('pause_p50_ms')"))
