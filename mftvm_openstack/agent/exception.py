@@ -31,7 +31,7 @@ with a traceback on the agent.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 #: modules whose exceptions an RPC client may rebuild (this one, and
 #: oslo.messaging's dispatcher for UnsupportedVersion / NoSuchMethod)
@@ -129,8 +129,9 @@ def from_remote(exc: BaseException) -> BaseException:
     cls = type(exc)
     if not cls.__name__.endswith(_REMOTE_POSTFIX):
         return exc
-    base = next((c for c in cls.__mro__[1:]
-                 if not c.__name__.endswith(_REMOTE_POSTFIX)), Exception)
+    base = cast(type[BaseException], next(
+        (c for c in cls.__mro__[1:]
+         if not c.__name__.endswith(_REMOTE_POSTFIX)), Exception))
     message = str(exc).split('\n', 1)[0]
     clean = base.__new__(base)
     clean.__dict__.update(exc.__dict__)

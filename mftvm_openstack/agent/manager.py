@@ -19,13 +19,20 @@ runs unprotected (after a failover, or after its secondary was lost)
 onto the next peer in ``[agent] peers``::
 
     manager = AgentManager()            # reads CONF
-    manager.protect('vm0', spec, {}, secondary_host='hv2')
-    manager.status('vm0')               # {'role': 'primary', ...}
+    manager.protect('vm0', GuestSpec(...), ProtectionOptions(),
+                    secondary_host='hv2')
+    manager.status('vm0')               # InstanceStatus(...).to_dict()
     manager.periodic()                  # every [agent] monitor_interval
+
+What the manager answers is the contract's: a status is an
+:class:`~mftvm_openstack.contract.status.InstanceStatus` (with
+``instance``, ``host`` and ``peer`` filled in), a failover a
+:class:`~mftvm_openstack.contract.spec.FailoverResult`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,24 +48,32 @@ from oslo_config import cfg
 
 from mftvm_openstack import conf as mftvm_conf
 from mftvm_openstack.agent import exception
+from mftvm_openstack.contract.control import (
+    ControlOp,
+    ControlReply,
+    ControlRequest,
+)
+from mftvm_openstack.contract.record import ContractError
+from mftvm_openstack.contract.spec import (
+    FailoverResult,
+    GuestSpec,
+    PreparedSecondary,
+    ProtectionOptions,
+)
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus
+from mftvm_openstack.files import write_json_atomic
 from mftvm_openstack.ft import vm
-from mftvm_openstack.instance.client import control, pid_alive
+from mftvm_openstack.instance.client import control, pid_alive, status_of
+from mftvm_openstack.waiting import wait_until
 
 LOG = logging.getLogger(__name__)
 
-#: instance-process phases in which the guest runs here, unprotected
-RUNNING_UNPROTECTED = ('unprotected', 'active')
-#: phases after which an instance process has nothing left to do
-FINISHED = ('stopped', 'lost', 'failed', 'fenced')
-
-
-def _write_json(path: str, data: Any) -> None:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+#: states in which the guest runs here, unprotected
+RUNNING_UNPROTECTED = frozenset({State.UNPROTECTED, State.ACTIVE})
+#: how long a failover asked of a standby secondary may take to resume
+#: the guest before the agent answers without its duration
+FAILOVER_WAIT = 20.0
 
 
 def _read_json(path: str) -> Optional[dict[str, Any]]:
@@ -83,32 +98,37 @@ class Instance:
 
     def save_record(self, **changes: Any) -> dict[str, Any]:
         record = {**self.record, **changes}
-        _write_json(os.path.join(self.dir, 'record.json'), record)
+        write_json_atomic(os.path.join(self.dir, 'record.json'), record)
         return record
 
     @property
-    def role(self) -> str:
-        return str(self.record.get('role', ''))
+    def role(self) -> Optional[Role]:
+        role = self.record.get('role')
+        return Role(role) if role in tuple(Role) else None
 
-    def live_status(self) -> Optional[dict[str, Any]]:
-        """The instance process' last published status; ``alive`` says
-        whether it still runs."""
+    def live_status(self) -> Optional[InstanceStatus]:
+        """The instance process' last published status (``alive`` says
+        whether it still runs); STARTING until it publishes one."""
         role = self.role
-        if not role:
+        if role is None:
             return None
-        data = _read_json(os.path.join(self.dir, role, 'status.json'))
-        if data is None:
+        status = status_of(self.dir, role)
+        if status is None:
             pid = self.record.get('pid')
-            return {'state': 'starting', 'alive': pid_alive(pid),
-                    'host_pid': pid}
-        data['alive'] = pid_alive(data.get('host_pid'))
-        return data
+            pid = pid if isinstance(pid, int) else None
+            return InstanceStatus(role=role, state=State.STARTING,
+                                  host_pid=pid, alive=pid_alive(pid))
+        return status
 
-    def control(self, op: str, timeout: float = 30.0,
-                **args: Any) -> dict[str, Any]:
-        return control(self.dir, self.role, op, timeout, **args)
+    def control(self, op: ControlOp, timeout: float = 30.0,
+                **args: Any) -> ControlReply:
+        role = self.role
+        if role is None:
+            raise ConnectionError(f'{self.name}: no instance process')
+        return control(self.dir, role, ControlRequest(op=op, **args),
+                       timeout)
 
-    def spawn(self, role: str) -> int:
+    def spawn(self, role: Role) -> int:
         log = open(os.path.join(self.dir, f'{role}-host.log'), 'ab')
         with log:
             proc = subprocess.Popen(
@@ -140,7 +160,7 @@ class AgentManager:
         os.makedirs(self.root, exist_ok=True)
         found = self.list()
         LOG.info('agent %s found %d instance(s): %s', self.host, len(found),
-                 ', '.join(f'{i["instance"]} ({i.get("state")})'
+                 ', '.join(f'{i["instance"]} ({i["state"]})'
                            for i in found) or 'none')
 
     def stop(self) -> None:
@@ -162,20 +182,23 @@ class AgentManager:
 
     # -- options --
 
-    def _host_options(self, options: dict[str, Any]) -> dict[str, Any]:
+    def host_options(self, options: ProtectionOptions,
+                     instance: str = '') -> dict[str, Any]:
         """guest.json options: the request's, then this host's settings."""
         c = self.conf
         fence_dir = None
         if not c.fencing.backend_url:
-            fence_dir = os.path.join(c.fencing.lock_path,
-                                     options.get('instance', ''))
+            fence_dir = os.path.join(c.fencing.lock_path, instance)
+
+        def given(value: Any, default: Any) -> Any:
+            return default if value is None else value
         return {
-            'epoch_ms': options.get('epoch_ms', c.ft.epoch_ms),
-            'idle_epoch_ms': options.get('idle_epoch_ms',
-                                         c.ft.idle_epoch_ms),
-            'disk_sync': options.get('disk_sync', c.ft.disk_sync),
-            'tracker': options.get('tracker', c.ft.tracker),
-            'start_delay': options.get('start_delay', 0.0),
+            'epoch_ms': given(options.epoch_ms, c.ft.epoch_ms),
+            'idle_epoch_ms': given(options.idle_epoch_ms,
+                                   c.ft.idle_epoch_ms),
+            'disk_sync': given(options.disk_sync, c.ft.disk_sync),
+            'tracker': given(options.tracker, c.ft.tracker),
+            'start_delay': given(options.start_delay, 0.0),
             'detect_timeout': (c.agent.heartbeat_interval
                                * c.agent.heartbeat_misses),
             'heartbeat_interval': c.agent.heartbeat_interval,
@@ -190,101 +213,109 @@ class AgentManager:
             'libvirt_uri': c.agent.libvirt_uri,
         }
 
-    def _new_dir(self, name: str, spec: dict[str, Any],
-                 options: dict[str, Any]) -> Instance:
+    def new_instance_dir(self, name: str, spec: GuestSpec,
+                         options: dict[str, Any]) -> Instance:
+        """A fresh directory for ``name`` with its guest.json: what an
+        instance process started there runs. Conflict if one runs
+        there; InvalidRequest if ``spec`` says nothing to run."""
         inst = self._instance(name, must_exist=False)
         status = inst.live_status()
-        if status is not None and status.get('alive'):
+        if status is not None and status.alive:
             raise exception.Conflict(
                 instance=name, reason=f'it already runs here as '
-                f'{inst.role} ({status.get("state")})')
+                f'{inst.role} ({status.state})')
+        try:
+            spec.check_runnable()
+        except ContractError as exc:
+            raise exception.InvalidRequest(field=exc.field,
+                                           reason=exc.reason) from None
         shutil.rmtree(inst.dir, ignore_errors=True)
         os.makedirs(inst.dir)
         if options.get('fence_dir'):
             os.makedirs(options['fence_dir'], exist_ok=True)
-        try:
-            vm.GuestSpec.from_json(spec)
-        except Exception as exc:
-            shutil.rmtree(inst.dir, ignore_errors=True)
-            raise exception.InvalidRequest(field='spec',
-                                           reason=str(exc)) from None
-        _write_json(os.path.join(inst.dir, 'guest.json'),
-                    {'spec': spec, 'options': options})
+        write_json_atomic(os.path.join(inst.dir, 'guest.json'),
+                          {'spec': spec.to_dict(), 'options': options})
         return inst
 
     # -- RPC API --
 
-    def prepare_secondary(self, instance: str, spec: dict[str, Any],
-                          options: dict[str, Any],
+    def prepare_secondary(self, instance: str, spec: GuestSpec,
+                          options: ProtectionOptions,
                           primary_host: str) -> dict[str, Any]:
-        opts = self._host_options({**options, 'instance': instance})
+        opts = self.host_options(options, instance)
         my_ip = self.conf.agent.my_ip
         opts.update(listen=f'tcp:{my_ip}:0', nbd_host=my_ip)
         with self._lock:
-            inst = self._new_dir(instance, spec, opts)
+            inst = self.new_instance_dir(instance, spec, opts)
             inst.save_record(peer=primary_host, created=time.time())
-            inst.spawn('secondary')
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            st = inst.live_status() or {}
-            if st.get('listen'):
-                LOG.info('%s: secondary for %s ready at %s', instance,
-                         primary_host, st['listen'])
-                return {'host': self.host, 'data_address': st['listen']}
-            if not st.get('alive', True):
-                break
-            time.sleep(0.05)
+            inst.spawn(Role.SECONDARY)
+        listening: list[str] = []
+
+        def ready() -> bool:
+            st = inst.live_status()
+            if st is not None and st.listen:
+                listening.append(st.listen)
+                return True
+            return st is not None and st.alive is False
+        if wait_until(ready, timeout=30) and listening:
+            LOG.info('%s: secondary for %s ready at %s', instance,
+                     primary_host, listening[0])
+            return PreparedSecondary(host=self.host,
+                                     data_address=listening[0]).to_dict()
         self._discard(inst)
         raise exception.Conflict(instance=instance,
                                  reason='the secondary process did not '
                                  'start; see ' + inst.dir)
 
-    def protect(self, instance: str, spec: dict[str, Any],
-                options: dict[str, Any],
+    def protect(self, instance: str, spec: GuestSpec,
+                options: ProtectionOptions,
                 secondary_host: Optional[str]) -> dict[str, Any]:
         inst = self._instance(instance, must_exist=False)
         status = inst.live_status()
-        if status is not None and status.get('alive'):
-            if status.get('state') not in RUNNING_UNPROTECTED:
+        if status is not None and status.alive:
+            if status.state not in RUNNING_UNPROTECTED:
                 raise exception.Conflict(
-                    instance=instance, reason=f'it is {status.get("state")}'
+                    instance=instance, reason=f'it is {status.state}'
                     f' here, not running unprotected')
             self.reprotect(instance, prefer=secondary_host)
             return self._wait_protected(inst)
-        opts = self._host_options({**options, 'instance': instance})
+        opts = self.host_options(options, instance)
         pair_id = uuid.uuid4().hex[:12]
         target, address = self._prepare_peer(instance, spec, opts,
                                              prefer=secondary_host,
                                              last=())
         opts.update(secondary=address, pair_id=pair_id)
         with self._lock:
-            inst = self._new_dir(instance, spec, opts)
+            inst = self.new_instance_dir(instance, spec, opts)
             inst.save_record(peer=target, pair_id=pair_id,
                              created=time.time(), auto_reprotect=True)
-            inst.spawn('primary')
+            inst.spawn(Role.PRIMARY)
         return self._wait_protected(inst)
 
     def _wait_protected(self, inst: Instance) -> dict[str, Any]:
-        deadline = time.monotonic() + self.conf.agent.protect_timeout
-        while time.monotonic() < deadline:
-            st = inst.live_status() or {}
-            if st.get('state') == 'protected' and \
-                    st.get('last_committed_epoch', 0) >= 1:
-                return self.status(inst.name)
-            if st.get('state') in FINISHED or not st.get('alive', True):
+        def settled() -> bool:
+            st = inst.live_status()
+            if st is None:
+                return False
+            if st.state is State.PROTECTED and st.last_committed_epoch >= 1:
+                return True
+            if st.state.final or st.alive is False:
                 raise exception.Conflict(
                     instance=inst.name, reason=f'protection failed: '
-                    f'{st.get("error") or st.get("state")}')
-            if st.get('state') == 'unprotected' and st.get('error'):
+                    f'{st.error or st.state}')
+            if st.state is State.UNPROTECTED and st.error:
                 raise exception.Conflict(instance=inst.name,
-                                         reason=st['error'])
-            time.sleep(0.1)
+                                         reason=st.error)
+            return False
+        if wait_until(settled, timeout=self.conf.agent.protect_timeout,
+                      interval=0.1):
+            return self.status(inst.name)
         raise exception.Conflict(instance=inst.name,
                                  reason='not protected within '
                                  f'{self.conf.agent.protect_timeout:.0f}s')
 
-    def _candidates(self, prefer: Optional[str],
-                    last: tuple[str, ...]) -> list[str]:
+    def candidates(self, prefer: Optional[str],
+                   last: tuple[str, ...]) -> list[str]:
         """Peers to ask, in order: ``prefer``, then ``[agent] peers``;
         hosts in ``last`` (the one just lost) only after all others."""
         hosts = ([prefer] if prefer else []) + list(self.conf.agent.peers)
@@ -295,24 +326,31 @@ class AgentManager:
         out.sort(key=lambda h: h in last)     # stable: keeps the order
         return out
 
-    def _prepare_peer(self, instance: str, spec: dict[str, Any],
+    def _prepare_peer(self, instance: str, spec: GuestSpec,
                       options: dict[str, Any], prefer: Optional[str],
                       last: tuple[str, ...]) -> tuple[str, str]:
-        """Ask the first willing peer for a secondary: (host, address)."""
-        request = {k: options[k] for k in ('epoch_ms', 'disk_sync',
-                                           'tracker')}
+        """Ask the first willing peer for a secondary: (host, address).
+
+        ``options`` are this side's guest.json options; the secondary
+        needs only those that shape the data it receives.
+        """
+        request = ProtectionOptions(epoch_ms=options['epoch_ms'],
+                                    disk_sync=options['disk_sync'],
+                                    tracker=options['tracker'])
         errors = []
-        for host in self._candidates(prefer, last):
+        for host in self.candidates(prefer, last):
             try:
                 reply = self.agents.prepare_secondary(
                     {}, host, instance, spec, request, self.host)
-                return host, str(reply['data_address'])
+                ready = PreparedSecondary.from_dict(reply,
+                                                    'prepare_secondary')
+                return host, ready.data_address
             except Exception as exc:
                 LOG.warning('%s: host %s cannot be the secondary: %s',
                             instance, host, exc)
                 errors.append(f'{host}: {exc}')
         raise exception.PeerUnreachable(
-            host=','.join(self._candidates(prefer, last)) or '(none)',
+            host=','.join(self.candidates(prefer, last)) or '(none)',
             reason='; '.join(errors) or 'no peer configured ([agent] '
             'peers) or named')
 
@@ -322,18 +360,20 @@ class AgentManager:
         inst = self._instance(instance)
         record = inst.record
         guest = _read_json(os.path.join(inst.dir, 'guest.json')) or {}
-        spec, options = guest.get('spec'), guest.get('options', {})
+        spec = GuestSpec.from_json(guest.get('spec'))
+        options = guest.get('options', {})
         # The host we lost is asked last: it is likely still down (but
         # it may be the only one left).
         last = (str(record.get('peer', '')),) if not prefer else ()
-        target, address = self._prepare_peer(instance, spec or {}, options,
+        target, address = self._prepare_peer(instance, spec, options,
                                              prefer=prefer, last=last)
         pair_id = uuid.uuid4().hex[:12]
-        reply = inst.control('protect', secondary=address, pair_id=pair_id)
-        if not reply.get('ok'):
+        reply = inst.control(ControlOp.PROTECT, secondary=address,
+                             pair_id=pair_id)
+        if not reply.ok:
             self._tell(target, 'stop_instance', instance)
             raise exception.Conflict(instance=instance,
-                                     reason=reply.get('error', '?'))
+                                     reason=reply.error or '?')
         inst.save_record(peer=target, pair_id=pair_id,
                          protected_since=time.time())
         LOG.info('%s: re-protecting onto %s', instance, target)
@@ -347,10 +387,10 @@ class AgentManager:
 
     def unprotect(self, instance: str) -> dict[str, Any]:
         inst = self._instance(instance)
-        reply = inst.control('unprotect')
-        if not reply.get('ok'):
+        reply = inst.control(ControlOp.UNPROTECT)
+        if not reply.ok:
             raise exception.Conflict(instance=instance,
-                                     reason=reply.get('error', '?'))
+                                     reason=reply.error or '?')
         inst.save_record(auto_reprotect=False)
         peer = inst.record.get('peer')
         if peer:
@@ -358,36 +398,62 @@ class AgentManager:
         return self.status(instance)
 
     def failover(self, instance: str) -> dict[str, Any]:
+        """Take over here (a standby secondary: answers once the guest
+        runs here, with how long that took) or hand the guest over to
+        the peer (a protected primary). A :class:`FailoverResult`."""
         inst = self._instance(instance)
-        st = inst.live_status() or {}
-        if st.get('role') == 'secondary' and st.get('state') == 'standby':
-            reply = inst.control('failover')
-        else:
-            reply = inst.control('failover', timeout=60)
-        if not reply.get('ok'):
+        st = inst.live_status()
+        takeover = st is not None and st.role is Role.SECONDARY and \
+            st.state is State.STANDBY
+        reply = inst.control(ControlOp.FAILOVER,
+                             timeout=30 if takeover else 60)
+        if not reply.ok:
             raise exception.Conflict(instance=instance,
-                                     reason=reply.get('error', '?'))
-        return {'instance': instance, 'accepted': True}
+                                     reason=reply.error or '?')
+        if not takeover:
+            peer = inst.record.get('peer')
+            return FailoverResult(instance=instance, host=self.host,
+                                  runs_on=peer if isinstance(peer, str)
+                                  else None).to_dict()
+        ended: list[InstanceStatus] = []
+
+        def resumed() -> bool:
+            now = inst.live_status()
+            if now is not None and (now.state.runs_guest
+                                    or now.state.final):
+                ended.append(now)
+                return True
+            return False
+        wait_until(resumed, timeout=FAILOVER_WAIT)
+        if ended and ended[0].state.final:
+            raise exception.Conflict(
+                instance=instance, reason=f'failover failed: '
+                f'{ended[0].reason or ended[0].state}')
+        return FailoverResult(
+            instance=instance, host=self.host,
+            runs_on=self.host if ended else None,
+            failover_ms=ended[0].failover_ms if ended else None).to_dict()
 
     def stop_instance(self, instance: str) -> dict[str, Any]:
         inst = self._instance(instance)
-        st = inst.live_status() or {}
-        if st.get('alive'):
+        st = inst.live_status()
+        if st is not None and st.alive:
             try:
-                inst.control('stop', timeout=20)
+                inst.control(ControlOp.STOP, timeout=20)
             except OSError:
                 pass
-            deadline = time.monotonic() + 20
-            while pid_alive(st.get('host_pid')) and \
-                    time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: not pid_alive(st.host_pid), timeout=20,
+                       interval=0.1)
         self._discard(inst)
         return {'instance': instance, 'stopped': True}
 
     def _discard(self, inst: Instance) -> None:
-        st = inst.live_status() or {}
-        pid = st.get('host_pid')
-        if pid_alive(pid):
+        try:
+            st = inst.live_status()
+        except ContractError:       # what it said is unreadable: kill it
+            st = None
+        pid = st.host_pid if st is not None else inst.record.get('pid')
+        if isinstance(pid, int) and pid_alive(pid):
             os.kill(pid, 9)
         # Kept (the last one per instance) for the operator to read.
         ended = os.path.join(self.conf.agent.state_path, 'ended',
@@ -404,20 +470,31 @@ class AgentManager:
         except OSError:
             pass
 
-    def status(self, instance: str) -> dict[str, Any]:
+    def instance_status(self, instance: str) -> InstanceStatus:
+        """What the instance process says, with the agent's view added
+        (``instance``, ``host``, ``peer``)."""
         inst = self._instance(instance)
         record = inst.record
-        st = inst.live_status() or {}
-        keys = ('role', 'state', 'epochs', 'last_committed_epoch',
-                'pause_p50_ms', 'pause_p99_ms', 'failover_ms', 'error',
-                'reason', 'qemu_pid', 'host_pid', 'alive', 'pair_id',
-                'ms_since_last_ack', 'listen', 'lease_held', 'takeover')
-        out = {k: st[k] for k in keys if k in st}
-        out.update(instance=instance, host=self.host,
-                   peer=record.get('peer'))
-        return out
+        try:
+            st = inst.live_status()
+        except ContractError as exc:
+            raise exception.Conflict(
+                instance=instance, reason=f'its instance process '
+                f'published a status this agent cannot read: {exc}') \
+                from None
+        if st is None:     # being created: no instance process yet
+            raise exception.InstanceNotFound(instance=instance)
+        peer = record.get('peer')
+        return dataclasses.replace(
+            st, instance=instance, host=self.host,
+            peer=peer if isinstance(peer, str) else None)
 
-    def list(self) -> list[dict[str, Any]]:
+    def status(self, instance: str) -> dict[str, Any]:
+        return self.instance_status(instance).to_dict()
+
+    def statuses(self) -> list[InstanceStatus]:
+        """The status of every instance of this host; one that cannot
+        be read is logged and left out."""
         try:
             names = sorted(os.listdir(self.root))
         except FileNotFoundError:
@@ -425,21 +502,26 @@ class AgentManager:
         out = []
         for name in names:
             try:
-                out.append(self.status(name))
+                out.append(self.instance_status(name))
             except exception.InstanceNotFound:
                 continue
+            except exception.Conflict as exc:
+                LOG.error('%s: %s', name, exc)
         return out
+
+    def list(self) -> list[dict[str, Any]]:
+        return [st.to_dict() for st in self.statuses()]
 
     # -- monitoring --
 
     def periodic(self) -> None:
         """Notice what changed, re-protect what runs unprotected."""
-        for info in self.list():
-            name = info['instance']
+        for info in self.statuses():
+            name = info.instance
             inst = self._instance(name)
-            state = info.get('state')
-            if not info.get('alive'):
-                if state != 'starting':
+            state = info.state
+            if not info.alive:
+                if state is not State.STARTING:
                     # Nothing runs here any more: the guest went on
                     # elsewhere (or is lost); keep no stale claim on it.
                     LOG.info('%s: instance process ended (%s); forgetting '

@@ -5,7 +5,10 @@
 argument is checked (types, required and unknown keys, names, option
 ranges) before the manager sees it, and a bad one is refused with
 :class:`~mftvm_openstack.agent.exception.InvalidRequest` naming the
-field::
+field. ``spec`` and ``options`` are parsed into the contract's
+:class:`~mftvm_openstack.contract.spec.GuestSpec` and
+:class:`~mftvm_openstack.contract.spec.ProtectionOptions` (every field
+typed and range-checked, unknown fields refused) before anything runs::
 
     endpoint = AgentEndpoint(manager, host='hv1')
     endpoint.protect({}, instance='vm 0', spec={}, options={})
@@ -13,8 +16,8 @@ field::
     #   ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$ (got 'vm 0')
     endpoint.protect({}, instance='vm0', spec={...},
                      options={'epoch_ms': 5})
-    # InvalidRequest: invalid request: options.epoch_ms must be an
-    #   integer from 20 to 10000 (got 5)
+    # InvalidRequest: invalid request: options.epoch_ms must be from 20
+    #   to 10000 (got 5)
 
 The manager's own errors (:class:`~mftvm_openstack.agent.exception.\
 MftvmError` and subclasses) go back to the caller as they are. Any other
@@ -27,10 +30,15 @@ refused by oslo.messaging itself (``NoSuchMethod``,
 Version 1.0 of the API (client: :mod:`mftvm_openstack.agent.rpcapi`)::
 
     prepare_secondary(instance, spec, options, primary_host) -> dict
-    protect(instance, spec, options, secondary_host=None)    -> dict
-    unprotect(instance) / failover(instance) / stop_instance(instance)
-    status(instance)                                          -> dict
-    list()                                                    -> [dict]
+    protect(instance, spec, options, secondary_host=None)    -> status
+    unprotect(instance)                                       -> status
+    failover(instance)                          -> FailoverResult
+    stop_instance(instance)                                   -> dict
+    status(instance)                                          -> status
+    list()                                                    -> [status]
+
+where a status is an :class:`~mftvm_openstack.contract.status.\
+InstanceStatus` as a JSON object.
 """
 
 from __future__ import annotations
@@ -38,7 +46,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import re
 from collections.abc import Callable
 from typing import Any, Optional, Protocol
@@ -53,33 +60,32 @@ import oslo_messaging  # noqa: E402
 from oslo_serialization import jsonutils  # noqa: E402
 
 from mftvm_openstack.agent import exception  # noqa: E402
-from mftvm_openstack.ft import disk as ft_disk  # noqa: E402
-from mftvm_openstack.ft import pair  # noqa: E402
+from mftvm_openstack.contract import spec as contract_spec  # noqa: E402
+from mftvm_openstack.contract.record import ContractError  # noqa: E402
+from mftvm_openstack.contract.spec import (  # noqa: E402
+    GuestSpec,
+    ProtectionOptions,
+)
 
 LOG = logging.getLogger(__name__)
 
 #: instance names (a libvirt/QEMU-safe, path-safe token)
-NAME_PATTERN = r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'
+NAME_PATTERN = f'^{contract_spec.NAME_PATTERN}$'
 #: host names: the same characters, up to the length of an FQDN
-HOST_PATTERN = r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$'
+HOST_PATTERN = f'^{contract_spec.HOST_PATTERN}$'
 _NAME_RE = re.compile(NAME_PATTERN)
 _HOST_RE = re.compile(HOST_PATTERN)
-
-DISK_SYNC_CHOICES = ft_disk.DISK_SYNCS
-TRACKER_CHOICES = ('auto', 'scan', 'soft-dirty')
-OPTION_KEYS = ('epoch_ms', 'idle_epoch_ms', 'disk_sync', 'tracker',
-               'start_delay')
 
 
 class Manager(Protocol):
     """What the endpoint needs of the agent's manager."""
 
-    def prepare_secondary(self, instance: str, spec: dict[str, Any],
-                          options: dict[str, Any],
+    def prepare_secondary(self, instance: str, spec: GuestSpec,
+                          options: ProtectionOptions,
                           primary_host: str) -> dict[str, Any]: ...
 
-    def protect(self, instance: str, spec: dict[str, Any],
-                options: dict[str, Any],
+    def protect(self, instance: str, spec: GuestSpec,
+                options: ProtectionOptions,
                 secondary_host: Optional[str]) -> dict[str, Any]: ...
 
     def unprotect(self, instance: str) -> dict[str, Any]: ...
@@ -122,54 +128,36 @@ def check_host(field: str, value: Any, optional: bool = False,
     return check_name(field, value, _HOST_RE)
 
 
-def check_spec(value: Any) -> dict[str, Any]:
+def _object(field: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise _invalid('spec', f'must be a dict (got '
+        raise _invalid(field, f'must be a dict (got '
                        f'{type(value).__name__})')
     for key in value:
         if not isinstance(key, str):
-            raise _invalid('spec', f'keys must be strings (got '
+            raise _invalid(field, f'keys must be strings (got '
                            f'{_shown(key)})')
     return value
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def check_spec(value: Any) -> GuestSpec:
+    """The guest spec, every field checked (:class:`GuestSpec`)."""
+    try:
+        return GuestSpec.from_dict(_object('spec', value), 'spec')
+    except ContractError as exc:
+        raise _invalid(exc.field, exc.reason) from None
 
 
-def check_options(value: Any) -> dict[str, Any]:
-    """A copy of the protection options, each checked.
+def check_options(value: Any) -> ProtectionOptions:
+    """The protection options, each checked (:class:`ProtectionOptions`).
 
-    Every key is optional; the manager fills in the ``[ft]`` defaults.
+    Every option may be left out; the manager fills in the ``[ft]``
+    defaults.
     """
-    if not isinstance(value, dict):
-        raise _invalid('options', f'must be a dict (got '
-                       f'{type(value).__name__})')
-    for key in value:
-        if key not in OPTION_KEYS:
-            raise _invalid(f'options.{key}', f'is not a known option '
-                           f'(known: {", ".join(OPTION_KEYS)})')
-    for key, (low, high) in (('epoch_ms', pair.EPOCH_MS_RANGE),
-                             ('idle_epoch_ms', pair.IDLE_EPOCH_MS_RANGE)):
-        if key not in value:
-            continue
-        ms = value[key]
-        if (not isinstance(ms, int) or isinstance(ms, bool)
-                or not low <= ms <= high):
-            raise _invalid(f'options.{key}', f'must be an integer from '
-                           f'{low} to {high} (got {_shown(ms)})')
-    for key, choices in (('disk_sync', DISK_SYNC_CHOICES),
-                         ('tracker', TRACKER_CHOICES)):
-        if key in value and value[key] not in choices:
-            raise _invalid(f'options.{key}', f'must be one of '
-                           f'{", ".join(choices)} (got '
-                           f'{_shown(value[key])})')
-    if 'start_delay' in value:
-        delay = value['start_delay']
-        if not _is_number(delay) or not math.isfinite(delay) or delay < 0:
-            raise _invalid('options.start_delay', f'must be a number of '
-                           f'seconds >= 0 (got {_shown(delay)})')
-    return dict(value)
+    try:
+        return ProtectionOptions.from_dict(_object('options', value),
+                                           'options')
+    except ContractError as exc:
+        raise _invalid(exc.field, exc.reason) from None
 
 
 # -- dispatch ---------------------------------------------------------------

@@ -9,11 +9,14 @@ Every agent listens on topic :data:`TOPIC` with its host name
     transport = rpcapi.get_transport(conf.CONF)   # [DEFAULT] transport_url
     api = rpcapi.AgentAPI(transport)
     api.list({}, 'hv1')                     # [{'instance': 'vm0', ...}]
-    api.protect({}, 'hv1', 'vm0', spec, {'epoch_ms': 100},
+    api.protect({}, 'hv1', 'vm0', GuestSpec(...),
+                ProtectionOptions(epoch_ms=100),
                 secondary_host='hv2')      # may take minutes
     api.failover({}, 'hv2', 'vm0')
 
 ``ctxt`` is a dict (or a RequestContext: its ``to_dict()`` is sent).
+``spec`` and ``options`` are the contract's records (or their JSON
+objects); the agent checks them again on arrival.
 Errors arrive as the classes of :mod:`mftvm_openstack.agent.exception`
 with a one-line message; an agent that does not answer in time raises
 :class:`~mftvm_openstack.agent.exception.PeerUnreachable`. The server side
@@ -42,6 +45,11 @@ from oslo_config import cfg  # noqa: E402
 
 from mftvm_openstack import conf as mftvm_conf  # noqa: E402
 from mftvm_openstack.agent import exception  # noqa: E402
+from mftvm_openstack.contract.record import Record  # noqa: E402
+from mftvm_openstack.contract.spec import (  # noqa: E402
+    GuestSpec,
+    ProtectionOptions,
+)
 
 TOPIC = 'mftvm-agent'
 #: the exchange of the agents' topics, fixed so that a client in another
@@ -135,6 +143,12 @@ def _context(ctxt: Any) -> dict[str, Any]:
     return dict(ctxt.to_dict())
 
 
+def _payload(value: Record | Mapping[str, Any]) -> Any:
+    """A record as its JSON object; anything else as it is (the agent
+    refuses what does not fit)."""
+    return value.to_dict() if isinstance(value, Record) else value
+
+
 def _clean_errors(method: _F) -> _F:
     """Re-raise remote errors as plain local ones, timeouts as
     PeerUnreachable."""
@@ -202,16 +216,19 @@ class AgentAPI:
 
     @_clean_errors
     def prepare_secondary(self, ctxt: Any, host: str, instance: str,
-                          spec: dict[str, Any], options: dict[str, Any],
+                          spec: GuestSpec | Mapping[str, Any],
+                          options: ProtectionOptions | Mapping[str, Any],
                           primary_host: str) -> dict[str, Any]:
         """Make ``host`` ready to hold ``instance`` for ``primary_host``."""
         return self._prepare(host).call(
             _context(ctxt), 'prepare_secondary', instance=instance,
-            spec=spec, options=options, primary_host=primary_host)
+            spec=_payload(spec), options=_payload(options),
+            primary_host=primary_host)
 
     @_clean_errors
     def protect(self, ctxt: Any, host: str, instance: str,
-                spec: dict[str, Any], options: dict[str, Any],
+                spec: GuestSpec | Mapping[str, Any],
+                options: ProtectionOptions | Mapping[str, Any],
                 secondary_host: Optional[str] = None) -> dict[str, Any]:
         """Run ``instance`` on ``host``, protected by ``secondary_host``."""
         total = self.timeout_of('protect')
@@ -221,8 +238,9 @@ class AgentAPI:
                               call_monitor_timeout=silence)
         try:
             return cctxt.call(
-                _context(ctxt), 'protect', instance=instance, spec=spec,
-                options=options, secondary_host=secondary_host)
+                _context(ctxt), 'protect', instance=instance,
+                spec=_payload(spec), options=_payload(options),
+                secondary_host=secondary_host)
         except oslo_messaging.MessagingTimeout:
             raise exception.PeerUnreachable(
                 host=host, reason=f'no answer to protect (silent for '

@@ -32,9 +32,12 @@ import sys
 import time
 from typing import Any, Optional
 
-from mftvm_openstack.ft import disk as ft_disk
+from mftvm_openstack.contract import plugins
+from mftvm_openstack.contract.record import ContractError
+from mftvm_openstack.contract.spec import FailoverResult
+from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.local import operations
-from mftvm_openstack.local.operations import UserError
+from mftvm_openstack.local.operations import LocalGuestStatus, UserError
 
 TRANSPORT_URL_ENV = 'MFTVM_TRANSPORT_URL'
 #: seconds a remote call waits for the agent (--timeout)
@@ -45,32 +48,40 @@ def _fmt(value: Any, unit: str = '') -> str:
     return '-' if value is None else f'{value}{unit}'
 
 
-def print_status(st: dict[str, Any]) -> None:
-    print(f'guest {st["name"]}')
+def print_status(st: LocalGuestStatus) -> None:
+    print(f'guest {st.name}')
     for role in operations.ROLES:
-        side = st.get(role)
+        side = st.side(role)
         if side is None:
             print(f'  {role:9} side: not started')
             continue
-        alive = 'running' if side.get('alive') else 'gone'
-        print(f'  {role:9} side: role={side.get("role")} '
-              f'state={side.get("state")} host-pid={side.get("host_pid")} '
-              f'({alive}) qemu-pid={_fmt(side.get("qemu_pid"))}')
-        if side.get('child_pids'):
-            print(f'              children: {side["child_pids"]}')
-        if 'epochs' in side:
-            print(f'              epochs={side["epochs"]} last-committed='
-                  f'{side["last_committed_epoch"]} lag='
-                  f'{side["replication_lag_epochs"]} pause p50='
-                  f'{_fmt(side["pause_ms_p50"], "ms")} p99='
-                  f'{_fmt(side["pause_ms_p99"], "ms")} dirty='
-                  f'{side["dirty_mib_total"]}MiB')
-        if side.get('failover_ms') is not None:
-            print(f'              failover took {side["failover_ms"]} ms')
-        if side.get('reason'):
-            print(f'              reason: {side["reason"]}')
-        if side.get('error'):
-            print(f'              error: {side["error"]}')
+        alive = 'running' if side.alive else 'gone'
+        print(f'  {role:9} side: role={side.role} '
+              f'state={side.state} host-pid={side.host_pid} '
+              f'({alive}) qemu-pid={_fmt(side.qemu_pid)}')
+        children = st.child_pids.get(role.value)
+        if children:
+            print(f'              children: {list(children)}')
+        print(f'              epochs={side.epochs} last-committed='
+              f'{side.last_committed_epoch} lag='
+              f'{side.replication_lag_epochs} pause p50='
+              f'{_fmt(side.pause_ms_p50, "ms")} p99='
+              f'{_fmt(side.pause_ms_p99, "ms")} dirty='
+              f'{side.dirty_mib_total}MiB')
+        if side.failover_ms is not None:
+            print(f'              failover took {side.failover_ms} ms')
+        if side.reason:
+            print(f'              reason: {side.reason}')
+        if side.error:
+            print(f'              error: {side.error}')
+
+
+def failover_line(name: str, result: FailoverResult) -> str:
+    """What ``mftvm failover --host`` says about the agent's answer."""
+    where = result.runs_on or f'the peer of {result.host}'
+    took = (f' (failover {result.failover_ms} ms)'
+            if result.failover_ms is not None else '')
+    return f'{name} now runs on {where}{took}'
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,11 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help='longest epoch while the guest sends nothing '
                            f'(fewer pauses; default {defaults.idle_epoch_ms}'
                            ', 0: always --epoch-ms)')
-    prot.add_argument('--tracker', default='auto',
-                      help='dirty tracker: auto, scan, soft-dirty')
-    prot.add_argument('--disk-sync', default=ft_disk.DEFAULT_DISK_SYNC,
-                      help=f'{" | ".join(ft_disk.DISK_SYNCS)} (default '
-                           f'{ft_disk.DEFAULT_DISK_SYNC})')
+    prot.add_argument('--tracker', default=defaults.tracker,
+                      help='dirty tracker: '
+                           f'{", ".join(plugins.tracker_choices())} '
+                           f'(default {defaults.tracker})')
+    prot.add_argument('--disk-sync', default=defaults.disk_sync,
+                      help=f'{" | ".join(plugins.disk_sync_choices())} '
+                           f'(default {defaults.disk_sync})')
     prot.add_argument('--nic', default=None,
                       help='user,hostfwd=tcp:127.0.0.1:PORT-:GUESTPORT')
     prot.add_argument('--foreground', action='store_true',
@@ -164,17 +177,21 @@ def print_remote_status(st: dict[str, Any], indent: str = '  ') -> None:
             print(f'{indent}{key}: {_remote_value(value)}')
 
 
-def print_remote_list(items: list[dict[str, Any]]) -> None:
+#: what ``mftvm list --host`` shows of each instance (``--json``: all)
+LIST_FIELDS = ('role', 'state', 'alive', 'peer', 'epochs',
+               'last_committed_epoch', 'pause_ms_p50', 'error')
+
+
+def print_remote_list(items: list[InstanceStatus]) -> None:
     if not items:
         print('no instances')
         return
     for item in items:
-        name = item.get('instance', item.get('name', '?'))
-        rest = ' '.join(f'{key}={_remote_value(item[key])}'
-                        for key in sorted(item)
-                        if key not in ('instance', 'name')
-                        and not isinstance(item[key], (dict, list)))
-        print(f'{name} {rest}'.rstrip())
+        shown = item.to_dict()
+        rest = ' '.join(f'{key}={_remote_value(shown[key])}'
+                        for key in LIST_FIELDS
+                        if shown[key] not in (None, ''))
+        print(f'{item.instance or "?"} {rest}'.rstrip())
 
 
 def cmd_remote(args: argparse.Namespace, host: str) -> int:
@@ -202,29 +219,32 @@ def cmd_remote(args: argparse.Namespace, host: str) -> int:
         timeout = getattr(args, 'sub_timeout', None) or args.timeout
         api = rpcapi.AgentAPI(transport, timeout=timeout, retry=1)
         if args.command == 'list':
-            items = api.list({}, host)
+            items = [InstanceStatus.from_dict(item, 'list entry')
+                     for item in api.list({}, host)]
             if args.json:
-                print(json.dumps(items, indent=1))
+                print(json.dumps([i.to_dict() for i in items], indent=1))
             else:
                 print_remote_list(items)
         elif args.command == 'status':
-            st = api.status({}, host, args.name)
+            st = InstanceStatus.from_dict(api.status({}, host, args.name),
+                                          'status').to_dict()
             if args.json:
                 print(json.dumps(st, indent=1))
             else:
                 print(f'guest {args.name} on {host}')
                 print_remote_status(st)
         elif args.command == 'failover':
-            res = api.failover({}, host, args.name)
-            took = (res or {}).get('failover_ms')
-            print(f'{args.name} now runs on {host}'
-                  + (f' (failover {took} ms)' if took is not None else ''))
+            print(failover_line(args.name, FailoverResult.from_dict(
+                api.failover({}, host, args.name), 'failover')))
         elif args.command == 'stop':
             api.stop_instance({}, host, args.name)
             print(f'{args.name} stopped on {host}')
         return 0
     except exception.MftvmError as exc:
         raise UserError(str(exc)) from None
+    except ContractError as exc:
+        raise UserError(f'the agent on {host} answered what this mftvm '
+                        f'cannot read: {exc}') from None
     except Exception as exc:     # a broker or driver failure: one line
         text = str(exc).strip().splitlines()
         raise UserError(rpcapi.mask_url(
@@ -249,7 +269,7 @@ def cmd_protect(args: argparse.Namespace, state_dir: str) -> int:
     try:
         while True:
             st = operations.status(state_dir, args.name)
-            if not any((st.get(r) or {}).get('alive')
+            if not any((side := st.side(r)) and side.alive
                        for r in operations.ROLES):
                 print(f'{args.name}: both sides have ended')
                 return 0
@@ -283,14 +303,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == 'status':
             st = operations.status(state_dir, args.name)
             if args.json:
-                print(json.dumps(st, indent=1))
+                print(json.dumps(st.to_dict(), indent=1))
             else:
                 print_status(st)
             return 0
         if args.command == 'failover':
-            sec = operations.failover(state_dir, args.name)
+            sec = InstanceStatus.from_dict(
+                operations.failover(state_dir, args.name))
             print(f'{args.name} now runs on the former secondary '
-                  f'(failover {sec.get("failover_ms")} ms)')
+                  f'(failover {_fmt(sec.failover_ms)} ms)')
             return 0
         if args.command == 'stop':
             operations.stop(state_dir, args.name)

@@ -13,6 +13,9 @@ other is defined here, typed, and checked on the way in:
 * :mod:`.record` — the typed, checked records the rest are made of;
 * :mod:`.status` — what one side says about itself (``status.json``, the
   control socket, the agent's ``status`` RPC);
+* :mod:`.spec` — the agent's RPC payloads: the guest spec (what QEMU
+  runs: every field checked, since it reaches a command line run as
+  root), the protection options, a failover's answer;
 * :mod:`.control` — the instance process's control requests and replies;
 * :mod:`.hello` — the handshake of a pair's data stream, with its
   protocol version.

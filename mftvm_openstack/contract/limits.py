@@ -10,3 +10,8 @@ validators all read them from here::
 EPOCH_MS_RANGE = (20, 10000)
 #: the longest idle epoch (ms): 0 (every epoch epoch_ms long) to a minute
 IDLE_EPOCH_MS_RANGE = (0, 60000)
+#: the guest sizes a caller may ask for: memory (MiB) and virtual CPUs
+MEMORY_MIB_RANGE = (16, 65536)
+SMP_RANGE = (1, 64)
+#: TCP ports
+PORT_RANGE = (1, 65535)

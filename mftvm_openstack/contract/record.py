@@ -21,7 +21,9 @@ these, ``tuple[X, ...]`` and ``dict[str, X]``. :func:`field` adds the
 checks an annotation cannot say: a numeric ``range``, a regular
 expression ``pattern`` (matched in full), ``choices`` (a tuple, or a
 function returning one, for choices read at run time such as plugin
-names), and ``max_len``.
+names), ``max_len``, and ``nullable=False`` for an ``Optional`` field
+whose ``None`` means "not given": JSON may leave it out but not send
+``null``, and :meth:`Record.to_dict` leaves it out while it is ``None``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,17 @@ R = TypeVar('R', bound='Record')
 
 class ContractError(ValueError):
     """A value that does not fit the contract; the message names the
-    field and says what was expected."""
+    field and says what was expected: ``'<field>: <reason>'``."""
+
+    @property
+    def field(self) -> str:
+        """The dotted name of the field that does not fit."""
+        return str(self).partition(': ')[0]
+
+    @property
+    def reason(self) -> str:
+        """What is wrong with it."""
+        return str(self).partition(': ')[2]
 
 
 def field(*, default: Any = dataclasses.MISSING,
@@ -49,10 +61,11 @@ def field(*, default: Any = dataclasses.MISSING,
           pattern: str | None = None,
           choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None
           = None,
-          max_len: int | None = None) -> Any:
+          max_len: int | None = None,
+          nullable: bool = True) -> Any:
     """A dataclass field with checks for :meth:`Record.from_dict`."""
     meta = {'range': range, 'pattern': pattern and re.compile(pattern),
-            'choices': choices, 'max_len': max_len}
+            'choices': choices, 'max_len': max_len, 'nullable': nullable}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory,
                                  metadata=meta)
@@ -72,7 +85,9 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name))
-                for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+                for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                if getattr(self, f.name) is not None
+                or f.metadata.get('nullable', True)}
 
     @classmethod
     def from_dict(cls: type[R], data: Any, where: str = '') -> R:
@@ -125,6 +140,9 @@ def _check(hint: Any, value: Any, name: str,
     args = typing.get_args(hint)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
+            if not meta.get('nullable', True):
+                raise ContractError(f'{name}: must not be null (leave it '
+                                    f'out for the default)')
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _check(inner, value, name, meta)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,13 @@ import signal
 import subprocess
 from collections.abc import Sequence
 from typing import Any, Optional
+
+# The guest's description is part of the contract (it crosses the agent's
+# RPC and guest.json); the engine uses it from there.
+from mftvm_openstack.contract.spec import (  # noqa: F401
+    GuestSpec,
+    HostForward,
+)
 
 QEMU_BINARY = 'qemu-system-x86_64'
 QSD_BINARY = 'qemu-storage-daemon'
@@ -43,67 +49,6 @@ PAGE_SIZE = 4096
 
 class VMError(Exception):
     """A guest cannot be started as asked; the message says what to do."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HostForward:
-    """A user-mode network port forward: host ``addr:port`` → guest port."""
-
-    host_addr: str
-    host_port: int
-    guest_port: int
-
-    def qemu(self) -> str:
-        return f'tcp:{self.host_addr}:{self.host_port}-:{self.guest_port}'
-
-
-@dataclasses.dataclass(frozen=True)
-class GuestSpec:
-    """Everything that defines the guest's virtual hardware.
-
-    Either the engine starts the guest itself (``kernel``, ``initrd`` and
-    ``disk`` say what to run), or ``domain`` names the libvirt domain that
-    runs it (Nova's ``instance-0000000N``): the libvirt domain's own XML
-    is then the hardware, and the engine adopts the running domain.
-    """
-
-    name: str
-    kernel: str = ''
-    initrd: str = ''
-    disk: str = ''
-    append: str = 'console=ttyS0 quiet'
-    disk_format: str = 'raw'
-    disk_size: int = 0  # virtual size in bytes, filled by probe_disk()
-    memory_mib: int = 128
-    smp: int = 1
-    forwards: tuple[HostForward, ...] = ()
-    accel: str = 'tcg'
-    domain: str = ''
-
-    @property
-    def mac(self) -> str:
-        """A stable locally administered MAC: the same on every host."""
-        digest = hashlib.sha256(self.name.encode()).digest()
-        return '52:54:00:' + ':'.join(f'{b:02x}' for b in digest[:3])
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory_mib << 20
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> GuestSpec:
-        data = dict(data)
-        data['forwards'] = tuple(HostForward(**f)
-                                 for f in data.get('forwards', ()))
-        spec = cls(**data)
-        if not spec.domain and not (spec.kernel and spec.initrd
-                                    and spec.disk):
-            raise ValueError('a guest needs kernel, initrd and disk, or '
-                             'the libvirt domain that runs it')
-        return spec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,33 +1,51 @@
 """Talking to a running instance process from outside it.
 
-An instance process (:mod:`mftvm_openstack.instance`) publishes its status
-to ``<guest-dir>/<role>/status.json`` and answers one JSON request per
-connection on ``<guest-dir>/<role>/control.sock``. The local CLI and the
-agent both use these helpers::
+An instance process (:mod:`mftvm_openstack.instance`) publishes its
+:class:`~mftvm_openstack.contract.status.InstanceStatus` to
+``<guest-dir>/<role>/status.json`` and answers one
+:class:`~mftvm_openstack.contract.control.ControlRequest` per connection
+on ``<guest-dir>/<role>/control.sock``. The local CLI and the agent both
+use these helpers; what they read is checked against the contract::
 
-    read_status(gdir, 'primary')          # last published status, or None
-    control(gdir, 'primary', 'status')    # {'ok': True, 'status': {...}}
+    st = status_of(gdir, Role.PRIMARY)     # InstanceStatus, or None
+    st.state is State.PROTECTED and st.alive
+    read_status(gdir, Role.PRIMARY)        # the same as a dict
+    control(gdir, Role.PRIMARY, ControlRequest(op=ControlOp.STATUS))
+    # ControlReply(ok=True, error='', status=InstanceStatus(...))
     pid_alive(1234)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 from typing import Any, Optional
 
+from mftvm_openstack.contract.control import ControlReply, ControlRequest
+from mftvm_openstack.contract.status import InstanceStatus
 
-def read_status(gdir: str, role: str) -> Optional[dict[str, Any]]:
-    """The last status a host published, or None. ``alive`` says whether
-    its process still runs."""
+
+def status_of(gdir: str, role: str) -> Optional[InstanceStatus]:
+    """The last status a side published (None: none yet), with ``alive``
+    saying whether its process still runs. A status that does not fit
+    the contract raises ContractError: producer and consumer disagree."""
     try:
         with open(os.path.join(gdir, role, 'status.json')) as f:
-            data: dict[str, Any] = json.load(f)
+            data = json.load(f)
     except (OSError, ValueError):
         return None
-    data['alive'] = pid_alive(data.get('host_pid'))
-    return data
+    status = InstanceStatus.from_dict(data, 'status.json')
+    return dataclasses.replace(status, alive=pid_alive(status.host_pid))
+
+
+def read_status(gdir: str, role: str) -> Optional[dict[str, Any]]:
+    """:func:`status_of` as a JSON object (the contract's keys)."""
+    status = status_of(gdir, role)
+    return None if status is None else status.to_dict()
+
+
 def pid_alive(pid: Any) -> bool:
     """Whether process ``pid`` runs (a zombie counts as gone)."""
     if not isinstance(pid, int) or pid <= 0:
@@ -44,20 +62,26 @@ def pid_alive(pid: Any) -> bool:
             return f.read().split(') ')[-1][:1] != 'Z'
     except OSError:
         return False
-def control(gdir: str, role: str, op: str, timeout: float = 60.0,
-            **args: Any) -> dict[str, Any]:
-    """Send one control command (``op`` and its ``args``) to a host;
-    ConnectionError if it is gone."""
+
+
+def control(gdir: str, role: str, request: ControlRequest,
+            timeout: float = 60.0) -> ControlReply:
+    """Send one control request to a side and read its reply.
+
+    ConnectionError (an OSError) if the side is gone or closes without
+    a reply; ContractError (a ValueError) if the reply does not fit.
+    """
     path = os.path.join(gdir, role, 'control.sock')
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(json.dumps({'op': op, **args}).encode() + b'\n')
+        s.sendall(json.dumps(request.to_dict()).encode() + b'\n')
         data = b''
         while not data.endswith(b'\n'):
             chunk = s.recv(65536)
             if not chunk:
                 break
             data += chunk
-    reply: dict[str, Any] = json.loads(data or b'{}')
-    return reply
+    if not data.strip():
+        raise ConnectionError(f'{path}: closed without a reply')
+    return ControlReply.from_dict(json.loads(data), 'control reply')

@@ -18,10 +18,13 @@ import sys
 import time
 from typing import Any, Optional
 
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import vm
 from mftvm_openstack.images import builder, records, workload
 from mftvm_openstack.local import operations
 from mftvm_openstack.local.operations import UserError
+from mftvm_openstack.waiting import wait_until
 
 NAME = 'mftvm-demo'
 
@@ -46,9 +49,11 @@ def _progress(text: str) -> None:
     sys.stdout.flush()
 
 
-def _side(state_dir: str, role: str) -> dict[str, Any]:
-    return operations.read_status(operations.guest_dir(state_dir, NAME),
-                               role) or {}
+def _side(state_dir: str, role: Role) -> InstanceStatus:
+    """What ``role`` last published (STARTING before it published)."""
+    return operations.status_of(operations.guest_dir(state_dir, NAME),
+                                role) or \
+        InstanceStatus(role=role, state=State.STARTING)
 
 
 def plot_timeline(pauses_ms: list[float], kill_epoch: Optional[int],
@@ -104,13 +109,11 @@ def run(args: Any, state_dir: str) -> int:
 def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
     # Ask only once the service listens: user-mode networking would hold
     # an early request and deliver it later, unseen by this client.
-    t_start = time.monotonic()
-    serial = os.path.join(gdir, 'primary', 'serial.log')
-    while 'COUNTER-READY' not in workload.read_text(serial):
-        if time.monotonic() - t_start > 120:
-            raise UserError('the demo guest did not start its service '
-                            f'within 120s (logs in {gdir})')
-        time.sleep(0.2)
+    serial = os.path.join(gdir, Role.PRIMARY, 'serial.log')
+    if not wait_until(lambda: 'COUNTER-READY' in workload.read_text(serial),
+                      120, interval=0.2):
+        raise UserError('the demo guest did not start its service '
+                        f'within 120s (logs in {gdir})')
     value = workload.counter_request('127.0.0.1', port, 10)
     if value is None:
         raise UserError(f'the demo guest does not answer (logs in {gdir})')
@@ -127,18 +130,18 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
             if got != last_seen + 1:
                 print(f'\nmftvm demo: counter jumped {last_seen} -> {got}')
             last_seen, answers = got, answers + 1
-        prim = _side(state_dir, 'primary')
-        _progress(f'epoch {prim.get("epochs")} committed '
-                  f'{prim.get("last_committed_epoch")} pause p50 '
-                  f'{prim.get("pause_ms_p50")} ms p99 '
-                  f'{prim.get("pause_ms_p99")} ms  counter {last_seen}')
+        prim = _side(state_dir, Role.PRIMARY)
+        _progress(f'epoch {prim.epochs} committed '
+                  f'{prim.last_committed_epoch} pause p50 '
+                  f'{prim.pause_ms_p50} ms p99 '
+                  f'{prim.pause_ms_p99} ms  counter {last_seen}')
         time.sleep(0.1)
-    prim = _side(state_dir, 'primary')
-    qemu_pid = prim.get('qemu_pid')
+    prim = _side(state_dir, Role.PRIMARY)
+    qemu_pid = prim.qemu_pid
     if not qemu_pid:
         raise UserError(f'the primary QEMU is not running (logs in {gdir})')
-    kill_epoch = prim.get('epochs')
-    before_kill = dict(prim)
+    kill_epoch = prim.epochs
+    before_kill = prim
     os.kill(qemu_pid, signal.SIGKILL)
     t_kill = time.monotonic()
     print(f'\nmftvm demo: SIGKILL primary QEMU pid {qemu_pid} at epoch '
@@ -147,16 +150,12 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
     while after is None and time.monotonic() - t_kill < 60:
         after = workload.counter_request('127.0.0.1', port, timeout=5)
     t_answer = time.monotonic()
-    sec = _side(state_dir, 'secondary')
-    for _ in range(50):
-        if sec.get('state') == 'active':
-            break
-        time.sleep(0.1)
-        sec = _side(state_dir, 'secondary')
+    wait_until(lambda: _side(state_dir, Role.SECONDARY).state
+               is State.ACTIVE, 5, interval=0.1)
     consistent = after == last_seen + 1
     time.sleep(2)  # let the guest write on, then check its disk
-    sec = _side(state_dir, 'secondary')
-    serial = workload.read_text(os.path.join(gdir, 'secondary',
+    sec = _side(state_dir, Role.SECONDARY)
+    serial = workload.read_text(os.path.join(gdir, Role.SECONDARY,
                                              'serial.log'))
     acks = workload.serial_acks(serial)
     futures = workload.future_records(serial)
@@ -164,13 +163,13 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
     chain_ok, chain_last = True, -1
     try:
         chain_last = workload.check_disk_chain(
-            [tuple(x) for x in sec.get('disk_layers', [])])
+            list(sec.disk_layers))
     except (records.ChainError, OSError, ValueError) as exc:
         chain_ok = False
         print(f'mftvm demo: disk chain broken: {exc}')
     pauses = []
     try:
-        with open(os.path.join(gdir, 'primary', 'pauses.json')) as f:
+        with open(os.path.join(gdir, Role.PRIMARY, 'pauses.json')) as f:
             pauses = json.load(f)
     except (OSError, ValueError):
         pass
@@ -178,12 +177,11 @@ def _drive(args: Any, state_dir: str, gdir: str, port: int) -> int:
         'guest_memory_mib': args.memory, 'epoch_ms': args.epoch_ms,
         'accelerator': vm.probe_accelerator(),
         'epochs_before_kill': kill_epoch,
-        'last_committed_before_kill': before_kill.get(
-            'last_committed_epoch'),
-        'pause_ms_p50': before_kill.get('pause_ms_p50'),
-        'pause_ms_p99': before_kill.get('pause_ms_p99'),
-        'dirty_mib_total': before_kill.get('dirty_mib_total'),
-        'restore_ms': sec.get('failover_ms'),
+        'last_committed_before_kill': before_kill.last_committed_epoch,
+        'pause_ms_p50': before_kill.pause_ms_p50,
+        'pause_ms_p99': before_kill.pause_ms_p99,
+        'dirty_mib_total': before_kill.dirty_mib_total,
+        'restore_ms': sec.failover_ms,
         'kill_to_next_answer_ms': round((t_answer - t_kill) * 1000, 1)
         if after is not None else None,
         'counter_last_seen_before_kill': last_seen,

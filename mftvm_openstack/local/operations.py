@@ -7,7 +7,7 @@ return once the guest is protected::
 
     spec = make_spec('vm0', kernel=..., initrd=..., disk=...)
     guest_dir = protect(spec, ProtectOptions(), state_dir)
-    status(state_dir, 'vm0')      # {'primary': {...}, 'secondary': {...}}
+    status(state_dir, 'vm0')      # LocalGuestStatus(primary=..., ...)
     stop(state_dir, 'vm0')
 
 Every user mistake is a :class:`UserError` with a one-line message that
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -26,15 +25,32 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import Any, Optional
 
-from mftvm_openstack.ft import disk as ft_disk
-from mftvm_openstack.ft import pair, trackers, vm
-from mftvm_openstack.instance.client import control, pid_alive, read_status
+from mftvm_openstack.contract import plugins
+from mftvm_openstack.contract.control import ControlOp, ControlRequest
+from mftvm_openstack.contract.limits import (
+    EPOCH_MS_RANGE,
+    IDLE_EPOCH_MS_RANGE,
+    MEMORY_MIB_RANGE,
+    SMP_RANGE,
+)
+from mftvm_openstack.contract.record import ContractError, Record, field
+from mftvm_openstack.contract.spec import NAME_PATTERN
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus
+from mftvm_openstack.files import write_json_atomic
+from mftvm_openstack.ft import trackers, vm
+from mftvm_openstack.instance.client import (  # noqa: F401 (read_status)
+    control,
+    pid_alive,
+    read_status,
+    status_of,
+)
+from mftvm_openstack.waiting import wait_until
 
-ROLES = ('primary', 'secondary')
-NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$')
+ROLES = (Role.PRIMARY, Role.SECONDARY)
+NAME_RE = re.compile(NAME_PATTERN)
 
 
 class UserError(Exception):
@@ -47,8 +63,8 @@ class ProtectOptions:
     #: how long an epoch may run while the guest sends nothing (no client
     #: waits on it); never less than epoch_ms, 0: always epoch_ms
     idle_epoch_ms: int = 1000
-    tracker: str = 'auto'
-    disk_sync: str = ft_disk.DEFAULT_DISK_SYNC
+    tracker: str = plugins.AUTO_TRACKER
+    disk_sync: str = plugins.DEFAULT_DISK_SYNC
     detect_timeout: float = 1.0
     #: seconds the guest runs unprotected before protection starts (the
     #: initial sync then copies a live guest's disk)
@@ -96,7 +112,7 @@ def make_spec(name: str, kernel: str, initrd: str, disk: str,
               append: Optional[str] = None, memory_mib: int = 128,
               smp: int = 1, nic: Optional[str] = None) -> vm.GuestSpec:
     """Validate the user's guest description and build its spec."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise UserError(f'guest name {name!r}: use letters, digits, "_", '
                         f'"." and "-" (at most 63)')
     try:
@@ -107,19 +123,27 @@ def make_spec(name: str, kernel: str, initrd: str, disk: str,
         fmt, size = vm.probe_disk(disk)
     except vm.VMError as exc:
         raise UserError(str(exc)) from None
-    if not 16 <= memory_mib <= 65536:
-        raise UserError(f'--memory {memory_mib}: give 16 to 65536 MiB')
-    if not 1 <= smp <= 64:
-        raise UserError(f'--smp {smp}: give 1 to 64')
+    low, high = MEMORY_MIB_RANGE
+    if not low <= memory_mib <= high:
+        raise UserError(f'--memory {memory_mib}: give {low} to {high} MiB')
+    low, high = SMP_RANGE
+    if not low <= smp <= high:
+        raise UserError(f'--smp {smp}: give {low} to {high}')
     forwards = parse_nic(nic) if nic else ()
     for fwd in forwards:
         check_port_free(fwd)
-    return vm.GuestSpec(
+    spec = vm.GuestSpec(
         name=name, kernel=os.path.abspath(kernel),
         initrd=os.path.abspath(initrd), disk=os.path.abspath(disk),
         append=append if append is not None else 'console=ttyS0 quiet',
         disk_format=fmt, disk_size=size, memory_mib=memory_mib, smp=smp,
         forwards=forwards, accel=vm.probe_accelerator())
+    try:        # what the instance process will check when it loads it
+        vm.GuestSpec.from_json(spec.to_json())
+    except ContractError as exc:
+        raise UserError(f'{exc.field.removeprefix("spec.")}: '
+                        f'{exc.reason}') from None
+    return spec
 
 
 def _check_state_dir(state_dir: str) -> None:
@@ -134,10 +158,10 @@ def _check_state_dir(state_dir: str) -> None:
 
 
 def _check_options(opts: ProtectOptions) -> None:
-    low, high = pair.EPOCH_MS_RANGE
+    low, high = EPOCH_MS_RANGE
     if not low <= opts.epoch_ms <= high:
         raise UserError(f'--epoch-ms {opts.epoch_ms}: give {low} to {high}')
-    low, high = pair.IDLE_EPOCH_MS_RANGE
+    low, high = IDLE_EPOCH_MS_RANGE
     if not low <= opts.idle_epoch_ms <= high:
         raise UserError(f'--idle-epoch-ms {opts.idle_epoch_ms}: give {low} '
                         f'to {high} (0: every epoch lasts --epoch-ms)')
@@ -145,16 +169,17 @@ def _check_options(opts: ProtectOptions) -> None:
         trackers.tracker_class(opts.tracker)
     except trackers.TrackerError as exc:
         raise UserError(f'--tracker: {exc}') from None
-    if opts.disk_sync not in ft_disk.DISK_SYNCS:
+    syncs = plugins.disk_sync_choices()
+    if opts.disk_sync not in syncs:
         raise UserError(f'--disk-sync {opts.disk_sync!r}: use one of '
-                        f'{", ".join(ft_disk.DISK_SYNCS)}')
+                        f'{", ".join(syncs)}')
 
 
 def guest_dir(state_dir: str, name: str) -> str:
     return os.path.join(state_dir, name)
 
 
-def _spawn_host(role: str, gdir: str) -> subprocess.Popen[bytes]:
+def _spawn_host(role: Role, gdir: str) -> subprocess.Popen[bytes]:
     log = open(os.path.join(gdir, f'{role}-host.log'), 'ab')
     with log:
         return subprocess.Popen(
@@ -163,11 +188,7 @@ def _spawn_host(role: str, gdir: str) -> subprocess.Popen[bytes]:
             start_new_session=True)
 
 
-
-
-
-
-def _host_log_tail(gdir: str, role: str) -> str:
+def _host_log_tail(gdir: str, role: Role) -> str:
     try:
         with open(os.path.join(gdir, f'{role}-host.log'), 'rb') as f:
             lines = f.read()[-8192:].decode(errors='replace').splitlines()
@@ -188,30 +209,34 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
     _check_options(opts)
     _check_state_dir(state_dir)
     gdir = guest_dir(state_dir, spec.name)
-    if any((s := read_status(gdir, role)) and s['alive'] for role in ROLES):
+    if any((s := _readable_status(gdir, role)) and s.alive
+           for role in ROLES):
         raise UserError(f'guest {spec.name} is already running; stop it '
                         f'with "mftvm stop {spec.name}" first')
     shutil.rmtree(gdir, ignore_errors=True)
     os.makedirs(gdir)
-    with open(os.path.join(gdir, 'guest.json'), 'w') as f:
-        json.dump({'spec': spec.to_json(),
-                   'options': {**dataclasses.asdict(opts),
-                               **(host_options or {})}}, f, indent=1)
-    procs = [_spawn_host('secondary', gdir), _spawn_host('primary', gdir)]
-    deadline = time.monotonic() + opts.protect_timeout
-    while time.monotonic() < deadline:
-        st = read_status(gdir, 'primary')
-        if st and st.get('last_committed_epoch', 0) >= 1:
-            return gdir
+    write_json_atomic(os.path.join(gdir, 'guest.json'),
+                      {'spec': spec.to_json(),
+                       'options': {**dataclasses.asdict(opts),
+                                   **(host_options or {})}})
+    procs = [_spawn_host(Role.SECONDARY, gdir),
+             _spawn_host(Role.PRIMARY, gdir)]
+
+    def protected() -> bool:
+        st = status_of(gdir, Role.PRIMARY)
+        if st and st.last_committed_epoch >= 1:
+            return True
         dead = [(role, p) for role, p in zip(ROLES[::-1], procs)
                 if p.poll() is not None]
-        if dead or (st and st.get('state') == 'failed'):
-            role = dead[0][0] if dead else 'primary'
-            why = (st or {}).get('error') or _host_log_tail(gdir, role)
+        if dead or (st and st.state is State.FAILED):
+            role = dead[0][0] if dead else Role.PRIMARY
+            why = (st.error if st else '') or _host_log_tail(gdir, role)
             _kill_all(gdir, procs)
             raise UserError(f'protecting {spec.name} failed on the {role} '
                             f'side: {why} (logs in {gdir})')
-        time.sleep(0.1)
+        return False
+    if wait_until(protected, opts.protect_timeout, interval=0.1):
+        return gdir
     _kill_all(gdir, procs)
     raise UserError(f'{spec.name} was not protected within '
                     f'{opts.protect_timeout:.0f}s (logs in {gdir})')
@@ -224,8 +249,6 @@ def _kill_all(gdir: str, procs: list[subprocess.Popen[bytes]]) -> None:
         p.wait()
 
 
-
-
 def _require_guest(state_dir: str, name: str) -> str:
     gdir = guest_dir(state_dir, name)
     if not os.path.exists(os.path.join(gdir, 'guest.json')):
@@ -234,24 +257,55 @@ def _require_guest(state_dir: str, name: str) -> str:
     return gdir
 
 
-def status(state_dir: str, name: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class LocalGuestStatus(Record):
+    """Both sides of a local guest, as ``mftvm status`` shows them.
+
+    Each side is what its instance process says (None: not started);
+    ``child_pids`` adds, per role of a running side, the processes its
+    instance process owns (QEMU, the secondary's storage daemon), which
+    only a reader on the same machine can see.
+    """
+
+    name: str = field(pattern=NAME_PATTERN)
+    primary: Optional[InstanceStatus] = None
+    secondary: Optional[InstanceStatus] = None
+    child_pids: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def side(self, role: Role) -> Optional[InstanceStatus]:
+        return self.primary if role is Role.PRIMARY else self.secondary
+
+
+def _readable_status(gdir: str, role: Role) -> Optional[InstanceStatus]:
+    """status_of(), or None for a status this version cannot read (a
+    guest left behind by another version is not running here)."""
+    try:
+        return status_of(gdir, role)
+    except ContractError:
+        return None
+
+
+def status(state_dir: str, name: str) -> LocalGuestStatus:
     gdir = _require_guest(state_dir, name)
-    result: dict[str, Any] = {'name': name}
+    sides: dict[Role, Optional[InstanceStatus]] = {}
+    children: dict[str, tuple[int, ...]] = {}
     for role in ROLES:
-        st = read_status(gdir, role)
+        st = status_of(gdir, role)
         if st is not None:
             try:
-                live = control(gdir, role, 'status', timeout=5)
-                if live.get('ok'):
-                    st = dict(live['status'], alive=True)
+                live = control(gdir, role,
+                               ControlRequest(op=ControlOp.STATUS),
+                               timeout=5)
+                if live.ok and live.status is not None:
+                    st = dataclasses.replace(live.status, alive=True)
             except (OSError, ValueError):
                 pass
-        result[role] = st
-    sec = result.get('secondary') or {}
-    if sec.get('alive'):
-        qsd = _child_pids(sec.get('host_pid'))
-        sec['child_pids'] = qsd
-    return result
+            if st.alive:
+                children[role.value] = tuple(_child_pids(st.host_pid))
+        sides[role] = st
+    return LocalGuestStatus(name=name, primary=sides[Role.PRIMARY],
+                            secondary=sides[Role.SECONDARY],
+                            child_pids=children)
 
 
 def _child_pids(pid: Any) -> list[int]:
@@ -274,28 +328,35 @@ def _child_pids(pid: Any) -> list[int]:
 
 def failover(state_dir: str, name: str) -> dict[str, Any]:
     """Planned failover through the primary; a takeover by the secondary
-    when the primary's host is gone."""
+    when the primary's host is gone. The secondary's status once it runs
+    the guest (an InstanceStatus as a JSON object)."""
     gdir = _require_guest(state_dir, name)
-    prim = read_status(gdir, 'primary')
+    prim = _readable_status(gdir, Role.PRIMARY)
+    request = ControlRequest(op=ControlOp.FAILOVER)
     try:
-        if prim and prim['alive']:
-            reply = control(gdir, 'primary', 'failover')
+        if prim and prim.alive:
+            reply = control(gdir, Role.PRIMARY, request)
         else:
-            reply = control(gdir, 'secondary', 'failover')
+            reply = control(gdir, Role.SECONDARY, request)
     except OSError:
         raise UserError(f'{name}: no running side answers; see "mftvm '
                         f'status {name}"') from None
-    if not reply.get('ok'):
-        raise UserError(f'{name}: failover refused: {reply.get("error")}')
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        sec = read_status(gdir, 'secondary') or {}
-        if sec.get('state') == 'active':
-            return sec
-        if sec.get('state') in ('lost', 'stopped') or not sec.get('alive'):
+    if not reply.ok:
+        raise UserError(f'{name}: failover refused: {reply.error}')
+    active: list[InstanceStatus] = []
+
+    def done() -> bool:
+        sec = status_of(gdir, Role.SECONDARY)
+        if sec is not None and sec.state is State.ACTIVE:
+            active.append(sec)
+            return True
+        if sec is None or sec.state in (State.LOST, State.STOPPED) \
+                or not sec.alive:
             raise UserError(f'{name}: failover failed: '
-                            f'{sec.get("reason") or "secondary gone"}')
-        time.sleep(0.1)
+                            f'{(sec and sec.reason) or "secondary gone"}')
+        return False
+    if wait_until(done, 60, interval=0.1):
+        return active[0].to_dict()
     raise UserError(f'{name}: failover did not finish within 60s')
 
 
@@ -303,28 +364,26 @@ def stop(state_dir: str, name: str, timeout: float = 20.0) -> None:
     """Stop both sides; kill what does not stop in time."""
     gdir = _require_guest(state_dir, name)
     pids = []
-    for role in ('primary', 'secondary'):
-        st = read_status(gdir, role)
-        if st and st['alive']:
-            pids.append(st['host_pid'])
+    for role in ROLES:
+        st = _readable_status(gdir, role)
+        if st and st.alive and st.host_pid is not None:
+            pids.append(st.host_pid)
             try:
-                control(gdir, role, 'stop', timeout=5)
+                control(gdir, role, ControlRequest(op=ControlOp.STOP),
+                        timeout=5)
             except (OSError, ValueError):
                 pass
-    deadline = time.monotonic() + timeout
+
+    def all_gone() -> bool:
+        return not any(pid_alive(pid) for pid in pids)
+    wait_until(all_gone, timeout)
     for pid in pids:
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     # A host killed (here, or before) could not remove its guest RAM file
     # from /dev/shm. Once neither host runs, nothing maps it any more
     # (each QEMU dies with its host).
-    deadline = time.monotonic() + 5
-    while any(pid_alive(pid) for pid in pids) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not any(pid_alive(pid) for pid in pids):
-        for role in ('primary', 'secondary'):
+    if wait_until(all_gone, 5):
+        for role in ROLES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(vm.ram_path(name, role))

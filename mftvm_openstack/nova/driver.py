@@ -37,6 +37,7 @@ from oslo_log import log as logging
 
 from mftvm_openstack import conf as mftvm_conf
 from mftvm_openstack.agent import rpcapi
+from mftvm_openstack.contract.states import State
 from mftvm_openstack.nova import ft_request, handoff
 
 LOG = logging.getLogger(__name__)
@@ -48,14 +49,16 @@ SECONDARY_CONSUMER = 'ft_secondary_consumer'
 #: system metadata and server metadata: where protection stands
 STATUS = 'ft_status'
 
+# ft_status is for people: the agent's state where there is one, else
+# what the driver is doing
 STATUS_PROTECTING = 'protecting'
-STATUS_PROTECTED = 'protected'
-STATUS_NO_SECONDARY = 'unprotected: no secondary host'
-STATUS_STOPPED = 'stopped'
-STATUS_REBOOTING = 'unprotected: rebooting'
-STATUS_PAUSED = 'unprotected: paused'
-STATUS_SUSPENDED = 'unprotected: suspended'
-STATUS_FT_OFF = 'unprotected: ft off'
+STATUS_PROTECTED = State.PROTECTED.value
+STATUS_NO_SECONDARY = f'{State.UNPROTECTED}: no secondary host'
+STATUS_STOPPED = State.STOPPED.value
+STATUS_REBOOTING = f'{State.UNPROTECTED}: rebooting'
+STATUS_PAUSED = f'{State.UNPROTECTED}: paused'
+STATUS_SUSPENDED = f'{State.UNPROTECTED}: suspended'
+STATUS_FT_OFF = f'{State.UNPROTECTED}: ft off'
 
 #: why a move of an FT server is refused (``%(what)s``: 'Resize or cold
 #: migration', 'Live migration'; ``%(remedy)s``: one of the two below).

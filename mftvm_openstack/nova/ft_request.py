@@ -63,6 +63,7 @@ from oslo_utils import strutils
 
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.limits import EPOCH_MS_RANGE
+from mftvm_openstack.contract.spec import ProtectionOptions
 
 #: the extra-spec namespace (``ft:...``)
 NAMESPACE = 'ft'
@@ -123,15 +124,11 @@ class FTRequest:
     def agent_options(self) -> dict[str, Any]:
         """The options to hand to the agent's ``protect`` call.
 
-        Only the options that were set, under the agent's names
-        (``epoch_ms``, ``disk_sync``).
+        Only the options that were set: a
+        :class:`~mftvm_openstack.contract.spec.ProtectionOptions` as JSON.
         """
-        options: dict[str, Any] = {}
-        if self.epoch_ms is not None:
-            options['epoch_ms'] = self.epoch_ms
-        if self.disk_sync is not None:
-            options['disk_sync'] = self.disk_sync
-        return options
+        return ProtectionOptions(epoch_ms=self.epoch_ms,
+                                 disk_sync=self.disk_sync).to_dict()
 
 
 def _shown(value: Any) -> str:
@@ -176,10 +173,11 @@ def parse_epoch_ms(source: str, key: str, value: Any) -> int:
 
 def parse_disk_sync(source: str, key: str, value: Any) -> str:
     """``value`` as the name of a disk-sync plugin."""
-    if value not in DISK_SYNC_CHOICES:
+    choices = plugins.disk_sync_choices()   # a plugin added since import
+    if value not in choices:
         raise InvalidFTRequest(
             source, key, value,
-            f'{_shown(value)} is not one of: {", ".join(DISK_SYNC_CHOICES)}',
+            f'{_shown(value)} is not one of: {", ".join(choices)}',
         )
     return value
 

@@ -22,8 +22,9 @@ thread under eventlet monkey patching. The admin context is the one
 compute's cell, as the manager's own is.
 
 **What "taken over" means.** The agent on this host lists the instance
-with ``role == 'primary'``, a running ``state`` (:data:`RUNNING_STATES`)
-and not ``alive: False``, while Nova's ``instance.host`` is another
+(an :class:`~mftvm_openstack.contract.status.InstanceStatus`) with role
+``primary``, a running ``state`` (:data:`RUNNING_STATES`) and not
+``alive: False``, while Nova's ``instance.host`` is another
 host, and Nova recorded this host as its secondary
 (``system_metadata['ft_secondary_host']``). The agent's fencing (a tooz
 lock) is what guarantees a single runner; Nova only follows.
@@ -104,12 +105,17 @@ from nova.objects import fields as nova_fields
 from oslo_concurrency import lockutils
 from oslo_log import log as logging
 
+from mftvm_openstack.contract.record import ContractError
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus
+
 LOG = logging.getLogger(__name__)
 
-#: agent states in which the guest runs on the agent's host
-RUNNING_STATES = frozenset({'active', 'protected', 'syncing'})
+#: agent states in which the guest runs on the agent's host and is Nova's
+#: to follow (UNPROTECTED is a primary that never moved)
+RUNNING_STATES = frozenset({State.ACTIVE, State.PROTECTED, State.SYNCING})
 #: the role of the agent's side that runs the guest
-PRIMARY = 'primary'
+PRIMARY = Role.PRIMARY
 #: the instance action recorded for a hand-off (``server event list``)
 ACTION = 'ft-failover'
 
@@ -135,7 +141,7 @@ def failed_over_status(old_host: str) -> str:
         >>> failed_over_status('host1')
         'failed-over from host1; unprotected'
     """
-    return f'{FAILED_OVER}{old_host}; unprotected'
+    return f'{FAILED_OVER}{old_host}; {State.UNPROTECTED}'
 
 
 def taken_over(entries: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -156,15 +162,20 @@ def taken_over(entries: Iterable[Mapping[str, Any]]) -> list[str]:
     """
     out = []
     for entry in entries:
-        if entry.get('role') != PRIMARY:
+        try:
+            status = InstanceStatus.from_dict(
+                dict(entry) if isinstance(entry, Mapping) else entry,
+                'list entry')
+        except ContractError as exc:
+            LOG.warning('The agent listed what this driver cannot read: '
+                        '%s', exc)
             continue
-        if entry.get('state') not in RUNNING_STATES:
+        if status.role is not PRIMARY or \
+                status.state not in RUNNING_STATES or \
+                status.alive is False:
             continue
-        if entry.get('alive') is False:
-            continue
-        name = entry.get('instance')
-        if isinstance(name, str) and name:
-            out.append(name)
+        if status.instance:
+            out.append(status.instance)
     return out
 
 

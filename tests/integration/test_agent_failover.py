@@ -176,7 +176,7 @@ class HostLossTest(AgentLab):
         # After re-protection the pair's own stats are the new pair's;
         # the takeover stamps stay in the status.
         take = self.status(host).get('takeover') or {}
-        if 'resumed' not in take:
+        if take.get('resumed') is None or take.get('fenced') is None:
             return None
         return round((take['resumed'] - take['fenced']) * 1000)
 

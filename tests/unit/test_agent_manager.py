@@ -3,16 +3,24 @@ QEMU)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import unittest
 
 from oslo_config import cfg
 
 from mftvm_openstack import conf
 from mftvm_openstack.agent import exception, manager
+from mftvm_openstack.cmd import mftvm
+from mftvm_openstack.contract.spec import FailoverResult, ProtectionOptions
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import vm
 
 
@@ -29,17 +37,17 @@ class CandidatesTest(unittest.TestCase):
 
     def test_self_is_never_a_candidate_and_order_is_kept(self):
         m = self.make('h2', ['h1', 'h2', 'h3'])
-        self.assertEqual(['h1', 'h3'], m._candidates(None, ()))
+        self.assertEqual(['h1', 'h3'], m.candidates(None, ()))
 
     def test_preferred_first(self):
         m = self.make('h1', ['h2', 'h3'])
-        self.assertEqual(['h3', 'h2'], m._candidates('h3', ()))
+        self.assertEqual(['h3', 'h2'], m.candidates('h3', ()))
 
     def test_the_lost_peer_is_asked_last_not_never(self):
         # It may be the only peer left once another one failed too.
         m = self.make('h1', ['h2', 'h3'])
-        self.assertEqual(['h3', 'h2'], m._candidates(None, ('h2',)))
-        self.assertEqual(['h3'], self.make('h1', ['h3'])._candidates(
+        self.assertEqual(['h3', 'h2'], m.candidates(None, ('h2',)))
+        self.assertEqual(['h3'], self.make('h1', ['h3']).candidates(
             None, ('h3',)))
 
 
@@ -62,11 +70,14 @@ class GuestDirTest(unittest.TestCase):
         spec = {'name': 'c0ffee00-0000-4000-8000-000000000001',
                 'domain': 'instance-00000001', 'memory_mib': 512,
                 'smp': 1}
-        inst = self.m._new_dir('c0ffee00', spec,
-                               self.m._host_options({}))
+        inst = self.m.new_instance_dir(
+            'c0ffee00', vm.GuestSpec.from_json(spec),
+            self.m.host_options(ProtectionOptions()))
         with open(os.path.join(inst.dir, 'guest.json')) as f:
             guest = json.load(f)
-        self.assertEqual(spec, guest['spec'])
+        self.assertEqual(spec, {k: guest['spec'][k] for k in spec})
+        self.assertEqual(vm.GuestSpec.from_json(spec),
+                         vm.GuestSpec.from_json(guest['spec']))
         self.assertEqual('qemu+unix:///system',
                          guest['options']['libvirt_uri'])
         loaded = vm.GuestSpec.from_json(guest['spec'])
@@ -74,16 +85,161 @@ class GuestDirTest(unittest.TestCase):
         self.assertEqual(512 << 20, loaded.memory_bytes)
 
     def test_idle_epochs_from_the_request_or_the_ft_group(self):
-        self.assertEqual(1000, self.m._host_options({})['idle_epoch_ms'])
+        none = ProtectionOptions()
+        self.assertEqual(1000, self.m.host_options(none)['idle_epoch_ms'])
         self.m.conf.set_override('idle_epoch_ms', 0, group='ft')
-        self.assertEqual(0, self.m._host_options({})['idle_epoch_ms'])
-        self.assertEqual(2500, self.m._host_options(
-            {'idle_epoch_ms': 2500})['idle_epoch_ms'])
+        self.assertEqual(0, self.m.host_options(none)['idle_epoch_ms'])
+        self.assertEqual(2500, self.m.host_options(
+            ProtectionOptions(idle_epoch_ms=2500))['idle_epoch_ms'])
 
     def test_spec_without_guest_or_domain_is_refused(self):
         with self.assertRaises(exception.InvalidRequest) as ctx:
-            self.m._new_dir('x', {'name': 'x', 'memory_mib': 128},
-                            self.m._host_options({}))
+            self.m.new_instance_dir(
+                'x', vm.GuestSpec(name='x', memory_mib=128),
+                self.m.host_options(ProtectionOptions()))
         self.assertIn('libvirt domain', str(ctx.exception))
         self.assertFalse(os.path.exists(os.path.join(self.tmp, 'instances',
                                                      'x')))
+
+
+class FakeInstanceProcess:
+    """An instance directory with a published status.json and a control
+    socket answering like an instance process (this test's process
+    stands for it: its pid is alive)."""
+
+    def __init__(self, root: str, name: str, role: str,
+                 status: dict, peer: str = 'hv2') -> None:
+        self.dir = os.path.join(root, 'instances', name)
+        self.role = role
+        os.makedirs(os.path.join(self.dir, role))
+        with open(os.path.join(self.dir, 'record.json'), 'w') as f:
+            json.dump({'role': role, 'peer': peer, 'pid': os.getpid()}, f)
+        self.publish(status)
+        self.requests: list[dict] = []
+        #: called with each request; returns (reply, status to publish)
+        self.answer = lambda request: ({'ok': True}, None)
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(os.path.join(self.dir, role, 'control.sock'))
+        self.server.listen()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def publish(self, status: dict) -> None:
+        status = dict(status, host_pid=os.getpid())
+        with open(os.path.join(self.dir, self.role, 'status.json'),
+                  'w') as f:
+            json.dump(status, f)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                request = json.loads(conn.makefile().readline())
+                self.requests.append(request)
+                reply, status = self.answer(request)
+                # published first: the caller's next look sees it (no
+                # polling interval to sleep through)
+                if status is not None:
+                    self.publish(status)
+                conn.sendall(json.dumps(reply).encode() + b'\n')
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class RemoteListTest(unittest.TestCase):
+
+    def test_list_shows_a_few_fields_per_instance(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            mftvm.print_remote_list([InstanceStatus(
+                role=Role.PRIMARY, state=State.PROTECTED, alive=True,
+                epochs=9, instance='vm0', host='hv1', peer='hv2')])
+            mftvm.print_remote_list([])
+        self.assertEqual('vm0 role=primary state=protected alive=True '
+                         'peer=hv2 epochs=9 last_committed_epoch=0\n'
+                         'no instances\n', out.getvalue())
+
+
+class StatusTest(unittest.TestCase):
+    """What the agent answers about an instance: the contract's status."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        c = cfg.ConfigOpts()
+        conf.register_opts(c)
+        c([], project='mftvm-test')
+        c.set_override('host', 'hv1', group='agent')
+        c.set_override('state_path', self.tmp, group='agent')
+        self.m = manager.AgentManager(c, agents=object())
+
+    def instance(self, role: str, **status) -> FakeInstanceProcess:
+        proc = FakeInstanceProcess(self.tmp, 'vm0', role, dict(
+            {'role': role, 'state': 'protected'}, **status))
+        self.addCleanup(proc.close)
+        return proc
+
+    def test_pauses_reach_the_agents_status(self):
+        # Bug: the agent kept only 'pause_p50_ms'/'pause_p99_ms', keys no
+        # instance process publishes: its status never showed a pause.
+        self.instance('primary', epochs=40, last_committed_epoch=39,
+                      pause_ms_p50=12.5, pause_ms_p99=31.0,
+                      pause_parts_ms_p50={'devstate': 4.0, 'ram': 6.0,
+                                          'disk_mark': 1.0})
+        st = self.m.status('vm0')
+        self.assertEqual(12.5, st['pause_ms_p50'])
+        self.assertEqual(31.0, st['pause_ms_p99'])
+        self.assertEqual({'devstate': 4.0, 'ram': 6.0, 'disk_mark': 1.0},
+                         st['pause_parts_ms_p50'])
+
+    def test_status_is_an_instance_status_with_the_agents_view(self):
+        self.instance('primary', epochs=3, pair_id='p-1')
+        st = self.m.status('vm0')
+        typed = InstanceStatus.from_dict(st)
+        self.assertEqual(State.PROTECTED, typed.state)
+        self.assertEqual(Role.PRIMARY, typed.role)
+        self.assertEqual(('vm0', 'hv1', 'hv2', True, os.getpid()),
+                         (typed.instance, typed.host, typed.peer,
+                          typed.alive, typed.host_pid))
+        self.assertEqual(typed.to_dict(), st)
+        self.assertEqual([st], self.m.list())
+
+    def test_a_status_off_the_contract_is_refused_not_passed_on(self):
+        self.instance('primary', pause_p50_ms=3.0)
+        with self.assertRaises(exception.Conflict) as ctx:
+            self.m.status('vm0')
+        self.assertIn('pause_p50_ms', str(ctx.exception))
+        self.assertEqual([], self.m.list())
+
+    def test_failover_answers_how_long_the_takeover_took(self):
+        # Bug: `mftvm failover --host` printed the agent's 'failover_ms',
+        # which the agent's failover never returned.
+        proc = self.instance('secondary', state='standby')
+        proc.answer = lambda request: ({'ok': True}, {
+            'role': 'primary', 'state': 'active', 'failover_ms': 412.5})
+        reply = self.m.failover('vm0')
+        self.assertEqual([{'op': 'failover', 'secondary': None,
+                           'pair_id': None}], proc.requests)
+        result = FailoverResult.from_dict(reply)
+        self.assertEqual(412.5, result.failover_ms)
+        self.assertEqual('hv1', result.runs_on)
+        self.assertEqual('vm0 now runs on hv1 (failover 412.5 ms)',
+                         mftvm.failover_line('vm0', result))
+
+    def test_planned_failover_names_the_peer(self):
+        proc = self.instance('primary')
+        result = FailoverResult.from_dict(self.m.failover('vm0'))
+        self.assertEqual(['failover'], [r['op'] for r in proc.requests])
+        self.assertEqual(('hv2', None), (result.runs_on,
+                                         result.failover_ms))
+
+    def test_failover_refused_by_the_instance_is_a_conflict(self):
+        proc = self.instance('primary', state='unprotected')
+        proc.answer = lambda request: ({'ok': False, 'error': 'the guest '
+                                        'is not protected'}, None)
+        with self.assertRaises(exception.Conflict) as ctx:
+            self.m.failover('vm0')
+        self.assertIn('not protected', str(ctx.exception))

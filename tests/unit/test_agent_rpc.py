@@ -24,12 +24,28 @@ from oslo_messaging._drivers import common as om_common
 
 from mftvm_openstack import conf
 from mftvm_openstack.agent import exception, rpc, rpcapi, service
+from mftvm_openstack.contract import plugins
+from mftvm_openstack.contract.spec import GuestSpec, ProtectionOptions
 
 CONF = conf.CONF
 HOST = 'hv-unit'
 GOOD_SPEC = {'name': 'vm0', 'memory_mib': 128, 'disk': '/tmp/vm0.img'}
 GOOD_OPTIONS = {'epoch_ms': 100, 'disk_sync': 'block-copy',
                 'tracker': 'scan', 'start_delay': 0.5}
+#: the smallest spec the endpoint lets through: a name (whether it says
+#: what to run is the manager's check)
+BARE_SPEC = {'name': 'vm0'}
+
+
+def spec(data=None, **fields):
+    """The GuestSpec the manager receives for ``data``."""
+    return GuestSpec.from_dict(dict(data or GOOD_SPEC, **fields))
+
+
+def options(data=None):
+    """The ProtectionOptions the manager receives for ``data``."""
+    return ProtectionOptions.from_dict(GOOD_OPTIONS if data is None
+                                       else data)
 
 
 class FakeManager:
@@ -130,16 +146,18 @@ class EndpointChecksTest(testtools.TestCase):
 
     def test_good_requests_reach_the_manager(self):
         self.endpoint.protect({}, **self.protect())
-        self.endpoint.protect({}, instance='a', spec={}, options={})
+        self.endpoint.protect({}, instance='a', spec={'name': 'a'},
+                              options={})
         self.endpoint.prepare_secondary(
-            {}, instance='A-1_b.c', spec={}, options={'epoch_ms': 20},
-            primary_host='hv1.example.org')
+            {}, instance='A-1_b.c', spec=BARE_SPEC,
+            options={'epoch_ms': 20}, primary_host='hv1.example.org')
         self.endpoint.status({}, instance='x' * 63)
         self.assertEqual(
-            [('protect', 'vm0', GOOD_SPEC, GOOD_OPTIONS, 'hv2'),
-             ('protect', 'a', {}, {}, None),
-             ('prepare_secondary', 'A-1_b.c', {}, {'epoch_ms': 20},
-              'hv1.example.org'),
+            [('protect', 'vm0', spec(), options(), 'hv2'),
+             ('protect', 'a', GuestSpec(name='a'), ProtectionOptions(),
+              None),
+             ('prepare_secondary', 'A-1_b.c', GuestSpec(name='vm0'),
+              ProtectionOptions(epoch_ms=20), 'hv1.example.org'),
              ('status', 'x' * 63)],
             self.manager.calls)
 
@@ -157,6 +175,119 @@ class EndpointChecksTest(testtools.TestCase):
                                      **self.protect(spec=bad))
             self.assertIn('must be a dict', msg)
         self.assertInvalid('spec', 'protect', **self.protect(spec={1: 2}))
+
+    # -- the guest spec: hostile values for every field --------------------
+
+    def assertSpecInvalid(self, field: str, **fields: Any) -> str:
+        """``fields`` over a good spec are refused as ``spec.<field>``,
+        on both methods that take a spec, before the manager runs."""
+        bad = dict(GOOD_SPEC, **fields)
+        self.assertInvalid(f'spec.{field}', 'prepare_secondary',
+                           instance='vm0', spec=bad, options={},
+                           primary_host='hv1')
+        return self.assertInvalid(f'spec.{field}', 'protect',
+                                  **self.protect(spec=bad))
+
+    def test_issue_11_hostfwd_injection_is_refused(self):
+        # a guestfwd whose command would run on the host, smuggled into
+        # QEMU's -netdev user,hostfwd=... through a port number
+        msg = self.assertSpecInvalid('forwards[0].host_port', forwards=[{
+            'host_addr': '127.0.0.1',
+            'host_port': '1-:2,guestfwd=tcp:10.0.2.9:9-cmd:touch x',
+            'guest_port': 80}])
+        self.assertIn('must be an integer', msg)
+
+    def test_spec_name(self):
+        for bad in ('vm 0', '-vm', '.vm', '', 'x' * 64, 'vm0\n', '../x',
+                    'vm,x', 7, None, ['vm0']):
+            self.assertSpecInvalid('name', name=bad)
+        kwargs = self.protect(spec={'disk': '/tmp/d'})
+        self.assertIn('required', self.assertInvalid('spec.name', 'protect',
+                                                     **kwargs))
+
+    def test_spec_paths(self):
+        for key in ('kernel', 'initrd', 'disk'):
+            for bad in ('relative/img', 'img', '/a,b', '/a,file.driver=x',
+                        '/a\nb', '/a\x00b', '/a\x7f', '/a\tb',
+                        '/' + 'a' * 5000, 3, None, ['/a']):
+                self.assertSpecInvalid(key, **{key: bad})
+            self.endpoint.protect({}, **self.protect(
+                spec=dict(GOOD_SPEC, **{key: '/var/lib/a b/ü.img'})))
+            self.manager.calls.clear()
+
+    def test_spec_append(self):
+        for bad in ('quiet\ninit=/bin/sh', '\x1b[2J', 'x' * 4097, 5,
+                    None):
+            self.assertSpecInvalid('append', append=bad)
+        self.endpoint.protect({}, **self.protect(
+            spec=dict(GOOD_SPEC, append='console=ttyS0,115200 quiet')))
+
+    def test_spec_disk_format_and_accel(self):
+        for bad in ('vmdk', 'raw,file=x', '', 'RAW', None, 1):
+            self.assertSpecInvalid('disk_format', disk_format=bad)
+        for bad in ('hvf', 'kvm,x', '', None, True):
+            self.assertSpecInvalid('accel', accel=bad)
+        for fmt in ('raw', 'qcow2'):
+            for accel in ('tcg', 'kvm'):
+                self.endpoint.protect({}, **self.protect(spec=dict(
+                    GOOD_SPEC, disk_format=fmt, accel=accel)))
+
+    def test_spec_sizes(self):
+        for bad in (15, 65537, 0, -128, '128', 128.0, True, None):
+            self.assertSpecInvalid('memory_mib', memory_mib=bad)
+        for bad in (0, 65, -1, '1', 1.0, False, None):
+            self.assertSpecInvalid('smp', smp=bad)
+        for bad in (-1, 1 << 51, '1024', 1.5, True, None):
+            self.assertSpecInvalid('disk_size', disk_size=bad)
+        for good in ({'memory_mib': 16, 'smp': 1, 'disk_size': 0},
+                     {'memory_mib': 65536, 'smp': 64,
+                      'disk_size': 1 << 40}):
+            self.endpoint.protect({}, **self.protect(
+                spec=dict(GOOD_SPEC, **good)))
+
+    def test_spec_forwards(self):
+        good = {'host_addr': '127.0.0.1', 'host_port': 8080,
+                'guest_port': 80}
+        for bad in ('tcp:127.0.0.1:80-:80', {}, None, [[1, 2, 3]]):
+            self.assertSpecInvalid('forwards' if not isinstance(bad, list)
+                                   else 'forwards[0]', forwards=bad)
+        self.assertSpecInvalid('forwards', forwards=[good] * 65)
+        self.assertSpecInvalid('forwards[0].hostfwd', forwards=[
+            dict(good, hostfwd='udp::1-:1')])
+        self.assertSpecInvalid('forwards[0].guest_port', forwards=[
+            {'host_addr': '127.0.0.1', 'host_port': 8080}])
+        for bad in ('0.0.0.0,guestfwd=tcp:10.0.2.9:9-cmd:id', '256.0.0.1',
+                    '1.2.3', '01.2.3.4', 'localhost', '::1', '', ' 1.2.3.4',
+                    '1.2.3.4\n', 16777343, None):
+            self.assertSpecInvalid('forwards[0].host_addr', forwards=[
+                dict(good, host_addr=bad)])
+        for key in ('host_port', 'guest_port'):
+            for bad in ('80', '1-:2', 0, 65536, -1, 80.0, True, None):
+                self.assertSpecInvalid(f'forwards[0].{key}', forwards=[
+                    dict(good, **{key: bad})])
+        self.endpoint.protect({}, **self.protect(spec=dict(
+            GOOD_SPEC, forwards=[good, dict(good, host_addr='0.0.0.0',
+                                            host_port=1, guest_port=65535)])))
+
+    def test_spec_domain(self):
+        for bad in ('dom 1', 'a/b', '-x', 'x' * 64, 'd\n', 'a,b', 3,
+                    None):
+            self.assertSpecInvalid('domain', domain=bad)
+        self.endpoint.protect({}, **self.protect(spec={
+            'name': 'c0ffee00-0000-4000-8000-000000000001',
+            'domain': 'instance-00000001'}))
+
+    def test_spec_unknown_fields(self):
+        for key in ('qemu_args', 'netdev', 'Name'):
+            msg = self.assertSpecInvalid(key, **{key: 'x'})
+            self.assertIn('not a field of GuestSpec', msg)
+
+    def test_options_null_is_not_a_default(self):
+        for key in ('epoch_ms', 'idle_epoch_ms', 'disk_sync', 'tracker',
+                    'start_delay'):
+            msg = self.assertInvalid(f'options.{key}', 'protect',
+                                     **self.protect(options={key: None}))
+            self.assertIn('leave it out', msg)
 
     def test_options_must_be_a_dict_of_known_keys(self):
         self.assertInvalid('options', 'protect', **self.protect(options=[]))
@@ -185,10 +316,10 @@ class EndpointChecksTest(testtools.TestCase):
             self.assertInvalid('options.disk_sync', 'protect',
                                **self.protect(options={'disk_sync': bad}))
             self.assertInvalid('options.tracker', 'prepare_secondary',
-                               instance='vm0', spec={},
+                               instance='vm0', spec=BARE_SPEC,
                                options={'tracker': bad}, primary_host='h')
-        for sync in rpc.DISK_SYNC_CHOICES:
-            for tracker in rpc.TRACKER_CHOICES:
+        for sync in plugins.disk_sync_choices():
+            for tracker in plugins.tracker_choices():
                 self.endpoint.protect({}, **self.protect(
                     options={'disk_sync': sync, 'tracker': tracker}))
 
@@ -203,10 +334,10 @@ class EndpointChecksTest(testtools.TestCase):
 
     def test_host_names(self):
         self.assertInvalid('primary_host', 'prepare_secondary',
-                           instance='vm0', spec={}, options={},
+                           instance='vm0', spec=BARE_SPEC, options={},
                            primary_host='hv 1')
         self.assertInvalid('primary_host', 'prepare_secondary',
-                           instance='vm0', spec={}, options={},
+                           instance='vm0', spec=BARE_SPEC, options={},
                            primary_host=None)
         self.assertInvalid('secondary_host', 'protect',
                            **self.protect(secondary_host=''))
@@ -219,7 +350,7 @@ class EndpointChecksTest(testtools.TestCase):
         msg = self.assertInvalid('spec', 'protect', **kwargs)
         self.assertIn('required', msg)
         self.assertInvalid('primary_host', 'prepare_secondary',
-                           instance='vm0', spec={}, options={})
+                           instance='vm0', spec=BARE_SPEC, options={})
         msg = self.assertInvalid('force', 'failover', instance='vm0',
                                  force=True)
         self.assertIn('not an argument of failover', msg)
@@ -362,7 +493,8 @@ class ServiceOverFakeTransportTest(testtools.TestCase):
                                   GOOD_OPTIONS, 'hv1'))
         api.protect(ctxt, HOST, 'vm0', GOOD_SPEC, {'epoch_ms': 50},
                     secondary_host='hv2')
-        api.protect(ctxt, HOST, 'vm1', {}, {})
+        api.protect(ctxt, HOST, 'vm1', GuestSpec(name='vm1'),
+                    ProtectionOptions())
         api.unprotect(ctxt, HOST, 'vm0')
         api.failover(ctxt, HOST, 'vm0')
         api.stop_instance(ctxt, HOST, 'vm0')
@@ -371,9 +503,11 @@ class ServiceOverFakeTransportTest(testtools.TestCase):
         self.assertEqual([{'instance': 'vm0', 'role': 'primary'}],
                          api.list(ctxt, HOST))
         self.assertEqual(
-            [('prepare_secondary', 'vm0', GOOD_SPEC, GOOD_OPTIONS, 'hv1'),
-             ('protect', 'vm0', GOOD_SPEC, {'epoch_ms': 50}, 'hv2'),
-             ('protect', 'vm1', {}, {}, None),
+            [('prepare_secondary', 'vm0', spec(), options(), 'hv1'),
+             ('protect', 'vm0', spec(), ProtectionOptions(epoch_ms=50),
+              'hv2'),
+             ('protect', 'vm1', GuestSpec(name='vm1'), ProtectionOptions(),
+              None),
              ('unprotect', 'vm0'), ('failover', 'vm0'),
              ('stop_instance', 'vm0'), ('status', 'vm0'), ('list',)],
             self.manager.calls)
@@ -385,10 +519,11 @@ class ServiceOverFakeTransportTest(testtools.TestCase):
             GOOD_SPEC, {'epoch_ms': 5})
         self.assertEqual('options.epoch_ms', exc.kwargs['field'])
         self.assertRaises(exception.Conflict, self.api.protect, {}, HOST,
-                          'busy', {}, {})
+                          'busy', BARE_SPEC, {})
         self.assertRaises(exception.InstanceNotFound, self.api.status, {},
                           HOST, 'ghost')
-        self.assertEqual([('protect', 'busy', {}, {}, None),
+        self.assertEqual([('protect', 'busy', GuestSpec(name='vm0'),
+                           ProtectionOptions(), None),
                           ('status', 'ghost')], self.manager.calls)
 
     def test_manager_crash_is_an_error_and_the_agent_answers_on(self):

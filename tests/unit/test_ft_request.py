@@ -220,17 +220,20 @@ class TestMisc(testtools.TestCase):
     def test_limits_match_the_agent(self):
         # the agent checks the same options again on its RPC API
         from mftvm_openstack.agent import exception, rpc
+        from mftvm_openstack.contract import plugins
         low, high = ft_request.EPOCH_MS_MIN, ft_request.EPOCH_MS_MAX
         for ms in (low, high):
             self.assertEqual({'epoch_ms': ms},
-                             rpc.check_options({'epoch_ms': ms}))
+                             rpc.check_options({'epoch_ms': ms}).to_dict())
         for ms in (low - 1, high + 1):
             self.assertRaises(exception.InvalidRequest, rpc.check_options,
                               {'epoch_ms': ms})
-        self.assertEqual(tuple(rpc.DISK_SYNC_CHOICES),
+        self.assertEqual(plugins.disk_sync_choices(),
                          ft_request.DISK_SYNC_CHOICES)
+        for sync in ft_request.DISK_SYNC_CHOICES:
+            rpc.check_options({'disk_sync': sync})
         self.assertEqual(rpc.check_options(
-            FTRequest(True, 20, 'block-copy').agent_options()),
+            FTRequest(True, 20, 'block-copy').agent_options()).to_dict(),
             {'epoch_ms': 20, 'disk_sync': 'block-copy'})
 
     def test_module_examples(self):
