@@ -56,7 +56,15 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Optional, Protocol, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Optional,
+    Protocol,
+    TypeVar,
+    Union,
+)
 
 import numpy as np
 
@@ -74,12 +82,16 @@ from mftvm_openstack.ft import transport
 from mftvm_openstack.ft.transport import Kind, Message
 
 if TYPE_CHECKING:
+    # (interfaces only: importing them would pull in QEMU's libraries)
     from mftvm_openstack.ft.epoch import Checkpoint
+    from mftvm_openstack.ft.monitor import Monitor
     from mftvm_openstack.ft.trackers import RamDelta
 
 LOG = logging.getLogger(__name__)
 
 T = TypeVar('T')
+#: the events a machine handles
+E = TypeVar('E')
 
 
 # -- the clock and the collaborators ----------------------------------------
@@ -126,12 +138,6 @@ class Channel(Protocol):
     async def recv(self) -> Message: ...
 
     def close(self) -> None: ...
-
-
-class Monitor(Protocol):
-    """The guest's QMP monitor (:class:`ft.monitor.Monitor`)."""
-
-    async def execute(self, command: str, **arguments: Any) -> Any: ...
 
 
 class GuestProcess(Protocol):
@@ -183,7 +189,7 @@ class OutputBuffer(Protocol):
 
     async def release(self, epoch: int) -> None: ...
 
-    async def detach(self, monitor: Any) -> None: ...
+    async def detach(self, monitor: Monitor) -> None: ...
 
     def discard(self) -> None: ...
 
@@ -258,7 +264,7 @@ class Prepared:
 class GuestUp:
     """The guest runs (booted, adopted or restored) on this side."""
     guest: GuestProcess
-    monitor: Any
+    monitor: Monitor
 
 
 @dataclasses.dataclass
@@ -418,21 +424,21 @@ class Stats:
             failover_ms=self.failover_ms, reason=self.reason)
 
 
-class _Machine:
+class _Machine(Generic[E]):
     """An event queue and the loop that handles its events in order."""
 
     def __init__(self, clock: Clock, state: State,
                  stats: Optional[Stats] = None) -> None:
         self.clock = clock
         self.state = state
-        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self.events: asyncio.Queue[E] = asyncio.Queue()
         self.stats = stats or Stats()
         #: what went wrong, for a side that failed or could not protect
         self.error = ''
         self._tasks: list[asyncio.Task[Any]] = []
         self.finished = asyncio.Event()
 
-    def post(self, event: Any) -> None:
+    def post(self, event: E) -> None:
         self.events.put_nowait(event)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -449,7 +455,7 @@ class _Machine:
             LOG.error('%s task failed', type(self).__name__, exc_info=exc)
             self.post(self._on_task_failure(exc))
 
-    def _on_task_failure(self, exc: BaseException) -> Any:
+    def _on_task_failure(self, exc: BaseException) -> E:
         raise NotImplementedError
 
     async def _cancel_tasks(self) -> None:
@@ -467,7 +473,7 @@ class _Machine:
         self.state = state
         self.finished.set()
 
-    async def handle(self, event: Any) -> None:
+    async def handle(self, event: E) -> None:
         raise NotImplementedError
 
     async def run(self) -> None:
@@ -499,7 +505,7 @@ def _error_of(message: Message) -> str:
 
 # -- primary ----------------------------------------------------------------
 
-class PrimaryPair(_Machine):
+class PrimaryPair(_Machine['PrimaryEvent']):
     """Runs the guest's side: protects it while a secondary is linked,
     checkpointing it every epoch and shipping the checkpoint.
 
@@ -558,7 +564,7 @@ class PrimaryPair(_Machine):
         machine.pair_id = secondary.pair_id
         return machine
 
-    def _on_task_failure(self, exc: BaseException) -> Any:
+    def _on_task_failure(self, exc: BaseException) -> PrimaryEvent:
         return SecondaryLost(f'internal error: {exc!r}')
 
     @property
@@ -857,6 +863,7 @@ class PrimaryPair(_Machine):
                 await link.disk.stop()
         await self.protector.invalidate_replica(self.pair_id)
         if link is not None:
+            assert self.monitor is not None    # linked: the guest is up
             await link.output.detach(self.monitor)
         await self._end_link()
 
@@ -927,7 +934,7 @@ class PrimaryPair(_Machine):
 
 # -- secondary --------------------------------------------------------------
 
-class SecondaryPair(_Machine):
+class SecondaryPair(_Machine['SecondaryEvent']):
     """Keeps the replica; takes over when the primary dies.
 
     ``prepare(hello)`` makes the replica and the disk store for a primary
@@ -960,7 +967,7 @@ class SecondaryPair(_Machine):
         self._handshaking = False
         self._applying: Optional[asyncio.Task[Any]] = None
 
-    def _on_task_failure(self, exc: BaseException) -> Any:
+    def _on_task_failure(self, exc: BaseException) -> SecondaryEvent:
         # Not proof that the primary died: give the replica up instead.
         self.stats.reason = f'internal error: {exc!r}'
         return Stop()

@@ -146,7 +146,6 @@ class Side:
                                     'standby secondary')
             machine.post(pair.Takeover())
             return ControlReply(ok=True)
-        runs_guest = isinstance(machine, pair.PrimaryPair)
         if op is ControlOp.PROTECT:
             if not (isinstance(machine, pair.PrimaryPair)
                     and machine.running_unprotected):
@@ -161,7 +160,8 @@ class Side:
             machine.post(pair.Protect(request.secondary,
                                       request.pair_id or 'pair-1'))
             return ControlReply(ok=True)
-        if not runs_guest or machine.state != State.PROTECTED:
+        if not isinstance(machine, pair.PrimaryPair) or \
+                machine.state != State.PROTECTED:
             return ControlReply(
                 ok=False, error='the guest is not protected' +
                 ('' if op is ControlOp.UNPROTECT else
@@ -191,9 +191,12 @@ class Side:
             if isinstance(machine, pair.PrimaryPair):
                 return machine.peer_holds_until()
             return float('-inf')
-        keeper = LeaseKeeper(
-            self.fence, self.spec.name, vouched,
-            lambda why: self.machine.post(pair.LeaseLost(why)))
+
+        def lost(why: str) -> None:
+            machine = self.machine
+            if isinstance(machine, pair.PrimaryPair):
+                machine.post(pair.LeaseLost(why))
+        keeper = LeaseKeeper(self.fence, self.spec.name, vouched, lost)
         return asyncio.ensure_future(keeper.run())
 
     async def run_guest(self, machine: pair.PrimaryPair) -> None:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 
 from mftvm_openstack.ft import pair
+from mftvm_openstack.ft.monitor import Monitor
 
 LOG = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ LOG = logging.getLogger(__name__)
 INTERVAL = 1.0
 
 
-async def watch_hang(process: pair.GuestProcess, monitor: pair.Monitor,
+async def watch_hang(process: pair.GuestProcess, monitor: Monitor,
                      timeout: float, on_hang: Callable[[str], None]) -> None:
     """Until QEMU exits, or hangs: then ``on_hang(why)``, and kill it.
 
