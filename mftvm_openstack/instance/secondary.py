@@ -142,6 +142,10 @@ class SecondarySide(Side):
     async def prepare(self, hello: Hello) -> pair.Prepared:
         """The replica and the disk store for the primary that said
         ``hello``."""
+        if self.replica is not None:
+            # from a primary refused after all (its READY was not sent)
+            self.replica.close()
+            self.replica = None
         replica = epoch.ReplicaImage(self.ram, self.spec.memory_bytes,
                                      self.paths.root)
         nbd_host = self.options['nbd_host']
