@@ -40,7 +40,8 @@ Secondary::
     STARTING --Listening--> WAITING_FOR_PRIMARY
     WAITING_FOR_PRIMARY --Connected (HELLO checked, READY sent)--> STANDBY
         (a HELLO of another protocol version: ERROR frame, still waiting)
-    STANDBY --FrameReceived (MARK/CHECKPOINT/HEARTBEAT)--> STANDBY
+    STANDBY --FrameReceived (MARK/CHECKPOINT/HEARTBEAT), Committed (ACK)-->
+        STANDBY
     STANDBY --PrimaryLost / Takeover--> FAILING_OVER --> ACTIVE
                                                      \\-> LOST
     WAITING_FOR_PRIMARY/STANDBY --Stop (or BYE, a corrupt stream)--> STOPPED
@@ -54,6 +55,7 @@ SYNCING ...).
 from mftvm_openstack.contract.limits import EPOCH_MS_RANGE, IDLE_EPOCH_MS_RANGE
 from mftvm_openstack.ft.pair.events import (
     Acked,
+    Committed,
     Connected,
     FrameReceived,
     GuestExited,
@@ -94,12 +96,12 @@ from mftvm_openstack.ft.pair.primary import PrimaryPair
 from mftvm_openstack.ft.pair.secondary import SecondaryPair
 
 __all__ = [
-    'EPOCH_MS_RANGE', 'IDLE_EPOCH_MS_RANGE',
-    'Acked', 'Connected', 'FrameReceived', 'GuestExited', 'GuestFailed',
-    'GuestHung', 'GuestUp', 'LeaseLost', 'Listening', 'PrimaryEvent',
-    'PrimaryLost', 'Protect', 'Refused', 'SecondaryEvent', 'SecondaryLost',
-    'Standby', 'Stop', 'Synced', 'SyncFailed', 'Takeover', 'Tick',
-    'Capturer', 'Channel', 'Clock', 'DiskSync', 'GuestProcess', 'Link',
-    'OutputBuffer', 'OverlayStore', 'Prepared', 'Protector', 'RealClock',
-    'Replica', 'Stats', 'PrimaryPair', 'SecondaryPair',
+    'EPOCH_MS_RANGE', 'IDLE_EPOCH_MS_RANGE', 'Acked', 'Committed', 'Connected',
+    'FrameReceived', 'GuestExited', 'GuestFailed', 'GuestHung', 'GuestUp',
+    'LeaseLost', 'Listening', 'PrimaryEvent', 'PrimaryLost', 'Protect',
+    'Refused', 'SecondaryEvent', 'SecondaryLost', 'Standby', 'Stop', 'Synced',
+    'SyncFailed', 'Takeover', 'Tick', 'Capturer', 'Channel', 'Clock',
+    'DiskSync', 'GuestProcess', 'Link', 'OutputBuffer', 'OverlayStore',
+    'Prepared', 'Protector', 'RealClock', 'Replica', 'Stats', 'PrimaryPair',
+    'SecondaryPair',
 ]

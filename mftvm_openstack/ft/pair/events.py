@@ -122,6 +122,13 @@ class FrameReceived:
 
 
 @dataclasses.dataclass
+class Committed:
+    """A checkpoint was applied and its disk epoch committed: ACK it."""
+    epoch: int
+    nbytes: int
+
+
+@dataclasses.dataclass
 class PrimaryLost:
     reason: str
 
@@ -136,4 +143,4 @@ PrimaryEvent = Union[GuestUp, GuestFailed, Protect, Synced, SyncFailed,
                      Tick, Acked, SecondaryLost, GuestExited, GuestHung,
                      LeaseLost, Stop]
 SecondaryEvent = Union[Listening, Connected, Standby, Refused,
-                       FrameReceived, PrimaryLost, Takeover, Stop]
+                       FrameReceived, Committed, PrimaryLost, Takeover, Stop]

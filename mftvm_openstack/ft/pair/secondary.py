@@ -20,6 +20,7 @@ from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import transport
 from mftvm_openstack.ft.pair.events import (
+    Committed,
     Connected,
     FrameReceived,
     Listening,
@@ -117,6 +118,8 @@ class SecondaryPair(Machine['SecondaryEvent']):
         elif isinstance(event, FrameReceived):
             if self.state == State.STANDBY:
                 await self._frame(event.message)
+        elif isinstance(event, Committed):
+            await self._committed(event)
         elif isinstance(event, (PrimaryLost, Takeover)):
             if self.state == State.STANDBY:
                 await self._failover(event.reason)
@@ -241,19 +244,26 @@ class SecondaryPair(Machine['SecondaryEvent']):
 
     async def _apply(self, previous: Optional[asyncio.Task[Any]], epoch: int,
                      devstate: bytes, delta: RamDelta) -> None:
-        assert self.prepared is not None and self.channel is not None
-        channel, replica = self.channel, self.prepared.replica
+        # Apply and commit here, beside the queue, so that a failover
+        # (handled in the queue) can wait for a checkpoint received in
+        # full; the ACK is the machine's to send (Committed).
+        assert self.prepared is not None
+        prepared = self.prepared
         if previous is not None:
             await previous   # checkpoints apply strictly in order
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, replica.apply, epoch, devstate,
-                                   delta)
-        self.stats.epochs = epoch
-        self.stats.committed = epoch
-        self.stats.dirty_bytes += delta.nbytes
-        await self.prepared.store.commit(epoch)
-        with contextlib.suppress(ConnectionError, OSError):
-            await channel.send(Kind.ACK, epoch)
+        await loop.run_in_executor(None, prepared.replica.apply, epoch,
+                                   devstate, delta)
+        await prepared.store.commit(epoch)
+        self.post(Committed(epoch, delta.nbytes))
+
+    async def _committed(self, event: Committed) -> None:
+        self.stats.epochs = event.epoch
+        self.stats.committed = event.epoch
+        self.stats.dirty_bytes += event.nbytes
+        if self.state == State.STANDBY and self.channel is not None:
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.channel.send(Kind.ACK, event.epoch)
 
     async def _failover(self, reason: str) -> None:
         assert self.channel is not None and self.prepared is not None
