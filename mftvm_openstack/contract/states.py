@@ -10,19 +10,27 @@ one a status reports, and these names are the only spelling of it::
     >>> State.ACTIVE.runs_guest
     True
 
-Primary::
+Primary (:class:`~mftvm_openstack.ft.pair.PrimaryPair`)::
 
-    STARTING --guest up--> SYNCING --first commit--> PROTECTED
-    PROTECTED --secondary lost--> UNPROTECTED --protect--> SYNCING
+    STARTING --guest up--> UNPROTECTED --protect--> SYNCING
+    STARTING --guest up, a secondary named--> SYNCING
+    SYNCING --HELLO/READY, disk sync started--> PROTECTED
+    SYNCING --refused / failed--> UNPROTECTED
+    PROTECTED --secondary lost--> UNPROTECTED --protect--> SYNCING ...
+    PROTECTED --handover--> STOPPED (the secondary takes over)
+    STARTING --guest failed to start--> FAILED
     any running --guest exits--> FAILED;  --lease lost--> FENCED
     any --stop--> STOPPED
 
-Secondary::
+Secondary (:class:`~mftvm_openstack.ft.pair.SecondaryPair`)::
 
-    STARTING --> WAITING_FOR_PRIMARY --HELLO/READY--> STANDBY
+    STARTING --listening--> WAITING_FOR_PRIMARY --HELLO/READY--> STANDBY
     STANDBY --primary lost / takeover--> FAILING_OVER --> ACTIVE
                                                      \\-> LOST
-    ACTIVE runs the guest unprotected, as a primary's UNPROTECTED does.
+    WAITING_FOR_PRIMARY/STANDBY --stop, BYE--> STOPPED
+
+ACTIVE runs the guest unprotected, as a primary's UNPROTECTED does, and
+goes on as one: --protect--> SYNCING --> PROTECTED ...
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import dataclasses
 import enum
 import json
 import struct
+from collections.abc import Awaitable, Callable
 from typing import Any, Optional
 
 import numpy as np
@@ -38,8 +39,8 @@ _CKPT = struct.Struct('!QQ')
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1         # primary → secondary: guest spec (JSON)
-    READY = 2         # secondary → primary: replica target (JSON)
+    HELLO = 1         # primary → secondary: contract.hello.Hello (JSON)
+    READY = 2         # secondary → primary: contract.hello.Ready (JSON)
     MARK = 3          # disk epoch boundary, sent inside the pause
     MARKED = 4
     CHECKPOINT = 5    # device state + RAM delta of one epoch
@@ -133,6 +134,8 @@ class Channel:
         self._reader = reader
         self._writer = writer
         self.bytes_sent = 0
+        # a frame's header read by wait_frame(), its payload not yet
+        self._header: Optional[bytes] = None
 
     @classmethod
     async def connect(cls, addr: DataAddress,
@@ -165,14 +168,25 @@ class Channel:
     async def send_json(self, kind: Kind, data: Any, epoch: int = 0) -> None:
         await self.send(kind, epoch, json.dumps(data).encode())
 
+    async def wait_frame(self) -> None:
+        """Until the next frame has begun to arrive (its header is here).
+
+        Safe to cancel, so a caller may bound it with any clock's
+        timeout: a cancelled wait consumes nothing. Silence is measured
+        this way; a big checkpoint may take long to arrive once begun."""
+        if self._header is None:
+            try:
+                self._header = await self._reader.readexactly(HEADER.size)
+            except asyncio.IncompleteReadError:
+                raise ConnectionError('the peer closed the data stream') \
+                    from None
+
     async def recv(self, timeout: Optional[float] = None) -> Message:
         """The next frame; ``timeout`` bounds the wait for its header only
-        (a big checkpoint may take long to arrive once it has started)."""
-        try:
-            header = await asyncio.wait_for(
-                self._reader.readexactly(HEADER.size), timeout)
-        except asyncio.IncompleteReadError:
-            raise ConnectionError('the peer closed the data stream') from None
+        (see :meth:`wait_frame`)."""
+        await asyncio.wait_for(self.wait_frame(), timeout)
+        header, self._header = self._header, None
+        assert header is not None
         magic, kind, epoch, length = HEADER.unpack(header)
         if magic != MAGIC:
             raise ProtocolError(f'bad frame magic {magic!r}')
@@ -195,7 +209,9 @@ class Channel:
             pass
 
 
-async def serve(addr: DataAddress, on_connect: Any) -> asyncio.AbstractServer:
+async def serve(addr: DataAddress,
+                on_connect: Callable[[Channel], Awaitable[None]]) \
+        -> asyncio.AbstractServer:
     """Listen on ``addr``; ``on_connect(channel)`` runs per connection."""
     async def handle(reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:

@@ -2,7 +2,7 @@
 
 import sys
 
-from mftvm_openstack.instance.host import main
+from mftvm_openstack.instance.main import main
 
 if __name__ == '__main__':
     sys.exit(main())

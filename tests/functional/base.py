@@ -13,6 +13,7 @@ import time
 import testtools
 from testtools import content
 
+from mftvm_openstack.contract.states import State
 from mftvm_openstack.ft import vm
 from mftvm_openstack.images import builder, records, workload
 from mftvm_openstack.local import demo, operations
@@ -171,7 +172,7 @@ class GuestTestCase(testtools.TestCase):
     def wait_active(self, name, timeout=10):
         """The secondary's status once it reports running the guest."""
         return wait_for(lambda: (s := self.side(name, 'secondary')).get(
-            'state') == 'active' and s, timeout, what='secondary active')
+            'state') == State.ACTIVE and s, timeout, what='secondary active')
 
     def wait_counter(self, gdir, timeout=90):
         """The counter's first answer, asked once the service listens.

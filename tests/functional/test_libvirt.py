@@ -28,6 +28,7 @@ import time
 import fixtures
 from testtools import content
 
+from mftvm_openstack.contract.states import State
 from mftvm_openstack.ft import (
     epoch,
     libvirt_domain,
@@ -272,7 +273,7 @@ class LibvirtProtectionTest(base.GuestTestCase):
             ft_spec, operations.ProtectOptions(epoch_ms=200), self.state_dir,
             host_options={'libvirt_uri': URI, 'domain_name': restored})
         prim = self.side(name, 'primary')
-        self.assertEqual('protected', prim['state'])
+        self.assertEqual(State.PROTECTED, prim['state'])
         # The engine works on libvirt's QEMU, not one of its own.
         self.assertEqual(_qemu_pid(name), prim['qemu_pid'])
         return conn, gdir, last
@@ -286,7 +287,7 @@ class LibvirtProtectionTest(base.GuestTestCase):
         prim = self.side(name, 'primary')
         last = self.talk(last, random.uniform(2, 4))
         # Still protected (else the kill below could only end the guest).
-        self.assertEqual('protected', self.side(name, 'primary')['state'])
+        self.assertEqual(State.PROTECTED, self.side(name, 'primary')['state'])
         # Output commit holds through libvirt's netdev, too.
         _, answered_in = self.kill_and_ask(prim['qemu_pid'], last, 90)
         sec = self.wait_active(name)

@@ -9,6 +9,7 @@ import random
 import signal
 import time
 
+from mftvm_openstack.contract.states import State
 from mftvm_openstack.images import records, workload
 from mftvm_openstack.local import operations
 from tests.functional import base
@@ -22,7 +23,7 @@ class PrimaryLossTest(base.GuestTestCase):
         # Talk to the guest for a random while, then kill the primary QEMU.
         last = self.talk(last, random.uniform(3, 6))
         prim = self.side('pk', 'primary')
-        self.assertEqual('protected', prim['state'])
+        self.assertEqual(State.PROTECTED, prim['state'])
         # Output commit: the client never sees a value the failover undid.
         _, answered_in = self.kill_and_ask(prim['qemu_pid'], last)
         sec = self.wait_active('pk')
@@ -69,7 +70,7 @@ class PrimaryLossTest(base.GuestTestCase):
         self.assertEqual(last + 1, after)
         # (status.json is published every 0.25 s)
         base.wait_for(lambda: self.side('ph', 'secondary')['state'] ==
-                      'active', 5, what='the secondary to report active')
+                      State.ACTIVE, 5, what='the secondary to report active')
         # The killed host left its RAM file; stop removes it.
         operations.stop(self.state_dir, 'ph')
         self.assertEqual([], base.ram_files('ph'))
@@ -111,7 +112,7 @@ class PlannedFailoverTest(base.GuestTestCase):
         last = self.wait_counter(gdir)
         prim = self.side('pf', 'primary')
         sec = operations.failover(self.state_dir, 'pf')
-        self.assertEqual('active', sec['state'])
+        self.assertEqual(State.ACTIVE, sec['state'])
         # The old primary's QEMU is gone; only the moved guest runs.
         base.wait_for(lambda: base.qemu_pids_for('pf') == [sec['qemu_pid']],
                       10, what='one QEMU, the moved one')
@@ -141,7 +142,7 @@ class FrozenSecondaryTest(base.GuestTestCase):
         t_stop = time.monotonic()
         prim = base.wait_for(
             lambda: (s := self.side('fz', 'primary')).get(
-                'state') == 'unprotected' and s, 30, what='unprotected')
+                'state') == State.UNPROTECTED and s, 30, what='unprotected')
         self.assertIn('reason', prim)
         # The guest was not frozen along with its replica: its disk
         # writes and answers go on.
@@ -185,7 +186,8 @@ class SecondaryLossTest(base.GuestTestCase):
         try:
             prim = base.wait_for(
                 lambda: (s := self.side('sk', 'primary')).get(
-                    'state') == 'unprotected' and s, 15, what='unprotected')
+                    'state') == State.UNPROTECTED and s, 15,
+                what='unprotected')
         except AssertionError:
             # Say where it stuck: the primary's last status and log.
             log = workload.read_text(os.path.join(gdir, 'primary-host.log'))
@@ -261,7 +263,7 @@ class StaleReplicaTest(base.GuestTestCase):
         os.kill(sec['host_pid'], signal.SIGSTOP)
         try:
             base.wait_for(lambda: self.side('st', 'primary').get(
-                'state') == 'unprotected', 30, what='primary unprotected')
+                'state') == State.UNPROTECTED, 30, what='primary unprotected')
             # ...and the guest's answers from then on are not held.
             for _ in range(3):
                 got = workload.counter_request('127.0.0.1', self.port)
@@ -276,7 +278,7 @@ class StaleReplicaTest(base.GuestTestCase):
         time.sleep(3)
         # Resuming the stale replica would take back the answers above.
         sec = self.side('st', 'secondary')
-        self.assertIn(sec.get('state'), ('stopped', 'lost'), sec)
+        self.assertIn(sec.get('state'), (State.STOPPED, State.LOST), sec)
         self.assertEqual([], base.qemu_pids_for('st'))
 
 

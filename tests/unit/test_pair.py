@@ -1,35 +1,71 @@
-"""The pair state machines, driven with fakes (no QEMU)."""
+"""The pair state machines, driven with fakes on a fake clock (no QEMU,
+no real waiting: virtual time moves only when a test advances it)."""
 
 import asyncio
+import json
+import threading
 import unittest
 
 import numpy as np
 
+from mftvm_openstack.contract.hello import (
+    PROTOCOL_VERSION,
+    Hello,
+    NbdTargetInfo,
+    Ready,
+)
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import pair, transport
 from mftvm_openstack.ft.epoch import Checkpoint
 from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
 from mftvm_openstack.ft.transport import Kind, Message
+from tests.unit.fake_clock import FakeClock, settle
+
+
+async def until(condition, timeout=5.0):
+    """Wait (1 ms steps) for what a worker thread does, e.g. apply a
+    checkpoint in the executor; fail after ``timeout`` real seconds."""
+    for _ in range(int(timeout * 1000)):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError('condition not met in time')
 
 
 class FakeChannel:
-    def __init__(self):
+    def __init__(self, clock):
+        self.clock = clock
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.sent: list[Message] = []
+        self.sent_at: list[float] = []
         self.closed = False
         self.bytes_sent = 0
         self.on_send = None
+        #: a peer that stopped reading: sends other than MARK never end
+        self.stuck = False
+        self._next = None
 
     async def send(self, kind, epoch=0, *buffers):
+        if self.stuck and kind != Kind.MARK:
+            await asyncio.get_running_loop().create_future()
         payload = b''.join(bytes(memoryview(b)) for b in buffers)
         self.sent.append(Message(kind, epoch, payload))
+        self.sent_at.append(self.clock.now)
         if self.on_send:
             self.on_send(kind, epoch)
 
     async def send_json(self, kind, data, epoch=0):
-        await self.send(kind, epoch, b'{}')
+        await self.send(kind, epoch, json.dumps(data).encode())
 
-    async def recv(self, timeout=None):
-        item = await asyncio.wait_for(self.inbox.get(), timeout)
+    async def wait_frame(self):
+        if self._next is None:
+            self._next = await self.inbox.get()
+
+    async def recv(self):
+        # (not self.wait_frame: a test may replace that)
+        await FakeChannel.wait_frame(self)
+        item, self._next = self._next, None
         if isinstance(item, Exception):
             raise item
         return item
@@ -37,8 +73,16 @@ class FakeChannel:
     def close(self):
         self.closed = True
 
+    def clear(self):
+        self.sent.clear()
+        self.sent_at.clear()
+
     def kinds(self):
-        return [m.kind for m in self.sent]
+        """What was sent, heartbeats left out (they go out all along)."""
+        return [m.kind for m in self.sent if m.kind != Kind.HEARTBEAT]
+
+    def frames(self, kind):
+        return [m for m in self.sent if m.kind == kind]
 
 
 class FakeCapturer:
@@ -67,7 +111,8 @@ class FakeDisk:
 
 
 class FakeOutput:
-    def __init__(self):
+    def __init__(self, order):
+        self.order = order
         self.sealed, self.released = [], []
         self.detached = self.discarded = False
         self.held = self.frames_released = 0
@@ -89,183 +134,387 @@ class FakeOutput:
 
 
 class FakeMonitor:
+    async def execute(self, command, **args):
+        return {'status': 'running'}
+
+
+class FakeGuest:
+    pid = 4242
+
     def __init__(self):
         self.alive = True
 
-    async def execute(self, command, **args):
-        if not self.alive:
-            raise ConnectionError('QEMU is gone')
-        return {'status': 'running'}
+    @property
+    def running(self):
+        return self.alive
+
+    async def wait(self):
+        return 0
+
+    async def kill(self):
+        self.alive = False
+
+    def last_log_line(self):
+        return 'killed'
+
+
+def hello(version=PROTOCOL_VERSION, pair_id='pair-1'):
+    return Hello(version=version, qemu_pid=1, host_pid=2, boot_id='b',
+                 pair_id=pair_id, disk_size=1 << 20)
+
+
+class FakeProtector:
+    """The primary's host: a channel to a secondary that answers HELLO
+    with READY (or ``refusal``) and every MARK at once."""
+
+    def __init__(self, clock, order):
+        self.clock = clock
+        self.order = order
+        self.answer_marks = True
+        self.refusal = None
+        self.links = []
+        self.channels = []
+
+    async def connect(self, address):
+        chan = FakeChannel(self.clock)
+        chan.on_send = lambda kind, epoch: self._answer(chan, kind, epoch)
+        self.channels.append(chan)
+        return chan
+
+    def _answer(self, chan, kind, epoch):
+        if kind == Kind.HELLO:
+            if self.refusal:
+                reply = Message(Kind.ERROR, 0, json.dumps(
+                    {'error': self.refusal}).encode())
+            else:
+                reply = Message(Kind.READY, 0, json.dumps(Ready(
+                    target=NbdTargetInfo(socket='/nbd')).to_dict()).encode())
+            chan.inbox.put_nowait(reply)
+        elif kind == Kind.MARK and self.answer_marks:
+            chan.inbox.put_nowait(Message(Kind.MARKED, epoch))
+
+    async def hello(self, pair_id):
+        return hello(pair_id=pair_id)
+
+    async def link(self, ready, lost):
+        self.ready = ready
+        self.lost = lost
+        parts = (FakeCapturer(), FakeDisk(), FakeOutput(self.order))
+
+        async def close():
+            self.order.append('link-closed')
+        self.links.append(parts)
+        return pair.Link(*parts, close=close)
+
+    async def invalidate_replica(self, pair_id):
+        self.order.append('invalidate')
 
 
 class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
 
-    def make(self, epoch_ms=10_000, idle_epoch_ms=0):
-        self.chan = FakeChannel()
-        # The secondary answers every MARK at once.
-        self.chan.on_send = lambda kind, epoch: kind == Kind.MARK and \
-            self.chan.inbox.put_nowait(Message(Kind.MARKED, epoch))
-        self.cap, self.disk, self.out = FakeCapturer(), FakeDisk(), \
-            FakeOutput()
-        self.mon = FakeMonitor()
+    def new_machine(self, **kwargs):
+        self.clock = FakeClock()
         self.order = []
-
-        async def invalidate_replica():
-            self.order.append('invalidate')
+        self.protector = FakeProtector(self.clock, self.order)
+        self.guest, self.mon = FakeGuest(), FakeMonitor()
         self.machine = pair.PrimaryPair(
-            capturer=self.cap, disk=self.disk, output=self.out,
-            channel=self.chan, monitor=self.mon, clock=pair.RealClock(),
-            epoch_ms=epoch_ms, idle_epoch_ms=idle_epoch_ms,
-            invalidate_replica=invalidate_replica,
-            guest_alive=lambda: self.mon.alive)
-        self.out.order = self.order
-        self.machine._spawn(self.machine._reader())
+            protector=self.protector, clock=self.clock,
+            **{'epoch_ms': 10_000, **kwargs})
         self.runner = asyncio.ensure_future(self.machine.run())
+
+    async def make(self, **kwargs):
+        """A machine that protects its guest: booted, synced, no epoch
+        taken yet."""
+        self.new_machine(**kwargs)
+        self.machine.post(pair.GuestUp(self.guest, self.mon))
+        self.machine.post(pair.Protect('unix:/sec', 'pair-1'))
+        await settle()
+        self.assertEqual(State.PROTECTED, self.machine.state)
+        self.chan = self.protector.channels[-1]
+        self.cap, self.disk, self.out = self.protector.links[-1]
+        self.chan.clear()
 
     async def asyncTearDown(self):
         self.runner.cancel()
+        await asyncio.gather(self.runner, return_exceptions=True)
 
-    async def settle(self):
-        for _ in range(20):
-            await asyncio.sleep(0)
+    async def test_a_side_is_one_machine_from_start_to_re_protection(self):
+        self.new_machine()
+        self.assertEqual(State.STARTING, self.machine.state)
+        self.machine.post(pair.GuestUp(self.guest, self.mon))
+        await settle()
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
+        self.machine.post(pair.Protect('unix:/sec', 'pair-1'))
+        self.machine.post(pair.Protect('unix:/other', 'pair-9'))  # ignored
+        await settle(1)
+        self.assertEqual(State.SYNCING, self.machine.state)
+        await settle()
+        self.assertEqual(State.PROTECTED, self.machine.state)
+        chan = self.protector.channels[0]
+        sent_hello = Hello.from_dict(chan.frames(Kind.HELLO)[0].json())
+        self.assertEqual(PROTOCOL_VERSION, sent_hello.version)
+        self.assertEqual('pair-1', sent_hello.pair_id)
+        self.assertEqual('/nbd', self.protector.ready.target.socket)
+        self.assertEqual(1, len(self.protector.channels))
+        self.machine.post(pair.Tick())
+        await settle()
+        self.assertEqual(1, self.machine.stats.epochs)
+        self.protector.lost('the mirror failed')
+        await settle()
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
+        self.assertEqual(['invalidate', 'release-all', 'link-closed'],
+                         self.order)
+        self.assertTrue(chan.closed)
+        # Re-protection: a new secondary, epochs from 1 again.
+        self.machine.post(pair.Protect('unix:/sec2', 'pair-2'))
+        await settle()
+        self.assertEqual(State.PROTECTED, self.machine.state)
+        self.assertEqual('pair-2', self.machine.status().pair_id)
+        self.assertEqual(0, self.machine.stats.epochs)
+        self.machine.post(pair.Tick())
+        await settle()
+        self.assertEqual([1], self.protector.links[1][0].captured)
+
+    async def test_a_secondary_named_at_start_is_synced_to_at_once(self):
+        self.new_machine()
+        self.machine.post(pair.Protect('unix:/sec', 'pair-1'))
+        await settle()
+        self.assertEqual(State.STARTING, self.machine.state)
+        states = []
+        real_connect = self.protector.connect
+
+        async def connect(address):
+            states.append(self.machine.state)
+            return await real_connect(address)
+        self.protector.connect = connect
+        self.machine.post(pair.GuestUp(self.guest, self.mon))
+        await settle()
+        # never UNPROTECTED in between
+        self.assertEqual([State.SYNCING], states)
+        self.assertEqual(State.PROTECTED, self.machine.state)
+
+    async def test_a_refused_hello_leaves_the_guest_unprotected(self):
+        self.new_machine()
+        self.protector.refusal = 'protocol version 9'
+        self.machine.post(pair.GuestUp(self.guest, self.mon))
+        self.machine.post(pair.Protect('unix:/sec', 'pair-1'))
+        await settle()
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
+        self.assertIn('secondary refused: protocol version 9',
+                      self.machine.error)
+        self.assertTrue(self.protector.channels[0].closed)
+        self.assertEqual([], self.protector.links)
+
+    async def test_a_guest_that_fails_to_start_fails_the_side(self):
+        self.new_machine()
+        self.machine.post(pair.GuestFailed('QEMU failed to start: x'))
+        await settle()
+        self.assertEqual(State.FAILED, self.machine.state)
+        self.assertTrue(self.machine.finished.is_set())
+        self.assertEqual('QEMU failed to start: x',
+                         self.machine.status().error)
+
+    async def test_stop_while_syncing(self):
+        self.new_machine()
+        never = asyncio.get_running_loop().create_future()
+
+        async def slow_link(ready, lost):
+            await never      # the initial disk sync takes its time
+        self.protector.link = slow_link
+        self.machine.post(pair.GuestUp(self.guest, self.mon))
+        self.machine.post(pair.Protect('unix:/sec', 'pair-1'))
+        await settle()
+        self.assertEqual(State.SYNCING, self.machine.state)
+        self.machine.post(pair.Stop())
+        await settle()
+        self.assertEqual(State.STOPPED, self.machine.state)
+        self.assertTrue(self.protector.channels[0].closed)
+
+    async def test_lease_lost_fences_the_guest(self):
+        await self.make()
+        self.machine.post(pair.LeaseLost('lease lapsed'))
+        await settle()
+        self.assertEqual(State.FENCED, self.machine.state)
+        self.assertFalse(self.guest.alive)
+        self.assertTrue(self.out.discarded)
+        self.assertEqual([], self.out.released)
+        self.assertIn(Kind.PRIMARY_LOST, self.chan.kinds())
+        self.assertEqual('fenced: lease lapsed', self.machine.error)
+        self.assertTrue(self.machine.finished.is_set())
+
+    async def test_a_hung_guest_is_killed_and_its_exit_fails_the_side(self):
+        await self.make()
+        self.machine.post(pair.GuestHung('QEMU hung (no answer for 15s)'))
+        await settle()
+        self.assertFalse(self.guest.alive)
+        self.machine.post(pair.GuestExited('QEMU exited: killed'))
+        await settle()
+        self.assertEqual(State.FAILED, self.machine.state)
+        self.assertEqual('QEMU hung (no answer for 15s)',
+                         self.machine.error)
+
+    async def test_status_is_the_contract_record(self):
+        await self.make()
+        self.machine.post(pair.Tick())
+        await settle()
+        self.chan.inbox.put_nowait(Message(Kind.ACK, 1))
+        await settle()
+        st = self.machine.status()
+        self.assertIsInstance(st, InstanceStatus)
+        self.assertEqual((Role.PRIMARY, State.PROTECTED, 1, 1),
+                         (st.role, st.state, st.epochs,
+                          st.last_committed_epoch))
+        self.assertEqual(10.0, st.pause_ms_p50)
+        data = st.to_dict()
+        self.assertEqual(st, InstanceStatus.from_dict(data))
+        for key in ('pause_ms_p50', 'pause_ms_p99', 'held_frames',
+                    'released_frames', 'shipped_mib', 'ms_since_last_ack',
+                    'dirty_mib_total', 'replication_lag_epochs'):
+            self.assertIn(key, data)
 
     async def test_echoed_heartbeat_vouches_for_the_primary(self):
-        self.make()
-        self.machine._spawn(self.machine._heartbeat())
-        await asyncio.sleep(0.05)
-        beats = [m for m in self.chan.sent if m.kind == Kind.HEARTBEAT]
+        await self.make()
+        await self.clock.advance(0.5)
+        beats = self.chan.frames(Kind.HEARTBEAT)
         self.assertTrue(beats)
         # No echo yet: nobody vouches for us.
         self.assertEqual(float('-inf'), self.machine.peer_holds_until())
-        sent = self.machine._beats[beats[0].epoch]
+        sent = self.chan.sent_at[self.chan.sent.index(beats[0])]
         self.chan.inbox.put_nowait(Message(Kind.ECHO, beats[0].epoch,
                                            b'800'))
-        await self.settle()
+        await settle()
         self.assertAlmostEqual(sent + 0.8, self.machine.peer_holds_until())
         # An unprotected primary has no one to vouch for it.
-        self.machine.state = pair.State.UNPROTECTED
+        self.machine.post(pair.SecondaryLost('gone'))
+        await settle()
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
         self.assertEqual(float('-inf'), self.machine.peer_holds_until())
 
     async def test_tick_checkpoints_ships_and_ack_releases_output(self):
-        self.make()
+        await self.make()
         self.machine.post(pair.Tick())
-        await self.settle()
+        await settle()
         self.assertEqual([1], self.cap.captured)
         self.assertEqual([('checkpoint', 1)], self.disk.calls)
         self.assertEqual([1], self.out.sealed)
         self.assertEqual([Kind.MARK, Kind.CHECKPOINT], self.chan.kinds())
-        dev, delta = transport.decode_checkpoint(self.chan.sent[1].payload)
+        ckpt = self.chan.frames(Kind.CHECKPOINT)[0]
+        dev, delta = transport.decode_checkpoint(ckpt.payload)
         self.assertEqual(b'dev1', dev)
         # Nothing is released before the ack...
         self.assertEqual([], self.out.released)
         self.chan.inbox.put_nowait(Message(Kind.ACK, 1))
-        await self.settle()
+        await settle()
         # ...and the acked epoch is released after it.
         self.assertEqual([1], self.out.released)
         self.assertEqual(1, self.machine.stats.committed)
-        self.assertEqual(pair.State.PROTECTED, self.machine.state)
+        self.assertEqual(State.PROTECTED, self.machine.state)
 
     async def test_epochs_last_epoch_ms_when_idle_epochs_are_off(self):
-        self.make(epoch_ms=30)
-        self.machine._spawn(self.machine._ticker())
-        await asyncio.sleep(0.35)
-        self.assertGreaterEqual(len(self.cap.captured), 4)
+        await self.make(epoch_ms=30)
+        await self.clock.advance(0.35)
+        # one every 30 ms: at 30, 60, ... 330 ms
+        self.assertEqual(list(range(1, 12)), self.cap.captured)
 
     async def test_an_epoch_without_output_runs_on_until_the_guest_sends(self):
-        self.make(epoch_ms=30, idle_epoch_ms=1000)
-        self.machine._spawn(self.machine._ticker())
-        await asyncio.sleep(0.35)
+        await self.make(epoch_ms=30, idle_epoch_ms=1000)
+        await self.clock.advance(0.35)
         # Nothing sent: nobody waits for a commit, no pause is taken.
         self.assertEqual([], self.cap.captured)
         # The guest sends: its epoch (older than epoch_ms) ends now.
         self.out.waiting.set()
-        await asyncio.sleep(0.1)
+        await settle()
         self.assertEqual([1], self.cap.captured)
         # Silent again: the next epoch runs to idle_epoch_ms, no longer.
-        await asyncio.sleep(0.6)
+        await self.clock.advance(0.6)
         self.assertEqual([1], self.cap.captured)
-        await asyncio.sleep(0.6)
+        await self.clock.advance(0.6)
         self.assertEqual([1, 2], self.cap.captured)
 
     async def test_broken_stream_leaves_guest_unprotected(self):
-        self.make()
+        await self.make()
         self.chan.inbox.put_nowait(ConnectionError('reset'))
-        await self.settle()
-        self.assertEqual(pair.State.UNPROTECTED, self.machine.state)
+        await settle()
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
         self.assertIn(('stop',), self.disk.calls)
         # The replica is made stale before held output is let go: a later
         # takeover must not undo what clients then see.
-        self.assertEqual(['invalidate', 'release-all'], self.order)
+        self.assertEqual(['invalidate', 'release-all', 'link-closed'],
+                         self.order)
         self.machine.post(pair.Tick())
-        await self.settle()
+        await settle()
         self.assertEqual([], self.cap.captured)
 
     async def test_mark_timeout_means_secondary_lost(self):
-        self.make()
-        self.chan.on_send = None  # the secondary never answers MARK
-        self.machine.mark_timeout = 0.05
+        await self.make(mark_timeout=0.05)
+        self.protector.answer_marks = False
         self.machine.post(pair.Tick())
-        await asyncio.sleep(0.5)
-        self.assertEqual(pair.State.UNPROTECTED, self.machine.state)
+        await self.clock.advance(0.5)
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
         self.assertIn('checkpoint failed', self.machine.stats.reason)
 
     async def test_qemu_dying_mid_checkpoint_is_not_a_lost_secondary(self):
-        self.make()
-        self.chan.on_send = None
-        self.machine.mark_timeout = 0.05
-        self.mon.alive = False  # the checkpoint fails because QEMU died
+        await self.make(mark_timeout=0.05)
+        self.protector.answer_marks = False
+        self.guest.alive = False  # the checkpoint fails because QEMU died
         self.machine.post(pair.Tick())
-        await asyncio.sleep(0.5)
+        await self.clock.advance(0.5)
         # The replica stays valid and no BYE tells the secondary to stand
         # down: it must take over when the exit is reported.
-        self.assertEqual(pair.State.PROTECTED, self.machine.state)
+        self.assertEqual(State.PROTECTED, self.machine.state)
         self.assertEqual([], self.order)
         self.assertNotIn(Kind.BYE, self.chan.kinds())
         self.machine.post(pair.GuestExited('killed'))
-        await self.settle()
-        self.assertEqual(pair.State.FAILED, self.machine.state)
+        await settle()
+        self.assertEqual(State.FAILED, self.machine.state)
         self.assertIn(Kind.PRIMARY_LOST, self.chan.kinds())
 
     async def test_guest_exit_tells_secondary_and_discards_output(self):
-        self.make()
+        await self.make()
         self.machine.post(pair.GuestExited('killed'))
-        await self.settle()
-        self.assertEqual(pair.State.FAILED, self.machine.state)
+        await settle()
+        self.assertEqual(State.FAILED, self.machine.state)
         self.assertIn(Kind.PRIMARY_LOST, self.chan.kinds())
         self.assertTrue(self.out.discarded)
         self.assertEqual([], self.out.released)
-        self.assertEqual([], self.order)  # the replica stays valid
+        # the replica stays valid
+        self.assertNotIn('invalidate', self.order)
 
     async def test_secondary_that_stops_reading_is_lost(self):
-        self.make()
-        self.machine.ship_timeout = 0.1
-        never = asyncio.get_running_loop().create_future()
-
-        async def stuck_send(kind, epoch=0, *buffers):
-            if kind == Kind.MARK:
-                self.chan.inbox.put_nowait(Message(Kind.MARKED, epoch))
-            else:
-                await never  # the socket buffer is full
-        self.chan.send = stuck_send
+        await self.make(ship_timeout=0.1)
+        self.chan.stuck = True      # the socket buffer is full
         self.machine.post(pair.Tick())
-        await self.settle()
-        self.assertEqual(pair.State.PROTECTED, self.machine.state)
-        await asyncio.sleep(0.15)
+        await settle()
+        self.assertEqual(State.PROTECTED, self.machine.state)
+        await self.clock.advance(0.15)
         self.machine.post(pair.Tick())
-        await self.settle()
-        self.assertEqual(pair.State.UNPROTECTED, self.machine.state)
+        await settle()
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
         self.assertIn('not taken by the secondary', self.machine.stats.reason)
+
+    async def test_handover_commits_the_last_epoch_then_stops(self):
+        await self.make()
+        answers = {Kind.MARK: Kind.MARKED, Kind.CHECKPOINT: Kind.ACK}
+        self.chan.on_send = lambda kind, epoch: kind in answers and \
+            self.chan.inbox.put_nowait(Message(answers[kind], epoch))
+        self.machine.post(pair.Stop(handover=True))
+        await settle()
+        self.assertEqual(State.STOPPED, self.machine.state)
+        self.assertEqual([Kind.MARK, Kind.CHECKPOINT, Kind.PRIMARY_LOST],
+                         self.chan.kinds())
+        self.assertTrue(self.out.discarded)
 
 
 class FakeReplica:
-    def __init__(self, delay=0.0):
+    def __init__(self, gate=None):
         self.committed = 0
         self.applied = []
-        self.delay = delay
+        #: a threading.Event the second and later applies wait for
+        self.gate = gate
 
     def apply(self, epoch, devstate, delta):
-        import time
-        time.sleep(self.delay)
+        if self.gate is not None and epoch > 1:
+            self.gate.wait(5)
         self.applied.append(epoch)
         self.committed = epoch
 
@@ -280,6 +529,9 @@ class FakeStore:
     async def commit(self, epoch):
         self.calls.append(('commit', epoch))
 
+    async def stop(self):
+        self.calls.append(('stop',))
+
 
 def checkpoint_msg(epoch):
     delta = RamDelta(np.array([0], np.uint32),
@@ -289,111 +541,249 @@ def checkpoint_msg(epoch):
     return Message(Kind.CHECKPOINT, epoch, payload)
 
 
+def hello_msg(version=PROTOCOL_VERSION):
+    return Message(Kind.HELLO, 0,
+                   json.dumps(hello(version).to_dict()).encode())
+
+
 class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
 
-    def make(self, replica=None, timeout=5.0, first_timeout=30.0):
-        self.chan = FakeChannel()
+    def new_machine(self, replica=None, timeout=5.0, first_timeout=30.0):
+        self.clock = FakeClock()
         self.replica = replica or FakeReplica()
         self.store = FakeStore()
         self.activated = []
+        self.hellos = []
+
+        async def prepare(hello):
+            self.hellos.append(hello)
+            return pair.Prepared(self.replica, self.store,
+                                 NbdTargetInfo(socket='/nbd'))
 
         async def activate(committed):
             self.activated.append(committed)
         self.machine = pair.SecondaryPair(
-            channel=self.chan, replica=self.replica, store=self.store,
-            activate=activate, clock=pair.RealClock(),
+            prepare=prepare, activate=activate, clock=self.clock,
             detect_timeout=timeout, first_commit_timeout=first_timeout)
-        self.machine.start()
         self.runner = asyncio.ensure_future(self.machine.run())
+
+    async def make(self, replica=None, timeout=5.0, first_timeout=30.0):
+        """A standby secondary: listening, handshake done."""
+        self.new_machine(replica, timeout, first_timeout)
+        self.machine.post(pair.Listening())
+        self.chan = FakeChannel(self.clock)
+        self.chan.inbox.put_nowait(hello_msg())
+        self.machine.post(pair.Connected(self.chan))
+        await settle()
+        self.assertEqual(State.STANDBY, self.machine.state)
+        self.assertEqual([Kind.READY], self.chan.kinds())
+        self.chan.clear()
 
     async def asyncTearDown(self):
         self.runner.cancel()
+        await asyncio.gather(self.runner, return_exceptions=True)
+
+    async def finished(self):
+        await asyncio.wait_for(self.machine.finished.wait(), 5)
+
+    async def test_handshake_reads_hello_and_answers_ready(self):
+        self.new_machine()
+        self.assertEqual(State.STARTING, self.machine.state)
+        self.machine.post(pair.Listening())
+        await settle()
+        self.assertEqual(State.WAITING_FOR_PRIMARY, self.machine.state)
+        chan = FakeChannel(self.clock)
+        chan.inbox.put_nowait(hello_msg())
+        self.machine.post(pair.Connected(chan))
+        await settle()
+        self.assertEqual(State.STANDBY, self.machine.state)
+        self.assertEqual([hello()], self.hellos)
+        ready = Ready.from_dict(chan.frames(Kind.READY)[0].json())
+        self.assertEqual('/nbd', ready.target.socket)
+        self.assertEqual('pair-1', self.machine.status().pair_id)
+        # A second primary is turned away.
+        other = FakeChannel(self.clock)
+        self.machine.post(pair.Connected(other))
+        await settle()
+        self.assertEqual([Kind.ERROR], other.kinds())
+        self.assertTrue(other.closed)
+        self.assertEqual(State.STANDBY, self.machine.state)
+
+    async def test_a_hello_of_another_protocol_version_is_refused(self):
+        self.new_machine()
+        self.machine.post(pair.Listening())
+        chan = FakeChannel(self.clock)
+        chan.inbox.put_nowait(hello_msg(version=PROTOCOL_VERSION + 1))
+        with self.assertLogs('mftvm_openstack.ft.pair', 'ERROR') as logs:
+            self.machine.post(pair.Connected(chan))
+            await settle()
+        self.assertIn('protocol version', logs.output[0])
+        error = chan.frames(Kind.ERROR)[0].json()['error']
+        self.assertIn(f'protocol version {PROTOCOL_VERSION + 1}', error)
+        self.assertTrue(chan.closed)
+        self.assertEqual([], self.hellos)     # nothing prepared for it
+        # Still waiting for a primary that speaks our version.
+        self.assertEqual(State.WAITING_FOR_PRIMARY, self.machine.state)
+        self.assertIn('protocol version', self.machine.status().error)
+        chan = FakeChannel(self.clock)
+        chan.inbox.put_nowait(hello_msg())
+        self.machine.post(pair.Connected(chan))
+        await settle()
+        self.assertEqual(State.STANDBY, self.machine.state)
+
+    async def test_a_primary_silent_after_connecting_is_refused(self):
+        self.new_machine()
+        self.machine.post(pair.Listening())
+        chan = FakeChannel(self.clock)
+        self.machine.post(pair.Connected(chan))
+        with self.assertLogs('mftvm_openstack.ft.pair', 'ERROR'):
+            await self.clock.advance(31)
+        self.assertTrue(chan.closed)
+        self.assertEqual(State.WAITING_FOR_PRIMARY, self.machine.state)
+
+    async def test_stop_while_waiting_for_a_primary(self):
+        self.new_machine()
+        self.machine.post(pair.Listening())
+        self.machine.post(pair.Stop())
+        await self.finished()
+        self.assertEqual(State.STOPPED, self.machine.state)
+
+    async def test_role_is_primary_only_when_active(self):
+        # A secondary that lost its primary, or stopped, runs no guest:
+        # it must not report itself as the primary.
+        for how, state, role in (
+                ('nothing committed', State.LOST, Role.SECONDARY),
+                ('stop', State.STOPPED, Role.SECONDARY),
+                ('takeover', State.ACTIVE, Role.PRIMARY)):
+            with self.subTest(how):
+                await self.make()
+                self.assertEqual(Role.SECONDARY, self.machine.status().role)
+                if how == 'stop':
+                    self.machine.post(pair.Stop())
+                elif how == 'takeover':
+                    self.chan.inbox.put_nowait(checkpoint_msg(1))
+                    await until(lambda: self.replica.committed == 1)
+                    self.machine.post(pair.Takeover())
+                else:
+                    self.machine.post(pair.Takeover())
+                await self.finished()
+                st = self.machine.status()
+                self.assertEqual((state, role), (st.state, st.role))
+                self.runner.cancel()
+
+    async def test_the_side_runs_on_as_a_primary_after_takeover(self):
+        await self.make()
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        await until(lambda: self.replica.committed == 1)
+        self.machine.post(pair.Takeover())
+        await self.finished()
+        protector = FakeProtector(self.clock, [])
+        primary = pair.PrimaryPair.took_over(
+            self.machine, FakeGuest(), FakeMonitor(), protector=protector,
+            clock=self.clock, epoch_ms=200)
+        st = primary.status()
+        self.assertEqual((Role.PRIMARY, State.ACTIVE, 'pair-1'),
+                         (st.role, st.state, st.pair_id))
+        self.assertIsNotNone(st.failover_ms)
+        runner = asyncio.ensure_future(primary.run())
+        self.addCleanup(runner.cancel)
+        primary.post(pair.Protect('unix:/new', 'pair-2'))
+        await settle()
+        self.assertEqual(State.PROTECTED, primary.state)
 
     async def test_mark_and_checkpoint_are_acknowledged_in_order(self):
-        self.make()
+        await self.make()
         self.chan.inbox.put_nowait(Message(Kind.MARK, 1))
         self.chan.inbox.put_nowait(checkpoint_msg(1))
-        await asyncio.sleep(0.1)
+        await until(lambda: Kind.ACK in self.chan.kinds())
         self.assertEqual([('mark', 1), ('commit', 1)], self.store.calls)
         self.assertEqual([Kind.MARKED, Kind.ACK], self.chan.kinds())
         self.assertEqual([1], self.replica.applied)
 
     async def test_primary_loss_fails_over_to_last_committed(self):
-        self.make(FakeReplica(delay=0.1))
+        gate = threading.Event()
+        await self.make(FakeReplica(gate))
+        self.addCleanup(gate.set)
         self.chan.inbox.put_nowait(checkpoint_msg(1))
         self.chan.inbox.put_nowait(checkpoint_msg(2))
         # The stream breaks while checkpoint 2 is still being applied:
         # a checkpoint received in full still commits before takeover.
         self.chan.inbox.put_nowait(ConnectionError('gone'))
-        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        await until(lambda: self.machine.state == State.FAILING_OVER)
+        self.assertEqual([], self.activated)
+        gate.set()
+        await self.finished()
         self.assertEqual([2], self.activated)
-        self.assertEqual(pair.State.ACTIVE, self.machine.state)
+        self.assertEqual(State.ACTIVE, self.machine.state)
 
     async def test_silence_is_detected(self):
-        self.make(timeout=0.1)
+        await self.make(timeout=0.1)
         self.chan.inbox.put_nowait(checkpoint_msg(1))
-        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        await self.clock.advance(0.2)
+        await self.finished()
         self.assertEqual([1], self.activated)
         self.assertIn('no word', self.machine.stats.reason)
 
     async def test_a_frame_waiting_when_the_timer_fires_is_no_silence(self):
         # A starved loop runs the expired timer before reading the frame
         # that came meanwhile: the fake times out once with one waiting.
-        self.make(timeout=0.1)
-        recv = self.chan.recv
+        await self.make(timeout=0.1)
+        wait_frame = self.chan.wait_frame
         starved = []
 
-        async def late_recv(timeout=None):
+        async def late_wait_frame():
             if not starved and not self.chan.inbox.empty():
-                starved.append(timeout)
+                starved.append(True)
                 raise TimeoutError
-            return await recv(timeout)
-        self.chan.recv = late_recv
+            return await wait_frame()
+        self.chan.wait_frame = late_wait_frame
         self.chan.inbox.put_nowait(checkpoint_msg(1))
         self.chan.inbox.put_nowait(Message(Kind.HEARTBEAT, 1))
-        await asyncio.sleep(0.05)
-        self.assertEqual(pair.State.STANDBY, self.machine.state)
+        await until(lambda: self.replica.applied)
+        await settle()
+        self.assertEqual(State.STANDBY, self.machine.state)
         self.assertEqual([1], self.replica.applied)
         self.assertEqual(1, len(starved))
 
     async def test_heartbeats_are_echoed_with_the_detection_time(self):
-        self.make(timeout=0.8)
+        await self.make(timeout=0.8)
         self.chan.inbox.put_nowait(Message(Kind.HEARTBEAT, 7))
-        await asyncio.sleep(0.05)
-        echo = [m for m in self.chan.sent if m.kind == Kind.ECHO]
+        await settle()
+        echo = self.chan.frames(Kind.ECHO)
         self.assertEqual([(7, b'800')], [(m.epoch, m.payload) for m in echo])
 
     async def test_silence_before_any_checkpoint_is_tolerated_longer(self):
         # Nothing to resume yet: a primary starved by the initial sync
         # is not given up after the short detection time...
-        self.make(timeout=0.1, first_timeout=0.6)
-        await asyncio.sleep(0.3)
-        self.assertEqual(pair.State.STANDBY, self.machine.state)
+        await self.make(timeout=0.1, first_timeout=0.6)
+        await self.clock.advance(0.3)
+        self.assertEqual(State.STANDBY, self.machine.state)
         # ...but it is after the longer one.
-        await asyncio.wait_for(self.machine.finished.wait(), 5)
-        self.assertEqual(pair.State.LOST, self.machine.state)
+        await self.clock.advance(0.5)
+        await self.finished()
+        self.assertEqual(State.LOST, self.machine.state)
         self.assertIn('0.6s', self.machine.stats.reason)
 
     async def test_nothing_committed_means_nothing_to_resume(self):
-        self.make()
+        await self.make()
         self.chan.inbox.put_nowait(ConnectionError('gone'))
-        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        await self.finished()
         self.assertEqual([], self.activated)
-        self.assertEqual(pair.State.LOST, self.machine.state)
+        self.assertEqual(State.LOST, self.machine.state)
 
     async def test_bye_means_no_takeover(self):
-        self.make()
+        await self.make()
         self.chan.inbox.put_nowait(checkpoint_msg(1))
         self.chan.inbox.put_nowait(Message(Kind.BYE, 0))
-        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        await self.finished()
         self.assertEqual([], self.activated)
-        self.assertEqual(pair.State.STOPPED, self.machine.state)
+        self.assertEqual(State.STOPPED, self.machine.state)
 
     async def test_corrupt_frame_is_answered_with_error(self):
-        self.make()
+        await self.make()
         self.chan.inbox.put_nowait(transport.ProtocolError('bad magic'))
-        await asyncio.wait_for(self.machine.finished.wait(), 5)
+        await self.finished()
         self.assertIn(Kind.ERROR, self.chan.kinds())
         # Not proof that the primary died: no takeover.
         self.assertEqual([], self.activated)
-        self.assertEqual(pair.State.STOPPED, self.machine.state)
+        self.assertEqual(State.STOPPED, self.machine.state)

@@ -1,0 +1,486 @@
+"""The primary's machine: runs the guest's side from process start,
+protects the guest while a secondary is linked (see the package
+docstring for its states)::
+
+    machine = PrimaryPair(protector=protector, clock=RealClock(),
+                          epoch_ms=200)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+from mftvm_openstack.contract.hello import Ready
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus
+from mftvm_openstack.ft import transport
+from mftvm_openstack.ft.pair.events import (
+    Acked,
+    GuestExited,
+    GuestFailed,
+    GuestHung,
+    GuestUp,
+    LeaseLost,
+    PrimaryEvent,
+    Protect,
+    SecondaryLost,
+    Stop,
+    Synced,
+    SyncFailed,
+    Tick,
+)
+from mftvm_openstack.ft.pair.interfaces import (
+    Channel,
+    Clock,
+    GuestProcess,
+    Link,
+    OutputBuffer,
+    Protector,
+)
+from mftvm_openstack.ft.pair.machine import Machine, Stats, error_text
+from mftvm_openstack.ft.transport import Kind
+
+if TYPE_CHECKING:
+    from mftvm_openstack.ft.epoch import Checkpoint
+    from mftvm_openstack.ft.monitor import Monitor
+    from mftvm_openstack.ft.pair.secondary import SecondaryPair
+
+LOG = logging.getLogger(__name__)
+
+
+def _echo_detect_s(payload: bytes) -> float:
+    try:
+        return max(0.0, int(payload or b'0') / 1000)
+    except ValueError:
+        return 0.0
+
+
+class PrimaryPair(Machine['PrimaryEvent']):
+    """Runs the guest's side: protects it while a secondary is linked,
+    checkpointing it every epoch and shipping the checkpoint.
+
+    An epoch lasts ``epoch_ms`` when the guest sent packets in it (they
+    wait for its commit), else up to ``idle_epoch_ms`` (never less than
+    ``epoch_ms``; 0: every epoch lasts ``epoch_ms``).
+
+    ``protector.invalidate_replica()`` runs when the secondary is dropped,
+    *before* any uncommitted output leaves: from then on the replica must
+    not take over, or a later failover would take back what clients have
+    seen.
+    """
+
+    def __init__(self, *, protector: Protector, clock: Clock,
+                 epoch_ms: int, idle_epoch_ms: int = 0,
+                 mark_timeout: float = 2.0,
+                 ship_timeout: float = 10.0,
+                 heartbeat_interval: float = 0.2,
+                 ready_timeout: float = 60.0,
+                 state: State = State.STARTING,
+                 stats: Optional[Stats] = None) -> None:
+        super().__init__(clock, state, stats)
+        self.protector = protector
+        self.epoch_s = epoch_ms / 1000.0
+        self.idle_epoch_s = max(idle_epoch_ms, epoch_ms) / 1000.0
+        self.mark_timeout = mark_timeout
+        self.ship_timeout = ship_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.ready_timeout = ready_timeout
+        self.guest: Optional[GuestProcess] = None
+        self.monitor: Optional[Monitor] = None
+        #: the protection under way or in place (SYNCING, PROTECTED)
+        self.pair_id = ''
+        # a Protect that came before the guest was up
+        self._protect_first: Optional[Protect] = None
+        self.channel: Optional[Channel] = None
+        self.link: Optional[Link] = None
+        # heartbeat seq -> when it was sent; the newest echoed send time
+        self._beats: dict[int, float] = {}
+        self._beat_seq = 0
+        self._echoed_at: Optional[float] = None
+        self._peer_detect_s = 0.0
+        self._ship_started = 0.0
+        self.next_epoch = 1
+        self._sending: Optional[asyncio.Task[Any]] = None
+        self._marked: dict[int, asyncio.Future[None]] = {}
+        self._acked: dict[int, asyncio.Future[None]] = {}
+
+    @classmethod
+    def took_over(cls, secondary: SecondaryPair, guest: GuestProcess,
+                  monitor: Monitor, **kwargs: Any) -> PrimaryPair:
+        """The machine of a side whose secondary took over: it runs the
+        guest, ACTIVE, and keeps the takeover's counters."""
+        machine = cls(state=State.ACTIVE, stats=secondary.stats, **kwargs)
+        machine.guest, machine.monitor = guest, monitor
+        machine.pair_id = secondary.pair_id
+        return machine
+
+    def _on_task_failure(self, exc: BaseException) -> PrimaryEvent:
+        return SecondaryLost(f'internal error: {exc!r}')
+
+    @property
+    def running_unprotected(self) -> bool:
+        return self.state in (State.UNPROTECTED, State.ACTIVE)
+
+    def peer_holds_until(self) -> float:
+        """Until when, on our clock, the secondary surely still counts us
+        alive (so it cannot be taking over): the send time of the newest
+        heartbeat it echoed, plus its detection time. -inf if unknown.
+
+        The secondary restarts its silence timer whenever it hears from
+        us, and it echoed heartbeat n only after hearing it; so it cannot
+        declare us lost before send_time(n) + its detection time.
+        """
+        if self.state != State.PROTECTED or self._echoed_at is None:
+            return float('-inf')
+        return self._echoed_at + self._peer_detect_s
+
+    def status(self) -> InstanceStatus:
+        st = self.stats.status(Role.PRIMARY, self.state)
+        extra: dict[str, Any] = {'error': self.error,
+                                 'pair_id': self.pair_id}
+        if self.link is not None and self.channel is not None:
+            extra.update(
+                held_frames=self.link.output.held,
+                released_frames=self.link.output.frames_released,
+                shipped_mib=round(self.channel.bytes_sent / 2**20, 2))
+        if self.stats.last_ack_at is not None:
+            extra['ms_since_last_ack'] = round(
+                (self.clock.monotonic() - self.stats.last_ack_at) * 1000, 1)
+        return dataclasses.replace(st, **extra)
+
+    # -- events --
+
+    async def handle(self, event: PrimaryEvent) -> None:
+        if isinstance(event, GuestUp):
+            await self._guest_up(event)
+        elif isinstance(event, GuestFailed):
+            if self.state == State.STARTING:
+                self.error = event.error
+                LOG.error(event.error)
+                self._finish(State.FAILED)
+        elif isinstance(event, Protect):
+            if self.state == State.STARTING:
+                self._protect_first = event     # once the guest is up
+            elif self.running_unprotected:
+                self._start_sync(event.address, event.pair_id)
+        elif isinstance(event, Synced):
+            await self._synced(event.link)
+        elif isinstance(event, SyncFailed):
+            if self.state == State.SYNCING:
+                await self._sync_failed(event.error)
+        elif isinstance(event, Tick):
+            await self._tick()
+        elif isinstance(event, Acked):
+            if event.epoch > self.stats.committed:
+                self.stats.committed = event.epoch
+                self.stats.last_ack_at = self.clock.monotonic()
+            if self.link is not None:
+                await self.link.output.release(event.epoch)
+        elif isinstance(event, SecondaryLost):
+            if self.state == State.PROTECTED:
+                await self._unprotect(event.reason)
+            elif self.state == State.SYNCING:
+                await self._sync_failed(event.reason)
+        elif isinstance(event, GuestHung):
+            if not self.state.final:
+                self.error = event.reason
+                if self.guest is not None:
+                    await self.guest.kill()   # GuestExited follows
+        elif isinstance(event, GuestExited):
+            if not self.state.final:
+                await self._guest_exited(event.reason)
+        elif isinstance(event, LeaseLost):
+            if not self.state.final:
+                await self._fence(event.reason)
+        elif isinstance(event, Stop):
+            if not self.state.final:
+                await self._stop(event.handover)
+
+    async def _guest_up(self, event: GuestUp) -> None:
+        self.guest, self.monitor = event.guest, event.monitor
+        if self.state != State.STARTING:
+            return
+        protect, self._protect_first = self._protect_first, None
+        if protect is None:
+            self.state = State.UNPROTECTED
+        else:
+            self._start_sync(protect.address, protect.pair_id)
+
+    def _start_sync(self, address: str, pair_id: str) -> None:
+        self.state = State.SYNCING
+        self.pair_id = pair_id
+        # A new secondary starts from nothing: new epochs, new counters.
+        self.stats = Stats()
+        self.next_epoch = 1
+        self._echoed_at = None
+        self._spawn(self._sync(address, pair_id))
+
+    async def _sync(self, address: str, pair_id: str) -> None:
+        try:
+            channel = await self.protector.connect(address)
+            self.channel = channel
+            hello = await self.protector.hello(pair_id)
+            await channel.send_json(Kind.HELLO, hello.to_dict())
+            await self.clock.wait_for(channel.wait_frame(),
+                                      self.ready_timeout)
+            reply = await channel.recv()
+            if reply.kind != Kind.READY:
+                raise RuntimeError(f'secondary refused: {error_text(reply)}')
+            ready = Ready.from_dict(reply.json(), 'READY')
+            # The secondary counts silence as our death from now on, and
+            # the initial disk sync takes a while: beat meanwhile.
+            self._spawn(self._heartbeat(channel))
+            self._spawn(self._reader(channel))
+            link = await self.protector.link(
+                ready, lambda why: self.post(SecondaryLost(why)))
+        except Exception as exc:
+            LOG.debug('protection failure', exc_info=True)
+            self.post(SyncFailed(str(exc) or type(exc).__name__))
+        else:
+            self.post(Synced(link))
+
+    async def _synced(self, link: Link) -> None:
+        if self.state != State.SYNCING:
+            await link.close()      # stopped meanwhile
+            return
+        self.link = link
+        self.error = ''
+        self.state = State.PROTECTED
+        self._spawn(self._ticker(link.output))
+
+    async def _sync_failed(self, error: str) -> None:
+        LOG.error('protecting the guest onto its secondary failed: %s',
+                  error)
+        self.error = f'protection failed: {error}'
+        await self._cancel_tasks()
+        self._close_channel()
+        self.state = State.UNPROTECTED
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    async def _heartbeat(self, channel: Channel) -> None:
+        # The secondary counts silence as our death: say something even
+        # when epochs are longer than its detection time.
+        with contextlib.suppress(ConnectionError, OSError):
+            while True:
+                self._beat_seq += 1
+                self._beats[self._beat_seq] = self.clock.monotonic()
+                for old in [n for n in self._beats
+                            if n < self._beat_seq - 100]:
+                    del self._beats[old]
+                await channel.send(Kind.HEARTBEAT, self._beat_seq)
+                await self.clock.sleep(self.heartbeat_interval)
+
+    async def _ticker(self, output: OutputBuffer) -> None:
+        # An epoch ends epoch_s after the last one if the guest sent
+        # something in it (its packets wait for the commit). One in which
+        # it sent nothing keeps no client waiting: it runs on, up to
+        # idle_epoch_s, and ends as soon as the guest sends. Fewer pauses,
+        # the same output latency.
+        while True:
+            await self.clock.sleep(self.epoch_s)
+            rest = self.idle_epoch_s - self.epoch_s
+            if rest > 0:
+                with contextlib.suppress(TimeoutError):
+                    await self.clock.wait_for(output.waiting.wait(), rest)
+            self.post(Tick())
+
+    async def _reader(self, channel: Channel) -> None:
+        # MARKED and ACK resolve their waiters here, not through the
+        # queue: a checkpoint waits for its MARKED, and a handover for
+        # its last ACK, inside the handler.
+        try:
+            while True:
+                msg = await channel.recv()
+                if msg.kind == Kind.MARKED:
+                    fut = self._marked.pop(msg.epoch, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                elif msg.kind == Kind.ACK:
+                    for epoch in [e for e in self._acked if e <= msg.epoch]:
+                        fut = self._acked.pop(epoch)
+                        if not fut.done():
+                            fut.set_result(None)
+                    self.post(Acked(msg.epoch))
+                elif msg.kind == Kind.ECHO:
+                    sent = self._beats.pop(msg.epoch, None)
+                    if sent is not None and (self._echoed_at is None
+                                             or sent > self._echoed_at):
+                        self._echoed_at = sent
+                        self._peer_detect_s = _echo_detect_s(msg.payload)
+                elif msg.kind == Kind.ERROR:
+                    self.post(SecondaryLost(
+                        f'secondary error: {error_text(msg)}'))
+                    return
+        except (ConnectionError, transport.ProtocolError, OSError) as exc:
+            self.post(SecondaryLost(f'data stream: {exc}'))
+
+    async def _mark(self, epoch: int) -> None:
+        assert self.link is not None and self.channel is not None
+        # Disk sync first (the block-copy baseline copies the epoch's
+        # dirty blocks here), then the secondary starts a new overlay.
+        await self.link.disk.checkpoint(epoch)
+        fut = asyncio.get_running_loop().create_future()
+        self._marked[epoch] = fut
+        LOG.debug('sending MARK %d', epoch)
+        await self.channel.send(Kind.MARK, epoch)
+        await self.clock.wait_for(fut, self.mark_timeout)
+
+    async def _ship(self, channel: Channel, ckpt: Checkpoint) -> None:
+        try:
+            await channel.send(
+                Kind.CHECKPOINT, ckpt.epoch,
+                *transport.encode_checkpoint(ckpt.devstate, ckpt.delta))
+        except (ConnectionError, OSError) as exc:
+            self.post(SecondaryLost(f'shipping checkpoint {ckpt.epoch}: '
+                                    f'{exc}'))
+
+    async def checkpoint(self, resume: bool = True) -> None:
+        assert self.link is not None and self.channel is not None
+        epoch = self.next_epoch
+        ckpt = await self.link.capturer.capture(
+            epoch, self._mark, self.link.output.seal, resume)
+        self.next_epoch += 1
+        self.stats.epochs = epoch
+        self.stats.pauses_ms.append(ckpt.pause_s * 1000)
+        self.stats.parts_ms.append((ckpt.devstate_s * 1000,
+                                    ckpt.ram_s * 1000, ckpt.mark_s * 1000))
+        self.stats.dirty_bytes += ckpt.delta.nbytes
+        self._ship_started = self.clock.monotonic()
+        self._sending = self._spawn(self._ship(self.channel, ckpt))
+
+    async def _tick(self) -> None:
+        if self.state != State.PROTECTED:
+            return
+        if self._sending is not None and not self._sending.done():
+            # Still shipping the last one: the epoch runs longer. But a
+            # secondary that stopped reading would stretch it for ever,
+            # with the guest's output held all the while.
+            stuck = self.clock.monotonic() - self._ship_started
+            if stuck > self.ship_timeout:
+                self.post(SecondaryLost(
+                    f'checkpoint {self.stats.epochs} not taken by the '
+                    f'secondary within {self.ship_timeout:.0f}s'))
+            return
+        try:
+            await self.checkpoint()
+        except Exception as exc:
+            LOG.debug('checkpoint failed', exc_info=True)
+            await self._checkpoint_failed(exc)
+
+    async def _checkpoint_failed(self, exc: Exception) -> None:
+        # Whose fault? A QEMU that died mid-checkpoint is a failover, not
+        # a lost secondary: dropping the replica then would lose the guest.
+        # Its exit is noticed within moments; the monitor is no witness (a
+        # QEMU draining I/O to a dead peer answers late).
+        await self.clock.sleep(0.3)
+        if self.guest is not None and not self.guest.running:
+            LOG.warning('checkpoint failed as QEMU exited: %s', exc)
+            return  # GuestExited is on its way
+        # Unprotect now, not behind the ticks queued meanwhile: each would
+        # pause the guest once more.
+        await self._unprotect(f'checkpoint failed: {exc}')
+
+    async def _end_link(self) -> None:
+        """Stop the protection's tasks and close its stream and parts
+        that need no goodbye."""
+        await self._cancel_tasks()
+        self._sending = None
+        self._close_channel()
+        link, self.link = self.link, None
+        if link is not None:
+            await link.close()
+
+    async def _unprotect(self, reason: str) -> None:
+        """The secondary is gone: carry on alone, release held output."""
+        LOG.warning('secondary lost (%s): guest continues unprotected',
+                    reason)
+        self.state = State.UNPROTECTED
+        self.stats.reason = reason
+        await self._cancel_tasks()
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                # Tell a secondary that still listens not to take over.
+                await self.clock.wait_for(self.channel.send_json(
+                    Kind.BYE, {'reason': reason}), 0.5)
+        self._close_channel()
+        link = self.link
+        if link is not None:
+            with contextlib.suppress(Exception):
+                await link.disk.stop()
+        await self.protector.invalidate_replica(self.pair_id)
+        if link is not None:
+            assert self.monitor is not None    # linked: the guest is up
+            await link.output.detach(self.monitor)
+        await self._end_link()
+
+    async def _tell_secondary_to_take_over(self, reason: str) -> None:
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                await self.channel.send_json(Kind.PRIMARY_LOST,
+                                             {'reason': reason})
+
+    async def _guest_exited(self, reason: str) -> None:
+        LOG.error('guest exited on the primary: %s', reason)
+        self.stats.reason = reason
+        if not self.error:
+            self.error = reason
+        if self.link is not None:
+            # What is held was never committed: nobody may see it.
+            self.link.output.discard()
+        if self.state == State.PROTECTED:
+            await self._tell_secondary_to_take_over(reason)
+        await self._end_link()
+        self._finish(State.FAILED)
+
+    async def _fence(self, reason: str) -> None:
+        LOG.error('fencing myself: %s; killing the guest', reason)
+        self.error = f'fenced: {reason}'
+        if self.link is not None:
+            self.link.output.discard()
+        if self.guest is not None:
+            await self.guest.kill()
+        if self.state == State.PROTECTED:
+            await self._tell_secondary_to_take_over(self.error)
+        await self._end_link()
+        self._finish(State.FENCED)
+
+    async def _stop(self, handover: bool) -> None:
+        if handover and self.state == State.PROTECTED:
+            # Planned failover: the guest stops, its last epoch commits,
+            # then the secondary takes over with nothing lost.
+            try:
+                await self._last_checkpoint()
+            except Exception as exc:
+                LOG.error('handover failed (%s): the guest stays here',
+                          exc)
+                if self.monitor is not None:
+                    with contextlib.suppress(Exception):
+                        await self.monitor.execute('cont')
+                await self._unprotect(f'handover failed: {exc}')
+                return
+            assert self.link is not None
+            self.link.output.discard()
+            await self._tell_secondary_to_take_over('planned failover')
+        elif self.state == State.PROTECTED and self.channel is not None:
+            with contextlib.suppress(Exception):
+                await self.channel.send(Kind.BYE)
+        await self._end_link()
+        self._finish(State.STOPPED)
+
+    async def _last_checkpoint(self) -> None:
+        if self._sending is not None:
+            await self._sending
+        await self.checkpoint(resume=False)
+        fut = asyncio.get_running_loop().create_future()
+        self._acked[self.stats.epochs] = fut
+        if self._sending is not None:
+            await self._sending
+        await self.clock.wait_for(fut, 10)

@@ -1,0 +1,296 @@
+"""The secondary's machine: keeps the replica, takes over when the
+primary dies (see the package docstring for its states)::
+
+    machine = SecondaryPair(prepare=host.prepare, activate=host.activate,
+                            clock=RealClock(), detect_timeout=1.0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Optional
+
+from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello, Ready
+from mftvm_openstack.contract.record import ContractError
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus
+from mftvm_openstack.ft import transport
+from mftvm_openstack.ft.pair.events import (
+    Committed,
+    Connected,
+    FrameReceived,
+    Listening,
+    PrimaryLost,
+    Refused,
+    SecondaryEvent,
+    Standby,
+    Stop,
+    Takeover,
+)
+from mftvm_openstack.ft.pair.interfaces import Channel, Clock, Prepared
+from mftvm_openstack.ft.pair.machine import Machine
+from mftvm_openstack.ft.transport import Kind, Message
+
+if TYPE_CHECKING:
+    from mftvm_openstack.ft.trackers import RamDelta
+
+LOG = logging.getLogger(__name__)
+
+
+class SecondaryPair(Machine['SecondaryEvent']):
+    """Keeps the replica; takes over when the primary dies.
+
+    ``prepare(hello)`` makes the replica and the disk store for a primary
+    whose HELLO was accepted; ``activate(committed_epoch)`` fences and
+    restores the guest (both injected: the host decides where the
+    replica lives, how to fence and where QEMU runs).
+    """
+
+    def __init__(self, *, prepare: Callable[[Hello], Awaitable[Prepared]],
+                 activate: Callable[[int], Awaitable[None]],
+                 clock: Clock, detect_timeout: float = 1.0,
+                 first_commit_timeout: float = 30.0,
+                 hello_timeout: float = 30.0) -> None:
+        super().__init__(clock, State.STARTING)
+        # Until a first checkpoint arrives there is nothing to resume, so
+        # silence then is no reason to give up quickly: the initial disk
+        # sync and the first, full-RAM checkpoint can starve a loaded
+        # primary's heartbeat.
+        self.first_commit_timeout = max(first_commit_timeout,
+                                        detect_timeout)
+        self.prepare = prepare
+        self.activate = activate
+        self.detect_timeout = detect_timeout
+        self.hello_timeout = hello_timeout
+        #: the primary's HELLO, once accepted
+        self.hello: Optional[Hello] = None
+        self.pair_id = ''
+        self.channel: Optional[Channel] = None
+        self.prepared: Optional[Prepared] = None
+        self._handshaking = False
+        self._applying: Optional[asyncio.Task[Any]] = None
+
+    def _on_task_failure(self, exc: BaseException) -> SecondaryEvent:
+        # Not proof that the primary died: give the replica up instead.
+        self.stats.reason = f'internal error: {exc!r}'
+        return Stop()
+
+    def status(self) -> InstanceStatus:
+        # Only a secondary that took over runs the guest as the primary.
+        role = Role.PRIMARY if self.state == State.ACTIVE \
+            else Role.SECONDARY
+        st = self.stats.status(role, self.state)
+        extra: dict[str, Any] = {'error': self.error,
+                                 'pair_id': self.pair_id}
+        if self.stats.last_ack_at is not None:
+            extra['ms_since_last_ack'] = round(
+                (self.clock.monotonic() - self.stats.last_ack_at) * 1000, 1)
+        return dataclasses.replace(st, **extra)
+
+    async def handle(self, event: SecondaryEvent) -> None:
+        if isinstance(event, Listening):
+            if self.state == State.STARTING:
+                self.state = State.WAITING_FOR_PRIMARY
+        elif isinstance(event, Connected):
+            if self.state != State.WAITING_FOR_PRIMARY or self._handshaking:
+                with contextlib.suppress(Exception):
+                    await event.channel.send_json(Kind.ERROR, {
+                        'error': 'this secondary already serves a primary'})
+                event.channel.close()
+            else:
+                self._handshaking = True
+                self._spawn(self._handshake(event.channel))
+        elif isinstance(event, Standby):
+            self._handshaking = False
+            if self.state == State.WAITING_FOR_PRIMARY:
+                self.channel, self.prepared = event.channel, event.prepared
+                self.state = State.STANDBY
+                self._spawn(self._reader(event.channel))
+            else:
+                event.channel.close()
+        elif isinstance(event, Refused):
+            self._handshaking = False
+            self.error = event.error
+        elif isinstance(event, FrameReceived):
+            if self.state == State.STANDBY:
+                await self._frame(event.message)
+        elif isinstance(event, Committed):
+            await self._committed(event)
+        elif isinstance(event, (PrimaryLost, Takeover)):
+            if self.state == State.STANDBY:
+                await self._failover(event.reason)
+        elif isinstance(event, Stop):
+            if self.state in (State.STARTING, State.WAITING_FOR_PRIMARY,
+                              State.STANDBY):
+                await self._cancel_tasks()
+                if self.channel is not None:
+                    self.channel.close()
+                self._finish(State.STOPPED)
+
+    async def _handshake(self, channel: Channel) -> None:
+        """HELLO in, checked; the replica prepared; READY out."""
+        prepared: Optional[Prepared] = None
+        try:
+            await self.clock.wait_for(channel.wait_frame(),
+                                      self.hello_timeout)
+            msg = await channel.recv()
+            if msg.kind != Kind.HELLO:
+                raise ContractError(f'expected HELLO, got {msg.kind.name}')
+            hello = Hello.from_dict(msg.json(), 'HELLO')
+            if hello.version != PROTOCOL_VERSION:
+                raise ContractError(
+                    f'the primary speaks protocol version {hello.version}, '
+                    f'this secondary {PROTOCOL_VERSION}')
+            self.hello, self.pair_id = hello, hello.pair_id
+            prepared = await self.prepare(hello)
+            await channel.send_json(
+                Kind.READY, Ready(target=prepared.target).to_dict())
+        except Exception as exc:   # whatever it was, this primary is refused
+            error = f'refused a primary: {exc or type(exc).__name__}'
+            LOG.error('%s', error, exc_info=not isinstance(
+                exc, (ContractError, transport.ProtocolError, TimeoutError,
+                      ConnectionError)))
+            if prepared is not None:
+                with contextlib.suppress(Exception):
+                    await prepared.store.stop()
+            with contextlib.suppress(Exception):
+                await channel.send_json(Kind.ERROR, {'error': str(exc)})
+            channel.close()
+            self.post(Refused(error))
+        else:
+            self.post(Standby(channel, prepared))
+
+    async def _reader(self, channel: Channel) -> None:
+        timeout = self.first_commit_timeout
+        try:
+            while True:
+                await self._wait_frame(channel, timeout)
+                msg = await channel.recv()
+                self.stats.last_ack_at = self.clock.monotonic()
+                LOG.debug('got %s %d (%d bytes)', msg.kind.name, msg.epoch,
+                          len(msg.payload))
+                self.post(FrameReceived(msg))
+                if msg.kind == Kind.CHECKPOINT:
+                    # Something to resume from now on: be quick.
+                    timeout = self.detect_timeout
+                if msg.kind in (Kind.PRIMARY_LOST, Kind.BYE):
+                    return
+        except TimeoutError:
+            self.post(PrimaryLost(f'no word from the primary for '
+                                  f'{timeout}s'))
+        except (ConnectionError, OSError) as exc:
+            self.post(PrimaryLost(f'data stream: {exc}'))
+        except transport.ProtocolError as exc:
+            await self._protocol_error(exc)
+
+    async def _wait_frame(self, channel: Channel, timeout: float) -> None:
+        try:
+            await self.clock.wait_for(channel.wait_frame(), timeout)
+        except TimeoutError:
+            # When this process was starved of CPU for longer than the
+            # timeout, the timer fires before the frame that has arrived
+            # meanwhile is read: a frame ready now is no silence.
+            await self.clock.wait_for(channel.wait_frame(), 0.05)
+
+    async def _protocol_error(self, exc: transport.ProtocolError) -> None:
+        # A corrupt stream is no proof that the primary died: give up
+        # this replica (the primary carries on unprotected) rather than
+        # risk a second running copy.
+        LOG.error('protocol error from the primary: %s', exc)
+        self.stats.reason = f'protocol error: {exc}'
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                await self.channel.send_json(Kind.ERROR,
+                                             {'error': str(exc)})
+        self.post(Stop())
+
+    async def _frame(self, msg: Message) -> None:
+        assert self.channel is not None and self.prepared is not None
+        if msg.kind == Kind.MARK:
+            started = self.clock.monotonic()
+            await self.prepared.store.mark(msg.epoch)
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.channel.send(Kind.MARKED, msg.epoch)
+            took = self.clock.monotonic() - started
+            if took > 0.5:
+                LOG.warning('disk mark of epoch %d took %.0f ms',
+                            msg.epoch, took * 1000)
+        elif msg.kind == Kind.CHECKPOINT:
+            try:
+                devstate, delta = transport.decode_checkpoint(msg.payload)
+            except transport.ProtocolError as exc:
+                await self._protocol_error(exc)
+                return
+            self._applying = self._spawn(
+                self._apply(self._applying, msg.epoch, devstate, delta))
+        elif msg.kind == Kind.HEARTBEAT:
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.channel.send(
+                    Kind.ECHO, msg.epoch,
+                    str(round(self.detect_timeout * 1000)).encode())
+        elif msg.kind == Kind.PRIMARY_LOST:
+            try:
+                reason = msg.json().get('reason')
+            except (transport.ProtocolError, AttributeError):
+                reason = '(unreadable)'
+            await self._failover(f'primary reported: {reason}')
+        elif msg.kind == Kind.BYE:
+            self.stats.reason = 'the primary ended protection'
+            self.post(Stop())
+
+    async def _apply(self, previous: Optional[asyncio.Task[Any]], epoch: int,
+                     devstate: bytes, delta: RamDelta) -> None:
+        # Apply and commit here, beside the queue, so that a failover
+        # (handled in the queue) can wait for a checkpoint received in
+        # full; the ACK is the machine's to send (Committed).
+        assert self.prepared is not None
+        prepared = self.prepared
+        if previous is not None:
+            await previous   # checkpoints apply strictly in order
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, prepared.replica.apply, epoch,
+                                   devstate, delta)
+        await prepared.store.commit(epoch)
+        self.post(Committed(epoch, delta.nbytes))
+
+    async def _committed(self, event: Committed) -> None:
+        self.stats.epochs = event.epoch
+        self.stats.committed = event.epoch
+        self.stats.dirty_bytes += event.nbytes
+        if self.state == State.STANDBY and self.channel is not None:
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.channel.send(Kind.ACK, event.epoch)
+
+    async def _failover(self, reason: str) -> None:
+        assert self.channel is not None and self.prepared is not None
+        started = self.clock.monotonic()
+        LOG.warning('primary lost (%s): failing over', reason)
+        self.state = State.FAILING_OVER
+        self.stats.reason = reason
+        self.channel.close()
+        if self._applying is not None:
+            # A checkpoint received in full still commits: finish it.
+            with contextlib.suppress(Exception):
+                await self._applying
+        committed = self.prepared.replica.committed
+        if committed == 0:
+            self.stats.reason = (f'{reason}; no checkpoint was ever '
+                                 f'committed, nothing to resume')
+            LOG.error(self.stats.reason)
+            self._finish(State.LOST)
+            return
+        try:
+            await self.activate(committed)
+        except Exception as exc:
+            self.stats.reason = f'{reason}; failover failed: {exc}'
+            self.error = self.stats.reason
+            LOG.error(self.stats.reason)
+            self._finish(State.LOST)
+        else:
+            self.stats.failover_ms = round(
+                (self.clock.monotonic() - started) * 1000, 1)
+            self._finish(State.ACTIVE)

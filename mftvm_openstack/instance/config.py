@@ -1,0 +1,59 @@
+"""What an instance process is told, and what it finds out about its host.
+
+``DIR/guest.json`` holds the guest's spec and its protection options;
+:data:`HOST_DEFAULTS` fills in what only the instance process reads::
+
+    spec, options = load_guest('/var/lib/mftvm/vm0')
+    options['detect_timeout']          # 1.0 unless guest.json says
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+from mftvm_openstack.ft import vm
+
+#: defaults of guest.json "options" that only the instance process reads
+HOST_DEFAULTS: dict[str, Any] = {
+    'listen': None,          # secondary: data address (default: unix)
+    'secondary': None,       # primary: where its secondary listens
+    'nbd_host': None,        # secondary: serve the disk over TCP here
+    'pair_id': 'pair-1',
+    'fence_url': None,       # tooz URL; None: a lock file in guest_dir
+    'fence_dir': None,       # where the lock file lives (default guest_dir)
+    'fence_lease': 3,
+    'fence_acquire_timeout': 10.0,
+    'member': None,          # this host's name at the coordination backend
+    'ram_tag': None,         # tells RAM files of one guest apart per host
+    'heartbeat_interval': 0.2,
+    'detect_timeout': 1.0,
+    'hang_timeout': 15.0,    # QEMU silent on QMP this long counts as dead
+    'replica_timeout': 3.0,  # disk replica silent this long is cut off
+    'libvirt_uri': 'qemu:///system',   # for a guest run by libvirt
+    'domain_name': None,     # secondary: its restored domain's name
+}
+
+
+def load_guest(guest_dir: str) -> tuple[vm.GuestSpec, dict[str, Any]]:
+    """The spec and the options (defaults filled in) of ``guest_dir``."""
+    with open(os.path.join(guest_dir, 'guest.json')) as f:
+        data = json.load(f)
+    return (vm.GuestSpec.from_json(data['spec']),
+            {**HOST_DEFAULTS, **data['options']})
+
+
+def boot_id() -> str:
+    """This machine's boot id: tells whether a peer runs on it too."""
+    with open('/proc/sys/kernel/random/boot_id') as f:
+        return f.read().strip()
+
+
+def free_port(host: str) -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -1,0 +1,149 @@
+"""The guest as this side runs it: its QEMU, its monitor, what the engine
+works on, and how it is started, found in libvirt, and stopped.
+
+A guest runs here in one of three ways: a QEMU of our own (the primary
+boots it, or the secondary restores it), or a libvirt domain (Nova's
+guest, adopted by the primary or restored by the secondary)::
+
+    guest = await boot(spec, paths, ram)               # our own QEMU
+    guest = await Libvirt(uri).adopt('instance-0001')  # libvirt's
+    guest.process.pid, guest.disk_node, guest.netdev
+    await guest.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+from typing import Any, Optional, Protocol
+
+from mftvm_openstack.ft import libvirt_domain, libvirt_monitor, pair, vm
+from mftvm_openstack.ft.libvirt_monitor import LibvirtMonitor
+from mftvm_openstack.ft.monitor import Monitor, QMPMonitor
+
+
+class Domain(Protocol):
+    """The parts of a ``libvirt.virDomain`` the instance process uses."""
+
+    def name(self) -> str: ...
+
+    def isActive(self) -> int: ...  # noqa: N802 (libvirt's name)
+
+    def destroy(self) -> int: ...
+
+    def XMLDesc(self, flags: int = 0) -> str: ...  # noqa: N802
+
+
+class Connection(Protocol):
+    """The part of a ``libvirt.virConnect`` the instance process uses."""
+
+    def lookupByName(self, name: str) -> Domain: ...  # noqa: N802
+
+
+@dataclasses.dataclass
+class RunningGuest:
+    """A guest that runs on this side, and what the engine works on."""
+
+    process: pair.GuestProcess
+    monitor: Monitor
+    #: the guest RAM file (the dirty tracker reads it)
+    ram: str
+    #: the disk node to mirror, and its virtual size in bytes
+    disk_node: str
+    disk_size: int
+    #: the netdev whose output is held until its epoch commits
+    netdev: str = 'n0'
+    #: the libvirt domain (None: a QEMU of our own)
+    domain: Optional[Domain] = None
+
+    async def stop(self) -> None:
+        """Stop the guest: destroy its domain, or quit (then kill) QEMU."""
+        if self.domain is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.domain.destroy)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.monitor.execute('quit'), 2)
+        await self.monitor.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.process.wait(), 3)
+        await self.process.kill()
+
+
+class StartError(Exception):
+    """The guest could not be started here; the message says why."""
+
+
+async def boot(spec: vm.GuestSpec, paths: vm.Paths,
+               ram: str) -> RunningGuest:
+    """Boot ``spec`` in a QEMU of our own, its RAM in file ``ram``."""
+    fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.ftruncate(fd, spec.memory_bytes)
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(paths.qmp)
+    qemu = await vm.ChildProcess.start(vm.qemu_argv(spec, paths, ram),
+                                       paths.log)
+    try:
+        monitor = await QMPMonitor.connect(paths.qmp, 'primary-qemu')
+    except Exception:
+        await qemu.wait()
+        raise StartError(f'QEMU failed to start: {qemu.last_log_line()}') \
+            from None
+    return RunningGuest(qemu, monitor, ram, 'disk0', spec.disk_size)
+
+
+class Libvirt:
+    """Libvirt's domains at ``uri``, connected to on first use."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: Optional[Connection] = None
+
+    async def connection(self) -> Any:
+        if self._conn is None:
+            self._conn = await libvirt_monitor.connect(self.uri)
+        return self._conn
+
+    async def lookup(self, name: str) -> Domain:
+        """The running domain ``name``."""
+        conn = await self.connection()
+        try:
+            dom = await asyncio.to_thread(conn.lookupByName, name)
+            active = await asyncio.to_thread(dom.isActive)
+        except Exception as exc:
+            raise StartError(f'no domain {name} at {self.uri}: {exc}') \
+                from None
+        if not active:
+            raise StartError(f'domain {name} is not running')
+        return dom
+
+    async def adopt(self, name: str) -> RunningGuest:
+        """Take on the running domain ``name``: its QEMU is libvirt's, the
+        engine drives it through libvirt's monitor."""
+        try:
+            return await self.attach(await self.lookup(name))
+        except Exception as exc:
+            raise StartError(f'cannot protect libvirt domain {name}: '
+                             f'{exc}') from None
+
+    async def attach(self, dom: Domain,
+                     monitor: Optional[LibvirtMonitor] = None) \
+            -> RunningGuest:
+        """Run the engine on domain ``dom`` from now on."""
+        if monitor is None:
+            monitor = await LibvirtMonitor.for_domain(
+                await self.connection(), dom)
+        try:
+            ram = await libvirt_domain.ram_file(monitor)
+            node, size = await libvirt_domain.guest_disk(monitor)
+            qemu = await libvirt_domain.DomainProcess.of(monitor, dom.name())
+            # From now on, the guest dies with this process, as a QEMU of
+            # our own would: nobody else fences it if we die alone.
+            await qemu.start_guard()
+        except BaseException:
+            await monitor.close()
+            raise
+        return RunningGuest(qemu, monitor, ram, node, size,
+                            libvirt_domain.NETDEV, dom)

@@ -1,0 +1,145 @@
+"""How a guest that runs here is protected onto a secondary.
+
+The primary's state machine (:class:`~mftvm_openstack.ft.pair.PrimaryPair`)
+knows the order of things; this is its
+:class:`~mftvm_openstack.ft.pair.Protector`, the part that knows this
+host: where the secondary is, what the HELLO says about the guest, the
+relay and disk sync to the replica, the dirty tracker, the output
+buffer, and the fence that marks a dropped replica stale::
+
+    protector = GuestProtector(spec, options, paths, lambda: side.guest,
+                               lambda: side.fence)
+    machine = pair.PrimaryPair(protector=protector, ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+from mftvm_openstack import fencing
+from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello, Ready
+from mftvm_openstack.ft import disk as ft_disk
+from mftvm_openstack.ft import (
+    epoch,
+    libvirt_domain,
+    pair,
+    trackers,
+    transport,
+    vm,
+)
+from mftvm_openstack.ft.network import OutputBuffer
+from mftvm_openstack.ft.relay import NbdRelay
+from mftvm_openstack.instance.config import boot_id
+from mftvm_openstack.instance.guest import RunningGuest
+
+LOG = logging.getLogger(__name__)
+
+#: how long a secondary that does not listen yet is retried
+CONNECT_TIMEOUT = 30.0
+#: between two retries
+CONNECT_RETRY = 0.1
+#: between two tries to mark a dropped replica stale
+STALE_RETRY = 0.2
+
+
+class GuestProtector:
+    """``pair.Protector`` for the guest this side runs (``guest()``),
+    fenced by ``fence()``."""
+
+    def __init__(self, spec: vm.GuestSpec, options: dict[str, Any],
+                 paths: vm.Paths,
+                 guest: Callable[[], Optional[RunningGuest]],
+                 fence: Callable[[], Optional[fencing.Fence]]) -> None:
+        self.spec = spec
+        self.options = options
+        self.paths = paths
+        self._guest = guest
+        self._fence = fence
+        #: CLOCK_MONOTONIC start and end of the last initial disk sync
+        #: (system-wide: tests compare it with their own stamps)
+        self.sync_window: tuple[float, ...] = ()
+
+    def guest(self) -> RunningGuest:
+        guest = self._guest()
+        if guest is None:
+            raise RuntimeError('the guest does not run here')
+        return guest
+
+    async def connect(self, address: str) -> pair.Channel:
+        addr = transport.DataAddress.parse(address)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while True:
+            try:
+                return await transport.Channel.connect(addr)
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                # Nothing announces that a peer starts listening: retry.
+                await asyncio.sleep(CONNECT_RETRY)
+
+    async def hello(self, pair_id: str) -> Hello:
+        # The secondary sizes its replica from the disk this guest runs on
+        # (libvirt's, for a domain), and restores a domain into the same
+        # virtual hardware.
+        guest = self.guest()
+        xml = None
+        if guest.domain is not None:
+            xml = await asyncio.to_thread(guest.domain.XMLDesc,
+                                          libvirt_domain.MIGRATABLE_XML)
+        return Hello(version=PROTOCOL_VERSION, qemu_pid=guest.process.pid,
+                     host_pid=os.getpid(), boot_id=boot_id(),
+                     pair_id=pair_id, disk_size=guest.disk_size,
+                     domain_xml=xml)
+
+    async def link(self, ready: Ready,
+                   lost: Callable[[str], None]) -> pair.Link:
+        guest = self.guest()
+        opts = self.options
+        # QEMU reaches the replica through our relay, which cuts it off
+        # when it stops answering: QEMU itself would wait for ever.
+        relay = NbdRelay(ft_disk.NbdTarget(**ready.target.to_dict()),
+                         os.path.join(self.paths.root, 'nbd-relay.sock'),
+                         stall_timeout=float(opts['replica_timeout']),
+                         on_cut=lost)
+        try:
+            target = await relay.start()
+            sync = ft_disk.load_disk_sync(opts['disk_sync'], guest.monitor,
+                                          guest.disk_node)
+            started = time.monotonic()
+            await sync.start(target)
+            self.sync_window = (started, time.monotonic())
+            tracker = trackers.load_tracker(
+                opts['tracker'], guest.ram, self.spec.memory_bytes,
+                guest.process.pid)
+            capturer = epoch.CheckpointCapturer(guest.monitor, tracker,
+                                                self.paths.root)
+            await capturer.setup()
+            output = OutputBuffer(self.paths.netout, self.paths.netin,
+                                  guest.netdev)
+            await output.attach(guest.monitor)
+        except BaseException:
+            await relay.close()
+            raise
+        sync.on_failure = lost
+        return pair.Link(capturer, sync, output, relay.close)
+
+    async def invalidate_replica(self, pair_id: str) -> None:
+        # Until this lands, held output stays held: a primary cut off
+        # from the backend as well runs into its lease and fences
+        # itself, and the replica then is still the truth.
+        fence = self._fence()
+        assert fence is not None
+        while True:
+            try:
+                await asyncio.to_thread(fence.mark_stale, pair_id,
+                                        'the primary went on unprotected')
+                return
+            except Exception as exc:
+                LOG.warning('cannot mark the replica stale: %s', exc)
+                await asyncio.sleep(STALE_RETRY)
+

@@ -1,0 +1,213 @@
+"""The secondary side: keep the replica; on loss of the primary, run the
+guest.
+
+It listens on its data address (``guest.json``'s ``listen``, by default
+``secondary/data.sock``) for one primary, whose HELLO its machine
+(:class:`~mftvm_openstack.ft.pair.SecondaryPair`) checks; this side then
+prepares the replica (RAM file, epoch overlay store served over NBD).
+When the primary is lost it fences, checks the replica is not stale,
+restores the guest, and from then on runs it as a primary does: its
+machine hands over to a :class:`~mftvm_openstack.ft.pair.PrimaryPair`
+that starts in ACTIVE (and can be protected again)::
+
+    python -m mftvm_openstack.instance secondary /var/lib/mftvm/vm0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from typing import Optional
+
+from mftvm_openstack.contract.hello import Hello, NbdTargetInfo
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import Takeover
+from mftvm_openstack.ft import disk as ft_disk
+from mftvm_openstack.ft import epoch, libvirt_domain, pair, transport
+from mftvm_openstack.instance.config import boot_id, free_port
+from mftvm_openstack.instance.guest import RunningGuest
+from mftvm_openstack.instance.side import Side
+from mftvm_openstack.waiting import async_wait_until
+
+LOG = logging.getLogger(__name__)
+
+#: how long a restore on the primary's machine waits for the dead
+#: primary's QEMU to be gone (and to have released its ports)
+PRIMARY_GONE_TIMEOUT = 5.0
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether ``pid`` names a process, a zombie included."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+async def wait_pid_gone(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` (not our child) is gone within ``timeout``.
+
+    Gone means reaped, not just exited: its parent (libvirtd, for a
+    domain) is done with it then. Its pidfd would say when it exits;
+    nothing says when it is reaped, so this polls."""
+    return await async_wait_until(lambda: not pid_exists(pid), timeout,
+                                  interval=0.01)
+
+
+class SecondarySide(Side):
+
+    role = Role.SECONDARY
+
+    def __init__(self, guest_dir: str) -> None:
+        self.replica: Optional[epoch.ReplicaImage] = None
+        self.store: Optional[ft_disk.EpochOverlayStore] = None
+        super().__init__(guest_dir)
+
+    def new_machine(self) -> pair.SecondaryPair:
+        return pair.SecondaryPair(
+            prepare=self.prepare, activate=self.activate, clock=self.clock,
+            detect_timeout=self.options['detect_timeout'])
+
+    @property
+    def secondary(self) -> pair.SecondaryPair:
+        assert isinstance(self.machine, pair.SecondaryPair)
+        return self.machine
+
+    def listen_address(self) -> transport.DataAddress:
+        listen = self.options['listen']
+        if not listen:
+            return transport.DataAddress(path=os.path.join(
+                self.paths.root, 'data.sock'))
+        addr = transport.DataAddress.parse(listen)
+        if addr.path is None and addr.port == 0:
+            assert addr.host is not None
+            addr = transport.DataAddress(host=addr.host,
+                                         port=free_port(addr.host))
+        return addr
+
+    async def run(self) -> int:
+        machine = self.secondary
+        self.start(machine)
+        await self.start_serving()
+        addr = self.listen_address()
+        if addr.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(addr.path)
+
+        async def on_connect(channel: transport.Channel) -> None:
+            machine.post(pair.Connected(channel))
+        server = await transport.serve(addr, on_connect)
+        self.listen = str(addr)
+        machine.post(pair.Listening())
+        try:
+            await machine.finished.wait()
+        finally:
+            server.close()
+        if machine.state == State.ACTIVE and self.guest is not None:
+            # We are the primary now, unprotected until a protect op.
+            primary = pair.PrimaryPair.took_over(
+                machine, self.guest.process, self.guest.monitor,
+                protector=self.protector, clock=self.clock,
+                epoch_ms=self.options['epoch_ms'],
+                idle_epoch_ms=self.options.get('idle_epoch_ms') or 0,
+                heartbeat_interval=self.options['heartbeat_interval'])
+            self.start(primary)
+            keeping = self.keep_lease()
+            try:
+                await self.run_guest(primary)
+            finally:
+                keeping.cancel()
+                await self.release_fence()
+        else:
+            if self.store is not None:
+                await self.store.stop()
+            if self.fence is not None:
+                self.fence.close()
+        if self.replica is not None:
+            self.replica.close()
+        # The replica (or, after a takeover, the guest's RAM; its QEMU
+        # dies with this process) would otherwise hold host memory in
+        # /dev/shm after the guest is gone.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.ram)
+        return 0
+
+    async def prepare(self, hello: Hello) -> pair.Prepared:
+        """The replica and the disk store for the primary that said
+        ``hello``."""
+        if self.replica is not None:
+            # from a primary refused after all (its READY was not sent)
+            self.replica.close()
+            self.replica = None
+        replica = epoch.ReplicaImage(self.ram, self.spec.memory_bytes,
+                                     self.paths.root)
+        nbd_host = self.options['nbd_host']
+        store = ft_disk.EpochOverlayStore(
+            os.path.join(self.paths.root, 'disk'),
+            hello.disk_size or self.spec.disk_size,
+            listen=(nbd_host, free_port(nbd_host)) if nbd_host else None)
+        target = await store.start()
+        self.replica, self.store = replica, store
+        return pair.Prepared(replica, store, NbdTargetInfo.from_dict(
+            dataclasses.asdict(target)))
+
+    async def activate(self, committed: int) -> None:
+        """Fence, then restore the guest from epoch ``committed``."""
+        hello = self.secondary.hello
+        assert hello is not None and self.store is not None \
+            and self.replica is not None
+        detected = time.monotonic()
+        self.takeover = Takeover(detected=detected)
+        layers = await self.store.failover_layers(committed)
+        self.disk_layers = layers
+        fence = self.load_fence()
+        won = await asyncio.to_thread(
+            fence.acquire, self.options['fence_acquire_timeout'])
+        if not won:
+            fence.close()
+            raise RuntimeError('fencing failed: the primary still holds '
+                               'the guest; not starting a second copy')
+        try:
+            valid, why = await asyncio.to_thread(fence.replica_valid,
+                                                 hello.pair_id)
+        except Exception as exc:
+            valid, why = False, f'cannot tell whether it is current: {exc}'
+        if not valid:
+            # The primary ran on after dropping us: resuming this replica
+            # would take back what its clients have seen since.
+            await asyncio.to_thread(fence.release)
+            fence.close()
+            raise RuntimeError(f'the replica is stale ({why}); not '
+                               f'resuming it')
+        self.fence = fence
+        fenced = time.monotonic()
+        self.takeover = Takeover(detected=detected, fenced=fenced)
+        if hello.boot_id == boot_id():
+            # Same machine: let the dead primary's QEMU release its ports.
+            await wait_pid_gone(hello.qemu_pid, PRIMARY_GONE_TIMEOUT)
+        self.guest = await self._restore(layers, hello)
+        self.takeover = Takeover(detected=detected, fenced=fenced,
+                                 resumed=time.monotonic())
+
+    async def _restore(self, layers: list[tuple[str, str]],
+                       hello: Hello) -> RunningGuest:
+        assert self.replica is not None
+        if self.spec.domain:
+            name = self.options['domain_name'] or self.spec.domain
+            dom, monitor = await libvirt_domain.restore(
+                await self.libvirt.connection(), self.spec,
+                self.paths.serial, self.ram, self.replica.devstate_path,
+                layers, name=name, xml=hello.domain_xml)
+            return await self.libvirt.attach(dom, monitor)
+        qemu, qmp = await epoch.restore(
+            self.spec, self.paths, self.ram, self.replica.devstate_path,
+            layers)
+        return RunningGuest(qemu, qmp, self.ram, 'disk0',
+                            self.spec.disk_size)

@@ -1,0 +1,267 @@
+"""The instance process's parts, without QEMU: the control server, the
+status publisher, the commands each side accepts, the lease keeper and
+the hang watchdog."""
+
+import asyncio
+import json
+import os
+import subprocess
+import tempfile
+import time
+import unittest
+
+from mftvm_openstack.contract.control import (
+    ControlOp,
+    ControlReply,
+    ControlRequest,
+)
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus
+from mftvm_openstack.ft import pair, vm
+from mftvm_openstack.instance import client
+from mftvm_openstack.instance.control import ControlServer
+from mftvm_openstack.instance.lease import ECHO_MARGIN, LeaseKeeper
+from mftvm_openstack.instance.primary import PrimarySide
+from mftvm_openstack.instance.secondary import SecondarySide, wait_pid_gone
+from mftvm_openstack.instance.status import StatusPublisher
+from mftvm_openstack.instance.watchdog import watch_hang
+from tests.unit.fake_clock import settle
+
+
+def guest_dir(test):
+    tmp = tempfile.TemporaryDirectory()
+    test.addCleanup(tmp.cleanup)
+    spec = vm.GuestSpec(name=f'unit-{os.getpid()}', kernel='/k', initrd='/i',
+                        disk='/d', disk_size=1 << 20)
+    with open(os.path.join(tmp.name, 'guest.json'), 'w') as f:
+        json.dump({'spec': spec.to_json(), 'options': {'epoch_ms': 200}}, f)
+    return tmp.name
+
+
+class ControlServerTest(unittest.IsolatedAsyncioTestCase):
+
+    async def asyncSetUp(self):
+        self.requests = []
+
+        async def handler(request):
+            self.requests.append(request)
+            if request.secondary == 'raise-value':
+                raise ValueError('bad data-plane address')
+            if request.secondary == 'raise-bug':
+                raise KeyError('bug')
+            return ControlReply(ok=True)
+        self.server = ControlServer('/nonexistent/control.sock', handler)
+
+    async def test_a_request_that_fits_reaches_the_handler(self):
+        reply = await self.server.answer(
+            b'{"op": "protect", "secondary": "unix:/x", "pair_id": "p-2"}\n')
+        self.assertEqual(ControlReply(ok=True), reply)
+        self.assertEqual([ControlRequest(op=ControlOp.PROTECT,
+                                         secondary='unix:/x',
+                                         pair_id='p-2')], self.requests)
+
+    async def test_a_bad_request_gets_the_contracts_message(self):
+        for line, error in (
+                (b'{"op": "reboot"}', 'request.op: must be one of'),
+                (b'{"op": "status", "force": true}',
+                 'request.force: is not a field'),
+                (b'{"op": "protect", "pair_id": "a b"}',
+                 'request.pair_id: must match'),
+                (b'["status"]', 'must be a JSON object'),
+                (b'', 'request.op: is required'),
+                (b'{"op": ', 'Expecting value'),
+                (b'\xff\n', 'decode')):
+            with self.subTest(line=line):
+                reply = await self.server.answer(line)
+                self.assertFalse(reply.ok)
+                self.assertIn(error, reply.error)
+        self.assertEqual([], self.requests)
+
+    async def test_a_failing_handler_is_an_answer_not_a_traceback(self):
+        reply = await self.server.answer(
+            b'{"op": "protect", "secondary": "raise-value"}')
+        self.assertEqual(ControlReply(ok=False,
+                                      error='bad data-plane address'), reply)
+        with self.assertLogs('mftvm_openstack.instance.control', 'ERROR'):
+            reply = await self.server.answer(
+                b'{"op": "protect", "secondary": "raise-bug"}')
+        self.assertFalse(reply.ok)
+        self.assertIn('internal error', reply.error)
+
+    async def test_over_the_socket(self):
+        gdir = guest_dir(self)
+        os.mkdir(os.path.join(gdir, 'primary'))
+        server = ControlServer(
+            os.path.join(gdir, 'primary', 'control.sock'),
+            self.server.handler)
+        await server.start()
+        self.addCleanup(server.close)
+        reply = await asyncio.to_thread(client.control, gdir, 'primary',
+                                        'stop', 5)
+        self.assertEqual(ControlReply(ok=True).to_dict(), reply)
+        reply = await asyncio.to_thread(client.control, gdir, 'primary',
+                                        'bogus', 5)
+        self.assertFalse(ControlReply.from_dict(reply).ok)
+
+
+class StatusPublisherTest(unittest.TestCase):
+
+    def test_publishes_the_status_record_and_the_pauses(self):
+        root = guest_dir(self)
+        pauses = []
+        status = InstanceStatus(role=Role.PRIMARY, state=State.PROTECTED,
+                                epochs=3, pause_ms_p50=12.5)
+        publisher = StatusPublisher(root, lambda: status, lambda: pauses)
+        publisher.publish()
+        with open(os.path.join(root, 'status.json')) as f:
+            data = json.load(f)
+        self.assertEqual(status, InstanceStatus.from_dict(data))
+        self.assertEqual(12.5, data['pause_ms_p50'])
+        self.assertFalse(os.path.exists(os.path.join(root, 'pauses.json')))
+        pauses.extend([10.0, 15.0])
+        publisher.publish()
+        with open(os.path.join(root, 'pauses.json')) as f:
+            self.assertEqual([10.0, 15.0], json.load(f))
+        # nothing left behind by the atomic writes
+        self.assertEqual(['guest.json', 'pauses.json', 'status.json'],
+                         sorted(os.listdir(root)))
+
+
+class FakeProcess:
+    pid = 4242
+
+    def __init__(self):
+        self.running = True
+
+    async def wait(self):
+        while self.running:
+            await asyncio.sleep(0.001)
+        return 0
+
+    async def kill(self):
+        self.running = False
+
+    def last_log_line(self):
+        return ''
+
+
+class HungMonitor:
+    async def execute(self, command, **args):
+        await asyncio.get_running_loop().create_future()   # never
+
+
+class SideCommandTest(unittest.IsolatedAsyncioTestCase):
+
+    async def ask(self, side, **request):
+        reply = await side.control.answer(json.dumps(request).encode())
+        return reply
+
+    async def test_the_primary_accepts_what_its_state_allows(self):
+        side = PrimarySide(guest_dir(self))
+        side.start(side.machine)
+        self.addCleanup(side.machine.post, pair.Stop())
+        reply = await self.ask(side, op='status')
+        self.assertTrue(reply.ok)
+        self.assertEqual((Role.PRIMARY, State.STARTING),
+                         (reply.status.role, reply.status.state))
+        self.assertEqual(os.getpid(), reply.status.host_pid)
+        reply = await self.ask(side, op='protect', secondary='unix:/x')
+        self.assertEqual('the guest is starting here; it can be protected '
+                         'only while it runs unprotected', reply.error)
+        reply = await self.ask(side, op='failover')
+        self.assertEqual('the guest is not protected: there is no '
+                         'secondary to fail over to', reply.error)
+        reply = await self.ask(side, op='unprotect')
+        self.assertEqual('the guest is not protected', reply.error)
+        side.machine.post(pair.GuestUp(FakeProcess(), HungMonitor()))
+        await settle()
+        self.assertEqual(State.UNPROTECTED, side.machine.state)
+        reply = await self.ask(side, op='protect', secondary='nowhere')
+        self.assertFalse(reply.ok)
+        self.assertIn('bad data-plane address', reply.error)
+        reply = await self.ask(side, op='stop')
+        self.assertTrue(reply.ok)
+        await asyncio.wait_for(side.machine.finished.wait(), 5)
+        self.assertEqual(State.STOPPED, side.status().state)
+
+    async def test_the_secondary_fails_over_only_from_standby(self):
+        side = SecondarySide(guest_dir(self))
+        side.start(side.machine)
+        side.machine.post(pair.Listening())
+        await settle()
+        reply = await self.ask(side, op='status')
+        self.assertEqual((Role.SECONDARY, State.WAITING_FOR_PRIMARY),
+                         (reply.status.role, reply.status.state))
+        reply = await self.ask(side, op='failover')
+        self.assertEqual('this side is not a standby secondary', reply.error)
+        reply = await self.ask(side, op='protect', secondary='unix:/x')
+        self.assertIn('the guest is waiting-for-primary here', reply.error)
+        reply = await self.ask(side, op='stop')
+        self.assertTrue(reply.ok)
+        await asyncio.wait_for(side.machine.finished.wait(), 5)
+        self.assertEqual(State.STOPPED, side.machine.state)
+
+
+class FakeFence:
+    def __init__(self, lease, expires_in):
+        self.lease = lease
+        self.expires_at = time.monotonic() + expires_in
+
+    def deadline(self, margin):
+        return self.expires_at - margin
+
+    def renew(self):
+        raise ConnectionError('backend gone')
+
+    def reclaim(self):
+        return False       # another host holds it now
+
+
+class LeaseKeeperTest(unittest.IsolatedAsyncioTestCase):
+
+    async def test_a_lock_file_needs_no_keeping(self):
+        lost = []
+        keeper = LeaseKeeper(FakeFence(float('inf'), 0), 'g',
+                             lambda: float('-inf'), lost.append)
+        await asyncio.wait_for(keeper.run(), 1)
+        self.assertEqual([], lost)
+
+    async def test_the_secondarys_word_keeps_the_guest_running(self):
+        now = time.monotonic()
+        keeper = LeaseKeeper(FakeFence(3, -1), 'g', lambda: now + 5,
+                             lambda why: None)
+        self.assertEqual(now + 5 - ECHO_MARGIN, keeper.may_run_until())
+        keeper.vouched = lambda: float('-inf')
+        self.assertLess(keeper.may_run_until(), now)
+
+    async def test_a_lease_taken_by_another_host_is_reported(self):
+        lost = []
+        keeper = LeaseKeeper(FakeFence(3, -1), 'g', lambda: float('-inf'),
+                             lost.append)
+        with self.assertLogs('mftvm_openstack.instance.lease', 'WARNING'):
+            await asyncio.wait_for(keeper.run(), 2)
+        self.assertEqual(1, len(lost))
+        self.assertIn(lost[0], ('another host owns the guest',
+                                'ownership could not be renewed within its '
+                                'lease, and the secondary no longer vouches '
+                                'for us'))
+
+
+class WatchdogTest(unittest.IsolatedAsyncioTestCase):
+
+    async def test_a_hung_qemu_is_reported_and_killed(self):
+        process, hung = FakeProcess(), []
+        with self.assertLogs('mftvm_openstack.instance.watchdog', 'ERROR'):
+            await asyncio.wait_for(
+                watch_hang(process, HungMonitor(), 0.005, hung.append), 2)
+        self.assertEqual(['QEMU hung (no answer for 0s)'], hung)
+        self.assertFalse(process.running)
+
+
+class WaitPidGoneTest(unittest.IsolatedAsyncioTestCase):
+
+    async def test_waits_for_the_process_to_be_gone(self):
+        proc = subprocess.Popen(['true'])
+        proc.wait()
+        self.assertTrue(await wait_pid_gone(proc.pid, 1))
+        self.assertFalse(await wait_pid_gone(os.getpid(), 0.005))
