@@ -8,6 +8,7 @@ cycle cannot hide behind an import that only runs later.
 """
 
 import ast
+import functools
 import os
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def _imports(path, rel):
                 yield f'{module}.{alias.name}'
 
 
+@functools.lru_cache(maxsize=1)
 def package_graph():
     graph = {}
     third_party = {}
