@@ -68,8 +68,8 @@ fi
 
 echo "== ruff"
 .venv/bin/ruff check mftvm_openstack tests benchmarks
-echo "== mypy (engine)"
-.venv/bin/mypy mftvm_openstack/ft
+echo "== mypy"
+.venv/bin/mypy mftvm_openstack
 echo "== stestr"
 rm -rf .stestr
 rc=0

@@ -84,7 +84,7 @@ def read_records(path: str, limit: int | None = None) -> list[Record]:
     Stops at the first slot without a record, so a big sparse disk is not
     read whole.
     """
-    records = []
+    records: list[Record] = []
     with open(path, "rb") as f:
         f.seek(WRITER_BASE)
         while limit is None or len(records) < limit:

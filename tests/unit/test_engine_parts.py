@@ -9,7 +9,8 @@ import unittest
 
 import numpy as np
 
-from mftvm_openstack.ft import trackers, transport
+from mftvm_openstack.ft import epoch, trackers, transport
+from mftvm_openstack.ft.monitor import Monitor
 from mftvm_openstack.ft.network import OutputBuffer
 from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
 from mftvm_openstack.ft.transport import Kind
@@ -240,3 +241,82 @@ class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(b'held', await mon.network_got(2))
         await mon.guest_sends(b'direct')
         self.assertEqual(b'direct', await mon.network_got(1))
+
+
+class FakeMigratingMonitor(Monitor):
+    """Plays QEMU's side of a device-state migration: on ``migrate`` it
+    streams bytes into the socket and, if ``announce``, sends the
+    MIGRATION events the ``events`` capability turns on."""
+
+    def __init__(self, announce=True):
+        super().__init__()
+        self.announce = announce
+        self.calls = []
+
+    async def execute(self, command, **args):
+        self.calls.append(command)
+        if command == 'migrate-set-capabilities':
+            self.capabilities = {c['capability']: c['state']
+                                 for c in args['capabilities']}
+        if command == 'migrate':
+            asyncio.ensure_future(self._migrate(args['uri'][len('unix:'):]))
+        if command == 'query-migrate':
+            return {'status': 'completed'}
+        return {}
+
+    async def _migrate(self, path):
+        for status in ('setup', 'active', 'device'):
+            self._announce(status)
+        _, writer = await asyncio.open_unix_connection(path)
+        writer.write(b'device state')
+        await writer.drain()
+        writer.close()
+        self._announce('completed')
+
+    def _announce(self, status):
+        if self.announce:
+            self._dispatch({'event': 'MIGRATION',
+                            'data': {'status': status}})
+
+    async def close(self):
+        pass
+
+
+class FakeTracker:
+
+    def start(self):
+        pass
+
+    def collect(self):
+        return RamDelta.empty()
+
+
+class CheckpointCaptureTest(unittest.IsolatedAsyncioTestCase):
+
+    async def capture(self, monitor):
+        capturer = epoch.CheckpointCapturer(monitor, FakeTracker(),
+                                            tempfile.mkdtemp())
+        capturer.end_timeout = 0.01
+        await capturer.setup()
+        marked = []
+
+        async def mark(n):
+            marked.append(n)
+        ckpt = await capturer.capture(4, mark)
+        self.assertEqual((4, b'device state', [4]),
+                         (ckpt.epoch, ckpt.devstate, marked))
+        return ckpt
+
+    async def test_the_end_of_the_migration_is_announced_not_asked(self):
+        monitor = FakeMigratingMonitor()
+        await self.capture(monitor)
+        self.assertTrue(monitor.capabilities['events'])
+        self.assertNotIn('query-migrate', monitor.calls)
+        self.assertEqual(['stop', 'migrate', 'cont'],
+                         [c for c in monitor.calls if c in
+                          ('stop', 'migrate', 'cont')])
+
+    async def test_without_the_announcement_it_asks(self):
+        monitor = FakeMigratingMonitor(announce=False)
+        await self.capture(monitor)
+        self.assertEqual(1, monitor.calls.count('query-migrate'))
