@@ -931,13 +931,3 @@ def load_disk_sync(name: str, monitor: Monitor,
         plugins.DISK_SYNC_NAMESPACE, name, kind='disk sync', base=DiskSync,
         error=DiskError)
     return cls(monitor, node)
-
-
-def __getattr__(name: str) -> Any:
-    # The agent, the CLI and the local operations read these here until
-    # they ask contract.plugins themselves; read fresh, never a snapshot.
-    if name == 'DISK_SYNCS':
-        return plugins.disk_sync_choices()
-    if name == 'DEFAULT_DISK_SYNC':
-        return plugins.DEFAULT_DISK_SYNC
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
