@@ -195,7 +195,10 @@ class Side:
         def lost(why: str) -> None:
             machine = self.machine
             if isinstance(machine, pair.PrimaryPair):
-                machine.post(pair.LeaseLost(why))
+                # Now, not behind a handler that waits on the secondary
+                # or the backend: the guest must stop before the lease
+                # lapses for everyone.
+                machine.interrupt(pair.LeaseLost(why))
         keeper = LeaseKeeper(self.fence, self.spec.name, vouched, lost)
         return asyncio.ensure_future(keeper.run())
 

@@ -244,11 +244,17 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.machine.post(pair.GuestUp(self.guest, self.mon))
         await settle()
         self.assertEqual(State.UNPROTECTED, self.machine.state)
+        states = []
+        real_connect = self.protector.connect
+
+        async def connect(address):
+            states.append(self.machine.state)
+            return await real_connect(address)
+        self.protector.connect = connect
         self.machine.post(pair.Protect('unix:/sec', 'pair-1'))
         self.machine.post(pair.Protect('unix:/other', 'pair-9'))  # ignored
-        await settle(1)
-        self.assertEqual(State.SYNCING, self.machine.state)
         await settle()
+        self.assertEqual([State.SYNCING], states)
         self.assertEqual(State.PROTECTED, self.machine.state)
         chan = self.protector.channels[0]
         sent_hello = Hello.from_dict(chan.frames(Kind.HELLO)[0].json())
@@ -332,7 +338,7 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_lease_lost_fences_the_guest(self):
         await self.make()
-        self.machine.post(pair.LeaseLost('lease lapsed'))
+        self.machine.interrupt(pair.LeaseLost('lease lapsed'))
         await settle()
         self.assertEqual(State.FENCED, self.machine.state)
         self.assertFalse(self.guest.alive)
@@ -341,6 +347,44 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertIn(Kind.PRIMARY_LOST, self.chan.kinds())
         self.assertEqual('fenced: lease lapsed', self.machine.error)
         self.assertTrue(self.machine.finished.is_set())
+
+    async def test_a_lost_lease_cuts_short_what_the_machine_waits_for(self):
+        # Cut off from the secondary and from the backend: the machine
+        # waits to mark the replica stale (holding the guest's output),
+        # and the lease runs out meanwhile.
+        await self.make()
+        self.machine.post(pair.Tick())
+        never = asyncio.get_running_loop().create_future()
+
+        async def backend_unreachable(pair_id):
+            await never
+        self.protector.invalidate_replica = backend_unreachable
+        self.machine.post(pair.SecondaryLost('link down'))
+        self.machine.post(pair.Acked(1))     # queued behind: never handled
+        await settle()
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
+        self.assertFalse(self.out.detached)
+        self.machine.interrupt(pair.LeaseLost('lease lapsed'))
+        await settle()
+        self.assertEqual(State.FENCED, self.machine.state)
+        self.assertFalse(self.guest.alive)
+        self.assertTrue(self.out.discarded)
+        # Held output never left: not released, not passed through.
+        self.assertEqual([], self.out.released)
+        self.assertFalse(self.out.detached)
+        self.assertTrue(self.machine.finished.is_set())
+        # A final state is final.
+        self.machine.post(pair.GuestExited('killed'))
+        await settle()
+        self.assertEqual(State.FENCED, self.machine.status().state)
+
+    async def test_an_interrupt_wakes_an_idle_machine(self):
+        await self.make()
+        await settle()
+        self.machine.interrupt(pair.LeaseLost('lease lapsed'))
+        await settle()
+        self.assertEqual(State.FENCED, self.machine.state)
+        await asyncio.wait_for(self.runner, 1)    # the loop ended
 
     async def test_a_hung_guest_is_killed_and_its_exit_fails_the_side(self):
         await self.make()

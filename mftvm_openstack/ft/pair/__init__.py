@@ -35,6 +35,11 @@ Primary (one machine from process start to end)::
     STARTING/SYNCING/PROTECTED/UNPROTECTED/ACTIVE
         --GuestExited--> FAILED;  --LeaseLost--> FENCED;  --Stop--> STOPPED
 
+A lost lease is *interrupted* into the machine (:meth:`Machine.interrupt`
+in :mod:`.machine`): it is handled next, cutting short a handler that
+waits on a peer or backend that no longer answers. Final states (FAILED,
+FENCED, STOPPED, LOST) are final.
+
 Secondary::
 
     STARTING --Listening--> WAITING_FOR_PRIMARY

@@ -26,6 +26,7 @@ LOG = logging.getLogger(__name__)
 
 #: the events a machine handles
 E = TypeVar('E')
+T = TypeVar('T')
 
 
 class Stats:
@@ -76,21 +77,50 @@ class Stats:
 
 
 class Machine(Generic[E]):
-    """An event queue and the loop that handles its events in order."""
+    """An event queue and the loop that handles its events in order.
+
+    A final state is final: once there, the state no longer changes. An
+    event that must not wait (a lost lease: the guest must stop before
+    another host may start it) is :meth:`interrupt`-ed: it is handled
+    next, and a handler still waiting (on a peer or a backend that no
+    longer answers) is cancelled for it.
+    """
 
     def __init__(self, clock: Clock, state: State,
                  stats: Optional[Stats] = None) -> None:
         self.clock = clock
-        self.state = state
+        self._state = state
         self.events: asyncio.Queue[E] = asyncio.Queue()
         self.stats = stats or Stats()
         #: what went wrong, for a side that failed or could not protect
         self.error = ''
         self._tasks: list[asyncio.Task[Any]] = []
+        self._urgent: collections.deque[E] = collections.deque()
+        # what the loop awaits: the next event, or a handler
+        self._waiting: Optional[asyncio.Task[Any]] = None
         self.finished = asyncio.Event()
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        if self._state.final and state != self._state:
+            LOG.debug('%s: stays %s (not %s)', type(self).__name__,
+                      self._state.value, state.value)
+            return
+        self._state = state
 
     def post(self, event: E) -> None:
         self.events.put_nowait(event)
+
+    def interrupt(self, event: E) -> None:
+        """Handle ``event`` before any queued one, cutting short the
+        handler that runs now."""
+        self._urgent.append(event)
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.cancel()
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -127,13 +157,32 @@ class Machine(Generic[E]):
     async def handle(self, event: E) -> None:
         raise NotImplementedError
 
+    async def _wait(self, aw: Awaitable[T]) -> Optional[T]:
+        """``aw``'s result, or None if :meth:`interrupt` cut it short."""
+        self._waiting = asyncio.ensure_future(aw)
+        try:
+            return await self._waiting
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise               # the machine itself is cancelled
+            return None
+        finally:
+            self._waiting = None
+
     async def run(self) -> None:
         try:
             while not self.finished.is_set():
-                event = await self.events.get()
+                if self._urgent:
+                    event = self._urgent.popleft()
+                else:
+                    got = await self._wait(self.events.get())
+                    if got is None:
+                        continue        # woken for an urgent event
+                    event = got
                 LOG.debug('%s: %s in %s', type(self).__name__, event,
                           self.state.value)
-                await self.handle(event)
+                await self._wait(self.handle(event))
         finally:
             await self._cancel_tasks()
             self.finished.set()

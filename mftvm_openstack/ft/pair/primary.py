@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
+#: how long a last word to the secondary (BYE, PRIMARY_LOST) may take
+GOODBYE_TIMEOUT = 0.5
+
 
 def _echo_detect_s(payload: bytes) -> float:
     try:
@@ -175,6 +178,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
         elif isinstance(event, Tick):
             await self._tick()
         elif isinstance(event, Acked):
+            if self.state.final:
+                return
             if event.epoch > self.stats.committed:
                 self.stats.committed = event.epoch
                 self.stats.last_ack_at = self.clock.monotonic()
@@ -409,7 +414,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
             with contextlib.suppress(Exception):
                 # Tell a secondary that still listens not to take over.
                 await self.clock.wait_for(self.channel.send_json(
-                    Kind.BYE, {'reason': reason}), 0.5)
+                    Kind.BYE, {'reason': reason}), GOODBYE_TIMEOUT)
         self._close_channel()
         link = self.link
         if link is not None:
@@ -424,8 +429,10 @@ class PrimaryPair(Machine['PrimaryEvent']):
     async def _tell_secondary_to_take_over(self, reason: str) -> None:
         if self.channel is not None:
             with contextlib.suppress(Exception):
-                await self.channel.send_json(Kind.PRIMARY_LOST,
-                                             {'reason': reason})
+                # Bounded: a secondary that stopped reading detects our
+                # silence anyway.
+                await self.clock.wait_for(self.channel.send_json(
+                    Kind.PRIMARY_LOST, {'reason': reason}), GOODBYE_TIMEOUT)
 
     async def _guest_exited(self, reason: str) -> None:
         LOG.error('guest exited on the primary: %s', reason)
@@ -443,11 +450,15 @@ class PrimaryPair(Machine['PrimaryEvent']):
     async def _fence(self, reason: str) -> None:
         LOG.error('fencing myself: %s; killing the guest', reason)
         self.error = f'fenced: {reason}'
+        was_protected = self.state == State.PROTECTED
+        # No other state from here on: whatever comes later is too late.
+        self.state = State.FENCED
         if self.link is not None:
+            # Uncommitted, and never to be: nobody may see it.
             self.link.output.discard()
         if self.guest is not None:
             await self.guest.kill()
-        if self.state == State.PROTECTED:
+        if was_protected:
             await self._tell_secondary_to_take_over(self.error)
         await self._end_link()
         self._finish(State.FENCED)
