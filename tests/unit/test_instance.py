@@ -96,12 +96,19 @@ class ControlServerTest(unittest.IsolatedAsyncioTestCase):
             self.server.handler)
         await server.start()
         self.addCleanup(server.close)
-        reply = await asyncio.to_thread(client.control, gdir, 'primary',
-                                        'stop', 5)
-        self.assertEqual(ControlReply(ok=True).to_dict(), reply)
-        reply = await asyncio.to_thread(client.control, gdir, 'primary',
-                                        'bogus', 5)
-        self.assertFalse(ControlReply.from_dict(reply).ok)
+        reply = await asyncio.to_thread(
+            client.control, gdir, 'primary',
+            ControlRequest(op=ControlOp.STOP), 5)
+        self.assertEqual(ControlReply(ok=True), reply)
+        # A request the client's types cannot even express, written raw.
+        reader, writer = await asyncio.open_unix_connection(
+            os.path.join(gdir, 'primary', 'control.sock'))
+        writer.write(b'{"op": "bogus"}\n')
+        await writer.drain()
+        reply = ControlReply.from_dict(json.loads(await reader.readline()))
+        writer.close()
+        self.assertFalse(reply.ok)
+        self.assertIn('op: must be one of', reply.error)
 
 
 class StatusPublisherTest(unittest.TestCase):
