@@ -1,7 +1,7 @@
 """The agent's manager: the FT guests of one hypervisor.
 
 Each guest side runs in its own *instance process*
-(:mod:`mftvm_openstack.instance.host`), started detached so that it
+(:mod:`mftvm_openstack.instance`), started detached so that it
 outlives the agent: an agent that restarts — even after SIGKILL — finds
 its guests where it left them, in ``[agent] state_path``::
 

@@ -1,8 +1,8 @@
-"""Operations on standalone protected guests: protect, status, failover, stop.
+"""Protected guests of this one machine: protect, status, failover, stop.
 
 These are what the ``mftvm`` CLI calls. A guest lives in
-``<state-dir>/<name>/``; its two sides run as host processes
-(:mod:`mftvm_openstack.instance.host`) started detached, so the CLI can
+``<state-dir>/<name>/``; its two sides run as instance processes
+(:mod:`mftvm_openstack.instance`) started detached, so the CLI can
 return once the guest is protected::
 
     spec = make_spec('vm0', kernel=..., initrd=..., disk=...)
@@ -204,7 +204,7 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
     """Start both sides of ``spec`` and return once it is protected.
 
     ``host_options`` adds options only the host processes read (see
-    ``standalone.host.HOST_DEFAULTS``), e.g. ``libvirt_uri``.
+    ``instance.config.HOST_DEFAULTS``), e.g. ``libvirt_uri``.
     """
     _check_options(opts)
     _check_state_dir(state_dir)
