@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import unittest
 from typing import Any
 
@@ -55,6 +54,8 @@ class FakeManager:
         self.calls: list[tuple[Any, ...]] = []
         self.periodic_calls = 0
         self.periodic_error: BaseException | None = None
+        #: notified at every periodic call
+        self.periodic_ran = threading.Condition()
         self.started = self.stopped = False
         self.lock = threading.Lock()
 
@@ -97,7 +98,9 @@ class FakeManager:
         return [{'instance': 'vm0', 'role': 'primary'}]
 
     def periodic(self):
-        self.periodic_calls += 1
+        with self.periodic_ran:
+            self.periodic_calls += 1
+            self.periodic_ran.notify_all()
         if self.periodic_error is not None:
             raise self.periodic_error
 
@@ -557,10 +560,10 @@ class ServiceOverFakeTransportTest(testtools.TestCase):
         start = self.manager.periodic_calls
         self.manager.periodic_error = RuntimeError('periodic boom')
         try:
-            deadline = time.monotonic() + 5
-            while (self.manager.periodic_calls < start + 3
-                   and time.monotonic() < deadline):
-                time.sleep(0.05)
+            with self.manager.periodic_ran:
+                self.manager.periodic_ran.wait_for(
+                    lambda: self.manager.periodic_calls >= start + 3,
+                    timeout=5)
         finally:
             self.manager.periodic_error = None
         self.assertGreaterEqual(self.manager.periodic_calls, start + 3)
