@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -77,6 +78,8 @@ class EtcdFence(Fence):
 
         protocol, self._endpoints, options = parse_url(url)
         self._url = mask_url(url)
+        if lease < 1:
+            raise ValueError(f'an etcd lease is whole seconds, not {lease}')
         self.lease = float(lease)
         self.name = name
         self._budget = float(options.get('timeout', 1))
@@ -92,8 +95,14 @@ class EtcdFence(Fence):
             api_path='/v3/', timeout=self._budget)
         self._owner_key = f'{OWNER_PREFIX}{name}'
         self._token = f'{member}/{secrets.token_hex(8)}'
+        #: the lease bound to our owner key, while we hold it
         self._lease_id: Optional[int] = None
+        #: the lease of a create whose answer we may have missed
+        self._granted: Optional[int] = None
         self._op_start = 0.0
+        # One operation at a time: the renewing thread and the guest's
+        # own calls share one client (its member and its timeout).
+        self._busy = threading.RLock()
 
     # -- one call, with failover across members --------------------------
 
@@ -137,11 +146,17 @@ class EtcdFence(Fence):
     # -- the fence --------------------------------------------------------
 
     def _try_acquire(self) -> bool:
-        if self._call('reading the owner',
-                      lambda: self._client.get(self._owner_key)):
-            return False        # held (a lapsed lease has no key left)
+        owner = self._owner()
+        if owner == self._token and self._granted is not None:
+            # Our create landed though its answer was lost: renew before
+            # counting on it (the lease was granted before this attempt).
+            self._lease_id = self._granted
+            return self._renew()
+        if owner is not None:
+            return False        # held (a lapsed lease takes its key along)
         lease = self._call('granting a lease',
                            lambda: self._client.lease(int(self.lease)))
+        self._granted = lease.id
         created = self._txn(
             [{'key': _b64(self._owner_key), 'result': 'EQUAL',
               'target': 'CREATE', 'create_revision': 0}],
@@ -156,11 +171,12 @@ class EtcdFence(Fence):
         deadline = time.monotonic() + timeout
         while True:
             sent = time.monotonic()
-            self._begin()
-            try:
-                won = self._try_acquire()
-            except FenceError:
-                won = False     # the cluster is away: try until timeout
+            with self._busy:
+                self._begin()
+                try:
+                    won = self._try_acquire()
+                except FenceError:
+                    won = False     # the cluster is away: try until timeout
             if won:
                 self._renewed_at = sent
                 return True
@@ -169,19 +185,21 @@ class EtcdFence(Fence):
             time.sleep(0.05)
 
     def _renew(self) -> bool:
-        lease_id = self._lease_id
-        if lease_id is None:
-            return False
         from etcd3gw.lease import Lease
 
-        self._begin()
-        ttl = self._call('renewing the lease',
-                         Lease(lease_id, self._client).refresh)
-        # A lapsed lease answers with no TTL: the key went with it.
-        if ttl <= 0 or self._owner() != self._token:
-            self._lease_id = None
-            return False
-        return True
+        with self._busy:
+            lease_id = self._lease_id
+            if lease_id is None:
+                return False
+            self._begin()
+            ttl = self._call('renewing the lease',
+                             Lease(lease_id, self._client).refresh)
+            # A lapsed lease answers with no TTL; the key went with it.
+            # A live one still proves nothing if the key was deleted.
+            if ttl <= 0 or self._owner() != self._token:
+                self._lease_id = None
+                return False
+            return True
 
     def _owner(self) -> Optional[str]:
         values = self._call('reading the owner',
@@ -190,59 +208,66 @@ class EtcdFence(Fence):
 
     def reclaim(self) -> Optional[bool]:
         sent = time.monotonic()
-        try:
-            # A renewal whose answer was lost may have landed after all:
-            # then the lease is still ours.
-            if self._lease_id is not None and self._renew():
-                self._renewed_at = sent
-                return True
-            self._begin()
-            won = self._try_acquire()
-        except FenceError:
-            return None
+        with self._busy:
+            try:
+                # A renewal whose answer was lost may have landed after
+                # all: then the lease is still ours.
+                if self._lease_id is not None and self._renew():
+                    won = True
+                else:
+                    self._begin()
+                    won = self._try_acquire()
+            except FenceError:
+                return None
         if won:
             self._renewed_at = sent
         return won
 
     def release(self) -> None:
-        lease_id, self._lease_id = self._lease_id, None
-        if lease_id is None:
-            return
         from etcd3gw.lease import Lease
 
-        self._begin()
-        try:
-            # Revoking deletes our key (only ours: it is bound to it).
-            self._call('releasing', Lease(lease_id, self._client).revoke)
-        except FenceError:
-            pass    # it lapses on its own
+        with self._busy:
+            lease_id, self._lease_id = self._lease_id, None
+            self._granted = None
+            if lease_id is None:
+                return
+            self._begin()
+            try:
+                # Revoking deletes our key (only ours: it is bound to it).
+                self._call('releasing', Lease(lease_id, self._client).revoke)
+            except FenceError:
+                pass    # it lapses on its own
 
     def _stale_key(self, pair_id: str) -> str:
         return f'{STALE_PREFIX}{self.name}/{pair_id}'
 
     def mark_stale(self, pair_id: str, reason: str) -> None:
-        if self._lease_id is None:
-            raise FenceError('only the owner may mark a replica stale')
-        self._begin()
-        written = self._txn(
-            [self._holds_token()],
-            [{'request_put': {'key': _b64(self._stale_key(pair_id)),
-                              'value': _b64(reason[:MAX_REASON] or
-                                            'stale')}}])
-        if not written:
-            self._lease_id = None
-            raise FenceError('the ownership was lost: the replica was not '
-                             'marked stale')
+        with self._busy:
+            if self._lease_id is None:
+                raise FenceError('only the owner may mark a replica stale')
+            self._begin()
+            # Written only while the owner key is ours at that moment.
+            written = self._txn(
+                [self._holds_token()],
+                [{'request_put': {'key': _b64(self._stale_key(pair_id)),
+                                  'value': _b64(reason[:MAX_REASON]
+                                                or 'stale')}}])
+            if not written:
+                self._lease_id = None
+                raise FenceError('the ownership was lost: the replica was '
+                                 'not marked stale')
 
     def replica_valid(self, pair_id: str) -> tuple[bool, str]:
-        self._begin()
-        values = self._call(
-            'reading the replica marks',
-            lambda: self._client.get(self._stale_key(pair_id)))
+        with self._busy:
+            self._begin()
+            values = self._call(
+                'reading the replica marks',
+                lambda: self._client.get(self._stale_key(pair_id)))
         if values:
             reason = values[0].decode(errors='replace')[:MAX_REASON]
             return False, reason or 'its primary ran on after dropping it'
         return True, ''
 
     def close(self) -> None:
-        self._client.session.close()
+        with self._busy:
+            self._client.session.close()

@@ -7,6 +7,8 @@ the RabbitMQ broker and the Redis coordination backend run.  The test
 process (the root namespace) has its own leg on that bridge, so it can
 open TCP connections to any host's address directly.  Everything is by
 IP address; nothing needs name resolution.  Needs root and iproute2.
+An etcd cluster (:class:`EtcdCluster`) runs one member per lab host that
+you name for it, so a member can be partitioned away like any host.
 
 Example::
 
