@@ -772,6 +772,8 @@ class EtcdCluster(fixtures.Fixture):
 
     def _setUp(self) -> None:
         self._dir = self.useFixture(fixtures.TempDir()).path
+        #: members' data and logs (removed at cleanup)
+        self.data_dir = self._dir
         self._procs: dict[str, subprocess.Popen] = {}
         peer_urls: dict[str, str] = {}
         self.client_urls: dict[str, str] = {}
