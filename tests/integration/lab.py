@@ -7,6 +7,8 @@ the RabbitMQ broker and the Redis coordination backend run.  The test
 process (the root namespace) has its own leg on that bridge, so it can
 open TCP connections to any host's address directly.  Everything is by
 IP address; nothing needs name resolution.  Needs root and iproute2.
+An etcd cluster (:class:`EtcdCluster`) runs one member per lab host that
+you name for it, so a member can be partitioned away like any host.
 
 Example::
 
@@ -68,6 +70,7 @@ import fixtures
 IP = shutil.which('ip') or '/usr/sbin/ip'
 EPMD = shutil.which('epmd') or '/usr/bin/epmd'
 REDIS_SERVER = shutil.which('redis-server') or '/usr/bin/redis-server'
+ETCD = shutil.which('etcd') or '/usr/bin/etcd'
 # The scripts under /usr/sbin su to the rabbitmq user and force its HOME
 # and config; these run as the caller with our private environment.
 RABBITMQ_SERVER = '/usr/lib/rabbitmq/bin/rabbitmq-server'
@@ -728,3 +731,161 @@ def start_agent(lab: Lab, host: str, workdir: str, rabbit: RabbitMQ,
     with open(os.path.join(workdir, f'{host}-agent.log'), 'ab') as log:
         return lab.popen(host, [agent, '--config-file', conf], stdout=log,
                          stderr=log)
+
+
+class EtcdCluster(fixtures.Fixture):
+    """A private etcd cluster of three (or any odd number of) members.
+
+    In a lab, each member runs in the namespace of one lab host named in
+    ``members`` (so ``lab.link_down('e1')`` partitions a member away and
+    ``lab.kill_all('e1')`` kills it); with ``lab=None`` all members run
+    in the root namespace on 127.0.0.1, on free ports.  Data lives in a
+    temp dir; the backend quota is small and no snapshot is taken.
+
+    ``url`` is the tooz/fence backend URL naming every member
+    (``etcd3+http://IP1:PORT?endpoints=IP2:PORT,IP3:PORT``);
+    ``client_urls`` maps member -> ``http://IP:PORT``; ``process(m)``
+    is a member's Popen (SIGSTOP it to freeze that member).  Start-up
+    (all members answering, one leader) takes well under a second here.
+
+    Example::
+
+        lab = self.useFixture(ftlab.Lab(hosts=('h1', 'e1', 'e2', 'e3')))
+        etcd = self.useFixture(ftlab.EtcdCluster(lab, ('e1', 'e2', 'e3')))
+        fence = fencing.load_fence(etcd.url, 'vm0', member='h1', lease=3,
+                                   state_dir='/unused')
+    """
+
+    START_TIMEOUT = 30.0
+    CLIENT_PORT = 2379
+    PEER_PORT = 2380
+
+    def __init__(self, lab: Optional[Lab] = None,
+                 members: Sequence[str] = ('e1', 'e2', 'e3')) -> None:
+        super().__init__()
+        self.lab = lab
+        self.members: tuple[str, ...] = tuple(members)
+        if len(self.members) % 2 != 1 or len(set(self.members)) != len(
+                self.members):
+            raise ValueError(f'an odd number of distinct members, not '
+                             f'{self.members}')
+
+    def _setUp(self) -> None:
+        self._dir = self.useFixture(fixtures.TempDir()).path
+        #: members' data and logs (removed at cleanup)
+        self.data_dir = self._dir
+        self._procs: dict[str, subprocess.Popen] = {}
+        peer_urls: dict[str, str] = {}
+        self.client_urls: dict[str, str] = {}
+        if self.lab is not None:
+            for m in self.members:
+                ip = self.lab.ip(m)
+                self.client_urls[m] = f'http://{ip}:{self.CLIENT_PORT}'
+                peer_urls[m] = f'http://{ip}:{self.PEER_PORT}'
+        else:
+            ports = iter(_free_ports(2 * len(self.members)))
+            for m in self.members:
+                self.client_urls[m] = f'http://127.0.0.1:{next(ports)}'
+                peer_urls[m] = f'http://127.0.0.1:{next(ports)}'
+        cluster = ','.join(f'{m}={u}' for m, u in peer_urls.items())
+        token = f'ftlab{os.getpid()}x{next(_counter)}'
+        for m in self.members:
+            self._start_member(m, cluster, token, self.client_urls[m],
+                               peer_urls[m])
+        endpoints = [u.split('://', 1)[1] for u in self.client_urls.values()]
+        self.url = (f'etcd3+http://{endpoints[0]}'
+                    f'?endpoints={",".join(endpoints[1:])}')
+        self._wait_healthy()
+
+    def _start_member(self, m: str, cluster: str, token: str,
+                      client_url: str, peer_url: str) -> None:
+        log = os.path.join(self._dir, f'{m}.log')
+        argv = [ETCD, '--name', m,
+                '--data-dir', os.path.join(self._dir, m),
+                '--listen-client-urls', client_url,
+                '--advertise-client-urls', client_url,
+                '--listen-peer-urls', peer_url,
+                '--initial-advertise-peer-urls', peer_url,
+                '--initial-cluster', cluster,
+                '--initial-cluster-token', token,
+                '--initial-cluster-state', 'new',
+                # Small: a fence needs a few keys, not gigabytes.
+                '--quota-backend-bytes', str(16 * 1024 * 1024),
+                '--snapshot-count', '10000',
+                '--logger', 'zap', '--log-level', 'warn']
+        with open(log, 'ab') as out:
+            kwargs: dict[str, Any] = dict(
+                cwd=self._dir, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT)
+            if self.lab is not None:
+                proc = self.lab.popen(m, argv, **kwargs)
+            else:
+                proc = subprocess.Popen(argv, start_new_session=True,
+                                        **kwargs)
+        # SIGCONT first: a member a test froze must be able to die.
+        self.addCleanup(_stop_process, proc, signal.SIGTERM, 5.0)
+        self.addCleanup(self._resume, proc)
+        self._procs[m] = proc
+
+    @staticmethod
+    def _resume(proc: subprocess.Popen) -> None:
+        if not _exited(proc):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+
+    def process(self, member: str) -> subprocess.Popen:
+        """The etcd process of ``member``."""
+        return self._procs[member]
+
+    def status(self, member: str, timeout: float = 1.0) -> dict[str, Any]:
+        """``member``'s /v3/maintenance/status (raises if it does not
+        answer within ``timeout``)."""
+        import requests
+
+        resp = requests.post(
+            f'{self.client_urls[member]}/v3/maintenance/status', json={},
+            timeout=timeout)
+        resp.raise_for_status()
+        return resp.json()
+
+    def leader(self) -> Optional[str]:
+        """The member that leads, as every answering member sees it."""
+        ids: dict[str, str] = {}
+        leaders = set()
+        for m in self.members:
+            try:
+                st = self.status(m, 0.5)
+            except Exception:
+                continue
+            ids[st['header']['member_id']] = m
+            leaders.add(st.get('leader'))
+        if len(leaders) == 1:
+            return ids.get(leaders.pop())
+        return None
+
+    def _wait_healthy(self) -> None:
+        def healthy() -> bool:
+            for m, proc in self._procs.items():
+                if _exited(proc):
+                    raise RuntimeError(f'etcd member {m} exited\n'
+                                       f'{self.log_tail(m)}')
+            answering = 0
+            for m in self.members:
+                try:
+                    self.status(m, 0.5)
+                    answering += 1
+                except Exception:
+                    return False
+            return answering == len(self.members) and \
+                self.leader() is not None
+
+        try:
+            wait_for(healthy, self.START_TIMEOUT, what='etcd cluster health')
+        except TimeoutError as e:
+            raise RuntimeError(
+                f'{e}\n' + '\n'.join(self.log_tail(m)
+                                     for m in self.members)) from None
+
+    def log_tail(self, member: str, lines: int = 30) -> str:
+        """The last lines of ``member``'s log."""
+        return _tail(os.path.join(self._dir, f'{member}.log'), lines)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 import unittest
 import warnings
 
 from mftvm_openstack import fencing
+from mftvm_openstack.fencing import etcd
 
 
 class FenceContract:
@@ -93,7 +95,7 @@ class ToozFileBackendTest(FenceContract, unittest.TestCase):
         a = self.make('a')
         self.assertTrue(a.acquire(1))
         a.renew()
-        left = a.deadline(0.5) - fencing.time.monotonic()
+        left = a.deadline(0.5) - time.monotonic()
         self.assertGreater(left, 2.0)
         self.assertLessEqual(left, 2.5)
 
@@ -116,3 +118,54 @@ class MaskUrlTest(unittest.TestCase):
         self.addCleanup(fence.close)
         self.assertFalse(fence.acquire(0.3))
         self.assertRaises(fencing.FenceError, fence.renew)
+
+
+class EtcdUrlTest(unittest.TestCase):
+    """The etcd fence's URL and its failure without a cluster (the
+    semantics on a real cluster: tests/integration/test_fencing_backends)."""
+
+    def test_every_member_is_an_endpoint(self):
+        protocol, endpoints, options = etcd.parse_url(
+            'etcd3+https://10.0.0.5:2379?endpoints=10.0.0.6:2380,'
+            'etcd-c&timeout=0.5&ca_cert=/etc/ca.pem')
+        self.assertEqual('https', protocol)
+        self.assertEqual([('10.0.0.5', 2379), ('10.0.0.6', 2380),
+                          ('etcd-c', 2379)], endpoints)
+        self.assertEqual({'timeout': '0.5', 'ca_cert': '/etc/ca.pem'},
+                         options)
+
+    def test_malformed_urls_are_refused(self):
+        for url in ('redis://h:6379', 'etcd3+http://h:99999',
+                    'etcd3+http://h?endpoints=a/b',
+                    'etcd3+http://h?endpoints=a:x',
+                    'etcd3+http://h?endpoints=a?b'):
+            self.assertRaises(ValueError, etcd.parse_url, url)
+        for timeout in ('0', '-1', '31', 'nan', 'x'):
+            self.assertRaises(ValueError, fencing.EtcdFence,
+                              f'etcd3+http://h?timeout={timeout}', 'vm0',
+                              'a', 3)
+
+    def test_load_fence_picks_etcd(self):
+        fence = fencing.load_fence('etcd3+http://127.0.0.1:1', 'vm0',
+                                   member='a', lease=3, state_dir='/x')
+        self.addCleanup(fence.close)
+        self.assertIsInstance(fence, fencing.EtcdFence)
+        self.assertEqual(3.0, fence.lease)
+
+    def test_tooz_fence_refuses_etcd(self):
+        # tooz's etcd lock heartbeats a lapsed lease as if it held.
+        self.assertRaises(ValueError, fencing.ToozFence,
+                          'etcd3+http://127.0.0.1:1', 'vm0', 'a', 3)
+
+    def test_no_member_answering_is_a_quick_error(self):
+        fence = fencing.EtcdFence(
+            'etcd3+http://127.0.0.1:1?endpoints=127.0.0.1:2', 'vm0', 'a', 3)
+        self.addCleanup(fence.close)
+        start = time.monotonic()
+        self.assertFalse(fence.acquire(0.3))
+        self.assertIsNone(fence.reclaim())
+        self.assertRaises(fencing.FenceError, fence.replica_valid, 'p1')
+        self.assertLess(time.monotonic() - start, 5)
+        self.assertRaises(fencing.FenceError, fence.renew)
+        self.assertRaises(fencing.FenceError, fence.mark_stale, 'p1', 'x')
+        fence.release()     # nothing held: no call, no error
