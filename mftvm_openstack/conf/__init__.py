@@ -95,10 +95,14 @@ agent_opts = [
 fencing_opts = [
     cfg.StrOpt(
         'backend_url', secret=True,
-        help='tooz coordination URL (e.g. redis://10.0.0.5:6379 or '
-             'etcd3+http://10.0.0.5:2379) that arbitrates who runs each '
-             'guest. Without it, a lock file in state_path fences, which '
-             'only works while both sides of a pair share one machine.'),
+        help='The store that arbitrates who runs each guest. In '
+             'production an etcd cluster (a consensus decision), e.g. '
+             'etcd3+http://10.0.0.5:2379?endpoints=10.0.0.6:2379,'
+             '10.0.0.7:2379; a Redis URL (redis://10.0.0.5:6379, through '
+             'tooz) serves one node and tests: one Redis is one '
+             'machine\'s word. Without it, a lock file in lock_path '
+             'fences, which only works while both sides of a pair share '
+             'one machine. See doc/fencing.rst.'),
     cfg.StrOpt(
         'lock_path', default='/run/mftvm/fence',
         help='Without backend_url: the directory of the lock files that '
