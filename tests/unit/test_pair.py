@@ -831,3 +831,69 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         # Not proof that the primary died: no takeover.
         self.assertEqual([], self.activated)
         self.assertEqual(State.STOPPED, self.machine.state)
+
+
+class CancelledTasksTest(unittest.IsolatedAsyncioTestCase):
+    """A machine that ends waits for its helper tasks; one that swallowed
+    its cancellation must not keep it waiting for ever."""
+
+    class Ending(pair.machine.Machine):
+        """The base machine, with one helper task and one event that ends
+        it."""
+
+        def __init__(self, helper):
+            super().__init__(pair.RealClock(), State.STARTING)
+            self._spawn(helper)
+
+        async def handle(self, event):
+            self._finish(State.STOPPED)
+
+    async def test_a_task_that_swallows_its_cancellation_is_cancelled_again(
+            self):
+        # As Python 3.11's asyncio.wait_for does when what it waits for
+        # completes just as the cancellation arrives (the primary's ticker
+        # waits so for the guest's next packet): the task runs on, once.
+        started = asyncio.Event()
+        swallowed = []
+
+        async def ticker():
+            started.set()
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    if swallowed:
+                        raise
+                    swallowed.append(True)
+
+        machine = self.Ending(ticker())
+        runner = asyncio.ensure_future(machine.run())
+        await started.wait()
+        machine.post('stop')
+        done, _ = await asyncio.wait({runner}, timeout=2)
+        self.assertEqual({runner}, done, 'the machine never finished')
+        self.assertEqual([True], swallowed)
+        self.assertEqual(State.STOPPED, machine.state)
+        self.assertTrue(machine.finished.is_set())
+
+    async def test_real_clock_wait_for_keeps_a_cancel_that_meets_its_end(
+            self):
+        # The race above, for real: what the wait waits for completes in
+        # the same loop turn as the cancellation arrives.
+        clock = pair.RealClock()
+        packet = asyncio.Event()
+        waiting = asyncio.Event()
+
+        async def waiter():
+            waiting.set()
+            await clock.wait_for(packet.wait(), 10)
+            await asyncio.sleep(3600)       # ran on: the cancel was lost
+
+        task = asyncio.ensure_future(waiter())
+        await waiting.wait()
+        packet.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1)
+        self.assertEqual({task}, done)
+        self.assertTrue(task.cancelled())
+        task.cancel()

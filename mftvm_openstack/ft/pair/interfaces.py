@@ -45,6 +45,10 @@ class Clock(Protocol):
         ...
 
 
+#: how long a timed-out wait lets what it waited for finish its cancellation
+ABANDON_AFTER_S = 1.0
+
+
 class RealClock:
     def monotonic(self) -> float:
         return time.monotonic()
@@ -54,7 +58,22 @@ class RealClock:
 
     async def wait_for(self, aw: Awaitable[T],
                        timeout: Optional[float]) -> T:
-        return await asyncio.wait_for(aw, timeout)
+        # Not asyncio.wait_for: in Python 3.11 it swallows a cancellation
+        # that arrives just as ``aw`` completes (fixed in 3.12), and the
+        # machine's tasks wait like this for the guest's next packet.
+        task = asyncio.ensure_future(aw)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            # ``aw`` is over when this returns, as with asyncio.wait_for
+            # (bounded: a task that ignores its cancellation is left).
+            await asyncio.wait({task}, timeout=ABANDON_AFTER_S)
+            raise TimeoutError
+        return task.result()
 
 
 class Channel(Protocol):

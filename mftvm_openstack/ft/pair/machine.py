@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import Awaitable
 from typing import Any, Generic, Optional, TypeVar
@@ -74,6 +73,10 @@ class Stats:
             pause_parts_ms_p50=self._parts_p50(),
             dirty_mib_total=round(self.dirty_bytes / 2**20, 2),
             failover_ms=self.failover_ms, reason=self.reason)
+
+
+#: how often a task that is still running after a cancel is cancelled again
+CANCEL_RETRY_S = 0.005
 
 
 class Machine(Generic[E]):
@@ -141,14 +144,18 @@ class Machine(Generic[E]):
 
     async def _cancel_tasks(self) -> None:
         current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        for task in self._tasks:
-            if task is not current:
-                with contextlib.suppress(BaseException):
-                    await task
+        pending = {task for task in self._tasks if task is not current}
         self._tasks = []
+        # Cancel until done, not once: Python 3.11's asyncio.wait_for
+        # swallows a cancellation that arrives as what it waits for
+        # completes (fixed in 3.12), and a task that swallowed it runs on.
+        # Awaiting it then hung the machine for good: a primary whose
+        # guest had died never released the fence its secondary needed.
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending,
+                                            timeout=CANCEL_RETRY_S)
 
     def _finish(self, state: State) -> None:
         self.state = state
