@@ -2,6 +2,7 @@
 no real waiting: virtual time moves only when a test advances it)."""
 
 import asyncio
+import gc
 import json
 import threading
 import unittest
@@ -453,6 +454,24 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual([1], self.out.released)
         self.assertEqual(1, self.machine.stats.committed)
         self.assertEqual(State.PROTECTED, self.machine.state)
+
+    async def test_many_epochs_leave_no_task_behind(self):
+        # Each epoch is shipped in a task of its own; a finished one must
+        # not stay referenced (it held the epoch's checkpoint, too).
+        await self.make()
+
+        def tasks_of(name):
+            gc.collect()
+            return [t for t in gc.get_objects()
+                    if isinstance(t, asyncio.Task)
+                    and t.get_coro().__name__ == name]
+        for epoch in range(1, 101):
+            self.machine.post(pair.Tick())
+            await settle()
+            self.chan.inbox.put_nowait(Message(Kind.ACK, epoch))
+            await settle()
+        self.assertEqual(100, self.machine.stats.committed)
+        self.assertLessEqual(len(tasks_of('_ship')), 1)
 
     async def test_epochs_last_epoch_ms_when_idle_epochs_are_off(self):
         await self.make(epoch_ms=30)

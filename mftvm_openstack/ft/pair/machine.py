@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Awaitable
 from typing import Any, Generic, Optional, TypeVar
@@ -132,6 +133,10 @@ class Machine(Generic[E]):
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
+        # Forget it: the primary ships every epoch in a task of its own,
+        # and a list of every task ever run grew without end.
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
         # A helper task that dies of a bug must not die silently: the
         # machine would wait for it for ever.
         exc = None if task.cancelled() else task.exception()
