@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import math
 import time
+from collections.abc import Callable
 from typing import Optional
 
 STALE_PREFIX = 'mftvm-stale'
@@ -59,6 +60,29 @@ class Fence(abc.ABC):
     @abc.abstractmethod
     def replica_valid(self, pair_id: str) -> tuple[bool, str]:
         """Whether ``pair_id``'s replica may take over, and if not, why."""
+
+    #: how soon a fence that another holds is tried again while acquiring
+    ACQUIRE_RETRY_S = 0.05
+
+    def _acquire_polling(self, try_once: Callable[[], bool],
+                         timeout: float) -> bool:
+        """Call ``try_once`` until it wins the ownership or ``timeout``
+        seconds have passed. A backend that does not answer (FenceError)
+        wins nothing, and is tried again. The lease counts from when the
+        winning try was *sent*."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sent = time.monotonic()
+            try:
+                won = try_once()
+            except FenceError:
+                won = False
+            if won:
+                self._renewed_at = sent
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(self.ACQUIRE_RETRY_S)
 
     def renew(self) -> None:
         """Extend the lease; FenceError if that failed or it is lost.

@@ -83,22 +83,15 @@ class ToozFence(Fence):
             raise FenceError(f'{what} on {self._url}: {exc}') from None
 
     def acquire(self, timeout: float) -> bool:
-        sent = time.monotonic()
-        deadline = sent + timeout
-        while True:
-            sent = time.monotonic()
-            try:
-                self._start()
-                won = self._lock.acquire(blocking=False)
-            except Exception:
-                won = False     # the backend is away: try until timeout
-            if won:
-                self._held = True
-                self._renewed_at = sent
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
+        return self._acquire_polling(self._try_acquire, timeout)
+
+    def _try_acquire(self) -> bool:
+        self._start()
+        won = bool(self._call('acquiring the lock',
+                              self._lock.acquire, blocking=False))
+        if won:
+            self._held = True
+        return won
 
     def _renew(self) -> bool:
         if not self._held:

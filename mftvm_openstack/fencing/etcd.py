@@ -168,21 +168,11 @@ class EtcdFence(Fence):
         return created
 
     def acquire(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            sent = time.monotonic()
+        def try_once() -> bool:
             with self._busy:
                 self._begin()
-                try:
-                    won = self._try_acquire()
-                except FenceError:
-                    won = False     # the cluster is away: try until timeout
-            if won:
-                self._renewed_at = sent
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
+                return self._try_acquire()
+        return self._acquire_polling(try_once, timeout)
 
     def _renew(self) -> bool:
         from etcd3gw.lease import Lease

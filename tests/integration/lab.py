@@ -67,6 +67,8 @@ from typing import Any, Optional
 
 import fixtures
 
+from mftvm_openstack.instance.secondary import pid_exists
+
 IP = shutil.which('ip') or '/usr/sbin/ip'
 EPMD = shutil.which('epmd') or '/usr/bin/epmd'
 REDIS_SERVER = shutil.which('redis-server') or '/usr/bin/redis-server'
@@ -184,23 +186,13 @@ def _tail(path: str, lines: int = 30) -> str:
     return f'--- {path}:\n' + '\n'.join(line[:300] for line in text)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _reap_stale_labs() -> None:
     """Remove the namespaces (and their processes) of labs whose test
     process is dead, e.g. killed by a timeout before its cleanups ran."""
     listed = _run_ip('netns', 'list', check=False).stdout.split('\n')
     for line in listed:
         match = _NS_NAME.match(line)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match or pid_exists(int(match.group(1))):
             continue
         ns = line.split()[0]
         for _ in range(100):

@@ -24,6 +24,19 @@ from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import vm
 
 
+def manager_on(test, **agent_options):
+    """An AgentManager of host hv1 with its state in a temp dir of
+    ``test`` (``test.tmp``), and ``agent_options`` set in ``[agent]``."""
+    test.tmp = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, test.tmp, True)
+    c = cfg.ConfigOpts()
+    conf.register_opts(c)
+    c([], project='mftvm-test')
+    for name, value in {'host': 'hv1', 'state_path': test.tmp,
+                        **agent_options}.items():
+        c.set_override(name, value, group='agent')
+    return manager.AgentManager(c, agents=object())
+
 class CandidatesTest(unittest.TestCase):
 
     def make(self, host: str, peers: list[str]) -> manager.AgentManager:
@@ -55,15 +68,7 @@ class GuestDirTest(unittest.TestCase):
     """What the agent writes for an instance process, from an RPC spec."""
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        c = cfg.ConfigOpts()
-        conf.register_opts(c)
-        c([], project='mftvm-test')
-        c.set_override('host', 'hv1', group='agent')
-        c.set_override('state_path', self.tmp, group='agent')
-        c.set_override('libvirt_uri', 'qemu+unix:///system', group='agent')
-        self.m = manager.AgentManager(c, agents=object())
+        self.m = manager_on(self, libvirt_uri='qemu+unix:///system')
 
     def test_nova_domain_spec_is_accepted_with_libvirt_uri(self):
         # The shape FTLibvirtDriver sends (nova.driver.domain_spec).
@@ -167,14 +172,7 @@ class StatusTest(unittest.TestCase):
     """What the agent answers about an instance: the contract's status."""
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        c = cfg.ConfigOpts()
-        conf.register_opts(c)
-        c([], project='mftvm-test')
-        c.set_override('host', 'hv1', group='agent')
-        c.set_override('state_path', self.tmp, group='agent')
-        self.m = manager.AgentManager(c, agents=object())
+        self.m = manager_on(self)
 
     def instance(self, role: str, **status) -> FakeInstanceProcess:
         proc = FakeInstanceProcess(self.tmp, 'vm0', role, dict(
