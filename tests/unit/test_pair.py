@@ -235,6 +235,18 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.cap, self.disk, self.out = self.protector.links[-1]
         self.chan.clear()
 
+    def states_at_connect(self):
+        """The machine's state at each connect to a secondary, as the
+        list this returns records them."""
+        states = []
+        real_connect = self.protector.connect
+
+        async def connect(address):
+            states.append(self.machine.state)
+            return await real_connect(address)
+        self.protector.connect = connect
+        return states
+
     async def asyncTearDown(self):
         self.runner.cancel()
         await asyncio.gather(self.runner, return_exceptions=True)
@@ -245,13 +257,7 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.machine.post(pair.GuestUp(self.guest, self.mon))
         await settle()
         self.assertEqual(State.UNPROTECTED, self.machine.state)
-        states = []
-        real_connect = self.protector.connect
-
-        async def connect(address):
-            states.append(self.machine.state)
-            return await real_connect(address)
-        self.protector.connect = connect
+        states = self.states_at_connect()
         self.machine.post(pair.Protect('unix:/sec', 'pair-1'))
         self.machine.post(pair.Protect('unix:/other', 'pair-9'))  # ignored
         await settle()
@@ -287,13 +293,7 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.machine.post(pair.Protect('unix:/sec', 'pair-1'))
         await settle()
         self.assertEqual(State.STARTING, self.machine.state)
-        states = []
-        real_connect = self.protector.connect
-
-        async def connect(address):
-            states.append(self.machine.state)
-            return await real_connect(address)
-        self.protector.connect = connect
+        states = self.states_at_connect()
         self.machine.post(pair.GuestUp(self.guest, self.mon))
         await settle()
         # never UNPROTECTED in between
