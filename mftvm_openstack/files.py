@@ -1,9 +1,18 @@
-"""Files that other processes read while we write them.
+"""Files that other processes read while we write them, and files only
+this host's processes (one user) may read at all.
 
 :func:`write_json_atomic` replaces a file in one step, so a reader sees
 either the old document or the new one, never half of one::
 
     write_json_atomic('/var/lib/mftvm/vm0/primary/status.json', data)
+
+Guests' RAM, disks and device state are tenants' data: they live in
+directories made by :func:`private_dir` (0700) and files made by
+:func:`create_private` (0600, never through a planted symlink), whatever
+the process umask::
+
+    private_dir('/var/lib/mftvm/vm0/secondary')
+    fd = create_private('/dev/shm/mftvm-vm0-secondary.ram')
 """
 
 from __future__ import annotations
@@ -11,6 +20,11 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+
+#: a directory of tenants' data: its owner only
+PRIVATE_DIR_MODE = 0o700
+#: a file of tenants' data (or of secrets): its owner only
+PRIVATE_FILE_MODE = 0o600
 
 
 def write_json_atomic(path: str, data: Any, mode: int = 0o600) -> None:
@@ -22,6 +36,58 @@ def write_json_atomic(path: str, data: Any, mode: int = 0o600) -> None:
     try:
         with os.fdopen(fd, 'w') as f:
             json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def private_dir(path: str) -> str:
+    """Make ``path`` (and missing parents) and leave it 0700; return it.
+
+    ``os.makedirs``'s mode is filtered by the umask, so the mode is set
+    again explicitly.
+    """
+    os.makedirs(path, PRIVATE_DIR_MODE, exist_ok=True)
+    os.chmod(path, PRIVATE_DIR_MODE)
+    return path
+
+
+def create_private(path: str, size: int = 0) -> int:
+    """A new, empty file at ``path``, 0600, ``size`` bytes (sparse); its
+    descriptor, open for reading and writing.
+
+    Whatever is at ``path`` already (a file a crash left, or a symlink
+    someone planted in a shared directory such as /dev/shm) is unlinked,
+    never opened: the file is created with ``O_EXCL|O_NOFOLLOW``, so if
+    something appears again in between this fails instead of writing
+    through it.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    try:
+        if size:
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step, as a 0600 file."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    fd = create_private(tmp)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -47,6 +47,7 @@ from typing import Any, Optional
 from oslo_config import cfg
 
 from mftvm_openstack import conf as mftvm_conf
+from mftvm_openstack import fencing
 from mftvm_openstack.agent import exception
 from mftvm_openstack.contract.control import (
     ControlOp,
@@ -62,9 +63,10 @@ from mftvm_openstack.contract.spec import (
 )
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
-from mftvm_openstack.files import write_json_atomic
+from mftvm_openstack.files import private_dir, write_json_atomic
 from mftvm_openstack.ft import vm
 from mftvm_openstack.instance.client import control, pid_alive, status_of
+from mftvm_openstack.instance.config import FENCE_URL_ENV
 from mftvm_openstack.waiting import wait_until
 
 LOG = logging.getLogger(__name__)
@@ -83,6 +85,29 @@ def _read_json(path: str) -> Optional[dict[str, Any]]:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+#: what of an ended instance's directory is kept: its logs and its JSON
+#: records (status, options with secrets masked), never its data
+KEPT_WHEN_ENDED = ('.log', '.json')
+
+
+def _move_logs(src: str, dst: str) -> None:
+    """Move the files of ``src`` named ``*.log`` or ``*.json`` to the same
+    places under ``dst`` (0700); leave the rest where it is."""
+    for dirpath, _, names in os.walk(src):
+        for name in names:
+            if not name.endswith(KEPT_WHEN_ENDED):
+                continue
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            to = os.path.join(dst, os.path.relpath(path, src))
+            try:
+                private_dir(os.path.dirname(to))
+                os.rename(path, to)
+            except OSError as exc:
+                LOG.warning('cannot keep %s: %s', path, exc)
 
 
 class Instance:
@@ -128,13 +153,17 @@ class Instance:
         return control(self.dir, role, ControlRequest(op=op, **args),
                        timeout)
 
-    def spawn(self, role: Role) -> int:
+    def spawn(self, role: Role,
+              secrets: Optional[dict[str, str]] = None) -> int:
+        """Start its instance process as ``role``; ``secrets`` go into
+        its environment (never into a file or its argv)."""
         log = open(os.path.join(self.dir, f'{role}-host.log'), 'ab')
         with log:
             proc = subprocess.Popen(
                 [sys.executable, '-m', 'mftvm_openstack.instance',
                  role, self.dir], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=log, start_new_session=True)
+                stderr=log, start_new_session=True,
+                env={**os.environ, **(secrets or {})})
         self.save_record(role=role, pid=proc.pid)
         # Reap it in the background: a zombie would look alive.
         threading.Thread(target=proc.wait, daemon=True).start()
@@ -157,7 +186,7 @@ class AgentManager:
     # -- lifecycle --
 
     def start(self) -> None:
-        os.makedirs(self.root, exist_ok=True)
+        self._private_tree()
         found = self.list()
         LOG.info('agent %s found %d instance(s): %s', self.host, len(found),
                  ', '.join(f'{i["instance"]} ({i["state"]})'
@@ -172,6 +201,12 @@ class AgentManager:
             from mftvm_openstack.agent import rpcapi
             self._agents = rpcapi.AgentAPI(rpcapi.get_transport(self.conf))
         return self._agents
+
+    def _private_tree(self) -> None:
+        """state_path and its instances/: 0700, they hold guests' disks
+        and RAM."""
+        private_dir(self.conf.agent.state_path)
+        private_dir(self.root)
 
     def _instance(self, name: str, must_exist: bool = True) -> Instance:
         inst = Instance(self.root, name)
@@ -204,7 +239,10 @@ class AgentManager:
             'heartbeat_interval': c.agent.heartbeat_interval,
             'hang_timeout': c.agent.hang_timeout,
             'replica_timeout': c.agent.replica_timeout,
-            'fence_url': c.fencing.backend_url,
+            # for people to read: the instance process gets the URL
+            # itself from instance_secrets()
+            'fence_url': (fencing.mask_url(c.fencing.backend_url)
+                          if c.fencing.backend_url else None),
             'fence_dir': fence_dir,
             'fence_lease': c.fencing.lease,
             'fence_acquire_timeout': c.fencing.acquire_timeout,
@@ -212,6 +250,12 @@ class AgentManager:
             'ram_tag': f'{self.host}',
             'libvirt_uri': c.agent.libvirt_uri,
         }
+
+    def instance_secrets(self) -> dict[str, str]:
+        """What an instance process gets in its environment, not in
+        guest.json: the fencing URL with its password."""
+        url = self.conf.fencing.backend_url
+        return {FENCE_URL_ENV: url} if url else {}
 
     def new_instance_dir(self, name: str, spec: GuestSpec,
                          options: dict[str, Any]) -> Instance:
@@ -230,9 +274,10 @@ class AgentManager:
             raise exception.InvalidRequest(field=exc.field,
                                            reason=exc.reason) from None
         shutil.rmtree(inst.dir, ignore_errors=True)
-        os.makedirs(inst.dir)
+        self._private_tree()
+        private_dir(inst.dir)
         if options.get('fence_dir'):
-            os.makedirs(options['fence_dir'], exist_ok=True)
+            private_dir(options['fence_dir'])
         write_json_atomic(os.path.join(inst.dir, 'guest.json'),
                           {'spec': spec.to_dict(), 'options': options})
         return inst
@@ -248,7 +293,7 @@ class AgentManager:
         with self._lock:
             inst = self.new_instance_dir(instance, spec, opts)
             inst.save_record(peer=primary_host, created=time.time())
-            inst.spawn(Role.SECONDARY)
+            inst.spawn(Role.SECONDARY, self.instance_secrets())
         listening: list[str] = []
 
         def ready() -> bool:
@@ -289,7 +334,7 @@ class AgentManager:
             inst = self.new_instance_dir(instance, spec, opts)
             inst.save_record(peer=target, pair_id=pair_id,
                              created=time.time(), auto_reprotect=True)
-            inst.spawn(Role.PRIMARY)
+            inst.spawn(Role.PRIMARY, self.instance_secrets())
         return self._wait_protected(inst)
 
     def _wait_protected(self, inst: Instance) -> dict[str, Any]:
@@ -455,15 +500,15 @@ class AgentManager:
         pid = st.host_pid if st is not None else inst.record.get('pid')
         if isinstance(pid, int) and pid_alive(pid):
             os.kill(pid, 9)
-        # Kept (the last one per instance) for the operator to read.
+        # Its logs and records are kept (the last ones per instance) for
+        # the operator to read; its disks, overlays and device state are
+        # tenants' data and go.
         ended = os.path.join(self.conf.agent.state_path, 'ended',
                              inst.name)
         shutil.rmtree(ended, ignore_errors=True)
-        os.makedirs(os.path.dirname(ended), exist_ok=True)
-        try:
-            os.rename(inst.dir, ended)
-        except OSError:
-            shutil.rmtree(inst.dir, ignore_errors=True)
+        private_dir(os.path.dirname(ended))
+        _move_logs(inst.dir, ended)
+        shutil.rmtree(inst.dir, ignore_errors=True)
         # Its QEMU died with it (PDEATHSIG); its RAM file must go too.
         try:
             os.unlink(vm.ram_path(inst.name, self.host))

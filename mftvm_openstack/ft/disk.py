@@ -81,6 +81,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from mftvm_openstack.contract import plugins
+from mftvm_openstack.files import create_private, private_dir
 from mftvm_openstack.ft import vm
 from mftvm_openstack.ft.monitor import Event, Monitor, MonitorError, QMPMonitor
 from mftvm_openstack.ft.plugin_loader import load_plugin_class
@@ -192,7 +193,8 @@ async def _create_qcow2(path: str, size: int) -> None:
         # Subclusters: a 4 KiB write into a fresh overlay allocates 4 KiB,
         # not a 64 KiB cluster copied up from below.
         '-o', 'cluster_size=65536,extended_l2=on', path, str(size),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        umask=0o077)      # an overlay holds the tenant's writes: 0600
     try:
         out, _ = await proc.communicate()
     except asyncio.CancelledError:
@@ -347,14 +349,14 @@ class EpochOverlayStore:
 
     async def start(self) -> NbdTarget:
         """Create the base, start qsd and export the replica; return where."""
-        os.makedirs(self.workdir, exist_ok=True)
+        private_dir(self.workdir)
         for stale in (self._files('ov-*.qcow2') + self._files('pool-*.qcow2')
                       + [self.qmp_path, self.nbd_path]):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stale)
         if not (self.reuse and os.path.exists(self.base_path)):
-            with open(self.base_path, 'wb') as f:
-                f.truncate(self.size)     # sparse: costs no disk space
+            # sparse: costs no disk space
+            os.close(create_private(self.base_path, self.size))
         self.process = await vm.ChildProcess.start(
             vm.qsd_argv(self.qmp_path), self.log_path)
         try:
@@ -402,10 +404,12 @@ class EpochOverlayStore:
         return target
 
     async def stop(self) -> None:
-        """Quit qsd and remove the overlays. Idempotent.
+        """Quit qsd and remove the replica: overlays and base (a full copy
+        of a tenant's disk must not outlive its protection). Idempotent.
 
         After :meth:`failover_layers` the kept layers belong to the
-        restored guest and are left alone.
+        restored guest and are left alone; with ``reuse`` the base is
+        kept for the next :meth:`start`.
         """
         self._closing = True
         if not self._down:
@@ -420,6 +424,9 @@ class EpochOverlayStore:
             for layer in self.chain.layers[1:]:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(layer.path)
+            if not self.reuse:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.base_path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.nbd_path)
 

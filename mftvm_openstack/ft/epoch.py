@@ -34,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 
+from mftvm_openstack.files import create_private, write_private
 from mftvm_openstack.ft import vm
 from mftvm_openstack.ft.monitor import (
     MIGRATION_ENDED,
@@ -198,9 +199,8 @@ class ReplicaImage:
         self.size = size
         self.devstate_path = os.path.join(workdir, 'devstate.bin')
         self.committed = 0
-        fd = os.open(ram_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = create_private(ram_file, size)
         try:
-            os.ftruncate(fd, size)
             self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         finally:
             os.close(fd)
@@ -212,10 +212,7 @@ class ReplicaImage:
                 self._pages):
             raise ValueError(f'checkpoint {epoch} writes beyond guest RAM')
         self._pages[delta.indices] = delta.pages
-        tmp = self.devstate_path + '.tmp'
-        with open(tmp, 'wb') as f:
-            f.write(devstate)
-        os.replace(tmp, self.devstate_path)
+        write_private(self.devstate_path, devstate)
         self.committed = epoch
 
     def close(self) -> None:

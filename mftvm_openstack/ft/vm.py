@@ -326,4 +326,4 @@ def flatten(layers: Sequence[tuple[str, str]], out_path: str) -> None:
     """Write the content of a layer chain to the raw file ``out_path``."""
     subprocess.run(['qemu-img', 'convert', '-U', '-O', 'raw',
                     chain_filename(layers), out_path],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, umask=0o077)

@@ -5,6 +5,11 @@
 
     spec, options = load_guest('/var/lib/mftvm/vm0')
     options['detect_timeout']          # 1.0 unless guest.json says
+
+Secrets are not in guest.json (any file may end up in a backup or a bug
+report): the fencing URL with its password comes in the environment
+variable :data:`FENCE_URL_ENV` (``/proc/PID/environ`` is its owner's
+only); guest.json keeps it masked, for people to read.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ from typing import Any
 
 from mftvm_openstack.ft import vm
 
+#: the environment variable that holds the fencing backend's URL, with
+#: its password (guest.json's ``fence_url`` has it masked)
+FENCE_URL_ENV = 'MFTVM_FENCE_URL'
+
 #: defaults of guest.json "options" that only the instance process reads
 HOST_DEFAULTS: dict[str, Any] = {
     'listen': None,          # secondary: data address (default: unix)
     'secondary': None,       # primary: where its secondary listens
     'nbd_host': None,        # secondary: serve the disk over TCP here
     'pair_id': 'pair-1',
-    'fence_url': None,       # tooz URL; None: a lock file in guest_dir
+    'fence_url': None,       # tooz URL (masked; see FENCE_URL_ENV);
+                             # None: a lock file in guest_dir
     'fence_dir': None,       # where the lock file lives (default guest_dir)
     'fence_lease': 3,
     'fence_acquire_timeout': 10.0,
@@ -41,8 +51,11 @@ def load_guest(guest_dir: str) -> tuple[vm.GuestSpec, dict[str, Any]]:
     """The spec and the options (defaults filled in) of ``guest_dir``."""
     with open(os.path.join(guest_dir, 'guest.json')) as f:
         data = json.load(f)
-    return (vm.GuestSpec.from_json(data['spec']),
-            {**HOST_DEFAULTS, **data['options']})
+    options = {**HOST_DEFAULTS, **data['options']}
+    secret_url = os.environ.get(FENCE_URL_ENV)
+    if secret_url:
+        options['fence_url'] = secret_url
+    return vm.GuestSpec.from_json(data['spec']), options
 
 
 def boot_id() -> str:

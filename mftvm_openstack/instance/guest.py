@@ -19,6 +19,7 @@ import dataclasses
 import os
 from typing import Any, Optional, Protocol
 
+from mftvm_openstack.files import create_private
 from mftvm_openstack.ft import libvirt_domain, libvirt_monitor, pair, vm
 from mftvm_openstack.ft.libvirt_monitor import LibvirtMonitor
 from mftvm_openstack.ft.monitor import Monitor, QMPMonitor
@@ -78,9 +79,7 @@ class StartError(Exception):
 async def boot(spec: vm.GuestSpec, paths: vm.Paths,
                ram: str) -> RunningGuest:
     """Boot ``spec`` in a QEMU of our own, its RAM in file ``ram``."""
-    fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.ftruncate(fd, spec.memory_bytes)
-    os.close(fd)
+    os.close(create_private(ram, spec.memory_bytes))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(paths.qmp)
     qemu = await vm.ChildProcess.start(vm.qemu_argv(spec, paths, ram),

@@ -127,7 +127,10 @@ class SecondarySide(Side):
                 await self.release_fence()
         else:
             if self.store is not None:
-                await self.store.stop()
+                await self.store.stop()      # removes the disk replica
+            if self.replica is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.replica.devstate_path)
             if self.fence is not None:
                 self.fence.close()
         if self.replica is not None:

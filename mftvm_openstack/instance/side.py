@@ -31,6 +31,7 @@ from mftvm_openstack.contract.control import (
 )
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus, Takeover
+from mftvm_openstack.files import private_dir
 from mftvm_openstack.ft import pair, transport, vm
 from mftvm_openstack.instance.config import load_guest
 from mftvm_openstack.instance.control import ControlServer
@@ -54,7 +55,7 @@ class Side:
         self.guest_dir = guest_dir
         self.spec, self.options = load_guest(guest_dir)
         self.paths = vm.Paths(os.path.join(guest_dir, self.role.value))
-        os.makedirs(self.paths.root, exist_ok=True)
+        private_dir(self.paths.root)
         self.ram = vm.ram_path(self.spec.name,
                                self.options['ram_tag'] or self.role.value)
         self.clock = pair.RealClock()

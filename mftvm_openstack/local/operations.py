@@ -39,7 +39,7 @@ from mftvm_openstack.contract.record import ContractError, Record, field
 from mftvm_openstack.contract.spec import NAME_PATTERN
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
-from mftvm_openstack.files import write_json_atomic
+from mftvm_openstack.files import private_dir, write_json_atomic
 from mftvm_openstack.ft import trackers, vm
 from mftvm_openstack.instance.client import (  # noqa: F401 (read_status)
     control,
@@ -148,7 +148,8 @@ def make_spec(name: str, kernel: str, initrd: str, disk: str,
 
 def _check_state_dir(state_dir: str) -> None:
     try:
-        os.makedirs(state_dir, exist_ok=True)
+        # 0700 if we make it (an existing one is the user's to set)
+        os.makedirs(state_dir, 0o700, exist_ok=True)
     except OSError as exc:
         raise UserError(f'state dir {state_dir}: {exc.strerror}; give a '
                         f'writable --state-dir') from None
@@ -214,7 +215,7 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
         raise UserError(f'guest {spec.name} is already running; stop it '
                         f'with "mftvm stop {spec.name}" first')
     shutil.rmtree(gdir, ignore_errors=True)
-    os.makedirs(gdir)
+    private_dir(gdir)
     write_json_atomic(os.path.join(gdir, 'guest.json'),
                       {'spec': spec.to_json(),
                        'options': {**dataclasses.asdict(opts),

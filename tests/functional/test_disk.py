@@ -178,6 +178,53 @@ class TestEpochOverlayStore(DiskTestCase):
         self.assertTrue(expect(data, 8 * MiB, 13))
         self.assertLessEqual(len(layers), 4)
 
+    def test_replica_files_are_private_and_removed_on_stop(self):
+        # Whatever the umask: the replica is a copy of a tenant's disk.
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+
+        def mode(path):
+            return os.stat(path).st_mode & 0o777
+
+        async def scenario():
+            store = disk.EpochOverlayStore(self.store_dir, SIZE)
+            target = await store.start()
+            try:
+                await nbd_write(target, 0xaa, 0)
+                await store.mark(1)
+                await nbd_write(target, 0xbb, 0)
+                images = [os.path.join(self.store_dir, p)
+                          for p in os.listdir(self.store_dir)
+                          if p.endswith(('.raw', '.qcow2'))]
+            finally:
+                await store.stop()
+            return images
+        images = self.run_async(scenario())
+        self.assertEqual(0o700, mode(self.store_dir))
+        self.assertIn(os.path.join(self.store_dir, 'base.raw'), images)
+        self.assertIn(os.path.join(self.store_dir, 'ov-2.qcow2'), images)
+        self.assertEqual([], [p for p in os.listdir(self.store_dir)
+                              if p.endswith(('.raw', '.qcow2'))])
+
+    def test_replica_files_are_created_0600(self):
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+
+        async def scenario():
+            store = disk.EpochOverlayStore(self.store_dir, SIZE)
+            await store.start()
+            try:
+                await store.mark(1)
+                return {p: os.stat(os.path.join(self.store_dir, p)).st_mode
+                        & 0o777 for p in os.listdir(self.store_dir)
+                        if p.endswith(('.raw', '.qcow2'))}
+            finally:
+                await store.stop()
+        modes = self.run_async(scenario())
+        self.assertIn('base.raw', modes)
+        self.assertIn('ov-2.qcow2', modes)
+        self.assertEqual({p: 0o600 for p in modes}, modes)
+
     def test_failover_refuses_unmarked_epoch(self):
         async def scenario():
             store = disk.EpochOverlayStore(self.store_dir, SIZE)
