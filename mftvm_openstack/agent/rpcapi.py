@@ -105,6 +105,20 @@ def get_transport(conf: cfg.ConfigOpts = mftvm_conf.CONF,
             'driver://[user:pass@]host:port[,...]/[vhost])') from None
 
 
+def configured_transport_url(conf: cfg.ConfigOpts) -> Optional[str]:
+    """``[DEFAULT] transport_url`` if a config file (or an override) sets
+    it; its default does not count."""
+    try:
+        # registers oslo.messaging's [DEFAULT] options on conf
+        oslo_messaging.TransportURL.parse(conf)
+    except Exception:
+        pass        # get_transport() reports it
+    location = conf.get_location('transport_url')
+    if location is None or location.location == cfg.Locations.opt_default:
+        return None
+    return conf.transport_url or None
+
+
 def _conf_url(conf: cfg.ConfigOpts) -> Optional[str]:
     try:
         return conf.transport_url

@@ -70,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # transport_url is registered by oslo.messaging; ask for it by name
     transport = None
     try:
-        transport_url = _configured_transport_url()
+        transport_url = rpcapi.configured_transport_url(CONF)
         if not transport_url:
             return _fail('no transport_url in [DEFAULT]: set it to the '
                          'RabbitMQ URL, e.g. '
@@ -95,21 +95,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         LOG.exception('mftvm-agent could not start')
         return _fail(f'could not start: {type(exc).__name__}: '
                      f'{rpcapi.mask_url(str(exc).splitlines()[0])}')
-
-
-def _configured_transport_url() -> Optional[str]:
-    """``[DEFAULT] transport_url`` if set (its default does not count)."""
-    import oslo_messaging
-
-    try:
-        # registers oslo.messaging's [DEFAULT] options on CONF
-        oslo_messaging.TransportURL.parse(CONF)
-    except Exception:
-        pass        # get_transport() reports it
-    location = CONF.get_location('transport_url')
-    if location is None or location.location == cfg.Locations.opt_default:
-        return None
-    return CONF.transport_url or None
 
 
 if __name__ == '__main__':

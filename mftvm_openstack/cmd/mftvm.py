@@ -12,14 +12,19 @@
     mftvm stop NAME
 
 Remote mode: with ``--host HOST`` (and a broker given by
-``--transport-url URL`` or ``$MFTVM_TRANSPORT_URL``), ``status``,
-``failover`` and ``stop`` go to the agent (``mftvm-agent``) of HOST over
-RPC, and ``list`` shows the agent's instances::
+``$MFTVM_TRANSPORT_URL``, ``[DEFAULT] transport_url`` of a
+``--config-file`` or ``--transport-url URL``), ``status``, ``failover`` and
+``stop`` go to the agent (``mftvm-agent``) of HOST over RPC, and ``list``
+shows the agent's instances::
 
     export MFTVM_TRANSPORT_URL=rabbit://mftvm:PASSWORD@10.0.0.5:5672/
     mftvm list --host hv1
     mftvm --host hv1 status vm0 --json
-    mftvm failover vm0 --host hv2
+    mftvm --config-file /etc/mftvm/mftvm.conf failover vm0 --host hv2
+
+A password in ``--transport-url`` is in the command line, which every
+user of the machine can read (``ps``): prefer the environment or a config
+file only its owner reads.
 """
 
 from __future__ import annotations
@@ -92,7 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                         '$MFTVM_STATE_DIR or /var/lib/mftvm)')
     parser.add_argument('--transport-url', default=None,
                         help='messaging broker of the agents, for --host '
-                        f'(default: ${TRANSPORT_URL_ENV})')
+                        f'(default: ${TRANSPORT_URL_ENV}, then '
+                        '--config-file). Its password is visible to all '
+                        f'users in ps: prefer ${TRANSPORT_URL_ENV} or '
+                        '--config-file')
+    parser.add_argument('--config-file', action='append', default=[],
+                        metavar='PATH',
+                        help='oslo.config file whose [DEFAULT] '
+                        'transport_url names the broker, for --host '
+                        '(may be repeated)')
     parser.add_argument('--host', dest='global_host', default=None,
                         metavar='HOST',
                         help='ask the agent of this host over RPC instead '
@@ -197,9 +210,12 @@ def print_remote_list(items: list[InstanceStatus]) -> None:
 def cmd_remote(args: argparse.Namespace, host: str) -> int:
     """status / failover / stop / list through the agent of ``host``."""
     url = args.transport_url or os.environ.get(TRANSPORT_URL_ENV)
-    if not url:
-        raise UserError(f'--host needs a broker: give --transport-url or '
-                        f'set ${TRANSPORT_URL_ENV}')
+    if not url and not args.config_file:
+        raise UserError(f'--host needs a broker: set ${TRANSPORT_URL_ENV}, '
+                        f'give --config-file or --transport-url')
+    for path in args.config_file:
+        if not os.access(path, os.R_OK):
+            raise UserError(f'--config-file {path}: cannot read it')
     import logging
     import warnings
 
@@ -210,7 +226,11 @@ def cmd_remote(args: argparse.Namespace, host: str) -> int:
     from mftvm_openstack.agent import exception, rpcapi
 
     try:
-        conf.CONF([], project='mftvm', default_config_files=[])
+        conf.CONF([], project='mftvm',
+                  default_config_files=list(args.config_file))
+        if not url and not rpcapi.configured_transport_url(conf.CONF):
+            raise UserError(f'--host needs a broker: no transport_url in '
+                            f'[DEFAULT] of {", ".join(args.config_file)}')
         transport = rpcapi.get_transport(conf.CONF, url)
     except exception.MftvmError as exc:
         raise UserError(str(exc)) from None

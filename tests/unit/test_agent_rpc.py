@@ -20,6 +20,7 @@ import fixtures
 import oslo_messaging
 import testtools
 from oslo_messaging._drivers import common as om_common
+from testtools.matchers import StartsWith
 
 from mftvm_openstack import conf
 from mftvm_openstack.agent import exception, rpc, rpcapi, service
@@ -614,6 +615,41 @@ class CliTest(testtools.TestCase):
         self.assertEqual(1, result.returncode)
         self.assertEqual(1, len(result.stderr.splitlines()), result.stderr)
         self.assertNotIn('pw9x', result.stderr)
+
+    def test_broker_from_a_config_file_or_the_environment(self):
+        # A password in argv is anyone's (ps): the URL may come from a
+        # config file only its owner reads, or from the environment.
+        tmp = self.useFixture(fixtures.TempDir()).path
+        with_url = os.path.join(tmp, 'mftvm.conf')
+        with open(with_url, 'w') as f:
+            f.write('[DEFAULT]\ntransport_url = rabbit://u:pwcf9@127.0.0.1:1/\n')
+        without = os.path.join(tmp, 'other.conf')
+        with open(without, 'w') as f:
+            f.write('[DEFAULT]\ndebug = true\n')
+        refused = ('mftvm: error: messaging transport '
+                   'rabbit://u:***@127.0.0.1:1/: cannot reach')
+        result = self.mftvm('--config-file', with_url, '--host', 'hv1',
+                            'stop', 'vm0')
+        self.assertEqual(1, result.returncode)
+        self.assertThat(result.stderr, StartsWith(refused))
+        self.assertNotIn('pwcf9', result.stderr)
+        result = self.mftvm('--config-file', without, '--host', 'hv1',
+                            'stop', 'vm0')
+        self.assertEqual(1, result.returncode)
+        self.assertEqual('mftvm: error: --host needs a broker: no '
+                         f'transport_url in [DEFAULT] of {without}\n',
+                         result.stderr)
+        env = dict(os.environ,
+                   MFTVM_TRANSPORT_URL='rabbit://u:pwcf9@127.0.0.1:1/')
+        result = subprocess.run(
+            [sys.executable, '-m', 'mftvm_openstack.cmd.mftvm', '--host',
+             'hv1', 'stop', 'vm0'], capture_output=True, text=True,
+            env=env, timeout=60)
+        self.assertEqual(1, result.returncode)
+        self.assertThat(result.stderr, StartsWith(refused))
+        help_text = self.mftvm('--help').stdout
+        self.assertIn('--config-file', help_text)
+        self.assertIn('visible to all users', ' '.join(help_text.split()))
 
     def test_standalone_import_needs_no_messaging(self):
         code = ('import sys, mftvm_openstack.cmd.mftvm as m; '
