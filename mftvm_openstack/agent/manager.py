@@ -110,6 +110,13 @@ def _move_logs(src: str, dst: str) -> None:
                 LOG.warning('cannot keep %s: %s', path, exc)
 
 
+def _ran_from_replica(status: InstanceStatus) -> bool:
+    """Whether this secondary resumed the guest from its replica: then
+    the replica is the guest's disk, perhaps its only current copy."""
+    return status.takeover is not None and \
+        status.takeover.resumed is not None
+
+
 class Instance:
     """One guest's directory on this host, and its instance process."""
 
@@ -492,7 +499,13 @@ class AgentManager:
         self._discard(inst)
         return {'instance': instance, 'stopped': True}
 
-    def _discard(self, inst: Instance) -> None:
+    def _discard(self, inst: Instance, keep_data: bool = False) -> None:
+        """Kill its instance process (if it still runs) and forget it.
+
+        Its logs and records are kept; its disks, overlays, device state
+        and RAM are deleted, unless ``keep_data``: then the whole directory
+        is kept under ended/ (the last copy of a guest's disk).
+        """
         try:
             st = inst.live_status()
         except ContractError:       # what it said is unreadable: kill it
@@ -507,8 +520,16 @@ class AgentManager:
                              inst.name)
         shutil.rmtree(ended, ignore_errors=True)
         private_dir(os.path.dirname(ended))
-        _move_logs(inst.dir, ended)
-        shutil.rmtree(inst.dir, ignore_errors=True)
+        if keep_data:
+            LOG.warning('%s: keeping its disk in %s: the guest ran on it '
+                        'here and may have no other copy', inst.name, ended)
+            try:
+                os.rename(inst.dir, ended)
+            except OSError:
+                LOG.exception('%s: cannot move it to %s', inst.name, ended)
+        else:
+            _move_logs(inst.dir, ended)
+            shutil.rmtree(inst.dir, ignore_errors=True)
         # Its QEMU died with it (PDEATHSIG); its RAM file must go too.
         try:
             os.unlink(vm.ram_path(inst.name, self.host))
@@ -571,7 +592,7 @@ class AgentManager:
                     # elsewhere (or is lost); keep no stale claim on it.
                     LOG.info('%s: instance process ended (%s); forgetting '
                              'it', name, state)
-                    self._discard(inst)
+                    self._discard(inst, keep_data=_ran_from_replica(info))
                 continue
             if state in RUNNING_UNPROTECTED and self.conf.agent.reprotect \
                     and inst.record.get('auto_reprotect', True):

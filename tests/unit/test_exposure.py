@@ -21,7 +21,8 @@ from oslo_config import cfg
 from mftvm_openstack import conf, files
 from mftvm_openstack.agent import exception, manager
 from mftvm_openstack.contract.spec import ProtectionOptions
-from mftvm_openstack.contract.states import Role
+from mftvm_openstack.contract.states import Role, State
+from mftvm_openstack.contract.status import InstanceStatus, Takeover
 from mftvm_openstack.ft import epoch, vm
 from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
 from mftvm_openstack.instance.config import FENCE_URL_ENV, load_guest
@@ -227,6 +228,39 @@ class AgentStateTest(ExposureTestCase):
         self.assertFalse(os.path.exists(inst.dir))
         self.assertFalse(os.path.exists(ram))
         self.assertEqual(0o700, mode(ended))
+
+
+class EndedInstanceTest(ExposureTestCase):
+    """An instance process found dead by the agent's periodic check."""
+
+    def ended(self, takeover):
+        m = manager_on(self)
+        inst = m.new_instance_dir('vm0', SPEC, m.host_options(
+            ProtectionOptions(), 'vm0'))
+        pid = dead_pid()
+        inst.save_record(role=Role.SECONDARY, pid=pid)
+        files.private_dir(os.path.join(inst.dir, 'secondary', 'disk'))
+        files.write_json_atomic(
+            os.path.join(inst.dir, 'secondary', 'status.json'),
+            InstanceStatus(role=Role.SECONDARY, state=State.ACTIVE,
+                           host_pid=pid, takeover=takeover).to_dict())
+        files.write_private(os.path.join(inst.dir, 'secondary', 'disk',
+                                         'base.raw'), b'disk')
+        m.periodic()
+        self.assertFalse(os.path.exists(inst.dir))
+        return os.path.exists(os.path.join(
+            m.conf.agent.state_path, 'ended', 'vm0', 'secondary', 'disk',
+            'base.raw'))
+
+    def test_a_replica_never_resumed_is_deleted(self):
+        self.assertFalse(self.ended(None))
+        self.assertFalse(self.ended(Takeover(detected=1.0)))
+
+    def test_the_disk_of_a_guest_that_ran_from_it_is_kept(self):
+        # After a takeover the replica is the guest's disk: perhaps the
+        # only current copy of it.
+        self.assertTrue(self.ended(Takeover(detected=1.0, fenced=2.0,
+                                            resumed=3.0)))
 
 
 class InstanceDirTest(ExposureTestCase):
