@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Any
 
 #: a directory of tenants' data: its owner only
@@ -27,22 +28,10 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 
 
-def write_json_atomic(path: str, data: Any, mode: int = 0o600) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file in the
-    same directory (unique to this process and thread), then rename."""
-    tmp = f'{path}.{os.getpid()}.{id(data):x}.tmp'
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                 mode)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def write_json_atomic(path: str, data: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON, in one step, as a 0600
+    file (see :func:`write_private`)."""
+    write_private(path, json.dumps(data, indent=1).encode())
 
 
 def private_dir(path: str) -> str:
@@ -82,8 +71,10 @@ def create_private(path: str, size: int = 0) -> int:
 
 
 def write_private(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one step, as a 0600 file."""
-    tmp = f'{path}.{os.getpid()}.tmp'
+    """Replace ``path`` with ``data`` in one step, as a 0600 file: a
+    reader sees the old content or the new, never half of it. The
+    temporary file beside it is unique to this process and thread."""
+    tmp = f'{path}.{os.getpid()}.{threading.get_ident():x}.tmp'
     fd = create_private(tmp)
     try:
         with os.fdopen(fd, 'wb') as f:
