@@ -38,6 +38,7 @@ from collections.abc import Callable
 from mftvm_openstack.ft import vm
 from mftvm_openstack.ft.monitor import QMPMonitor
 from mftvm_openstack.images import builder, workload
+from mftvm_openstack.instance import client
 from mftvm_openstack.local import demo, operations
 
 #: QEMU COLO on this machine (FACTS.md): first checkpoint of a 128 MiB
@@ -84,8 +85,8 @@ class Bench:
                                self.state)
 
     def side(self, name: str, role: str) -> dict:
-        return operations.read_status(operations.guest_dir(self.state, name),
-                                   role) or {}
+        return client.read_status(operations.guest_dir(self.state, name),
+                                  role) or {}
 
     def wait_ready(self, gdir: str, role: str = 'primary',
                    timeout: float = 120) -> None:

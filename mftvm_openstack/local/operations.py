@@ -29,24 +29,14 @@ from typing import Any, Optional
 
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.control import ControlOp, ControlRequest
-from mftvm_openstack.contract.limits import (
-    EPOCH_MS_RANGE,
-    IDLE_EPOCH_MS_RANGE,
-    MEMORY_MIB_RANGE,
-    SMP_RANGE,
-)
+from mftvm_openstack.contract.limits import MEMORY_MIB_RANGE, SMP_RANGE
 from mftvm_openstack.contract.record import ContractError, Record, field
-from mftvm_openstack.contract.spec import NAME_PATTERN
+from mftvm_openstack.contract.spec import NAME_PATTERN, ProtectionOptions
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.files import private_dir, write_json_atomic
 from mftvm_openstack.ft import trackers, vm
-from mftvm_openstack.instance.client import (  # noqa: F401 (read_status)
-    control,
-    pid_alive,
-    read_status,
-    status_of,
-)
+from mftvm_openstack.instance.client import control, pid_alive, status_of
 from mftvm_openstack.waiting import wait_until
 
 ROLES = (Role.PRIMARY, Role.SECONDARY)
@@ -159,21 +149,22 @@ def _check_state_dir(state_dir: str) -> None:
 
 
 def _check_options(opts: ProtectOptions) -> None:
-    low, high = EPOCH_MS_RANGE
-    if not low <= opts.epoch_ms <= high:
-        raise UserError(f'--epoch-ms {opts.epoch_ms}: give {low} to {high}')
-    low, high = IDLE_EPOCH_MS_RANGE
-    if not low <= opts.idle_epoch_ms <= high:
-        raise UserError(f'--idle-epoch-ms {opts.idle_epoch_ms}: give {low} '
-                        f'to {high} (0: every epoch lasts --epoch-ms)')
+    """The contract's checks of the protection options, as CLI errors
+    (``--epoch-ms 5: must be from 20 to 10000 (got 5)``)."""
+    try:
+        ProtectionOptions.from_dict({
+            'epoch_ms': opts.epoch_ms, 'idle_epoch_ms': opts.idle_epoch_ms,
+            'disk_sync': opts.disk_sync})
+    except ContractError as exc:
+        flag = '--' + exc.field.replace('_', '-')
+        raise UserError(f'{flag} {getattr(opts, exc.field)}: '
+                        f'{exc.reason}') from None
+    # Not the contract's choice check: this also says whether the
+    # tracker can run on this host.
     try:
         trackers.tracker_class(opts.tracker)
     except trackers.TrackerError as exc:
         raise UserError(f'--tracker: {exc}') from None
-    syncs = plugins.disk_sync_choices()
-    if opts.disk_sync not in syncs:
-        raise UserError(f'--disk-sync {opts.disk_sync!r}: use one of '
-                        f'{", ".join(syncs)}')
 
 
 def guest_dir(state_dir: str, name: str) -> str:

@@ -16,6 +16,7 @@ from testtools import content
 from mftvm_openstack.contract.states import State
 from mftvm_openstack.ft import vm
 from mftvm_openstack.images import builder, records, workload
+from mftvm_openstack.instance import client
 from mftvm_openstack.local import demo, operations
 
 _image = None
@@ -141,7 +142,7 @@ class GuestTestCase(testtools.TestCase):
 
     def side(self, name, role):
         gdir = operations.guest_dir(self.state_dir, name)
-        return operations.read_status(gdir, role) or {}
+        return client.read_status(gdir, role) or {}
 
     def talk(self, last, seconds):
         """Ask the counter for ``seconds``; each answer must be last + 1.

@@ -235,6 +235,15 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.cap, self.disk, self.out = self.protector.links[-1]
         self.chan.clear()
 
+    def assert_fenced(self):
+        """The machine ended FENCED: its guest killed, its held output
+        discarded and never released."""
+        self.assertEqual(State.FENCED, self.machine.state)
+        self.assertFalse(self.guest.alive)
+        self.assertTrue(self.out.discarded)
+        self.assertEqual([], self.out.released)
+        self.assertTrue(self.machine.finished.is_set())
+
     def states_at_connect(self):
         """The machine's state at each connect to a secondary, as the
         list this returns records them."""
@@ -341,13 +350,9 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await self.make()
         self.machine.interrupt(pair.LeaseLost('lease lapsed'))
         await settle()
-        self.assertEqual(State.FENCED, self.machine.state)
-        self.assertFalse(self.guest.alive)
-        self.assertTrue(self.out.discarded)
-        self.assertEqual([], self.out.released)
+        self.assert_fenced()
         self.assertIn(Kind.PRIMARY_LOST, self.chan.kinds())
         self.assertEqual('fenced: lease lapsed', self.machine.error)
-        self.assertTrue(self.machine.finished.is_set())
 
     async def test_a_lost_lease_cuts_short_what_the_machine_waits_for(self):
         # Cut off from the secondary and from the backend: the machine
@@ -367,13 +372,9 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertFalse(self.out.detached)
         self.machine.interrupt(pair.LeaseLost('lease lapsed'))
         await settle()
-        self.assertEqual(State.FENCED, self.machine.state)
-        self.assertFalse(self.guest.alive)
-        self.assertTrue(self.out.discarded)
-        # Held output never left: not released, not passed through.
-        self.assertEqual([], self.out.released)
+        self.assert_fenced()
+        # Held output never left: not passed through either.
         self.assertFalse(self.out.detached)
-        self.assertTrue(self.machine.finished.is_set())
         # A final state is final.
         self.machine.post(pair.GuestExited('killed'))
         await settle()
