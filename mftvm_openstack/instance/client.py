@@ -26,6 +26,9 @@ from typing import Any, Optional
 from mftvm_openstack.contract.control import ControlReply, ControlRequest
 from mftvm_openstack.contract.status import InstanceStatus
 
+#: the longest control reply read (replies are a few hundred bytes)
+MAX_REPLY = 1 << 20
+
 
 def status_of(gdir: str, role: str) -> Optional[InstanceStatus]:
     """The last status a side published (None: none yet), with ``alive``
@@ -77,11 +80,13 @@ def control(gdir: str, role: str, request: ControlRequest,
         s.connect(path)
         s.sendall(json.dumps(request.to_dict()).encode() + b'\n')
         data = b''
-        while not data.endswith(b'\n'):
+        while not data.endswith(b'\n') and len(data) <= MAX_REPLY:
             chunk = s.recv(65536)
             if not chunk:
                 break
             data += chunk
+    if len(data) > MAX_REPLY:
+        raise ConnectionError(f'{path}: a reply over {MAX_REPLY} bytes')
     if not data.strip():
         raise ConnectionError(f'{path}: closed without a reply')
     return ControlReply.from_dict(json.loads(data), 'control reply')

@@ -3,8 +3,11 @@ status publisher, the commands each side accepts, the lease keeper and
 the hang watchdog."""
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -19,6 +22,7 @@ from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import pair, vm
 from mftvm_openstack.instance import client
+from mftvm_openstack.instance import control as control_server
 from mftvm_openstack.instance.control import ControlServer
 from mftvm_openstack.instance.lease import ECHO_MARGIN, LeaseKeeper
 from mftvm_openstack.instance.primary import PrimarySide
@@ -36,6 +40,36 @@ def guest_dir(test):
     with open(os.path.join(tmp.name, 'guest.json'), 'w') as f:
         json.dump({'spec': spec.to_json(), 'options': {'epoch_ms': 200}}, f)
     return tmp.name
+
+
+def _ask_as_user(uid, path, request):
+    """Send ``request`` to a unix socket from a child running as ``uid``:
+    b'answer:' and what the server answered, or b'error:' and why not."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        try:
+            os.close(read_end)
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(path)
+                s.sendall(request)
+                try:
+                    answer = s.recv(4096)
+                except ConnectionResetError:  # closed with the request unread
+                    answer = b''
+                os.write(write_end, b'answer:' + answer)
+        except BaseException as exc:
+            os.write(write_end, f'error:{exc!r}'.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, 'rb') as f:
+        answer = f.read()
+    os.waitpid(pid, 0)
+    return answer
 
 
 class ControlServerTest(unittest.IsolatedAsyncioTestCase):
@@ -109,6 +143,88 @@ class ControlServerTest(unittest.IsolatedAsyncioTestCase):
         writer.close()
         self.assertFalse(reply.ok)
         self.assertIn('op: must be one of', reply.error)
+
+    async def test_the_socket_is_private(self):
+        gdir = guest_dir(self)
+        os.mkdir(os.path.join(gdir, 'primary'))
+        path = os.path.join(gdir, 'primary', 'control.sock')
+        server = ControlServer(path, self.server.handler)
+        old = os.umask(0)
+        try:
+            await server.start()
+        finally:
+            os.umask(old)
+        self.addCleanup(server.close)
+        self.assertEqual(0o600, stat.S_IMODE(os.stat(path).st_mode))
+
+    async def _open_server(self):
+        gdir = guest_dir(self)
+        os.mkdir(os.path.join(gdir, 'primary'))
+        path = os.path.join(gdir, 'primary', 'control.sock')
+        server = ControlServer(path, self.server.handler)
+        await server.start()
+        self.addCleanup(server.close)
+        return gdir, path
+
+    async def test_a_peer_of_another_user_is_refused(self):
+        gdir, path = await self._open_server()
+        # Loosen the modes as a careless operator might: the peer check
+        # is what still stands.
+        os.chmod(gdir, 0o755)
+        os.chmod(os.path.dirname(path), 0o755)
+        os.chmod(path, 0o666)
+        with self.assertLogs('mftvm_openstack.instance.control',
+                             'WARNING') as logs:
+            answer = await asyncio.to_thread(_ask_as_user, 65534, path,
+                                             b'{"op": "stop"}\n')
+        self.assertEqual(b'answer:', answer)  # connected, then closed
+        self.assertIn('peer uid 65534 may not steer', logs.output[0])
+        self.assertEqual([], self.requests)
+        # root still steers it
+        reply = await asyncio.to_thread(
+            client.control, gdir, 'primary',
+            ControlRequest(op=ControlOp.STOP), 5)
+        self.assertEqual(ControlReply(ok=True), reply)
+
+    async def test_connections_beyond_the_bound_are_closed(self):
+        gdir, path = await self._open_server()
+        idle = []
+        for _ in range(control_server.MAX_CLIENTS):
+            idle.append(await asyncio.open_unix_connection(path))
+            self.addCleanup(idle[-1][1].close)
+        await asyncio.sleep(0.05)
+        with self.assertLogs('mftvm_openstack.instance.control',
+                             'WARNING') as logs:
+            reader, writer = await asyncio.open_unix_connection(path)
+            self.assertEqual(b'', await reader.read())
+            writer.close()
+        self.assertIn('control clients at once', logs.output[0])
+        # A served client leaving frees its place.
+        idle[0][1].write(b'{"op": "stop"}\n')
+        self.assertTrue((await idle[0][0].readline()).startswith(b'{'))
+        await asyncio.sleep(0.05)
+        reply = await asyncio.to_thread(
+            client.control, gdir, 'primary',
+            ControlRequest(op=ControlOp.STOP), 5)
+        self.assertEqual(ControlReply(ok=True), reply)
+
+    async def test_the_client_reads_a_bounded_reply(self):
+        gdir = guest_dir(self)
+        os.mkdir(os.path.join(gdir, 'primary'))
+
+        async def endless(reader, writer):
+            await reader.readline()
+            with contextlib.suppress(ConnectionError):
+                for _ in range(client.MAX_REPLY // 65536 + 2):
+                    writer.write(b'x' * 65536)
+                    await writer.drain()
+            writer.close()
+        server = await asyncio.start_unix_server(
+            endless, os.path.join(gdir, 'primary', 'control.sock'))
+        self.addCleanup(server.close)
+        with self.assertRaisesRegex(ConnectionError, 'a reply over'):
+            await asyncio.to_thread(client.control, gdir, 'primary',
+                                    ControlRequest(op=ControlOp.STOP), 5)
 
 
 class StatusPublisherTest(unittest.TestCase):
