@@ -3,12 +3,14 @@
 # devstack/plugin.sh - DevStack plugin for mftvm-openstack
 #
 # Fault-tolerant instances: one mftvm-agent on every hypervisor, Nova's
-# compute driver set to mftvm.FTLibvirtDriver, Redis as the fencing backend.
+# compute driver set to mftvm.FTLibvirtDriver, DevStack's etcd as the fencing
+# backend.
 #
 # stack.sh sources this file with the phase as arguments:
 #
-#   stack pre-install   QEMU packages; redis-server on $SERVICE_HOST
-#   stack install       the mftvm-openstack package; Redis started
+#   stack pre-install   QEMU packages (redis-server if asked for); the
+#                       fencing store checked
+#   stack install       the mftvm-openstack package; Redis started if asked
 #   stack post-config   $MFTVM_CONF written; compute_driver in $NOVA_CONF
 #   stack extra         mftvm-agent started
 #   unstack             mftvm-agent stopped
@@ -36,8 +38,19 @@ function _mftvm_on_service_host {
 
 # _mftvm_wants_redis - true where Redis is to be installed and run
 function _mftvm_wants_redis {
-    [[ "$MFTVM_INSTALL_REDIS" == "True" ]] && [[ -n "$MFTVM_FENCING_URL" ]] \
-        && _mftvm_on_service_host
+    [[ "$MFTVM_INSTALL_REDIS" == "True" ]] \
+        && [[ "$MFTVM_FENCING_URL" == redis://* ]] && _mftvm_on_service_host
+}
+
+# check_mftvm_fencing - stop early if the fencing store will not be there
+function check_mftvm_fencing {
+    # The default URL names DevStack's etcd on this node: it must run.
+    if [[ "$MFTVM_FENCING_URL" == "etcd3+http://$SERVICE_HOST:"* ]] \
+            && _mftvm_on_service_host && ! is_service_enabled etcd3; then
+        die $LINENO "MFTVM_FENCING_URL is DevStack's etcd on this node," \
+            "but the etcd3 service is disabled: enable_service etcd3, or" \
+            "set MFTVM_FENCING_URL to your own store"
+    fi
 }
 
 # install_mftvm_packages - QEMU for the agent, Redis for fencing
@@ -181,6 +194,7 @@ function cleanup_mftvm {
 
 if [[ "$1" == "stack" && "$2" == "pre-install" ]]; then
     echo_summary "Installing packages for mftvm-openstack"
+    check_mftvm_fencing
     install_mftvm_packages
 
 elif [[ "$1" == "stack" && "$2" == "install" ]]; then

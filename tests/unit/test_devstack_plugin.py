@@ -31,8 +31,12 @@ HOST_IP = '10.0.0.11'
 HOSTNAME = 'hv1'
 EXEC_PREFIX = '/opt/stack/data/venv/bin'
 AIO_SERVICES = ('key,n-api,n-cond,n-sch,n-cpu,placement-api,q-svc,'
-                'g-api,rabbit,mysql')
-CONTROLLER_SERVICES = 'key,n-api,n-cond,n-sch,placement-api,g-api,rabbit'
+                'g-api,rabbit,mysql,etcd3')
+CONTROLLER_SERVICES = ('key,n-api,n-cond,n-sch,placement-api,g-api,rabbit,'
+                       'etcd3')
+#: what a cloud that fences with one Redis sets in local.conf
+REDIS = {'MFTVM_FENCING_URL': f'redis://{HOST_IP}:6379',
+         'MFTVM_INSTALL_REDIS': 'True'}
 TRANSPORT_URL = f'rabbit://stackrabbit:secret@{HOST_IP}:5672/'
 
 HARNESS = '''
@@ -177,12 +181,13 @@ class DevStackPluginTest(testtools.TestCase):
         self.assertEqual('/etc/mftvm', s['MFTVM_CONF_DIR'])
         self.assertEqual('/etc/mftvm/mftvm.conf', s['MFTVM_CONF'])
         self.assertEqual('/var/lib/mftvm', s['MFTVM_STATE_PATH'])
-        self.assertEqual('redis://10.0.0.5:6379', s['MFTVM_FENCING_URL'])
+        self.assertEqual('etcd3+http://10.0.0.5:2379',
+                         s['MFTVM_FENCING_URL'])
         self.assertEqual('200', s['MFTVM_EPOCH_MS'])
         self.assertEqual('3', s['MFTVM_LEASE'])
         self.assertEqual(HOST_IP, s['MFTVM_MY_IP'])
         self.assertEqual('', s['MFTVM_PEERS'])
-        self.assertEqual('True', s['MFTVM_INSTALL_REDIS'])
+        self.assertEqual('False', s['MFTVM_INSTALL_REDIS'])
         self.assertEqual('True', s['MFTVM_SET_COMPUTE_DRIVER'])
         self.assertEqual('', s['MFTVM_FILE_BACKED_MEMORY'])
         self.assertEqual('mftvm.FTLibvirtDriver', s['MFTVM_COMPUTE_DRIVER'])
@@ -215,29 +220,63 @@ class DevStackPluginTest(testtools.TestCase):
     # stack pre-install
 
     def test_pre_install_all_in_one(self):
+        # fencing on DevStack's etcd: nothing to install for it
         self.phase('stack', 'pre-install')
+        self.assertEqual([('qemu-system-x86', 'qemu-utils')],
+                         self.calls('install_package'))
+        self.assertEqual([], self.calls('die'))
+
+    def test_pre_install_with_redis(self):
+        self.phase('stack', 'pre-install', **REDIS)
         self.assertEqual([('qemu-system-x86', 'qemu-utils'),
                           ('redis-server',)], self.calls('install_package'))
 
     def test_pre_install_compute_subnode_has_no_redis(self):
         self.phase('stack', 'pre-install', HOST_IP='10.0.0.12',
                    SERVICE_HOST='10.0.0.5',
-                   ENABLED_SERVICES='n-cpu,placement-client')
+                   ENABLED_SERVICES='n-cpu,placement-client', **REDIS)
         self.assertEqual([('qemu-system-x86', 'qemu-utils')],
                          self.calls('install_package'))
 
     def test_pre_install_controller_without_compute(self):
         self.phase('stack', 'pre-install',
-                   ENABLED_SERVICES=CONTROLLER_SERVICES)
+                   ENABLED_SERVICES=CONTROLLER_SERVICES, **REDIS)
         self.assertEqual([('redis-server',)], self.calls('install_package'))
 
     def test_pre_install_without_redis(self):
-        for env in ({'MFTVM_INSTALL_REDIS': 'False'},
-                    {'MFTVM_FENCING_URL': ''}):
+        for env in ({**REDIS, 'MFTVM_INSTALL_REDIS': 'False'},
+                    {'MFTVM_INSTALL_REDIS': 'True'},  # but etcd's URL
+                    {'MFTVM_INSTALL_REDIS': 'True',
+                     'MFTVM_FENCING_URL': ''}):
             self.reset()
             self.phase('stack', 'pre-install', **env)
             self.assertEqual([('qemu-system-x86', 'qemu-utils')],
                              self.calls('install_package'), env)
+
+    def test_pre_install_stops_when_its_etcd_is_disabled(self):
+        proc = self.bash('devstack_run_phase', 'stack', 'pre-install',
+                         check=False, ENABLED_SERVICES=AIO_SERVICES.replace(
+                             ',etcd3', ''))
+        self.assertNotEqual(0, proc.returncode)
+        self.assertIn('the etcd3 service is disabled', proc.stderr)
+        self.assertEqual([], self.calls('install_package'))
+        # a compute subnode does not run the controller's etcd
+        self.reset()
+        self.phase('stack', 'pre-install', HOST_IP='10.0.0.12',
+                   SERVICE_HOST='10.0.0.5',
+                   ENABLED_SERVICES='n-cpu,placement-client')
+        self.assertEqual([], self.calls('die'))
+        # nor does a store of the operator's own need it
+        self.reset()
+        self.phase('stack', 'pre-install',
+                   ENABLED_SERVICES=AIO_SERVICES.replace(',etcd3', ''),
+                   MFTVM_FENCING_URL='etcd3+https://etcd.example.org:2379')
+        self.assertEqual([], self.calls('die'))
+
+    def test_settings_follow_devstacks_etcd_port(self):
+        s = self.settings(SERVICE_HOST='10.0.0.5', ETCD_PORT='12379')
+        self.assertEqual('etcd3+http://10.0.0.5:12379',
+                         s['MFTVM_FENCING_URL'])
 
     def test_pre_install_refuses_other_distributions(self):
         proc = self.bash('devstack_run_phase', 'stack', 'pre-install',
@@ -252,9 +291,13 @@ class DevStackPluginTest(testtools.TestCase):
         self.phase('stack', 'install')
         self.assertEqual([('/opt/stack/mftvm-openstack',)],
                          self.calls('setup_develop'))
+        self.assertEqual([], self.calls('restart_service'))
+
+    def test_install_with_redis(self):
+        self.phase('stack', 'install', **REDIS)
         self.assertEqual([('redis-server',)], self.calls('restart_service'))
         # a second run replaces the bind line of the first
-        self.phase('stack', 'install')
+        self.phase('stack', 'install', **REDIS)
         with open(self.redis_conf) as f:
             self.assertEqual(
                 ['port 6379', 'bind 127.0.0.1 -::1', '# mftvm-openstack',
@@ -263,7 +306,7 @@ class DevStackPluginTest(testtools.TestCase):
     def test_install_compute_subnode_leaves_redis_alone(self):
         self.phase('stack', 'install', HOST_IP='10.0.0.12',
                    SERVICE_HOST='10.0.0.5', MFTVM_DIR='/src/mftvm',
-                   ENABLED_SERVICES='n-cpu,placement-client')
+                   ENABLED_SERVICES='n-cpu,placement-client', **REDIS)
         self.assertEqual([('/src/mftvm',)], self.calls('setup_develop'))
         self.assertEqual([], self.calls('restart_service'))
         with open(self.redis_conf) as f:
@@ -278,7 +321,7 @@ class DevStackPluginTest(testtools.TestCase):
             'DEFAULT': {'transport_url': TRANSPORT_URL, 'debug': 'True'},
             'agent': {'host': HOSTNAME, 'state_path': self.state,
                       'my_ip': HOST_IP},
-            'fencing': {'backend_url': f'redis://{HOST_IP}:6379',
+            'fencing': {'backend_url': f'etcd3+http://{HOST_IP}:2379',
                         'lease': '3'},
             'ft': {'epoch_ms': '200'},
         }, self.ini(self.conf))
@@ -450,7 +493,7 @@ class DevStackPluginTest(testtools.TestCase):
         }
         for phase, names in expected.items():
             self.reset()
-            self.phase(*phase)
+            self.phase(*phase, **REDIS)
             done = {c[0] for c in self.calls() if c[0] in work}
             self.assertEqual(names, done, phase)
 
