@@ -44,7 +44,19 @@ HOST_DEFAULTS: dict[str, Any] = {
     'replica_timeout': 3.0,  # disk replica silent this long is cut off
     'libvirt_uri': 'qemu:///system',   # for a guest run by libvirt
     'domain_name': None,     # secondary: its restored domain's name
+    'tls': True,             # mutual TLS on the data stream and NBD,
+                             # with the creds in tls_dir(); off only on
+                             # a dedicated, trusted replication network
 }
+
+
+def tls_dir(guest_dir: str, role: str) -> str:
+    """Where a side's pair credentials are (see ft.pair_tls): the
+    secondary's server creds, the primary's client creds. Written before
+    the side needs them, by the agent (from prepare_secondary) or by the
+    CLI; never sent on the data stream."""
+    return os.path.join(guest_dir, 'tls',
+                        'server' if role == 'secondary' else 'client')
 
 
 def load_guest(guest_dir: str) -> tuple[vm.GuestSpec, dict[str, Any]]:
