@@ -19,7 +19,8 @@ serves both the data stream (:mod:`ssl`) and the NBD export::
     creds.write_server('/var/lib/mftvm/vm0/tls/server')
     reply = creds.client_bundle().to_dict()     # to the primary, by RPC
     ...
-    ClientBundle.from_dict(reply).write('/var/lib/mftvm/vm0/tls/client')
+    write_client(ClientCredentials.from_dict(reply),
+                 '/var/lib/mftvm/vm0/tls/client')
     ctx = client_context('/var/lib/mftvm/vm0/tls/client')
     ctx = server_context('/var/lib/mftvm/vm0/tls/server')
 
@@ -42,7 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mftvm_openstack.contract.record import Record, field
+from mftvm_openstack.contract.spec import ClientCredentials
 from mftvm_openstack.files import private_dir, write_private
 
 CA_CERT = 'ca-cert.pem'
@@ -51,14 +52,9 @@ SERVER_KEY = 'server-key.pem'
 CLIENT_CERT = 'client-cert.pem'
 CLIENT_KEY = 'client-key.pem'
 
-#: a pair's id in its certificates' names: hex, from :func:`new_pair_key`
-PAIR_KEY_PATTERN = r'[0-9a-f]{16,64}'
 #: how long the certificates are valid: a protection may last for years
 #: (it is the CA's discarded key, not expiry, that keeps them apart)
 VALIDITY = datetime.timedelta(days=3650)
-#: PEM text of one certificate or key, as it travels in an RPC reply
-_PEM_PATTERN = (r'-----BEGIN [A-Z ]+-----\n[A-Za-z0-9+/=\n]+'
-                r'-----END [A-Z ]+-----\n')
 
 
 class CredentialsError(Exception):
@@ -134,27 +130,14 @@ def _issue(subject: str, key: ec.EllipticCurvePrivateKey,
     return builder.sign(ca_key, hashes.SHA256())
 
 
-@dataclasses.dataclass(frozen=True)
-class ClientBundle(Record):
-    """What the primary needs (it travels in ``prepare_secondary``'s
-    reply): the pair's CA certificate, its own certificate and key."""
-
-    pair_key: str = field(pattern=PAIR_KEY_PATTERN)
-    ca_cert: str = field(pattern=_PEM_PATTERN, max_len=16384)
-    cert: str = field(pattern=_PEM_PATTERN, max_len=16384)
-    key: str = field(pattern=_PEM_PATTERN, max_len=16384)
-
-    def write(self, directory: str) -> str:
-        """Write the primary's creds directory (0700, files 0600)."""
-        private_dir(directory)
-        write_private(os.path.join(directory, CA_CERT),
-                      self.ca_cert.encode())
-        write_private(os.path.join(directory, CLIENT_CERT),
-                      self.cert.encode())
-        write_private(os.path.join(directory, CLIENT_KEY),
-                      self.key.encode())
-        _write_pair_key(directory, self.pair_key)
-        return directory
+def write_client(bundle: ClientCredentials, directory: str) -> str:
+    """Write the primary's creds directory (0700, files 0600)."""
+    private_dir(directory)
+    write_private(os.path.join(directory, CA_CERT), bundle.ca_cert.encode())
+    write_private(os.path.join(directory, CLIENT_CERT), bundle.cert.encode())
+    write_private(os.path.join(directory, CLIENT_KEY), bundle.key.encode())
+    _write_pair_key(directory, bundle.pair_key)
+    return directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,8 +189,9 @@ class PairCredentials:
                    client_cert=_pem_cert(client_cert),
                    client_key=_pem_key(client_key))
 
-    def client_bundle(self) -> ClientBundle:
-        return ClientBundle(pair_key=self.pair_key, ca_cert=self.ca_cert,
+    def client_bundle(self) -> ClientCredentials:
+        """The primary's half, as it travels in an RPC reply."""
+        return ClientCredentials(pair_key=self.pair_key, ca_cert=self.ca_cert,
                             cert=self.client_cert, key=self.client_key)
 
     def write_server(self, directory: str) -> str:

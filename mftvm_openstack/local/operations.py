@@ -220,7 +220,8 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
         # 0700 directory, never over the stream the creds protect.
         creds = pair_tls.PairCredentials.generate()
         creds.write_server(tls_dir(gdir, Role.SECONDARY))
-        creds.client_bundle().write(tls_dir(gdir, Role.PRIMARY))
+        pair_tls.write_client(creds.client_bundle(),
+                              tls_dir(gdir, Role.PRIMARY))
     procs = [_spawn_host(Role.SECONDARY, gdir),
              _spawn_host(Role.PRIMARY, gdir)]
 

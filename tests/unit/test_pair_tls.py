@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mftvm_openstack.contract.record import ContractError
+from mftvm_openstack.contract.spec import ClientCredentials, PreparedSecondary
 from mftvm_openstack.ft import pair_tls, transport
 from mftvm_openstack.ft.transport import Kind
 
@@ -80,8 +81,8 @@ class CredentialsTest(unittest.TestCase):
 
     def test_files_are_private_and_laid_out_for_qemu(self):
         server = self.creds.write_server(os.path.join(self.dir, 's'))
-        client = self.creds.client_bundle().write(
-            os.path.join(self.dir, 'c'))
+        client = pair_tls.write_client(self.creds.client_bundle(),
+                                       os.path.join(self.dir, 'c'))
         self.assertEqual(
             {'ca-cert.pem', 'server-cert.pem', 'server-key.pem', 'pair-key'},
             set(os.listdir(server)))
@@ -98,15 +99,23 @@ class CredentialsTest(unittest.TestCase):
 
     def test_client_bundle_round_trips_and_rejects_junk(self):
         bundle = self.creds.client_bundle()
-        self.assertEqual(bundle, pair_tls.ClientBundle.from_dict(
+        self.assertEqual(bundle, ClientCredentials.from_dict(
             bundle.to_dict()))
         for field, value in [('pair_key', '../../etc'),
                              ('key', 'not a pem'),
                              ('cert', 'x' * 20000),
                              ('ca_cert', 7)]:
             with self.assertRaises(ContractError, msg=field):
-                pair_tls.ClientBundle.from_dict(
+                ClientCredentials.from_dict(
                     {**bundle.to_dict(), field: value})
+
+    def test_the_secondarys_reply_carries_the_primarys_half_only(self):
+        reply = PreparedSecondary(
+            host='h2', data_address='tcp:10.0.0.2:4711',
+            credentials=self.creds.client_bundle()).to_dict()
+        got = PreparedSecondary.from_dict(reply)
+        self.assertEqual(self.creds.client_key, got.credentials.key)
+        self.assertNotIn(self.creds.server_key, repr(reply))
 
     def test_missing_or_bad_credentials_are_a_clear_error(self):
         with self.assertRaisesRegex(pair_tls.CredentialsError, 'no pair'):
@@ -117,8 +126,8 @@ class CredentialsTest(unittest.TestCase):
 
     def test_contexts_require_tls13_and_a_peer_certificate(self):
         server = self.creds.write_server(os.path.join(self.dir, 's'))
-        client = self.creds.client_bundle().write(
-            os.path.join(self.dir, 'c'))
+        client = pair_tls.write_client(self.creds.client_bundle(),
+                                       os.path.join(self.dir, 'c'))
         for ctx in (pair_tls.server_context(server),
                     pair_tls.client_context(client)):
             self.assertEqual(ssl.CERT_REQUIRED, ctx.verify_mode)
@@ -135,8 +144,8 @@ class TlsStreamTest(unittest.IsolatedAsyncioTestCase):
         self.creds = pair_tls.PairCredentials.generate()
         self.server_dir = self.creds.write_server(
             os.path.join(self.dir, 'server'))
-        self.client_dir = self.creds.client_bundle().write(
-            os.path.join(self.dir, 'client'))
+        self.client_dir = pair_tls.write_client(
+            self.creds.client_bundle(), os.path.join(self.dir, 'client'))
         self.addr = transport.DataAddress(
             path=os.path.join(self.dir, 'data.sock'))
         self.accepted = asyncio.Queue()
@@ -189,8 +198,8 @@ class TlsStreamTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_a_certificate_of_another_ca_is_refused(self):
         other = pair_tls.PairCredentials.generate(self.creds.pair_key)
-        other_dir = other.client_bundle().write(
-            os.path.join(self.dir, 'other'))
+        other_dir = pair_tls.write_client(
+            other.client_bundle(), os.path.join(self.dir, 'other'))
         with self.assertLogs('mftvm_openstack.ft.transport') as logs:
             with self.assertRaises(ConnectionError):
                 chan = await transport.Channel.connect(
@@ -229,8 +238,8 @@ class TlsStreamTest(unittest.IsolatedAsyncioTestCase):
         # the primary checks the server too: a listener with another
         # pair's credentials is no secondary of this pair
         other = pair_tls.PairCredentials.generate()
-        other_client = other.client_bundle().write(
-            os.path.join(self.dir, 'other'))
+        other_client = pair_tls.write_client(
+            other.client_bundle(), os.path.join(self.dir, 'other'))
         with self.assertRaises(transport.AuthenticationError):
             await transport.Channel.connect(
                 self.addr, tls=transport.ClientTls(
