@@ -268,7 +268,7 @@ async def _authenticate(writer: asyncio.StreamWriter,
     except TimeoutError:
         return 'TLS handshake timed out'
     except (ConnectionError, OSError) as exc:
-        return f'TLS handshake broke off: {exc or type(exc).__name__}'
+        return f'TLS handshake broke off: {str(exc) or type(exc).__name__}'
     cert = writer.get_extra_info('peercert')
     if not cert:
         return 'no client certificate'
