@@ -178,49 +178,43 @@ class IntruderTest(base.GuestTestCase):
         self.assertNotIn('error', result)
         gdir = result['gdir']
         nbd_port = self.replica_port(gdir)
-        creds = os.path.join(gdir, 'tls')
+        plain = f'nbd://127.0.0.1:{nbd_port}/disk0'
+        self.assert_refused({
+            'no TLS, read': ['qemu-io', '-f', 'raw', '-c', 'read 0 4k',
+                             plain],
+            'no TLS, write': ['qemu-io', '-f', 'raw', '-c',
+                              'write -P 0x66 0 4k', plain]})
         # Another pair's valid client cert, and this pair's CA cert (no
         # secret: anyone may learn it from a handshake), so that it is
         # the server that must refuse.
+        server = os.path.join(gdir, 'tls', 'server')
         other = pair_tls.PairCredentials.generate()
         other_dir = self.creds_dir('other', [
-            (os.path.join(creds, 'server', 'ca-cert.pem'), 'ca-cert.pem')])
+            (os.path.join(server, 'ca-cert.pem'), 'ca-cert.pem')])
         with open(os.path.join(other_dir, 'client-cert.pem'), 'w') as f:
             f.write(other.client_cert)
         with open(os.path.join(other_dir, 'client-key.pem'), 'w') as f:
             f.write(other.client_key)
-        name = pair_tls.server_name(pair_tls.read_pair_key(
-            os.path.join(creds, 'server')))
-        plain = f'nbd://127.0.0.1:{nbd_port}/disk0'
+        # the pair's CA, but the secondary's own cert: not the primary's
+        # name, refused by tls-authz
+        server_as_client = self.creds_dir('server-as-client', [
+            (os.path.join(server, src), dst)
+            for src, dst in (('ca-cert.pem', 'ca-cert.pem'),
+                             ('server-cert.pem', 'client-cert.pem'),
+                             ('server-key.pem', 'client-key.pem'))])
+        name = pair_tls.server_name(pair_tls.read_pair_key(server))
 
-        def with_creds(directory, hostname=name):
+        def with_creds(directory):
             return ['--object', f'tls-creds-x509,id=t,dir={directory},'
                     f'endpoint=client', '--image-opts',
                     f'driver=nbd,host=127.0.0.1,port={nbd_port},'
-                    f'export=disk0,tls-creds=t,tls-hostname={hostname}']
-        attempts = {
-            'no TLS, read': ['qemu-io', '-f', 'raw', '-c', 'read 0 4k',
-                             plain],
-            'no TLS, write': ['qemu-io', '-f', 'raw', '-c',
-                              'write -P 0x66 0 4k', plain],
+                    f'export=disk0,tls-creds=t,tls-hostname={name}']
+        self.assert_refused({
             'another pair, write': ['qemu-io', '-c', 'write -P 0x66 0 4k',
                                     *with_creds(other_dir)],
-            # the pair's CA, but the secondary's own cert: not the
-            # primary's name, refused by tls-authz
-            'the server cert, write': [
-                'qemu-io', '-c', 'write -P 0x66 0 4k',
-                *with_creds(self.creds_dir('server-as-client', [
-                    (os.path.join(creds, 'server', src), dst)
-                    for src, dst in (('ca-cert.pem', 'ca-cert.pem'),
-                                     ('server-cert.pem', 'client-cert.pem'),
-                                     ('server-key.pem', 'client-key.pem'))]))],
-        }
-        for what, argv in attempts.items():
-            run = subprocess.run(argv, capture_output=True, text=True,
-                                 timeout=60)
-            self.assertNotEqual(0, run.returncode, what)
-            self.assertNotIn('wrote', run.stdout, what)
-            self.assertNotIn('read ', run.stdout, what)
+            'the server cert, write': ['qemu-io', '-c',
+                                       'write -P 0x66 0 4k',
+                                       *with_creds(server_as_client)]})
         # the pair's primary still replicates, and a failover works
         self.assertEqual(State.PROTECTED, self.side('ib', 'primary')['state'])
         last = self.wait_counter(gdir)
@@ -240,6 +234,14 @@ class IntruderTest(base.GuestTestCase):
                     int(m.group(1)) != self.data_port:
                 return int(m.group(1))
         self.fail(f'no NBD port of {pids} in:\n{out}')
+
+    def assert_refused(self, attempts):
+        for what, argv in attempts.items():
+            run = subprocess.run(argv, capture_output=True, text=True,
+                                 timeout=60)
+            self.assertNotEqual(0, run.returncode, what)
+            self.assertNotIn('wrote', run.stdout, what)
+            self.assertNotIn('read ', run.stdout, what)
 
     def creds_dir(self, name, copies):
         """A QEMU creds dir holding copies of (source, name) files."""
