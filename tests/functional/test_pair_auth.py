@@ -9,93 +9,21 @@ the real primary then protects the guest and fails over as ever. Then the
 replica's NBD export refuses clients without the primary's certificate.
 """
 
-import datetime
-import json
 import os
 import re
-import socket
-import ssl
 import subprocess
 import tempfile
 import threading
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello
 from mftvm_openstack.contract.states import State
-from mftvm_openstack.ft import pair_tls, transport
+from mftvm_openstack.ft import pair_tls
 from mftvm_openstack.images import workload
 from mftvm_openstack.local import demo, operations
+from tests import intruder
 from tests.functional import base
 
 #: seconds the real primary waits before it connects
 HOLD_BACK = 4.0
-
-
-def self_signed(directory):
-    """A client cert and key of nobody's pair CA, in ``directory``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                         'mftvm-primary-' + '0' * 32)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, 'client-cert.pem'), 'wb') as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(os.path.join(directory, 'client-key.pem'), 'wb') as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return directory
-
-
-def intruder_context(directory):
-    """TLS as an intruder speaks it: shows ``directory``'s client cert,
-    trusts any server."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.load_cert_chain(os.path.join(directory, 'client-cert.pem'),
-                        os.path.join(directory, 'client-key.pem'))
-    return ctx
-
-
-def hello_frame(disk_size):
-    """A well-formed HELLO, as a primary of pair 'evil' would send it."""
-    hello = Hello(version=PROTOCOL_VERSION, qemu_pid=1, host_pid=1,
-                  boot_id='x', pair_id='evil', disk_size=disk_size,
-                  domain_xml=None).to_dict()
-    payload = json.dumps(hello).encode()
-    return transport.HEADER.pack(transport.MAGIC, transport.Kind.HELLO, 0,
-                                 len(payload)) + payload
-
-
-def intrude(port, frame, ctx=None):
-    """Connect, (handshake,) send ``frame``; what came back before the
-    secondary closed the connection (b'' for nothing)."""
-    got = b''
-    with socket.create_connection(('127.0.0.1', port), timeout=10) as raw:
-        sock = raw
-        try:
-            if ctx is not None:
-                sock = ctx.wrap_socket(raw, server_hostname='x')
-            sock.sendall(frame)
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-        except (ssl.SSLError, ConnectionError, OSError):
-            pass
-    return got
 
 
 class IntruderTest(base.GuestTestCase):
@@ -137,18 +65,10 @@ class IntruderTest(base.GuestTestCase):
         spec, thread, result = self.start_pair('ia')
         self.wait_listening('ia')
         gdir = operations.guest_dir(self.state_dir, 'ia')
-        other = pair_tls.PairCredentials.generate()
         tmp = tempfile.mkdtemp(dir=self.tmp)
-        intruders = {
-            'plain TCP': None,
-            'a stranger\'s certificate': intruder_context(
-                self_signed(os.path.join(tmp, 'stranger'))),
-            'another pair\'s certificate': intruder_context(
-                pair_tls.write_client(other.client_bundle(),
-                                      os.path.join(tmp, 'other'))),
-        }
-        for who, ctx in intruders.items():
-            got = intrude(self.data_port, hello_frame(spec.disk_size), ctx)
+        for who, ctx in intruder.intruders(tmp).items():
+            got = intruder.intrude(self.data_port,
+                                   intruder.hello_frame(spec.disk_size), ctx)
             # no READY, no frame at all: closed at the handshake
             self.assertEqual(b'', got, who)
             sec = self.side('ia', 'secondary')
