@@ -67,7 +67,7 @@ from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.files import private_dir, write_json_atomic
 from mftvm_openstack.ft import pair_tls, vm
 from mftvm_openstack.instance.client import control, pid_alive, status_of
-from mftvm_openstack.instance.config import FENCE_URL_ENV, tls_dir
+from mftvm_openstack.instance.config import FENCE_URL_ENV, new_tls_dir
 from mftvm_openstack.waiting import wait_until
 
 LOG = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Instance:
         """Keep the primary's half of its pair's credentials (from the
         secondary's prepare_secondary reply) where it reads them."""
         if creds is not None:
-            pair_tls.write_client(creds, tls_dir(self.dir, Role.PRIMARY))
+            pair_tls.write_client(creds, new_tls_dir(self.dir, Role.PRIMARY))
 
     @property
     def record(self) -> dict[str, Any]:
@@ -314,7 +314,7 @@ class AgentManager:
         with self._lock:
             inst = self.new_instance_dir(instance, spec, opts)
             if creds is not None:
-                creds.write_server(tls_dir(inst.dir, Role.SECONDARY))
+                creds.write_server(new_tls_dir(inst.dir, Role.SECONDARY))
             inst.save_record(peer=primary_host, created=time.time())
             inst.spawn(Role.SECONDARY, self.instance_secrets())
         listening: list[str] = []

@@ -19,6 +19,7 @@ import os
 import socket
 from typing import Any
 
+from mftvm_openstack.files import private_dir
 from mftvm_openstack.ft import vm
 
 #: the environment variable that holds the fencing backend's URL, with
@@ -57,6 +58,15 @@ def tls_dir(guest_dir: str, role: str) -> str:
     CLI; never sent on the data stream."""
     return os.path.join(guest_dir, 'tls',
                         'server' if role == 'secondary' else 'client')
+
+
+def new_tls_dir(guest_dir: str, role: str) -> str:
+    """:func:`tls_dir`, its parent made 0700 (the creds writer makes the
+    directory itself 0700; a parent made on the way would take the
+    umask)."""
+    path = tls_dir(guest_dir, role)
+    private_dir(os.path.dirname(path))
+    return path
 
 
 def load_guest(guest_dir: str) -> tuple[vm.GuestSpec, dict[str, Any]]:

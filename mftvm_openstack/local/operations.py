@@ -37,7 +37,7 @@ from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.files import private_dir, write_json_atomic
 from mftvm_openstack.ft import pair_tls, trackers, vm
 from mftvm_openstack.instance.client import control, pid_alive, status_of
-from mftvm_openstack.instance.config import tls_dir
+from mftvm_openstack.instance.config import new_tls_dir
 from mftvm_openstack.waiting import wait_until
 
 ROLES = (Role.PRIMARY, Role.SECONDARY)
@@ -219,9 +219,9 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
         # Both sides run here: each gets its half in the guest's own
         # 0700 directory, never over the stream the creds protect.
         creds = pair_tls.PairCredentials.generate()
-        creds.write_server(tls_dir(gdir, Role.SECONDARY))
+        creds.write_server(new_tls_dir(gdir, Role.SECONDARY))
         pair_tls.write_client(creds.client_bundle(),
-                              tls_dir(gdir, Role.PRIMARY))
+                              new_tls_dir(gdir, Role.PRIMARY))
     procs = [_spawn_host(Role.SECONDARY, gdir),
              _spawn_host(Role.PRIMARY, gdir)]
 

@@ -253,6 +253,8 @@ class PairCredentialsTest(unittest.TestCase):
     takes the primary's half to the primary's agent."""
 
     def setUp(self):
+        # the agent's usual umask: what it makes on the way is 0755
+        self.addCleanup(os.umask, os.umask(0o022))
         self.m = manager_on(self, my_ip='127.0.0.1')
         self.spec = vm.GuestSpec(name='vm0', kernel='/k', initrd='/i',
                                  disk='/d')
@@ -284,7 +286,9 @@ class PairCredentialsTest(unittest.TestCase):
         creds = reply.credentials
         self.assertIsNotNone(creds)
         server = os.path.join(self.tmp, 'instances', 'vm0', 'tls', 'server')
-        self.assertEqual(0o700, os.stat(server).st_mode & 0o777)
+        # the dir and its parent (made on the way, whatever the umask)
+        for d in (server, os.path.dirname(server)):
+            self.assertEqual(0o700, os.stat(d).st_mode & 0o777, d)
         for name in ('ca-cert.pem', 'server-cert.pem', 'server-key.pem'):
             self.assertEqual(0o600, os.stat(os.path.join(
                 server, name)).st_mode & 0o777)
@@ -332,6 +336,8 @@ class PairCredentialsTest(unittest.TestCase):
             self.assertEqual(creds.client_key, f.read())
         self.assertEqual(0o600, os.stat(os.path.join(
             client, 'client-key.pem')).st_mode & 0o777)
+        for d in (client, os.path.dirname(client)):
+            self.assertEqual(0o700, os.stat(d).st_mode & 0o777, d)
         self.assertEqual(creds.pair_key, pair_tls.read_pair_key(client))
 
     def test_a_peer_without_tls_is_passed_over(self):
