@@ -56,6 +56,7 @@ from mftvm_openstack.contract.control import (
 )
 from mftvm_openstack.contract.record import ContractError
 from mftvm_openstack.contract.spec import (
+    ClientCredentials,
     FailoverResult,
     GuestSpec,
     PreparedSecondary,
@@ -64,9 +65,9 @@ from mftvm_openstack.contract.spec import (
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.files import private_dir, write_json_atomic
-from mftvm_openstack.ft import vm
+from mftvm_openstack.ft import pair_tls, vm
 from mftvm_openstack.instance.client import control, pid_alive, status_of
-from mftvm_openstack.instance.config import FENCE_URL_ENV
+from mftvm_openstack.instance.config import FENCE_URL_ENV, new_tls_dir
 from mftvm_openstack.waiting import wait_until
 
 LOG = logging.getLogger(__name__)
@@ -123,6 +124,13 @@ class Instance:
     def __init__(self, root: str, name: str) -> None:
         self.name = name
         self.dir = os.path.join(root, name)
+
+    def keep_credentials(self,
+                         creds: Optional[ClientCredentials]) -> None:
+        """Keep the primary's half of its pair's credentials (from the
+        secondary's prepare_secondary reply) where it reads them."""
+        if creds is not None:
+            pair_tls.write_client(creds, new_tls_dir(self.dir, Role.PRIMARY))
 
     @property
     def record(self) -> dict[str, Any]:
@@ -256,6 +264,7 @@ class AgentManager:
             'member': self.host,
             'ram_tag': f'{self.host}',
             'libvirt_uri': c.agent.libvirt_uri,
+            'tls': c.replication.tls,
         }
 
     def instance_secrets(self) -> dict[str, str]:
@@ -297,8 +306,15 @@ class AgentManager:
         opts = self.host_options(options, instance)
         my_ip = self.conf.agent.my_ip
         opts.update(listen=f'tcp:{my_ip}:0', nbd_host=my_ip)
+        creds = None
+        if opts['tls']:
+            # This pair's own CA: only the primary that gets the client
+            # half (in this RPC's reply) can feed or read this replica.
+            creds = pair_tls.PairCredentials.generate()
         with self._lock:
             inst = self.new_instance_dir(instance, spec, opts)
+            if creds is not None:
+                creds.write_server(new_tls_dir(inst.dir, Role.SECONDARY))
             inst.save_record(peer=primary_host, created=time.time())
             inst.spawn(Role.SECONDARY, self.instance_secrets())
         listening: list[str] = []
@@ -312,8 +328,10 @@ class AgentManager:
         if wait_until(ready, timeout=30) and listening:
             LOG.info('%s: secondary for %s ready at %s', instance,
                      primary_host, listening[0])
-            return PreparedSecondary(host=self.host,
-                                     data_address=listening[0]).to_dict()
+            return PreparedSecondary(
+                host=self.host, data_address=listening[0],
+                credentials=None if creds is None
+                else creds.client_bundle()).to_dict()
         self._discard(inst)
         raise exception.Conflict(instance=instance,
                                  reason='the secondary process did not '
@@ -333,12 +351,12 @@ class AgentManager:
             return self._wait_protected(inst)
         opts = self.host_options(options, instance)
         pair_id = uuid.uuid4().hex[:12]
-        target, address = self._prepare_peer(instance, spec, opts,
-                                             prefer=secondary_host,
-                                             last=())
+        target, address, creds = self._prepare_peer(
+            instance, spec, opts, prefer=secondary_host, last=())
         opts.update(secondary=address, pair_id=pair_id)
         with self._lock:
             inst = self.new_instance_dir(instance, spec, opts)
+            inst.keep_credentials(creds)
             inst.save_record(peer=target, pair_id=pair_id,
                              created=time.time(), auto_reprotect=True)
             inst.spawn(Role.PRIMARY, self.instance_secrets())
@@ -380,12 +398,17 @@ class AgentManager:
 
     def _prepare_peer(self, instance: str, spec: GuestSpec,
                       options: dict[str, Any], prefer: Optional[str],
-                      last: tuple[str, ...]) -> tuple[str, str]:
-        """Ask the first willing peer for a secondary: (host, address).
+                      last: tuple[str, ...]) \
+            -> tuple[str, str, Optional[ClientCredentials]]:
+        """Ask the first willing peer for a secondary: (host, address,
+        the primary's pair credentials).
 
         ``options`` are this side's guest.json options; the secondary
-        needs only those that shape the data it receives.
+        needs only those that shape the data it receives. A peer whose
+        ``[replication] tls`` differs from this side's is passed over:
+        neither side downgrades the other.
         """
+        want_tls = bool(options.get('tls', True))
         request = ProtectionOptions(epoch_ms=options['epoch_ms'],
                                     disk_sync=options['disk_sync'],
                                     tracker=options['tracker'])
@@ -396,7 +419,14 @@ class AgentManager:
                     {}, host, instance, spec, request, self.host)
                 ready = PreparedSecondary.from_dict(reply,
                                                     'prepare_secondary')
-                return host, ready.data_address
+                if (ready.credentials is not None) != want_tls:
+                    self._tell(host, 'stop_instance', instance)
+                    raise exception.Conflict(
+                        instance=instance, reason=(
+                            f'its [replication] tls is '
+                            f'{"off" if want_tls else "on"}, here '
+                            f'{"on" if want_tls else "off"}'))
+                return host, ready.data_address, ready.credentials
             except Exception as exc:
                 LOG.warning('%s: host %s cannot be the secondary: %s',
                             instance, host, exc)
@@ -417,9 +447,11 @@ class AgentManager:
         # The host we lost is asked last: it is likely still down (but
         # it may be the only one left).
         last = (str(record.get('peer', '')),) if not prefer else ()
-        target, address = self._prepare_peer(instance, spec, options,
-                                             prefer=prefer, last=last)
+        target, address, creds = self._prepare_peer(
+            instance, spec, options, prefer=prefer, last=last)
         pair_id = uuid.uuid4().hex[:12]
+        # before the primary connects: it reads them then
+        inst.keep_credentials(creds)
         reply = inst.control(ControlOp.PROTECT, secondary=address,
                              pair_id=pair_id)
         if not reply.ok:

@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                            f'(default {defaults.disk_sync})')
     prot.add_argument('--nic', default=None,
                       help='user,hostfwd=tcp:127.0.0.1:PORT-:GUESTPORT')
+    prot.add_argument('--no-tls', dest='tls', action='store_false',
+                      help='data stream and disk replica without TLS: '
+                           'anyone who can reach the pair\'s sockets '
+                           'could pose as its primary or read and write '
+                           'the replica (here they are unix sockets in '
+                           'the 0700 state dir)')
     prot.add_argument('--foreground', action='store_true',
                       help='stay attached; Ctrl-C stops the guest')
 
@@ -281,7 +287,8 @@ def cmd_protect(args: argparse.Namespace, state_dir: str) -> int:
     opts = operations.ProtectOptions(epoch_ms=args.epoch_ms,
                                   idle_epoch_ms=args.idle_epoch_ms,
                                   tracker=args.tracker,
-                                  disk_sync=args.disk_sync)
+                                  disk_sync=args.disk_sync,
+                                  tls=args.tls)
     gdir = operations.protect(spec, opts, state_dir)
     print(f'{args.name} is protected (state in {gdir})')
     if not args.foreground:

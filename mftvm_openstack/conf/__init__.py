@@ -167,10 +167,29 @@ ft_opts = [
              'that agents do not re-protect outside Placement first.'),
 ]
 
-GROUPS = {
+replication_opts: list[cfg.Opt] = [
+    cfg.BoolOpt(
+        'tls', default=True,
+        help='Mutual TLS 1.3 on the checkpoint stream and on the disk '
+             'replica (NBD), with credentials made for each pair when its '
+             'secondary is prepared and handed to the primary in the '
+             'agent\'s RPC reply. Turning it off gives up all of it: '
+             'anyone who reaches a secondary\'s data port first becomes '
+             'its primary (and can have it start a guest of their '
+             'choosing, or fail it over), anyone who reaches its NBD '
+             'port can read and write the tenant\'s disk replica, and '
+             'guest RAM and disk travel in clear. Turn it off only on a '
+             'dedicated replication network that no one else can reach, '
+             'and only if its cost per epoch matters (see '
+             'benchmarks/tls_cost.py). A peer whose setting differs is '
+             'not taken as a secondary: neither side downgrades.'),
+]
+
+GROUPS: dict[str, list[cfg.Opt]] = {
     'agent': agent_opts,
     'fencing': fencing_opts,
     'ft': ft_opts,
+    'replication': replication_opts,
 }
 
 

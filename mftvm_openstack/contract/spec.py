@@ -148,14 +148,36 @@ class ProtectionOptions(Record):
                                          nullable=False)
 
 
+#: a pair's id in its certificates' names (hex)
+PAIR_KEY_PATTERN = r'[0-9a-f]{16,64}'
+#: one PEM certificate or key
+PEM_PATTERN = (r'-----BEGIN [A-Z ]+-----\n[A-Za-z0-9+/=\n]{1,16000}'
+               r'-----END [A-Z ]+-----\n')
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientCredentials(Record):
+    """The primary's half of a pair's credentials
+    (:mod:`mftvm_openstack.ft.pair_tls`): the pair CA's certificate, and
+    the primary's own certificate and key, PEM."""
+
+    pair_key: str = field(pattern=PAIR_KEY_PATTERN)
+    ca_cert: str = field(pattern=PEM_PATTERN)
+    cert: str = field(pattern=PEM_PATTERN)
+    key: str = field(pattern=PEM_PATTERN)
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedSecondary(Record):
-    """What ``prepare_secondary`` answers: the secondary listens."""
+    """What ``prepare_secondary`` answers: the secondary listens, and
+    (unless its host turned TLS off) admits only the holder of
+    ``credentials``, which reach the primary in this reply alone."""
 
     host: str = field(pattern=HOST_PATTERN)
     #: where the primary sends its data stream: ``tcp:HOST:PORT``
     data_address: str = field(
         pattern=r'tcp:[A-Za-z0-9_.:\[\]-]{1,255}:[0-9]{1,5}')
+    credentials: Optional[ClientCredentials] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,6 +107,18 @@ REPLICA_CACHE = {'no-flush': True}
 
 
 @dataclasses.dataclass(frozen=True)
+class NbdServerTls:
+    """TLS for the store's NBD server: QEMU reads the x509 credentials in
+    ``creds_dir`` (``ca-cert.pem``, ``server-cert.pem``,
+    ``server-key.pem``), requires a client certificate of that CA, and
+    lets only the client whose distinguished name is ``client_dn``
+    (e.g. ``CN=mftvm-primary-...``) use the export."""
+
+    creds_dir: str
+    client_dn: str
+
+
+@dataclasses.dataclass(frozen=True)
 class NbdTarget:
     """Where the secondary serves the replica: a unix socket or host:port."""
 
@@ -114,6 +126,11 @@ class NbdTarget:
     host: Optional[str] = None
     port: Optional[int] = None
     export: str = EXPORT_NAME
+    #: a client reaches it over TLS: the id of the ``tls-creds-x509``
+    #: object (endpoint=client) in the client's QEMU, and the name the
+    #: server's certificate must carry
+    tls_creds: Optional[str] = None
+    tls_hostname: Optional[str] = None
 
     def __post_init__(self) -> None:
         if (self.socket is None) == (self.host is None or self.port is None):
@@ -124,6 +141,15 @@ class NbdTarget:
         if self.socket is not None:
             return {'type': 'unix', 'path': self.socket}
         return {'type': 'inet', 'host': self.host, 'port': str(self.port)}
+
+    def qmp_tls(self) -> dict[str, Any]:
+        """The TLS arguments of an nbd blockdev-add (none without TLS)."""
+        if self.tls_creds is None:
+            return {}
+        args = {'tls-creds': self.tls_creds}
+        if self.tls_hostname is not None:
+            args['tls-hostname'] = self.tls_hostname
+        return args
 
     def uri(self) -> str:
         """The export as an NBD URI (for qemu-img / qemu-io)."""
@@ -304,7 +330,8 @@ class EpochOverlayStore:
     command (``blockdev-snapshot``, 2–5 ms here): the overlays come from a
     pool of qcow2 images created and opened ahead (nodes ``ov-poolN``)
     that a background task keeps filled.
-    ``listen=(host, port)`` serves NBD over TCP instead of a unix socket.
+    ``listen=(host, port)`` serves NBD over TCP instead of a unix socket;
+    ``tls`` (:class:`NbdServerTls`) admits only the pair's primary.
     """
 
     TOP = 'top'        # the pass-through filter the export sits on
@@ -313,11 +340,13 @@ class EpochOverlayStore:
 
     def __init__(self, workdir: str, size: int, *,
                  listen: Optional[tuple[str, int]] = None,
+                 tls: Optional[NbdServerTls] = None,
                  pool_size: int = 4, merge_at: int = 2,
                  reuse: bool = False) -> None:
         self.workdir = workdir
         self.size = size
         self.listen = listen
+        self.tls = tls
         self.pool_size = pool_size
         self.merge_at = max(1, merge_at)
         self.reuse = reuse
@@ -392,7 +421,19 @@ class EpochOverlayStore:
             host, port = self.listen
             addr = {'type': 'inet', 'data': {'host': host, 'port': str(port)}}
             target = NbdTarget(host=host, port=port)
-        await monitor.execute('nbd-server-start', addr=addr)
+        secure: dict[str, Any] = {}
+        if self.tls is not None:
+            await monitor.execute('object-add', **{
+                'qom-type': 'tls-creds-x509', 'id': 'tls0',
+                'dir': self.tls.creds_dir, 'endpoint': 'server',
+                'verify-peer': True})
+            # Any certificate of the pair's CA passes the handshake;
+            # only the primary's may open the export.
+            await monitor.execute('object-add', **{
+                'qom-type': 'authz-simple', 'id': 'authz0',
+                'identity': self.tls.client_dn})
+            secure = {'tls-creds': 'tls0', 'tls-authz': 'authz0'}
+        await monitor.execute('nbd-server-start', addr=addr, **secure)
         await monitor.execute('block-export-add', type='nbd',
                               id=self.EXPORT_ID, writable=True,
                               name=target.export,
@@ -694,7 +735,7 @@ class DiskSync(abc.ABC):
             'server': target.qmp_server(), 'export': target.export,
             # A dead peer fails requests at once instead of stalling the
             # guest while QEMU tries to reconnect.
-            'reconnect-delay': 0})
+            'reconnect-delay': 0, **target.qmp_tls()})
 
     async def _end_job(self, job: str) -> None:
         info = await job_info(self.monitor, job)

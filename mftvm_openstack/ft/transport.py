@@ -14,6 +14,16 @@ All integers are big-endian. Example::
 
 A CHECKPOINT payload is: device-state length (u64), page count (u64),
 device state, page numbers (u32 little-endian), pages (4 KiB each).
+
+With an :class:`ssl.SSLContext` on both ends the stream is mutual TLS
+(see :mod:`mftvm_openstack.ft.pair_tls` for a pair's contexts): the
+server completes the handshake and checks the peer before its
+``on_connect`` ever sees the connection, so whoever fails either is
+closed and logged, and counts for nothing::
+
+    server = await serve(addr, on_connect, tls=ServerTls(
+        context, check_peer=lambda cert: None if ok(cert) else 'why'))
+    chan = await Channel.connect(addr, tls=ClientTls(ctx, 'peer-name'))
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ import asyncio
 import dataclasses
 import enum
 import json
+import logging
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, Optional
@@ -30,7 +42,12 @@ import numpy as np
 
 from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
 
+LOG = logging.getLogger(__name__)
+
 MAGIC = b'MFTV'
+#: how long a TLS handshake may take before the connection is dropped
+#: (a peer that connects and says nothing must not linger)
+HANDSHAKE_TIMEOUT = 10.0
 HEADER = struct.Struct('!4sB3xQQ')
 #: A checkpoint can carry all of a large guest's RAM; refuse anything
 #: bigger than this as a corrupt or hostile frame.
@@ -55,6 +72,10 @@ class Kind(enum.IntEnum):
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame."""
+
+
+class AuthenticationError(Exception):
+    """The peer is not who the pair's credentials say it must be."""
 
 
 @dataclasses.dataclass
@@ -126,6 +147,25 @@ def _flat(buffer: Any) -> memoryview:
     return view.cast('B') if view.nbytes else memoryview(b'')
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientTls:
+    """TLS for :meth:`Channel.connect`: the context and the name the
+    server's certificate must carry."""
+
+    context: ssl.SSLContext
+    server_name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerTls:
+    """TLS for :func:`serve`: the context (which requires a client
+    certificate) and ``check_peer(peercert)``, the reason to refuse a
+    verified certificate all the same, or None to accept it."""
+
+    context: ssl.SSLContext
+    check_peer: Callable[[dict[str, Any]], Optional[str]]
+
+
 class Channel:
     """A framed, ordered stream; one writer and one reader at a time."""
 
@@ -138,15 +178,23 @@ class Channel:
         self._header: Optional[bytes] = None
 
     @classmethod
-    async def connect(cls, addr: DataAddress,
-                      timeout: float = 10.0) -> Channel:
+    async def connect(cls, addr: DataAddress, timeout: float = 10.0,
+                      tls: Optional[ClientTls] = None) -> Channel:
+        kwargs: dict[str, Any] = {'limit': 1 << 20}
+        if tls is not None:
+            kwargs.update(ssl=tls.context, server_hostname=tls.server_name,
+                          ssl_handshake_timeout=timeout)
         if addr.path is not None:
-            coro = asyncio.open_unix_connection(addr.path, limit=1 << 20)
+            coro = asyncio.open_unix_connection(addr.path, **kwargs)
         else:
-            coro = asyncio.open_connection(addr.host, addr.port,
-                                           limit=1 << 20)
+            coro = asyncio.open_connection(addr.host, addr.port, **kwargs)
         try:
             reader, writer = await asyncio.wait_for(coro, timeout)
+        except ssl.SSLError as exc:
+            # not a reachability problem: retrying will not help
+            raise AuthenticationError(
+                f'the secondary at {addr} failed authentication: '
+                f'{exc.reason or exc}') from None
         except (TimeoutError, OSError) as exc:
             raise ConnectionError(
                 f'cannot reach the secondary at {addr}: '
@@ -209,12 +257,48 @@ class Channel:
             pass
 
 
+async def _authenticate(writer: asyncio.StreamWriter,
+                        tls: ServerTls) -> Optional[str]:
+    """Why the peer of ``writer`` is refused (None: it is accepted)."""
+    try:
+        await writer.start_tls(tls.context,
+                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+    except ssl.SSLError as exc:
+        return f'TLS handshake failed: {exc.reason or exc}'
+    except TimeoutError:
+        return 'TLS handshake timed out'
+    except (ConnectionError, OSError) as exc:
+        return f'TLS handshake broke off: {str(exc) or type(exc).__name__}'
+    cert = writer.get_extra_info('peercert')
+    if not cert:
+        return 'no client certificate'
+    return tls.check_peer(cert)
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info('peername')
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f'{peer[0]}:{peer[1]}'
+    return str(peer or 'a local peer')
+
+
 async def serve(addr: DataAddress,
-                on_connect: Callable[[Channel], Awaitable[None]]) \
-        -> asyncio.AbstractServer:
-    """Listen on ``addr``; ``on_connect(channel)`` runs per connection."""
+                on_connect: Callable[[Channel], Awaitable[None]],
+                tls: Optional[ServerTls] = None) -> asyncio.AbstractServer:
+    """Listen on ``addr``; ``on_connect(channel)`` runs per connection.
+
+    With ``tls``, only for a peer that completed the handshake and
+    passed ``tls.check_peer``; any other is closed with one WARNING."""
     async def handle(reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
+        if tls is not None:
+            peer = _peer(writer)
+            why = await _authenticate(writer, tls)
+            if why is not None:
+                LOG.warning('refused a data connection from %s: %s',
+                            peer, why)
+                writer.close()
+                return
         await on_connect(Channel(reader, writer))
 
     if addr.path is not None:

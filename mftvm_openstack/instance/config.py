@@ -19,6 +19,7 @@ import os
 import socket
 from typing import Any
 
+from mftvm_openstack.files import private_dir
 from mftvm_openstack.ft import vm
 
 #: the environment variable that holds the fencing backend's URL, with
@@ -44,7 +45,28 @@ HOST_DEFAULTS: dict[str, Any] = {
     'replica_timeout': 3.0,  # disk replica silent this long is cut off
     'libvirt_uri': 'qemu:///system',   # for a guest run by libvirt
     'domain_name': None,     # secondary: its restored domain's name
+    'tls': True,             # mutual TLS on the data stream and NBD,
+                             # with the creds in tls_dir(); off only on
+                             # a dedicated, trusted replication network
 }
+
+
+def tls_dir(guest_dir: str, role: str) -> str:
+    """Where a side's pair credentials are (see ft.pair_tls): the
+    secondary's server creds, the primary's client creds. Written before
+    the side needs them, by the agent (from prepare_secondary) or by the
+    CLI; never sent on the data stream."""
+    return os.path.join(guest_dir, 'tls',
+                        'server' if role == 'secondary' else 'client')
+
+
+def new_tls_dir(guest_dir: str, role: str) -> str:
+    """:func:`tls_dir`, its parent made 0700 (the creds writer makes the
+    directory itself 0700; a parent made on the way would take the
+    umask)."""
+    path = tls_dir(guest_dir, role)
+    private_dir(os.path.dirname(path))
+    return path
 
 
 def load_guest(guest_dir: str) -> tuple[vm.GuestSpec, dict[str, Any]]:

@@ -15,6 +15,9 @@ buffer, and the fence that marks a dropped replica stale::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -28,13 +31,15 @@ from mftvm_openstack.ft import (
     epoch,
     libvirt_domain,
     pair,
+    pair_tls,
     trackers,
     transport,
     vm,
 )
+from mftvm_openstack.ft.monitor import MonitorError
 from mftvm_openstack.ft.network import OutputBuffer
 from mftvm_openstack.ft.relay import NbdRelay
-from mftvm_openstack.instance.config import boot_id
+from mftvm_openstack.instance.config import boot_id, tls_dir
 from mftvm_openstack.instance.guest import RunningGuest
 
 LOG = logging.getLogger(__name__)
@@ -63,6 +68,16 @@ class GuestProtector:
         #: CLOCK_MONOTONIC start and end of the last initial disk sync
         #: (system-wide: tests compare it with their own stamps)
         self.sync_window: tuple[float, ...] = ()
+        # names the guest QEMU's TLS creds object of each protection
+        self._creds_ids = itertools.count(1)
+
+    @property
+    def tls_dir(self) -> Optional[str]:
+        """The primary's pair credentials, rewritten for each new
+        secondary; None: TLS is switched off."""
+        if not self.options['tls']:
+            return None
+        return tls_dir(os.path.dirname(self.paths.root), 'primary')
 
     def guest(self) -> RunningGuest:
         guest = self._guest()
@@ -72,10 +87,16 @@ class GuestProtector:
 
     async def connect(self, address: str) -> pair.Channel:
         addr = transport.DataAddress.parse(address)
+        tls = None
+        directory = self.tls_dir
+        if directory is not None:
+            tls = transport.ClientTls(
+                pair_tls.client_context(directory),
+                pair_tls.server_name(pair_tls.read_pair_key(directory)))
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while True:
             try:
-                return await transport.Channel.connect(addr)
+                return await transport.Channel.connect(addr, tls=tls)
             except ConnectionError:
                 if time.monotonic() > deadline:
                     raise
@@ -106,8 +127,21 @@ class GuestProtector:
                          os.path.join(self.paths.root, 'nbd-relay.sock'),
                          stall_timeout=float(opts['replica_timeout']),
                          on_cut=lost)
+        creds: Optional[str] = None
         try:
             target = await relay.start()
+            directory = self.tls_dir
+            if directory is not None:
+                # In-band NBD TLS: the relay passes it through unread.
+                creds = f'mftvm-pair-tls{next(self._creds_ids)}'
+                await guest.monitor.execute('object-add', **{
+                    'qom-type': 'tls-creds-x509', 'id': creds,
+                    'dir': directory, 'endpoint': 'client',
+                    'verify-peer': True})
+                target = dataclasses.replace(
+                    target, tls_creds=creds,
+                    tls_hostname=pair_tls.server_name(
+                        pair_tls.read_pair_key(directory)))
             sync = ft_disk.load_disk_sync(opts['disk_sync'], guest.monitor,
                                           guest.disk_node)
             started = time.monotonic()
@@ -124,9 +158,25 @@ class GuestProtector:
             await output.attach(guest.monitor)
         except BaseException:
             await relay.close()
+            await self._drop_creds(creds)
             raise
         sync.on_failure = lost
-        return pair.Link(capturer, sync, output, relay.close)
+
+        async def close() -> None:
+            await relay.close()
+            await self._drop_creds(creds)
+        return pair.Link(capturer, sync, output, close)
+
+    async def _drop_creds(self, creds: Optional[str]) -> None:
+        # Once the replica node is gone nothing uses them; a guest that
+        # is gone has none to drop.
+        if creds is None:
+            return
+        guest = self._guest()
+        if guest is not None:
+            with contextlib.suppress(MonitorError, ConnectionError,
+                                     OSError):
+                await guest.monitor.execute('object-del', id=creds)
 
     async def invalidate_replica(self, pair_id: str) -> None:
         # Until this lands, held output stays held: a primary cut off

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -27,8 +26,14 @@ from mftvm_openstack.contract.hello import Hello, NbdTargetInfo
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import Takeover
 from mftvm_openstack.ft import disk as ft_disk
-from mftvm_openstack.ft import epoch, libvirt_domain, pair, transport
-from mftvm_openstack.instance.config import boot_id, free_port
+from mftvm_openstack.ft import (
+    epoch,
+    libvirt_domain,
+    pair,
+    pair_tls,
+    transport,
+)
+from mftvm_openstack.instance.config import boot_id, free_port, tls_dir
 from mftvm_openstack.instance.guest import RunningGuest
 from mftvm_openstack.instance.side import Side
 from mftvm_openstack.waiting import async_wait_until
@@ -103,7 +108,8 @@ class SecondarySide(Side):
 
         async def on_connect(channel: transport.Channel) -> None:
             machine.post(pair.Connected(channel))
-        server = await transport.serve(addr, on_connect)
+        server = await transport.serve(addr, on_connect,
+                                       tls=self.data_tls())
         self.listen = str(addr)
         machine.post(pair.Listening())
         try:
@@ -142,6 +148,30 @@ class SecondarySide(Side):
             os.unlink(self.ram)
         return 0
 
+    @property
+    def tls_dir(self) -> Optional[str]:
+        """This side's pair credentials; None: TLS is switched off."""
+        if not self.options['tls']:
+            return None
+        return tls_dir(self.guest_dir, self.role.value)
+
+    def data_tls(self) -> Optional[transport.ServerTls]:
+        """Mutual TLS for the data stream: only the pair's primary (its
+        certificate, of the pair's CA, in the primary's name) gets
+        through to the machine; anyone else is dropped and logged."""
+        directory = self.tls_dir
+        if directory is None:
+            return None
+        key = pair_tls.read_pair_key(directory)
+
+        def check(cert: dict[str, object]) -> Optional[str]:
+            if pair_tls.peer_is_client(cert, key):
+                return None
+            return (f'certificate {pair_tls.peer_common_name(cert)!r} '
+                    f'is not this pair\'s primary')
+        return transport.ServerTls(pair_tls.server_context(directory),
+                                   check)
+
     async def prepare(self, hello: Hello) -> pair.Prepared:
         """The replica and the disk store for the primary that said
         ``hello``."""
@@ -152,14 +182,19 @@ class SecondarySide(Side):
         replica = epoch.ReplicaImage(self.ram, self.spec.memory_bytes,
                                      self.paths.root)
         nbd_host = self.options['nbd_host']
+        directory = self.tls_dir
+        tls = None if directory is None else ft_disk.NbdServerTls(
+            directory, pair_tls.client_dn(pair_tls.read_pair_key(directory)))
         store = ft_disk.EpochOverlayStore(
             os.path.join(self.paths.root, 'disk'),
             hello.disk_size or self.spec.disk_size,
-            listen=(nbd_host, free_port(nbd_host)) if nbd_host else None)
+            listen=(nbd_host, free_port(nbd_host)) if nbd_host else None,
+            tls=tls)
         target = await store.start()
         self.replica, self.store = replica, store
-        return pair.Prepared(replica, store, NbdTargetInfo.from_dict(
-            dataclasses.asdict(target)))
+        return pair.Prepared(replica, store, NbdTargetInfo(
+            socket=target.socket, host=target.host, port=target.port,
+            export=target.export))
 
     async def activate(self, committed: int) -> None:
         """Fence, then restore the guest from epoch ``committed``."""

@@ -35,8 +35,9 @@ from mftvm_openstack.contract.spec import NAME_PATTERN, ProtectionOptions
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.files import private_dir, write_json_atomic
-from mftvm_openstack.ft import trackers, vm
+from mftvm_openstack.ft import pair_tls, trackers, vm
 from mftvm_openstack.instance.client import control, pid_alive, status_of
+from mftvm_openstack.instance.config import new_tls_dir
 from mftvm_openstack.waiting import wait_until
 
 ROLES = (Role.PRIMARY, Role.SECONDARY)
@@ -60,6 +61,9 @@ class ProtectOptions:
     #: initial sync then copies a live guest's disk)
     start_delay: float = 0.0
     protect_timeout: float = 180.0
+    #: mutual TLS between the two sides, with credentials made for this
+    #: pair (see ft.pair_tls)
+    tls: bool = True
 
 
 def default_state_dir() -> str:
@@ -211,6 +215,13 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
                       {'spec': spec.to_json(),
                        'options': {**dataclasses.asdict(opts),
                                    **(host_options or {})}})
+    if opts.tls:
+        # Both sides run here: each gets its half in the guest's own
+        # 0700 directory, never over the stream the creds protect.
+        creds = pair_tls.PairCredentials.generate()
+        creds.write_server(new_tls_dir(gdir, Role.SECONDARY))
+        pair_tls.write_client(creds.client_bundle(),
+                              new_tls_dir(gdir, Role.PRIMARY))
     procs = [_spawn_host(Role.SECONDARY, gdir),
              _spawn_host(Role.PRIMARY, gdir)]
 

@@ -12,16 +12,21 @@ import socket
 import tempfile
 import threading
 import unittest
+from unittest import mock
 
 from oslo_config import cfg
 
 from mftvm_openstack import conf
 from mftvm_openstack.agent import exception, manager
 from mftvm_openstack.cmd import mftvm
-from mftvm_openstack.contract.spec import FailoverResult, ProtectionOptions
+from mftvm_openstack.contract.spec import (
+    FailoverResult,
+    PreparedSecondary,
+    ProtectionOptions,
+)
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
-from mftvm_openstack.ft import vm
+from mftvm_openstack.ft import pair_tls, vm
 
 
 def manager_on(test, **agent_options):
@@ -241,3 +246,104 @@ class StatusTest(unittest.TestCase):
         with self.assertRaises(exception.Conflict) as ctx:
             self.m.failover('vm0')
         self.assertIn('not protected', str(ctx.exception))
+
+
+class PairCredentialsTest(unittest.TestCase):
+    """prepare_secondary makes the pair's credentials; the reply alone
+    takes the primary's half to the primary's agent."""
+
+    def setUp(self):
+        # the agent's usual umask: what it makes on the way is 0755
+        self.addCleanup(os.umask, os.umask(0o022))
+        self.m = manager_on(self, my_ip='127.0.0.1')
+        self.spec = vm.GuestSpec(name='vm0', kernel='/k', initrd='/i',
+                                 disk='/d')
+        spawn = mock.patch.object(manager.Instance, 'spawn', autospec=True,
+                                  side_effect=self.fake_spawn)
+        spawn.start()
+        self.addCleanup(spawn.stop)
+
+    def fake_spawn(self, inst, role, secrets=None):
+        # an instance process that at once says it listens (secondary)
+        # or is protected (primary)
+        status = {'role': str(role), 'host_pid': os.getpid(),
+                  'state': 'standby' if role == Role.SECONDARY
+                  else 'protected', 'last_committed_epoch': 1,
+                  'listen': 'tcp:127.0.0.1:4711'}
+        with open(os.path.join(inst.dir, 'record.json')) as f:
+            record = json.load(f)
+        with open(os.path.join(inst.dir, 'record.json'), 'w') as f:
+            json.dump(dict(record, role=str(role), pid=os.getpid()), f)
+        os.makedirs(os.path.join(inst.dir, str(role)), exist_ok=True)
+        with open(os.path.join(inst.dir, str(role), 'status.json'),
+                  'w') as f:
+            json.dump(status, f)
+        return os.getpid()
+
+    def test_the_secondary_keeps_its_half_and_answers_the_primarys(self):
+        reply = PreparedSecondary.from_dict(self.m.prepare_secondary(
+            'vm0', self.spec, ProtectionOptions(), 'hv0'))
+        creds = reply.credentials
+        self.assertIsNotNone(creds)
+        server = os.path.join(self.tmp, 'instances', 'vm0', 'tls', 'server')
+        # the dir and its parent (made on the way, whatever the umask)
+        for d in (server, os.path.dirname(server)):
+            self.assertEqual(0o700, os.stat(d).st_mode & 0o777, d)
+        for name in ('ca-cert.pem', 'server-cert.pem', 'server-key.pem'):
+            self.assertEqual(0o600, os.stat(os.path.join(
+                server, name)).st_mode & 0o777)
+        with open(os.path.join(server, 'ca-cert.pem')) as f:
+            self.assertEqual(creds.ca_cert, f.read())
+        with open(os.path.join(server, 'server-key.pem')) as f:
+            self.assertNotIn(f.read(), json.dumps(reply.to_dict()))
+        with open(os.path.join(self.tmp, 'instances', 'vm0',
+                               'guest.json')) as f:
+            guest = json.load(f)
+        self.assertTrue(guest['options']['tls'])
+        self.assertNotIn('PRIVATE KEY', json.dumps(guest))
+
+    def test_tls_off_makes_no_credentials(self):
+        self.m.conf.set_override('tls', False, group='replication')
+        reply = PreparedSecondary.from_dict(self.m.prepare_secondary(
+            'vm0', self.spec, ProtectionOptions(), 'hv0'))
+        self.assertIsNone(reply.credentials)
+        self.assertFalse(os.path.exists(os.path.join(
+            self.tmp, 'instances', 'vm0', 'tls')))
+
+    def agents_answering(self, reply):
+        """A manager whose peer hv2 answers ``reply``; the list of the
+        stop_instance calls it is told."""
+        told = []
+
+        class Agents:
+            def prepare_secondary(self, ctxt, host, *args):
+                return reply
+
+            def stop_instance(self, ctxt, host, instance):
+                told.append((host, instance))
+        self.m = manager.AgentManager(self.m.conf, agents=Agents())
+        self.m.conf.set_override('peers', ['hv2'], group='agent')
+        return told
+
+    def test_the_primary_keeps_the_credentials_of_the_reply(self):
+        creds = pair_tls.PairCredentials.generate()
+        self.agents_answering(PreparedSecondary(
+            host='hv2', data_address='tcp:10.0.0.2:4711',
+            credentials=creds.client_bundle()).to_dict())
+        self.m.protect('vm0', self.spec, ProtectionOptions(), None)
+        client = os.path.join(self.tmp, 'instances', 'vm0', 'tls', 'client')
+        with open(os.path.join(client, 'client-key.pem')) as f:
+            self.assertEqual(creds.client_key, f.read())
+        self.assertEqual(0o600, os.stat(os.path.join(
+            client, 'client-key.pem')).st_mode & 0o777)
+        for d in (client, os.path.dirname(client)):
+            self.assertEqual(0o700, os.stat(d).st_mode & 0o777, d)
+        self.assertEqual(creds.pair_key, pair_tls.read_pair_key(client))
+
+    def test_a_peer_without_tls_is_passed_over(self):
+        told = self.agents_answering(PreparedSecondary(
+            host='hv2', data_address='tcp:10.0.0.2:4711').to_dict())
+        with self.assertRaisesRegex(exception.PeerUnreachable,
+                                    'tls is off'):
+            self.m.protect('vm0', self.spec, ProtectionOptions(), None)
+        self.assertEqual([('hv2', 'vm0')], told)
