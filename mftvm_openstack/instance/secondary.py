@@ -26,8 +26,14 @@ from typing import Optional
 from mftvm_openstack.contract.hello import Hello, NbdTargetInfo
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import Takeover
+from mftvm_openstack.ft import (
+    capacity,
+    epoch,
+    libvirt_domain,
+    pair,
+    transport,
+)
 from mftvm_openstack.ft import disk as ft_disk
-from mftvm_openstack.ft import epoch, libvirt_domain, pair, transport
 from mftvm_openstack.instance.config import boot_id, free_port
 from mftvm_openstack.instance.guest import RunningGuest
 from mftvm_openstack.instance.side import Side
@@ -149,12 +155,21 @@ class SecondarySide(Side):
             # from a primary refused after all (its READY was not sent)
             self.replica.close()
             self.replica = None
-        replica = epoch.ReplicaImage(self.ram, self.spec.memory_bytes,
-                                     self.paths.root)
+        disk_dir = os.path.join(self.paths.root, 'disk')
+        disk_size = hello.disk_size or self.spec.disk_size
+        name = self.spec.name
+        # The RAM file is allocated in full as it is made (so a full
+        # tmpfs is this refusal, never a SIGBUS later); the disk replica
+        # grows as the guest writes, so its room is checked here.
+        capacity.check([capacity.Need(
+            disk_dir, capacity.replica_disk_bytes(disk_size),
+            f'guest {name} disk replica')])
+        replica = epoch.ReplicaImage(
+            self.ram, self.spec.memory_bytes, self.paths.root,
+            f'guest {name} RAM (secondary replica)')
         nbd_host = self.options['nbd_host']
         store = ft_disk.EpochOverlayStore(
-            os.path.join(self.paths.root, 'disk'),
-            hello.disk_size or self.spec.disk_size,
+            disk_dir, disk_size,
             listen=(nbd_host, free_port(nbd_host)) if nbd_host else None)
         target = await store.start()
         self.replica, self.store = replica, store
