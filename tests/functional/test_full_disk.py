@@ -29,6 +29,8 @@ class AdmissionTest(base.GuestTestCase):
 
     def mftvm_protect(self, name, memory_mib, env):
         disk = self.make_disk()
+        # (Started after all, it is stopped: the test failed anyway.)
+        self.addCleanup(self._stop_guest, name)
         return subprocess.run(
             [sys.executable, '-m', 'mftvm_openstack.cmd.mftvm',
              '--state-dir', self.state_dir, 'protect', name,
