@@ -84,6 +84,17 @@ class Conflict(MftvmError):
     msg_fmt = 'instance %(instance)s: %(reason)s'
 
 
+class InsufficientCapacity(MftvmError):
+    """This host has no room for the guest (its RAM files or its disk
+    replica): names the ``directory``, the bytes ``needed`` and
+    ``available`` there, and ``what`` they are for."""
+
+    msg_fmt = ('host %(host)s has no room for %(what)s in %(directory)s: '
+               'needs %(needed_mib).1f MiB, %(available_mib).1f MiB '
+               'available; free space there or enlarge it, or choose '
+               'another host')
+
+
 class PeerUnreachable(MftvmError):
     """The agent on another host did not answer."""
 

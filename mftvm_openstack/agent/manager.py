@@ -65,7 +65,7 @@ from mftvm_openstack.contract.spec import (
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.files import private_dir, write_json_atomic
-from mftvm_openstack.ft import pair_tls, vm
+from mftvm_openstack.ft import capacity, pair_tls, vm
 from mftvm_openstack.instance.client import control, pid_alive, status_of
 from mftvm_openstack.instance.config import FENCE_URL_ENV, new_tls_dir
 from mftvm_openstack.waiting import wait_until
@@ -298,6 +298,31 @@ class AgentManager:
                           {'spec': spec.to_dict(), 'options': options})
         return inst
 
+    def check_capacity(self, instance: str, spec: GuestSpec,
+                       role: Role) -> None:
+        """InsufficientCapacity unless this host has room for ``role``'s
+        side of the guest: the RAM file of a guest whose QEMU is ours
+        (a libvirt domain's is libvirt's), and on a secondary, the RAM
+        replica and the disk replica (see :mod:`.ft.capacity`)."""
+        needs = []
+        if role is Role.SECONDARY or not spec.domain:
+            needs.append(capacity.Need(
+                vm.ram_dir(), spec.memory_bytes,
+                f'guest {instance} RAM ({role})'))
+        if role is Role.SECONDARY:
+            needs.append(capacity.Need(
+                os.path.join(self.root, instance, role, 'disk'),
+                capacity.replica_disk_bytes(spec.disk_size),
+                f'guest {instance} disk replica'))
+        try:
+            capacity.check(needs)
+        except capacity.CapacityError as exc:
+            LOG.warning('%s: refused: %s', instance, exc)
+            raise exception.InsufficientCapacity(
+                host=self.host, what=exc.what, directory=exc.directory,
+                needed_mib=exc.needed / 2**20,
+                available_mib=exc.available / 2**20) from None
+
     # -- RPC API --
 
     def prepare_secondary(self, instance: str, spec: GuestSpec,
@@ -306,6 +331,7 @@ class AgentManager:
         opts = self.host_options(options, instance)
         my_ip = self.conf.agent.my_ip
         opts.update(listen=f'tcp:{my_ip}:0', nbd_host=my_ip)
+        self.check_capacity(instance, spec, Role.SECONDARY)
         creds = None
         if opts['tls']:
             # This pair's own CA: only the primary that gets the client
@@ -349,6 +375,7 @@ class AgentManager:
                     f' here, not running unprotected')
             self.reprotect(instance, prefer=secondary_host)
             return self._wait_protected(inst)
+        self.check_capacity(instance, spec, Role.PRIMARY)
         opts = self.host_options(options, instance)
         pair_id = uuid.uuid4().hex[:12]
         target, address, creds = self._prepare_peer(

@@ -626,6 +626,7 @@ class EpochOverlayStore:
         await _create_qcow2(path, self.size)
 
     async def _fill_pool(self) -> None:
+        failing = False
         while not self._closing:
             if len(self._pool) >= self.pool_size:
                 self._pool_wakeup.clear()
@@ -634,8 +635,19 @@ class EpochOverlayStore:
             try:
                 await self._add_to_pool()
             except (DiskError, MonitorError) as exc:
-                LOG.error('cannot pre-create overlays: %s', exc)
-                return
+                # (Its filesystem full, most likely.) Marks make their
+                # overlay inside the pause meanwhile; try again once the
+                # next mark (or a merge) may have freed some room, not
+                # never again.
+                if not failing:
+                    LOG.error('cannot pre-create overlays: %s', exc)
+                failing = True
+                self._pool_wakeup.clear()
+                await self._pool_wakeup.wait()
+                continue
+            if failing:
+                LOG.info('pre-creating overlays again')
+            failing = False
 
     async def _add_to_pool(self) -> None:
         # Opening the image costs more than the snapshot itself (~5 ms
@@ -779,6 +791,13 @@ class WriteReplication(DiskSync):
             'job-id': self.JOB, 'device': self.node,
             'target': self.REPLICA, 'sync': 'full',
             'copy-mode': self.COPY_MODE,
+            # A write the replica refuses (its overlays' filesystem full:
+            # qsd's NBD server answers ENOSPC) ends the job with the
+            # error, which makes the secondary lost; the guest's own
+            # write has completed on its disk. (QEMU's default, said
+            # here: "stop" or "enospc" would leave the job paused and
+            # the replica silently behind.)
+            'on-target-error': 'report',
             # Keep a failed job around so we can read its error.
             'auto-dismiss': False}
         if self.GRANULARITY:

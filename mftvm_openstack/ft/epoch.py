@@ -34,8 +34,9 @@ from typing import Optional
 
 import numpy as np
 
-from mftvm_openstack.files import create_private, write_private
+from mftvm_openstack.files import write_private
 from mftvm_openstack.ft import vm
+from mftvm_openstack.ft.capacity import create_ram_file
 from mftvm_openstack.ft.monitor import (
     MIGRATION_ENDED,
     EventStream,
@@ -187,19 +188,40 @@ class CheckpointCapturer:
                           timings['ram'], timings['mark'])
 
 
+class ReplicaDamaged(Exception):
+    """The replica holds part of an epoch: it must never be resumed."""
+
+
 class ReplicaImage:
     """The secondary's copy of guest RAM and device state.
 
     ``apply`` takes a whole checkpoint at once (it has already been
-    received in full), so the image never mixes two epochs.
+    received in full), and ``committed`` names an epoch only once its RAM
+    pages *and* its device state are both in place. Its steps, in the
+    order that keeps the image whole:
+
+    1. the device state goes to a staging file beside the current one
+       (the one write that can find its disk full: if it fails, nothing
+       of the replica has changed, it is still ``committed``);
+    2. the RAM pages are written (the RAM file is allocated in full at
+       creation, so these writes cannot fail for want of space);
+    3. the staging file replaces the device state (a rename).
+
+    From the first page of step 2 until step 3 is done, ``damaged`` says
+    which epoch is half in; an apply that fails there leaves it set, and
+    the image is never resumed (:meth:`check_whole`), rather than a guest
+    run from the RAM of two epochs.
     """
 
-    def __init__(self, ram_file: str, size: int, workdir: str) -> None:
+    def __init__(self, ram_file: str, size: int, workdir: str,
+                 what: str = 'the replica of guest RAM') -> None:
         self.ram_file = ram_file
         self.size = size
         self.devstate_path = os.path.join(workdir, 'devstate.bin')
         self.committed = 0
-        fd = create_private(ram_file, size)
+        #: why the image mixes two epochs (None: it is whole)
+        self.damaged: Optional[str] = None
+        fd = create_ram_file(ram_file, size, what)
         try:
             self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         finally:
@@ -208,14 +230,34 @@ class ReplicaImage:
             -1, PAGE_SIZE)
 
     def apply(self, epoch: int, devstate: bytes, delta: RamDelta) -> None:
+        self.check_whole()
         if len(delta.indices) and int(delta.indices.max()) >= len(
                 self._pages):
             raise ValueError(f'checkpoint {epoch} writes beyond guest RAM')
-        self._pages[delta.indices] = delta.pages
-        write_private(self.devstate_path, devstate)
+        staged = f'{self.devstate_path}.next'
+        write_private(staged, devstate)
+        self.damaged = (f'checkpoint {epoch} was cut short after its first '
+                        f'RAM pages were written over epoch '
+                        f'{self.committed}')
+        try:
+            self._pages[delta.indices] = delta.pages
+            os.replace(staged, self.devstate_path)
+        except BaseException as exc:
+            self.damaged = (f'applying checkpoint {epoch} failed after its '
+                            f'first RAM pages were written over epoch '
+                            f'{self.committed}: {exc!r}')
+            raise
+        self.damaged = None
         self.committed = epoch
 
+    def check_whole(self) -> None:
+        """ReplicaDamaged if the image mixes two epochs."""
+        if self.damaged is not None:
+            raise ReplicaDamaged(f'the replica is unusable: {self.damaged}')
+
     def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f'{self.devstate_path}.next')
         self._pages = np.zeros((0, PAGE_SIZE), np.uint8)
         with contextlib.suppress(BufferError):
             self._map.close()

@@ -78,10 +78,20 @@ class Paths:
         return os.path.join(self.root, 'net-in.sock')
 
 
+#: the environment variable that names where guest RAM files go
+RAM_DIR_ENV = 'MFTVM_RAM_DIR'
+
+
+def ram_dir() -> str:
+    """Where guest RAM files go: ``$MFTVM_RAM_DIR``, or ``/dev/shm``
+    (tmpfs: fast, no disk)."""
+    return os.environ.get(RAM_DIR_ENV) or '/dev/shm'
+
+
 def ram_path(name: str, role: str) -> str:
-    """The shared RAM file of ``name`` on this host (tmpfs: fast, no disk)."""
+    """The shared RAM file of ``name`` on this host (in :func:`ram_dir`)."""
     safe = re.sub(r'[^A-Za-z0-9_.-]', '_', name)
-    return f'/dev/shm/mftvm-{safe}-{role}.ram'
+    return os.path.join(ram_dir(), f'mftvm-{safe}-{role}.ram')
 
 
 def disk_blockdevs(node: str, layers: Sequence[tuple[str, str]]) -> list[str]:

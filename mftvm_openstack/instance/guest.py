@@ -19,8 +19,13 @@ import dataclasses
 import os
 from typing import Any, Optional, Protocol
 
-from mftvm_openstack.files import create_private
-from mftvm_openstack.ft import libvirt_domain, libvirt_monitor, pair, vm
+from mftvm_openstack.ft import (
+    capacity,
+    libvirt_domain,
+    libvirt_monitor,
+    pair,
+    vm,
+)
 from mftvm_openstack.ft.libvirt_monitor import LibvirtMonitor
 from mftvm_openstack.ft.monitor import Monitor, QMPMonitor
 
@@ -78,8 +83,13 @@ class StartError(Exception):
 
 async def boot(spec: vm.GuestSpec, paths: vm.Paths,
                ram: str) -> RunningGuest:
-    """Boot ``spec`` in a QEMU of our own, its RAM in file ``ram``."""
-    os.close(create_private(ram, spec.memory_bytes))
+    """Boot ``spec`` in a QEMU of our own, its RAM in file ``ram``
+    (allocated in full first: StartError if it does not fit)."""
+    try:
+        os.close(capacity.create_ram_file(
+            ram, spec.memory_bytes, f'guest {spec.name} RAM (primary)'))
+    except capacity.CapacityError as exc:
+        raise StartError(str(exc)) from None
     with contextlib.suppress(FileNotFoundError):
         os.unlink(paths.qmp)
     qemu = await vm.ChildProcess.start(vm.qemu_argv(spec, paths, ram),

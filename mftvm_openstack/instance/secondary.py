@@ -25,14 +25,15 @@ from typing import Optional
 from mftvm_openstack.contract.hello import Hello, NbdTargetInfo
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import Takeover
-from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft import (
+    capacity,
     epoch,
     libvirt_domain,
     pair,
     pair_tls,
     transport,
 )
+from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.instance.config import boot_id, free_port, tls_dir
 from mftvm_openstack.instance.guest import RunningGuest
 from mftvm_openstack.instance.side import Side
@@ -179,15 +180,24 @@ class SecondarySide(Side):
             # from a primary refused after all (its READY was not sent)
             self.replica.close()
             self.replica = None
-        replica = epoch.ReplicaImage(self.ram, self.spec.memory_bytes,
-                                     self.paths.root)
+        disk_dir = os.path.join(self.paths.root, 'disk')
+        disk_size = hello.disk_size or self.spec.disk_size
+        name = self.spec.name
+        # The RAM file is allocated in full as it is made (so a full
+        # tmpfs is this refusal, never a SIGBUS later); the disk replica
+        # grows as the guest writes, so its room is checked here.
+        capacity.check([capacity.Need(
+            disk_dir, capacity.replica_disk_bytes(disk_size),
+            f'guest {name} disk replica')])
+        replica = epoch.ReplicaImage(
+            self.ram, self.spec.memory_bytes, self.paths.root,
+            f'guest {name} RAM (secondary replica)')
         nbd_host = self.options['nbd_host']
         directory = self.tls_dir
         tls = None if directory is None else ft_disk.NbdServerTls(
             directory, pair_tls.client_dn(pair_tls.read_pair_key(directory)))
         store = ft_disk.EpochOverlayStore(
-            os.path.join(self.paths.root, 'disk'),
-            hello.disk_size or self.spec.disk_size,
+            disk_dir, disk_size,
             listen=(nbd_host, free_port(nbd_host)) if nbd_host else None,
             tls=tls)
         target = await store.start()

@@ -35,7 +35,7 @@ from mftvm_openstack.contract.spec import NAME_PATTERN, ProtectionOptions
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.files import private_dir, write_json_atomic
-from mftvm_openstack.ft import pair_tls, trackers, vm
+from mftvm_openstack.ft import capacity, pair_tls, trackers, vm
 from mftvm_openstack.instance.client import control, pid_alive, status_of
 from mftvm_openstack.instance.config import new_tls_dir
 from mftvm_openstack.waiting import wait_until
@@ -194,6 +194,20 @@ def _host_log_tail(gdir: str, role: Role) -> str:
     return (errors or lines or [''])[-1].strip()
 
 
+def _check_capacity(spec: vm.GuestSpec, gdir: str) -> None:
+    """Both sides' RAM files and the disk replica fit on this machine
+    (see :mod:`mftvm_openstack.ft.capacity`)."""
+    try:
+        capacity.check([
+            capacity.Need(vm.ram_dir(), 2 * spec.memory_bytes,
+                          f'guest {spec.name} RAM (both sides)'),
+            capacity.Need(os.path.join(gdir, Role.SECONDARY, 'disk'),
+                          capacity.replica_disk_bytes(spec.disk_size),
+                          f'guest {spec.name} disk replica')])
+    except capacity.CapacityError as exc:
+        raise UserError(str(exc)) from None
+
+
 def protect(spec: vm.GuestSpec, opts: ProtectOptions,
             state_dir: str,
             host_options: Optional[dict[str, Any]] = None) -> str:
@@ -209,6 +223,7 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
            for role in ROLES):
         raise UserError(f'guest {spec.name} is already running; stop it '
                         f'with "mftvm stop {spec.name}" first')
+    _check_capacity(spec, gdir)
     shutil.rmtree(gdir, ignore_errors=True)
     private_dir(gdir)
     write_json_atomic(os.path.join(gdir, 'guest.json'),
@@ -231,7 +246,9 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
             return True
         dead = [(role, p) for role, p in zip(ROLES[::-1], procs)
                 if p.poll() is not None]
-        if dead or (st and st.state is State.FAILED):
+        # (UNPROTECTED with an error: its secondary refused it.)
+        if dead or (st and (st.state is State.FAILED or (
+                st.state is State.UNPROTECTED and st.error))):
             role = dead[0][0] if dead else Role.PRIMARY
             why = (st.error if st else '') or _host_log_tail(gdir, role)
             _kill_all(gdir, procs)

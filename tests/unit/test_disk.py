@@ -188,6 +188,34 @@ class TestStoreWithFakeMonitor(testtools.TestCase):
             self.assertFalse(os.path.exists(store.layers[-1][0]))
         run(scenario())
 
+    def test_the_overlay_pool_fills_again_after_a_full_disk(self):
+        # One failure to make an overlay (its filesystem full) used to
+        # end the pool's filler for good: every later mark made its
+        # overlay inside the guest's pause, however much room came back.
+        async def scenario():
+            store = await self.attached()
+            full = [True]
+            made = []
+
+            async def create(path):
+                if full[0]:
+                    raise disk.DiskError(f'qemu-img create {path} failed: '
+                                         f'No space left on device')
+                made.append(path)
+                open(path, 'wb').close()
+            store.create_overlay_file = create
+            with self.assertLogs('mftvm_openstack.ft.disk', 'ERROR'):
+                await store.mark(1)         # takes one of the pool
+                await self.settle()
+            self.assertEqual(1, store.stats()['pool_ready'])
+            full[0] = False                 # room again
+            await store.mark(2)
+            await self.settle()
+            self.assertEqual(2, store.stats()['pool_ready'])
+            self.assertEqual(2, len(made))
+            await store.stop()
+        run(scenario())
+
     def test_commit_merges_only_committed_non_top_layers(self):
         async def scenario():
             store = await self.attached()
@@ -318,9 +346,11 @@ class TestWriteReplication(testtools.TestCase):
                              (nbd['driver'], nbd['reconnect-delay'],
                               nbd['export']))
             mirror = mon.args('blockdev-mirror')[0]
-            self.assertEqual(('disk0', 'replica', 'full', 'write-blocking'),
+            self.assertEqual(('disk0', 'replica', 'full', 'write-blocking',
+                              'report'),
                              (mirror['device'], mirror['target'],
-                              mirror['sync'], mirror['copy-mode']))
+                              mirror['sync'], mirror['copy-mode'],
+                              mirror['on-target-error']))
             await sync.checkpoint(1)       # nothing to do
             self.assertNotIn('blockdev-backup', mon.names())
             await sync.stop()

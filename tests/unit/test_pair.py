@@ -572,6 +572,7 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
 class FakeReplica:
     def __init__(self, gate=None):
         self.committed = 0
+        self.damaged = None
         self.applied = []
         #: a threading.Event the second and later applies wait for
         self.gate = gate
@@ -583,11 +584,34 @@ class FakeReplica:
         self.committed = epoch
 
 
+class FailingReplica(FakeReplica):
+    """Applies epoch 1; fails applying ``fail_at``: ``midway`` after some
+    of its RAM pages were written (the image is damaged), else before
+    anything was written (its device state found no space)."""
+
+    def __init__(self, gate=None, fail_at=2, midway=True):
+        super().__init__(gate)
+        self.fail_at = fail_at
+        self.midway = midway
+
+    def apply(self, epoch, devstate, delta):
+        if self.gate is not None and epoch > 1:
+            self.gate.wait(5)
+        if epoch == self.fail_at:
+            if self.midway:
+                self.damaged = f'checkpoint {epoch} half written'
+            raise OSError(28, 'No space left on device')
+        super().apply(epoch, devstate, delta)
+
+
 class FakeStore:
-    def __init__(self):
+    def __init__(self, fail_mark=False):
         self.calls = []
+        self.fail_mark = fail_mark
 
     async def mark(self, epoch):
+        if self.fail_mark:
+            raise OSError(28, 'No space left on device')
         self.calls.append(('mark', epoch))
 
     async def commit(self, epoch):
@@ -779,6 +803,79 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         await self.finished()
         self.assertEqual([2], self.activated)
         self.assertEqual(State.ACTIVE, self.machine.state)
+
+    async def test_a_failed_apply_is_never_resumed_as_a_mixed_image(self):
+        # The failover used to swallow the failed apply and resume from
+        # the last committed epoch: its RAM held half of the next one.
+        gate = threading.Event()
+        await self.make(FailingReplica(gate, fail_at=2, midway=True))
+        self.addCleanup(gate.set)
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        self.chan.inbox.put_nowait(checkpoint_msg(2))
+        self.chan.inbox.put_nowait(ConnectionError('gone'))
+        await until(lambda: self.machine.state == State.FAILING_OVER)
+        gate.set()
+        with self.assertLogs('mftvm_openstack.ft.pair', 'ERROR') as logs:
+            await self.finished()
+        self.assertEqual([], self.activated)
+        self.assertEqual(State.LOST, self.machine.state)
+        reason = self.machine.stats.reason
+        self.assertIn('the replica is unusable, not resuming it', reason)
+        self.assertIn('checkpoint 2 half written', reason)
+        self.assertEqual(reason, self.machine.status().error)
+        self.assertIn('unusable', logs.output[-1])
+
+    async def test_an_apply_that_wrote_nothing_fails_over_to_the_last(
+            self):
+        # Checkpoint 2 found no room for its device state before it
+        # touched the image: epoch 1 is whole, and it was never acked
+        # past 1, so the guest resumes from 1; checkpoint 3, received
+        # after the failed one, is not applied over the gap.
+        gate = threading.Event()
+        replica = FailingReplica(gate, fail_at=2, midway=False)
+        await self.make(replica)
+        self.addCleanup(gate.set)
+        for epoch in (1, 2, 3):
+            self.chan.inbox.put_nowait(checkpoint_msg(epoch))
+        self.chan.inbox.put_nowait(ConnectionError('gone'))
+        await until(lambda: self.machine.state == State.FAILING_OVER)
+        gate.set()
+        await self.finished()
+        self.assertEqual([1], self.activated)
+        self.assertEqual([1], replica.applied)
+        self.assertEqual(State.ACTIVE, self.machine.state)
+
+    async def test_a_failed_apply_gives_the_replica_up(self):
+        # In standby: the primary is told (it goes on unprotected at
+        # once) and this side stops, instead of dying of the exception.
+        await self.make(FailingReplica(fail_at=2))
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        await until(lambda: Kind.ACK in self.chan.kinds())
+        with self.assertLogs('mftvm_openstack.ft.pair', 'ERROR'):
+            self.chan.inbox.put_nowait(checkpoint_msg(2))
+            await self.finished()
+        self.assertEqual(State.STOPPED, self.machine.state)
+        error = self.chan.frames(Kind.ERROR)[0].json()['error']
+        self.assertIn('applying checkpoint 2 failed', error)
+        self.assertIn('No space left', error)
+        self.assertEqual([Kind.ACK], [k for k in self.chan.kinds()
+                                      if k == Kind.ACK])
+        self.assertEqual([], self.activated)
+
+    async def test_a_mark_the_disk_replica_cannot_take_gives_it_up(self):
+        # (Its overlay could not be made: the filesystem is full.) The
+        # machine used to die of the exception with the primary's guest
+        # paused until the MARK timed out on the other side.
+        await self.make()
+        self.store.fail_mark = True
+        with self.assertLogs('mftvm_openstack.ft.pair', 'ERROR'):
+            self.chan.inbox.put_nowait(Message(Kind.MARK, 1))
+            await self.finished()
+        self.assertEqual(State.STOPPED, self.machine.state)
+        self.assertEqual([Kind.ERROR], self.chan.kinds())
+        error = self.chan.frames(Kind.ERROR)[0].json()['error']
+        self.assertIn('disk replica: mark of epoch 1 failed', error)
+        self.assertIn('No space left', self.machine.status().reason)
 
     async def test_silence_is_detected(self):
         await self.make(timeout=0.1)

@@ -153,6 +153,9 @@ class Replica(Protocol):
     (``epoch.ReplicaImage``)."""
 
     committed: int
+    #: why the image mixes two epochs and must not be resumed (None:
+    #: it is whole, at ``committed``)
+    damaged: Optional[str]
 
     def apply(self, epoch: int, devstate: bytes,
               delta: RamDelta) -> None: ...

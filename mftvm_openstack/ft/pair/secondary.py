@@ -19,6 +19,7 @@ from mftvm_openstack.contract.record import ContractError
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import transport
+from mftvm_openstack.ft.capacity import CapacityError
 from mftvm_openstack.ft.pair.events import (
     Committed,
     Connected,
@@ -73,6 +74,8 @@ class SecondaryPair(Machine['SecondaryEvent']):
         self.prepared: Optional[Prepared] = None
         self._handshaking = False
         self._applying: Optional[asyncio.Task[Any]] = None
+        #: why a checkpoint could not be applied (none is applied after)
+        self.apply_failed: Optional[str] = None
 
     def _on_task_failure(self, exc: BaseException) -> SecondaryEvent:
         # Not proof that the primary died: give the replica up instead.
@@ -153,7 +156,7 @@ class SecondaryPair(Machine['SecondaryEvent']):
             error = f'refused a primary: {exc or type(exc).__name__}'
             LOG.error('%s', error, exc_info=not isinstance(
                 exc, (ContractError, transport.ProtocolError, TimeoutError,
-                      ConnectionError)))
+                      ConnectionError, CapacityError)))
             if prepared is not None:
                 with contextlib.suppress(Exception):
                     await prepared.store.stop()
@@ -212,7 +215,16 @@ class SecondaryPair(Machine['SecondaryEvent']):
         assert self.channel is not None and self.prepared is not None
         if msg.kind == Kind.MARK:
             started = self.clock.monotonic()
-            await self.prepared.store.mark(msg.epoch)
+            try:
+                await self.prepared.store.mark(msg.epoch)
+            except Exception as exc:
+                # A disk replica that cannot take the epoch's overlay
+                # (its filesystem full, its storage daemon gone) cannot
+                # follow the primary: give it up now, rather than leave
+                # the guest paused until the primary stops waiting.
+                await self._give_up(f'disk replica: mark of epoch '
+                                    f'{msg.epoch} failed: {exc}')
+                return
             with contextlib.suppress(ConnectionError, OSError):
                 await self.channel.send(Kind.MARKED, msg.epoch)
             took = self.clock.monotonic() - started
@@ -250,12 +262,37 @@ class SecondaryPair(Machine['SecondaryEvent']):
         assert self.prepared is not None
         prepared = self.prepared
         if previous is not None:
-            await previous   # checkpoints apply strictly in order
+            # Checkpoints apply strictly in order; a failed one is
+            # recorded in apply_failed.
+            with contextlib.suppress(Exception):
+                await previous
+        if self.apply_failed is not None:
+            return       # nothing applies over an epoch that did not
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, prepared.replica.apply, epoch,
-                                   devstate, delta)
-        await prepared.store.commit(epoch)
+        try:
+            await loop.run_in_executor(None, prepared.replica.apply, epoch,
+                                       devstate, delta)
+            await prepared.store.commit(epoch)
+        except Exception as exc:
+            # (A full disk for the device state, most likely.) The
+            # replica stays at its last whole epoch, or says it is
+            # damaged; either way it cannot follow the primary any more.
+            self.apply_failed = f'applying checkpoint {epoch} failed: {exc}'
+            if self.state == State.STANDBY:
+                await self._give_up(self.apply_failed)
+            return
         self.post(Committed(epoch, delta.nbytes))
+
+    async def _give_up(self, why: str) -> None:
+        """This replica cannot go on: tell the primary (it goes on
+        unprotected) and stop."""
+        LOG.error('giving up the replica: %s', why)
+        self.stats.reason = why
+        self.error = why
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                await self.channel.send_json(Kind.ERROR, {'error': why})
+        self.post(Stop())
 
     async def _committed(self, event: Committed) -> None:
         self.stats.epochs = event.epoch
@@ -276,7 +313,17 @@ class SecondaryPair(Machine['SecondaryEvent']):
             # A checkpoint received in full still commits: finish it.
             with contextlib.suppress(Exception):
                 await self._applying
-        committed = self.prepared.replica.committed
+        replica = self.prepared.replica
+        if replica.damaged is not None:
+            # Its RAM holds pages of two epochs: a guest resumed from it
+            # would run on from a state that never existed.
+            self.stats.reason = (f'{reason}; the replica is unusable, not '
+                                 f'resuming it: {replica.damaged}')
+            self.error = self.stats.reason
+            LOG.error(self.stats.reason)
+            self._finish(State.LOST)
+            return
+        committed = replica.committed
         if committed == 0:
             self.stats.reason = (f'{reason}; no checkpoint was ever '
                                  f'committed, nothing to resume')
