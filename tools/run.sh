@@ -55,8 +55,9 @@ fi
 
 PY=${PYTHON:-python3}
 
-# cloud_venv - .cloud-venv: the OpenStack services and client, and
-# mftvm-openstack installed as an operator does, from a built wheel
+# cloud_venv - .cloud-venv: the OpenStack services and client, pinned by
+# tools/cloud/constraints.txt (the e2e tier installs mftvm-openstack into
+# it itself)
 function cloud_venv {
     if [ ! -x .cloud-venv/bin/python ]; then
         echo "== creating .cloud-venv"
@@ -74,6 +75,11 @@ function cloud_venv {
             -r requirements.txt
         echo "$want" > "$stamp"
     fi
+}
+
+# cloud_wheel - mftvm-openstack into .cloud-venv as an operator installs
+# it: from a built wheel
+function cloud_wheel {
     echo "== mftvm-openstack into .cloud-venv from a built wheel"
     rm -rf build/cloud-wheel
     .cloud-venv/bin/pip wheel -q --disable-pip-version-check --no-deps \
@@ -84,6 +90,7 @@ function cloud_venv {
 
 if [ "$job" = cloud ]; then
     cloud_venv
+    cloud_wheel
     exec .cloud-venv/bin/python tools/cloud/cloudlab.py up
 fi
 
@@ -110,6 +117,8 @@ fi
 if [ "$job" = demo ]; then
     exec .venv/bin/mftvm demo
 fi
+# The end-to-end tier (tests/e2e) runs the cloud lab from .cloud-venv.
+cloud_venv
 
 echo "== ruff"
 .venv/bin/ruff check mftvm_openstack tests benchmarks tools

@@ -124,6 +124,7 @@ def install() -> str:
     with open(path + '.tmp', 'w') as f:
         f.write(INSTALLED_MARK + text)
     os.replace(path + '.tmp', path)
+    importlib.invalidate_caches()       # for this process's finders
     return path
 
 

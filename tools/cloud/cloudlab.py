@@ -153,20 +153,35 @@ def run(argv: list[str], ns: Optional[str] = None, check: bool = True,
     return result
 
 
-def start(lab: Lab, name: str, argv: list[str],
-          env: Optional[dict[str, str]] = None) -> int:
-    """Start a daemon in the lab's namespace at nice 10; its output goes
-    to ``log/<name>.out`` (start-up and crash messages only: the service
-    itself logs to its own size-bounded file)."""
+def start(lab: Lab, name: str, argv: list[str], **env: str) -> int:
+    """Start a daemon in the lab's namespace at nice 10, with
+    :func:`service_env` plus ``env``; its output goes to
+    ``log/<name>.out`` (start-up and crash messages only: each service
+    logs to its own size-bounded file).  ``lab.json`` keeps how it was
+    started, for :func:`restart`."""
     out_path = lab.path('log', f'{name}.out')
     with open(out_path, 'ab') as out:
         proc = subprocess.Popen(
             [IP, 'netns', 'exec', lab.ns, 'nice', '-n', '10', *argv],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=env, cwd=lab.dir, start_new_session=True)
+            env=service_env(lab, **env), cwd=lab.dir,
+            start_new_session=True)
     lab.state.setdefault('pids', {})[name] = proc.pid
+    lab.state.setdefault('how', {})[name] = {'argv': argv, 'env': env}
     lab.save()
     return proc.pid
+
+
+def stop(pid: int, grace: float = 15.0) -> None:
+    """SIGTERM ``pid``'s process group, SIGKILL it after ``grace`` s."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + wait
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not alive(pid):
+            return
 
 
 def alive(pid: int) -> bool:
@@ -439,7 +454,10 @@ def configure(lab: Lab) -> None:
 
 
 def service_env(lab: Lab, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith('OS_')}
+    """Our environment without OpenStack's, RabbitMQ's and Erlang's
+    variables, the venv's bin first on PATH, and ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('OS_', 'RABBITMQ_', 'ERL_'))}
     env['PATH'] = f'{BIN}:{env.get("PATH", os.defpath)}'
     env.update(extra)
     return env
@@ -477,10 +495,9 @@ def start_mariadb(lab: Lab) -> None:
 
 
 def rabbit_env(lab: Lab) -> dict[str, str]:
+    """RabbitMQ's variables: every path in the lab, our own node name."""
     d = lab.path('rabbitmq')
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(('RABBITMQ_', 'ERL_'))}
-    env.update({
+    return {
         'HOME': d, 'LC_ALL': 'C.UTF-8',
         'RABBITMQ_NODENAME': f'{lab.ns}@localhost',
         'RABBITMQ_NODE_IP_ADDRESS': '0.0.0.0',
@@ -495,13 +512,13 @@ def rabbit_env(lab: Lab) -> dict[str, str]:
         'RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS':
             '-start_epmd false -kernel inet_dist_use_interface {127,0,0,1}',
         'RABBITMQ_CTL_ERL_ARGS': '-start_epmd false',
-    })
-    return env
+    }
 
 
 def rabbitmqctl(lab: Lab, *args: str) -> str:
     return run([RABBITMQCTL, '-n', f'{lab.ns}@localhost', *args], lab.ns,
-               env=rabbit_env(lab), cwd=lab.path('rabbitmq')).stdout
+               env=service_env(lab, **rabbit_env(lab)),
+               cwd=lab.path('rabbitmq')).stdout
 
 
 def start_rabbitmq(lab: Lab) -> None:
@@ -523,12 +540,12 @@ def start_rabbitmq(lab: Lab) -> None:
     open(os.path.join(d, 'rabbitmq-env.conf'), 'w').close()
     env = rabbit_env(lab)
     # Its own epmd, in the namespace, so that none outlives the lab.
-    start(lab, 'epmd', [EPMD], env=env)
-    start(lab, 'rabbitmq', [RABBITMQ_SERVER], env=env)
+    start(lab, 'epmd', [EPMD], **env)
+    start(lab, 'rabbitmq', [RABBITMQ_SERVER], **env)
     wait_for('RabbitMQ', lambda: run(
         [RABBITMQCTL, '-n', f'{lab.ns}@localhost', 'await_startup'],
-        lab.ns, check=False, env=env, cwd=d, timeout=120).returncode == 0,
-        lab, 'rabbitmq')
+        lab.ns, check=False, env=service_env(lab, **env), cwd=d,
+        timeout=120).returncode == 0, lab, 'rabbitmq')
     rabbitmqctl(lab, 'add_vhost', 'nova_cell1')
     rabbitmqctl(lab, 'set_permissions', '-p', 'nova_cell1', 'cloud',
                 '.*', '.*', '.*')
@@ -563,7 +580,7 @@ def start_keystone(lab: Lab) -> None:
            '--bootstrap-region-id', 'RegionOne')
     start(lab, 'keystone', uwsgi(lab, 'keystone', 'keystone.wsgi.api',
                                  PORTS['keystone']),
-          env=service_env(lab, OS_KEYSTONE_CONFIG_FILES=conf))
+          OS_KEYSTONE_CONFIG_FILES=conf)
 
 
 def register_services(lab: Lab) -> None:
@@ -609,7 +626,7 @@ def start_glance(lab: Lab) -> None:
         lab, 'glance', 'glance.wsgi.api', PORTS['glance'],
         ('--http-chunked-input', '--http-raw-body', '--http-auto-chunked',
          '--chunked-input-limit', str(10 * 1024 * 1024))),
-        env=service_env(lab, OS_GLANCE_CONFIG_DIR=etc))
+        OS_GLANCE_CONFIG_DIR=etc)
 
 
 def start_placement(lab: Lab) -> None:
@@ -618,7 +635,7 @@ def start_placement(lab: Lab) -> None:
            os.path.join(etc, 'placement.conf'), 'db', 'sync')
     start(lab, 'placement', uwsgi(lab, 'placement', 'placement.wsgi.api',
                                   PORTS['placement']),
-          env=service_env(lab, OS_PLACEMENT_CONFIG_DIR=etc))
+          OS_PLACEMENT_CONFIG_DIR=etc)
 
 
 def sync_nova(lab: Lab) -> None:
@@ -642,20 +659,16 @@ def start_nova(lab: Lab) -> None:
     etc = lab.path('etc', 'nova')
     conf = os.path.join(etc, 'nova.conf')
     cell1 = os.path.join(etc, 'nova_cell1.conf')
-    env = service_env(lab)
     start(lab, 'nova-api', uwsgi(lab, 'nova-api', 'nova.wsgi.osapi_compute',
                                  PORTS['nova-api']),
-          env=service_env(lab, OS_NOVA_CONFIG_DIR=etc,
-                          OS_NOVA_CONFIG_FILES='api-paste.ini;nova.conf'))
+          OS_NOVA_CONFIG_DIR=etc,
+          OS_NOVA_CONFIG_FILES='api-paste.ini;nova.conf')
     start(lab, 'nova-scheduler',
-          [os.path.join(BIN, 'nova-scheduler'), '--config-file', conf],
-          env=env)
+          [os.path.join(BIN, 'nova-scheduler'), '--config-file', conf])
     start(lab, 'nova-conductor',
-          [os.path.join(BIN, 'nova-conductor'), '--config-file', conf],
-          env=env)
+          [os.path.join(BIN, 'nova-conductor'), '--config-file', conf])
     start(lab, 'nova-cond-cell1',
-          [os.path.join(BIN, 'nova-conductor'), '--config-file', cell1],
-          env=env)
+          [os.path.join(BIN, 'nova-conductor'), '--config-file', cell1])
 
 
 def wait_http(lab: Lab, name: str, url: str) -> None:
@@ -700,6 +713,10 @@ def up(state_dir: str, name: str) -> Lab:
         raise LabError(f'a lab is already up in {lab.dir} '
                        f'(namespace {lab.ns}); run "down" first')
     if os.path.exists(lab.dir):
+        # Only ever empty a directory that is a lab's (or empty).
+        if os.listdir(lab.dir) and not os.path.exists(lab.state_file):
+            raise LabError(f'{lab.dir} is not empty and holds no lab.json: '
+                           f'not a lab directory, left alone')
         shutil.rmtree(lab.dir)
     os.makedirs(lab.path('log'))
     os.chmod(lab.dir, 0o700)
@@ -747,6 +764,22 @@ def down(state_dir: str) -> None:
     log(f'stopped; namespace {lab.ns} removed (state kept in {lab.dir})')
 
 
+def restart(state_dir: str, name: str) -> None:
+    """Stop daemon ``name`` and start it again as it was started (e.g.
+    nova-api, to load a newly installed extra-spec validator)."""
+    lab = Lab(state_dir)
+    how = lab.state.get('how', {}).get(name)
+    if how is None or not os.path.exists(f'/run/netns/{lab.state["ns"]}'):
+        raise LabError(f'no daemon {name!r} in a lab that is up in '
+                       f'{lab.dir}')
+    t0 = time.monotonic()
+    stop(lab.state['pids'][name])
+    start(lab, name, how['argv'], **how['env'])
+    if name in PORTS:
+        wait_http(lab, name, lab.url(name))
+    log(f'{name} restarted ({time.monotonic() - t0:.1f}s)')
+
+
 def rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -776,11 +809,15 @@ def status(state_dir: str) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description='An OpenStack control plane in a network namespace.')
-    parser.add_argument('command', choices=('up', 'down', 'status'))
+    parser.add_argument('command', choices=('up', 'down', 'status',
+                                            'restart'))
+    parser.add_argument('service', nargs='?',
+                        help='for restart: the daemon, e.g. nova-api')
     parser.add_argument('--dir', default=os.environ.get(
         'MFTVM_CLOUD_DIR', '/var/lib/mftvm-cloud'),
         help='state directory (default $MFTVM_CLOUD_DIR or '
-             '/var/lib/mftvm-cloud); "up" empties it first')
+             '/var/lib/mftvm-cloud); "up" empties it first (only if '
+             'it is empty or a lab\'s)')
     parser.add_argument('--name', default='cloud',
                         help='the lab\'s namespace is mfc-NAME')
     args = parser.parse_args(argv)
@@ -794,6 +831,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f'Stop it with:  tools/run.sh cloud-down\n')
         elif args.command == 'down':
             down(args.dir)
+        elif args.command == 'restart':
+            if not args.service:
+                parser.error('restart needs a service name')
+            restart(args.dir, args.service)
         else:
             return status(args.dir)
     except LabError as e:
