@@ -167,6 +167,23 @@ class CloudTest(testtools.TestCase):
         self.assertLessEqual({'identity', 'image', 'compute', 'placement'},
                              catalog)
 
+    def test_a_host_namespace_reaches_the_control_plane(self):
+        # Where compute hosts will live: a namespace on the lab's bridge.
+        _checked([PYTHON, CLOUDLAB, 'add-host', 'h1', '--dir',
+                  self.lab_dir])
+        ns = f'mfc-p{os.getpid()}-h1'
+        addr = _checked(['ip', '-n', ns, '-4', '-o', 'addr', 'show',
+                         'eth0']).stdout
+        self.assertIn(' 10.78.', addr)
+        token = _checked(['ip', 'netns', 'exec', ns,
+                          os.path.join(VENV_BIN, 'openstack'), 'token',
+                          'issue', '-f', 'value', '-c', 'id'],
+                         env=self.env, cwd=self.tmp).stdout.strip()
+        self.assertTrue(token)
+        status = _checked([PYTHON, CLOUDLAB, 'status', '--dir',
+                           self.lab_dir]).stdout
+        self.assertIn(f'namespace {ns}', status)
+
     # -- flavor extra specs (mftvm_openstack.nova.extra_specs) -----------
 
     def test_ft_flavor_accepted(self):

@@ -51,7 +51,9 @@ LOCK_PATH = '/tmp/mftvm-cloud.lock'
 NAME_RE = re.compile(r'^[a-z0-9]{1,10}$')
 # Labs of the e2e tier are named after their test process; a lab whose
 # process is dead is removed by the next `up`.
-OWNED_NAME_RE = re.compile(r'^mfc-p(\d+)$')
+OWNED_NAME_RE = re.compile(r'^mfc-p(\d+)(-[a-z0-9]+)?$')
+HOST_RE = re.compile(r'^[a-z][a-z0-9]{0,7}$')
+FIRST_HOST_OCTET = 11
 
 VENV = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
 BIN = os.path.join(VENV, 'bin')
@@ -706,7 +708,7 @@ def openrc_env(lab: Lab) -> dict[str, str]:
 def up(state_dir: str, name: str) -> Lab:
     if os.geteuid() != 0:
         raise LabError('cloudlab needs root (a network namespace)')
-    if not NAME_RE.match(name) and not OWNED_NAME_RE.match(f'mfc-{name}'):
+    if not NAME_RE.match(name):
         raise LabError(f'bad lab name {name!r}')
     lab = Lab(state_dir)
     if lab.state.get('ns') and os.path.exists(f'/run/netns/{lab.ns}'):
@@ -760,8 +762,40 @@ def down(state_dir: str) -> None:
     if not lab.state.get('ns'):
         log(f'no lab in {lab.dir}')
         return
+    for host in lab.state.get('hosts', {}).values():
+        kill_namespace(host['ns'])
     kill_namespace(lab.ns)
     log(f'stopped; namespace {lab.ns} removed (state kept in {lab.dir})')
+
+
+def add_host(state_dir: str, host: str) -> dict[str, str]:
+    """A compute host's network namespace ``<lab ns>-<host>``: its
+    ``eth0`` on the lab's ``br0`` at ``10.78.N.11`` and up, so that it
+    reaches the control plane at ``10.78.N.1``.  Only the network for
+    now; its daemons (libvirtd, nova-compute, mftvm-agent, Open vSwitch
+    and ovn-controller) come with the next slice (doc/cloud-lab.rst)."""
+    lab = Lab(state_dir)
+    if not lab.state.get('ns') or not os.path.exists(
+            f'/run/netns/{lab.ns}'):
+        raise LabError(f'no lab up in {lab.dir}')
+    if not HOST_RE.match(host):
+        raise LabError(f'bad host name {host!r} (a-z0-9, at most 8)')
+    hosts = lab.state.setdefault('hosts', {})
+    if host in hosts:
+        raise LabError(f'host {host} exists')
+    ip = f'{NET_PREFIX}.{lab.state["subnet"]}.{FIRST_HOST_OCTET + len(hosts)}'
+    ns, veth = f'{lab.ns}-{host}', f'v-{host}'
+    hosts[host] = {'ns': ns, 'ip': ip}
+    lab.save()                  # before anything exists: down removes it
+    run([IP, 'netns', 'add', ns])
+    run([IP, '-n', ns, 'link', 'set', 'lo', 'up'])
+    run([IP, '-n', lab.ns, 'link', 'add', veth, 'type', 'veth', 'peer',
+         'name', 'eth0', 'netns', ns])
+    run([IP, '-n', lab.ns, 'link', 'set', veth, 'master', 'br0', 'up'])
+    run([IP, '-n', ns, 'addr', 'add', f'{ip}/24', 'dev', 'eth0'])
+    run([IP, '-n', ns, 'link', 'set', 'eth0', 'up'])
+    log(f'host {host}: namespace {ns}, {ip}')
+    return hosts[host]
 
 
 def restart(state_dir: str, name: str) -> None:
@@ -803,6 +837,8 @@ def status(state_dir: str) -> int:
     for name, pid in sorted(lab.state.get('pids', {}).items()):
         print(f'  {name:16} pid {pid:7} '
               f'{"running" if alive(pid) else "DEAD"}')
+    for name, host in sorted(lab.state.get('hosts', {}).items()):
+        print(f'  host {name:11} {host["ip"]:15} namespace {host["ns"]}')
     return 0
 
 
@@ -810,9 +846,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description='An OpenStack control plane in a network namespace.')
     parser.add_argument('command', choices=('up', 'down', 'status',
-                                            'restart'))
-    parser.add_argument('service', nargs='?',
-                        help='for restart: the daemon, e.g. nova-api')
+                                            'restart', 'add-host'))
+    parser.add_argument('what', nargs='?',
+                        help='for restart: the daemon, e.g. nova-api; '
+                             'for add-host: the host\'s name, e.g. h1')
     parser.add_argument('--dir', default=os.environ.get(
         'MFTVM_CLOUD_DIR', '/var/lib/mftvm-cloud'),
         help='state directory (default $MFTVM_CLOUD_DIR or '
@@ -832,9 +869,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif args.command == 'down':
             down(args.dir)
         elif args.command == 'restart':
-            if not args.service:
+            if not args.what:
                 parser.error('restart needs a service name')
-            restart(args.dir, args.service)
+            restart(args.dir, args.what)
+        elif args.command == 'add-host':
+            if not args.what:
+                parser.error('add-host needs a host name')
+            add_host(args.dir, args.what)
         else:
             return status(args.dir)
     except LabError as e:
