@@ -431,6 +431,12 @@ def configure(lab: Lab) -> None:
         'database': {'connection': lab.db_url('nova_cell0')},
         **common,
     })
+    # Each Nova daemon logs to a file of its own (size rotation is not
+    # safe with several writers): one more config file each, whose
+    # [DEFAULT] log_file overrides nova.conf's (which nova-manage uses).
+    for name in ('nova-api', 'nova-scheduler', 'nova-conductor'):
+        write_ini(os.path.join(etc, 'nova', f'log-{name}.conf'),
+                  {'DEFAULT': oslo_log(lab, name)})
     # nova_cell1.conf: cell1's conductor, on its own vhost and database,
     # with no API database: it cannot call up (DevStack's superconductor).
     write_ini(os.path.join(etc, 'nova', 'nova_cell1.conf'), {
@@ -664,11 +670,11 @@ def start_nova(lab: Lab) -> None:
     start(lab, 'nova-api', uwsgi(lab, 'nova-api', 'nova.wsgi.osapi_compute',
                                  PORTS['nova-api']),
           OS_NOVA_CONFIG_DIR=etc,
-          OS_NOVA_CONFIG_FILES='api-paste.ini;nova.conf')
-    start(lab, 'nova-scheduler',
-          [os.path.join(BIN, 'nova-scheduler'), '--config-file', conf])
-    start(lab, 'nova-conductor',
-          [os.path.join(BIN, 'nova-conductor'), '--config-file', conf])
+          OS_NOVA_CONFIG_FILES='api-paste.ini;nova.conf;log-nova-api.conf')
+    for name in ('nova-scheduler', 'nova-conductor'):
+        start(lab, name, [os.path.join(BIN, name), '--config-file', conf,
+                          '--config-file',
+                          os.path.join(etc, f'log-{name}.conf')])
     start(lab, 'nova-cond-cell1',
           [os.path.join(BIN, 'nova-conductor'), '--config-file', cell1])
 
