@@ -8,7 +8,7 @@ the conductor of cell1, whose messages travel on their own RabbitMQ
 vhost (``nova_cell1``) as in DevStack's superconductor mode.  Run it with
 the cloud venv's Python, as root::
 
-    .cloud-venv/bin/python tools/cloud/cloudlab.py up     # ~2.5 min
+    .cloud-venv/bin/python tools/cloud/cloudlab.py up     # 1-3 min
     source /var/lib/mftvm-cloud/openrc
     openstack service list
     .cloud-venv/bin/python tools/cloud/cloudlab.py down
