@@ -1,11 +1,12 @@
 """The control plane, through the ``openstack`` CLI only.
 
-One lab for the whole class (``setUpClass``; about 2.5 minutes on two
-busy cores), brought up with mftvm-openstack installed into
-``.cloud-venv`` from a wheel built here, as an operator installs it::
+One lab for the whole class (``setUpClass``; 1-3 minutes on two shared
+cores), brought up with mftvm-openstack installed into ``.cloud-venv``
+from a wheel built here, as an operator installs it.  Tests ask it
+through the CLI only::
 
-    CLOUD = self.cloud('flavor', 'show', 'm1.ft', '-f', 'json')
-    # -> .cloud-venv/bin/openstack flavor show m1.ft -f json, as admin
+    props = self.cloud_json('flavor', 'show', 'm1.ft')['properties']
+    # runs .cloud-venv/bin/openstack flavor show m1.ft -f json, as admin
 
 The lab is named after this process (``mfc-p<pid>``): if the process
 dies before ``tearDownClass`` (a timeout's SIGKILL), the next lab's
