@@ -10,7 +10,8 @@
 #
 #   stack pre-install   QEMU packages (redis-server if asked for); the
 #                       fencing store checked
-#   stack install       the mftvm-openstack package; Redis started if asked
+#   stack install       the mftvm-openstack package (and Nova's
+#                       nova.virt.mftvm shim); Redis started if asked
 #   stack post-config   $MFTVM_CONF written; compute_driver in $NOVA_CONF
 #   stack extra         mftvm-agent started
 #   unstack             mftvm-agent stopped
@@ -82,9 +83,23 @@ function configure_mftvm_redis {
     restart_service redis-server
 }
 
+# _mftvm_shim - run the nova.virt.mftvm shim tool (install or remove)
+function _mftvm_shim {
+    local python=$MFTVM_BIN_DIR/python3
+    if [[ -x "$python" ]]; then
+        # DevStack's global venv, owned by $STACK_USER
+        "$python" -m mftvm_openstack.nova.virt_shim "$1"
+    else
+        sudo -H python3 -m mftvm_openstack.nova.virt_shim "$1"
+    fi
+}
+
 # install_mftvm - the Python package (agent, Nova driver, validators)
 function install_mftvm {
     setup_develop "$MFTVM_DIR"
+    # Nova imports its driver as nova.virt.mftvm, which an editable
+    # install cannot provide: put the shim where a wheel would.
+    _mftvm_shim install
 }
 
 # _mftvm_host - the name Nova's compute service uses on this node
@@ -183,9 +198,11 @@ function stop_mftvm_agent {
     stop_process mftvm-agent
 }
 
-# cleanup_mftvm - remove the agent's state and configuration
+# cleanup_mftvm - remove the agent's state and configuration, and the
+# shim that install_mftvm put into Nova
 function cleanup_mftvm {
     sudo rm -rf "${MFTVM_STATE_PATH:?}" "${MFTVM_CONF_DIR:?}"
+    _mftvm_shim remove || true
 }
 
 

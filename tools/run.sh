@@ -3,15 +3,22 @@
 #
 #   tools/run.sh demo    install what is needed, then run "mftvm demo"
 #   tools/run.sh test    install what is needed, then lint and run the tests
+#   tools/run.sh cloud   install what is needed, then bring up an OpenStack
+#                        control plane (tools/cloud/cloudlab.py) and say how
+#                        to use it; tools/run.sh cloud-down stops it
 #
 # Installs Debian packages with apt-get and the Python packages, pinned by
-# constraints.txt, into .venv in the source tree. Safe to run again.
+# constraints.txt, into .venv in the source tree; the cloud lab's services
+# go into .cloud-venv, pinned by tools/cloud/constraints.txt. Safe to run
+# again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job=${1:-}
 case "$job" in
-    demo|test) ;;
-    *) echo "usage: tools/run.sh demo|test" >&2; exit 2 ;;
+    demo|test|cloud) ;;
+    cloud-down)
+        exec .cloud-venv/bin/python tools/cloud/cloudlab.py down ;;
+    *) echo "usage: tools/run.sh demo|test|cloud|cloud-down" >&2; exit 2 ;;
 esac
 
 APT_PACKAGES="qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64
@@ -22,6 +29,11 @@ APT_PACKAGES="qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64
 if [ "$job" = test ]; then
     APT_PACKAGES="$APT_PACKAGES rabbitmq-server redis-server etcd-server
         libvirt-daemon-system libvirt-dev pkg-config"
+fi
+# The cloud lab (and the end-to-end tier, which runs it) starts its own
+# MariaDB and RabbitMQ in a network namespace.
+if [ "$job" = test ] || [ "$job" = cloud ]; then
+    APT_PACKAGES="$APT_PACKAGES mariadb-server rabbitmq-server"
 fi
 
 missing=""
@@ -42,6 +54,46 @@ if [ -n "$missing" ]; then
 fi
 
 PY=${PYTHON:-python3}
+
+# cloud_venv - .cloud-venv: the OpenStack services and client, pinned by
+# tools/cloud/constraints.txt (the e2e tier installs mftvm-openstack into
+# it itself)
+function cloud_venv {
+    if [ ! -x .cloud-venv/bin/python ]; then
+        echo "== creating .cloud-venv"
+        "$PY" -m venv .cloud-venv
+    fi
+    local stamp=.cloud-venv/.mftvm-installed
+    local want
+    want=$(cat tools/cloud/constraints.txt tools/cloud/requirements.txt \
+        requirements.txt | sha256sum)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        echo "== pip install into .cloud-venv" \
+             "(pinned by tools/cloud/constraints.txt)"
+        .cloud-venv/bin/pip install -q --disable-pip-version-check \
+            -c tools/cloud/constraints.txt -r tools/cloud/requirements.txt \
+            -r requirements.txt
+        echo "$want" > "$stamp"
+    fi
+}
+
+# cloud_wheel - mftvm-openstack into .cloud-venv as an operator installs
+# it: from a built wheel
+function cloud_wheel {
+    echo "== mftvm-openstack into .cloud-venv from a built wheel"
+    rm -rf build/cloud-wheel
+    .cloud-venv/bin/pip wheel -q --disable-pip-version-check --no-deps \
+        --no-build-isolation -w build/cloud-wheel .
+    .cloud-venv/bin/pip install -q --disable-pip-version-check --no-deps \
+        --force-reinstall build/cloud-wheel/mftvm_openstack-*.whl
+}
+
+if [ "$job" = cloud ]; then
+    cloud_venv
+    cloud_wheel
+    exec .cloud-venv/bin/python tools/cloud/cloudlab.py up
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "== creating .venv"
     "$PY" -m venv .venv
@@ -65,11 +117,13 @@ fi
 if [ "$job" = demo ]; then
     exec .venv/bin/mftvm demo
 fi
+# The end-to-end tier (tests/e2e) runs the cloud lab from .cloud-venv.
+cloud_venv
 
 echo "== ruff"
-.venv/bin/ruff check mftvm_openstack tests benchmarks
+.venv/bin/ruff check mftvm_openstack tests benchmarks tools
 echo "== mypy"
-.venv/bin/mypy mftvm_openstack
+.venv/bin/mypy mftvm_openstack tools/cloud
 echo "== stestr"
 rm -rf .stestr
 rc=0

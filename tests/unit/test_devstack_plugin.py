@@ -29,7 +29,6 @@ SCRIPTS = [os.path.join(PLUGIN_DIR, name) for name in ('settings',
 # An all-in-one node: controller and compute, as in DevStack's defaults.
 HOST_IP = '10.0.0.11'
 HOSTNAME = 'hv1'
-EXEC_PREFIX = '/opt/stack/data/venv/bin'
 AIO_SERVICES = ('key,n-api,n-cond,n-sch,n-cpu,placement-api,q-svc,'
                 'g-api,rabbit,mysql,etcd3')
 CONTROLLER_SERVICES = ('key,n-api,n-cond,n-sch,placement-api,g-api,rabbit,'
@@ -84,11 +83,24 @@ class DevStackPluginTest(testtools.TestCase):
         self.state = os.path.join(self.tmp, 'var', 'lib', 'mftvm')
         self.nova_conf = os.path.join(self.tmp, 'nova.conf')
         self.redis_conf = os.path.join(self.tmp, 'redis.conf')
+        # DevStack's global venv
+        self.exec_prefix = self.fake_python()
         with open(self.nova_conf, 'w') as f:
             f.write('[DEFAULT]\ncompute_driver = libvirt.LibvirtDriver\n'
                     'my_ip = 10.0.0.11\n\n[libvirt]\nvirt_type = qemu\n')
         with open(self.redis_conf, 'w') as f:
             f.write('port 6379\nbind 127.0.0.1 -::1\n')
+
+    def fake_python(self):
+        """A python3 in the exec prefix that only logs its arguments."""
+        bin_dir = os.path.join(self.tmp, 'venv-bin')
+        os.makedirs(bin_dir, exist_ok=True)
+        path = os.path.join(bin_dir, 'python3')
+        with open(path, 'w') as f:
+            f.write('#!/bin/bash\n(IFS=$\'\\t\'; '
+                    'printf "python3\\t%s\\n" "$*") >> "$MFTVM_TEST_LOG"\n')
+        os.chmod(path, 0o755)
+        return bin_dir
 
     def env(self, **overrides):
         env = {
@@ -99,7 +111,7 @@ class DevStackPluginTest(testtools.TestCase):
             'MFTVM_TEST_LOG': self.log,
             'MFTVM_TEST_PYTHON': sys.executable,
             'MFTVM_TEST_HOSTNAME': HOSTNAME,
-            'MFTVM_TEST_EXEC_PREFIX': EXEC_PREFIX,
+            'MFTVM_TEST_EXEC_PREFIX': self.exec_prefix,
             'MFTVM_TEST_GROUPS': 'kvm libvirt',
             # DevStack's own variables
             'DEST': '/opt/stack',
@@ -177,7 +189,7 @@ class DevStackPluginTest(testtools.TestCase):
         s = self.settings(MFTVM_CONF_DIR=None, MFTVM_STATE_PATH=None,
                           MFTVM_REDIS_CONF=None, SERVICE_HOST='10.0.0.5')
         self.assertEqual('/opt/stack/mftvm-openstack', s['MFTVM_DIR'])
-        self.assertEqual(EXEC_PREFIX, s['MFTVM_BIN_DIR'])
+        self.assertEqual(self.exec_prefix, s['MFTVM_BIN_DIR'])
         self.assertEqual('/etc/mftvm', s['MFTVM_CONF_DIR'])
         self.assertEqual('/etc/mftvm/mftvm.conf', s['MFTVM_CONF'])
         self.assertEqual('/var/lib/mftvm', s['MFTVM_STATE_PATH'])
@@ -291,6 +303,13 @@ class DevStackPluginTest(testtools.TestCase):
         self.phase('stack', 'install')
         self.assertEqual([('/opt/stack/mftvm-openstack',)],
                          self.calls('setup_develop'))
+        # the editable install cannot give Nova nova.virt.mftvm: the
+        # shim goes where a wheel puts it, after the package
+        self.assertEqual([('-m', 'mftvm_openstack.nova.virt_shim', 'install')],
+                         self.calls('python3'))
+        self.assertEqual(['setup_develop', 'python3'],
+                         [c[0] for c in self.calls()
+                          if c[0] in ('setup_develop', 'python3')])
         self.assertEqual([], self.calls('restart_service'))
 
     def test_install_with_redis(self):
@@ -441,7 +460,7 @@ class DevStackPluginTest(testtools.TestCase):
         self.phase('stack', 'extra')
         self.assertEqual(
             [('mftvm-agent',
-              f'{EXEC_PREFIX}/mftvm-agent --config-file {self.conf}')],
+              f'{self.exec_prefix}/mftvm-agent --config-file {self.conf}')],
             self.calls('run_process'))
 
     def test_extra_agent_not_started_when_disabled(self):
@@ -473,6 +492,8 @@ class DevStackPluginTest(testtools.TestCase):
         with open(self.conf, 'w') as f:
             f.write('[DEFAULT]\n')
         self.phase('clean')
+        self.assertEqual([('-m', 'mftvm_openstack.nova.virt_shim', 'remove')],
+                         self.calls('python3'))
         self.assertFalse(os.path.exists(self.state))
         self.assertFalse(os.path.exists(self.conf_dir))
         self.assertTrue(os.path.exists(self.nova_conf))
@@ -481,15 +502,16 @@ class DevStackPluginTest(testtools.TestCase):
 
     def test_phases_do_only_their_own_work(self):
         work = ('install_package', 'setup_develop', 'restart_service',
-                'iniset', 'run_process', 'stop_process')
+                'iniset', 'run_process', 'stop_process', 'python3')
         expected = {
             ('stack', 'pre-install'): {'install_package'},
-            ('stack', 'install'): {'setup_develop', 'restart_service'},
+            ('stack', 'install'): {'setup_develop', 'restart_service',
+                                   'python3'},
             ('stack', 'post-config'): {'iniset'},
             ('stack', 'extra'): {'run_process'},
             ('stack', 'test-config'): set(),
             ('unstack',): {'stop_process'},
-            ('clean',): set(),
+            ('clean',): {'python3'},
         }
         for phase, names in expected.items():
             self.reset()

@@ -1,0 +1,318 @@
+"""The control plane, through the ``openstack`` CLI only.
+
+One lab for the whole class (``setUpClass``; 1-3 minutes on two shared
+cores), brought up with mftvm-openstack installed into ``.cloud-venv``
+from a wheel built here, as an operator installs it.  Tests ask it
+through the CLI only::
+
+    props = self.cloud_json('flavor', 'show', 'm1.ft')['properties']
+    # runs .cloud-venv/bin/openstack flavor show m1.ft -f json, as admin
+
+The lab is named after this process (``mfc-p<pid>``): if the process
+dies before ``tearDownClass`` (a timeout's SIGKILL), the next lab's
+set-up removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import testtools
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+VENV_BIN = os.path.join(ROOT, '.cloud-venv', 'bin')
+PYTHON = os.path.join(VENV_BIN, 'python')
+PIP = [PYTHON, '-m', 'pip', '--disable-pip-version-check', '-q']
+CLOUDLAB = os.path.join(ROOT, 'tools', 'cloud', 'cloudlab.py')
+#: flavor extra specs are checked by the API from this microversion on
+VALIDATED = '2.86'
+CLI_TIMEOUT = 300
+
+
+def _run(argv: list[str], timeout: float = CLI_TIMEOUT,
+         **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def _checked(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    result = _run(argv, **kwargs)
+    if result.returncode:
+        raise AssertionError(f'{" ".join(argv)} exited {result.returncode}'
+                             f':\n{result.stdout}\n{result.stderr}')
+    return result
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class CloudTest(testtools.TestCase):
+    """Keystone, Nova's flavor validators and Glance, as a user sees them.
+    """
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        if os.geteuid() != 0:
+            raise RuntimeError('the e2e tier needs root (network namespaces)')
+        if not os.path.exists(PYTHON):
+            raise RuntimeError(f'no {PYTHON}: run tools/run.sh test, which '
+                               f'makes .cloud-venv')
+        cls.tmp = tempfile.mkdtemp(prefix='mftvm-e2e-')
+        cls.lab_dir = os.path.join(cls.tmp, 'lab')
+        try:
+            cls.wheel = cls._install_wheel()
+            with open(os.path.join(cls.tmp, 'up.log'), 'w') as out:
+                result = subprocess.run(
+                    [PYTHON, CLOUDLAB, 'up', '--dir', cls.lab_dir,
+                     '--name', f'p{os.getpid()}'],
+                    stdout=out, stderr=subprocess.STDOUT, timeout=900)
+            if result.returncode:
+                with open(os.path.join(cls.tmp, 'up.log')) as f:
+                    raise RuntimeError(f'cloudlab up failed:\n'
+                                       f'{f.read()[-6000:]}')
+        except BaseException:
+            cls._tear_down()
+            raise
+        cls.env = cls._openrc()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls._tear_down()
+        super().tearDownClass()
+
+    @classmethod
+    def _tear_down(cls) -> None:
+        # cloudlab down ends every process in the lab's namespace.
+        if os.path.exists(os.path.join(cls.lab_dir, 'lab.json')):
+            _run([PYTHON, CLOUDLAB, 'down', '--dir', cls.lab_dir])
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    @classmethod
+    def _install_wheel(cls) -> str:
+        """mftvm-openstack into .cloud-venv, from a wheel built here."""
+        out = os.path.join(cls.tmp, 'wheel')
+        _checked([*PIP, 'wheel', '--no-deps', '--no-build-isolation',
+                  '-w', out, ROOT], cwd=cls.tmp)
+        (wheel,) = [os.path.join(out, name) for name in os.listdir(out)]
+        _checked([*PIP, 'install', '--no-deps', '--force-reinstall', wheel])
+        return wheel
+
+    @classmethod
+    def _openrc(cls) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith('OS_')}
+        env['PATH'] = f'{VENV_BIN}:{env.get("PATH", os.defpath)}'
+        with open(os.path.join(cls.lab_dir, 'openrc')) as f:
+            for line in f:
+                key, _, value = line.removeprefix('export ').strip(
+                    ).partition('=')
+                if key.startswith('OS_'):
+                    env[key] = value
+        return env
+
+    def cloud(self, *args: str, check: bool = True,
+              microversion: str | None = None) -> subprocess.CompletedProcess:
+        """``openstack ARGS`` as the lab's admin."""
+        argv = [os.path.join(VENV_BIN, 'openstack')]
+        if microversion:
+            argv += ['--os-compute-api-version', microversion]
+        argv += list(args)
+        result = _run(argv, env=self.env, cwd=self.tmp)
+        if check and result.returncode:
+            self.fail(f'openstack {" ".join(args)} exited '
+                      f'{result.returncode}:\n{result.stderr[-3000:]}')
+        return result
+
+    def cloud_json(self, *args: str, **kwargs):
+        return json.loads(self.cloud(*args, '-f', 'json', **kwargs).stdout)
+
+    def flavor(self, name: str, *properties: str) -> dict:
+        args = ['flavor', 'create', '--ram', '128', '--disk', '1',
+                '--vcpus', '1']
+        for prop in properties:
+            args += ['--property', prop]
+        self.cloud(*args, name, microversion=VALIDATED)
+        self.addCleanup(self.cloud, 'flavor', 'delete', name, check=False)
+        return self.cloud_json('flavor', 'show', name)['properties']
+
+    # -- Keystone and Nova's services ------------------------------------
+
+    def test_token_issue(self):
+        token = self.cloud_json('token', 'issue')
+        self.assertTrue(token['id'])
+        self.assertTrue(token['expires'])
+        self.assertTrue(token['project_id'])
+
+    def test_superconductor_topology(self):
+        # DevStack's default: a super-conductor (API level) and cell1's
+        # own conductor, each registered, and the scheduler.
+        services = self.cloud_json('compute', 'service', 'list')
+        binaries = sorted(s['Binary'] for s in services)
+        self.assertEqual(['nova-conductor', 'nova-conductor',
+                          'nova-scheduler'], binaries)
+        self.assertEqual({'up'}, {s['State'] for s in services})
+        catalog = {e['Type'] for e in self.cloud_json('catalog', 'list')}
+        self.assertLessEqual({'identity', 'image', 'compute', 'placement'},
+                             catalog)
+
+    def test_a_host_namespace_reaches_the_control_plane(self):
+        # Where compute hosts will live: a namespace on the lab's bridge.
+        _checked([PYTHON, CLOUDLAB, 'add-host', 'h1', '--dir',
+                  self.lab_dir])
+        ns = f'mfc-p{os.getpid()}-h1'
+        addr = _checked(['ip', '-n', ns, '-4', '-o', 'addr', 'show',
+                         'eth0']).stdout
+        self.assertIn(' 10.78.', addr)
+        token = _checked(['ip', 'netns', 'exec', ns,
+                          os.path.join(VENV_BIN, 'openstack'), 'token',
+                          'issue', '-f', 'value', '-c', 'id'],
+                         env=self.env, cwd=self.tmp).stdout.strip()
+        self.assertTrue(token)
+        status = _checked([PYTHON, CLOUDLAB, 'status', '--dir',
+                           self.lab_dir]).stdout
+        self.assertIn(f'namespace {ns}', status)
+
+    # -- flavor extra specs (mftvm_openstack.nova.extra_specs) -----------
+
+    def test_ft_flavor_accepted(self):
+        properties = self.flavor('m1.ft', 'ft:enabled=true',
+                                 'ft:epoch_ms=100',
+                                 'ft:disk_sync=write-replication')
+        self.assertEqual({'ft:enabled': 'true', 'ft:epoch_ms': '100',
+                          'ft:disk_sync': 'write-replication'}, properties)
+
+    def test_bad_ft_values_refused_with_400(self):
+        self.flavor('m1.ft-bad', 'ft:enabled=true')
+        for prop, says in (
+                ('ft:epoch_ms=abc', "'ft:epoch_ms': 'abc' is not an integer"),
+                ('ft:epoch_ms=5', "'ft:epoch_ms': 5 is out of range"),
+                ('ft:enabled=maybe', "'ft:enabled': 'maybe' is not a boolean"),
+                ('ft:disk_sync=later', "'ft:disk_sync'"),
+                ('ft:nosuchkey=1', 'ft:nosuchkey')):
+            result = self.cloud('flavor', 'set', '--property', prop,
+                                'm1.ft-bad', check=False,
+                                microversion=VALIDATED)
+            self.assertNotEqual(0, result.returncode, prop)
+            self.assertIn('400', result.stderr, prop)
+            self.assertIn(says, result.stderr, prop)
+        self.assertEqual(
+            {'ft:enabled': 'true'},
+            self.cloud_json('flavor', 'show', 'm1.ft-bad')['properties'])
+
+    def test_bad_ft_value_in_flavor_create_refused(self):
+        # python-openstackclient creates the flavor, then sets its
+        # properties; when Nova refuses them it logs the 400 and still
+        # exits 0, leaving a flavor without them (not one that says ft).
+        result = self.cloud('flavor', 'create', '--ram', '128', '--disk',
+                            '1', '--property', 'ft:enabled=maybe',
+                            'm1.ft-create-bad', check=False,
+                            microversion=VALIDATED)
+        self.addCleanup(self.cloud, 'flavor', 'delete', 'm1.ft-create-bad',
+                        check=False)
+        self.assertIn('400', result.stderr)
+        self.assertIn("'ft:enabled': 'maybe' is not a boolean",
+                      result.stderr)
+        self.assertEqual(
+            {}, self.cloud_json('flavor', 'show',
+                                'm1.ft-create-bad')['properties'])
+
+    def test_ft_values_unchecked_before_2_86(self):
+        # Nova checks extra specs only from 2.86 on; older clients can
+        # still store a bad value (a build re-checks it: ft_request).
+        self.flavor('m1.ft-old')
+        self.cloud('flavor', 'set', '--property', 'ft:epoch_ms=abc',
+                   'm1.ft-old', microversion='2.85')
+        self.assertEqual(
+            {'ft:epoch_ms': 'abc'},
+            self.cloud_json('flavor', 'show', 'm1.ft-old')['properties'])
+
+    # -- an editable install, as DevStack's setup_develop makes ----------
+
+    def test_editable_install_loads_validators_and_driver(self):
+        self.addCleanup(_checked, [*PIP, 'install', '--no-deps',
+                                   '--force-reinstall', self.wheel])
+        _checked([*PIP, 'install', '--no-deps', '-e', ROOT], cwd=self.tmp)
+        driver = ('from oslo_utils import importutils; '
+                  'cls = importutils.import_class('
+                  '"nova.virt.mftvm.FTLibvirtDriver"); '
+                  'print(cls.__module__, sys.modules[cls.__module__]'
+                  '.__file__)')
+        probe = [PYTHON, '-c', 'import sys; ' + driver]
+        # Nova's import of its driver, from outside the source tree: the
+        # editable finder alone cannot serve nova.virt.mftvm...
+        result = _run(probe, cwd='/')
+        self.assertNotEqual(0, result.returncode)
+        self.assertIn("No module named 'nova.virt.mftvm'", result.stderr)
+        # ...the shim, put where a wheel puts it, can.
+        _checked([PYTHON, '-m', 'mftvm_openstack.nova.virt_shim',
+                  'install'], cwd='/')
+        out = _checked(probe, cwd='/').stdout.split()
+        self.assertEqual(['mftvm_openstack.nova.driver',
+                          os.path.join(ROOT, 'mftvm_openstack', 'nova',
+                                       'driver.py')], out)
+        # nova-api, restarted on the editable install, loads the
+        # validators from the source tree.
+        _checked([PYTHON, CLOUDLAB, 'restart', 'nova-api', '--dir',
+                  self.lab_dir])
+        self.flavor('m1.ft-editable', 'ft:enabled=true')
+        result = self.cloud('flavor', 'set', '--property', 'ft:epoch_ms=5',
+                            'm1.ft-editable', check=False,
+                            microversion=VALIDATED)
+        self.assertIn('400', result.stderr)
+        self.assertIn("'ft:epoch_ms': 5 is out of range", result.stderr)
+
+    # -- Glance: the project's own guest image ---------------------------
+
+    def test_guest_image_uploaded_as_kernel_ramdisk_and_disk(self):
+        build = _checked([PYTHON, '-m', 'mftvm_openstack.images.builder',
+                          os.path.join(self.tmp, 'images')], cwd=self.tmp)
+        parts = dict(line.split(' ', 1) for line in
+                     build.stdout.splitlines())
+        disk = os.path.join(self.tmp, 'images', 'disk.raw')
+        with open(disk, 'wb') as f:
+            f.truncate(64 << 20)
+        kernel = self.cloud_json(
+            'image', 'create', '--disk-format', 'aki', '--container-format',
+            'aki', '--file', parts['kernel'], 'mftvm-kernel')
+        self.addCleanup(self.cloud, 'image', 'delete', kernel['id'],
+                        check=False)
+        ramdisk = self.cloud_json(
+            'image', 'create', '--disk-format', 'ari', '--container-format',
+            'ari', '--file', parts['initrd'], 'mftvm-ramdisk')
+        self.addCleanup(self.cloud, 'image', 'delete', ramdisk['id'],
+                        check=False)
+        guest = self.cloud_json(
+            'image', 'create', '--disk-format', 'raw', '--container-format',
+            'bare', '--file', disk, '--property',
+            f'kernel_id={kernel["id"]}', '--property',
+            f'ramdisk_id={ramdisk["id"]}', 'mftvm-guest')
+        self.addCleanup(self.cloud, 'image', 'delete', guest['id'],
+                        check=False)
+
+        shown = self.cloud_json('image', 'show', guest['id'])
+        self.assertEqual('active', shown['status'])
+        self.assertEqual(64 << 20, shown['size'])
+        self.assertEqual(kernel['id'], shown['properties']['kernel_id'])
+        self.assertEqual(ramdisk['id'], shown['properties']['ramdisk_id'])
+        for image, source in ((kernel, parts['kernel']),
+                              (ramdisk, parts['initrd'])):
+            saved = os.path.join(self.tmp, f'{image["id"]}.saved')
+            self.cloud('image', 'save', '--file', saved, image['id'])
+            self.assertEqual(_sha256(source), _sha256(saved), image['name'])
+
+
+if __name__ == '__main__':
+    sys.exit('run with stestr: tests/e2e needs .cloud-venv and root')

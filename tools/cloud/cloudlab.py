@@ -1,0 +1,894 @@
+"""A real OpenStack control plane on one machine, in a network namespace.
+
+Brings up, from the Python packages of ``.cloud-venv`` (PyPI releases
+pinned by ``tools/cloud/constraints.txt``) and Debian's MariaDB and
+RabbitMQ, the services of DevStack's default topology: Keystone, Glance
+(file store), Placement, and Nova's API, super-conductor, scheduler and
+the conductor of cell1, whose messages travel on their own RabbitMQ
+vhost (``nova_cell1``) as in DevStack's superconductor mode.  Run it with
+the cloud venv's Python, as root::
+
+    .cloud-venv/bin/python tools/cloud/cloudlab.py up     # 1-3 min
+    source /var/lib/mftvm-cloud/openrc
+    openstack service list
+    .cloud-venv/bin/python tools/cloud/cloudlab.py down
+
+(``tools/run.sh cloud`` and ``tools/run.sh cloud-down`` do the same
+after installing what is needed.)
+
+Everything lives under ``--dir``: configuration, databases, logs (each
+bounded by size), images, the admin's ``openrc``.  Every daemon runs at
+``nice 10`` inside the namespace ``mfc-<name>``, whose bridge ``br0``
+(``10.78.N.1/24``) the root namespace reaches through a veth
+(``10.78.N.254``); compute hosts are meant to join that bridge, each in
+its own namespace (doc/cloud-lab.rst).  ``down`` ends every process in
+the namespace, then removes it: nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any, Optional
+
+IP = shutil.which('ip') or '/usr/sbin/ip'
+NET_PREFIX = '10.78'            # control networks are NET_PREFIX.N.0/24
+LOCK_PATH = '/tmp/mftvm-cloud.lock'
+NAME_RE = re.compile(r'^[a-z0-9]{1,10}$')
+# Labs of the e2e tier are named after their test process; a lab whose
+# process is dead is removed by the next `up`.
+OWNED_NAME_RE = re.compile(r'^mfc-p(\d+)(-[a-z0-9]+)?$')
+HOST_RE = re.compile(r'^[a-z][a-z0-9]{0,7}$')
+FIRST_HOST_OCTET = 11
+
+VENV = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
+BIN = os.path.join(VENV, 'bin')
+
+# Debian's daemons, run as root with our own paths (no systemd here).
+MARIADB_INSTALL_DB = '/usr/bin/mariadb-install-db'
+MARIADBD = '/usr/sbin/mariadbd'
+MARIADB = '/usr/bin/mariadb'
+EPMD = shutil.which('epmd') or '/usr/bin/epmd'
+# Under /usr/sbin they su to the rabbitmq user and force its config.
+RABBITMQ_SERVER = '/usr/lib/rabbitmq/bin/rabbitmq-server'
+RABBITMQCTL = '/usr/lib/rabbitmq/bin/rabbitmqctl'
+
+PORTS = {'keystone': 5000, 'glance': 9292, 'placement': 8778,
+         'nova-api': 8774, 'rabbit': 5672, 'mysql': 3306}
+SERVICE_USERS = ('glance', 'placement', 'nova')
+LOG_MAX_MB = 10                 # per log file, two files kept
+START_TIMEOUT = 300.0
+
+
+class LabError(Exception):
+    """The lab cannot be brought up; the message says what failed."""
+
+
+def log(msg: str) -> None:
+    print(f'[cloudlab {time.strftime("%H:%M:%S")}] {msg}', flush=True)
+
+
+# -- the state of one lab ------------------------------------------------
+
+
+class Lab:
+    """One control plane: its directory, namespace, addresses, secrets.
+
+    ``lab.json`` in the directory (mode 0600) remembers what ``down``
+    needs: the namespace, the subnet and the passwords.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = os.path.abspath(state_dir)
+        self.state_file = os.path.join(self.dir, 'lab.json')
+        self.state: dict[str, Any] = {}
+        if os.path.exists(self.state_file):
+            with open(self.state_file) as f:
+                self.state = json.load(f)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    def save(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = self.state_file + '.tmp'
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                          0o600), 'w') as f:
+            json.dump(self.state, f, indent=1)
+        os.replace(tmp, self.state_file)
+
+    @property
+    def ns(self) -> str:
+        return self.state['ns']
+
+    @property
+    def ip(self) -> str:
+        """The control plane's address (the bridge in its namespace)."""
+        return f'{NET_PREFIX}.{self.state["subnet"]}.1'
+
+    @property
+    def root_ip(self) -> str:
+        return f'{NET_PREFIX}.{self.state["subnet"]}.254'
+
+    def password(self, who: str) -> str:
+        return self.state['passwords'][who]
+
+    def db_url(self, db: str) -> str:
+        return (f'mysql+pymysql://cloud:{self.password("mysql")}'
+                f'@127.0.0.1:{PORTS["mysql"]}/{db}?charset=utf8')
+
+    def rabbit_url(self, vhost: str = '') -> str:
+        return (f'rabbit://cloud:{self.password("rabbit")}@{self.ip}:'
+                f'{PORTS["rabbit"]}/{vhost}')
+
+    def url(self, service: str) -> str:
+        return f'http://{self.ip}:{PORTS[service]}'
+
+
+# -- processes -----------------------------------------------------------
+
+
+def run(argv: list[str], ns: Optional[str] = None, check: bool = True,
+        **kwargs: Any) -> subprocess.CompletedProcess:
+    if ns is not None:
+        argv = [IP, 'netns', 'exec', ns, *argv]
+    kwargs.setdefault('capture_output', True)
+    kwargs.setdefault('text', True)
+    result = subprocess.run(argv, **kwargs)
+    if check and result.returncode:
+        raise LabError(f'{" ".join(argv)} failed ({result.returncode}):\n'
+                       f'{result.stdout}{result.stderr}')
+    return result
+
+
+def start(lab: Lab, name: str, argv: list[str], **env: str) -> int:
+    """Start a daemon in the lab's namespace at nice 10, with
+    :func:`service_env` plus ``env``; its output goes to
+    ``log/<name>.out`` (start-up and crash messages only: each service
+    logs to its own size-bounded file).  ``lab.json`` keeps how it was
+    started, for :func:`restart`."""
+    out_path = lab.path('log', f'{name}.out')
+    with open(out_path, 'ab') as out:
+        proc = subprocess.Popen(
+            [IP, 'netns', 'exec', lab.ns, 'nice', '-n', '10', *argv],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env=service_env(lab, **env), cwd=lab.dir,
+            start_new_session=True)
+    lab.state.setdefault('pids', {})[name] = proc.pid
+    lab.state.setdefault('how', {})[name] = {'argv': argv, 'env': env}
+    lab.save()
+    return proc.pid
+
+
+def stop(pid: int, grace: float = 15.0) -> None:
+    """SIGTERM ``pid``'s process group, SIGKILL it after ``grace`` s."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + wait
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not alive(pid):
+            return
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        with open(f'/proc/{pid}/stat') as f:
+            if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                return False
+    return True
+
+
+def wait_for(what: str, predicate: Callable[[], Any], lab: Lab,
+             name: Optional[str] = None,
+             timeout: float = START_TIMEOUT) -> None:
+    """Poll ``predicate`` until true; fail early if daemon ``name`` died."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        pid = lab.state.get('pids', {}).get(name) if name else None
+        if pid is not None and not alive(pid):
+            raise LabError(f'{name} exited while waiting for {what}:\n'
+                           f'{tail(lab.path("log", f"{name}.out"))}')
+        if time.monotonic() > deadline:
+            raise LabError(f'timed out after {timeout:.0f}s waiting for '
+                           f'{what}')
+        time.sleep(0.5)
+
+
+def tail(path: str, lines: int = 40) -> str:
+    try:
+        with open(path, errors='replace') as f:
+            return ''.join(f.readlines()[-lines:])
+    except OSError as e:
+        return str(e)
+
+
+def tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_up(url: str) -> bool:
+    """Does ``url`` answer HTTP at all (any status)?"""
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+# -- the namespace -------------------------------------------------------
+
+
+def ns_pids(ns: str) -> list[int]:
+    out = run([IP, 'netns', 'pids', ns], check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def kill_namespace(ns: str, grace: float = 15.0) -> None:
+    """SIGTERM every process in ``ns``, SIGKILL what is left after
+    ``grace`` seconds, then delete the namespace and its links."""
+    if not os.path.exists(f'/run/netns/{ns}'):
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        for pid in ns_pids(ns):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and \
+                any(alive(p) for p in ns_pids(ns)):
+            time.sleep(0.2)
+    run([IP, 'netns', 'del', ns], check=False)
+
+
+def reap_stale() -> None:
+    """Remove labs of e2e test processes that died without cleaning up."""
+    for line in run([IP, 'netns', 'list'], check=False).stdout.split('\n'):
+        match = OWNED_NAME_RE.match(line.split(' ')[0])
+        if match and not alive(int(match.group(1))):
+            log(f'removing stale lab {match.group(0)}')
+            kill_namespace(match.group(0), grace=2.0)
+
+
+def make_namespace(lab: Lab) -> None:
+    """The namespace with bridge br0 at .1 and a veth to the root at .254;
+    the subnet is picked under a lock so that labs never share one."""
+    with open(LOCK_PATH, 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        reap_stale()
+        if os.path.exists(f'/run/netns/{lab.ns}'):
+            raise LabError(f'namespace {lab.ns} exists: another lab of this '
+                           f'name is up (cloudlab.py down --dir ...)')
+        addrs = run([IP, '-o', '-4', 'addr', 'show']).stdout
+        free = [n for n in range(1, 254)
+                if f' {NET_PREFIX}.{n}.' not in addrs]
+        if not free:
+            raise LabError(f'no free {NET_PREFIX}.N.0/24')
+        lab.state['subnet'] = free[0]
+        lab.save()
+        ns, veth = lab.ns, f'mfc{free[0]}r'
+        run([IP, 'netns', 'add', ns])
+        run([IP, '-n', ns, 'link', 'set', 'lo', 'up'])
+        run([IP, '-n', ns, 'link', 'add', 'br0', 'type', 'bridge'])
+        run([IP, '-n', ns, 'addr', 'add', f'{lab.ip}/24', 'dev', 'br0'])
+        run([IP, '-n', ns, 'link', 'set', 'br0', 'up'])
+        run([IP, 'link', 'add', veth, 'type', 'veth', 'peer', 'name',
+             'up0', 'netns', ns])
+        run([IP, 'addr', 'add', f'{lab.root_ip}/24', 'dev', veth])
+        run([IP, 'link', 'set', veth, 'up'])
+        run([IP, '-n', ns, 'link', 'set', 'up0', 'master', 'br0', 'up'])
+
+
+# -- configuration files -------------------------------------------------
+
+
+def write_ini(path: str, sections: dict[str, dict[str, Any]]) -> None:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+              'w') as f:
+        for section, options in sections.items():
+            f.write(f'[{section}]\n')
+            for key, value in options.items():
+                f.write(f'{key} = {value}\n')
+            f.write('\n')
+
+
+def oslo_log(lab: Lab, name: str) -> dict[str, Any]:
+    """[DEFAULT] options: log to a file that rotates by size."""
+    return {'log_file': lab.path('log', f'{name}.log'),
+            'log_rotation_type': 'size',
+            'max_logfile_size_mb': LOG_MAX_MB, 'max_logfile_count': 2,
+            'debug': False}
+
+
+def authtoken(lab: Lab, user: str) -> dict[str, Any]:
+    return {'www_authenticate_uri': lab.url('keystone'),
+            'auth_url': lab.url('keystone'), 'auth_type': 'password',
+            'project_domain_name': 'Default', 'user_domain_name': 'Default',
+            'project_name': 'service', 'username': user,
+            'password': lab.password(user),
+            'memcached_servers': ''}
+
+
+def service_auth(lab: Lab, user: str) -> dict[str, Any]:
+    """Credentials a service uses to call another (nova -> placement)."""
+    return {'auth_type': 'password', 'auth_url': lab.url('keystone'),
+            'project_domain_name': 'Default', 'user_domain_name': 'Default',
+            'project_name': 'service', 'username': user,
+            'password': lab.password(user), 'region_name': 'RegionOne'}
+
+
+def uwsgi(lab: Lab, name: str, module: str, port: int,
+          extra: tuple[str, ...] = ()) -> list[str]:
+    """uwsgi serving ``module:application`` over HTTP on ``port``.
+
+    One process, two threads: enough for a lab, and light on a small
+    machine.  ``--log-maxsize`` bounds its log.  uwsgi's http-socket
+    does not keep connections alive, so every answer says so (as
+    DevStack's uwsgi configuration does); clients that reuse a
+    connection would otherwise see it reset.
+    """
+    return [os.path.join(BIN, 'uwsgi'), '--master', '--die-on-term',
+            '--need-app', '--enable-threads', '--lazy-apps',
+            '--processes', '1', '--threads', '2',
+            '--http-socket', f'0.0.0.0:{port}', '--module',
+            f'{module}:application', '--buffer-size', '65535',
+            '--logto', lab.path('log', f'{name}-uwsgi.log'),
+            '--log-maxsize', str(LOG_MAX_MB * 1024 * 1024),
+            '--disable-logging', '--add-header', 'Connection: close',
+            *extra]
+
+
+def configure(lab: Lab) -> None:
+    ip = lab.ip
+    etc = lab.path('etc')
+    venv_etc = os.path.join(VENV, 'etc')
+    for d in ('keystone', 'glance', 'placement', 'nova'):
+        os.makedirs(os.path.join(etc, d), exist_ok=True)
+    lock_path = lab.path('lock')
+    os.makedirs(lock_path, exist_ok=True)
+
+    write_ini(os.path.join(etc, 'keystone', 'keystone.conf'), {
+        'DEFAULT': oslo_log(lab, 'keystone'),
+        'database': {'connection': lab.db_url('keystone')},
+        'token': {'provider': 'fernet'},
+        'fernet_tokens': {'key_repository': lab.path('keystone', 'fernet')},
+        'credential': {'key_repository': lab.path('keystone', 'credential')},
+    })
+
+    shutil.copy(os.path.join(venv_etc, 'glance', 'glance-api-paste.ini'),
+                os.path.join(etc, 'glance'))
+    write_ini(os.path.join(etc, 'glance', 'glance-api.conf'), {
+        'DEFAULT': {**oslo_log(lab, 'glance'),
+                    'enabled_backends': 'file:file',
+                    'bind_host': ip,
+                    'worker_self_reference_url': lab.url('glance')},
+        'glance_store': {'default_backend': 'file'},
+        'file': {'filesystem_store_datadir': lab.path('glance', 'images')},
+        'os_glance_staging_store': {
+            'filesystem_store_datadir': lab.path('glance', 'staging')},
+        'os_glance_tasks_store': {
+            'filesystem_store_datadir': lab.path('glance', 'tasks')},
+        'database': {'connection': lab.db_url('glance')},
+        'keystone_authtoken': authtoken(lab, 'glance'),
+        'paste_deploy': {'flavor': 'keystone'},
+        'oslo_concurrency': {'lock_path': lock_path},
+    })
+
+    write_ini(os.path.join(etc, 'placement', 'placement.conf'), {
+        'DEFAULT': oslo_log(lab, 'placement'),
+        'placement_database': {'connection': lab.db_url('placement')},
+        'api': {'auth_strategy': 'keystone'},
+        'keystone_authtoken': authtoken(lab, 'placement'),
+    })
+
+    # nova.conf: the API, the super-conductor and the scheduler (API
+    # database, cell0, the top-level vhost "/").
+    shutil.copy(os.path.join(venv_etc, 'nova', 'api-paste.ini'),
+                os.path.join(etc, 'nova'))
+    common = {
+        'keystone_authtoken': authtoken(lab, 'nova'),
+        'placement': service_auth(lab, 'placement'),
+        'glance': {'api_servers': lab.url('glance')},
+        'oslo_concurrency': {'lock_path': lock_path},
+        'conductor': {'workers': 1},
+        'scheduler': {'workers': 1},
+        'api': {'auth_strategy': 'keystone'},
+        'wsgi': {'api_paste_config': os.path.join(etc, 'nova',
+                                                  'api-paste.ini')},
+        'oslo_messaging_notifications': {'driver': 'noop'},
+    }
+    write_ini(os.path.join(etc, 'nova', 'nova.conf'), {
+        'DEFAULT': {**oslo_log(lab, 'nova'), 'my_ip': ip,
+                    'transport_url': lab.rabbit_url(),
+                    'osapi_compute_workers': 1},
+        'api_database': {'connection': lab.db_url('nova_api')},
+        'database': {'connection': lab.db_url('nova_cell0')},
+        **common,
+    })
+    # Each Nova daemon logs to a file of its own (size rotation is not
+    # safe with several writers): one more config file each, whose
+    # [DEFAULT] log_file overrides nova.conf's (which nova-manage uses).
+    for name in ('nova-api', 'nova-scheduler', 'nova-conductor'):
+        write_ini(os.path.join(etc, 'nova', f'log-{name}.conf'),
+                  {'DEFAULT': oslo_log(lab, name)})
+    # nova_cell1.conf: cell1's conductor, on its own vhost and database,
+    # with no API database: it cannot call up (DevStack's superconductor).
+    write_ini(os.path.join(etc, 'nova', 'nova_cell1.conf'), {
+        'DEFAULT': {**oslo_log(lab, 'nova-cond-cell1'), 'my_ip': ip,
+                    'transport_url': lab.rabbit_url('nova_cell1')},
+        'database': {'connection': lab.db_url('nova_cell1')},
+        **common,
+    })
+
+    env = (f'export OS_AUTH_URL={lab.url("keystone")}/v3\n'
+           'export OS_IDENTITY_API_VERSION=3\n'
+           'export OS_USERNAME=admin\n'
+           'export OS_PROJECT_NAME=admin\n'
+           'export OS_USER_DOMAIN_NAME=Default\n'
+           'export OS_PROJECT_DOMAIN_NAME=Default\n'
+           'export OS_REGION_NAME=RegionOne\n'
+           f'export OS_PASSWORD={lab.password("admin")}\n'
+           f'export PATH={BIN}:$PATH\n')
+    with open(os.open(lab.path('openrc'),
+                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+              'w') as f:
+        f.write(env)
+
+
+def service_env(lab: Lab, **extra: str) -> dict[str, str]:
+    """Our environment without OpenStack's, RabbitMQ's and Erlang's
+    variables, the venv's bin first on PATH, and ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('OS_', 'RABBITMQ_', 'ERL_'))}
+    env['PATH'] = f'{BIN}:{env.get("PATH", os.defpath)}'
+    env.update(extra)
+    return env
+
+
+# -- MariaDB and RabbitMQ ------------------------------------------------
+
+
+def start_mariadb(lab: Lab) -> None:
+    data = lab.path('mysql')
+    sock = lab.path('mysql.sock')
+    run([MARIADB_INSTALL_DB, '--no-defaults', f'--datadir={data}',
+         '--user=root', '--skip-test-db',
+         '--auth-root-authentication-method=socket'])
+    start(lab, 'mariadb', [
+        MARIADBD, '--no-defaults', f'--datadir={data}', f'--socket={sock}',
+        f'--pid-file={lab.path("mysql.pid")}', '--user=root',
+        f'--port={PORTS["mysql"]}', '--bind-address=127.0.0.1',
+        f'--log-error={lab.path("log", "mariadb.log")}',
+        '--skip-name-resolve', '--performance-schema=OFF',
+        '--innodb-buffer-pool-size=64M', '--innodb-log-file-size=32M',
+        '--max-connections=500', '--character-set-server=utf8mb4',
+        '--collation-server=utf8mb4_general_ci'])
+    wait_for('MariaDB', lambda: os.path.exists(sock) and run(
+        [MARIADB, '--no-defaults', f'--socket={sock}', '-uroot', '-e',
+         'select 1'], check=False).returncode == 0, lab, 'mariadb')
+    pw = lab.password('mysql')
+    sql = [f"CREATE USER 'cloud'@'127.0.0.1' IDENTIFIED BY '{pw}';"]
+    for db in ('keystone', 'glance', 'placement', 'nova_api', 'nova_cell0',
+               'nova_cell1'):
+        sql.append(f'CREATE DATABASE {db};')
+        sql.append(f"GRANT ALL ON {db}.* TO 'cloud'@'127.0.0.1';")
+    run([MARIADB, '--no-defaults', f'--socket={sock}', '-uroot', '-e',
+         ' '.join(sql)])
+
+
+def rabbit_env(lab: Lab) -> dict[str, str]:
+    """RabbitMQ's variables: every path in the lab, our own node name."""
+    d = lab.path('rabbitmq')
+    return {
+        'HOME': d, 'LC_ALL': 'C.UTF-8',
+        'RABBITMQ_NODENAME': f'{lab.ns}@localhost',
+        'RABBITMQ_NODE_IP_ADDRESS': '0.0.0.0',
+        'RABBITMQ_NODE_PORT': str(PORTS['rabbit']),
+        'RABBITMQ_CONF_ENV_FILE': os.path.join(d, 'rabbitmq-env.conf'),
+        'RABBITMQ_CONFIG_FILE': os.path.join(d, 'rabbitmq.config'),
+        'RABBITMQ_ADVANCED_CONFIG_FILE': os.path.join(d, 'advanced.config'),
+        'RABBITMQ_ENABLED_PLUGINS_FILE': os.path.join(d, 'enabled_plugins'),
+        'RABBITMQ_MNESIA_BASE': os.path.join(d, 'mnesia'),
+        'RABBITMQ_LOG_BASE': lab.path('log'),
+        'RABBITMQ_PID_FILE': os.path.join(d, 'rabbit.pid'),
+        'RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS':
+            '-start_epmd false -kernel inet_dist_use_interface {127,0,0,1}',
+        'RABBITMQ_CTL_ERL_ARGS': '-start_epmd false',
+    }
+
+
+def rabbitmqctl(lab: Lab, *args: str) -> str:
+    return run([RABBITMQCTL, '-n', f'{lab.ns}@localhost', *args], lab.ns,
+               env=service_env(lab, **rabbit_env(lab)),
+               cwd=lab.path('rabbitmq')).stdout
+
+
+def start_rabbitmq(lab: Lab) -> None:
+    """The broker: vhost "/" for the API level, "nova_cell1" for cell1."""
+    d = lab.path('rabbitmq')
+    os.makedirs(os.path.join(d, 'mnesia'), exist_ok=True)
+    cookie = os.path.join(d, '.erlang.cookie')
+    with open(os.open(cookie, os.O_WRONLY | os.O_CREAT, 0o400), 'w') as f:
+        f.write(secrets.token_hex(16).upper())
+    # Classic Erlang-term config: skips cuttlefish, boots faster.
+    with open(os.path.join(d, 'rabbitmq.config'), 'w') as f:
+        f.write('[{rabbit, [{loopback_users, []},\n'
+                '  {default_user, <<"cloud">>},\n'
+                f'  {{default_pass, <<"{lab.password("rabbit")}">>}},\n'
+                '  {default_permissions, [<<".*">>, <<".*">>, <<".*">>]},\n'
+                '  {log, [{file, [{level, warning}]}]}]}].\n')
+    with open(os.path.join(d, 'enabled_plugins'), 'w') as f:
+        f.write('[].\n')
+    open(os.path.join(d, 'rabbitmq-env.conf'), 'w').close()
+    env = rabbit_env(lab)
+    # Its own epmd, in the namespace, so that none outlives the lab.
+    start(lab, 'epmd', [EPMD], **env)
+    start(lab, 'rabbitmq', [RABBITMQ_SERVER], **env)
+    wait_for('RabbitMQ', lambda: run(
+        [RABBITMQCTL, '-n', f'{lab.ns}@localhost', 'await_startup'],
+        lab.ns, check=False, env=service_env(lab, **env), cwd=d,
+        timeout=120).returncode == 0, lab, 'rabbitmq')
+    rabbitmqctl(lab, 'add_vhost', 'nova_cell1')
+    rabbitmqctl(lab, 'set_permissions', '-p', 'nova_cell1', 'cloud',
+                '.*', '.*', '.*')
+
+
+# -- the OpenStack services ----------------------------------------------
+
+
+def manage(lab: Lab, *argv: str) -> None:
+    """A ``*-manage`` command, in the namespace (the database is there)."""
+    t0 = time.monotonic()
+    run([os.path.join(BIN, argv[0]), *argv[1:]], lab.ns,
+        env=service_env(lab))
+    log(f'  {" ".join(argv[:4])} ... ({time.monotonic() - t0:.1f}s)')
+
+
+def start_keystone(lab: Lab) -> None:
+    conf = lab.path('etc', 'keystone', 'keystone.conf')
+    for d in ('fernet', 'credential'):
+        os.makedirs(lab.path('keystone', d), mode=0o700, exist_ok=True)
+    manage(lab, 'keystone-manage', '--config-file', conf, 'db_sync')
+    manage(lab, 'keystone-manage', '--config-file', conf, 'fernet_setup',
+           '--keystone-user', 'root', '--keystone-group', 'root')
+    manage(lab, 'keystone-manage', '--config-file', conf,
+           'credential_setup', '--keystone-user', 'root',
+           '--keystone-group', 'root')
+    url = lab.url('keystone')
+    manage(lab, 'keystone-manage', '--config-file', conf, 'bootstrap',
+           '--bootstrap-password', lab.password('admin'),
+           '--bootstrap-admin-url', url, '--bootstrap-internal-url', url,
+           '--bootstrap-public-url', url,
+           '--bootstrap-region-id', 'RegionOne')
+    start(lab, 'keystone', uwsgi(lab, 'keystone', 'keystone.wsgi.api',
+                                 PORTS['keystone']),
+          OS_KEYSTONE_CONFIG_FILES=conf)
+
+
+def register_services(lab: Lab) -> None:
+    """The service project and users, roles, services and endpoints, as
+    DevStack makes them (each service user is admin and service)."""
+    import openstack
+
+    conn = openstack.connect(
+        auth_url=lab.url('keystone') + '/v3', username='admin',
+        password=lab.password('admin'), project_name='admin',
+        user_domain_name='Default', project_domain_name='Default',
+        region_name='RegionOne')
+    idn: Any = conn.identity    # v3 (the sdk types it v2 or v3)
+    project = idn.create_project(name='service', domain_id='default')
+    roles = {r.name: r for r in idn.roles()}
+    for name in ('service', 'member', 'reader'):
+        if name not in roles:
+            roles[name] = idn.create_role(name=name)
+    for user_name in SERVICE_USERS:
+        user = idn.create_user(name=user_name, domain_id='default',
+                               password=lab.password(user_name),
+                               default_project_id=project.id)
+        for role in ('admin', 'service'):
+            idn.assign_project_role_to_user(project, user, roles[role])
+    for name, kind, url in (
+            ('glance', 'image', lab.url('glance')),
+            ('placement', 'placement', lab.url('placement')),
+            ('nova', 'compute', lab.url('nova-api') + '/v2.1')):
+        service = idn.create_service(name=name, type=kind)
+        for interface in ('public', 'internal', 'admin'):
+            idn.create_endpoint(service_id=service.id, interface=interface,
+                                url=url, region_id='RegionOne')
+
+
+def start_glance(lab: Lab) -> None:
+    etc = lab.path('etc', 'glance')
+    for d in ('images', 'staging', 'tasks'):
+        os.makedirs(lab.path('glance', d), exist_ok=True)
+    manage(lab, 'glance-manage', '--config-file',
+           os.path.join(etc, 'glance-api.conf'), 'db_sync')
+    # Image uploads are chunked: uwsgi must pass the raw body through.
+    start(lab, 'glance', uwsgi(
+        lab, 'glance', 'glance.wsgi.api', PORTS['glance'],
+        ('--http-chunked-input', '--http-raw-body', '--http-auto-chunked',
+         '--chunked-input-limit', str(10 * 1024 * 1024))),
+        OS_GLANCE_CONFIG_DIR=etc)
+
+
+def start_placement(lab: Lab) -> None:
+    etc = lab.path('etc', 'placement')
+    manage(lab, 'placement-manage', '--config-file',
+           os.path.join(etc, 'placement.conf'), 'db', 'sync')
+    start(lab, 'placement', uwsgi(lab, 'placement', 'placement.wsgi.api',
+                                  PORTS['placement']),
+          OS_PLACEMENT_CONFIG_DIR=etc)
+
+
+def sync_nova(lab: Lab) -> None:
+    """API database, cell0 and cell1 mapped and synced (nova-manage)."""
+    conf = lab.path('etc', 'nova', 'nova.conf')
+    cell1 = lab.path('etc', 'nova', 'nova_cell1.conf')
+    manage(lab, 'nova-manage', '--config-file', conf, 'api_db', 'sync')
+    manage(lab, 'nova-manage', '--config-file', conf, 'cell_v2',
+           'map_cell0', '--database_connection', lab.db_url('nova_cell0'))
+    manage(lab, 'nova-manage', '--config-file', conf, 'db', 'sync')
+    manage(lab, 'nova-manage', '--config-file', conf, 'cell_v2',
+           'create_cell', '--name', 'cell1',
+           '--transport-url', lab.rabbit_url('nova_cell1'),
+           '--database_connection', lab.db_url('nova_cell1'))
+    # cell1's own database only: its config has no API database
+    manage(lab, 'nova-manage', '--config-file', cell1, 'db', 'sync',
+           '--local_cell')
+
+
+def start_nova(lab: Lab) -> None:
+    etc = lab.path('etc', 'nova')
+    conf = os.path.join(etc, 'nova.conf')
+    cell1 = os.path.join(etc, 'nova_cell1.conf')
+    start(lab, 'nova-api', uwsgi(lab, 'nova-api', 'nova.wsgi.osapi_compute',
+                                 PORTS['nova-api']),
+          OS_NOVA_CONFIG_DIR=etc,
+          OS_NOVA_CONFIG_FILES='api-paste.ini;nova.conf;log-nova-api.conf')
+    for name in ('nova-scheduler', 'nova-conductor'):
+        start(lab, name, [os.path.join(BIN, name), '--config-file', conf,
+                          '--config-file',
+                          os.path.join(etc, f'log-{name}.conf')])
+    start(lab, 'nova-cond-cell1',
+          [os.path.join(BIN, 'nova-conductor'), '--config-file', cell1])
+
+
+def wait_http(lab: Lab, name: str, url: str) -> None:
+    t0 = time.monotonic()
+    wait_for(f'{name} at {url}', lambda: http_up(url), lab, name)
+    log(f'  {name} answers ({time.monotonic() - t0:.1f}s)')
+
+
+def compute_services_up(lab: Lab) -> bool:
+    """Are the scheduler and both conductors registered and up?"""
+    result = run([os.path.join(BIN, 'openstack'), 'compute', 'service',
+                  'list', '-f', 'json'], check=False,
+                 env=openrc_env(lab))
+    if result.returncode:
+        return False
+    services = {(s['Binary'], s['State']) for s in json.loads(result.stdout)}
+    return ({('nova-scheduler', 'up'), ('nova-conductor', 'up')}
+            <= services)
+
+
+def openrc_env(lab: Lab) -> dict[str, str]:
+    env = service_env(lab)
+    with open(lab.path('openrc')) as f:
+        for line in f:
+            key, _, value = line.removeprefix('export ').strip().partition(
+                '=')
+            if key.startswith('OS_'):
+                env[key] = value
+    return env
+
+
+# -- up, down, status ----------------------------------------------------
+
+
+def up(state_dir: str, name: str) -> Lab:
+    if os.geteuid() != 0:
+        raise LabError('cloudlab needs root (a network namespace)')
+    if not NAME_RE.match(name):
+        raise LabError(f'bad lab name {name!r}')
+    lab = Lab(state_dir)
+    if lab.state.get('ns') and os.path.exists(f'/run/netns/{lab.ns}'):
+        raise LabError(f'a lab is already up in {lab.dir} '
+                       f'(namespace {lab.ns}); run "down" first')
+    if os.path.exists(lab.dir):
+        # Only ever empty a directory that is a lab's (or empty).
+        if os.listdir(lab.dir) and not os.path.exists(lab.state_file):
+            raise LabError(f'{lab.dir} is not empty and holds no lab.json: '
+                           f'not a lab directory, left alone')
+        shutil.rmtree(lab.dir)
+    os.makedirs(lab.path('log'))
+    os.chmod(lab.dir, 0o700)
+    lab.state = {'ns': f'mfc-{name}', 'started': time.time(),
+                 'passwords': {who: secrets.token_hex(12) for who in (
+                     'admin', 'mysql', 'rabbit', *SERVICE_USERS)}}
+    lab.save()
+    t0 = time.monotonic()
+    try:
+        make_namespace(lab)
+        configure(lab)
+        log(f'namespace {lab.ns}, control plane at {lab.ip}')
+        start_mariadb(lab)
+        start_rabbitmq(lab)
+        log(f'MariaDB and RabbitMQ up ({time.monotonic() - t0:.0f}s)')
+        start_keystone(lab)
+        wait_http(lab, 'keystone', lab.url('keystone') + '/v3')
+        register_services(lab)
+        start_glance(lab)
+        start_placement(lab)
+        sync_nova(lab)
+        start_nova(lab)
+        wait_http(lab, 'glance', lab.url('glance'))
+        wait_http(lab, 'placement', lab.url('placement'))
+        wait_http(lab, 'nova-api', lab.url('nova-api'))
+        wait_for('nova-scheduler and nova-conductors to report up',
+                 lambda: compute_services_up(lab), lab)
+    except BaseException:
+        log(f'bring-up failed after {time.monotonic() - t0:.0f}s; '
+            f'stopping what started (logs in {lab.path("log")})')
+        down(state_dir)
+        raise
+    lab.state['up_seconds'] = round(time.monotonic() - t0, 1)
+    lab.save()
+    log(f'control plane up in {lab.state["up_seconds"]}s')
+    return lab
+
+
+def down(state_dir: str) -> None:
+    lab = Lab(state_dir)
+    if not lab.state.get('ns'):
+        log(f'no lab in {lab.dir}')
+        return
+    for host in lab.state.get('hosts', {}).values():
+        kill_namespace(host['ns'])
+    kill_namespace(lab.ns)
+    log(f'stopped; namespace {lab.ns} removed (state kept in {lab.dir})')
+
+
+def add_host(state_dir: str, host: str) -> dict[str, str]:
+    """A compute host's network namespace ``<lab ns>-<host>``: its
+    ``eth0`` on the lab's ``br0`` at ``10.78.N.11`` and up, so that it
+    reaches the control plane at ``10.78.N.1``.  Only the network for
+    now; its daemons (libvirtd, nova-compute, mftvm-agent, Open vSwitch
+    and ovn-controller) come with the next slice (doc/cloud-lab.rst)."""
+    lab = Lab(state_dir)
+    if not lab.state.get('ns') or not os.path.exists(
+            f'/run/netns/{lab.ns}'):
+        raise LabError(f'no lab up in {lab.dir}')
+    if not HOST_RE.match(host):
+        raise LabError(f'bad host name {host!r} (a-z0-9, at most 8)')
+    hosts = lab.state.setdefault('hosts', {})
+    if host in hosts:
+        raise LabError(f'host {host} exists')
+    ip = f'{NET_PREFIX}.{lab.state["subnet"]}.{FIRST_HOST_OCTET + len(hosts)}'
+    ns, veth = f'{lab.ns}-{host}', f'v-{host}'
+    hosts[host] = {'ns': ns, 'ip': ip}
+    lab.save()                  # before anything exists: down removes it
+    run([IP, 'netns', 'add', ns])
+    run([IP, '-n', ns, 'link', 'set', 'lo', 'up'])
+    run([IP, '-n', lab.ns, 'link', 'add', veth, 'type', 'veth', 'peer',
+         'name', 'eth0', 'netns', ns])
+    run([IP, '-n', lab.ns, 'link', 'set', veth, 'master', 'br0', 'up'])
+    run([IP, '-n', ns, 'addr', 'add', f'{ip}/24', 'dev', 'eth0'])
+    run([IP, '-n', ns, 'link', 'set', 'eth0', 'up'])
+    log(f'host {host}: namespace {ns}, {ip}')
+    return hosts[host]
+
+
+def restart(state_dir: str, name: str) -> None:
+    """Stop daemon ``name`` and start it again as it was started (e.g.
+    nova-api, to load a newly installed extra-spec validator)."""
+    lab = Lab(state_dir)
+    how = lab.state.get('how', {}).get(name)
+    if how is None or not os.path.exists(f'/run/netns/{lab.state["ns"]}'):
+        raise LabError(f'no daemon {name!r} in a lab that is up in '
+                       f'{lab.dir}')
+    t0 = time.monotonic()
+    stop(lab.state['pids'][name])
+    start(lab, name, how['argv'], **how['env'])
+    if name in PORTS:
+        wait_http(lab, name, lab.url(name))
+    log(f'{name} restarted ({time.monotonic() - t0:.1f}s)')
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f'/proc/{pid}/status') as f:
+                for line in f:
+                    if line.startswith('VmRSS:'):
+                        total += int(line.split()[1])
+    return total / 1024
+
+
+def status(state_dir: str) -> int:
+    lab = Lab(state_dir)
+    if not lab.state.get('ns') or not os.path.exists(
+            f'/run/netns/{lab.ns}'):
+        print(f'no lab up in {lab.dir}')
+        return 1
+    pids = ns_pids(lab.ns)
+    print(f'namespace {lab.ns}, control plane {lab.ip}, '
+          f'{len(pids)} processes, {rss_mb(pids):.0f} MB RSS')
+    for name, pid in sorted(lab.state.get('pids', {}).items()):
+        print(f'  {name:16} pid {pid:7} '
+              f'{"running" if alive(pid) else "DEAD"}')
+    for name, host in sorted(lab.state.get('hosts', {}).items()):
+        print(f'  host {name:11} {host["ip"]:15} namespace {host["ns"]}')
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description='An OpenStack control plane in a network namespace.')
+    parser.add_argument('command', choices=('up', 'down', 'status',
+                                            'restart', 'add-host'))
+    parser.add_argument('what', nargs='?',
+                        help='for restart: the daemon, e.g. nova-api; '
+                             'for add-host: the host\'s name, e.g. h1')
+    parser.add_argument('--dir', default=os.environ.get(
+        'MFTVM_CLOUD_DIR', '/var/lib/mftvm-cloud'),
+        help='state directory (default $MFTVM_CLOUD_DIR or '
+             '/var/lib/mftvm-cloud); "up" empties it first (only if '
+             'it is empty or a lab\'s)')
+    parser.add_argument('--name', default='cloud',
+                        help='the lab\'s namespace is mfc-NAME')
+    args = parser.parse_args(argv)
+    try:
+        if args.command == 'up':
+            lab = up(args.dir, args.name)
+            print(f'\nThe control plane is up.  Try:\n'
+                  f'    source {lab.path("openrc")}\n'
+                  f'    openstack service list\n'
+                  f'    openstack server list\n'
+                  f'Stop it with:  tools/run.sh cloud-down\n')
+        elif args.command == 'down':
+            down(args.dir)
+        elif args.command == 'restart':
+            if not args.what:
+                parser.error('restart needs a service name')
+            restart(args.dir, args.what)
+        elif args.command == 'add-host':
+            if not args.what:
+                parser.error('add-host needs a host name')
+            add_host(args.dir, args.what)
+        else:
+            return status(args.dir)
+    except LabError as e:
+        print(f'cloudlab: {e}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
