@@ -82,12 +82,13 @@ class LibvirtDaemons(fixtures.Fixture):
             base.wait_for(_libvirtd_answers, 30, 0.2, 'libvirtd')
 
 
-def start_domain(conn, spec, serial_path):
+def start_domain(conn, spec, serial_path, uuid=None):
     """Start ``spec`` as a transient libvirt domain, the way Nova would
-    have (the engine then gets only its name), with its port forwards
-    open (libvirt 9 has none for the user-mode NIC: added through the
-    monitor)."""
-    conn.createXML(libvirt_domain.domain_xml(spec, serial_path), 0)
+    have (the engine then gets only its name; Nova's domain has the
+    instance's ``uuid``), with its port forwards open (libvirt 9 has
+    none for the user-mode NIC: added through the monitor)."""
+    conn.createXML(libvirt_domain.domain_xml(spec, serial_path, uuid=uuid),
+                   0)
 
     async def open_forwards():
         monitor = await libvirt_monitor.LibvirtMonitor.open(URI, spec.name)
@@ -433,12 +434,13 @@ class HostilePrimaryTest(base.GuestTestCase):
             'the secondary to fail over')
         self.addDetail('secondary', content.text_content(json.dumps(st)))
         self.assertEqual('lost', st['state'])
-        self.assertIn(where, st.get('error') or st.get('reason') or '')
-        # nothing started, nothing created outside the instance's dir
-        self.assertEqual(before, self.domains(conn))
-        self.assertNotIn(name, self.domains(conn))
+        # nothing created outside the instance's dir, nothing started
         if victim is not None:
             self.assertFalse(os.path.exists(victim), victim)
+        self.assertEqual(before, self.domains(conn))
+        self.assertNotIn(name, self.domains(conn))
+        # ...because the policy refused it, saying where
+        self.assertIn(where, st.get('error') or st.get('reason') or '')
 
     def hostile(self, name, device='', tail=''):
         spec = vm.GuestSpec(name=name, kernel=self.image.kernel,
@@ -474,7 +476,7 @@ class HostilePrimaryTest(base.GuestTestCase):
         self.assert_refused(
             f'mftvm-hostile-{os.getpid()}', self.hostile(
                 'x', device=f'<disk type="file" device="disk"><driver '
-                            f'name="qemu" type="qcow2"/><source file='
+                            f'name="qemu" type="raw"/><source file='
                             f'"{victim}"/><target dev="vdb" bus="virtio"/>'
                             f'</disk>'),
             'domain/devices/disk', victim=None)
