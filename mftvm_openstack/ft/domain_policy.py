@@ -334,7 +334,15 @@ DOMAIN = E(
               emulator_period=E(text=NUM), emulator_quota=E(text=SNUM),
               vcpupin=E({'vcpu': NUM, 'cpuset': CPUSET}),
               emulatorpin=E({'cpuset': CPUSET}),
-              iothreadpin=E({'iothread': NUM, 'cpuset': CPUSET})),
+              iothreadpin=E({'iothread': NUM, 'cpuset': CPUSET}),
+              vcpusched=E({'vcpus': CPUSET, 'scheduler': ('fifo', 'rr',
+                                                          'batch', 'idle',
+                                                          'other'),
+                           'priority': NUM})),
+    # Nova's quota:* flavor keys; no blkiotune <device>: a host path
+    memtune=E(**{k: E({'unit': UNIT}, text=NUM) for k in (
+        'hard_limit', 'soft_limit', 'swap_hard_limit', 'min_guarantee')}),
+    blkiotune=E(weight=E(text=NUM)),
     numatune=E(memory=E({'mode': ('strict', 'preferred', 'interleave',
                                   'restrictive'), 'nodeset': CPUSET}),
                memnode=E({'cellid': NUM, 'mode': ('strict', 'preferred',

@@ -297,6 +297,21 @@ class AllowedDomainsTest(unittest.TestCase):
         self.assertEqual(1, len(labels))
         self.assertEqual('+0:+0', labels[0].findtext('label'))
 
+    def test_nova_quota_and_realtime_tuning(self):
+        tuned = NOVA.replace('<cputune><shares>1024</shares></cputune>',
+                             "<cputune><shares>1024</shares><vcpusched "
+                             "vcpus='0' scheduler='fifo' priority='1'/>"
+                             "</cputune><memtune><hard_limit unit='KiB'>"
+                             "1048576</hard_limit></memtune><blkiotune>"
+                             "<weight>500</weight></blkiotune>")
+        root = restore(tuned)
+        self.assertEqual('1048576', root.findtext('memtune/hard_limit'))
+        self.assertEqual('fifo', root.find('cputune/vcpusched')
+                         .get('scheduler'))
+        with self.assertRaises(DomainRefused):
+            restore(tuned.replace('<weight>500</weight>',
+                                  "<device><path>/dev/sda</path></device>"))
+
     def test_a_file_console_writes_only_this_sides_log(self):
         root = restore(OURS.replace('/tmp/serial.log', '/etc/cron.d/x'))
         self.assertNotIn('/etc/cron.d/x', paths_in(root))
