@@ -33,7 +33,7 @@ allowed directory (the instance's own)::
             '<hostdev mode="subsystem" type="pci"/></devices></domain>',
             emulator='/usr/bin/qemu-system-x86_64')
     # DomainRefused: domain/devices/hostdev: is not allowed in a
-    #   restored domain (allowed here: controller, disk, ...)
+    #   restored domain (allowed here: emulator, disk, controller, ...)
     rebuild('<domain type="kvm"><devices><disk type="block" '
             'device="disk">...', emulator=...)
     # DomainRefused: domain/devices/disk@type: must be one of file
