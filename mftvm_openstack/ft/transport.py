@@ -72,7 +72,9 @@ class Message:
                 from None
 
 
-_UNIX_PATH = re.compile(r'/[^\x00-\x1f\x7f]{0,106}')
+#: a socket path (relative to a relative --state-dir too), at most the
+#: kernel's 107 bytes
+_UNIX_PATH = re.compile(r'[^\x00-\x1f\x7f]{1,107}')
 _HOST = re.compile(r'[A-Za-z0-9_.:\[\]-]{1,255}')
 _PORT = re.compile(r'[0-9]{1,5}')
 
@@ -87,8 +89,8 @@ class DataAddress:
 
     @classmethod
     def parse(cls, text: str) -> DataAddress:
-        # From a control request or an agent's answer: only an absolute
-        # socket path, or a host name / IP literal and a port number.
+        # From a control request or an agent's answer: only a socket
+        # path, or a host name / IP literal and a port number.
         if text.startswith('unix:') and _UNIX_PATH.fullmatch(text[5:]):
             return cls(path=text[5:])
         if text.startswith('tcp:'):
