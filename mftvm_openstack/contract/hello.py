@@ -45,7 +45,7 @@ class NbdTargetInfo(Record):
 
     #: a unix socket's path (at most 107 bytes, the kernel's limit)
     socket: Optional[str] = field(default=None,
-                                  pattern=r'[^\x00-\x1f\x7f]{1,107}')
+                                  pattern=r'/[^\x00-\x1f\x7f]{0,106}')
     #: a host name or an IP address literal
     host: Optional[str] = field(default=None,
                                 pattern=r'[A-Za-z0-9_.:\[\]-]{1,255}')

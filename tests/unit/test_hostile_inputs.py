@@ -116,7 +116,7 @@ class EveryFieldTest(unittest.TestCase):
 
     def test_ready_and_its_nbd_target(self):
         self.sweep(NbdTargetInfo, GOOD_TARGET)
-        for bad in ('', '/' + 'a' * 107, '/a\nb'):
+        for bad in ('relative.sock', '/' + 'a' * 107, '/a\nb'):
             self.assertTrue(refused(NbdTargetInfo, {'socket': bad}), bad)
         for bad in ('10.0.0.1,server.type=unix', 'a b', 'h\n', ''):
             self.assertTrue(refused(NbdTargetInfo, {'host': bad}), bad)
