@@ -119,11 +119,13 @@ _HOST_RE = re.compile(HOST_PATTERN)
 
 
 def check_names(args: argparse.Namespace, host: Optional[str]) -> None:
-    """UserError unless the guest name and the host name are tokens: a
-    name becomes a directory under the state dir or a message's
-    routing key, never a path of the caller's choosing."""
+    """UserError unless the host name and a local guest's name are
+    tokens: a local name becomes a directory under the state dir, never
+    a path of the caller's choosing (a remote one is the agent's to
+    check, and it does); a host name, a message's routing key."""
     name = getattr(args, 'name', None)
-    if name is not None and not operations.NAME_RE.fullmatch(name):
+    if name is not None and host is None and \
+            not operations.NAME_RE.fullmatch(name):
         raise UserError(f'guest name {name!r}: use letters, digits, "_", '
                         f'"." and "-" (at most 63)')
     if host is not None and not _HOST_RE.fullmatch(host):
