@@ -446,6 +446,13 @@ class AgentManager:
                     {}, host, instance, spec, request, self.host)
                 ready = PreparedSecondary.from_dict(reply,
                                                     'prepare_secondary')
+                if ready.host != host:
+                    # The guest's memory goes to whoever answered: only
+                    # to the agent that was asked (the caller names a
+                    # host, never an address).
+                    raise exception.PeerUnreachable(
+                        host=host, reason=f'the answer came from agent '
+                        f'{ready.host}, not {host}')
                 if (ready.credentials is not None) != want_tls:
                     self._tell(host, 'stop_instance', instance)
                     raise exception.Conflict(

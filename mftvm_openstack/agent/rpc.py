@@ -147,6 +147,18 @@ def check_spec(value: Any) -> GuestSpec:
         raise _invalid(exc.field, exc.reason) from None
 
 
+def check_own_domain(instance: str, spec: GuestSpec) -> GuestSpec:
+    """A spec that names a libvirt domain names it for ``instance``: the
+    instance process adopts a domain only if it is ``spec.name``'s own
+    (its uuid, for Nova's), so ``spec.name`` must be the instance the
+    call is about, not another guest of the host."""
+    if spec.domain and spec.name != instance:
+        raise _invalid('spec.name', f'must be the instance ({instance!r}) '
+                       f'when spec.domain names its libvirt domain (got '
+                       f'{_shown(spec.name)})')
+    return spec
+
+
 def check_options(value: Any) -> ProtectionOptions:
     """The protection options, each checked (:class:`ProtectionOptions`).
 
@@ -219,7 +231,7 @@ class AgentEndpoint:
     def prepare_secondary(self, ctxt: Any, instance: Any, spec: Any,
                           options: Any, primary_host: Any) -> Any:
         instance = check_name('instance', instance)
-        spec = check_spec(spec)
+        spec = check_own_domain(instance, check_spec(spec))
         options = check_options(options)
         primary_host = check_host('primary_host', primary_host)
         LOG.info('prepare_secondary %s (primary %s)', instance,
@@ -231,7 +243,7 @@ class AgentEndpoint:
     def protect(self, ctxt: Any, instance: Any, spec: Any, options: Any,
                 secondary_host: Any = None) -> Any:
         instance = check_name('instance', instance)
-        spec = check_spec(spec)
+        spec = check_own_domain(instance, check_spec(spec))
         options = check_options(options)
         secondary_host = check_host('secondary_host', secondary_host,
                                     optional=True)

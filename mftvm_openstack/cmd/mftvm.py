@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import signal
 import sys
 import time
@@ -39,7 +41,7 @@ from typing import Any, Optional
 
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.record import ContractError
-from mftvm_openstack.contract.spec import FailoverResult
+from mftvm_openstack.contract.spec import HOST_PATTERN, FailoverResult
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.local import operations
 from mftvm_openstack.local.operations import LocalGuestStatus, UserError
@@ -89,6 +91,48 @@ def failover_line(name: str, result: FailoverResult) -> str:
     return f'{name} now runs on {where}{took}'
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more (``nan``,
+    ``inf`` and negative waits are refused as the argument's error, not
+    met later as a hang or a traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not a number of seconds') from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f'{text!r}: give a finite number of seconds, 0 or more')
+    return value
+
+
+def timeout_seconds(text: str) -> float:
+    """An argparse type: a wait for the agent, more than 0 seconds."""
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f'{text!r}: give more than 0 '
+                                         f'seconds')
+    return value
+
+
+_HOST_RE = re.compile(HOST_PATTERN)
+
+
+def check_names(args: argparse.Namespace, host: Optional[str]) -> None:
+    """UserError unless the host name and a local guest's name are
+    tokens: a local name becomes a directory under the state dir, never
+    a path of the caller's choosing (a remote one is the agent's to
+    check, and it does); a host name, a message's routing key."""
+    name = getattr(args, 'name', None)
+    if name is not None and host is None and \
+            not operations.NAME_RE.fullmatch(name):
+        raise UserError(f'guest name {name!r}: use letters, digits, "_", '
+                        f'"." and "-" (at most 63)')
+    if host is not None and not _HOST_RE.fullmatch(host):
+        raise UserError(f'--host {host!r}: give a host name (letters, '
+                        f'digits, "_", "." and "-")')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='mftvm', description='Fault-tolerant QEMU guests (standalone).')
@@ -110,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar='HOST',
                         help='ask the agent of this host over RPC instead '
                         'of the local standalone guests')
-    parser.add_argument('--timeout', type=float, default=REMOTE_TIMEOUT,
+    parser.add_argument('--timeout', type=timeout_seconds,
+                        default=REMOTE_TIMEOUT,
                         help='seconds to wait for the agent (--host; '
                         f'default {REMOTE_TIMEOUT})')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -119,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                           'primary, fail over, report')
     demo.add_argument('--memory', type=int, default=128, help='MiB')
     demo.add_argument('--epoch-ms', type=int, default=200)
-    demo.add_argument('--kill-after', type=float, default=None,
+    demo.add_argument('--kill-after', type=seconds, default=None,
                       help='seconds of protection before the kill '
                       '(default: random 6-12)')
     demo.add_argument('--report-dir', default='.',
@@ -174,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     for remote in (st, fo, sp, ls):
         remote.add_argument('--host', default=None,
                             help='ask the agent of this host over RPC')
-        remote.add_argument('--timeout', dest='sub_timeout', type=float,
+        remote.add_argument('--timeout', dest='sub_timeout',
+                            type=timeout_seconds,
                             default=None, help='as the global --timeout')
     return parser
 
@@ -314,6 +360,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         host = getattr(args, 'host', None) or args.global_host
+        check_names(args, host)
         if host and args.command in ('status', 'failover', 'stop', 'list'):
             return cmd_remote(args, host)
         if args.command == 'list':

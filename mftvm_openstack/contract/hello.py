@@ -18,17 +18,20 @@ from mftvm_openstack.contract.record import Record, field
 
 #: bumped whenever a frame's meaning changes
 PROTOCOL_VERSION = 1
+#: process ids (Linux's pid_max is at most 2**22)
+PID_RANGE = (1, 1 << 22)
 
 
 @dataclasses.dataclass(frozen=True)
 class Hello(Record):
-    version: int
+    version: int = field(range=(0, 1 << 31))
     #: the primary's QEMU and instance process, and the machine they run
     #: on (a secondary on the same machine waits for that QEMU to exit
     #: before it restores the guest)
-    qemu_pid: int
-    host_pid: int
-    boot_id: str = field(max_len=64)
+    qemu_pid: int = field(range=PID_RANGE)
+    host_pid: int = field(range=PID_RANGE)
+    #: /proc/sys/kernel/random/boot_id (a uuid; only compared)
+    boot_id: str = field(pattern=r'[A-Za-z0-9-]{1,64}')
     pair_id: str = field(pattern=PAIR_ID_PATTERN)
     #: virtual size in bytes of the disk the guest runs on
     disk_size: int = field(range=(0, 1 << 50))
@@ -40,8 +43,12 @@ class Hello(Record):
 class NbdTargetInfo(Record):
     """Where the secondary serves the disk replica over NBD."""
 
-    socket: Optional[str] = field(default=None, max_len=4096)
-    host: Optional[str] = field(default=None, max_len=255)
+    #: a unix socket's path (at most 107 bytes, the kernel's limit)
+    socket: Optional[str] = field(default=None,
+                                  pattern=r'/[^\x00-\x1f\x7f]{0,106}')
+    #: a host name or an IP address literal
+    host: Optional[str] = field(default=None,
+                                pattern=r'[A-Za-z0-9_.:\[\]-]{1,255}')
     port: Optional[int] = field(default=None, range=(1, 65535))
     export: str = field(default='disk0', pattern=r'[A-Za-z0-9_.-]{1,64}')
 

@@ -46,8 +46,8 @@ NAME_PATTERN = r'[A-Za-z0-9][A-Za-z0-9_.-]{0,62}'
 #: host names: the same characters, up to the length of an FQDN
 HOST_PATTERN = r'[A-Za-z0-9][A-Za-z0-9_.-]{0,254}'
 #: a file the guest's QEMU opens: empty (none) or an absolute path. No
-#: comma (QEMU's option separator) and no control character.
-PATH_PATTERN = r'(/[^,\x00-\x1f\x7f]{0,4095})?'
+#: comma (QEMU's option separator), no control character, no ``..``.
+PATH_PATTERN = r'(?!.*/\.\.(/|$))(/[^,\x00-\x1f\x7f]{0,4095})?'
 #: the kernel command line: printable, one argument of QEMU's
 APPEND_PATTERN = r'[^\x00-\x1f\x7f]{0,4096}'
 _OCTET = r'(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])'

@@ -55,16 +55,22 @@ import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Optional
 from xml.sax.saxutils import quoteattr
 
-from mftvm_openstack.ft import vm
+from mftvm_openstack.ft import domain_policy, vm
 from mftvm_openstack.ft.libvirt_monitor import LibvirtMonitor
 from mftvm_openstack.ft.monitor import MIGRATION_ENDED, Monitor, MonitorError
 from mftvm_openstack.waiting import wait_until
 
-QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0'
+QEMU_NS = domain_policy.QEMU_NS
+#: The host's QEMU, in every domain the engine starts or restores.
+EMULATOR = f'/usr/bin/{vm.QEMU_BINARY}'
+#: QEMU as root, files not relabelled: it reaches the engine's sockets
+#: and files (see the module docstring). The secondary sets it itself.
+SECLABEL = ('<seclabel type="static" model="dac" relabel="no">'
+            '<label>+0:+0</label></seclabel>')
 #: Pinned: both sides of a pair must run the same machine type.
 MACHINE = 'pc-i440fx-7.2'
 #: Libvirt's id of the guest RAM backend (and of its file).
@@ -87,13 +93,15 @@ def _text(value: object) -> str:
 
 def domain_xml(spec: vm.GuestSpec, serial_path: str,
                disk_layers: list[tuple[str, str]] | None = None,
-               incoming: bool = False, name: str | None = None) -> str:
+               incoming: bool = False, name: str | None = None,
+               uuid: str | None = None) -> str:
     """The domain XML of ``spec``.
 
     ``disk_layers`` replaces the guest's disk by the top of a chain
     (only its top file is named: a restored guest runs on a flattened or
     single-layer replica here); ``name`` overrides the domain name (two
-    "hosts" on one machine need two names).
+    "hosts" on one machine need two names); ``uuid`` is the domain's
+    (as Nova gives its domains the instance's uuid).
     """
     disk, fmt = (disk_layers or [(spec.disk, spec.disk_format)])[-1]
     if disk_layers and len(disk_layers) > 1:
@@ -106,8 +114,9 @@ def domain_xml(spec: vm.GuestSpec, serial_path: str,
                      '\n    <qemu:arg value="-incoming"/>'
                      '\n    <qemu:arg value="defer"/>'
                      '\n  </qemu:commandline>')
+    uuid_el = f'\n  <uuid>{_text(uuid)}</uuid>' if uuid else ''
     return f"""<domain type={_a(domain_type)} xmlns:qemu={_a(QEMU_NS)}>
-  <name>{_text(name or spec.name)}</name>
+  <name>{_text(name or spec.name)}</name>{uuid_el}
   <memory unit="MiB">{spec.memory_mib}</memory>
   <vcpu>{spec.smp}</vcpu>
   <memoryBacking>
@@ -127,7 +136,7 @@ def domain_xml(spec: vm.GuestSpec, serial_path: str,
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <emulator>/usr/bin/{vm.QEMU_BINARY}</emulator>
+    <emulator>{EMULATOR}</emulator>
     <disk type="file" device="disk">
       <driver name="qemu" type={_a(fmt)} cache="none"/>
       <source file={_a(disk)}/>
@@ -146,9 +155,7 @@ def domain_xml(spec: vm.GuestSpec, serial_path: str,
     <memballoon model="none"/>
     <video><model type="none"/></video>
   </devices>
-  <seclabel type="static" model="dac" relabel="no">
-    <label>+0:+0</label>
-  </seclabel>{qemu_args}
+  {SECLABEL}{qemu_args}
 </domain>
 """
 
@@ -205,25 +212,35 @@ async def _send_devstate(sock: str, devstate_path: str,
 
 
 def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
-                serial_path: str, name: Optional[str] = None) -> str:
+                serial_path: str, name: Optional[str] = None,
+                host_files: Collection[str] = (),
+                readonly_dirs: Collection[str] = (),
+                uuid: Optional[str] = None) -> str:
     """The XML that resumes the domain described by ``xml`` from a replica.
 
     ``xml`` is the primary's domain XML (``XMLDesc`` with
     ``VIR_DOMAIN_XML_MIGRATABLE``, which the primary ships to its
-    secondary, or :func:`domain_xml`). The result:
+    secondary, or :func:`domain_xml`): text from the wire. It is never
+    started as received: :func:`.domain_policy.rebuild` builds a new
+    document from its allowed parts only (``host_files``,
+    ``readonly_dirs`` and ``uuid`` are the secondary's own, see there)
+    and refuses anything else (DomainRefused, a ValueError). The
+    result:
 
-    * runs on the replica: the first disk is the top of ``disk_layers``
+    * runs on the replica: the disk is the top of ``disk_layers``
       (base first) with the lower layers as its ``<backingStore>`` chain,
       so a failover needs no flattening;
     * writes the serial console (file or ``<log>``) to ``serial_path``:
       the primary's path may not exist on this host;
-    * waits for device state (``-incoming defer``);
+    * runs this host's QEMU as the engine runs it (:data:`EMULATOR`,
+      :data:`SECLABEL`), and waits for device state (``-incoming
+      defer``);
     * is called ``name`` if given; a new name drops the ``<uuid>`` too
       (one libvirtd on one machine plays both hosts in tests), the same
       name keeps it (Nova looks its domains up by the instance uuid).
     """
-    ET.register_namespace('qemu', QEMU_NS)
-    root = ET.fromstring(xml)
+    root = domain_policy.rebuild(xml, EMULATOR, host_files=host_files,
+                                 readonly_dirs=readonly_dirs, uuid=uuid)
     if name and name != root.findtext('name'):
         # Another guest as far as libvirt knows. The same name keeps the
         # uuid: Nova finds its instances' domains by uuid.
@@ -231,14 +248,11 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
         if name_el is None:
             name_el = ET.SubElement(root, 'name')
         name_el.text = name
-        for uuid in root.findall('uuid'):
-            root.remove(uuid)
+        for old_uuid in root.findall('uuid'):
+            root.remove(old_uuid)
     disk = root.find("devices/disk[@device='disk']")
     if disk is None:
         raise ValueError('the domain XML has no disk to restore onto')
-    for old in disk.findall('backingStore'):
-        disk.remove(old)
-    disk.set('type', 'file')
     top, top_fmt = disk_layers[-1]
     driver = disk.find('driver')
     if driver is None:
@@ -258,19 +272,21 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
     ET.SubElement(below, 'backingStore')    # the chain ends here
     for tag in ('serial', 'console'):
         for dev in root.findall(f'devices/{tag}'):
+            src = dev.find('source')
             if dev.get('type') == 'file':
-                src = dev.find('source')
-                if src is not None:
-                    src.set('path', serial_path)
+                if src is None:
+                    src = ET.SubElement(dev, 'source')
+                src.set('path', serial_path)
+            elif src is not None:
+                dev.remove(src)         # a pty: libvirt opens a new one
             log = dev.find('log')
             if log is not None:
                 log.set('file', serial_path)
-    cmdline = root.find(f'{{{QEMU_NS}}}commandline')
-    if cmdline is None:
-        cmdline = ET.SubElement(root, f'{{{QEMU_NS}}}commandline')
-    if not any(arg.get('value') == '-incoming' for arg in cmdline):
-        ET.SubElement(cmdline, f'{{{QEMU_NS}}}arg', value='-incoming')
-        ET.SubElement(cmdline, f'{{{QEMU_NS}}}arg', value='defer')
+    root.append(ET.fromstring(SECLABEL))
+    cmdline = ET.SubElement(root, f'{{{QEMU_NS}}}commandline')
+    ET.SubElement(cmdline, f'{{{QEMU_NS}}}arg', value='-incoming')
+    ET.SubElement(cmdline, f'{{{QEMU_NS}}}arg', value='defer')
+    ET.register_namespace('qemu', QEMU_NS)
     return ET.tostring(root, encoding='unicode')
 
 
@@ -294,11 +310,15 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
                   ram_src: str, devstate_path: str,
                   disk_layers: Sequence[tuple[str, str]],
                   name: str | None = None, xml: str | None = None,
+                  readonly_dirs: Collection[str] = (),
                   ) -> tuple[Any, LibvirtMonitor]:
     """Run the guest on, as a libvirt domain, from a replica.
 
     ``xml`` is the primary's domain XML (default: :func:`domain_xml` of
-    ``spec``); :func:`restore_xml` points it at the replica. The domain
+    ``spec``); :func:`restore_xml` rebuilds it from its allowed parts
+    (kernel and initrd only as ``spec`` names them, a read-only image
+    only in ``readonly_dirs``, the uuid only ``spec.name`` if that is a
+    uuid) and points it at the replica. The domain
     starts paused with ``-incoming defer``; the replica's RAM image is
     copied into the domain's shared RAM file (libvirt picks its path; the
     copy is what the guest sees: QEMU maps it shared); the device state
@@ -310,8 +330,11 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
     """
     import libvirt  # type: ignore[import-untyped,unused-ignore]
 
-    xml = restore_xml(xml or domain_xml(spec, serial_path), disk_layers,
-                      serial_path, name=name)
+    xml = restore_xml(
+        xml or domain_xml(spec, serial_path), disk_layers, serial_path,
+        name=name, host_files={f for f in (spec.kernel, spec.initrd) if f},
+        readonly_dirs=readonly_dirs,
+        uuid=spec.name if domain_policy.UUID(spec.name) else None)
     await _wait_not_running(conn, ET.fromstring(xml).findtext('name', ''))
     dom = await asyncio.to_thread(conn.createXML, xml,
                                   libvirt.VIR_DOMAIN_START_PAUSED)

@@ -33,6 +33,7 @@ import dataclasses
 import enum
 import json
 import logging
+import re
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
@@ -92,6 +93,13 @@ class Message:
                 from None
 
 
+#: a socket path (relative to a relative --state-dir too), at most the
+#: kernel's 107 bytes
+_UNIX_PATH = re.compile(r'[^\x00-\x1f\x7f]{1,107}')
+_HOST = re.compile(r'[A-Za-z0-9_.:\[\]-]{1,255}')
+_PORT = re.compile(r'[0-9]{1,5}')
+
+
 @dataclasses.dataclass(frozen=True)
 class DataAddress:
     """Where a secondary listens: ``unix:/path`` or ``tcp:host:port``."""
@@ -102,11 +110,14 @@ class DataAddress:
 
     @classmethod
     def parse(cls, text: str) -> DataAddress:
-        if text.startswith('unix:'):
+        # From a control request or an agent's answer: only a socket
+        # path, or a host name / IP literal and a port number.
+        if text.startswith('unix:') and _UNIX_PATH.fullmatch(text[5:]):
             return cls(path=text[5:])
         if text.startswith('tcp:'):
             host, _, port = text[4:].rpartition(':')
-            if host and port.isdigit():
+            if _HOST.fullmatch(host) and _PORT.fullmatch(port) and \
+                    int(port) <= 65535:
                 return cls(host=host, port=int(port))
         raise ValueError(f'bad data-plane address {text!r}: use unix:PATH '
                          f'or tcp:HOST:PORT')

@@ -6,7 +6,8 @@ boots it, or the secondary restores it), or a libvirt domain (Nova's
 guest, adopted by the primary or restored by the secondary)::
 
     guest = await boot(spec, paths, ram)               # our own QEMU
-    guest = await Libvirt(uri).adopt('instance-0001')  # libvirt's
+    guest = await Libvirt(uri).adopt('instance-0001',  # libvirt's
+                                     instance=nova_instance_uuid)
     guest.process.pid, guest.disk_node, guest.netdev
     await guest.stop()
 """
@@ -21,6 +22,7 @@ from typing import Any, Optional, Protocol
 
 from mftvm_openstack.ft import (
     capacity,
+    domain_policy,
     libvirt_domain,
     libvirt_monitor,
     pair,
@@ -103,6 +105,41 @@ async def boot(spec: vm.GuestSpec, paths: vm.Paths,
     return RunningGuest(qemu, monitor, ram, 'disk0', spec.disk_size)
 
 
+#: a domain whose metadata is in this namespace is a Nova instance's
+NOVA_METADATA_NS = domain_policy.NOVA_NS_PREFIX
+
+
+def _plain_uuid(value: str) -> str:
+    return value.replace('-', '').lower()
+
+
+def check_owner(instance: str, name: str, xml: str) -> None:
+    """StartError unless domain ``name`` (``xml`` is its XML) belongs to
+    guest ``instance``, so a caller can adopt (and stream to a peer)
+    only the guest it names, never another one on the host:
+
+    * a domain Nova defined (it carries Nova's metadata) belongs to the
+      Nova instance whose uuid is the domain's uuid: ``instance`` must
+      be that uuid (Nova's driver sends it as the spec's name);
+    * any other domain: its uuid or its name is ``instance``.
+    """
+    try:
+        root = domain_policy.parse(xml)
+    except domain_policy.DomainRefused as exc:
+        raise StartError(f'domain {name}: cannot read its XML: {exc}') \
+            from None
+    uuid = (root.findtext('uuid') or '').strip()
+    by_uuid = bool(uuid) and _plain_uuid(uuid) == _plain_uuid(instance)
+    nova = any(isinstance(el.tag, str) and
+               el.tag.startswith('{' + NOVA_METADATA_NS)
+               for el in root.findall('metadata/*'))
+    if by_uuid or (not nova and root.findtext('name') == instance):
+        return
+    owner = f'Nova instance {uuid}' if nova else f'domain {name} ({uuid})'
+    raise StartError(f'domain {name} is not instance {instance}\'s own: it '
+                     f'belongs to {owner}; refusing to adopt it')
+
+
 class Libvirt:
     """Libvirt's domains at ``uri``, connected to on first use."""
 
@@ -128,11 +165,14 @@ class Libvirt:
             raise StartError(f'domain {name} is not running')
         return dom
 
-    async def adopt(self, name: str) -> RunningGuest:
-        """Take on the running domain ``name``: its QEMU is libvirt's, the
-        engine drives it through libvirt's monitor."""
+    async def adopt(self, name: str, instance: str) -> RunningGuest:
+        """Take on the running domain ``name`` of guest ``instance``
+        (:func:`check_owner`): its QEMU is libvirt's, the engine drives it
+        through libvirt's monitor."""
+        dom = await self.lookup(name)
+        check_owner(instance, name, await asyncio.to_thread(dom.XMLDesc, 0))
         try:
-            return await self.attach(await self.lookup(name))
+            return await self.attach(dom)
         except Exception as exc:
             raise StartError(f'cannot protect libvirt domain {name}: '
                              f'{exc}') from None

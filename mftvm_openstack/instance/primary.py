@@ -73,7 +73,8 @@ class PrimarySide(Side):
 
     async def _start_guest(self) -> None:
         if self.spec.domain:
-            self.guest = await self.libvirt.adopt(self.spec.domain)
+            self.guest = await self.libvirt.adopt(self.spec.domain,
+                                                  instance=self.spec.name)
         else:
             self.disk_layers = [(self.spec.disk, self.spec.disk_format)]
             self.guest = await guests.boot(self.spec, self.paths, self.ram)

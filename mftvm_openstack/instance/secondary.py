@@ -249,10 +249,13 @@ class SecondarySide(Side):
         assert self.replica is not None
         if self.spec.domain:
             name = self.options['domain_name'] or self.spec.domain
+            # hello.domain_xml came off the wire: restore() starts only
+            # what ft.domain_policy rebuilds from it
             dom, monitor = await libvirt_domain.restore(
                 await self.libvirt.connection(), self.spec,
                 self.paths.serial, self.ram, self.replica.devstate_path,
-                layers, name=name, xml=hello.domain_xml)
+                layers, name=name, xml=hello.domain_xml,
+                readonly_dirs=(self.guest_dir,))
             return await self.libvirt.attach(dom, monitor)
         qemu, qmp = await epoch.restore(
             self.spec, self.paths, self.ram, self.replica.devstate_path,

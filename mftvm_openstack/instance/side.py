@@ -52,6 +52,9 @@ class Side:
     role: Role
 
     def __init__(self, guest_dir: str) -> None:
+        # absolute: its socket paths go to the peer (a READY's NBD socket
+        # must be absolute), and to libvirt
+        guest_dir = os.path.abspath(guest_dir)
         self.guest_dir = guest_dir
         self.spec, self.options = load_guest(guest_dir)
         self.paths = vm.Paths(os.path.join(guest_dir, self.role.value))

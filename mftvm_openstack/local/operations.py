@@ -30,7 +30,12 @@ from typing import Any, Optional
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.control import ControlOp, ControlRequest
 from mftvm_openstack.contract.limits import MEMORY_MIB_RANGE, SMP_RANGE
-from mftvm_openstack.contract.record import ContractError, Record, field
+from mftvm_openstack.contract.record import (
+    ContractError,
+    Record,
+    field,
+    shown,
+)
 from mftvm_openstack.contract.spec import NAME_PATTERN, ProtectionOptions
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
@@ -78,17 +83,24 @@ def parse_nic(text: str) -> tuple[vm.HostForward, ...]:
     """``user,hostfwd=tcp:ADDR:PORT-:GPORT[,hostfwd=...]`` → forwards."""
     parts = text.split(',')
     if parts[0] != 'user':
-        raise UserError(f'--nic {text!r}: only "user" networking is '
+        raise UserError(f'--nic {shown(text)}: only "user" networking is '
                         f'supported, e.g. user,hostfwd=tcp:127.0.0.1:8080-:80')
     forwards = []
     for part in parts[1:]:
-        m = re.fullmatch(r'hostfwd=tcp:([0-9.]*):(\d+)-:(\d+)', part)
+        m = re.fullmatch(r'hostfwd=tcp:([0-9.]{0,15}):(\d{1,5})-:(\d{1,5})',
+                         part)
         if not m:
-            raise UserError(f'--nic: cannot parse {part!r}; write '
+            raise UserError(f'--nic: cannot parse {shown(part)}; write '
                             f'hostfwd=tcp:127.0.0.1:HOSTPORT-:GUESTPORT')
-        addr = m.group(1) or '127.0.0.1'
-        forwards.append(vm.HostForward(addr, int(m.group(2)),
-                                       int(m.group(3))))
+        try:    # checked here: the port is bound before the spec is
+            forwards.append(vm.HostForward.from_dict({
+                'host_addr': m.group(1) or '127.0.0.1',
+                'host_port': int(m.group(2)),
+                'guest_port': int(m.group(3))}))
+        except ContractError as exc:
+            raise UserError(f'--nic {shown(part)}: {exc.field} '
+                            f'{exc.reason}') \
+                from None
     return tuple(forwards)
 
 

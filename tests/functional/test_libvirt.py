@@ -18,25 +18,31 @@ system socket (no systemd is needed), and left running.
 import asyncio
 import dataclasses
 import fcntl
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import fixtures
+import numpy as np
 from testtools import content
 
+from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello
 from mftvm_openstack.contract.states import State
 from mftvm_openstack.ft import (
     epoch,
     libvirt_domain,
     libvirt_monitor,
     trackers,
+    transport,
     vm,
 )
 from mftvm_openstack.images import records, workload
+from mftvm_openstack.instance import client
 from mftvm_openstack.local import operations
 from tests.functional import base
 
@@ -76,12 +82,13 @@ class LibvirtDaemons(fixtures.Fixture):
             base.wait_for(_libvirtd_answers, 30, 0.2, 'libvirtd')
 
 
-def start_domain(conn, spec, serial_path):
+def start_domain(conn, spec, serial_path, uuid=None):
     """Start ``spec`` as a transient libvirt domain, the way Nova would
-    have (the engine then gets only its name), with its port forwards
-    open (libvirt 9 has none for the user-mode NIC: added through the
-    monitor)."""
-    conn.createXML(libvirt_domain.domain_xml(spec, serial_path), 0)
+    have (the engine then gets only its name; Nova's domain has the
+    instance's ``uuid``), with its port forwards open (libvirt 9 has
+    none for the user-mode NIC: added through the monitor)."""
+    conn.createXML(libvirt_domain.domain_xml(spec, serial_path, uuid=uuid),
+                   0)
 
     async def open_forwards():
         monitor = await libvirt_monitor.LibvirtMonitor.open(URI, spec.name)
@@ -338,3 +345,141 @@ class LibvirtProtectionTest(base.GuestTestCase):
         self.assertEqual(last + 1, after)
         sec = self.wait_active(name)
         self.assertEqual(_qemu_pid(restored), sec['qemu_pid'])
+
+
+class HostilePrimaryTest(base.GuestTestCase):
+    """Whoever reaches a secondary's data port speaks as its primary (no
+    authentication yet): HELLO with a domain XML of its choosing, one
+    checkpoint, PRIMARY_LOST. The secondary fails over and restores the
+    guest as a libvirt domain, but only from what ft.domain_policy
+    rebuilds: each hostile construct leaves it LOST, with no domain
+    started and no file touched outside its instance directory."""
+
+    def setUp(self):
+        super().setUp()
+        try:
+            import libvirt  # noqa: F401
+        except ImportError:
+            self.skipTest('libvirt-python is not installed')
+        self.useFixture(LibvirtDaemons())
+
+    def domains(self, conn):
+        return {d.name() for d in conn.listAllDomains()}
+
+    def start_secondary(self, name):
+        """A secondary for libvirt guest ``name``, as a peer's agent would
+        prepare it; returns its guest dir."""
+        gdir = os.path.join(self.state_dir, name)
+        os.makedirs(gdir)
+        spec = vm.GuestSpec(name=name, domain=name, kernel=self.image.kernel,
+                            initrd=self.image.initrd, memory_mib=64,
+                            disk_size=1 << 20)
+        with open(os.path.join(gdir, 'guest.json'), 'w') as f:
+            json.dump({'spec': spec.to_dict(), 'options': {
+                **dataclasses.asdict(operations.ProtectOptions()),
+                'libvirt_uri': URI, 'fence_acquire_timeout': 2.0}}, f)
+        log = open(os.path.join(gdir, 'secondary-host.log'), 'ab')
+        with log:
+            proc = subprocess.Popen(
+                [sys.executable, '-m', 'mftvm_openstack.instance',
+                 'secondary', gdir], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log, start_new_session=True)
+        self.addCleanup(self._end, proc)
+        base.wait_for(lambda: (client.read_status(gdir, 'secondary') or {})
+                      .get('state') == 'waiting-for-primary', 30, 0.1,
+                      'the secondary to listen')
+        return gdir
+
+    def _end(self, proc):
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    async def pose_as_primary(self, gdir, domain_xml):
+        sock = os.path.join(gdir, 'secondary', 'data.sock')
+        chan = await transport.Channel.connect(
+            transport.DataAddress(path=sock))
+        try:
+            await chan.send_json(transport.Kind.HELLO, Hello(
+                version=PROTOCOL_VERSION, qemu_pid=1, host_pid=1,
+                boot_id='another-machine', pair_id='pair-x',
+                disk_size=1 << 20, domain_xml=domain_xml).to_dict())
+            ready = await chan.recv(30)
+            self.assertEqual(transport.Kind.READY, ready.kind,
+                             ready.payload)
+            await chan.send(transport.Kind.MARK, 1)
+            self.assertEqual(transport.Kind.MARKED, (await chan.recv(30))
+                             .kind)
+            delta = trackers.RamDelta(np.zeros(0, np.uint32),
+                                      np.zeros((0, 4096), np.uint8))
+            await chan.send(transport.Kind.CHECKPOINT, 1,
+                            *transport.encode_checkpoint(b'devstate',
+                                                         delta))
+            self.assertEqual(transport.Kind.ACK, (await chan.recv(30)).kind)
+            await chan.send_json(transport.Kind.PRIMARY_LOST,
+                                 {'reason': 'so I say'}, epoch=1)
+        finally:
+            chan.close()
+
+    def assert_refused(self, name, domain_xml, where, victim):
+        import libvirt
+        conn = libvirt.open(URI)
+        self.addCleanup(conn.close)
+        before = self.domains(conn)
+        gdir = self.start_secondary(name)
+        asyncio.run(self.pose_as_primary(gdir, domain_xml))
+        st = base.wait_for(
+            lambda: (s := client.read_status(gdir, 'secondary') or {})
+            .get('state') in ('lost', 'active', 'stopped') and s, 60, 0.1,
+            'the secondary to fail over')
+        self.addDetail('secondary', content.text_content(json.dumps(st)))
+        self.assertEqual('lost', st['state'])
+        # nothing created outside the instance's dir, nothing started
+        if victim is not None:
+            self.assertFalse(os.path.exists(victim), victim)
+        self.assertEqual(before, self.domains(conn))
+        self.assertNotIn(name, self.domains(conn))
+        # ...because the policy refused it, saying where
+        self.assertIn(where, st.get('error') or st.get('reason') or '')
+
+    def hostile(self, name, device='', tail=''):
+        spec = vm.GuestSpec(name=name, kernel=self.image.kernel,
+                            initrd=self.image.initrd, disk='/nonexistent',
+                            memory_mib=64)
+        xml = libvirt_domain.domain_xml(spec, '/var/tmp/x.log')
+        return xml.replace('</devices>', f'{device}</devices>').replace(
+            '</domain>', f'{tail}</domain>')
+
+    def test_char_device_onto_a_host_file_is_refused(self):
+        victim = os.path.join(self.tmp, 'victim-parallel')
+        self.assert_refused(
+            f'mftvm-hostile-{os.getpid()}', self.hostile(
+                'x', device=f'<parallel type="file"><source path='
+                            f'"{victim}"/></parallel>'),
+            'domain/devices/parallel', victim)
+
+    def test_qemu_commandline_is_refused(self):
+        victim = os.path.join(self.tmp, 'victim-mem')
+        self.assert_refused(
+            f'mftvm-hostile-{os.getpid()}', self.hostile(
+                'x', tail=f'<qemu:commandline><qemu:arg value="-object"/>'
+                          f'<qemu:arg value="memory-backend-file,id=evil,'
+                          f'size=1M,share=on,mem-path={victim}"/>'
+                          f'</qemu:commandline>'),
+            'domain/qemu:commandline/qemu:arg', victim)
+
+    def test_second_disk_on_a_host_file_is_refused(self):
+        victim = os.path.join(self.tmp, 'victim-disk')
+        with open(victim, 'wb') as f:
+            f.truncate(1 << 20)
+        before = os.stat(victim)
+        self.assert_refused(
+            f'mftvm-hostile-{os.getpid()}', self.hostile(
+                'x', device=f'<disk type="file" device="disk"><driver '
+                            f'name="qemu" type="raw"/><source file='
+                            f'"{victim}"/><target dev="vdb" bus="virtio"/>'
+                            f'</disk>'),
+            'domain/devices/disk', victim=None)
+        after = os.stat(victim)
+        self.assertEqual((before.st_mtime_ns, before.st_size),
+                         (after.st_mtime_ns, after.st_size))

@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 
+from mftvm_openstack.agent import exception
 from mftvm_openstack.images import workload
 from mftvm_openstack.local import demo, operations
 from tests.functional import base, test_libvirt
@@ -36,6 +38,9 @@ class AgentLibvirtTest(AgentLab):
         # primary, and the secondary would restore it once more.
         self.addCleanup(self._destroy)
         super().setUp()
+        # Nova's shape: the instance is its uuid, which is its domain's
+        # uuid too (the agent adopts only the instance's own domain)
+        self.name = str(uuid.uuid4())
         import libvirt
         self.useFixture(test_libvirt.LibvirtDaemons())
         self.conn = libvirt.open(URI)
@@ -67,7 +72,7 @@ class AgentLibvirtTest(AgentLab):
             memory_mib=128,
             nic=f'user,hostfwd=tcp:127.0.0.1:{port}-:7000')
         serial = os.path.join(self.tmp, 'domain-serial.log')
-        test_libvirt.start_domain(self.conn, spec, serial)
+        test_libvirt.start_domain(self.conn, spec, serial, uuid=self.name)
         base.wait_for(lambda: 'COUNTER-READY' in workload.read_text(serial),
                       90, 0.2, 'the guest counter service')
         first = workload.counter_request('127.0.0.1', port, 10)
@@ -95,11 +100,21 @@ class AgentLibvirtTest(AgentLab):
         # What FTLibvirtDriver sends (nova.driver.domain_spec; tests/nova
         # checks the driver sends exactly this shape), plus the port
         # forward: the lab's guest has user-mode networking, whose
-        # forwards (added through the monitor) are not in the domain XML.
+        # forwards (added through the monitor) are not in the domain XML;
+        # and the kernel and initrd it boots: a secondary starts no kernel
+        # the wire names, only those of its own spec (a Nova guest that
+        # boots from its disk has none).
         spec = {'name': self.name, 'domain': self.domain,
                 'memory_mib': 128, 'smp': 1,
+                'kernel': self.image.kernel, 'initrd': self.image.initrd,
                 'forwards': [{'host_addr': '127.0.0.1', 'host_port': port,
                               'guest_port': 7000}]}
+        # Another instance cannot adopt this one's domain.
+        other = str(uuid.uuid4())
+        refused = self.assertRaises(
+            exception.Conflict, self.api.protect, {}, 'h1', other,
+            dict(spec, name=other), {'epoch_ms': 200}, secondary_host='h2')
+        self.assertIn(f"is not instance {other}'s own", str(refused))
         self.api.protect({}, 'h1', self.name, spec, {'epoch_ms': 200},
                          secondary_host='h2')
         st = self.status('h1')

@@ -347,3 +347,36 @@ class PairCredentialsTest(unittest.TestCase):
                                     'tls is off'):
             self.m.protect('vm0', self.spec, ProtectionOptions(), None)
         self.assertEqual([('hv2', 'vm0')], told)
+
+
+class PeerAnswersTest(unittest.TestCase):
+    """The guest's memory goes only to the agent that was asked: the
+    caller names a host (an agent's RPC server), never an address, and an
+    answer in the name of another agent is refused."""
+
+    class Agents:
+        def __init__(self, answers):
+            self.answers, self.asked = answers, []
+
+        def prepare_secondary(self, ctxt, host, instance, spec, options,
+                              primary_host):
+            self.asked.append(host)
+            return self.answers[host]
+
+    def test_an_answer_from_another_agent_is_refused(self):
+        m = manager_on(self, peers=['hv3'])
+        agents = m._agents = self.Agents({
+            'hv2': {'host': 'evil', 'data_address': 'tcp:203.0.113.9:4711'},
+            'hv3': {'host': 'hv2', 'data_address': 'tcp:203.0.113.9:4711'}})
+        spec = vm.GuestSpec.from_json({'name': 'vm0', 'kernel': '/k',
+                                       'initrd': '/i', 'disk': '/d'})
+        with self.assertRaises(exception.PeerUnreachable) as ctx:
+            m.protect('vm0', spec, ProtectionOptions(), secondary_host='hv2')
+        self.assertEqual(['hv2', 'hv3'], agents.asked)
+        self.assertIn('the answer came from agent evil, not hv2',
+                      str(ctx.exception))
+        self.assertIn('the answer came from agent hv2, not hv3',
+                      str(ctx.exception))
+        # no primary was started to stream the guest anywhere
+        self.assertFalse(os.path.exists(os.path.join(
+            self.tmp, 'instances', 'vm0', 'guest.json')))

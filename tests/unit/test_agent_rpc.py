@@ -277,9 +277,23 @@ class EndpointChecksTest(testtools.TestCase):
         for bad in ('dom 1', 'a/b', '-x', 'x' * 64, 'd\n', 'a,b', 3,
                     None):
             self.assertSpecInvalid('domain', domain=bad)
-        self.endpoint.protect({}, **self.protect(spec={
-            'name': 'c0ffee00-0000-4000-8000-000000000001',
-            'domain': 'instance-00000001'}))
+        nova = {'name': 'c0ffee00-0000-4000-8000-000000000001',
+                'domain': 'instance-00000001'}
+        self.endpoint.protect({}, **self.protect(
+            instance=nova['name'], spec=nova))
+
+    def test_spec_domain_is_the_named_instances_own(self):
+        # A domain is adopted for spec.name (its uuid, for Nova's): the
+        # call names one instance, not the agent one and the spec another.
+        nova = {'name': 'c0ffee00-0000-4000-8000-000000000001',
+                'domain': 'instance-00000001'}
+        for method, kwargs in (
+                ('protect', self.protect(spec=nova)),
+                ('prepare_secondary', {
+                    'instance': 'vm0', 'spec': nova, 'options': {},
+                    'primary_host': 'hv1'})):
+            msg = self.assertInvalid('spec.name', method, **kwargs)
+            self.assertIn("must be the instance ('vm0')", msg)
 
     def test_spec_unknown_fields(self):
         for key in ('qemu_args', 'netdev', 'Name'):

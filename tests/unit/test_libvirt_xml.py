@@ -47,13 +47,17 @@ NOVA_XML = """<domain type="kvm">
 QEMU = f'{{{libvirt_domain.QEMU_NS}}}'
 CHAIN = [('/r/base.raw', 'raw'), ('/r/ov-3.qcow2', 'qcow2'),
          ('/r/ov-5.qcow2', 'qcow2')]
+#: what the secondary allows: the config drive in the instance's own
+#: directory, the kernel and initrd its own spec names
+OWN = {'readonly_dirs': ('/var/lib/nova/instances/2b4f',),
+       'host_files': ('/k', '/i')}
 
 
 class RestoreXmlTest(unittest.TestCase):
 
     def restore(self, xml=NOVA_XML, layers=CHAIN, name=None):
         return ET.fromstring(libvirt_domain.restore_xml(
-            xml, layers, '/state/secondary/serial.log', name=name))
+            xml, layers, '/state/secondary/serial.log', name=name, **OWN))
 
     def test_disk_is_the_replica_chain_top_first(self):
         disk = self.restore().find("devices/disk[@device='disk']")
@@ -88,7 +92,8 @@ class RestoreXmlTest(unittest.TestCase):
 
     def test_waits_for_device_state_once(self):
         root = ET.fromstring(libvirt_domain.restore_xml(
-            libvirt_domain.restore_xml(NOVA_XML, CHAIN, '/s'), CHAIN, '/s'))
+            libvirt_domain.restore_xml(NOVA_XML, CHAIN, '/s', **OWN), CHAIN,
+            '/s', **OWN))
         args = [a.get('value') for a in root.find(f'{QEMU}commandline')]
         self.assertEqual(['-incoming', 'defer'], args)
 
