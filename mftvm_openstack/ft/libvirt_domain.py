@@ -306,6 +306,27 @@ async def _wait_not_running(conn: Any, name: str,
                            f'not starting a second copy of the guest')
 
 
+def check_restorable(xml: str, spec: vm.GuestSpec,
+                     readonly_dirs: Collection[str] = ()) -> None:
+    """DomainRefused (a ValueError) unless a secondary would restore the
+    domain ``xml`` (its ``XMLDesc`` with :data:`MIGRATABLE_XML`).
+
+    The primary asks before it protects a domain: a guest whose secondary
+    would refuse its XML at failover (a config drive outside the
+    instance's directory, a block device, ...) must be refused protection
+    now, visibly, not reported protected and lost when its host dies.
+    The rules are the secondary's own (:func:`restore`).
+    """
+    root = domain_policy.rebuild(
+        xml, EMULATOR, host_files={f for f in (spec.kernel, spec.initrd)
+                                   if f},
+        readonly_dirs=readonly_dirs,
+        uuid=spec.name if domain_policy.UUID(spec.name) else None)
+    if root.find("devices/disk[@device='disk']") is None:
+        raise domain_policy.DomainRefused('domain/devices: no disk to '
+                                          'replicate')
+
+
 async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
                   ram_src: str, devstate_path: str,
                   disk_layers: Sequence[tuple[str, str]],

@@ -165,12 +165,25 @@ class Libvirt:
             raise StartError(f'domain {name} is not running')
         return dom
 
-    async def adopt(self, name: str, instance: str) -> RunningGuest:
+    async def adopt(self, name: str, instance: str,
+                    spec: Optional[vm.GuestSpec] = None,
+                    readonly_dirs: tuple[str, ...] = ()) -> RunningGuest:
         """Take on the running domain ``name`` of guest ``instance``
         (:func:`check_owner`): its QEMU is libvirt's, the engine drives it
-        through libvirt's monitor."""
+        through libvirt's monitor. With ``spec``, only a domain that a
+        secondary would restore (:func:`.libvirt_domain.check_restorable`):
+        else StartError, and the domain runs on untouched."""
         dom = await self.lookup(name)
         check_owner(instance, name, await asyncio.to_thread(dom.XMLDesc, 0))
+        if spec is not None:
+            xml = await asyncio.to_thread(dom.XMLDesc,
+                                          libvirt_domain.MIGRATABLE_XML)
+            try:
+                libvirt_domain.check_restorable(xml, spec, readonly_dirs)
+            except ValueError as exc:
+                raise StartError(
+                    f'domain {name} cannot be protected: its secondary '
+                    f'would refuse to restore it: {exc}') from None
         try:
             return await self.attach(dom)
         except Exception as exc:

@@ -73,8 +73,12 @@ class PrimarySide(Side):
 
     async def _start_guest(self) -> None:
         if self.spec.domain:
-            self.guest = await self.libvirt.adopt(self.spec.domain,
-                                                  instance=self.spec.name)
+            # The secondary restores a read-only image only from its own
+            # guest directory: the same rule here, so what it would
+            # refuse at failover is refused now.
+            self.guest = await self.libvirt.adopt(
+                self.spec.domain, instance=self.spec.name, spec=self.spec,
+                readonly_dirs=(self.guest_dir,))
         else:
             self.disk_layers = [(self.spec.disk, self.spec.disk_format)]
             self.guest = await guests.boot(self.spec, self.paths, self.ram)

@@ -348,9 +348,10 @@ class LibvirtProtectionTest(base.GuestTestCase):
 
 
 class HostilePrimaryTest(base.GuestTestCase):
-    """Whoever reaches a secondary's data port speaks as its primary (no
-    authentication yet): HELLO with a domain XML of its choosing, one
-    checkpoint, PRIMARY_LOST. The secondary fails over and restores the
+    """A primary that is hostile, yet gets through (TLS off on a "trusted"
+    replication network, or the pair's own primary host compromised),
+    speaks: HELLO with a domain XML of its choosing, one checkpoint,
+    PRIMARY_LOST. The secondary fails over and restores the
     guest as a libvirt domain, but only from what ft.domain_policy
     rebuilds: each hostile construct leaves it LOST, with no domain
     started and no file touched outside its instance directory."""
@@ -377,7 +378,9 @@ class HostilePrimaryTest(base.GuestTestCase):
         with open(os.path.join(gdir, 'guest.json'), 'w') as f:
             json.dump({'spec': spec.to_dict(), 'options': {
                 **dataclasses.asdict(operations.ProtectOptions()),
-                'libvirt_uri': URI, 'fence_acquire_timeout': 2.0}}, f)
+                'libvirt_uri': URI, 'fence_acquire_timeout': 2.0,
+                # the domain policy alone must hold
+                'tls': False}}, f)
         log = open(os.path.join(gdir, 'secondary-host.log'), 'ab')
         with log:
             proc = subprocess.Popen(

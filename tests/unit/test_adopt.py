@@ -12,6 +12,7 @@ import asyncio
 import unittest
 from typing import Any
 
+from mftvm_openstack.ft import vm
 from mftvm_openstack.instance import guest as guests
 
 MINE = 'c0ffee00-0000-4000-8000-000000000001'
@@ -114,6 +115,50 @@ class AdoptTest(unittest.TestCase):
 
     def test_a_non_nova_domain_of_another_name_is_refused(self):
         self.refused('vm0', 'vm1')
+
+
+def nova_xml_with(uuid: str, devices: str) -> str:
+    return nova_xml('instance-00000003', uuid).replace(
+        '</domain>', f'<devices>{devices}</devices></domain>')
+
+
+DISK = ("<disk type='file' device='disk'><source file='/var/lib/nova/"
+        "instances/x/disk'/><target dev='vda' bus='virtio'/></disk>")
+CONFIG_DRIVE = ("<disk type='file' device='cdrom'><source file='/var/lib/"
+                "nova/instances/x/disk.config'/><target dev='sda' "
+                "bus='sata'/><readonly/></disk>")
+
+
+class RestorableTest(unittest.TestCase):
+    """What a secondary would refuse to restore is refused protection at
+    once, before the engine touches the domain, so a guest is never
+    reported protected that a failover cannot bring back."""
+
+    SPEC = vm.GuestSpec(name=MINE, domain='instance-00000003')
+
+    def adopt(self, devices: str) -> Any:
+        self.libvirt = RecordingLibvirt(FakeConnection(FakeDomain(
+            'instance-00000003', nova_xml_with(MINE, devices))))
+        return asyncio.run(self.libvirt.adopt(
+            'instance-00000003', instance=MINE, spec=self.SPEC,
+            readonly_dirs=('/var/lib/mftvm/instances/' + MINE,)))
+
+    def test_a_domain_a_secondary_restores_is_adopted(self):
+        self.assertEqual('attached', self.adopt(DISK))
+
+    def test_a_domain_a_secondary_would_refuse_is_not(self):
+        for devices, why in (
+                (DISK + CONFIG_DRIVE, "outside the instance's own"),
+                ("<disk type='block' device='disk'><source dev='/dev/sda'/>"
+                 "<target dev='vda' bus='virtio'/></disk>", 'disk@type'),
+                ('', 'no disk to replicate')):
+            with self.subTest(why=why):
+                with self.assertRaises(guests.StartError) as ctx:
+                    self.adopt(devices)
+                self.assertIn('cannot be protected: its secondary would '
+                              'refuse to restore it', str(ctx.exception))
+                self.assertIn(why, str(ctx.exception))
+                self.assertEqual([], self.libvirt.attached)
 
 
 if __name__ == '__main__':
