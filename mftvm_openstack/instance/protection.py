@@ -75,7 +75,9 @@ class GuestProtector:
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while True:
             try:
-                return await transport.Channel.connect(addr)
+                return await transport.Channel.connect(
+                    addr, stall_timeout=float(
+                        self.options['detect_timeout']))
             except ConnectionError:
                 if time.monotonic() > deadline:
                     raise

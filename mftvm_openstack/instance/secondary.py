@@ -103,7 +103,11 @@ class SecondarySide(Side):
 
         async def on_connect(channel: transport.Channel) -> None:
             machine.post(pair.Connected(channel))
-        server = await transport.serve(addr, on_connect)
+        # A frame from a primary frozen mid-way is a lost primary: no
+        # byte of it for the detection time breaks the stream.
+        server = await transport.serve(
+            addr, on_connect,
+            stall_timeout=float(self.options['detect_timeout']))
         self.listen = str(addr)
         machine.post(pair.Listening())
         try:

@@ -3,6 +3,7 @@
 import asyncio
 import mmap
 import os
+import socket
 import struct
 import tempfile
 import unittest
@@ -80,17 +81,25 @@ class SoftDirtyParsingTest(unittest.TestCase):
 
 class FramingTest(unittest.IsolatedAsyncioTestCase):
 
-    async def pair(self):
-        path = tempfile.mktemp(dir='/tmp', suffix='.sock')
+    async def pair(self, stall_timeout=None, tcp=False):
+        if tcp:
+            addr = transport.DataAddress(host='127.0.0.1', port=0)
+        else:
+            addr = transport.DataAddress(
+                path=tempfile.mktemp(dir='/tmp', suffix='.sock'))
         accepted = asyncio.get_running_loop().create_future()
 
         async def on_connect(chan):
             accepted.set_result(chan)
-        server = await transport.serve(transport.DataAddress(path=path),
-                                       on_connect)
+        server = await transport.serve(addr, on_connect,
+                                       stall_timeout=stall_timeout)
         self.addCleanup(server.close)
+        if tcp:
+            port = server.sockets[0].getsockname()[1]
+            addr = transport.DataAddress(host='127.0.0.1', port=port)
         client = await transport.Channel.connect(
-            transport.DataAddress.parse(f'unix:{path}'))
+            addr, stall_timeout=stall_timeout)
+        self.addCleanup(client.close)
         return client, await accepted
 
     async def test_checkpoint_round_trip(self):
@@ -157,6 +166,48 @@ class FramingTest(unittest.IsolatedAsyncioTestCase):
                            transport.encode_checkpoint(b'd', delta))
         self.assertRaises(transport.ProtocolError,
                           transport.decode_checkpoint, payload[:-1])
+
+    async def test_frame_stalled_mid_payload_breaks_the_stream(self):
+        # A primary frozen while sending a big delta (SIGSTOP, power
+        # loss): its header and part of the payload came, then nothing.
+        client, server = await self.pair(stall_timeout=0.2)
+        client._writer.write(transport.HEADER.pack(b'MFTV', Kind.CHECKPOINT,
+                                                   5, 1 << 20))
+        client._writer.write(b'x' * 1000)
+        with self.assertRaisesRegex(ConnectionError, 'stalled mid-frame'):
+            # (the outer bound only keeps a hang from hanging the tests)
+            await asyncio.wait_for(server.recv(timeout=5), 10)
+
+    async def test_slow_frame_that_keeps_coming_arrives(self):
+        # The stall timeout bounds the silence inside a frame, not the
+        # time the whole frame takes.
+        client, server = await self.pair(stall_timeout=2.0)
+        client._writer.write(transport.HEADER.pack(b'MFTV', Kind.ERROR,
+                                                   1, 40))
+
+        async def trickle():
+            for _ in range(4):
+                await asyncio.sleep(0.05)
+                client._writer.write(b'y' * 10)
+        sending = asyncio.ensure_future(trickle())
+        msg = await asyncio.wait_for(server.recv(timeout=5), 10)
+        await sending
+        self.assertEqual(b'y' * 40, msg.payload)
+
+    async def test_tcp_streams_detect_a_dead_peer(self):
+        client, server = await self.pair(stall_timeout=1.5, tcp=True)
+        for chan in (client, server):
+            sock = chan._writer.get_extra_info('socket')
+            self.assertEqual(1, sock.getsockopt(socket.SOL_SOCKET,
+                                                socket.SO_KEEPALIVE))
+            self.assertEqual(2, sock.getsockopt(socket.IPPROTO_TCP,
+                                                socket.TCP_KEEPIDLE))
+            self.assertEqual(1, sock.getsockopt(socket.IPPROTO_TCP,
+                                                socket.TCP_KEEPINTVL))
+            self.assertEqual(transport.KEEPALIVE_PROBES, sock.getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+            self.assertEqual(3000, sock.getsockopt(socket.IPPROTO_TCP,
+                                                   socket.TCP_USER_TIMEOUT))
 
     async def test_closed_stream(self):
         client, server = await self.pair()
