@@ -121,7 +121,8 @@ class SecondarySide(Side):
                 protector=self.protector, clock=self.clock,
                 epoch_ms=self.options['epoch_ms'],
                 idle_epoch_ms=self.options.get('idle_epoch_ms') or 0,
-                heartbeat_interval=self.options['heartbeat_interval'])
+                heartbeat_interval=self.options['heartbeat_interval'],
+                **self.bounds())
             self.start(primary)
             keeping = self.keep_lease()
             try:

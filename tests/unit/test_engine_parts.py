@@ -280,6 +280,25 @@ class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((0, 2), (out.held, out.frames_released))
         self.assertEqual(b'epoch2-a', await mon.network_got(2))
 
+    async def test_held_bytes_are_counted_and_reported(self):
+        d = tempfile.mkdtemp()
+        out = OutputBuffer(os.path.join(d, 'o'), os.path.join(d, 'i'))
+        heard = []
+        out.on_held = heard.append
+        mon = FakeFilterMonitor()
+        await out.attach(mon)
+        self.addAsyncCleanup(out.close)
+        await mon.guest_sends(b'a' * 100)
+        await asyncio.wait_for(out.waiting.wait(), 2)
+        out.seal(1)
+        await mon.guest_sends(b'b' * 50)
+        await asyncio.wait_for(out.waiting.wait(), 2)
+        self.assertEqual(([100, 150], 150), (heard, out.held_bytes))
+        await out.release(1)
+        self.assertEqual(50, out.held_bytes)
+        out.discard()
+        self.assertEqual(0, out.held_bytes)
+
     async def test_passthrough_releases_everything_and_stops_holding(self):
         d = tempfile.mkdtemp()
         out = OutputBuffer(os.path.join(d, 'o'), os.path.join(d, 'i'))
