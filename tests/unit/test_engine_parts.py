@@ -1,6 +1,7 @@
 """Trackers, data-plane framing and output commit, without QEMU."""
 
 import asyncio
+import json
 import mmap
 import os
 import socket
@@ -11,7 +12,7 @@ import unittest
 import numpy as np
 
 from mftvm_openstack.ft import epoch, trackers, transport
-from mftvm_openstack.ft.monitor import Monitor
+from mftvm_openstack.ft.monitor import Monitor, QMPMonitor
 from mftvm_openstack.ft.network import OutputBuffer
 from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
 from mftvm_openstack.ft.transport import Kind
@@ -311,6 +312,51 @@ class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(b'held', await mon.network_got(2))
         await mon.guest_sends(b'direct')
         self.assertEqual(b'direct', await mon.network_got(1))
+
+
+class QMPEventsTest(unittest.IsolatedAsyncioTestCase):
+    """QMPMonitor against a QMP server played here: greeting,
+    capabilities, then events."""
+
+    async def serve_events(self, count):
+        path = tempfile.mktemp(dir='/tmp', suffix='.qmp')
+        sent = asyncio.get_running_loop().create_future()
+
+        async def qmp(reader, writer):
+            writer.write(json.dumps({'QMP': {'version': {
+                'qemu': {'major': 8, 'minor': 2, 'micro': 0},
+                'package': ''}, 'capabilities': []}}).encode() + b'\r\n')
+            await reader.read(4096)     # qmp_capabilities (no newline)
+            writer.write(b'{"return": {}}\r\n')
+            await writer.drain()
+            await sent      # once a stream waits for the last event
+            for n in range(count):
+                writer.write(json.dumps({
+                    'event': 'STOP' if n % 2 else 'RESUME',
+                    'timestamp': {'seconds': n, 'microseconds': 0}})
+                    .encode() + b'\r\n')
+            writer.write(json.dumps({
+                'event': 'MIGRATION', 'data': {'status': 'completed'},
+                'timestamp': {'seconds': 0, 'microseconds': 0}})
+                .encode() + b'\r\n')
+            await writer.drain()
+        server = await asyncio.start_unix_server(qmp, path)
+        self.addCleanup(server.close)
+        return path, sent
+
+    async def test_events_nobody_waits_for_are_not_kept(self):
+        # A guest protected for months gets millions of events (each
+        # checkpoint: STOP, RESUME, MIGRATION...): none may pile up.
+        path, sent = await self.serve_events(200)
+        mon = await QMPMonitor.connect(path, timeout=5)
+        self.addAsyncCleanup(mon.close)
+        with mon.events('MIGRATION') as stream:
+            sent.set_result(None)
+            event = await stream.wait(timeout=5)
+        self.assertEqual('completed', event['data']['status'])
+        client = mon._client
+        self.assertTrue(client.events.empty())
+        self.assertEqual((), client.events.history)
 
 
 class FakeMigratingMonitor(Monitor):
