@@ -493,6 +493,24 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(100, self.machine.stats.committed)
         self.assertLessEqual(len(tasks_of('_ship')), 1)
 
+    async def test_ticks_do_not_pile_up_behind_a_slow_checkpoint(self):
+        # Epochs of 10 ms, a checkpoint that takes a second: the queue
+        # holds one Tick, not a hundred (it grew for as long as the guest
+        # ran, and the acks waited behind the ticks).
+        await self.make(epoch_ms=10)
+        gate = asyncio.Event()
+        capture = self.cap.capture
+
+        async def slow_capture(*args, **kwargs):
+            await gate.wait()
+            return await capture(*args, **kwargs)
+        self.cap.capture = slow_capture
+        await self.clock.advance(1)
+        self.assertLessEqual(self.machine.events.qsize(), 1)
+        gate.set()
+        await settle()
+        self.assertEqual([1, 2], self.cap.captured)
+
     async def test_epochs_last_epoch_ms_when_idle_epochs_are_off(self):
         await self.make(epoch_ms=30)
         await self.clock.advance(0.35)

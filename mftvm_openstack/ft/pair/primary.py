@@ -130,6 +130,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self.held_output_full = False
         # an OutputFull is queued (one is enough)
         self._full_posted = False
+        # a Tick is queued (one is enough)
+        self._tick_posted = False
 
     @classmethod
     def took_over(cls, secondary: SecondaryPair, guest: GuestProcess,
@@ -198,6 +200,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
             if self.state == State.SYNCING:
                 await self._sync_failed(event.error)
         elif isinstance(event, Tick):
+            self._tick_posted = False
             await self._tick()
         elif isinstance(event, Acked):
             if self.state.final:
@@ -325,7 +328,12 @@ class PrimaryPair(Machine['PrimaryEvent']):
             if rest > 0:
                 with contextlib.suppress(TimeoutError):
                     await self.clock.wait_for(output.waiting.wait(), rest)
-            self.post(Tick())
+            # One Tick at a time: while a checkpoint takes longer than an
+            # epoch, more would pile up in the queue without end (and
+            # hold up the acks queued behind them).
+            if not self._tick_posted:
+                self._tick_posted = True
+                self.post(Tick())
 
     async def _reader(self, channel: Channel) -> None:
         # MARKED and ACK resolve their waiters here, not through the
