@@ -127,7 +127,7 @@ class FrozenPrimaryTest(base.GuestTestCase):
             spec, operations.ProtectOptions(epoch_ms=200),
             self.state_dir, host_options={'fence_lease': self.LEASE})
 
-    def stop_mid_frame(self, primary_pid, secondary_pid, timeout=30):
+    def stop_mid_frame(self, primary_pid, secondary_pid, timeout=60):
         """SIGSTOP the primary's host process while the secondary is
         reading a large frame (more than 1 MiB in the last 2 ms)."""
         deadline = time.monotonic() + timeout
@@ -139,7 +139,8 @@ class FrozenPrimaryTest(base.GuestTestCase):
                 os.kill(primary_pid, signal.SIGSTOP)
                 return time.monotonic()
             last = now
-        self.fail('no large frame seen on its way')
+        self.fail(f'no large frame seen on its way; the primary says '
+                  f'{self.side("frz", "primary")}')
 
     def test_a_primary_frozen_mid_frame_is_failed_over(self):
         gdir = self.protect_dirtying('frz')
@@ -147,8 +148,9 @@ class FrozenPrimaryTest(base.GuestTestCase):
         self.assertIsNotNone(last)
         primary = self.side('frz', 'primary')
         secondary = self.side('frz', 'secondary')
-        base.wait_for(lambda: self.side('frz', 'primary').get(
-            'dirty_mib_total', 0) > 200, 60, what='large checkpoints')
+        serial = os.path.join(gdir, 'primary', 'serial.log')
+        base.wait_for(lambda: 'DIRTY-READY' in workload.read_text(serial),
+                      60, 0.2, 'the guest dirtying its RAM')
         host_pid, old_qemu = primary['host_pid'], primary['qemu_pid']
         self.addCleanup(_kill_quietly, host_pid, signal.SIGKILL)
         self.addCleanup(_kill_quietly, host_pid, signal.SIGCONT)

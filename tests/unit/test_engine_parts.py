@@ -1,6 +1,7 @@
 """Trackers, data-plane framing and output commit, without QEMU."""
 
 import asyncio
+import gc
 import json
 import mmap
 import os
@@ -10,6 +11,7 @@ import tempfile
 import unittest
 
 import numpy as np
+from qemu.qmp import message as qmp_message
 
 from mftvm_openstack.ft import epoch, trackers, transport
 from mftvm_openstack.ft.monitor import Monitor, QMPMonitor
@@ -357,6 +359,22 @@ class QMPEventsTest(unittest.IsolatedAsyncioTestCase):
         client = mon._client
         self.assertTrue(client.events.empty())
         self.assertEqual((), client.events.history)
+
+    async def test_a_stream_keeps_only_what_is_still_to_be_read(self):
+        # The disk sync watches its job for the whole protection: the
+        # events it has read must not stay behind.
+        path, sent = await self.serve_events(200)
+        mon = await QMPMonitor.connect(path, timeout=5)
+        self.addAsyncCleanup(mon.close)
+        with mon.events() as stream:
+            sent.set_result(None)
+            for _ in range(201):
+                await stream.wait(timeout=5)
+            gc.collect()
+            events = [o for o in gc.get_objects()
+                      if isinstance(o, qmp_message.Message)
+                      and 'event' in o]
+            self.assertEqual([], events)
 
 
 class FakeMigratingMonitor(Monitor):
