@@ -6,7 +6,8 @@ anonymous memory (``RssAnon`` in ``/proc/PID/status``), after a warm-up
 and at the end. On main before issue 11 both grew linearly, with no
 plateau: at 20 ms epochs the primary by 18 MiB and the secondary by
 6 MiB per 1 000 epochs (qemu.qmp's default event listener kept every QMP
-event; the primary's queue kept a Tick per epoch its checkpoint overran).
+event; a long-lived event stream kept a history of its events; the
+primary's queue kept a Tick per epoch its checkpoint overran).
 """
 
 import contextlib
