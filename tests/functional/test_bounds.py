@@ -120,8 +120,9 @@ class FrozenPrimaryTest(base.GuestTestCase):
     def protect_dirtying(self, name):
         spec = operations.make_spec(
             name, self.image.kernel, self.image.initrd, self.make_disk(),
-            append='console=ttyS0 quiet mftvm.run=dirty:64,counter',
-            memory_mib=128,
+            # (dirtying 128 MiB leaves the guest room only with 256)
+            append='console=ttyS0 quiet mftvm.run=dirty:128,counter',
+            memory_mib=256,
             nic=f'user,hostfwd=tcp:127.0.0.1:{self.port}-:7000')
         self.addCleanup(self._stop_guest, name)
         return operations.protect(
