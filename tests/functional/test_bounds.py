@@ -13,6 +13,7 @@ primary's queue kept a Tick per epoch its checkpoint overran).
 import contextlib
 import os
 import signal
+import subprocess
 import time
 
 import fixtures
@@ -93,13 +94,17 @@ class MemoryBoundTest(base.GuestTestCase):
                 f'epochs (from {first[role]} KiB)')
 
 
-def read_chars(pid):
-    """Bytes process ``pid`` has read so far (sockets included)."""
-    with open(f'/proc/{pid}/io') as f:
-        for line in f:
-            if line.startswith('rchar:'):
-                return int(line.split()[1])
-    raise AssertionError(f'no rchar for pid {pid}')
+def queued_bytes(path):
+    """Bytes waiting to be read on the accepted side of the unix stream
+    socket listening at ``path`` (``ss``: Recv-Q)."""
+    out = subprocess.run(['ss', '-xn'], capture_output=True, text=True,
+                         check=True).stdout
+    queued = 0
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == 'ESTAB' and fields[4] == path:
+            queued = max(queued, int(fields[2]))
+    return queued
 
 
 class FrozenPrimaryTest(base.GuestTestCase):
@@ -129,18 +134,15 @@ class FrozenPrimaryTest(base.GuestTestCase):
             spec, operations.ProtectOptions(epoch_ms=200),
             self.state_dir, host_options={'fence_lease': self.LEASE})
 
-    def stop_mid_frame(self, primary_pid, secondary_pid, timeout=60):
-        """SIGSTOP the primary's host process while the secondary is
-        reading a large frame (more than 1 MiB in the last 2 ms)."""
+    def stop_mid_frame(self, primary_pid, data_sock, timeout=60):
+        """SIGSTOP the primary's host process while a large frame is on
+        its way to the secondary (over 64 KiB wait in its socket: only a
+        checkpoint's RAM delta queues that much)."""
         deadline = time.monotonic() + timeout
-        last = read_chars(secondary_pid)
         while time.monotonic() < deadline:
-            time.sleep(0.002)
-            now = read_chars(secondary_pid)
-            if now - last > 1 << 20:
+            if queued_bytes(data_sock) > 64 << 10:
                 os.kill(primary_pid, signal.SIGSTOP)
                 return time.monotonic()
-            last = now
         self.fail(f'no large frame seen on its way; the primary says '
                   f'{self.side("frz", "primary")}')
 
@@ -149,14 +151,14 @@ class FrozenPrimaryTest(base.GuestTestCase):
         last = self.wait_counter(gdir)
         self.assertIsNotNone(last)
         primary = self.side('frz', 'primary')
-        secondary = self.side('frz', 'secondary')
         serial = os.path.join(gdir, 'primary', 'serial.log')
         base.wait_for(lambda: 'DIRTY-READY' in workload.read_text(serial),
                       60, 0.2, 'the guest dirtying its RAM')
         host_pid, old_qemu = primary['host_pid'], primary['qemu_pid']
         self.addCleanup(_kill_quietly, host_pid, signal.SIGKILL)
         self.addCleanup(_kill_quietly, host_pid, signal.SIGCONT)
-        stopped_at = self.stop_mid_frame(host_pid, secondary['host_pid'])
+        stopped_at = self.stop_mid_frame(
+            host_pid, os.path.join(gdir, 'secondary', 'data.sock'))
 
         active = self.wait_active('frz', timeout=30)
         after = base.wait_for(
