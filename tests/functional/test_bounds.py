@@ -114,7 +114,7 @@ class FrozenPrimaryTest(base.GuestTestCase):
 
     #: seconds; the Redis lease the fence uses (the lock file of one
     #: machine would never lapse while its frozen holder lives)
-    LEASE = 2
+    LEASE = 3
 
     def setUp(self):
         super().setUp()
