@@ -252,6 +252,9 @@ class AgentManager:
             'detect_timeout': (c.agent.heartbeat_interval
                                * c.agent.heartbeat_misses),
             'heartbeat_interval': c.agent.heartbeat_interval,
+            'ack_timeout': c.ft.ack_timeout,
+            'max_held_epochs': c.ft.max_held_epochs,
+            'max_held_bytes': c.ft.max_held_bytes,
             'hang_timeout': c.agent.hang_timeout,
             'replica_timeout': c.agent.replica_timeout,
             # for people to read: the instance process gets the URL

@@ -75,6 +75,9 @@ def print_status(st: LocalGuestStatus) -> None:
               f'{_fmt(side.pause_ms_p50, "ms")} p99='
               f'{_fmt(side.pause_ms_p99, "ms")} dirty='
               f'{side.dirty_mib_total}MiB')
+        if side.held_output_full:
+            print(f'              held output full ({side.held_bytes} '
+                  f'bytes): the guest is paused until the secondary acks')
         if side.failover_ms is not None:
             print(f'              failover took {side.failover_ms} ms')
         if side.reason:

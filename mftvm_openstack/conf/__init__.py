@@ -153,6 +153,25 @@ ft_opts = [
                help='How dirty guest memory is found; auto picks '
                     'soft-dirty when the kernel supports it.'),
     cfg.FloatOpt(
+        'ack_timeout', default=10.0, min=0.5,
+        help='Seconds a checkpoint, once shipped, may wait for the '
+             'secondary\'s ack. A later ack makes the secondary lost: the '
+             'guest goes on unprotected (its replica marked stale before '
+             'the held output leaves), rather than a secondary that reads '
+             'but never acks holding the guest\'s network back.'),
+    cfg.IntOpt(
+        'max_held_epochs', default=50, min=1,
+        help='Most epochs whose output the primary holds unacked. At the '
+             'bound the guest is paused (its packets neither dropped nor '
+             'sent early) until acks free room; its status then says '
+             'held_output_full.'),
+    cfg.IntOpt(
+        'max_held_bytes', default=32 << 20, min=1 << 16,
+        help='Most bytes of guest output held for commit, per guest. At '
+             'the bound the guest is paused, as with max_held_epochs; '
+             'frames it sent while being paused are still held, so the '
+             'buffer may exceed this by a few frames.'),
+    cfg.FloatOpt(
         'handoff_interval', default=2.0, min=0,
         help='nova-compute (FTLibvirtDriver) only: seconds between two '
              'looks at the local agent for servers it took over from a '

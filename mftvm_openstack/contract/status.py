@@ -62,6 +62,11 @@ class InstanceStatus(Record):
     held_frames: Optional[int] = None
     released_frames: Optional[int] = None
     shipped_mib: Optional[float] = None
+    #: primary: bytes of output held now, and whether the held output is
+    #: at a bound ([ft] max_held_epochs / max_held_bytes), so the guest
+    #: is paused until the secondary's acks free room
+    held_bytes: Optional[int] = None
+    held_output_full: Optional[bool] = None
     #: time since the secondary last acked (primary) or spoke (secondary)
     ms_since_last_ack: Optional[float] = None
     #: secondary: how long its takeover took, and when each step ended

@@ -112,6 +112,26 @@ class Monitor(abc.ABC):
         """Disconnect; never raises."""
 
 
+def _no_event(event: Any) -> bool:
+    return False
+
+
+class _Listener(EventListener):
+    """A qemu.qmp listener that keeps only what is still to be read.
+
+    qemu.qmp's own keeps a history of every event it ever took, for as
+    long as it is registered: the disk sync's job watch, open for the
+    whole protection, grew by each checkpoint's JOB_STATUS_CHANGE."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__(names or None)
+        self.pending: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def put(self, event: Any) -> None:
+        if self.accept(event):
+            self.pending.put_nowait(event)
+
+
 class QMPMonitor(Monitor):
     """:class:`Monitor` over a QMP unix socket, using ``qemu.qmp``.
 
@@ -123,13 +143,18 @@ class QMPMonitor(Monitor):
         super().__init__()
         self._client = client
         self._name = name
+        # qemu.qmp gives every client a default listener that queues (and
+        # keeps a history of) every event, and cannot be removed. Nobody
+        # reads it here: it grew by each checkpoint's STOP, RESUME and
+        # MIGRATION events, for as long as the guest ran. It takes none.
+        client.events.event_filter = _no_event
 
     @contextlib.contextmanager
     def events(self, *names: str) -> Iterator[EventStream]:
-        listener = EventListener(names or None)
+        listener = _Listener(names)
 
         async def get() -> Event:
-            return dict(await listener.get())
+            return dict(await listener.pending.get())
         with self._client.listen(listener):
             yield EventStream(get, names, self._name)
 

@@ -15,6 +15,11 @@ Example::
     out.seal(epoch)                # inside the pause of checkpoint `epoch`
     await out.release(epoch)       # once `epoch` is acked
     await out.detach(monitor)      # unprotected: release all, remove filter
+
+What is held is counted (``held``, ``held_bytes``); ``on_held(bytes)``,
+if set, hears the count each time a frame is held, so that whoever owns
+the guest can pause it before the buffer grows past its bound (frames
+are never dropped nor let out early here).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import logging
 import os
 import struct
+from collections.abc import Callable
 from typing import Optional
 
 from mftvm_openstack.ft.monitor import Monitor
@@ -46,6 +52,9 @@ class OutputBuffer:
         # epoch the frames read from now on belong to
         self._open_epoch = 1
         self._held: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._held_bytes = 0
+        #: told the held byte count after each frame held
+        self.on_held: Optional[Callable[[int], None]] = None
         self._holding = True
         self._out: Optional[asyncio.StreamReader] = None
         self._out_writer: Optional[asyncio.StreamWriter] = None
@@ -61,6 +70,11 @@ class OutputBuffer:
     @property
     def held(self) -> int:
         return len(self._held)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the frames held now."""
+        return self._held_bytes
 
     async def attach(self, monitor: Monitor, first_epoch: int = 1) -> None:
         """Listen, let QEMU connect, and install the filter."""
@@ -111,7 +125,10 @@ class OutputBuffer:
                 frame = await self._out.readexactly(length)
                 if self._holding:
                     self._held.append((self._open_epoch, frame))
+                    self._held_bytes += len(frame)
                     self.waiting.set()
+                    if self.on_held is not None:
+                        self.on_held(self._held_bytes)
                 else:
                     self._write(frame)
                     await self._drain()
@@ -144,14 +161,19 @@ class OutputBuffer:
     async def release(self, epoch: int) -> None:
         """Send every frame of epochs ≤ ``epoch`` on to the network."""
         while self._held and self._held[0][0] <= epoch:
-            self._write(self._held.popleft()[1])
+            self._write(self._pop())
         await self._drain()
+
+    def _pop(self) -> bytes:
+        frame = self._held.popleft()[1]
+        self._held_bytes -= len(frame)
+        return frame
 
     async def passthrough(self) -> None:
         """Stop holding: release everything now and forward from now on."""
         self._holding = False
         while self._held:
-            self._write(self._held.popleft()[1])
+            self._write(self._pop())
         await self._drain()
 
     async def detach(self, monitor: Monitor) -> None:
@@ -167,6 +189,7 @@ class OutputBuffer:
     def discard(self) -> None:
         """Drop held frames (the guest they came from is gone)."""
         self._held.clear()
+        self._held_bytes = 0
 
     async def close(self) -> None:
         if self._pump is not None:

@@ -24,6 +24,15 @@ closed and logged, and counts for nothing::
     server = await serve(addr, on_connect, tls=ServerTls(
         context, check_peer=lambda cert: None if ok(cert) else 'why'))
     chan = await Channel.connect(addr, tls=ClientTls(ctx, 'peer-name'))
+
+A frame that has begun must keep arriving: with ``stall_timeout`` set, a
+payload from which no byte arrives for that long breaks the stream
+(ConnectionError), so a peer frozen mid-frame (a stopped process, a host
+that lost power) is lost like one that closed the stream. On TCP the same
+bound becomes the socket's keepalive and ``TCP_USER_TIMEOUT`` (see
+:func:`tune_tcp`)::
+
+    chan = await Channel.connect(addr, stall_timeout=1.0)
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ import dataclasses
 import enum
 import json
 import logging
+import math
 import re
+import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
@@ -54,6 +65,11 @@ HEADER = struct.Struct('!4sB3xQQ')
 #: bigger than this as a corrupt or hostile frame.
 MAX_PAYLOAD = 1 << 40
 _CKPT = struct.Struct('!QQ')
+#: keepalive probes sent before a silent TCP peer counts as gone
+KEEPALIVE_PROBES = 3
+#: a stall timer that fires as a starved process wakes up is re-checked
+#: this long before the stall counts (the bytes may be here already)
+STALL_RECHECK_S = 0.05
 
 
 class Kind(enum.IntEnum):
@@ -177,20 +193,54 @@ class ServerTls:
     check_peer: Callable[[dict[str, Any]], Optional[str]]
 
 
+def tune_tcp(sock: Optional[socket.socket], stall_timeout: float) -> None:
+    """Make the kernel notice a dead TCP peer within about
+    ``stall_timeout`` seconds (a unix socket is left alone).
+
+    Keepalive: idle ``stall_timeout`` and then :data:`KEEPALIVE_PROBES`
+    probes a third of it apart (whole seconds, at least 1): a peer that
+    vanished while we only listen (the primary waiting for ACKs) is
+    noticed in about twice the stall timeout. ``TCP_USER_TIMEOUT``: data
+    we sent may stay unacknowledged by the peer's kernel for at most twice
+    the stall timeout (never less than 1 s), then the connection breaks
+    and a blocked send fails instead of hanging.
+    """
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle = max(1, math.ceil(stall_timeout))
+    interval = max(1, math.ceil(stall_timeout / 3))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT,
+                    KEEPALIVE_PROBES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                    max(1000, round(2 * stall_timeout * 1000)))
+
+
 class Channel:
-    """A framed, ordered stream; one writer and one reader at a time."""
+    """A framed, ordered stream; one writer and one reader at a time.
+
+    ``stall_timeout``: seconds a frame that has begun may go without a
+    byte arriving before the stream counts as broken (None: no limit).
+    """
 
     def __init__(self, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+                 writer: asyncio.StreamWriter,
+                 stall_timeout: Optional[float] = None) -> None:
         self._reader = reader
         self._writer = writer
+        self.stall_timeout = stall_timeout
         self.bytes_sent = 0
         # a frame's header read by wait_frame(), its payload not yet
         self._header: Optional[bytes] = None
+        if stall_timeout is not None:
+            tune_tcp(writer.get_extra_info('socket'), stall_timeout)
 
     @classmethod
     async def connect(cls, addr: DataAddress, timeout: float = 10.0,
-                      tls: Optional[ClientTls] = None) -> Channel:
+                      tls: Optional[ClientTls] = None,
+                      stall_timeout: Optional[float] = None) -> Channel:
         kwargs: dict[str, Any] = {'limit': 1 << 20}
         if tls is not None:
             kwargs.update(ssl=tls.context, server_hostname=tls.server_name,
@@ -210,7 +260,7 @@ class Channel:
             raise ConnectionError(
                 f'cannot reach the secondary at {addr}: '
                 f'{exc or "timed out"}') from None
-        return cls(reader, writer)
+        return cls(reader, writer, stall_timeout)
 
     async def send(self, kind: Kind, epoch: int = 0,
                    *buffers: Any) -> None:
@@ -241,8 +291,9 @@ class Channel:
                     from None
 
     async def recv(self, timeout: Optional[float] = None) -> Message:
-        """The next frame; ``timeout`` bounds the wait for its header only
-        (see :meth:`wait_frame`)."""
+        """The next frame; ``timeout`` bounds the wait for its header (see
+        :meth:`wait_frame`), ``stall_timeout`` each wait for more of its
+        payload."""
         await asyncio.wait_for(self.wait_frame(), timeout)
         header, self._header = self._header, None
         assert header is not None
@@ -255,11 +306,45 @@ class Channel:
             kind = Kind(kind)
         except ValueError:
             raise ProtocolError(f'unknown frame kind {kind}') from None
-        try:
-            payload = await self._reader.readexactly(length)
-        except asyncio.IncompleteReadError:
-            raise ConnectionError('the data stream broke mid-frame') from None
+        if self.stall_timeout is None:
+            try:
+                payload = await self._reader.readexactly(length)
+            except asyncio.IncompleteReadError:
+                raise ConnectionError('the data stream broke mid-frame') \
+                    from None
+        else:
+            payload = await self._read_progressing(length,
+                                                   self.stall_timeout)
         return Message(kind, epoch, payload)
+
+    async def _read_progressing(self, length: int, stall: float) -> bytes:
+        """``length`` bytes, each piece arriving within ``stall`` s."""
+        parts = []
+        left = length
+        while left:
+            try:
+                part = await self._read_some(left, stall)
+            except TimeoutError:
+                raise ConnectionError(
+                    f'the data stream stalled mid-frame: no byte for '
+                    f'{stall}s with {left} of {length} bytes to come') \
+                    from None
+            if not part:
+                raise ConnectionError('the data stream broke mid-frame')
+            parts.append(part)
+            left -= len(part)
+        return b''.join(parts)
+
+    async def _read_some(self, most: int, stall: float) -> bytes:
+        try:
+            async with asyncio.timeout(stall):
+                return await self._reader.read(most)
+        except TimeoutError:
+            # When this process was starved of CPU for longer than the
+            # timeout, the timer fires before the bytes that arrived
+            # meanwhile are read: bytes ready now are no stall.
+            async with asyncio.timeout(STALL_RECHECK_S):
+                return await self._reader.read(most)
 
     def close(self) -> None:
         try:
@@ -295,8 +380,11 @@ def _peer(writer: asyncio.StreamWriter) -> str:
 
 async def serve(addr: DataAddress,
                 on_connect: Callable[[Channel], Awaitable[None]],
-                tls: Optional[ServerTls] = None) -> asyncio.AbstractServer:
-    """Listen on ``addr``; ``on_connect(channel)`` runs per connection.
+                tls: Optional[ServerTls] = None,
+                stall_timeout: Optional[float] = None) \
+        -> asyncio.AbstractServer:
+    """Listen on ``addr``; ``on_connect(channel)`` runs per connection
+    (each channel with ``stall_timeout``).
 
     With ``tls``, only for a peer that completed the handshake and
     passed ``tls.check_peer``; any other is closed with one WARNING."""
@@ -310,7 +398,7 @@ async def serve(addr: DataAddress,
                             peer, why)
                 writer.close()
                 return
-        await on_connect(Channel(reader, writer))
+        await on_connect(Channel(reader, writer, stall_timeout))
 
     if addr.path is not None:
         return await asyncio.start_unix_server(handle, addr.path,

@@ -41,6 +41,9 @@ HOST_DEFAULTS: dict[str, Any] = {
     'ram_tag': None,         # tells RAM files of one guest apart per host
     'heartbeat_interval': 0.2,
     'detect_timeout': 1.0,
+    'ack_timeout': 10.0,     # a shipped epoch unacked this long: lost
+    'max_held_epochs': 50,   # output held over more unacked epochs, or
+    'max_held_bytes': 32 << 20,   # more bytes: the guest pauses
     'hang_timeout': 15.0,    # QEMU silent on QMP this long counts as dead
     'replica_timeout': 3.0,  # disk replica silent this long is cut off
     'libvirt_uri': 'qemu:///system',   # for a guest run by libvirt

@@ -96,7 +96,9 @@ class GuestProtector:
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while True:
             try:
-                return await transport.Channel.connect(addr, tls=tls)
+                return await transport.Channel.connect(
+                    addr, tls=tls, stall_timeout=float(
+                        self.options['detect_timeout']))
             except ConnectionError:
                 if time.monotonic() > deadline:
                     raise

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from typing import Optional
 
@@ -44,6 +45,9 @@ LOG = logging.getLogger(__name__)
 #: how long a restore on the primary's machine waits for the dead
 #: primary's QEMU to be gone (and to have released its ports)
 PRIMARY_GONE_TIMEOUT = 5.0
+#: how long an old primary's QEMU may take to die with its host before it
+#: counts as running on (its host frozen, not dead)
+OLD_PRIMARY_GRACE = 1.0
 
 
 def pid_exists(pid: int) -> bool:
@@ -55,6 +59,51 @@ def pid_exists(pid: int) -> bool:
     except PermissionError:
         pass
     return True
+
+
+def pid_ended(pid: int) -> bool:
+    """Whether process ``pid`` has exited (gone, or a zombie its parent
+    has not reaped: a stopped parent reaps nothing)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            # the state follows the command name, which may hold spaces
+            return f.read().rpartition(')')[2].split()[0] in ('Z', 'X')
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+
+
+def runs_guest(pid: int, name: str) -> bool:
+    """Whether ``pid`` is a QEMU running guest ``name`` (not a process
+    that reused the pid)."""
+    try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            argv = f.read().split(b'\0')
+    except OSError:
+        return False
+    token = name.encode()
+    return any(b'qemu' in a for a in argv[:1]) and any(
+        a == token or a.startswith(b'guest=' + token + b',')
+        or a == b'guest=' + token for a in argv)
+
+
+async def stop_old_primary(pid: int, name: str, timeout: float) -> None:
+    """On one machine, once we own the guest: the old primary's QEMU
+    (``pid``, guest ``name``) must not run on, nor hold its ports.
+
+    When its host died, it dies with it (``PR_SET_PDEATHSIG``) within
+    moments; a host that is only frozen (SIGSTOP) leaves it running, and
+    then it is killed here. Waits until it has exited and, within
+    ``timeout``, been reaped (a frozen parent reaps nothing, but a
+    zombie holds no port)."""
+    if not await async_wait_until(lambda: pid_ended(pid),
+                                  OLD_PRIMARY_GRACE, interval=0.01) \
+            and runs_guest(pid, name):
+        LOG.warning('the old primary QEMU (pid %d) still runs while we '
+                    'own the guest: killing it', pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    await async_wait_until(lambda: pid_ended(pid), timeout, interval=0.01)
+    await wait_pid_gone(pid, OLD_PRIMARY_GRACE)
 
 
 async def wait_pid_gone(pid: int, timeout: float) -> bool:
@@ -109,8 +158,11 @@ class SecondarySide(Side):
 
         async def on_connect(channel: transport.Channel) -> None:
             machine.post(pair.Connected(channel))
-        server = await transport.serve(addr, on_connect,
-                                       tls=self.data_tls())
+        # A frame from a primary frozen mid-way is a lost primary: no
+        # byte of it for the detection time breaks the stream.
+        server = await transport.serve(
+            addr, on_connect, tls=self.data_tls(),
+            stall_timeout=float(self.options['detect_timeout']))
         self.listen = str(addr)
         machine.post(pair.Listening())
         try:
@@ -124,7 +176,8 @@ class SecondarySide(Side):
                 protector=self.protector, clock=self.clock,
                 epoch_ms=self.options['epoch_ms'],
                 idle_epoch_ms=self.options.get('idle_epoch_ms') or 0,
-                heartbeat_interval=self.options['heartbeat_interval'])
+                heartbeat_interval=self.options['heartbeat_interval'],
+                **self.bounds())
             self.start(primary)
             keeping = self.keep_lease()
             try:
@@ -238,8 +291,11 @@ class SecondarySide(Side):
         fenced = time.monotonic()
         self.takeover = Takeover(detected=detected, fenced=fenced)
         if hello.boot_id == boot_id():
-            # Same machine: let the dead primary's QEMU release its ports.
-            await wait_pid_gone(hello.qemu_pid, PRIMARY_GONE_TIMEOUT)
+            # Same machine: let the dead primary's QEMU release its ports
+            # (and stop one whose host is frozen, not dead).
+            await stop_old_primary(hello.qemu_pid,
+                                   self.spec.domain or self.spec.name,
+                                   PRIMARY_GONE_TIMEOUT)
         self.guest = await self._restore(layers, hello)
         self.takeover = Takeover(detected=detected, fenced=fenced,
                                  resumed=time.monotonic())

@@ -98,7 +98,15 @@ class Side:
             protector=self.protector, clock=self.clock,
             epoch_ms=opts['epoch_ms'],
             idle_epoch_ms=opts.get('idle_epoch_ms') or 0,
-            heartbeat_interval=opts['heartbeat_interval'], **kwargs)
+            heartbeat_interval=opts['heartbeat_interval'],
+            **self.bounds(), **kwargs)
+
+    def bounds(self) -> dict[str, Any]:
+        """The primary machine's bounds, as the options say."""
+        opts = self.options
+        return {'ack_timeout': float(opts['ack_timeout']),
+                'max_held_epochs': int(opts['max_held_epochs']),
+                'max_held_bytes': int(opts['max_held_bytes'])}
 
     def load_fence(self) -> fencing.Fence:
         opts = self.options

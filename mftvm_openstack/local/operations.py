@@ -62,6 +62,10 @@ class ProtectOptions:
     tracker: str = plugins.AUTO_TRACKER
     disk_sync: str = plugins.DEFAULT_DISK_SYNC
     detect_timeout: float = 1.0
+    #: the bounds (see [ft] in mftvm_openstack.conf)
+    ack_timeout: float = 10.0
+    max_held_epochs: int = 50
+    max_held_bytes: int = 32 << 20
     #: seconds the guest runs unprotected before protection starts (the
     #: initial sync then copies a live guest's disk)
     start_delay: float = 0.0

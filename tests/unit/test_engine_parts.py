@@ -1,16 +1,20 @@
 """Trackers, data-plane framing and output commit, without QEMU."""
 
 import asyncio
+import gc
+import json
 import mmap
 import os
+import socket
 import struct
 import tempfile
 import unittest
 
 import numpy as np
+from qemu.qmp import message as qmp_message
 
 from mftvm_openstack.ft import epoch, trackers, transport
-from mftvm_openstack.ft.monitor import Monitor
+from mftvm_openstack.ft.monitor import Monitor, QMPMonitor
 from mftvm_openstack.ft.network import OutputBuffer
 from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
 from mftvm_openstack.ft.transport import Kind
@@ -80,17 +84,25 @@ class SoftDirtyParsingTest(unittest.TestCase):
 
 class FramingTest(unittest.IsolatedAsyncioTestCase):
 
-    async def pair(self):
-        path = tempfile.mktemp(dir='/tmp', suffix='.sock')
+    async def pair(self, stall_timeout=None, tcp=False):
+        if tcp:
+            addr = transport.DataAddress(host='127.0.0.1', port=0)
+        else:
+            addr = transport.DataAddress(
+                path=tempfile.mktemp(dir='/tmp', suffix='.sock'))
         accepted = asyncio.get_running_loop().create_future()
 
         async def on_connect(chan):
             accepted.set_result(chan)
-        server = await transport.serve(transport.DataAddress(path=path),
-                                       on_connect)
+        server = await transport.serve(addr, on_connect,
+                                       stall_timeout=stall_timeout)
         self.addCleanup(server.close)
+        if tcp:
+            port = server.sockets[0].getsockname()[1]
+            addr = transport.DataAddress(host='127.0.0.1', port=port)
         client = await transport.Channel.connect(
-            transport.DataAddress.parse(f'unix:{path}'))
+            addr, stall_timeout=stall_timeout)
+        self.addCleanup(client.close)
         return client, await accepted
 
     async def test_checkpoint_round_trip(self):
@@ -157,6 +169,48 @@ class FramingTest(unittest.IsolatedAsyncioTestCase):
                            transport.encode_checkpoint(b'd', delta))
         self.assertRaises(transport.ProtocolError,
                           transport.decode_checkpoint, payload[:-1])
+
+    async def test_frame_stalled_mid_payload_breaks_the_stream(self):
+        # A primary frozen while sending a big delta (SIGSTOP, power
+        # loss): its header and part of the payload came, then nothing.
+        client, server = await self.pair(stall_timeout=0.2)
+        client._writer.write(transport.HEADER.pack(b'MFTV', Kind.CHECKPOINT,
+                                                   5, 1 << 20))
+        client._writer.write(b'x' * 1000)
+        with self.assertRaisesRegex(ConnectionError, 'stalled mid-frame'):
+            # (the outer bound only keeps a hang from hanging the tests)
+            await asyncio.wait_for(server.recv(timeout=5), 10)
+
+    async def test_slow_frame_that_keeps_coming_arrives(self):
+        # The stall timeout bounds the silence inside a frame, not the
+        # time the whole frame takes.
+        client, server = await self.pair(stall_timeout=2.0)
+        client._writer.write(transport.HEADER.pack(b'MFTV', Kind.ERROR,
+                                                   1, 40))
+
+        async def trickle():
+            for _ in range(4):
+                await asyncio.sleep(0.05)
+                client._writer.write(b'y' * 10)
+        sending = asyncio.ensure_future(trickle())
+        msg = await asyncio.wait_for(server.recv(timeout=5), 10)
+        await sending
+        self.assertEqual(b'y' * 40, msg.payload)
+
+    async def test_tcp_streams_detect_a_dead_peer(self):
+        client, server = await self.pair(stall_timeout=1.5, tcp=True)
+        for chan in (client, server):
+            sock = chan._writer.get_extra_info('socket')
+            self.assertEqual(1, sock.getsockopt(socket.SOL_SOCKET,
+                                                socket.SO_KEEPALIVE))
+            self.assertEqual(2, sock.getsockopt(socket.IPPROTO_TCP,
+                                                socket.TCP_KEEPIDLE))
+            self.assertEqual(1, sock.getsockopt(socket.IPPROTO_TCP,
+                                                socket.TCP_KEEPINTVL))
+            self.assertEqual(transport.KEEPALIVE_PROBES, sock.getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+            self.assertEqual(3000, sock.getsockopt(socket.IPPROTO_TCP,
+                                                   socket.TCP_USER_TIMEOUT))
 
     async def test_closed_stream(self):
         client, server = await self.pair()
@@ -229,6 +283,25 @@ class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((0, 2), (out.held, out.frames_released))
         self.assertEqual(b'epoch2-a', await mon.network_got(2))
 
+    async def test_held_bytes_are_counted_and_reported(self):
+        d = tempfile.mkdtemp()
+        out = OutputBuffer(os.path.join(d, 'o'), os.path.join(d, 'i'))
+        heard = []
+        out.on_held = heard.append
+        mon = FakeFilterMonitor()
+        await out.attach(mon)
+        self.addAsyncCleanup(out.close)
+        await mon.guest_sends(b'a' * 100)
+        await asyncio.wait_for(out.waiting.wait(), 2)
+        out.seal(1)
+        await mon.guest_sends(b'b' * 50)
+        await asyncio.wait_for(out.waiting.wait(), 2)
+        self.assertEqual(([100, 150], 150), (heard, out.held_bytes))
+        await out.release(1)
+        self.assertEqual(50, out.held_bytes)
+        out.discard()
+        self.assertEqual(0, out.held_bytes)
+
     async def test_passthrough_releases_everything_and_stops_holding(self):
         d = tempfile.mkdtemp()
         out = OutputBuffer(os.path.join(d, 'o'), os.path.join(d, 'i'))
@@ -241,6 +314,67 @@ class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(b'held', await mon.network_got(2))
         await mon.guest_sends(b'direct')
         self.assertEqual(b'direct', await mon.network_got(1))
+
+
+class QMPEventsTest(unittest.IsolatedAsyncioTestCase):
+    """QMPMonitor against a QMP server played here: greeting,
+    capabilities, then events."""
+
+    async def serve_events(self, count):
+        path = tempfile.mktemp(dir='/tmp', suffix='.qmp')
+        sent = asyncio.get_running_loop().create_future()
+
+        async def qmp(reader, writer):
+            writer.write(json.dumps({'QMP': {'version': {
+                'qemu': {'major': 8, 'minor': 2, 'micro': 0},
+                'package': ''}, 'capabilities': []}}).encode() + b'\r\n')
+            await reader.read(4096)     # qmp_capabilities (no newline)
+            writer.write(b'{"return": {}}\r\n')
+            await writer.drain()
+            await sent      # once a stream waits for the last event
+            for n in range(count):
+                writer.write(json.dumps({
+                    'event': 'STOP' if n % 2 else 'RESUME',
+                    'timestamp': {'seconds': n, 'microseconds': 0}})
+                    .encode() + b'\r\n')
+            writer.write(json.dumps({
+                'event': 'MIGRATION', 'data': {'status': 'completed'},
+                'timestamp': {'seconds': 0, 'microseconds': 0}})
+                .encode() + b'\r\n')
+            await writer.drain()
+        server = await asyncio.start_unix_server(qmp, path)
+        self.addCleanup(server.close)
+        return path, sent
+
+    async def test_events_nobody_waits_for_are_not_kept(self):
+        # A guest protected for months gets millions of events (each
+        # checkpoint: STOP, RESUME, MIGRATION...): none may pile up.
+        path, sent = await self.serve_events(200)
+        mon = await QMPMonitor.connect(path, timeout=5)
+        self.addAsyncCleanup(mon.close)
+        with mon.events('MIGRATION') as stream:
+            sent.set_result(None)
+            event = await stream.wait(timeout=5)
+        self.assertEqual('completed', event['data']['status'])
+        client = mon._client
+        self.assertTrue(client.events.empty())
+        self.assertEqual((), client.events.history)
+
+    async def test_a_stream_keeps_only_what_is_still_to_be_read(self):
+        # The disk sync watches its job for the whole protection: the
+        # events it has read must not stay behind.
+        path, sent = await self.serve_events(200)
+        mon = await QMPMonitor.connect(path, timeout=5)
+        self.addAsyncCleanup(mon.close)
+        with mon.events() as stream:
+            sent.set_result(None)
+            for _ in range(201):
+                await stream.wait(timeout=5)
+            gc.collect()
+            events = [o for o in gc.get_objects()
+                      if isinstance(o, qmp_message.Message)
+                      and 'event' in o]
+            self.assertEqual([], events)
 
 
 class FakeMigratingMonitor(Monitor):

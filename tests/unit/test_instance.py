@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 import unittest
@@ -26,7 +28,11 @@ from mftvm_openstack.instance import control as control_server
 from mftvm_openstack.instance.control import ControlServer
 from mftvm_openstack.instance.lease import ECHO_MARGIN, LeaseKeeper
 from mftvm_openstack.instance.primary import PrimarySide
-from mftvm_openstack.instance.secondary import SecondarySide, wait_pid_gone
+from mftvm_openstack.instance.secondary import (
+    SecondarySide,
+    stop_old_primary,
+    wait_pid_gone,
+)
 from mftvm_openstack.instance.status import StatusPublisher
 from mftvm_openstack.instance.watchdog import watch_hang
 from tests.unit.fake_clock import settle
@@ -382,6 +388,27 @@ class WatchdogTest(unittest.IsolatedAsyncioTestCase):
 
 
 class WaitPidGoneTest(unittest.IsolatedAsyncioTestCase):
+
+    def fake_qemu(self, name):
+        """A process that looks like the QEMU of guest ``name``."""
+        proc = subprocess.Popen(
+            ['qemu-system-x86_64', '-c', 'import time; time.sleep(60)',
+             '-name', name], executable=sys.executable)
+        self.addCleanup(proc.kill)
+        self.addCleanup(proc.wait)
+        return proc
+
+    async def test_an_old_primary_that_runs_on_is_stopped(self):
+        # Its host is frozen (SIGSTOP), not dead: its QEMU runs on, and
+        # once the secondary owns the guest it must not.
+        proc = self.fake_qemu('g1')
+        await stop_old_primary(proc.pid, 'g1', 5)
+        self.assertEqual(-signal.SIGKILL, proc.wait(5))
+
+    async def test_a_process_that_reused_the_pid_is_left_alone(self):
+        proc = self.fake_qemu('other')
+        await stop_old_primary(proc.pid, 'g1', 0.05)
+        self.assertIsNone(proc.poll())
 
     async def test_waits_for_the_process_to_be_gone(self):
         proc = subprocess.Popen(['true'])

@@ -42,6 +42,7 @@ class FakeChannel:
         self.sent_at: list[float] = []
         self.closed = False
         self.bytes_sent = 0
+        self.stall_timeout = None
         self.on_send = None
         #: a peer that stopped reading: sends other than MARK never end
         self.stuck = False
@@ -89,12 +90,16 @@ class FakeChannel:
 class FakeCapturer:
     def __init__(self):
         self.captured = []
+        #: the epochs after which the guest was left paused
+        self.left_paused = []
 
     async def capture(self, epoch, mark, on_stopped=None, resume=True):
         if on_stopped:
             on_stopped(epoch)
         await mark(epoch)
         self.captured.append(epoch)
+        if not resume:
+            self.left_paused.append(epoch)
         delta = RamDelta(np.array([epoch], np.uint32),
                          np.full((1, PAGE_SIZE), epoch % 256, np.uint8))
         return Checkpoint(epoch, b'dev%d' % epoch, delta, 0.01, 0, 0, 0)
@@ -117,7 +122,16 @@ class FakeOutput:
         self.sealed, self.released = [], []
         self.detached = self.discarded = False
         self.held = self.frames_released = 0
+        self.held_bytes = 0
+        self.on_held = None
         self.waiting = asyncio.Event()
+
+    def hold(self, nbytes):
+        """The guest sent a frame of ``nbytes`` (held)."""
+        self.held += 1
+        self.held_bytes += nbytes
+        self.waiting.set()
+        self.on_held(self.held_bytes)
 
     def seal(self, epoch):
         self.sealed.append(epoch)
@@ -125,6 +139,7 @@ class FakeOutput:
 
     async def release(self, epoch):
         self.released.append(epoch)
+        self.held = self.held_bytes = 0
 
     async def detach(self, monitor):
         self.order.append('release-all')
@@ -135,7 +150,11 @@ class FakeOutput:
 
 
 class FakeMonitor:
+    def __init__(self):
+        self.commands = []
+
     async def execute(self, command, **args):
+        self.commands.append(command)
         return {'status': 'running'}
 
 
@@ -474,6 +493,24 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(100, self.machine.stats.committed)
         self.assertLessEqual(len(tasks_of('_ship')), 1)
 
+    async def test_ticks_do_not_pile_up_behind_a_slow_checkpoint(self):
+        # Epochs of 10 ms, a checkpoint that takes a second: the queue
+        # holds one Tick, not a hundred (it grew for as long as the guest
+        # ran, and the acks waited behind the ticks).
+        await self.make(epoch_ms=10)
+        gate = asyncio.Event()
+        capture = self.cap.capture
+
+        async def slow_capture(*args, **kwargs):
+            await gate.wait()
+            return await capture(*args, **kwargs)
+        self.cap.capture = slow_capture
+        await self.clock.advance(1)
+        self.assertLessEqual(self.machine.events.qsize(), 1)
+        gate.set()
+        await settle()
+        self.assertEqual([1, 2], self.cap.captured)
+
     async def test_epochs_last_epoch_ms_when_idle_epochs_are_off(self):
         await self.make(epoch_ms=30)
         await self.clock.advance(0.35)
@@ -555,6 +592,95 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await settle()
         self.assertEqual(State.UNPROTECTED, self.machine.state)
         self.assertIn('not taken by the secondary', self.machine.stats.reason)
+
+    async def test_an_epoch_not_acked_in_time_loses_the_secondary(self):
+        # A secondary that reads every frame but never acks: the guest's
+        # output would be held for ever while the status says protected.
+        await self.make(epoch_ms=100, ack_timeout=1.0)
+        await self.clock.advance(0.95)
+        self.assertEqual(State.PROTECTED, self.machine.state)
+        self.assertEqual([], self.out.released)
+        await self.clock.advance(0.5)
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
+        self.assertIn('checkpoint 1 not acked', self.machine.stats.reason)
+        # the usual way: BYE, the replica stale before the output leaves
+        self.assertIn(Kind.BYE, self.chan.kinds())
+        self.assertEqual(['invalidate', 'release-all', 'link-closed'],
+                         self.order)
+
+    async def test_epochs_acked_in_time_keep_the_secondary(self):
+        await self.make(epoch_ms=100, ack_timeout=1.0)
+        answer_marks = self.chan.on_send
+
+        def answer(kind, epoch):
+            answer_marks(kind, epoch)
+            if kind == Kind.CHECKPOINT:
+                self.chan.inbox.put_nowait(Message(Kind.ACK, epoch))
+        self.chan.on_send = answer
+        await self.clock.advance(3)
+        self.assertEqual(State.PROTECTED, self.machine.state)
+        self.assertGreater(self.machine.stats.committed, 20)
+
+    async def test_too_many_unacked_epochs_pause_the_guest(self):
+        await self.make(epoch_ms=100, max_held_epochs=3)
+        await self.clock.advance(0.35)
+        # Epoch 3 makes three unacked: the guest stays paused after it,
+        # and no epoch is taken while it waits.
+        self.assertEqual([1, 2, 3], self.cap.captured)
+        self.assertEqual([3], self.cap.left_paused)
+        await self.clock.advance(1)
+        self.assertEqual([1, 2, 3], self.cap.captured)
+        st = self.machine.status()
+        self.assertTrue(st.held_output_full)
+        self.assertEqual(State.PROTECTED, st.state)
+        # Nothing was let out early, nothing dropped.
+        self.assertEqual([], self.out.released)
+        self.assertFalse(self.out.discarded)
+        # An ack frees room: the guest runs on.
+        self.chan.inbox.put_nowait(Message(Kind.ACK, 1))
+        await settle()
+        self.assertEqual([1], self.out.released)
+        self.assertEqual(['cont'], self.mon.commands)
+        self.assertFalse(self.machine.status().held_output_full)
+        await self.clock.advance(0.15)
+        self.assertEqual([1, 2, 3, 4], self.cap.captured)
+
+    async def test_held_bytes_at_their_bound_pause_the_guest(self):
+        await self.make(epoch_ms=100, max_held_bytes=1000)
+        self.out.hold(600)
+        await settle()
+        self.assertEqual([], self.mon.commands)
+        self.out.hold(600)          # 1200 bytes held: over the bound
+        await settle()
+        self.assertEqual(['stop'], self.mon.commands)
+        self.assertTrue(self.machine.status().held_output_full)
+        self.assertEqual(1200, self.machine.status().held_bytes)
+        # The open epoch is still taken (its frames need a commit), the
+        # guest left paused.
+        await self.clock.advance(0.15)
+        self.assertEqual([1], self.cap.captured)
+        self.assertEqual([1], self.cap.left_paused)
+        self.assertEqual([], self.out.released)
+        await self.clock.advance(1)
+        self.assertEqual([1], self.cap.captured)
+        self.chan.inbox.put_nowait(Message(Kind.ACK, 1))
+        await settle()
+        self.assertEqual([1], self.out.released)
+        self.assertEqual(['stop', 'cont'], self.mon.commands)
+        self.assertFalse(self.machine.status().held_output_full)
+
+    async def test_a_guest_paused_at_a_bound_runs_on_unprotected(self):
+        await self.make(epoch_ms=100, max_held_epochs=2, ack_timeout=1.0)
+        await self.clock.advance(0.25)
+        self.assertTrue(self.machine.status().held_output_full)
+        await self.clock.advance(1.5)
+        # The epochs were never acked: the secondary is lost, the output
+        # leaves after the replica was made stale, and the guest runs.
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
+        self.assertEqual(['invalidate', 'release-all', 'link-closed'],
+                         self.order)
+        self.assertEqual(['cont'], self.mon.commands)
+        self.assertFalse(self.machine.held_output_full)
 
     async def test_handover_commits_the_last_epoch_then_stops(self):
         await self.make()
@@ -696,6 +822,15 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual([Kind.ERROR], other.kinds())
         self.assertTrue(other.closed)
         self.assertEqual(State.STANDBY, self.machine.state)
+
+    async def test_a_frame_must_keep_arriving_as_silence_must_end(self):
+        # Inside a frame the same bound holds as between frames: generous
+        # until the first checkpoint, the detection time after it.
+        await self.make(timeout=0.5, first_timeout=20.0)
+        self.assertEqual(20.0, self.chan.stall_timeout)
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        await settle()
+        self.assertEqual(0.5, self.chan.stall_timeout)
 
     async def test_a_hello_of_another_protocol_version_is_refused(self):
         self.new_machine()

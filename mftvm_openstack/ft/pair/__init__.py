@@ -29,8 +29,10 @@ Primary (one machine from process start to end)::
     STARTING --GuestFailed--> FAILED
     SYNCING --Synced (HELLO/READY, disk sync started)--> PROTECTED
     SYNCING --SyncFailed / SecondaryLost--> UNPROTECTED
-    PROTECTED --SecondaryLost (stream, MARK or ship timeout, BYE)-->
+    PROTECTED --SecondaryLost (stream, MARK, ship or ack timeout, BYE)-->
         UNPROTECTED --Protect--> SYNCING (re-protect) ...
+    PROTECTED --OutputFull / too many epochs unacked--> PROTECTED, the
+        guest paused until acks free room (status: held_output_full)
     PROTECTED --Stop(handover)--> STOPPED (the secondary takes over)
     STARTING/SYNCING/PROTECTED/UNPROTECTED/ACTIVE
         --GuestExited--> FAILED;  --LeaseLost--> FENCED;  --Stop--> STOPPED
@@ -69,6 +71,7 @@ from mftvm_openstack.ft.pair.events import (
     GuestUp,
     LeaseLost,
     Listening,
+    OutputFull,
     PrimaryEvent,
     PrimaryLost,
     Protect,
@@ -103,9 +106,10 @@ from mftvm_openstack.ft.pair.secondary import SecondaryPair
 __all__ = [
     'EPOCH_MS_RANGE', 'IDLE_EPOCH_MS_RANGE', 'Acked', 'Committed', 'Connected',
     'FrameReceived', 'GuestExited', 'GuestFailed', 'GuestHung', 'GuestUp',
-    'LeaseLost', 'Listening', 'PrimaryEvent', 'PrimaryLost', 'Protect',
-    'Refused', 'SecondaryEvent', 'SecondaryLost', 'Standby', 'Stop', 'Synced',
-    'SyncFailed', 'Takeover', 'Tick', 'Capturer', 'Channel', 'Clock',
+    'LeaseLost', 'Listening', 'OutputFull', 'PrimaryEvent', 'PrimaryLost',
+    'Protect', 'Refused', 'SecondaryEvent', 'SecondaryLost', 'Standby',
+    'Stop', 'Synced', 'SyncFailed', 'Takeover', 'Tick', 'Capturer',
+    'Channel', 'Clock',
     'DiskSync', 'GuestProcess', 'Link', 'OutputBuffer', 'OverlayStore',
     'Prepared', 'Protector', 'RealClock', 'Replica', 'Stats', 'PrimaryPair',
     'SecondaryPair',

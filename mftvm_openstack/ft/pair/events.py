@@ -64,6 +64,11 @@ class Acked:
 
 
 @dataclasses.dataclass
+class OutputFull:
+    """The held output reached its byte bound: pause the guest."""
+
+
+@dataclasses.dataclass
 class SecondaryLost:
     reason: str
 
@@ -140,7 +145,7 @@ class Takeover:
 
 
 PrimaryEvent = Union[GuestUp, GuestFailed, Protect, Synced, SyncFailed,
-                     Tick, Acked, SecondaryLost, GuestExited, GuestHung,
-                     LeaseLost, Stop]
+                     Tick, Acked, OutputFull, SecondaryLost, GuestExited,
+                     GuestHung, LeaseLost, Stop]
 SecondaryEvent = Union[Listening, Connected, Standby, Refused,
                        FrameReceived, Committed, PrimaryLost, Takeover, Stop]

@@ -80,6 +80,8 @@ class Channel(Protocol):
     """The data stream to the peer (:class:`transport.Channel`)."""
 
     bytes_sent: int
+    #: seconds a frame that has begun may go without a byte arriving
+    stall_timeout: Optional[float]
 
     async def send(self, kind: Kind, epoch: int = 0,
                    *buffers: Any) -> None: ...
@@ -135,9 +137,14 @@ class OutputBuffer(Protocol):
     #: set while the open epoch holds a frame
     waiting: asyncio.Event
     frames_released: int
+    #: told the held byte count each time a frame is held
+    on_held: Optional[Callable[[int], None]]
 
     @property
     def held(self) -> int: ...
+
+    @property
+    def held_bytes(self) -> int: ...
 
     def seal(self, epoch: int) -> None: ...
 

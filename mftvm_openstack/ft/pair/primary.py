@@ -25,6 +25,7 @@ from mftvm_openstack.ft.pair.events import (
     GuestHung,
     GuestUp,
     LeaseLost,
+    OutputFull,
     PrimaryEvent,
     Protect,
     SecondaryLost,
@@ -74,6 +75,13 @@ class PrimaryPair(Machine['PrimaryEvent']):
     *before* any uncommitted output leaves: from then on the replica must
     not take over, or a later failover would take back what clients have
     seen.
+
+    Bounds: the output held for commit may span at most
+    ``max_held_epochs`` unacked epochs and ``max_held_bytes`` bytes; at
+    either bound the guest is paused (its output neither dropped nor let
+    out early) until acks free room, and its status says so
+    (``held_output_full``). An epoch shipped but not acked within
+    ``ack_timeout`` seconds loses the secondary, as a broken stream does.
     """
 
     def __init__(self, *, protector: Protector, clock: Clock,
@@ -82,6 +90,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
                  ship_timeout: float = 10.0,
                  heartbeat_interval: float = 0.2,
                  ready_timeout: float = 60.0,
+                 ack_timeout: float = 10.0,
+                 max_held_epochs: int = 50,
+                 max_held_bytes: int = 32 << 20,
                  state: State = State.STARTING,
                  stats: Optional[Stats] = None) -> None:
         super().__init__(clock, state, stats)
@@ -92,6 +103,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self.ship_timeout = ship_timeout
         self.heartbeat_interval = heartbeat_interval
         self.ready_timeout = ready_timeout
+        self.ack_timeout = ack_timeout
+        self.max_held_epochs = max(1, max_held_epochs)
+        self.max_held_bytes = max_held_bytes
         self.guest: Optional[GuestProcess] = None
         self.monitor: Optional[Monitor] = None
         #: the protection under way or in place (SYNCING, PROTECTED)
@@ -110,6 +124,14 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self._sending: Optional[asyncio.Task[Any]] = None
         self._marked: dict[int, asyncio.Future[None]] = {}
         self._acked: dict[int, asyncio.Future[None]] = {}
+        # epoch -> when its checkpoint was shipped, until it is acked
+        self._shipped_at: dict[int, float] = {}
+        #: the guest is paused because its held output is at a bound
+        self.held_output_full = False
+        # an OutputFull is queued (one is enough)
+        self._full_posted = False
+        # a Tick is queued (one is enough)
+        self._tick_posted = False
 
     @classmethod
     def took_over(cls, secondary: SecondaryPair, guest: GuestProcess,
@@ -148,6 +170,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
         if self.link is not None and self.channel is not None:
             extra.update(
                 held_frames=self.link.output.held,
+                held_bytes=self.link.output.held_bytes,
+                held_output_full=self.held_output_full,
                 released_frames=self.link.output.frames_released,
                 shipped_mib=round(self.channel.bytes_sent / 2**20, 2))
         if self.stats.last_ack_at is not None:
@@ -176,6 +200,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
             if self.state == State.SYNCING:
                 await self._sync_failed(event.error)
         elif isinstance(event, Tick):
+            self._tick_posted = False
             await self._tick()
         elif isinstance(event, Acked):
             if self.state.final:
@@ -183,8 +208,14 @@ class PrimaryPair(Machine['PrimaryEvent']):
             if event.epoch > self.stats.committed:
                 self.stats.committed = event.epoch
                 self.stats.last_ack_at = self.clock.monotonic()
+            for epoch in [e for e in self._shipped_at if e <= event.epoch]:
+                del self._shipped_at[epoch]
             if self.link is not None:
                 await self.link.output.release(event.epoch)
+                await self._resume_if_room()
+        elif isinstance(event, OutputFull):
+            self._full_posted = False
+            await self._pause_for_output()
         elif isinstance(event, SecondaryLost):
             if self.state == State.PROTECTED:
                 await self._unprotect(event.reason)
@@ -222,6 +253,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self.stats = Stats()
         self.next_epoch = 1
         self._echoed_at = None
+        self._shipped_at.clear()
         self._spawn(self._sync(address, pair_id))
 
     async def _sync(self, address: str, pair_id: str) -> None:
@@ -255,6 +287,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self.link = link
         self.error = ''
         self.state = State.PROTECTED
+        link.output.on_held = self._on_held
         self._spawn(self._ticker(link.output))
 
     async def _sync_failed(self, error: str) -> None:
@@ -295,7 +328,12 @@ class PrimaryPair(Machine['PrimaryEvent']):
             if rest > 0:
                 with contextlib.suppress(TimeoutError):
                     await self.clock.wait_for(output.waiting.wait(), rest)
-            self.post(Tick())
+            # One Tick at a time: while a checkpoint takes longer than an
+            # epoch, more would pile up in the queue without end (and
+            # hold up the acks queued behind them).
+            if not self._tick_posted:
+                self._tick_posted = True
+                self.post(Tick())
 
     async def _reader(self, channel: Channel) -> None:
         # MARKED and ACK resolve their waiters here, not through the
@@ -346,12 +384,79 @@ class PrimaryPair(Machine['PrimaryEvent']):
         except (ConnectionError, OSError) as exc:
             self.post(SecondaryLost(f'shipping checkpoint {ckpt.epoch}: '
                                     f'{exc}'))
+        else:
+            if ckpt.epoch > self.stats.committed:
+                self._shipped_at[ckpt.epoch] = self.clock.monotonic()
+
+    # -- bounds --
+
+    def _on_held(self, held_bytes: int) -> None:
+        # Called for every frame held: post once, and only at the bound.
+        if held_bytes >= self.max_held_bytes and not self._full_posted \
+                and not self.held_output_full:
+            self._full_posted = True
+            self.post(OutputFull())
+
+    def _at_bound(self, epochs: int) -> bool:
+        """Whether output held over ``epochs`` unacked epochs (or its
+        bytes) is at a bound."""
+        assert self.link is not None
+        return (epochs >= self.max_held_epochs
+                or self.link.output.held_bytes >= self.max_held_bytes)
+
+    async def _pause_for_output(self) -> None:
+        if self.state != State.PROTECTED or self.held_output_full \
+                or self.link is None or self.monitor is None:
+            return
+        if not self._at_bound(self.stats.epochs - self.stats.committed):
+            return      # acks freed room meanwhile
+        await self.monitor.execute('stop')
+        self._held_full()
+
+    def _held_full(self) -> None:
+        assert self.link is not None
+        self.held_output_full = True
+        LOG.warning('held output at its bound (%d epochs unacked, %d '
+                    'bytes held): the guest is paused until acks free room',
+                    self.stats.epochs - self.stats.committed,
+                    self.link.output.held_bytes)
+
+    async def _resume_if_room(self) -> None:
+        if not self.held_output_full or self.state != State.PROTECTED:
+            return
+        if self._at_bound(self.stats.epochs - self.stats.committed):
+            return
+        assert self.monitor is not None
+        await self.monitor.execute('cont')
+        self.held_output_full = False
+        LOG.info('held output below its bounds again: the guest runs')
+
+    async def _resume_after_bound(self) -> None:
+        """Protection ended with the guest paused at a bound: run it."""
+        if self.held_output_full and self.monitor is not None:
+            self.held_output_full = False
+            with contextlib.suppress(Exception):
+                await self.monitor.execute('cont')
+
+    def _ack_overdue(self) -> Optional[int]:
+        """The oldest epoch shipped longer than ack_timeout ago and not
+        acked, if any."""
+        if not self._shipped_at:
+            return None
+        oldest = min(self._shipped_at)
+        late = self.clock.monotonic() - self._shipped_at[oldest]
+        return oldest if late > self.ack_timeout else None
 
     async def checkpoint(self, resume: bool = True) -> None:
         assert self.link is not None and self.channel is not None
         epoch = self.next_epoch
+        # At a bound once this epoch is taken: it stays paused.
+        pause = self.held_output_full or self._at_bound(
+            epoch - self.stats.committed)
         ckpt = await self.link.capturer.capture(
-            epoch, self._mark, self.link.output.seal, resume)
+            epoch, self._mark, self.link.output.seal, resume and not pause)
+        if pause and resume and not self.held_output_full:
+            self._held_full()
         self.next_epoch += 1
         self.stats.epochs = epoch
         self.stats.pauses_ms.append(ckpt.pause_s * 1000)
@@ -364,6 +469,13 @@ class PrimaryPair(Machine['PrimaryEvent']):
     async def _tick(self) -> None:
         if self.state != State.PROTECTED:
             return
+        late = self._ack_overdue()
+        if late is not None:
+            # A secondary that reads but never acks would hold the
+            # guest's output (and soon the guest) for ever.
+            await self._unprotect(f'checkpoint {late} not acked by the '
+                                  f'secondary within {self.ack_timeout:g}s')
+            return
         if self._sending is not None and not self._sending.done():
             # Still shipping the last one: the epoch runs longer. But a
             # secondary that stopped reading would stretch it for ever,
@@ -374,6 +486,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
                     f'checkpoint {self.stats.epochs} not taken by the '
                     f'secondary within {self.ship_timeout:.0f}s'))
             return
+        assert self.link is not None
+        if self.held_output_full and not self.link.output.waiting.is_set():
+            return      # paused, nothing new to commit: wait for acks
         try:
             await self.checkpoint()
         except Exception as exc:
@@ -398,6 +513,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
         that need no goodbye."""
         await self._cancel_tasks()
         self._sending = None
+        self._shipped_at.clear()
         self._close_channel()
         link, self.link = self.link, None
         if link is not None:
@@ -424,6 +540,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
         if link is not None:
             assert self.monitor is not None    # linked: the guest is up
             await link.output.detach(self.monitor)
+        # Paused at a bound? Its output is out now: it runs on.
+        await self._resume_after_bound()
         await self._end_link()
 
     async def _tell_secondary_to_take_over(self, reason: str) -> None:

@@ -169,6 +169,9 @@ class SecondaryPair(Machine['SecondaryEvent']):
 
     async def _reader(self, channel: Channel) -> None:
         timeout = self.first_commit_timeout
+        # A frame that stops arriving half-way is silence too (a primary
+        # frozen mid-frame): the same bound holds inside a frame.
+        channel.stall_timeout = timeout
         try:
             while True:
                 await self._wait_frame(channel, timeout)
@@ -179,7 +182,7 @@ class SecondaryPair(Machine['SecondaryEvent']):
                 self.post(FrameReceived(msg))
                 if msg.kind == Kind.CHECKPOINT:
                     # Something to resume from now on: be quick.
-                    timeout = self.detect_timeout
+                    timeout = channel.stall_timeout = self.detect_timeout
                 if msg.kind in (Kind.PRIMARY_LOST, Kind.BYE):
                     return
         except TimeoutError:
