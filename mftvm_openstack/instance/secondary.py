@@ -23,6 +23,7 @@ import os
 import time
 from typing import Optional
 
+from mftvm_openstack import fencing
 from mftvm_openstack.contract.hello import Hello, NbdTargetInfo
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import Takeover
@@ -73,7 +74,8 @@ class SecondarySide(Side):
     def new_machine(self) -> pair.SecondaryPair:
         return pair.SecondaryPair(
             prepare=self.prepare, activate=self.activate, clock=self.clock,
-            detect_timeout=self.options['detect_timeout'])
+            detect_timeout=self.options['detect_timeout'],
+            vouches=not fencing.dies_with_holder(self.options['fence_url']))
 
     @property
     def secondary(self) -> pair.SecondaryPair:
@@ -171,24 +173,11 @@ class SecondarySide(Side):
         layers = await self.store.failover_layers(committed)
         self.disk_layers = layers
         fence = self.load_fence()
-        won = await asyncio.to_thread(
-            fence.acquire, self.options['fence_acquire_timeout'])
-        if not won:
-            fence.close()
-            raise RuntimeError('fencing failed: the primary still holds '
-                               'the guest; not starting a second copy')
         try:
-            valid, why = await asyncio.to_thread(fence.replica_valid,
-                                                 hello.pair_id)
-        except Exception as exc:
-            valid, why = False, f'cannot tell whether it is current: {exc}'
-        if not valid:
-            # The primary ran on after dropping us: resuming this replica
-            # would take back what its clients have seen since.
-            await asyncio.to_thread(fence.release)
+            await self._win_fence(fence, hello.pair_id)
+        except BaseException:
             fence.close()
-            raise RuntimeError(f'the replica is stale ({why}); not '
-                               f'resuming it')
+            raise
         self.fence = fence
         fenced = time.monotonic()
         self.takeover = Takeover(detected=detected, fenced=fenced)
@@ -198,6 +187,57 @@ class SecondarySide(Side):
         self.guest = await self._restore(layers, hello)
         self.takeover = Takeover(detected=detected, fenced=fenced,
                                  resumed=time.monotonic())
+
+    async def _win_fence(self, fence: fencing.Fence, pair_id: str) -> None:
+        """Own the guest, and know the replica current, or raise.
+
+        Retried for as long as it is undecided: a backend that does not
+        answer is no held lock (the primary may be dead), and the replica
+        (its store and RAM image) stays until the fence decides. Only a
+        backend that says "held" for longer than a lease (its holder
+        renews it: the primary lives), a stale mark, or a stop asked by
+        an operator ends it; meanwhile the status says what it waits
+        for."""
+        machine = self.secondary
+        loop = asyncio.get_running_loop()
+
+        said = ['']
+
+        def waiting(why: str) -> None:
+            if why != said[0]:      # (tried every 50 ms: say news only)
+                said[0] = why
+                loop.call_soon_threadsafe(setattr, machine, 'error',
+                                          f'waiting for the fence: {why}')
+        held_for = float(self.options['fence_acquire_timeout'])
+        if fence.lease != float('inf'):
+            held_for = max(held_for, 2 * fence.lease)
+        while True:
+            won = await asyncio.to_thread(fence.contend, held_for,
+                                          self.stopping, waiting)
+            if not won:
+                if self.stopping.is_set():
+                    raise RuntimeError('stopped while waiting for the '
+                                       'fence; the replica is discarded')
+                raise RuntimeError('fencing failed: the primary still '
+                                   'holds the guest; not starting a '
+                                   'second copy')
+            try:
+                valid, why = await asyncio.to_thread(fence.replica_valid,
+                                                     pair_id)
+            except fencing.FenceError as exc:
+                # Unknown is not stale: give the lease back (it lapses
+                # anyway) and ask again.
+                waiting(f'reading the replica mark: {exc}')
+                await asyncio.to_thread(fence.release)
+                continue
+            break
+        machine.error = ''
+        if not valid:
+            # The primary ran on after dropping us: resuming this replica
+            # would take back what its clients have seen since.
+            await asyncio.to_thread(fence.release)
+            raise RuntimeError(f'the replica is stale ({why}); not '
+                               f'resuming it')
 
     async def _restore(self, layers: list[tuple[str, str]],
                        hello: Hello) -> RunningGuest:

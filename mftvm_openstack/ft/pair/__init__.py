@@ -91,6 +91,7 @@ from mftvm_openstack.ft.pair.interfaces import (
     Link,
     OutputBuffer,
     OverlayStore,
+    OwnershipLost,
     Prepared,
     Protector,
     RealClock,
@@ -107,6 +108,7 @@ __all__ = [
     'Refused', 'SecondaryEvent', 'SecondaryLost', 'Standby', 'Stop', 'Synced',
     'SyncFailed', 'Takeover', 'Tick', 'Capturer', 'Channel', 'Clock',
     'DiskSync', 'GuestProcess', 'Link', 'OutputBuffer', 'OverlayStore',
+    'OwnershipLost',
     'Prepared', 'Protector', 'RealClock', 'Replica', 'Stats', 'PrimaryPair',
     'SecondaryPair',
 ]
