@@ -130,6 +130,8 @@ class Bench:
     # -- failover -------------------------------------------------------
     def failover(self, runs: int, kill: str = 'qemu') -> dict:
         to_ack, to_answer, restore = [], [], []
+        stamps: dict[str, list[float]] = {'detected': [], 'fenced': [],
+                                          'resumed': []}
         for i in range(runs):
             name = f'fo{i}'
             port = demo.free_port()
@@ -168,6 +170,10 @@ class Bench:
                     sec = self.side(name, 'secondary')
                 if sec.get('failover_ms') is not None:
                     restore.append(sec['failover_ms'] / 1000)
+                # the takeover's stamps are CLOCK_MONOTONIC, as t0
+                for stage, at in (sec.get('takeover') or {}).items():
+                    if stage in stamps and at is not None:
+                        stamps[stage].append(at - t0)
             finally:
                 operations.stop(self.state, name)
 
@@ -176,7 +182,9 @@ class Bench:
                     'max_ms': round(max(xs) * 1000), 'runs': len(xs)}
         return {'killed': kill, 'kill_to_next_ack': ms(to_ack),
                 'kill_to_next_answer': ms(to_answer),
-                'restore_on_secondary': ms(restore)}
+                'restore_on_secondary': ms(restore),
+                **{f'kill_to_{stage}': ms(xs)
+                   for stage, xs in stamps.items() if xs}}
 
     # -- IOPS -----------------------------------------------------------
     def iops_protected(self, disk_sync: str, seconds: int,

@@ -52,6 +52,27 @@ def pid_exists(pid: int) -> bool:
     return True
 
 
+def pid_exited(pid: int) -> bool:
+    """Whether ``pid`` runs no more: gone, or a zombie. A zombie holds
+    no file, port or memory any more; only its parent has yet to reap
+    it (which a dead parent's heir may do late)."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    # the state follows the command name, which may hold ')' itself
+    state = stat[stat.rfind(b')') + 2:][:1]
+    return state in (b'Z', b'X', b'x')
+
+
+async def wait_pid_exited(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` (not our child) exited within
+    ``timeout``, reaped or not."""
+    return await async_wait_until(lambda: pid_exited(pid), timeout,
+                                  interval=0.01)
+
+
 async def wait_pid_gone(pid: int, timeout: float) -> bool:
     """Whether process ``pid`` (not our child) is gone within ``timeout``.
 
@@ -183,7 +204,11 @@ class SecondarySide(Side):
         self.takeover = Takeover(detected=detected, fenced=fenced)
         if hello.boot_id == boot_id():
             # Same machine: let the dead primary's QEMU release its ports.
-            await wait_pid_gone(hello.qemu_pid, PRIMARY_GONE_TIMEOUT)
+            # A QEMU of ours released them when it exited (its parent
+            # died with it, and whoever inherits the zombie may reap it
+            # late); a domain's, once libvirtd is done with it.
+            wait = wait_pid_gone if self.spec.domain else wait_pid_exited
+            await wait(hello.qemu_pid, PRIMARY_GONE_TIMEOUT)
         self.guest = await self._restore(layers, hello)
         self.takeover = Takeover(detected=detected, fenced=fenced,
                                  resumed=time.monotonic())

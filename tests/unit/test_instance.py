@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 from mftvm_openstack import fencing
 from mftvm_openstack.contract.control import (
@@ -21,11 +22,16 @@ from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import pair, vm
-from mftvm_openstack.instance import client
+from mftvm_openstack.instance import client, secondary
+from mftvm_openstack.instance.config import boot_id
 from mftvm_openstack.instance.control import ControlServer
 from mftvm_openstack.instance.lease import ECHO_MARGIN, LeaseKeeper
 from mftvm_openstack.instance.primary import PrimarySide
-from mftvm_openstack.instance.secondary import SecondarySide, wait_pid_gone
+from mftvm_openstack.instance.secondary import (
+    SecondarySide,
+    pid_exists,
+    wait_pid_gone,
+)
 from mftvm_openstack.instance.status import StatusPublisher
 from mftvm_openstack.instance.watchdog import watch_hang
 from tests.unit.fake_clock import settle
@@ -283,9 +289,9 @@ class FakeOverlayStore:
         return [(f'/replica/epoch-{committed}.qcow2', 'qcow2')]
 
 
-class TakeoverFenceTest(unittest.IsolatedAsyncioTestCase):
-    """The secondary's takeover keeps its replica until the fence is
-    decided, however long the backend is away."""
+class TakeoverSides:
+    """A secondary side ready to take over (its replica faked), fencing
+    with ``fence``; what it restores goes to ``self.restored``."""
 
     def side(self, fence):
         side = SecondarySide(guest_dir(self))
@@ -302,6 +308,11 @@ class TakeoverFenceTest(unittest.IsolatedAsyncioTestCase):
             return 'the guest'
         side._restore = restore
         return side
+
+
+class TakeoverFenceTest(TakeoverSides, unittest.IsolatedAsyncioTestCase):
+    """The secondary's takeover keeps its replica until the fence is
+    decided, however long the backend is away."""
 
     async def test_an_unreachable_backend_is_waited_for_not_given_up(self):
         fence = ScriptedFence()
@@ -370,6 +381,35 @@ class TakeoverFenceTest(unittest.IsolatedAsyncioTestCase):
         with self.assertRaisesRegex(RuntimeError, 'stopped'):
             await asyncio.wait_for(task, 5)
         self.assertEqual([], self.restored)
+
+
+class SameMachineTakeoverTest(TakeoverSides,
+                              unittest.IsolatedAsyncioTestCase):
+
+    async def test_a_dead_primarys_zombie_qemu_is_not_waited_for(self):
+        # A SIGKILLed primary's QEMU dies with it; whoever inherits the
+        # zombie may reap it late, but it holds no port any more: the
+        # takeover on the same machine must not wait for the reaping.
+        zombie = subprocess.Popen(['true'])
+        self.addCleanup(zombie.wait)
+        await until_exited(zombie.pid)
+        self.assertTrue(os.path.exists(f'/proc/{zombie.pid}'))
+        side = self.side(ScriptedFence(True))
+        side.secondary.hello = Hello(
+            version=PROTOCOL_VERSION, qemu_pid=zombie.pid, host_pid=2,
+            boot_id=boot_id(), pair_id='pair-1', disk_size=1 << 20)
+        with mock.patch.object(secondary, 'PRIMARY_GONE_TIMEOUT', 3600):
+            await asyncio.wait_for(side.activate(7), 10)
+        self.assertEqual(1, len(self.restored))
+        self.assertTrue(pid_exists(zombie.pid))     # still not reaped
+
+
+async def until_exited(pid):
+    for _ in range(5000):
+        if secondary.pid_exited(pid):
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f'{pid} did not exit')
 
 
 class MarkStaleTest(unittest.IsolatedAsyncioTestCase):
