@@ -1,7 +1,9 @@
 """Failover across agents, measured run after run, beside a reboot.
 
 Three "hosts" (network namespaces, ``tests/integration/lab.py``) run a
-real ``mftvm-agent`` each, with RabbitMQ and Redis in a fourth. One guest
+real ``mftvm-agent`` each, with RabbitMQ and Redis in a fourth (or, with
+``--backend etcd``, fencing on a 3-member etcd cluster whose members are
+three more namespaces). One guest
 is protected; then, ``--runs`` times: the host that runs it dies whole
 (its link cut, then SIGKILL of every process in its namespace: no FIN or
 RST reaches the secondary, as with a power loss), the guest goes on at its
@@ -21,7 +23,10 @@ least (Masakari's evacuation): booting the same guest afresh until its
 service answers — and its memory is lost. Usage::
 
     .venv/bin/python benchmarks/agent_failover.py [--runs 10] \\
-        [--lease 3] [--out benchmarks/results-agent.json]
+        [--lease 3] [--backend redis|etcd] [--out FILE]
+
+(results in ``benchmarks/results-agent.json``, or
+``results-agent-etcd.json`` for etcd.)
 
 Needs root, and what ``tools/run.sh test`` installs.
 """
@@ -52,6 +57,7 @@ from mftvm_openstack.local import demo, operations  # noqa: E402
 from tests.integration import lab as ftlab  # noqa: E402
 
 HOSTS = ('h1', 'h2', 'h3')
+ETCD_MEMBERS = ('e1', 'e2', 'e3')
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -60,15 +66,20 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 class AgentBench(fixtures.Fixture):
-    def __init__(self, lease: int) -> None:
+    def __init__(self, lease: int, backend: str = 'redis') -> None:
         super().__init__()
         self.lease = lease
+        self.backend = backend
 
     def _setUp(self) -> None:
         self.image = builder.build_guest_image(demo.cache_dir())
-        self.lab = self.useFixture(ftlab.Lab(HOSTS))
+        etcd = self.backend == 'etcd'
+        self.lab = self.useFixture(ftlab.Lab(
+            HOSTS + ETCD_MEMBERS if etcd else HOSTS))
         self.rabbit = self.useFixture(ftlab.RabbitMQ(self.lab))
-        self.redis = self.useFixture(ftlab.Redis(self.lab))
+        self.fencing: ftlab.Redis | ftlab.EtcdCluster = self.useFixture(
+            ftlab.EtcdCluster(self.lab, ETCD_MEMBERS) if etcd
+            else ftlab.Redis(self.lab))
         self.tmp = tempfile.mkdtemp(prefix='mftvm-agentbench-',
                                     dir='/var/tmp')
         self.addCleanup(shutil.rmtree, self.tmp, True)
@@ -90,8 +101,8 @@ class AgentBench(fixtures.Fixture):
                 pass
 
     def start_agent(self, host: str) -> None:
-        ftlab.start_agent(self.lab, host, self.tmp, self.rabbit, self.redis,
-                          lease=self.lease)
+        ftlab.start_agent(self.lab, host, self.tmp, self.rabbit,
+                          self.fencing, lease=self.lease, peers=HOSTS)
 
     def _answers(self, host: str) -> bool:
         try:
@@ -218,16 +229,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--runs', type=int, default=10)
     parser.add_argument('--lease', type=int, default=3)
-    parser.add_argument('--out', default=os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), 'results-agent.json'))
+    parser.add_argument('--backend', choices=['redis', 'etcd'],
+                        default='redis')
+    parser.add_argument('--out', default='')
     args = parser.parse_args()
-    bench = AgentBench(args.lease)
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        'results-agent.json' if args.backend == 'redis'
+        else f'results-agent-{args.backend}.json')
+    bench = AgentBench(args.lease, args.backend)
     with bench:
         rows = bench.run(args.runs)
         boots = [asyncio.run(boot_to_answer(bench.image, bench.tmp))
                  for _ in range(3)]
     report = {
-        'runs': rows, 'lease_s': args.lease,
+        'runs': rows, 'lease_s': args.lease, 'backend': args.backend,
         'summary': {k: summary([r[k] for r in rows]) for k in rows[0]},
         'baseline_reboot_to_answer_ms': summary(boots),
     }
@@ -238,7 +254,7 @@ def main() -> int:
     print(f'kill -> next answer (median): ours {ours:.0f} ms, reboot '
           f'elsewhere >= {base:.0f} ms (state lost): ratio '
           f'{ours / base:.2f}')
-    with open(args.out, 'w') as f:
+    with open(out, 'w') as f:
         json.dump(report, f, indent=1)
     return 0
 

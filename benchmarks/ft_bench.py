@@ -2,8 +2,9 @@
 
 * pause per epoch (p50/p99) for a 128 MiB and a 512 MiB guest, idle and
   under the disk writer;
-* failover time: SIGKILL of the primary QEMU → the guest's next ACK on
-  the serial console, and → the next answer of its counter service;
+* failover time: SIGKILL of the primary QEMU (or, ``--kill host``, of
+  the primary's instance process) → the guest's next ACK on the serial
+  console, and → the next answer of its counter service;
 * guest 4 KiB O_DSYNC write IOPS: unprotected; protected with
   async-replication (ours, the default: the benchmark guest sends no
   packets, so its epochs run to ``idle_epoch_ms``); the same with every
@@ -127,8 +128,10 @@ class Bench:
                                       1)}
 
     # -- failover -------------------------------------------------------
-    def failover(self, runs: int) -> dict:
+    def failover(self, runs: int, kill: str = 'qemu') -> dict:
         to_ack, to_answer, restore = [], [], []
+        stamps: dict[str, list[float]] = {'detected': [], 'fenced': [],
+                                          'resumed': []}
         for i in range(runs):
             name = f'fo{i}'
             port = demo.free_port()
@@ -138,7 +141,7 @@ class Bench:
                 time.sleep(1 + (i % 3) * 0.37)
                 sec_serial = os.path.join(gdir, 'secondary', 'serial.log')
                 prim = self.side(name, 'primary')
-                os.kill(prim['qemu_pid'], signal.SIGKILL)
+                os.kill(prim[f'{kill}_pid'], signal.SIGKILL)
                 t0 = time.monotonic()
                 ack_at: list[float] = []
 
@@ -167,15 +170,21 @@ class Bench:
                     sec = self.side(name, 'secondary')
                 if sec.get('failover_ms') is not None:
                     restore.append(sec['failover_ms'] / 1000)
+                # the takeover's stamps are CLOCK_MONOTONIC, as t0
+                for stage, at in (sec.get('takeover') or {}).items():
+                    if stage in stamps and at is not None:
+                        stamps[stage].append(at - t0)
             finally:
                 operations.stop(self.state, name)
 
         def ms(xs: list[float]) -> dict:
             return {'median_ms': round(statistics.median(xs) * 1000),
                     'max_ms': round(max(xs) * 1000), 'runs': len(xs)}
-        return {'kill_to_next_ack': ms(to_ack),
+        return {'killed': kill, 'kill_to_next_ack': ms(to_ack),
                 'kill_to_next_answer': ms(to_answer),
-                'restore_on_secondary': ms(restore)}
+                'restore_on_secondary': ms(restore),
+                **{f'kill_to_{stage}': ms(xs)
+                   for stage, xs in stamps.items() if xs}}
 
     # -- IOPS -----------------------------------------------------------
     def iops_protected(self, disk_sync: str, seconds: int,
@@ -247,6 +256,9 @@ def main() -> int:
     parser.add_argument('--quick', action='store_true')
     parser.add_argument('--out', default='benchmarks/results.json')
     parser.add_argument('--failover-runs', type=int, default=10)
+    parser.add_argument('--kill', choices=['qemu', 'host'], default='qemu',
+                        help="failover: SIGKILL the primary's QEMU, or its "
+                        'instance (host) process')
     parser.add_argument('--iops-rounds', type=int, default=None,
                         help='rounds of the IOPS comparison (default 4, '
                              '2 with --quick)')
@@ -267,7 +279,7 @@ def main() -> int:
         if 'pauses' in parts:
             pauses(bench, results)
         if 'failover' in parts:
-            failover(bench, args.failover_runs, results)
+            failover(bench, args.failover_runs, results, args.kill)
     except BaseException:
         print(f'benchmark failed; its guests and logs are in {bench.tmp}')
         raise
@@ -359,10 +371,13 @@ def pauses(bench: Bench, results: dict) -> None:
           f'{COLO_PAUSE_128_MS} ms = {idle128 / COLO_PAUSE_128_MS:.2f}x')
 
 
-def failover(bench: Bench, runs: int, results: dict) -> None:
-    print(f'== failover ({runs} runs)')
-    results['failover'] = bench.failover(runs)
-    for k, v in results['failover'].items():
+def failover(bench: Bench, runs: int, results: dict, kill: str) -> None:
+    print(f'== failover ({runs} runs, SIGKILL of the primary {kill})')
+    key = 'failover' if kill == 'qemu' else f'failover_kill_{kill}'
+    results[key] = bench.failover(runs, kill)
+    for k, v in results[key].items():
+        if not isinstance(v, dict):
+            continue
         print(f'  {k:22s} median {v["median_ms"]} ms max {v["max_ms"]} ms')
 
 

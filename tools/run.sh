@@ -27,7 +27,7 @@ APT_PACKAGES="qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64
 # backend (in a network namespace); nothing is started system-wide.
 # The libvirt tier runs a real libvirtd (started by the test).
 if [ "$job" = test ]; then
-    APT_PACKAGES="$APT_PACKAGES rabbitmq-server redis-server etcd-server
+    APT_PACKAGES="$APT_PACKAGES rabbitmq-server redis-server etcd-server iptables
         libvirt-daemon-system libvirt-dev pkg-config"
 fi
 # The cloud lab (and the end-to-end tier, which runs it) starts its own

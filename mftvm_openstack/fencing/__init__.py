@@ -32,21 +32,33 @@ from __future__ import annotations
 
 from typing import Optional
 
-from mftvm_openstack.fencing.base import STALE_PREFIX, Fence, FenceError
+from mftvm_openstack.fencing.base import (
+    STALE_PREFIX,
+    Fence,
+    FenceError,
+    FenceLost,
+)
 from mftvm_openstack.fencing.coordinated import ToozFence
 from mftvm_openstack.fencing.etcd import EtcdFence
 from mftvm_openstack.fencing.filelock import FileFence
 from mftvm_openstack.fencing.urls import mask_url
 
-__all__ = ['STALE_PREFIX', 'EtcdFence', 'Fence', 'FenceError', 'FileFence',
-           'ToozFence', 'load_fence', 'mask_url']
+__all__ = ['STALE_PREFIX', 'EtcdFence', 'Fence', 'FenceError', 'FenceLost',
+           'FileFence', 'ToozFence', 'dies_with_holder', 'load_fence',
+           'mask_url']
+
+
+def dies_with_holder(url: Optional[str]) -> bool:
+    """Whether the fence for ``url`` is a lock that ends only when its
+    holder dies (a lock file), rather than a lease that lapses."""
+    return not url or url.startswith('file-lock:')
 
 
 def load_fence(url: Optional[str], name: str, *, member: str, lease: int,
                state_dir: str) -> Fence:
     """An EtcdFence or ToozFence for a backend URL, a FileFence without
     one."""
-    if not url or url.startswith('file-lock:'):
+    if not url or dies_with_holder(url):
         return FileFence(state_dir)
     if url.startswith('etcd3+'):
         return EtcdFence(url, name, member, lease)

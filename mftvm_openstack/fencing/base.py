@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -22,6 +23,10 @@ STALE_PREFIX = 'mftvm-stale'
 
 class FenceError(Exception):
     """The coordination backend could not answer; ownership is unknown."""
+
+
+class FenceLost(FenceError):
+    """The backend answered: the ownership is not (or no longer) ours."""
 
 
 class Fence(abc.ABC):
@@ -34,8 +39,13 @@ class Fence(abc.ABC):
         self._renewed_at: Optional[float] = None
 
     @abc.abstractmethod
+    def _try_once(self) -> bool:
+        """One try to win the ownership: True won, False another holds
+        it; FenceError if the backend did not answer."""
+
     def acquire(self, timeout: float) -> bool:
         """Win the ownership within ``timeout`` seconds, or return False."""
+        return self._acquire_polling(self._try_once, timeout)
 
     @abc.abstractmethod
     def _renew(self) -> bool:
@@ -55,7 +65,12 @@ class Fence(abc.ABC):
 
     @abc.abstractmethod
     def mark_stale(self, pair_id: str, reason: str) -> None:
-        """Record durably that ``pair_id``'s replica may not take over."""
+        """Record durably that ``pair_id``'s replica may not take over.
+
+        Written only if the ownership is ours *at that moment*, as the
+        backend itself checks it (compare-and-set on the owner's token,
+        or the kernel's lock): FenceLost if it is not, FenceError if the
+        backend did not answer (then nothing is known to be written)."""
 
     @abc.abstractmethod
     def replica_valid(self, pair_id: str) -> tuple[bool, str]:
@@ -70,9 +85,9 @@ class Fence(abc.ABC):
         seconds have passed. A backend that does not answer (FenceError)
         wins nothing, and is tried again. The lease counts from when the
         winning try was *sent*."""
-        deadline = time.monotonic() + timeout
+        deadline = self._now() + timeout
         while True:
-            sent = time.monotonic()
+            sent = self._now()
             try:
                 won = try_once()
             except FenceError:
@@ -80,9 +95,45 @@ class Fence(abc.ABC):
             if won:
                 self._renewed_at = sent
                 return True
-            if time.monotonic() > deadline:
+            if self._now() > deadline:
                 return False
-            time.sleep(self.ACQUIRE_RETRY_S)
+            self._pause(self.ACQUIRE_RETRY_S)
+
+    def contend(self, held_for: float,
+                cancelled: Optional[threading.Event] = None,
+                on_unreachable: Optional[Callable[[str], None]] = None
+                ) -> bool:
+        """Win the ownership, for as long as it is undecided.
+
+        True once won. False once the backend has answered "another
+        holds it" for ``held_for`` seconds in a row (longer than a lease:
+        its holder keeps renewing, so it lives), or once ``cancelled`` is
+        set. A backend that does not answer decides nothing: that time
+        does not count, and ``on_unreachable(why)`` is told each time.
+        """
+        held_since: Optional[float] = None
+        while cancelled is None or not cancelled.is_set():
+            sent = self._now()
+            try:
+                won = self._try_once()
+            except FenceError as exc:
+                held_since = None
+                if on_unreachable is not None:
+                    on_unreachable(str(exc) or type(exc).__name__)
+            else:
+                if won:
+                    self._renewed_at = sent
+                    return True
+                if held_since is None:
+                    held_since = sent
+                elif self._now() - held_since >= held_for:
+                    return False
+            self._pause(self.ACQUIRE_RETRY_S)
+        return False
+
+    # The clock, apart so that tests can drive it.
+    _now = staticmethod(time.monotonic)
+    _pause = staticmethod(time.sleep)
 
     def renew(self) -> None:
         """Extend the lease; FenceError if that failed or it is lost.
@@ -92,7 +143,7 @@ class Fence(abc.ABC):
         """
         sent = time.monotonic()
         if not self._renew():
-            raise FenceError('the ownership was lost to another host')
+            raise FenceLost('the ownership was lost to another host')
         self._renewed_at = sent
 
     def deadline(self, margin: float) -> float:

@@ -17,8 +17,25 @@ import time
 import urllib.parse
 from typing import Any, Optional
 
-from mftvm_openstack.fencing.base import STALE_PREFIX, Fence, FenceError
+from mftvm_openstack.fencing.base import (
+    STALE_PREFIX,
+    Fence,
+    FenceError,
+    FenceLost,
+)
 from mftvm_openstack.fencing.urls import mask_url, with_defaults
+
+#: longest stale reason kept (a mark is a flag, not a log)
+MAX_REASON = 200
+
+#: KEYS: the lock, the mark; ARGV: our token, the reason
+MARK_IF_OWNER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    redis.call('set', KEYS[2], ARGV[2])
+    return 1
+end
+return 0
+"""
 
 
 class ToozFence(Fence):
@@ -82,10 +99,7 @@ class ToozFence(Fence):
         except Exception as exc:
             raise FenceError(f'{what} on {self._url}: {exc}') from None
 
-    def acquire(self, timeout: float) -> bool:
-        return self._acquire_polling(self._try_acquire, timeout)
-
-    def _try_acquire(self) -> bool:
+    def _try_once(self) -> bool:
         self._start()
         won = bool(self._call('acquiring the lock',
                               self._lock.acquire, blocking=False))
@@ -133,12 +147,44 @@ class ToozFence(Fence):
     def _stale_group(self, pair_id: str) -> bytes:
         return f'{STALE_PREFIX}-{self.name}-{pair_id}'.encode()
 
+    def _redis(self) -> Any:
+        """The Redis client and our lock's (key, token), if on Redis."""
+        client = getattr(self._coordinator, '_client', None)
+        inner = getattr(self._lock, '_lock', None)
+        if client is None or not hasattr(client, 'register_script') or \
+                inner is None:
+            return None
+        return client, self._lock.name, inner.local.token
+
+    def _stale_key(self, pair_id: str) -> bytes:
+        namespace: bytes = getattr(self._coordinator, 'namespace', b'')
+        return namespace + b'_' + self._stale_group(pair_id)
+
     def mark_stale(self, pair_id: str, reason: str) -> None:
+        if not self._held:
+            raise FenceLost('only the owner may mark a replica stale')
+        self._start()
+        redis = self._redis()
+        if redis is None:
+            self._mark_group(pair_id)
+            return
+        client, lock_key, token = redis
+        # One script, so Redis itself compares: written only while the
+        # lock holds our token at that moment.
+        written = self._call('marking the replica stale', client.eval,
+                             MARK_IF_OWNER, 2, lock_key,
+                             self._stale_key(pair_id), token or b'',
+                             reason[:MAX_REASON] or 'stale')
+        if not written:
+            self._held = False
+            raise FenceLost('the ownership was lost: the replica was not '
+                            'marked stale')
+
+    def _mark_group(self, pair_id: str) -> None:
+        """Other tooz backends (tests only): a group, written without a
+        compare on the lock."""
         from tooz import coordination
 
-        if not self._held:
-            raise FenceError('only the owner may mark a replica stale')
-        self._start()
         try:
             self._coordinator.create_group(self._stale_group(pair_id)).get()
         except coordination.GroupAlreadyExist:
@@ -149,6 +195,14 @@ class ToozFence(Fence):
 
     def replica_valid(self, pair_id: str) -> tuple[bool, str]:
         self._start()
+        redis = self._redis()
+        if redis is not None:
+            reason = self._call('reading the replica mark', redis[0].get,
+                                self._stale_key(pair_id))
+            if reason is not None:
+                return False, (reason.decode(errors='replace')
+                               or 'its primary ran on after dropping it')
+            return True, ''
         groups = self._call('reading the replica marks',
                             lambda: self._coordinator.get_groups().get())
         if self._stale_group(pair_id) in groups:

@@ -33,7 +33,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
-from mftvm_openstack.fencing.base import Fence, FenceError
+from mftvm_openstack.fencing.base import Fence, FenceError, FenceLost
 from mftvm_openstack.fencing.urls import mask_url
 
 T = TypeVar('T')
@@ -167,12 +167,10 @@ class EtcdFence(Fence):
             self._lease_id = lease.id
         return created
 
-    def acquire(self, timeout: float) -> bool:
-        def try_once() -> bool:
-            with self._busy:
-                self._begin()
-                return self._try_acquire()
-        return self._acquire_polling(try_once, timeout)
+    def _try_once(self) -> bool:
+        with self._busy:
+            self._begin()
+            return self._try_acquire()
 
     def _renew(self) -> bool:
         from etcd3gw.lease import Lease
@@ -234,7 +232,7 @@ class EtcdFence(Fence):
     def mark_stale(self, pair_id: str, reason: str) -> None:
         with self._busy:
             if self._lease_id is None:
-                raise FenceError('only the owner may mark a replica stale')
+                raise FenceLost('only the owner may mark a replica stale')
             self._begin()
             # Written only while the owner key is ours at that moment.
             written = self._txn(
@@ -244,8 +242,8 @@ class EtcdFence(Fence):
                                                 or 'stale')}}])
             if not written:
                 self._lease_id = None
-                raise FenceError('the ownership was lost: the replica was '
-                                 'not marked stale')
+                raise FenceLost('the ownership was lost: the replica was '
+                                'not marked stale')
 
     def replica_valid(self, pair_id: str) -> tuple[bool, str]:
         with self._busy:

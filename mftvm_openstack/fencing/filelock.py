@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any, Optional
 
-from mftvm_openstack.fencing.base import Fence, FenceError
+from mftvm_openstack.fencing.base import Fence, FenceLost
 
 
 class FileFence(Fence):
@@ -30,7 +30,7 @@ class FileFence(Fence):
         self.record_path = os.path.join(state_dir, 'replica.json')
         self._fd: Optional[int] = None
 
-    def _try(self) -> bool:
+    def _try_once(self) -> bool:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -42,7 +42,7 @@ class FileFence(Fence):
 
     def acquire(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while not self._try():
+        while not self._try_once():
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
@@ -52,7 +52,7 @@ class FileFence(Fence):
         return self._fd is not None
 
     def reclaim(self) -> Optional[bool]:
-        return self._fd is not None or self._try()
+        return self._fd is not None or self._try_once()
 
     def release(self) -> None:
         if self._fd is not None:
@@ -69,7 +69,8 @@ class FileFence(Fence):
 
     def mark_stale(self, pair_id: str, reason: str) -> None:
         if self._fd is None:
-            raise FenceError('only the owner may mark a replica stale')
+            # The lock is the kernel's: held while this descriptor is open.
+            raise FenceLost('only the owner may mark a replica stale')
         records = self._records()
         records[pair_id] = reason
         tmp = f'{self.record_path}.{os.getpid()}.tmp'

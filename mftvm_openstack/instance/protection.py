@@ -183,7 +183,9 @@ class GuestProtector:
     async def invalidate_replica(self, pair_id: str) -> None:
         # Until this lands, held output stays held: a primary cut off
         # from the backend as well runs into its lease and fences
-        # itself, and the replica then is still the truth.
+        # itself, and the replica then is still the truth. The backend
+        # writes the mark only while the lease is ours at that moment;
+        # once it says the lease is another's, the guest must stop.
         fence = self._fence()
         assert fence is not None
         while True:
@@ -191,6 +193,8 @@ class GuestProtector:
                 await asyncio.to_thread(fence.mark_stale, pair_id,
                                         'the primary went on unprotected')
                 return
+            except fencing.FenceLost as exc:
+                raise pair.OwnershipLost(str(exc)) from None
             except Exception as exc:
                 LOG.warning('cannot mark the replica stale: %s', exc)
                 await asyncio.sleep(STALE_RETRY)

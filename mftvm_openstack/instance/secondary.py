@@ -23,6 +23,7 @@ import signal
 import time
 from typing import Optional
 
+from mftvm_openstack import fencing
 from mftvm_openstack.contract.hello import Hello, NbdTargetInfo
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import Takeover
@@ -61,15 +62,18 @@ def pid_exists(pid: int) -> bool:
     return True
 
 
-def pid_ended(pid: int) -> bool:
-    """Whether process ``pid`` has exited (gone, or a zombie its parent
-    has not reaped: a stopped parent reaps nothing)."""
+def pid_exited(pid: int) -> bool:
+    """Whether ``pid`` runs no more: gone, or a zombie. A zombie holds
+    no file, port or memory any more; only its parent has yet to reap
+    it (which a dead parent's heir, or a frozen parent, may do late)."""
     try:
-        with open(f'/proc/{pid}/stat') as f:
-            # the state follows the command name, which may hold spaces
-            return f.read().rpartition(')')[2].split()[0] in ('Z', 'X')
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
         return True
+    # the state follows the command name, which may hold ')' itself
+    state = stat[stat.rfind(b')') + 2:][:1]
+    return state in (b'Z', b'X', b'x')
 
 
 def runs_guest(pid: int, name: str) -> bool:
@@ -86,24 +90,27 @@ def runs_guest(pid: int, name: str) -> bool:
         or a == b'guest=' + token for a in argv)
 
 
-async def stop_old_primary(pid: int, name: str, timeout: float) -> None:
+async def stop_old_primary(pid: int, name: str, timeout: float,
+                           reaped: bool = False) -> None:
     """On one machine, once we own the guest: the old primary's QEMU
     (``pid``, guest ``name``) must not run on, nor hold its ports.
 
     When its host died, it dies with it (``PR_SET_PDEATHSIG``) within
     moments; a host that is only frozen (SIGSTOP) leaves it running, and
-    then it is killed here. Waits until it has exited and, within
-    ``timeout``, been reaped (a frozen parent reaps nothing, but a
-    zombie holds no port)."""
-    if not await async_wait_until(lambda: pid_ended(pid),
+    then it is killed here. Waits, within ``timeout``, until it has
+    exited (a zombie holds no port) and, if ``reaped``, been reaped too
+    (libvirtd must be done with a domain's QEMU before the name is
+    free)."""
+    if not await async_wait_until(lambda: pid_exited(pid),
                                   OLD_PRIMARY_GRACE, interval=0.01) \
             and runs_guest(pid, name):
         LOG.warning('the old primary QEMU (pid %d) still runs while we '
                     'own the guest: killing it', pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    await async_wait_until(lambda: pid_ended(pid), timeout, interval=0.01)
-    await wait_pid_gone(pid, OLD_PRIMARY_GRACE)
+    await async_wait_until(lambda: pid_exited(pid), timeout, interval=0.01)
+    if reaped:
+        await wait_pid_gone(pid, timeout)
 
 
 async def wait_pid_gone(pid: int, timeout: float) -> bool:
@@ -128,7 +135,8 @@ class SecondarySide(Side):
     def new_machine(self) -> pair.SecondaryPair:
         return pair.SecondaryPair(
             prepare=self.prepare, activate=self.activate, clock=self.clock,
-            detect_timeout=self.options['detect_timeout'])
+            detect_timeout=self.options['detect_timeout'],
+            vouches=not fencing.dies_with_holder(self.options['fence_url']))
 
     @property
     def secondary(self) -> pair.SecondaryPair:
@@ -269,36 +277,78 @@ class SecondarySide(Side):
         layers = await self.store.failover_layers(committed)
         self.disk_layers = layers
         fence = self.load_fence()
-        won = await asyncio.to_thread(
-            fence.acquire, self.options['fence_acquire_timeout'])
-        if not won:
-            fence.close()
-            raise RuntimeError('fencing failed: the primary still holds '
-                               'the guest; not starting a second copy')
         try:
-            valid, why = await asyncio.to_thread(fence.replica_valid,
-                                                 hello.pair_id)
-        except Exception as exc:
-            valid, why = False, f'cannot tell whether it is current: {exc}'
-        if not valid:
-            # The primary ran on after dropping us: resuming this replica
-            # would take back what its clients have seen since.
-            await asyncio.to_thread(fence.release)
+            await self._win_fence(fence, hello.pair_id)
+        except BaseException:
             fence.close()
-            raise RuntimeError(f'the replica is stale ({why}); not '
-                               f'resuming it')
+            raise
         self.fence = fence
         fenced = time.monotonic()
         self.takeover = Takeover(detected=detected, fenced=fenced)
         if hello.boot_id == boot_id():
             # Same machine: let the dead primary's QEMU release its ports
-            # (and stop one whose host is frozen, not dead).
+            # (and stop one whose host is frozen, not dead). A QEMU of
+            # ours released them when it exited (whoever inherits the
+            # zombie may reap it late); a domain's, once libvirtd is done
+            # with it.
             await stop_old_primary(hello.qemu_pid,
                                    self.spec.domain or self.spec.name,
-                                   PRIMARY_GONE_TIMEOUT)
+                                   PRIMARY_GONE_TIMEOUT,
+                                   reaped=bool(self.spec.domain))
         self.guest = await self._restore(layers, hello)
         self.takeover = Takeover(detected=detected, fenced=fenced,
                                  resumed=time.monotonic())
+
+    async def _win_fence(self, fence: fencing.Fence, pair_id: str) -> None:
+        """Own the guest, and know the replica current, or raise.
+
+        Retried for as long as it is undecided: a backend that does not
+        answer is no held lock (the primary may be dead), and the replica
+        (its store and RAM image) stays until the fence decides. Only a
+        backend that says "held" for longer than a lease (its holder
+        renews it: the primary lives), a stale mark, or a stop asked by
+        an operator ends it; meanwhile the status says what it waits
+        for."""
+        machine = self.secondary
+        loop = asyncio.get_running_loop()
+
+        said = ['']
+
+        def waiting(why: str) -> None:
+            if why != said[0]:      # (tried every 50 ms: say news only)
+                said[0] = why
+                loop.call_soon_threadsafe(setattr, machine, 'error',
+                                          f'waiting for the fence: {why}')
+        held_for = float(self.options['fence_acquire_timeout'])
+        if fence.lease != float('inf'):
+            held_for = max(held_for, 2 * fence.lease)
+        while True:
+            won = await asyncio.to_thread(fence.contend, held_for,
+                                          self.stopping, waiting)
+            if not won:
+                if self.stopping.is_set():
+                    raise RuntimeError('stopped while waiting for the '
+                                       'fence; the replica is discarded')
+                raise RuntimeError('fencing failed: the primary still '
+                                   'holds the guest; not starting a '
+                                   'second copy')
+            try:
+                valid, why = await asyncio.to_thread(fence.replica_valid,
+                                                     pair_id)
+            except fencing.FenceError as exc:
+                # Unknown is not stale: give the lease back (it lapses
+                # anyway) and ask again.
+                waiting(f'reading the replica mark: {exc}')
+                await asyncio.to_thread(fence.release)
+                continue
+            break
+        machine.error = ''
+        if not valid:
+            # The primary ran on after dropping us: resuming this replica
+            # would take back what its clients have seen since.
+            await asyncio.to_thread(fence.release)
+            raise RuntimeError(f'the replica is stale ({why}); not '
+                               f'resuming it')
 
     async def _restore(self, layers: list[tuple[str, str]],
                        hello: Hello) -> RunningGuest:

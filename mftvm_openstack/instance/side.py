@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any, Optional, Union
 
@@ -78,6 +79,8 @@ class Side:
         self.takeover: Optional[Takeover] = None
         #: a stop was asked for: a machine that comes later stops too
         self.stop_requested = False
+        #: the same, for what waits in a thread (a fence being contended)
+        self.stopping = threading.Event()
         #: this side's state machine: the secondary's hands over to a
         #: primary's once it took over (see :mod:`.secondary`)
         self.machine: Machine = self.new_machine()
@@ -149,6 +152,7 @@ class Side:
             return ControlReply(ok=True, status=self.status())
         if op is ControlOp.STOP:
             self.stop_requested = True
+            self.stopping.set()
             machine.post(pair.Stop())
             return ControlReply(ok=True)
         if isinstance(machine, pair.SecondaryPair) and \

@@ -30,6 +30,8 @@ Example::
             ...
             lab.link_down('h1')   # partition: h1 reaches no one
             lab.link_up('h1')     # heal
+            lab.cut('h1', 'h2')   # only h1 and h2 lose each other
+            lab.heal('h1', 'h2')
             lab.kill_all('h1')    # the host dies (SIGKILL, all processes)
             out = lab.run('h2', ['ip', '-br', 'addr'],
                           capture_output=True, text=True).stdout
@@ -63,7 +65,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import fixtures
 
@@ -452,6 +454,23 @@ class Lab(fixtures.Fixture):
         """Heal a :meth:`link_down` (address and route come back)."""
         self._set_link(host, 'up')
 
+    def _filter(self, action: str, a: str, b: str) -> None:
+        for here, there in ((a, b), (b, a)):
+            for chain, match in (('INPUT', '-s'), ('OUTPUT', '-d')):
+                self.run(here, ['iptables', '-w', action, chain, match,
+                                self.ip(there), '-j', 'DROP'])
+
+    def cut(self, a: str, b: str) -> None:
+        """Cut ``a`` and ``b`` apart, and only them: every packet between
+        the two is dropped, both ways, silently (as by a failed link
+        between their switches); each still reaches everyone else.
+        ``'core'`` is allowed (the broker's and Redis's home)."""
+        self._filter('-I', a, b)
+
+    def heal(self, a: str, b: str) -> None:
+        """Undo one :meth:`cut` of ``a`` and ``b``."""
+        self._filter('-D', a, b)
+
 
 class RabbitMQ(fixtures.Fixture):
     """A private RabbitMQ broker: in the lab's core namespace, or (with
@@ -705,10 +724,12 @@ epoch_ms = 200
 
 
 def start_agent(lab: Lab, host: str, workdir: str, rabbit: RabbitMQ,
-                redis: Redis, lease: int = 3) -> subprocess.Popen:
+                backend: Union[Redis, EtcdCluster], lease: int = 3,
+                peers: Optional[Sequence[str]] = None) -> subprocess.Popen:
     """Write ``host``'s agent config under ``workdir`` and start a real
     ``mftvm-agent`` in its namespace (state in ``workdir/<host>``, log in
-    ``workdir/<host>-agent.log``; every lab host is a peer)."""
+    ``workdir/<host>-agent.log``), fencing on ``backend`` (its ``url``);
+    its peers are ``peers``, by default every lab host."""
     import sys
 
     state = os.path.join(workdir, host)
@@ -716,8 +737,8 @@ def start_agent(lab: Lab, host: str, workdir: str, rabbit: RabbitMQ,
     conf = os.path.join(workdir, f'{host}.conf')
     with open(conf, 'w') as f:
         f.write(AGENT_CONF.format(
-            host=host, state=state, rabbit=rabbit.url, redis=redis.url,
-            ip=lab.ip(host), peers=','.join(lab.hosts), lease=lease,
+            host=host, state=state, rabbit=rabbit.url, redis=backend.url,
+            ip=lab.ip(host), peers=','.join(peers or lab.hosts), lease=lease,
             debug='true' if os.environ.get('MFTVM_DEBUG') else 'false'))
     agent = os.path.join(os.path.dirname(sys.executable), 'mftvm-agent')
     with open(os.path.join(workdir, f'{host}-agent.log'), 'ab') as log:

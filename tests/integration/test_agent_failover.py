@@ -1,7 +1,9 @@
 """Agents on three "hosts" (network namespaces) protect a real guest.
 
-Each host runs a real ``mftvm-agent``; they talk over a real RabbitMQ and
-fence through a real Redis, both in the lab's core namespace. The guest
+Each host runs a real ``mftvm-agent``; they talk over a real RabbitMQ (in
+the lab's core namespace) and fence through a real Redis beside it, or,
+where a test class says ``backend = 'etcd'``, through a 3-member etcd
+cluster whose members are hosts of their own (``e1``..``e3``). The guest
 runs in real QEMU (TCG). A host dies as a whole: every process in its
 namespace — agent, instance process, QEMU — gets SIGKILL at once.
 """
@@ -29,18 +31,30 @@ from tests.functional import base
 from tests.integration import lab as ftlab
 
 HOSTS = ('h1', 'h2', 'h3')
+ETCD_MEMBERS = ('e1', 'e2', 'e3')
 TICK_RE = re.compile(r'^TICK (\d+)\s*$')
 
 
 class AgentLab(testtools.TestCase):
     """Three hosts with an agent each, a broker and a backend."""
 
+    #: the fencing backend: 'redis' (one server) or 'etcd' (3 members)
+    backend = 'redis'
+
     def setUp(self) -> None:
         super().setUp()
         self.image = base.guest_image()
-        self.lab = self.useFixture(ftlab.Lab(HOSTS))
+        if self.backend == 'etcd':
+            self.lab = self.useFixture(ftlab.Lab(HOSTS + ETCD_MEMBERS))
+            self.etcd = self.useFixture(ftlab.EtcdCluster(self.lab,
+                                                          ETCD_MEMBERS))
+            self.fencing: ftlab.Redis | ftlab.EtcdCluster = self.etcd
+        else:
+            self.lab = self.useFixture(ftlab.Lab(HOSTS))
         self.rabbit = self.useFixture(ftlab.RabbitMQ(self.lab))
-        self.redis = self.useFixture(ftlab.Redis(self.lab))
+        if self.backend != 'etcd':
+            self.redis = self.useFixture(ftlab.Redis(self.lab))
+            self.fencing = self.redis
         self.tmp = tempfile.mkdtemp(prefix='mftvm-agents-', dir='/var/tmp')
         if not os.environ.get('MFTVM_KEEP_TEST_DIRS'):
             self.addCleanup(shutil.rmtree, self.tmp, True)
@@ -60,7 +74,7 @@ class AgentLab(testtools.TestCase):
 
     def start_agent(self, host: str) -> subprocess.Popen:
         return ftlab.start_agent(self.lab, host, self.tmp, self.rabbit,
-                                 self.redis)
+                                 self.fencing, peers=HOSTS)
 
     def _answers(self, host: str) -> bool:
         try:
@@ -310,6 +324,45 @@ class BackendLossTest(AgentLab):
                       'the primary to hold its lease again')
         # ...so fencing works as before: h1 dies, h2 takes over.
         last, _ = self.fail_over('h1', 'h2', port, last)
+
+
+class BackendDownAtCrashTest(AgentLab):
+
+    def test_a_crash_during_a_backend_outage_resumes_once_it_is_back(self):
+        port = demo.free_port()
+        last = self.protect(port)
+        last = self.talk('h1', port, last, 1)
+        # The backend is down when the primary's host dies: the fence is
+        # undecided, which is no held lock. The secondary waits for it,
+        # its replica kept, for longer than it used to (10 s) and longer
+        # than any lease...
+        self.redis.process.send_signal(signal.SIGSTOP)
+        self.addCleanup(self.redis.process.send_signal, signal.SIGCONT)
+        self.lab.kill_all('h1')
+        killed = time.monotonic()
+        st = base.wait_for(
+            lambda: 'waiting for the fence' in (
+                (s := self.status('h2')).get('error') or '') and s,
+            30, 0.2, 'h2 to say it waits for the fence')
+        self.assertEqual('failing-over', st['state'])
+        time.sleep(max(0.0, killed + 15 - time.monotonic()))
+        st = self.status('h2')
+        self.assertEqual('failing-over', st['state'])
+        self.assertIn('waiting for the fence', st['error'])
+        self.assertEqual([], self.qemu_pids())
+        # ...and once it is back, the guest resumes with nothing lost.
+        self.redis.process.send_signal(signal.SIGCONT)
+        got = base.wait_for(
+            lambda: workload.counter_request(self.lab.ip('h2'), port, 15),
+            60, 0, 'an answer from the guest on h2')
+        self.assertEqual(last + 1, got)
+        self.assertEqual(1, len(self.qemu_pids()))
+
+
+class EtcdPartitionTest(PartitionTest):
+    """The cut-off primary, fenced by the etcd cluster."""
+
+    backend = 'etcd'
 
 
 class CopyCounter:

@@ -169,3 +169,106 @@ class EtcdUrlTest(unittest.TestCase):
         self.assertRaises(fencing.FenceError, fence.renew)
         self.assertRaises(fencing.FenceError, fence.mark_stale, 'p1', 'x')
         fence.release()     # nothing held: no call, no error
+
+
+class ScriptedFence(fencing.Fence):
+    """A fence whose backend answers from a script, on a virtual clock:
+    each answer is True (won), False (another holds it) or a FenceError
+    (no answer); the last one repeats."""
+
+    lease = 3.0
+
+    def __init__(self, *answers):
+        super().__init__()
+        self.answers = list(answers)
+        self.now = 1000.0
+        self.tries = 0
+        self.stale = None
+        self.released = 0
+
+    def _now(self):
+        return self.now
+
+    def _pause(self, seconds):
+        self.now += seconds
+
+    def _try_once(self):
+        self.tries += 1
+        answer = self.answers.pop(0) if len(self.answers) > 1 \
+            else self.answers[0]
+        if callable(answer):
+            answer = answer()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _renew(self):
+        return True
+
+    def release(self):
+        self.released += 1
+
+    def reclaim(self):
+        return True
+
+    def mark_stale(self, pair_id, reason):
+        self.stale = reason
+
+    def replica_valid(self, pair_id):
+        return (self.stale is None, self.stale or '')
+
+
+def unreachable_for(fence, seconds, then):
+    """An answer: no answer until ``seconds`` of the fence's time passed,
+    then ``then``."""
+    until = fence.now + seconds
+
+    def answer():
+        return fencing.FenceError('connection refused') \
+            if fence.now < until else then
+    return answer
+
+
+class ContendTest(unittest.TestCase):
+    """Failover retries the fence for as long as the primary may be
+    alive: no answer is not a held lock."""
+
+    def test_an_unreachable_backend_decides_nothing(self):
+        fence = ScriptedFence()
+        fence.answers = [unreachable_for(fence, 600, True)]
+        why = []
+        self.assertTrue(fence.contend(10, on_unreachable=why.append))
+        self.assertGreaterEqual(fence.now, 1600)
+        self.assertIn('connection refused', why[0])
+        # The lease counts from the winning try.
+        self.assertEqual(fence.now + 3 - 0.5, fence.deadline(0.5))
+
+    def test_a_lock_held_for_longer_than_held_for_is_the_primary_alive(
+            self):
+        fence = ScriptedFence(False)
+        self.assertFalse(fence.contend(10))
+        self.assertGreaterEqual(fence.now, 1010)
+        self.assertLess(fence.now, 1010.2)
+
+    def test_held_counts_only_in_a_row(self):
+        # held 8 s, then no answer, then held 8 s, then free: the lapse
+        # of a dead primary's lease is not mistaken for a live holder
+        fence = ScriptedFence()
+        start = fence.now
+        fence.answers = [lambda: False if fence.now < start + 8 else (
+            fencing.FenceError('down') if fence.now < start + 20 else (
+                False if fence.now < start + 28 else True))]
+        self.assertTrue(fence.contend(10))
+
+    def test_an_operator_ends_the_wait(self):
+        import threading
+        fence = ScriptedFence(fencing.FenceError('down'))
+        stop = threading.Event()
+        fence._pause = lambda s: stop.set() if fence.tries > 5 else None
+        self.assertFalse(fence.contend(10, cancelled=stop))
+        self.assertEqual(6, fence.tries)
+
+    def test_acquire_keeps_its_timeout(self):
+        fence = ScriptedFence(fencing.FenceError('down'))
+        self.assertFalse(fence.acquire(1))
+        self.assertLess(fence.now, 1001.2)

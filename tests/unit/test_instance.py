@@ -12,30 +12,37 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
+from unittest import mock
 
+from mftvm_openstack import fencing
 from mftvm_openstack.contract.control import (
     ControlOp,
     ControlReply,
     ControlRequest,
 )
+from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import pair, vm
-from mftvm_openstack.instance import client
+from mftvm_openstack.instance import client, secondary
 from mftvm_openstack.instance import control as control_server
+from mftvm_openstack.instance.config import boot_id
 from mftvm_openstack.instance.control import ControlServer
 from mftvm_openstack.instance.lease import ECHO_MARGIN, LeaseKeeper
 from mftvm_openstack.instance.primary import PrimarySide
 from mftvm_openstack.instance.secondary import (
     SecondarySide,
+    pid_exists,
     stop_old_primary,
     wait_pid_gone,
 )
 from mftvm_openstack.instance.status import StatusPublisher
 from mftvm_openstack.instance.watchdog import watch_hang
 from tests.unit.fake_clock import settle
+from tests.unit.test_fencing import ScriptedFence, unreachable_for
 
 
 def guest_dir(test):
@@ -415,3 +422,165 @@ class WaitPidGoneTest(unittest.IsolatedAsyncioTestCase):
         proc.wait()
         self.assertTrue(await wait_pid_gone(proc.pid, 1))
         self.assertFalse(await wait_pid_gone(os.getpid(), 0.005))
+
+
+class FakeOverlayStore:
+    async def failover_layers(self, committed):
+        return [(f'/replica/epoch-{committed}.qcow2', 'qcow2')]
+
+
+class TakeoverSides:
+    """A secondary side ready to take over (its replica faked), fencing
+    with ``fence``; what it restores goes to ``self.restored``."""
+
+    def side(self, fence):
+        side = SecondarySide(guest_dir(self))
+        side.secondary.hello = Hello(
+            version=PROTOCOL_VERSION, qemu_pid=1, host_pid=2,
+            boot_id='another machine', pair_id='pair-1', disk_size=1 << 20)
+        side.store = FakeOverlayStore()
+        side.replica = object()
+        side.load_fence = lambda: fence
+        self.restored = []
+
+        async def restore(layers, hello):
+            self.restored.append(layers)
+            return 'the guest'
+        side._restore = restore
+        return side
+
+
+class TakeoverFenceTest(TakeoverSides, unittest.IsolatedAsyncioTestCase):
+    """The secondary's takeover keeps its replica until the fence is
+    decided, however long the backend is away."""
+
+    async def test_an_unreachable_backend_is_waited_for_not_given_up(self):
+        fence = ScriptedFence()
+        fence.answers = [unreachable_for(fence, 600, True)]
+        side = self.side(fence)
+        await asyncio.wait_for(side.activate(7), 5)
+        self.assertEqual([[('/replica/epoch-7.qcow2', 'qcow2')]],
+                         self.restored)
+        self.assertIs(fence, side.fence)
+        self.assertEqual('', side.secondary.error)
+
+    async def test_the_status_says_it_waits_for_the_fence(self):
+        gate = threading.Event()
+        fence = ScriptedFence(
+            lambda: gate.is_set() or fencing.FenceError('no route'))
+        side = self.side(fence)
+        task = asyncio.ensure_future(side.activate(7))
+        self.addCleanup(gate.set)
+        for _ in range(5000):
+            if 'waiting for the fence' in side.status().error:
+                break
+            await asyncio.sleep(0.001)
+        self.assertIn('waiting for the fence: no route', side.status().error)
+        self.assertEqual([], self.restored)
+        gate.set()
+        await asyncio.wait_for(task, 5)
+        self.assertEqual(1, len(self.restored))
+
+    async def test_an_unanswered_mark_read_is_asked_again(self):
+        fence = ScriptedFence(True)
+        answers = [fencing.FenceError('timed out'), (True, '')]
+
+        def replica_valid(pair_id):
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        fence.replica_valid = replica_valid
+        side = self.side(fence)
+        await asyncio.wait_for(side.activate(7), 5)
+        self.assertEqual(1, len(self.restored))
+        self.assertEqual(1, fence.released)
+
+    async def test_a_stale_replica_is_not_resumed(self):
+        fence = ScriptedFence(True)
+        fence.stale = 'the primary went on unprotected'
+        side = self.side(fence)
+        with self.assertRaisesRegex(RuntimeError, 'stale'):
+            await asyncio.wait_for(side.activate(7), 5)
+        self.assertEqual([], self.restored)
+
+    async def test_a_lock_held_on_is_a_live_primary(self):
+        fence = ScriptedFence(False)
+        side = self.side(fence)
+        with self.assertRaisesRegex(RuntimeError, 'still holds'):
+            await asyncio.wait_for(side.activate(7), 5)
+        self.assertEqual([], self.restored)
+
+    async def test_an_operator_stop_ends_the_wait(self):
+        fence = ScriptedFence(fencing.FenceError('down'))
+        side = self.side(fence)
+        task = asyncio.ensure_future(side.activate(7))
+        await asyncio.sleep(0.05)
+        reply = await side.control.answer(json.dumps({'op': 'stop'}).encode())
+        self.assertTrue(reply.ok)
+        with self.assertRaisesRegex(RuntimeError, 'stopped'):
+            await asyncio.wait_for(task, 5)
+        self.assertEqual([], self.restored)
+
+
+class SameMachineTakeoverTest(TakeoverSides,
+                              unittest.IsolatedAsyncioTestCase):
+
+    async def test_a_dead_primarys_zombie_qemu_is_not_waited_for(self):
+        # A SIGKILLed primary's QEMU dies with it; whoever inherits the
+        # zombie may reap it late, but it holds no port any more: the
+        # takeover on the same machine must not wait for the reaping.
+        zombie = subprocess.Popen(['true'])
+        self.addCleanup(zombie.wait)
+        await until_exited(zombie.pid)
+        self.assertTrue(os.path.exists(f'/proc/{zombie.pid}'))
+        side = self.side(ScriptedFence(True))
+        side.secondary.hello = Hello(
+            version=PROTOCOL_VERSION, qemu_pid=zombie.pid, host_pid=2,
+            boot_id=boot_id(), pair_id='pair-1', disk_size=1 << 20)
+        with mock.patch.object(secondary, 'PRIMARY_GONE_TIMEOUT', 3600):
+            await asyncio.wait_for(side.activate(7), 10)
+        self.assertEqual(1, len(self.restored))
+        self.assertTrue(pid_exists(zombie.pid))     # still not reaped
+
+
+async def until_exited(pid):
+    for _ in range(5000):
+        if secondary.pid_exited(pid):
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f'{pid} did not exit')
+
+
+class MarkStaleTest(unittest.IsolatedAsyncioTestCase):
+    """The primary's protector marks the dropped replica stale only under
+    the lease the backend confirms at that moment."""
+
+    async def test_a_lease_gone_is_ownership_lost_not_retried(self):
+        side = PrimarySide(guest_dir(self))
+        fence = ScriptedFence(True)
+
+        def mark_stale(pair_id, reason):
+            raise fencing.FenceLost('the lock holds another token')
+        fence.mark_stale = mark_stale
+        side.fence = fence
+        with self.assertRaises(pair.OwnershipLost):
+            await asyncio.wait_for(
+                side.protector.invalidate_replica('pair-1'), 5)
+
+    async def test_no_answer_is_retried_until_it_lands(self):
+        side = PrimarySide(guest_dir(self))
+        fence = ScriptedFence(True)
+        tries = []
+
+        def mark_stale(pair_id, reason):
+            tries.append(reason)
+            if len(tries) < 3:
+                raise fencing.FenceError('timed out')
+        fence.mark_stale = mark_stale
+        side.fence = fence
+        with self.assertLogs('mftvm_openstack.instance.protection',
+                             'WARNING'):
+            await asyncio.wait_for(
+                side.protector.invalidate_replica('pair-1'), 5)
+        self.assertEqual(3, len(tries))

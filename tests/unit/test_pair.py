@@ -532,6 +532,23 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await self.clock.advance(0.6)
         self.assertEqual([1, 2], self.cap.captured)
 
+    async def test_no_output_leaves_once_the_fence_says_the_lease_is_gone(
+            self):
+        # The replica could not be marked stale because the backend says
+        # another owns the guest now (it may have taken over): nothing
+        # held may leave, the guest stops.
+        await self.make()
+
+        async def lost(pair_id):
+            self.order.append('invalidate')
+            raise pair.OwnershipLost('the lock holds another token')
+        self.protector.invalidate_replica = lost
+        self.protector.lost('the mirror failed')
+        await settle()
+        self.assert_fenced()
+        self.assertNotIn('release-all', self.order)
+        self.assertIn('the lock holds another token', self.machine.error)
+
     async def test_broken_stream_leaves_guest_unprotected(self):
         await self.make()
         self.chan.inbox.put_nowait(ConnectionError('reset'))
@@ -762,7 +779,8 @@ def hello_msg(version=PROTOCOL_VERSION):
 
 class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
 
-    def new_machine(self, replica=None, timeout=5.0, first_timeout=30.0):
+    def new_machine(self, replica=None, timeout=5.0, first_timeout=30.0,
+                    vouches=True):
         self.clock = FakeClock()
         self.replica = replica or FakeReplica()
         self.store = FakeStore()
@@ -778,12 +796,14 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
             self.activated.append(committed)
         self.machine = pair.SecondaryPair(
             prepare=prepare, activate=activate, clock=self.clock,
-            detect_timeout=timeout, first_commit_timeout=first_timeout)
+            detect_timeout=timeout, first_commit_timeout=first_timeout,
+            vouches=vouches)
         self.runner = asyncio.ensure_future(self.machine.run())
 
-    async def make(self, replica=None, timeout=5.0, first_timeout=30.0):
+    async def make(self, replica=None, timeout=5.0, first_timeout=30.0,
+                   vouches=True):
         """A standby secondary: listening, handshake done."""
-        self.new_machine(replica, timeout, first_timeout)
+        self.new_machine(replica, timeout, first_timeout, vouches)
         self.machine.post(pair.Listening())
         self.chan = FakeChannel(self.clock)
         self.chan.inbox.put_nowait(hello_msg())
@@ -887,6 +907,8 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
                     self.chan.inbox.put_nowait(checkpoint_msg(1))
                     await until(lambda: self.replica.committed == 1)
                     self.machine.post(pair.Takeover())
+                    # (past what the primary may run on our word)
+                    await self.clock.advance(5)
                 else:
                     self.machine.post(pair.Takeover())
                 await self.finished()
@@ -899,6 +921,7 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.chan.inbox.put_nowait(checkpoint_msg(1))
         await until(lambda: self.replica.committed == 1)
         self.machine.post(pair.Takeover())
+        await self.clock.advance(5)
         await self.finished()
         protector = FakeProtector(self.clock, [])
         primary = pair.PrimaryPair.took_over(
@@ -935,6 +958,8 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         await until(lambda: self.machine.state == State.FAILING_OVER)
         self.assertEqual([], self.activated)
         gate.set()
+        await until(lambda: self.replica.committed == 2)
+        await self.clock.advance(5)
         await self.finished()
         self.assertEqual([2], self.activated)
         self.assertEqual(State.ACTIVE, self.machine.state)
@@ -975,6 +1000,9 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.chan.inbox.put_nowait(ConnectionError('gone'))
         await until(lambda: self.machine.state == State.FAILING_OVER)
         gate.set()
+        # (the failover waits out what the primary may run on: our
+        # detection time after we last heard it)
+        await self.clock.advance(5.0)
         await self.finished()
         self.assertEqual([1], self.activated)
         self.assertEqual([1], replica.applied)
@@ -1011,6 +1039,58 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         error = self.chan.frames(Kind.ERROR)[0].json()['error']
         self.assertIn('disk replica: mark of epoch 1 failed', error)
         self.assertIn('No space left', self.machine.status().reason)
+
+    async def test_a_stream_error_right_after_a_frame_waits_out_the_vouch(
+            self):
+        # The primary may run on heartbeats we echoed for our detection
+        # time after we heard them (peer_holds_until): a stream that
+        # breaks just after a frame must not let us resume earlier.
+        await self.make(timeout=2.0)
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        await until(lambda: self.replica.committed == 1)
+        await self.clock.advance(0.5)
+        self.chan.inbox.put_nowait(Message(Kind.HEARTBEAT, 3))
+        await settle()
+        self.assertEqual([3], [m.epoch for m in self.chan.frames(Kind.ECHO)])
+        heard = self.clock.now
+        self.chan.inbox.put_nowait(ConnectionError('reset'))
+        await self.clock.advance(1.9)
+        self.assertEqual(State.FAILING_OVER, self.machine.state)
+        self.assertEqual([], self.activated)
+        await self.clock.advance(0.2)
+        await self.finished()
+        self.assertEqual([1], self.activated)
+        self.assertGreaterEqual(self.clock.now, heard + 2.0)
+
+    async def test_an_operator_takeover_waits_out_the_vouch(self):
+        await self.make(timeout=2.0)
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        await until(lambda: self.replica.committed == 1)
+        self.machine.post(pair.Takeover())
+        await self.clock.advance(1.9)
+        self.assertEqual([], self.activated)
+        await self.clock.advance(0.2)
+        await self.finished()
+        self.assertEqual([1], self.activated)
+
+    async def test_primary_lost_withdraws_the_vouch(self):
+        # The primary sends PRIMARY_LOST only once its guest is stopped:
+        # no word of ours keeps it running (the fence is still won).
+        await self.make(timeout=2.0)
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        await until(lambda: self.replica.committed == 1)
+        self.chan.inbox.put_nowait(Message(Kind.PRIMARY_LOST, 0, b'{}'))
+        await self.finished()
+        self.assertEqual([1], self.activated)
+
+    async def test_a_lock_that_dies_with_its_holder_needs_no_vouch(self):
+        # (a lock file: the primary runs only while it lives)
+        await self.make(timeout=2.0, vouches=False)
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        await until(lambda: self.replica.committed == 1)
+        self.chan.inbox.put_nowait(ConnectionError('reset'))
+        await self.finished()
+        self.assertEqual([1], self.activated)
 
     async def test_silence_is_detected(self):
         await self.make(timeout=0.1)

@@ -94,6 +94,7 @@ from mftvm_openstack.ft.pair.interfaces import (
     Link,
     OutputBuffer,
     OverlayStore,
+    OwnershipLost,
     Prepared,
     Protector,
     RealClock,
@@ -111,6 +112,7 @@ __all__ = [
     'Stop', 'Synced', 'SyncFailed', 'Takeover', 'Tick', 'Capturer',
     'Channel', 'Clock',
     'DiskSync', 'GuestProcess', 'Link', 'OutputBuffer', 'OverlayStore',
+    'OwnershipLost',
     'Prepared', 'Protector', 'RealClock', 'Replica', 'Stats', 'PrimaryPair',
     'SecondaryPair',
 ]

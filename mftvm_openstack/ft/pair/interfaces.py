@@ -209,8 +209,13 @@ class Protector(Protocol):
 
     async def invalidate_replica(self, pair_id: str) -> None:
         """Make sure the replica of ``pair_id`` can no longer take over
-        (it is stale from now on); retries until that is so."""
+        (it is stale from now on); retries while that is undecided.
+        OwnershipLost if the guest is no longer ours to run."""
         ...
+
+
+class OwnershipLost(Exception):
+    """The fence answered: the guest is another's to run now."""
 
 
 @dataclasses.dataclass

@@ -40,6 +40,7 @@ from mftvm_openstack.ft.pair.interfaces import (
     GuestProcess,
     Link,
     OutputBuffer,
+    OwnershipLost,
     Protector,
 )
 from mftvm_openstack.ft.pair.machine import Machine, Stats, error_text
@@ -536,7 +537,14 @@ class PrimaryPair(Machine['PrimaryEvent']):
         if link is not None:
             with contextlib.suppress(Exception):
                 await link.disk.stop()
-        await self.protector.invalidate_replica(self.pair_id)
+        try:
+            # The fence's word that the guest is still ours at this
+            # moment: a primary whose lease is gone may already have
+            # been taken over, and its held output must never leave.
+            await self.protector.invalidate_replica(self.pair_id)
+        except OwnershipLost as exc:
+            await self._fence(f'unprotecting: {exc}')
+            return
         if link is not None:
             assert self.monitor is not None    # linked: the guest is up
             await link.output.detach(self.monitor)

@@ -55,7 +55,8 @@ class SecondaryPair(Machine['SecondaryEvent']):
                  activate: Callable[[int], Awaitable[None]],
                  clock: Clock, detect_timeout: float = 1.0,
                  first_commit_timeout: float = 30.0,
-                 hello_timeout: float = 30.0) -> None:
+                 hello_timeout: float = 30.0,
+                 vouches: bool = True) -> None:
         super().__init__(clock, State.STARTING)
         # Until a first checkpoint arrives there is nothing to resume, so
         # silence then is no reason to give up quickly: the initial disk
@@ -67,6 +68,11 @@ class SecondaryPair(Machine['SecondaryEvent']):
         self.activate = activate
         self.detect_timeout = detect_timeout
         self.hello_timeout = hello_timeout
+        #: the primary may run on our word (echoed heartbeats) for
+        #: ``detect_timeout`` after we last heard it: a takeover waits
+        #: that out. False where its fence dies with it (a lock file):
+        #: it then never runs on our word.
+        self.vouches = vouches
         #: the primary's HELLO, once accepted
         self.hello: Optional[Hello] = None
         self.pair_id = ''
@@ -125,7 +131,7 @@ class SecondaryPair(Machine['SecondaryEvent']):
             await self._committed(event)
         elif isinstance(event, (PrimaryLost, Takeover)):
             if self.state == State.STANDBY:
-                await self._failover(event.reason)
+                await self._failover(event.reason, withdrawn=False)
         elif isinstance(event, Stop):
             if self.state in (State.STARTING, State.WAITING_FOR_PRIMARY,
                               State.STANDBY):
@@ -252,7 +258,10 @@ class SecondaryPair(Machine['SecondaryEvent']):
                 reason = msg.json().get('reason')
             except (transport.ProtocolError, AttributeError):
                 reason = '(unreadable)'
-            await self._failover(f'primary reported: {reason}')
+            # Sent only once its guest is stopped for good (killed,
+            # exited, or paused for a handover): it runs on no word.
+            await self._failover(f'primary reported: {reason}',
+                                 withdrawn=True)
         elif msg.kind == Kind.BYE:
             self.stats.reason = 'the primary ended protection'
             self.post(Stop())
@@ -305,7 +314,28 @@ class SecondaryPair(Machine['SecondaryEvent']):
             with contextlib.suppress(ConnectionError, OSError):
                 await self.channel.send(Kind.ACK, event.epoch)
 
-    async def _failover(self, reason: str) -> None:
+    async def _wait_out_vouch(self) -> None:
+        """Until the primary can no longer be running on our word.
+
+        It runs on while the newest heartbeat we echoed is less than our
+        detection time old (``PrimaryPair.peer_holds_until``); we heard
+        that heartbeat no later than the last frame. A stream that broke
+        (or an operator's takeover) right after a frame does not shorten
+        this; silence has already waited it out. The channel is closed:
+        nothing is echoed any more."""
+        heard = self.stats.last_ack_at
+        if heard is None:
+            return
+        left = heard + self.detect_timeout - self.clock.monotonic()
+        if left > 0:
+            LOG.warning('waiting %.2fs: the primary may run until then on '
+                        'heartbeats we echoed', left)
+            await self.clock.sleep(left)
+
+    async def _failover(self, reason: str, withdrawn: bool) -> None:
+        """Take over from epoch committed; ``withdrawn``: the primary
+        said it stopped its guest (PRIMARY_LOST), so it runs on no word
+        of ours."""
         assert self.channel is not None and self.prepared is not None
         started = self.clock.monotonic()
         LOG.warning('primary lost (%s): failing over', reason)
@@ -333,6 +363,8 @@ class SecondaryPair(Machine['SecondaryEvent']):
             LOG.error(self.stats.reason)
             self._finish(State.LOST)
             return
+        if self.vouches and not withdrawn:
+            await self._wait_out_vouch()
         try:
             await self.activate(committed)
         except Exception as exc:
