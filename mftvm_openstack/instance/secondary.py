@@ -187,7 +187,9 @@ class SecondarySide(Side):
                 heartbeat_interval=self.options['heartbeat_interval'],
                 **self.bounds())
             self.start(primary)
-            keeping = self.keep_lease()
+            keeping = self.keep_lease()     # (running since the fence)
+            if self.lease_lost:
+                primary.interrupt(pair.LeaseLost(self.lease_lost))
             try:
                 await self.run_guest(primary)
             finally:
@@ -199,6 +201,7 @@ class SecondarySide(Side):
             if self.replica is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.replica.devstate_path)
+            self.stop_keeping_lease()
             if self.fence is not None:
                 self.fence.close()
         if self.replica is not None:
@@ -283,6 +286,8 @@ class SecondarySide(Side):
             fence.close()
             raise
         self.fence = fence
+        # Renew from now on: a restore may take longer than a lease.
+        self.keep_lease()
         fenced = time.monotonic()
         self.takeover = Takeover(detected=detected, fenced=fenced)
         if hello.boot_id == boot_id():
@@ -295,6 +300,10 @@ class SecondarySide(Side):
                                    self.spec.domain or self.spec.name,
                                    PRIMARY_GONE_TIMEOUT,
                                    reaped=bool(self.spec.domain))
+        if self.lease_lost:
+            raise RuntimeError(f'the fence was lost before the guest was '
+                               f'restored ({self.lease_lost}); not starting '
+                               f'it')
         self.guest = await self._restore(layers, hello)
         self.takeover = Takeover(detected=detected, fenced=fenced,
                                  resumed=time.monotonic())

@@ -68,6 +68,10 @@ class Side:
         self.guest: Optional[RunningGuest] = None
         #: the guest's fence, while this side holds (or held) it
         self.fence: Optional[fencing.Fence] = None
+        #: renews the fence from the moment it is won (keep_lease)
+        self._keeping: Optional[asyncio.Task[None]] = None
+        #: why the lease was lost before a primary machine ran here
+        self.lease_lost = ''
         self.protector = GuestProtector(self.spec, self.options,
                                         self.paths, lambda: self.guest,
                                         lambda: self.fence)
@@ -199,7 +203,13 @@ class Side:
 
     def keep_lease(self) -> asyncio.Task[None]:
         """Keep the fence this side just won, while its guest runs here;
-        a lease lost fences the side's machine."""
+        a lease lost fences the side's machine. Called again, the same
+        keeper: a secondary starts it the moment it wins the fence, so
+        the lease cannot lapse while the guest is being restored, and its
+        primary machine takes it over (``lease_lost`` says if it was lost
+        before that machine ran)."""
+        if self._keeping is not None:
+            return self._keeping
         assert self.fence is not None
 
         def vouched() -> float:
@@ -215,8 +225,15 @@ class Side:
                 # or the backend: the guest must stop before the lease
                 # lapses for everyone.
                 machine.interrupt(pair.LeaseLost(why))
+            else:
+                self.lease_lost = why
         keeper = LeaseKeeper(self.fence, self.spec.name, vouched, lost)
-        return asyncio.ensure_future(keeper.run())
+        self._keeping = asyncio.ensure_future(keeper.run())
+        return self._keeping
+
+    def stop_keeping_lease(self) -> None:
+        if self._keeping is not None:
+            self._keeping.cancel()
 
     async def run_guest(self, machine: pair.PrimaryPair) -> None:
         """Until ``machine`` (whose guest runs here) ends: report the

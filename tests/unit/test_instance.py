@@ -523,6 +523,45 @@ class TakeoverFenceTest(TakeoverSides, unittest.IsolatedAsyncioTestCase):
         self.assertEqual([], self.restored)
 
 
+class RenewCountingFence(ScriptedFence):
+    """Won at once, on the real clock, with a short lease; counts its
+    renewals."""
+
+    lease = 0.4
+    _now = staticmethod(time.monotonic)
+
+    def __init__(self):
+        super().__init__(True)
+        self.renewals = 0
+
+    def _renew(self):
+        self.renewals += 1
+        return True
+
+
+class LeaseDuringRestoreTest(TakeoverSides,
+                             unittest.IsolatedAsyncioTestCase):
+    """The fence a secondary wins is renewed from that moment: a restore
+    that takes longer than a lease must not let it lapse (the restored
+    guest would then be fenced, that is killed, by its own host)."""
+
+    async def test_the_lease_is_renewed_while_the_guest_is_restored(self):
+        fence = RenewCountingFence()
+        side = self.side(fence)
+
+        async def slow_restore(layers, hello):
+            await asyncio.sleep(4 * fence.lease)
+            self.restored.append(layers)
+            return 'the guest'
+        side._restore = slow_restore
+        self.addCleanup(side.stop_keeping_lease)
+        await asyncio.wait_for(side.activate(7), 10)
+        self.assertEqual(1, len(self.restored))
+        self.assertGreaterEqual(fence.renewals, 3)
+        self.assertEqual('', side.lease_lost)
+        self.assertGreater(fence.deadline(0), time.monotonic())
+
+
 class SameMachineTakeoverTest(TakeoverSides,
                               unittest.IsolatedAsyncioTestCase):
 
