@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -37,6 +38,7 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -1093,6 +1095,57 @@ def compute_service_up(lab: Lab, host: str) -> bool:
         s['State'] == 'up' for s in json.loads(result.stdout or '[]'))
 
 
+def probe(state_dir: str, host: str, port_id: str) -> str:
+    """Plug Neutron port ``port_id`` into ``host``'s ``br-int`` as an
+    interface of the host itself (an OVS internal port named after the
+    port, with its MAC, address and MTU), so that the host can talk to
+    servers on that tenant network through OVN, as a guest would.
+    Returns the interface's name.
+
+    Its transmit checksum offload is turned off: OVS's userspace Geneve
+    cannot finish partial checksums, so TCP to another host would fail
+    (guests need ``virtio_net.csum=0`` for the same reason)."""
+    lab = Lab(state_dir)
+    info = lab.state.get('hosts', {}).get(host)
+    if info is None or 'enter' not in info:
+        raise LabError(f'no compute host {host!r} in {lab.dir}')
+    env = openrc_env(lab)
+    openstack = os.path.join(BIN, 'openstack')
+    port = json.loads(run([openstack, 'port', 'show', port_id, '-f',
+                           'json'], env=env).stdout)
+    fixed = port['fixed_ips'][0]
+    subnet = json.loads(run([openstack, 'subnet', 'show',
+                             fixed['subnet_id'], '-f', 'json'],
+                            env=env).stdout)
+    network = json.loads(run([openstack, 'network', 'show',
+                              port['network_id'], '-f', 'json'],
+                             env=env).stdout)
+    dev = f'pr{port["id"][:11]}'
+    prefix = subnet['cidr'].split('/')[1]
+    enter = info['enter']
+    run([*enter, OVS_VSCTL, '--timeout=30', 'add-port', 'br-int', dev,
+         '--', 'set', 'interface', dev, 'type=internal',
+         f'external_ids:iface-id={port["id"]}',
+         f'external_ids:attached-mac={port["mac_address"]}'])
+    run([*enter, IP, 'link', 'set', dev, 'address', port['mac_address'],
+         'mtu', str(network['mtu']), 'up'])
+    run([*enter, IP, 'addr', 'add', f'{fixed["ip_address"]}/{prefix}',
+         'dev', dev])
+    run([*enter, sys.executable, os.path.abspath(__file__),
+         'tx-checksum-off', dev])
+    log(f'host {host}: {dev} {fixed["ip_address"]}/{prefix} on '
+        f'network {network["name"]}')
+    return dev
+
+
+def tx_checksum_off(dev: str) -> None:
+    """``ethtool -K DEV tx off`` (no ethtool here): ETHTOOL_STXCSUM."""
+    value = ctypes.create_string_buffer(struct.pack('II', 0x17, 0))
+    ifreq = struct.pack('16sQ', dev.encode(), ctypes.addressof(value))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), 0x8946, ifreq)      # SIOCETHTOOL
+
+
 def restart(state_dir: str, name: str) -> None:
     """Stop daemon ``name`` and start it again as it was started (e.g.
     nova-api, to load a newly installed extra-spec validator)."""
@@ -1141,10 +1194,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description='An OpenStack control plane in a network namespace.')
     parser.add_argument('command', choices=('up', 'down', 'status',
-                                            'restart', 'add-host'))
+                                            'restart', 'add-host', 'probe',
+                                            'tx-checksum-off'))
     parser.add_argument('what', nargs='?',
                         help='for restart: the daemon, e.g. nova-api; '
-                             'for add-host: the host\'s name, e.g. h1')
+                             'for add-host and probe: the host\'s name, '
+                             'e.g. h1')
+    parser.add_argument('port', nargs='?',
+                        help='for probe: the Neutron port to plug into '
+                             'the host')
     parser.add_argument('--dir', default=os.environ.get(
         'MFTVM_CLOUD_DIR', '/var/lib/mftvm-cloud'),
         help='state directory (default $MFTVM_CLOUD_DIR or '
@@ -1176,6 +1234,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not args.what:
                 parser.error('add-host needs a host name')
             add_host(args.dir, args.what, args.network_only, args.driver)
+        elif args.command == 'probe':
+            if not args.what or not args.port:
+                parser.error('probe needs a host and a port')
+            print(probe(args.dir, args.what, args.port))
+        elif args.command == 'tx-checksum-off':     # used by probe
+            if not args.what:
+                parser.error('tx-checksum-off needs an interface')
+            tx_checksum_off(args.what)
         else:
             return status(args.dir)
     except LabError as e:
