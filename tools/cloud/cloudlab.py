@@ -1,16 +1,19 @@
 """A real OpenStack control plane on one machine, in a network namespace.
 
 Brings up, from the Python packages of ``.cloud-venv`` (PyPI releases
-pinned by ``tools/cloud/constraints.txt``) and Debian's MariaDB and
-RabbitMQ, the services of DevStack's default topology: Keystone, Glance
-(file store), Placement, and Nova's API, super-conductor, scheduler and
-the conductor of cell1, whose messages travel on their own RabbitMQ
-vhost (``nova_cell1``) as in DevStack's superconductor mode.  Run it with
-the cloud venv's Python, as root::
+pinned by ``tools/cloud/constraints.txt``) and Debian's MariaDB,
+RabbitMQ, Open vSwitch, OVN and libvirt, the services of DevStack's
+default topology: Keystone, Glance (file store), Placement, Neutron
+(ML2/OVN), and Nova's API, super-conductor, scheduler and the conductor
+of cell1, whose messages travel on their own RabbitMQ vhost
+(``nova_cell1``) as in DevStack's superconductor mode; then compute
+hosts, each in namespaces of its own.  Run it with the cloud venv's
+Python, as root::
 
-    .cloud-venv/bin/python tools/cloud/cloudlab.py up     # 1-3 min
+    .cloud-venv/bin/python tools/cloud/cloudlab.py up     # 2-4 min
+    .cloud-venv/bin/python tools/cloud/cloudlab.py add-host h1
     source /var/lib/mftvm-cloud/openrc
-    openstack service list
+    openstack hypervisor list
     .cloud-venv/bin/python tools/cloud/cloudlab.py down
 
 (``tools/run.sh cloud`` and ``tools/run.sh cloud-down`` do the same
@@ -1222,7 +1225,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f'\nThe control plane is up.  Try:\n'
                   f'    source {lab.path("openrc")}\n'
                   f'    openstack service list\n'
-                  f'    openstack server list\n'
+                  f'    openstack network list\n'
+                  f'Add compute hosts (about 25 s each):\n'
+                  f'    {sys.executable} {os.path.abspath(__file__)} '
+                  f'add-host h1 --dir {lab.dir}\n'
+                  f'(doc/cloud-lab.rst boots a server on them.)\n'
                   f'Stop it with:  tools/run.sh cloud-down\n')
         elif args.command == 'down':
             down(args.dir)
