@@ -60,6 +60,7 @@ OWNED_NAME_RE = re.compile(r'^mfc-p(\d+)(-[a-z0-9]+)?$')
 HOST_RE = re.compile(r'^[a-z][a-z0-9]{0,7}$')
 FIRST_HOST_OCTET = 11
 UNDERLAY_PREFIX = '10.79'       # hosts' Geneve underlay: UNDERLAY_PREFIX.N.*
+HOST_RAM_DIR = '/run/libvirt-ram'   # in a host's private /run (a tmpfs)
 
 VENV = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
 BIN = os.path.join(VENV, 'bin')
@@ -964,7 +965,8 @@ def build_host(lab: Lab, host: str, driver: str) -> None:
     configure_libvirt(lab, host)
     mounts = [f'hostname {host}',
               'mount -t tmpfs -o mode=0755 tmpfs /run',
-              'mkdir -p /run/openvswitch /run/ovn /run/libvirt /run/lock',
+              'mkdir -p /run/openvswitch /run/ovn /run/libvirt /run/lock '
+              f'{HOST_RAM_DIR}',
               'mount -t tmpfs tmpfs /var/cache/libvirt']
     for src, dst in (('etc-libvirt', '/etc/libvirt'),
                      ('libvirt-lib', '/var/lib/libvirt'),
@@ -1003,14 +1005,17 @@ def _comm(pid: int) -> str:
 def configure_libvirt(lab: Lab, host: str) -> None:
     """A copy of Debian's /etc/libvirt for this host: QEMU runs as root
     (instances live in the lab's private directory), no security driver
-    (none is loaded here), and libvirt's default network not started."""
+    (none is loaded here), libvirt's default network not started, and
+    file-backed guest RAM on the host's private ``/run`` (a tmpfs, where
+    the agent can read it; it goes with the host's mount namespace)."""
     etc = host_dir(lab, host, 'etc-libvirt')
     shutil.copytree('/etc/libvirt', etc, symlinks=True)
     shutil.rmtree(os.path.join(etc, 'qemu', 'networks', 'autostart'),
                   ignore_errors=True)
     with open(os.path.join(etc, 'qemu.conf'), 'a') as f:
         f.write('\n# cloudlab\nuser = "root"\ngroup = "root"\n'
-                'security_driver = "none"\n')
+                'security_driver = "none"\n'
+                f'memory_backing_dir = "{HOST_RAM_DIR}"\n')
 
 
 def start_host_ovs(lab: Lab, host: str, enter: list[str]) -> None:
