@@ -34,6 +34,18 @@ CLOUDLAB = os.path.join(ROOT, 'tools', 'cloud', 'cloudlab.py')
 #: flavor extra specs are checked by the API from this microversion on
 VALIDATED = '2.86'
 CLI_TIMEOUT = 300
+#: run in a compute host's namespace: waits (bounded) for the guest's
+#: counter service at 10.0.2.15, then prints three answers as JSON
+COUNTER_CLIENT = """
+import json, time
+from mftvm_openstack.images.workload import counter_request
+deadline = time.monotonic() + 240
+while counter_request('10.0.2.15', 7000) is None:
+    if time.monotonic() > deadline:
+        raise SystemExit('no answer from the counter service')
+    time.sleep(1)
+print(json.dumps([counter_request('10.0.2.15', 7000) for _ in range(3)]))
+"""
 
 
 def _run(argv: list[str], timeout: float = CLI_TIMEOUT,
@@ -159,7 +171,9 @@ class CloudTest(testtools.TestCase):
     def test_superconductor_topology(self):
         # DevStack's default: a super-conductor (API level) and cell1's
         # own conductor, each registered, and the scheduler.
-        services = self.cloud_json('compute', 'service', 'list')
+        # (nova-compute services of the hosts other tests add aside)
+        services = [s for s in self.cloud_json('compute', 'service', 'list')
+                    if s['Binary'] != 'nova-compute']
         binaries = sorted(s['Binary'] for s in services)
         self.assertEqual(['nova-conductor', 'nova-conductor',
                           'nova-scheduler'], binaries)
@@ -169,10 +183,10 @@ class CloudTest(testtools.TestCase):
                              catalog)
 
     def test_a_host_namespace_reaches_the_control_plane(self):
-        # Where compute hosts will live: a namespace on the lab's bridge.
-        _checked([PYTHON, CLOUDLAB, 'add-host', 'h1', '--dir',
-                  self.lab_dir])
-        ns = f'mfc-p{os.getpid()}-h1'
+        # Where compute hosts live: a namespace on the lab's bridge.
+        _checked([PYTHON, CLOUDLAB, 'add-host', 'n1', '--network-only',
+                  '--dir', self.lab_dir])
+        ns = f'mfc-p{os.getpid()}-n1'
         addr = _checked(['ip', '-n', ns, '-4', '-o', 'addr', 'show',
                          'eth0']).stdout
         self.assertIn(' 10.78.', addr)
@@ -276,7 +290,11 @@ class CloudTest(testtools.TestCase):
 
     # -- Glance: the project's own guest image ---------------------------
 
-    def test_guest_image_uploaded_as_kernel_ramdisk_and_disk(self):
+    def upload_guest(self, name: str, *properties: str
+                     ) -> tuple[dict, dict, dict, dict[str, str]]:
+        """The project's guest as kernel, ramdisk and a 64 MiB raw disk
+        that names both: (kernel, ramdisk, disk) images and the built
+        files."""
         build = _checked([PYTHON, '-m', 'mftvm_openstack.images.builder',
                           os.path.join(self.tmp, 'images')], cwd=self.tmp)
         parts = dict(line.split(' ', 1) for line in
@@ -286,22 +304,27 @@ class CloudTest(testtools.TestCase):
             f.truncate(64 << 20)
         kernel = self.cloud_json(
             'image', 'create', '--disk-format', 'aki', '--container-format',
-            'aki', '--file', parts['kernel'], 'mftvm-kernel')
+            'aki', '--file', parts['kernel'], f'{name}-kernel')
         self.addCleanup(self.cloud, 'image', 'delete', kernel['id'],
                         check=False)
         ramdisk = self.cloud_json(
             'image', 'create', '--disk-format', 'ari', '--container-format',
-            'ari', '--file', parts['initrd'], 'mftvm-ramdisk')
+            'ari', '--file', parts['initrd'], f'{name}-ramdisk')
         self.addCleanup(self.cloud, 'image', 'delete', ramdisk['id'],
                         check=False)
-        guest = self.cloud_json(
-            'image', 'create', '--disk-format', 'raw', '--container-format',
-            'bare', '--file', disk, '--property',
-            f'kernel_id={kernel["id"]}', '--property',
-            f'ramdisk_id={ramdisk["id"]}', 'mftvm-guest')
+        args = ['image', 'create', '--disk-format', 'raw',
+                '--container-format', 'bare', '--file', disk,
+                '--property', f'kernel_id={kernel["id"]}',
+                '--property', f'ramdisk_id={ramdisk["id"]}']
+        for prop in properties:
+            args += ['--property', prop]
+        guest = self.cloud_json(*args, name)
         self.addCleanup(self.cloud, 'image', 'delete', guest['id'],
                         check=False)
+        return kernel, ramdisk, guest, parts
 
+    def test_guest_image_uploaded_as_kernel_ramdisk_and_disk(self):
+        kernel, ramdisk, guest, parts = self.upload_guest('mftvm-guest')
         shown = self.cloud_json('image', 'show', guest['id'])
         self.assertEqual('active', shown['status'])
         self.assertEqual(64 << 20, shown['size'])
@@ -312,6 +335,85 @@ class CloudTest(testtools.TestCase):
             saved = os.path.join(self.tmp, f'{image["id"]}.saved')
             self.cloud('image', 'save', '--file', saved, image['id'])
             self.assertEqual(_sha256(source), _sha256(saved), image['name'])
+
+    # -- compute hosts, Neutron (ML2/OVN), a server ----------------------
+
+    def test_server_answers_through_ovn_from_another_host(self):
+        # Two compute hosts (libvirt driver, OVS userspace + OVN each).
+        for host in ('h1', 'h2'):
+            _checked([PYTHON, CLOUDLAB, 'add-host', host, '--dir',
+                      self.lab_dir], timeout=900)
+        hypervisors = {h['Hypervisor Hostname']: h['State']
+                       for h in self.cloud_json('hypervisor', 'list')}
+        self.assertEqual({'h1': 'up', 'h2': 'up'}, hypervisors)
+        chassis = {a['Host'] for a in self.cloud_json(
+            'network', 'agent', 'list', '--agent-type', 'ovn-controller')}
+        self.assertEqual({'h1', 'h2'}, chassis)
+
+        # The guest has a static 10.0.2.15/24 (guest/init); its virtio-net
+        # checksum offload is off (OVS's userspace Geneve needs that).
+        _, _, image, _ = self.upload_guest(
+            'e2e-counter', 'os_command_line=console=ttyS0 '
+            'mftvm.run=counter virtio_net.csum=0')
+        network = self.cloud_json('network', 'create', 'e2e-net')
+        self.addCleanup(self.cloud, 'network', 'delete', network['id'],
+                        check=False)
+        self.assertEqual('geneve', network['provider:network_type'])
+        self.cloud('subnet', 'create', '--network', network['id'],
+                   '--subnet-range', '10.0.2.0/24', '--gateway',
+                   '10.0.2.2', 'e2e-subnet')
+        group = self.cloud_json('security', 'group', 'create', 'e2e-counter')
+        self.addCleanup(self.cloud, 'security', 'group', 'delete',
+                        group['id'], check=False)
+        self.cloud('security', 'group', 'rule', 'create', '--protocol',
+                   'tcp', '--dst-port', '7000', group['id'])
+        port = self.cloud_json(
+            'port', 'create', '--network', network['id'], '--fixed-ip',
+            'subnet=e2e-subnet,ip-address=10.0.2.15', '--security-group',
+            group['id'], 'e2e-guest')
+        self.addCleanup(self.cloud, 'port', 'delete', port['id'],
+                        check=False)
+        probe = self.cloud_json('port', 'create', '--network',
+                                network['id'], 'e2e-probe')
+        self.addCleanup(self.cloud, 'port', 'delete', probe['id'],
+                        check=False)
+        self.cloud('flavor', 'create', '--ram', '128', '--disk', '1',
+                   '--vcpus', '1', 'm1.e2e')
+        self.addCleanup(self.cloud, 'flavor', 'delete', 'm1.e2e',
+                        check=False)
+
+        server = self.cloud_json(
+            'server', 'create', '--image', image['id'], '--flavor',
+            'm1.e2e', '--nic', f'port-id={port["id"]}',
+            '--availability-zone', 'nova:h1', '--wait', 'e2e-vm')
+        self.addCleanup(self.cloud, 'server', 'delete', '--wait',
+                        server['id'], check=False)
+        shown = self.cloud_json('server', 'show', server['id'])
+        self.assertEqual('ACTIVE', shown['status'])
+        self.assertEqual('h1', shown['OS-EXT-SRV-ATTR:host'])
+        self.assertEqual({'e2e-net': ['10.0.2.15']}, shown['addresses'])
+        # Nova's API lists servers (it asks Neutron for their groups).
+        self.assertIn(server['id'], {s['ID'] for s in self.cloud_json(
+            'server', 'list')})
+        bound = self.cloud_json('port', 'show', port['id'])
+        self.assertEqual(('ACTIVE', 'h1'),
+                         (bound['status'], bound['binding_host_id']))
+
+        # From h2, through OVN (Geneve between the hosts' userspace
+        # datapaths) to the guest's counter service on h1.
+        _checked([PYTHON, CLOUDLAB, 'probe', 'h2', probe['id'], '--dir',
+                  self.lab_dir])
+        ns = f'mfc-p{os.getpid()}-h2'
+        values = json.loads(_checked(
+            ['ip', 'netns', 'exec', ns, PYTHON, '-c', COUNTER_CLIENT],
+            cwd=self.tmp).stdout)
+        self.assertEqual(3, len(values), values)
+        first = values[0]
+        self.assertIsInstance(first, int)
+        self.assertEqual([first, first + 1, first + 2], values)
+        console = self.cloud('console', 'log', 'show', server['id']).stdout
+        self.assertIn('COUNTER-READY 7000', console)
+        self.assertNotIn('MFTVM-GUEST-WARNING', console)
 
 
 if __name__ == '__main__':

@@ -1,16 +1,19 @@
 """A real OpenStack control plane on one machine, in a network namespace.
 
 Brings up, from the Python packages of ``.cloud-venv`` (PyPI releases
-pinned by ``tools/cloud/constraints.txt``) and Debian's MariaDB and
-RabbitMQ, the services of DevStack's default topology: Keystone, Glance
-(file store), Placement, and Nova's API, super-conductor, scheduler and
-the conductor of cell1, whose messages travel on their own RabbitMQ
-vhost (``nova_cell1``) as in DevStack's superconductor mode.  Run it with
-the cloud venv's Python, as root::
+pinned by ``tools/cloud/constraints.txt``) and Debian's MariaDB,
+RabbitMQ, Open vSwitch, OVN and libvirt, the services of DevStack's
+default topology: Keystone, Glance (file store), Placement, Neutron
+(ML2/OVN), and Nova's API, super-conductor, scheduler and the conductor
+of cell1, whose messages travel on their own RabbitMQ vhost
+(``nova_cell1``) as in DevStack's superconductor mode; then compute
+hosts, each in namespaces of its own.  Run it with the cloud venv's
+Python, as root::
 
-    .cloud-venv/bin/python tools/cloud/cloudlab.py up     # 1-3 min
+    .cloud-venv/bin/python tools/cloud/cloudlab.py up     # 2-4 min
+    .cloud-venv/bin/python tools/cloud/cloudlab.py add-host h1
     source /var/lib/mftvm-cloud/openrc
-    openstack service list
+    openstack hypervisor list
     .cloud-venv/bin/python tools/cloud/cloudlab.py down
 
 (``tools/run.sh cloud`` and ``tools/run.sh cloud-down`` do the same
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -37,6 +41,7 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -54,6 +59,8 @@ NAME_RE = re.compile(r'^[a-z0-9]{1,10}$')
 OWNED_NAME_RE = re.compile(r'^mfc-p(\d+)(-[a-z0-9]+)?$')
 HOST_RE = re.compile(r'^[a-z][a-z0-9]{0,7}$')
 FIRST_HOST_OCTET = 11
+UNDERLAY_PREFIX = '10.79'       # hosts' Geneve underlay: UNDERLAY_PREFIX.N.*
+HOST_RAM_DIR = '/run/libvirt-ram'   # in a host's private /run (a tmpfs)
 
 VENV = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
 BIN = os.path.join(VENV, 'bin')
@@ -68,8 +75,21 @@ RABBITMQ_SERVER = '/usr/lib/rabbitmq/bin/rabbitmq-server'
 RABBITMQCTL = '/usr/lib/rabbitmq/bin/rabbitmqctl'
 
 PORTS = {'keystone': 5000, 'glance': 9292, 'placement': 8778,
-         'nova-api': 8774, 'rabbit': 5672, 'mysql': 3306}
-SERVICE_USERS = ('glance', 'placement', 'nova')
+         'nova-api': 8774, 'neutron': 9696, 'rabbit': 5672, 'mysql': 3306,
+         'ovn-nb': 6641, 'ovn-sb': 6642}
+SERVICE_USERS = ('glance', 'placement', 'nova', 'neutron')
+
+# Debian's Open vSwitch and OVN (openvswitch-switch, ovn-central,
+# ovn-host), each daemon run in the foreground by start().
+OVSDB_TOOL = '/usr/bin/ovsdb-tool'
+OVSDB_SERVER = '/usr/sbin/ovsdb-server'
+OVS_VSWITCHD = '/usr/sbin/ovs-vswitchd'
+OVS_VSCTL = '/usr/bin/ovs-vsctl'
+OVN_NORTHD = '/usr/bin/ovn-northd'
+OVN_CONTROLLER = '/usr/bin/ovn-controller'
+OVS_SCHEMA = '/usr/share/openvswitch/vswitch.ovsschema'
+OVN_SCHEMAS = {'nb': '/usr/share/ovn/ovn-nb.ovsschema',
+               'sb': '/usr/share/ovn/ovn-sb.ovsschema'}
 LOG_MAX_MB = 10                 # per log file, two files kept
 START_TIMEOUT = 300.0
 
@@ -155,21 +175,26 @@ def run(argv: list[str], ns: Optional[str] = None, check: bool = True,
     return result
 
 
-def start(lab: Lab, name: str, argv: list[str], **env: str) -> int:
+def start(lab: Lab, name: str, argv: list[str], *,
+          enter: Optional[list[str]] = None, **env: str) -> int:
     """Start a daemon in the lab's namespace at nice 10, with
     :func:`service_env` plus ``env``; its output goes to
     ``log/<name>.out`` (start-up and crash messages only: each service
-    logs to its own size-bounded file).  ``lab.json`` keeps how it was
-    started, for :func:`restart`."""
+    logs to its own size-bounded file).  ``enter`` replaces ``ip netns
+    exec <lab ns>`` (a compute host's daemons enter its namespaces with
+    nsenter).  ``lab.json`` keeps how it was started, for
+    :func:`restart`."""
     out_path = lab.path('log', f'{name}.out')
+    prefix = enter if enter is not None else [IP, 'netns', 'exec', lab.ns]
     with open(out_path, 'ab') as out:
         proc = subprocess.Popen(
-            [IP, 'netns', 'exec', lab.ns, 'nice', '-n', '10', *argv],
+            [*prefix, 'nice', '-n', '10', *argv],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             env=service_env(lab, **env), cwd=lab.dir,
             start_new_session=True)
     lab.state.setdefault('pids', {})[name] = proc.pid
-    lab.state.setdefault('how', {})[name] = {'argv': argv, 'env': env}
+    lab.state.setdefault('how', {})[name] = {'argv': argv, 'env': env,
+                                             'enter': enter}
     lab.save()
     return proc.pid
 
@@ -368,7 +393,7 @@ def configure(lab: Lab) -> None:
     ip = lab.ip
     etc = lab.path('etc')
     venv_etc = os.path.join(VENV, 'etc')
-    for d in ('keystone', 'glance', 'placement', 'nova'):
+    for d in ('keystone', 'glance', 'placement', 'nova', 'neutron'):
         os.makedirs(os.path.join(etc, d), exist_ok=True)
     lock_path = lab.path('lock')
     os.makedirs(lock_path, exist_ok=True)
@@ -422,6 +447,7 @@ def configure(lab: Lab) -> None:
         'wsgi': {'api_paste_config': os.path.join(etc, 'nova',
                                                   'api-paste.ini')},
         'oslo_messaging_notifications': {'driver': 'noop'},
+        'neutron': service_auth(lab, 'neutron'),
     }
     write_ini(os.path.join(etc, 'nova', 'nova.conf'), {
         'DEFAULT': {**oslo_log(lab, 'nova'), 'my_ip': ip,
@@ -446,6 +472,8 @@ def configure(lab: Lab) -> None:
         **common,
     })
 
+    configure_neutron(lab)
+
     env = (f'export OS_AUTH_URL={lab.url("keystone")}/v3\n'
            'export OS_IDENTITY_API_VERSION=3\n'
            'export OS_USERNAME=admin\n'
@@ -459,6 +487,48 @@ def configure(lab: Lab) -> None:
                       os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
               'w') as f:
         f.write(env)
+
+
+def configure_neutron(lab: Lab) -> None:
+    """neutron.conf and ml2_conf.ini: ML2 with the OVN mechanism driver,
+    Geneve tenant networks, OVN's own DHCP; no metadata service (the
+    project's guests need none) and no agents.  Neutron tells Nova when
+    a port goes up (the "network-vif-plugged" event a boot waits for)."""
+    etc = lab.path('etc', 'neutron')
+    shutil.copy(os.path.join(VENV, 'etc', 'neutron', 'api-paste.ini'), etc)
+    write_ini(os.path.join(etc, 'neutron.conf'), {
+        'DEFAULT': {**oslo_log(lab, 'neutron'),
+                    'core_plugin': 'ml2', 'service_plugins': 'ovn-router',
+                    'auth_strategy': 'keystone',
+                    'transport_url': lab.rabbit_url(),
+                    'state_path': lab.path('neutron'),
+                    'api_workers': 1, 'rpc_workers': 0,
+                    'api_paste_config': os.path.join(etc, 'api-paste.ini'),
+                    'notify_nova_on_port_status_changes': True,
+                    'notify_nova_on_port_data_changes': True},
+        'database': {'connection': lab.db_url('neutron')},
+        'keystone_authtoken': authtoken(lab, 'neutron'),
+        'nova': service_auth(lab, 'nova'),
+        'placement': service_auth(lab, 'placement'),
+        'oslo_concurrency': {'lock_path': lab.path('lock')},
+        'oslo_messaging_notifications': {'driver': 'noop'},
+    })
+    write_ini(os.path.join(etc, 'ml2_conf.ini'), {
+        'ml2': {'mechanism_drivers': 'ovn',
+                'type_drivers': 'local,flat,geneve',
+                'tenant_network_types': 'geneve',
+                'extension_drivers': 'port_security',
+                'overlay_ip_version': 4},
+        'ml2_type_geneve': {'vni_ranges': '1:65536',
+                            'max_header_size': 38},
+        'securitygroup': {'enable_security_group': True},
+        'ovn': {'ovn_nb_connection': f'tcp:{lab.ip}:{PORTS["ovn-nb"]}',
+                'ovn_sb_connection': f'tcp:{lab.ip}:{PORTS["ovn-sb"]}',
+                'ovn_metadata_enabled': False},
+    })
+    # One log file per writer (see nova's log-*.conf)
+    write_ini(os.path.join(etc, 'log-neutron-ovn-maint.conf'),
+              {'DEFAULT': oslo_log(lab, 'neutron-ovn-maint')})
 
 
 def service_env(lab: Lab, **extra: str) -> dict[str, str]:
@@ -495,7 +565,7 @@ def start_mariadb(lab: Lab) -> None:
     pw = lab.password('mysql')
     sql = [f"CREATE USER 'cloud'@'127.0.0.1' IDENTIFIED BY '{pw}';"]
     for db in ('keystone', 'glance', 'placement', 'nova_api', 'nova_cell0',
-               'nova_cell1'):
+               'nova_cell1', 'neutron'):
         sql.append(f'CREATE DATABASE {db};')
         sql.append(f"GRANT ALL ON {db}.* TO 'cloud'@'127.0.0.1';")
     run([MARIADB, '--no-defaults', f'--socket={sock}', '-uroot', '-e',
@@ -546,7 +616,7 @@ def start_rabbitmq(lab: Lab) -> None:
     with open(os.path.join(d, 'enabled_plugins'), 'w') as f:
         f.write('[].\n')
     open(os.path.join(d, 'rabbitmq-env.conf'), 'w').close()
-    env = rabbit_env(lab)
+    env: dict[str, Any] = rabbit_env(lab)
     # Its own epmd, in the namespace, so that none outlives the lab.
     start(lab, 'epmd', [EPMD], **env)
     start(lab, 'rabbitmq', [RABBITMQ_SERVER], **env)
@@ -616,7 +686,8 @@ def register_services(lab: Lab) -> None:
     for name, kind, url in (
             ('glance', 'image', lab.url('glance')),
             ('placement', 'placement', lab.url('placement')),
-            ('nova', 'compute', lab.url('nova-api') + '/v2.1')):
+            ('nova', 'compute', lab.url('nova-api') + '/v2.1'),
+            ('neutron', 'network', lab.url('neutron'))):
         service = idn.create_service(name=name, type=kind)
         for interface in ('public', 'internal', 'admin'):
             idn.create_endpoint(service_id=service.id, interface=interface,
@@ -644,6 +715,52 @@ def start_placement(lab: Lab) -> None:
     start(lab, 'placement', uwsgi(lab, 'placement', 'placement.wsgi.api',
                                   PORTS['placement']),
           OS_PLACEMENT_CONFIG_DIR=etc)
+
+
+def start_ovn_central(lab: Lab) -> None:
+    """OVN's northbound and southbound databases (ovsdb-server each, on
+    TCP for the hosts' ovn-controllers and Neutron) and ovn-northd."""
+    d = lab.path('ovn')
+    os.makedirs(d, exist_ok=True)
+    for db, schema in OVN_SCHEMAS.items():
+        path = os.path.join(d, f'ovn{db}_db.db')
+        run([OVSDB_TOOL, 'create', path, schema])
+        start(lab, f'ovsdb-{db}', [
+            OVSDB_SERVER, path,
+            f'--remote=punix:{d}/ovn{db}_db.sock',
+            f'--remote=ptcp:{PORTS["ovn-" + db]}:{lab.ip}',
+            f'--pidfile={d}/ovsdb-{db}.pid',
+            f'--unixctl={d}/ovsdb-{db}.ctl',
+            f'--log-file={lab.path("log", f"ovsdb-{db}.log")}'])
+    for db in OVN_SCHEMAS:
+        port = PORTS['ovn-' + db]
+        wait_for(f'OVN {db} database', lambda: tcp_open(lab.ip, port),
+                 lab, f'ovsdb-{db}')
+    start(lab, 'ovn-northd', [
+        OVN_NORTHD, f'--ovnnb-db=unix:{d}/ovnnb_db.sock',
+        f'--ovnsb-db=unix:{d}/ovnsb_db.sock',
+        f'--pidfile={d}/ovn-northd.pid', f'--unixctl={d}/ovn-northd.ctl',
+        f'--log-file={lab.path("log", "ovn-northd.log")}'])
+
+
+def start_neutron(lab: Lab) -> None:
+    """The Neutron API under uwsgi (Neutron 29 has no eventlet server)
+    and the OVN maintenance worker, which keeps OVN's databases in step
+    with Neutron's.  No RPC server: ML2/OVN has no agents to talk to."""
+    etc = lab.path('etc', 'neutron')
+    os.makedirs(lab.path('neutron'), exist_ok=True)
+    manage(lab, 'neutron-db-manage', '--config-file',
+           os.path.join(etc, 'neutron.conf'), '--config-file',
+           os.path.join(etc, 'ml2_conf.ini'), 'upgrade', 'heads')
+    start(lab, 'neutron', uwsgi(lab, 'neutron', 'neutron.wsgi.api',
+                                PORTS['neutron']),
+          OS_NEUTRON_CONFIG_DIR=etc,
+          OS_NEUTRON_CONFIG_FILES='neutron.conf;ml2_conf.ini')
+    start(lab, 'neutron-ovn-maint', [
+        os.path.join(BIN, 'neutron-ovn-maintenance-worker'),
+        '--config-file', os.path.join(etc, 'neutron.conf'),
+        '--config-file', os.path.join(etc, 'ml2_conf.ini'),
+        '--config-file', os.path.join(etc, 'log-neutron-ovn-maint.conf')])
 
 
 def sync_nova(lab: Lab) -> None:
@@ -745,11 +862,14 @@ def up(state_dir: str, name: str) -> Lab:
         register_services(lab)
         start_glance(lab)
         start_placement(lab)
+        start_ovn_central(lab)
+        start_neutron(lab)
         sync_nova(lab)
         start_nova(lab)
         wait_http(lab, 'glance', lab.url('glance'))
         wait_http(lab, 'placement', lab.url('placement'))
         wait_http(lab, 'nova-api', lab.url('nova-api'))
+        wait_http(lab, 'neutron', lab.url('neutron'))
         wait_for('nova-scheduler and nova-conductors to report up',
                  lambda: compute_services_up(lab), lab)
     except BaseException:
@@ -768,18 +888,21 @@ def down(state_dir: str) -> None:
     if not lab.state.get('ns'):
         log(f'no lab in {lab.dir}')
         return
+    # A compute host keeps nothing worth a long graceful stop (its guests
+    # end with it): a short grace keeps down quick with several hosts.
     for host in lab.state.get('hosts', {}).values():
-        kill_namespace(host['ns'])
+        kill_namespace(host['ns'], grace=5.0)
     kill_namespace(lab.ns)
     log(f'stopped; namespace {lab.ns} removed (state kept in {lab.dir})')
 
 
-def add_host(state_dir: str, host: str) -> dict[str, str]:
-    """A compute host's network namespace ``<lab ns>-<host>``: its
-    ``eth0`` on the lab's ``br0`` at ``10.78.N.11`` and up, so that it
-    reaches the control plane at ``10.78.N.1``.  Only the network for
-    now; its daemons (libvirtd, nova-compute, mftvm-agent, Open vSwitch
-    and ovn-controller) come with the next slice (doc/cloud-lab.rst)."""
+def add_host(state_dir: str, host: str, network_only: bool = False,
+             driver: str = 'libvirt.LibvirtDriver') -> dict[str, Any]:
+    """A compute host ``host``: the network namespace ``<lab ns>-<host>``
+    with ``eth0`` on the lab's ``br0`` at ``10.78.N.11`` (the next host
+    ``.12``, ...), so that it reaches the control plane at ``10.78.N.1``;
+    then (unless ``network_only``) its daemons, see :func:`build_host`.
+    """
     lab = Lab(state_dir)
     if not lab.state.get('ns') or not os.path.exists(
             f'/run/netns/{lab.ns}'):
@@ -789,19 +912,248 @@ def add_host(state_dir: str, host: str) -> dict[str, str]:
     hosts = lab.state.setdefault('hosts', {})
     if host in hosts:
         raise LabError(f'host {host} exists')
-    ip = f'{NET_PREFIX}.{lab.state["subnet"]}.{FIRST_HOST_OCTET + len(hosts)}'
-    ns, veth = f'{lab.ns}-{host}', f'v-{host}'
-    hosts[host] = {'ns': ns, 'ip': ip}
+    octet = FIRST_HOST_OCTET + len(hosts)
+    ip = f'{NET_PREFIX}.{lab.state["subnet"]}.{octet}'
+    ns = f'{lab.ns}-{host}'
+    hosts[host] = {'ns': ns, 'ip': ip,
+                   'underlay_ip': f'{UNDERLAY_PREFIX}.{lab.state["subnet"]}'
+                                  f'.{octet}'}
     lab.save()                  # before anything exists: down removes it
     run([IP, 'netns', 'add', ns])
     run([IP, '-n', ns, 'link', 'set', 'lo', 'up'])
-    run([IP, '-n', lab.ns, 'link', 'add', veth, 'type', 'veth', 'peer',
-         'name', 'eth0', 'netns', ns])
-    run([IP, '-n', lab.ns, 'link', 'set', veth, 'master', 'br0', 'up'])
+    # eth0: the management network; eth1: Geneve's underlay, which only
+    # the host's ovs-vswitchd uses (a port of its userspace bridge br-phy)
+    for peer, veth in (('eth0', f'v-{host}'), ('eth1', f'u-{host}')):
+        run([IP, '-n', lab.ns, 'link', 'add', veth, 'type', 'veth', 'peer',
+             'name', peer, 'netns', ns])
+        run([IP, '-n', lab.ns, 'link', 'set', veth, 'master', 'br0', 'up'])
+        run([IP, '-n', ns, 'link', 'set', peer, 'up'])
     run([IP, '-n', ns, 'addr', 'add', f'{ip}/24', 'dev', 'eth0'])
-    run([IP, '-n', ns, 'link', 'set', 'eth0', 'up'])
     log(f'host {host}: namespace {ns}, {ip}')
+    if not network_only:
+        build_host(lab, host, driver)
     return hosts[host]
+
+
+def host_dir(lab: Lab, host: str, *parts: str) -> str:
+    return lab.path('hosts', host, *parts)
+
+
+def build_host(lab: Lab, host: str, driver: str) -> None:
+    """Make ``host`` a compute host: a mount and UTS namespace of its own
+    (held by a ``sleep`` process) in which the Debian daemons find their
+    default paths private (``/run`` a tmpfs; ``/etc/libvirt``,
+    ``/var/lib/libvirt``, ``/var/log/libvirt`` bound to the host's
+    directory), then libvirtd and virtlogd, Open vSwitch on the
+    userspace datapath with ovn-controller, and nova-compute on cell1's
+    vhost; the host is then mapped into cell1 (``discover_hosts``)."""
+    t0 = time.monotonic()
+    info = lab.state['hosts'][host]
+    for d in ('log/libvirt', 'etc', 'instances', 'state', 'ovs', 'lock',
+              'libvirt-lib'):
+        os.makedirs(host_dir(lab, host, d), exist_ok=True)
+    holder = subprocess.Popen(
+        [IP, 'netns', 'exec', info['ns'], 'unshare', '--mount', '--uts',
+         '--propagation', 'private', 'sleep', 'infinity'],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    info['holder'] = holder.pid
+    lab.save()
+    wait_for(f'{host}\'s namespaces', lambda: _comm(holder.pid) == 'sleep',
+             lab, timeout=30)
+    enter = ['nsenter', '-t', str(holder.pid), '-m', '-u', '-n', '--']
+    info['enter'] = enter
+    lab.save()
+    configure_libvirt(lab, host)
+    mounts = [f'hostname {host}',
+              'mount -t tmpfs -o mode=0755 tmpfs /run',
+              'mkdir -p /run/openvswitch /run/ovn /run/libvirt /run/lock '
+              f'{HOST_RAM_DIR}',
+              'mount -t tmpfs tmpfs /var/cache/libvirt']
+    for src, dst in (('etc-libvirt', '/etc/libvirt'),
+                     ('libvirt-lib', '/var/lib/libvirt'),
+                     ('log/libvirt', '/var/log/libvirt')):
+        mounts.append(f'mount --bind {host_dir(lab, host, src)} {dst}')
+    run([*enter, 'sh', '-ec', '; '.join(mounts)])
+    start_host_ovs(lab, host, enter)
+    start(lab, f'{host}-virtlogd', ['/usr/sbin/virtlogd'], enter=enter)
+    start(lab, f'{host}-libvirtd', ['/usr/sbin/libvirtd'], enter=enter)
+    wait_for(f'{host}\'s libvirtd', lambda: run(
+        [*enter, 'virsh', '-c', 'qemu:///system', 'version'],
+        check=False).returncode == 0, lab, f'{host}-libvirtd', timeout=60)
+    conf = configure_compute(lab, host, driver)
+    start(lab, f'{host}-nova-compute',
+          [os.path.join(BIN, 'nova-compute'), '--config-file', conf],
+          enter=enter)
+    wait_for(f'nova-compute on {host} to report up',
+             lambda: compute_service_up(lab, host), lab,
+             f'{host}-nova-compute')
+    manage(lab, 'nova-manage', '--config-file',
+           lab.path('etc', 'nova', 'nova.conf'), 'cell_v2',
+           'discover_hosts')
+    info['up_seconds'] = round(time.monotonic() - t0, 1)
+    lab.save()
+    log(f'host {host} up in {info["up_seconds"]}s')
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f'/proc/{pid}/comm') as f:
+            return f.read().strip()
+    except OSError:
+        return ''
+
+
+def configure_libvirt(lab: Lab, host: str) -> None:
+    """A copy of Debian's /etc/libvirt for this host: QEMU runs as root
+    (instances live in the lab's private directory), no security driver
+    (none is loaded here), libvirt's default network not started, and
+    file-backed guest RAM on the host's private ``/run`` (a tmpfs, where
+    the agent can read it; it goes with the host's mount namespace)."""
+    etc = host_dir(lab, host, 'etc-libvirt')
+    shutil.copytree('/etc/libvirt', etc, symlinks=True)
+    shutil.rmtree(os.path.join(etc, 'qemu', 'networks', 'autostart'),
+                  ignore_errors=True)
+    with open(os.path.join(etc, 'qemu.conf'), 'a') as f:
+        f.write('\n# cloudlab\nuser = "root"\ngroup = "root"\n'
+                'security_driver = "none"\n'
+                f'memory_backing_dir = "{HOST_RAM_DIR}"\n')
+
+
+def start_host_ovs(lab: Lab, host: str, enter: list[str]) -> None:
+    """ovsdb-server (also on 127.0.0.1:6640, where os-vif looks),
+    ovs-vswitchd with the userspace datapath, br-phy holding the
+    underlay address, and ovn-controller on the lab's southbound DB.
+    ``userspace-tso-enable`` lets TCP through veths (LAB-NOTES.md)."""
+    info = lab.state['hosts'][host]
+    db = host_dir(lab, host, 'ovs', 'conf.db')
+    run([OVSDB_TOOL, 'create', db, OVS_SCHEMA])
+    log_dir = host_dir(lab, host, 'log')
+    start(lab, f'{host}-ovsdb', [
+        OVSDB_SERVER, db, '--remote=punix:/run/openvswitch/db.sock',
+        '--remote=ptcp:6640:127.0.0.1', '--pidfile',
+        f'--log-file={log_dir}/ovsdb-server.log'], enter=enter)
+    wait_for(f'{host}\'s ovsdb-server', lambda: run(
+        [*enter, OVS_VSCTL, '--timeout=5', 'show'],
+        check=False).returncode == 0, lab, f'{host}-ovsdb', timeout=60)
+
+    def vsctl(*args: str) -> None:
+        run([*enter, OVS_VSCTL, '--timeout=30', *args])
+
+    vsctl('--no-wait', 'init')
+    vsctl('--no-wait', 'set', 'open_vswitch', '.',
+          'other_config:userspace-tso-enable=true',
+          f'external_ids:system-id={host}',
+          f'external_ids:hostname={host}',
+          f'external_ids:ovn-remote=tcp:{lab.ip}:{PORTS["ovn-sb"]}',
+          'external_ids:ovn-encap-type=geneve',
+          f'external_ids:ovn-encap-ip={info["underlay_ip"]}',
+          'external_ids:ovn-bridge-datapath-type=netdev')
+    start(lab, f'{host}-ovs-vswitchd', [
+        OVS_VSWITCHD, 'unix:/run/openvswitch/db.sock', '--pidfile',
+        f'--log-file={log_dir}/ovs-vswitchd.log'], enter=enter)
+    vsctl('add-br', 'br-phy', '--', 'set', 'bridge', 'br-phy',
+          'datapath_type=netdev', '--', 'add-port', 'br-phy', 'eth1')
+    run([*enter, IP, 'addr', 'add', f'{info["underlay_ip"]}/24', 'dev',
+         'br-phy'])
+    run([*enter, IP, 'link', 'set', 'br-phy', 'up'])
+    start(lab, f'{host}-ovn-controller', [
+        OVN_CONTROLLER, 'unix:/run/openvswitch/db.sock', '--pidfile',
+        f'--log-file={log_dir}/ovn-controller.log'], enter=enter)
+
+
+def configure_compute(lab: Lab, host: str, driver: str) -> str:
+    """nova-compute's configuration for ``host``: the libvirt driver
+    (``virt_type = qemu``: guests run under TCG here) on cell1's vhost;
+    privsep helpers run as they are (we are root, there is no sudo)."""
+    info = lab.state['hosts'][host]
+    conf = host_dir(lab, host, 'etc', 'nova-compute.conf')
+    helper = {'helper_command':
+              f'{os.path.join(BIN, "privsep-helper")} --config-file {conf}'}
+    options: dict[str, dict[str, Any]] = {
+        'DEFAULT': {**oslo_log(lab, f'{host}-nova-compute'),
+                    'host': host, 'my_ip': info['ip'],
+                    'transport_url': lab.rabbit_url('nova_cell1'),
+                    'compute_driver': driver,
+                    'state_path': host_dir(lab, host, 'state'),
+                    'instances_path': host_dir(lab, host, 'instances')},
+        'libvirt': {'virt_type': 'qemu'},
+        'placement': service_auth(lab, 'placement'),
+        'glance': {'api_servers': lab.url('glance')},
+        'neutron': service_auth(lab, 'neutron'),
+        'oslo_concurrency': {'lock_path': host_dir(lab, host, 'lock')},
+        'oslo_messaging_notifications': {'driver': 'noop'},
+        'vnc': {'enabled': False},
+        'nova_sys_admin': helper,
+        'vif_plug_ovs_privileged': helper,
+        'vif_plug_linux_bridge_privileged': helper,
+    }
+    if driver.startswith('mftvm.'):
+        # as devstack/plugin.sh configure_mftvm_nova sets them
+        options['libvirt']['file_backed_memory'] = 4096
+        options['DEFAULT'].update(ram_allocation_ratio=1.0,
+                                  reserved_host_memory_mb=0)
+    write_ini(conf, options)
+    return conf
+
+
+def compute_service_up(lab: Lab, host: str) -> bool:
+    result = run([os.path.join(BIN, 'openstack'), 'compute', 'service',
+                  'list', '--service', 'nova-compute', '--host', host,
+                  '-f', 'json'], check=False, env=openrc_env(lab))
+    return result.returncode == 0 and any(
+        s['State'] == 'up' for s in json.loads(result.stdout or '[]'))
+
+
+def probe(state_dir: str, host: str, port_id: str) -> str:
+    """Plug Neutron port ``port_id`` into ``host``'s ``br-int`` as an
+    interface of the host itself (an OVS internal port named after the
+    port, with its MAC, address and MTU), so that the host can talk to
+    servers on that tenant network through OVN, as a guest would.
+    Returns the interface's name.
+
+    Its transmit checksum offload is turned off: OVS's userspace Geneve
+    cannot finish partial checksums, so TCP to another host would fail
+    (guests need ``virtio_net.csum=0`` for the same reason)."""
+    lab = Lab(state_dir)
+    info = lab.state.get('hosts', {}).get(host)
+    if info is None or 'enter' not in info:
+        raise LabError(f'no compute host {host!r} in {lab.dir}')
+    env = openrc_env(lab)
+    openstack = os.path.join(BIN, 'openstack')
+    port = json.loads(run([openstack, 'port', 'show', port_id, '-f',
+                           'json'], env=env).stdout)
+    fixed = port['fixed_ips'][0]
+    subnet = json.loads(run([openstack, 'subnet', 'show',
+                             fixed['subnet_id'], '-f', 'json'],
+                            env=env).stdout)
+    network = json.loads(run([openstack, 'network', 'show',
+                              port['network_id'], '-f', 'json'],
+                             env=env).stdout)
+    dev = f'pr{port["id"][:11]}'
+    prefix = subnet['cidr'].split('/')[1]
+    enter = info['enter']
+    run([*enter, OVS_VSCTL, '--timeout=30', 'add-port', 'br-int', dev,
+         '--', 'set', 'interface', dev, 'type=internal',
+         f'external_ids:iface-id={port["id"]}',
+         f'external_ids:attached-mac={port["mac_address"]}'])
+    run([*enter, IP, 'link', 'set', dev, 'address', port['mac_address'],
+         'mtu', str(network['mtu']), 'up'])
+    run([*enter, IP, 'addr', 'add', f'{fixed["ip_address"]}/{prefix}',
+         'dev', dev])
+    run([*enter, sys.executable, os.path.abspath(__file__),
+         'tx-checksum-off', dev])
+    log(f'host {host}: {dev} {fixed["ip_address"]}/{prefix} on '
+        f'network {network["name"]}')
+    return dev
+
+
+def tx_checksum_off(dev: str) -> None:
+    """``ethtool -K DEV tx off`` (no ethtool here): ETHTOOL_STXCSUM."""
+    value = ctypes.create_string_buffer(struct.pack('II', 0x17, 0))
+    ifreq = struct.pack('16sQ', dev.encode(), ctypes.addressof(value))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), 0x8946, ifreq)      # SIOCETHTOOL
 
 
 def restart(state_dir: str, name: str) -> None:
@@ -814,7 +1166,7 @@ def restart(state_dir: str, name: str) -> None:
                        f'{lab.dir}')
     t0 = time.monotonic()
     stop(lab.state['pids'][name])
-    start(lab, name, how['argv'], **how['env'])
+    start(lab, name, how['argv'], enter=how.get('enter'), **how['env'])
     if name in PORTS:
         wait_http(lab, name, lab.url(name))
     log(f'{name} restarted ({time.monotonic() - t0:.1f}s)')
@@ -852,15 +1204,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description='An OpenStack control plane in a network namespace.')
     parser.add_argument('command', choices=('up', 'down', 'status',
-                                            'restart', 'add-host'))
+                                            'restart', 'add-host', 'probe',
+                                            'tx-checksum-off'))
     parser.add_argument('what', nargs='?',
                         help='for restart: the daemon, e.g. nova-api; '
-                             'for add-host: the host\'s name, e.g. h1')
+                             'for add-host and probe: the host\'s name, '
+                             'e.g. h1')
+    parser.add_argument('port', nargs='?',
+                        help='for probe: the Neutron port to plug into '
+                             'the host')
     parser.add_argument('--dir', default=os.environ.get(
         'MFTVM_CLOUD_DIR', '/var/lib/mftvm-cloud'),
         help='state directory (default $MFTVM_CLOUD_DIR or '
              '/var/lib/mftvm-cloud); "up" empties it first (only if '
              'it is empty or a lab\'s)')
+    parser.add_argument('--network-only', action='store_true',
+                        help='add-host: only the namespace and its links')
+    parser.add_argument('--driver', default='libvirt.LibvirtDriver',
+                        help='add-host: nova-compute\'s compute_driver '
+                             '(e.g. mftvm.FTLibvirtDriver)')
     parser.add_argument('--name', default='cloud',
                         help='the lab\'s namespace is mfc-NAME')
     args = parser.parse_args(argv)
@@ -870,7 +1232,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f'\nThe control plane is up.  Try:\n'
                   f'    source {lab.path("openrc")}\n'
                   f'    openstack service list\n'
-                  f'    openstack server list\n'
+                  f'    openstack network list\n'
+                  f'Add compute hosts (about 25 s each):\n'
+                  f'    {sys.executable} {os.path.abspath(__file__)} '
+                  f'add-host h1 --dir {lab.dir}\n'
+                  f'(doc/cloud-lab.rst boots a server on them.)\n'
                   f'Stop it with:  tools/run.sh cloud-down\n')
         elif args.command == 'down':
             down(args.dir)
@@ -881,7 +1247,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif args.command == 'add-host':
             if not args.what:
                 parser.error('add-host needs a host name')
-            add_host(args.dir, args.what)
+            add_host(args.dir, args.what, args.network_only, args.driver)
+        elif args.command == 'probe':
+            if not args.what or not args.port:
+                parser.error('probe needs a host and a port')
+            print(probe(args.dir, args.what, args.port))
+        elif args.command == 'tx-checksum-off':     # used by probe
+            if not args.what:
+                parser.error('tx-checksum-off needs an interface')
+            tx_checksum_off(args.what)
         else:
             return status(args.dir)
     except LabError as e:
