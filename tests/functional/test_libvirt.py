@@ -104,7 +104,8 @@ def _qemu_pid(name):
         return int(f.read().strip())
 
 
-class LibvirtEpochTest(base.GuestTestCase):
+class LibvirtTestCase(base.GuestTestCase):
+    """A guest test with this test's own libvirtd and virtlogd."""
 
     def setUp(self):
         super().setUp()
@@ -117,6 +118,9 @@ class LibvirtEpochTest(base.GuestTestCase):
             self.skipTest('libvirtd is not installed '
                           '(apt-get install libvirt-daemon-system)')
         self.useFixture(LibvirtDaemons())
+
+
+class LibvirtEpochTest(LibvirtTestCase):
 
     def test_checkpoints_through_libvirt_restore_into_libvirt(self):
         asyncio.run(self._run())
@@ -230,19 +234,11 @@ class LibvirtEpochTest(base.GuestTestCase):
             self, workload.read_text(rpaths.serial), on_disk, replica_disk)
 
 
-class LibvirtProtectionTest(base.GuestTestCase):
+class LibvirtProtectionTest(LibvirtTestCase):
     """A running libvirt domain (as Nova would start it) is adopted and
     protected by the host processes, loses its QEMU to SIGKILL, and runs
     on as a libvirt domain restored by the secondary: output commit,
     disk replication and the restore all go through libvirt."""
-
-    def setUp(self):
-        super().setUp()
-        try:
-            import libvirt  # noqa: F401
-        except ImportError:
-            self.skipTest('libvirt-python is not installed')
-        self.useFixture(LibvirtDaemons())
 
     def _destroy(self, conn, name):
         import libvirt
@@ -347,7 +343,7 @@ class LibvirtProtectionTest(base.GuestTestCase):
         self.assertEqual(_qemu_pid(restored), sec['qemu_pid'])
 
 
-class HostilePrimaryTest(base.GuestTestCase):
+class HostilePrimaryTest(LibvirtTestCase):
     """A primary that is hostile, yet gets through (TLS off on a "trusted"
     replication network, or the pair's own primary host compromised),
     speaks: HELLO with a domain XML of its choosing, one checkpoint,
@@ -355,14 +351,6 @@ class HostilePrimaryTest(base.GuestTestCase):
     guest as a libvirt domain, but only from what ft.domain_policy
     rebuilds: each hostile construct leaves it LOST, with no domain
     started and no file touched outside its instance directory."""
-
-    def setUp(self):
-        super().setUp()
-        try:
-            import libvirt  # noqa: F401
-        except ImportError:
-            self.skipTest('libvirt-python is not installed')
-        self.useFixture(LibvirtDaemons())
 
     def domains(self, conn):
         return {d.name() for d in conn.listAllDomains()}
