@@ -458,9 +458,14 @@ class EpochOverlayStore:
             await self._quit()
             self._down = True
         self._pool.clear()
-        for path in self._files('pool-*.qcow2'):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        # Every overlay file goes but the restored guest's layers: the
+        # chain's, and any a mark or merge cut short left outside it.
+        keep = {la.path for la in self.chain.layers} \
+            if self._failed_over else {self.base_path}
+        for path in self._files('pool-*.qcow2') + self._files('ov-*.qcow2'):
+            if path not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         if not self._failed_over:
             for layer in self.chain.layers[1:]:
                 with contextlib.suppress(FileNotFoundError):
@@ -504,8 +509,11 @@ class EpochOverlayStore:
         try:
             await monitor.execute('blockdev-snapshot',
                                   node=self.chain.top.node, overlay=node)
-        except MonitorError:
-            await _quietly(monitor, 'blockdev-del', **{'node-name': node})
+        except BaseException:
+            # (refused, or the store stopping meanwhile) not in the chain
+            with contextlib.suppress(Exception):
+                await _quietly(monitor, 'blockdev-del',
+                               **{'node-name': node})
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             raise

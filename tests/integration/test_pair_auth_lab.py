@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -39,6 +40,7 @@ class AttackerTest(AgentLab):
         self.lab = self.useFixture(ftlab.Lab(('h1', 'h2', 'evil')))
         self.rabbit = self.useFixture(ftlab.RabbitMQ(self.lab))
         self.redis = self.useFixture(ftlab.Redis(self.lab))
+        self.fencing = self.redis
         self.tmp = tempfile.mkdtemp(prefix='mftvm-agents-', dir='/var/tmp')
         if not os.environ.get('MFTVM_KEEP_TEST_DIRS'):
             self.addCleanup(shutil.rmtree, self.tmp, True)
@@ -51,6 +53,11 @@ class AttackerTest(AgentLab):
         for host in ('h1', 'h2'):
             base.wait_for(lambda h=host: self._answers(h), 60, 0.5,
                           f'agent {host} to answer')
+
+    def start_agent(self, host: str) -> subprocess.Popen:
+        # the two agents are each other's only peers; evil runs none
+        return ftlab.start_agent(self.lab, host, self.tmp, self.rabbit,
+                                 self.fencing, peers=('h1', 'h2'))
 
     def from_evil(self, argv: list[str]):
         return self.lab.run('evil', argv, capture_output=True, text=True,

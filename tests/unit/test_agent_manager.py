@@ -258,8 +258,13 @@ class PairCredentialsTest(unittest.TestCase):
         self.m = manager_on(self, my_ip='127.0.0.1')
         self.spec = vm.GuestSpec(name='vm0', kernel='/k', initrd='/i',
                                  disk='/d')
-        spawn = mock.patch.object(manager.Instance, 'spawn', autospec=True,
-                                  side_effect=self.fake_spawn)
+        # A plain function, which the class binds like the real method
+        # (an autospec mock lost the instance once another tier's
+        # fixtures had run in the same process).
+        spawn = mock.patch.object(
+            manager.Instance, 'spawn',
+            lambda inst, role, secrets=None: self.fake_spawn(inst, role,
+                                                             secrets))
         spawn.start()
         self.addCleanup(spawn.stop)
 
