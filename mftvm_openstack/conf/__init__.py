@@ -54,8 +54,9 @@ agent_opts = [
         'peers', default=[],
         help='Hosts that may serve as secondaries for the guests of this '
              'host, in order of preference (standalone deployments; with '
-             'Nova, the scheduler chooses). Used to re-protect a guest '
-             'after a failover or after its secondary was lost.'),
+             'Nova, its compute driver chooses through Placement). Used to '
+             're-protect a guest after a failover or after its secondary '
+             'was lost.'),
     cfg.BoolOpt(
         'reprotect', default=True,
         help='Re-protect a guest automatically, onto a peer, once its '
@@ -180,10 +181,11 @@ ft_opts = [
     cfg.BoolOpt(
         'reprotect_after_handoff', default=True,
         help='nova-compute (FTLibvirtDriver) only: once a server has '
-             'been handed off to this host, ask the scheduler for a new '
-             'secondary (never the failed host), hold it in Placement and '
-             'protect onto it. Leave [agent] peers empty under Nova, so '
-             'that agents do not re-protect outside Placement first.'),
+             'been handed off to this host, choose a new secondary '
+             '(never the failed host) through Placement, as at spawn, '
+             'hold it there and protect onto it. Leave [agent] peers '
+             'empty under Nova, so that agents do not re-protect outside '
+             'Placement first.'),
 ]
 
 replication_opts: list[cfg.Opt] = [

@@ -7,9 +7,10 @@
     compute_driver = mftvm.FTLibvirtDriver
 
 A server that does not ask for fault tolerance is left to
-``LibvirtDriver`` alone. For one that does, ``spawn`` asks the scheduler
-for a secondary host, holds it in Placement and tells the agents to
-protect the guest; stop, start, reboot and destroy keep the agents in
+``LibvirtDriver`` alone. For one that does, ``spawn`` chooses a secondary
+host among Placement's candidates and holds it there
+(:mod:`~mftvm_openstack.nova.secondary_placement`), and tells the agents
+to protect the guest; stop, start, reboot and destroy keep the agents in
 step, and moves are refused. The design (how the secondary is chosen and
 held, what each operation does, why) is in ``doc/nova-driver.rst``; what
 operators and tenants see is in ``doc/admin.rst``.
@@ -22,14 +23,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
+import nova.conf as nova_conf
 import nova.context as nova_context
 import nova.exception as nova_exception
 import nova.objects.instance as instance_obj
-import nova.objects.request_spec as request_spec_obj
 import nova.objects.service as service_obj
-from nova.compute import utils as compute_utils
 from nova.network import neutron as neutron_api
-from nova.scheduler.client import query as scheduler_query
 from nova.scheduler.client import report as scheduler_report
 from nova.servicegroup import api as servicegroup_api
 from nova.virt.libvirt import driver as libvirt_driver
@@ -38,7 +37,13 @@ from oslo_log import log as logging
 from mftvm_openstack import conf as mftvm_conf
 from mftvm_openstack.agent import rpcapi
 from mftvm_openstack.contract.states import State
-from mftvm_openstack.nova import ft_request, handoff
+from mftvm_openstack.nova import (
+    ft_request,
+    handoff,
+    secondary_choice,
+    secondary_placement,
+    steering,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -54,6 +59,7 @@ STATUS = 'ft_status'
 STATUS_PROTECTING = 'protecting'
 STATUS_PROTECTED = State.PROTECTED.value
 STATUS_NO_SECONDARY = f'{State.UNPROTECTED}: no secondary host'
+STATUS_HOST_UNABLE = f'{State.UNPROTECTED}: this host cannot protect'
 STATUS_STOPPED = State.STOPPED.value
 STATUS_REBOOTING = f'{State.UNPROTECTED}: rebooting'
 STATUS_PAUSED = f'{State.UNPROTECTED}: paused'
@@ -129,8 +135,8 @@ class FTDriverMixin:
 
     @property
     def reprotect_after_handoff(self) -> bool:
-        """After a hand-off, ask the scheduler for a new secondary (not
-        the old primary's host) and tell the agent to protect onto it."""
+        """After a hand-off, choose a new secondary (not the old
+        primary's host) and tell the agent to protect onto it."""
         return bool(mftvm_conf.CONF.ft.reprotect_after_handoff)
 
     _ft_host: Optional[str] = None
@@ -138,6 +144,8 @@ class FTDriverMixin:
     _ft_watcher: Optional[handoff.TakeoverWatcher] = None
     _ft_context: Any = None
     _ft_list_failing: bool = False
+    #: ``[libvirt] file_backed_memory`` as nova-compute started with it
+    _ft_file_backed_mib: Optional[int] = None
     #: instance uuid -> why the watcher leaves it alone while the agent
     #: lists it ('runs here', 'handed off', ...)
     _ft_seen: dict[str, str]
@@ -149,6 +157,7 @@ class FTDriverMixin:
 
     def init_host(self, host: str) -> Any:
         self._ft_host = host
+        self._ft_file_backed_mib = nova_conf.CONF.libvirt.file_backed_memory
         result = super().init_host(host)  # type: ignore[misc]
         # the manager's own admin context at start-up: in Nova's harness
         # it is the one targeted at this compute's cell
@@ -165,6 +174,17 @@ class FTDriverMixin:
         if watcher is not None:
             watcher.stop()
         super().cleanup_host(host)  # type: ignore[misc]
+
+    def update_provider_tree(self, provider_tree: Any, nodename: str,
+                             allocations: Any = None) -> None:
+        super().update_provider_tree(  # type: ignore[misc]
+            provider_tree, nodename, allocations=allocations)
+        # the trait that steers FT servers and secondaries here (see
+        # mftvm_openstack.nova.steering); ours, so set and removed here
+        if self._ft_unable() is None:
+            provider_tree.add_traits(nodename, steering.TRAIT)
+        else:
+            provider_tree.remove_traits(nodename, steering.TRAIT)
 
     def spawn(self, context: Any, instance: Any, image_meta: Any,
               injected_files: Any, admin_password: Any, allocations: Any,
@@ -340,28 +360,33 @@ class FTDriverMixin:
                  request: ft_request.FTRequest,
                  avoid: tuple[str, ...] = ()) -> None:
         primary = instance.host
+        unable = self._ft_unable()
+        if unable is not None:
+            # e.g. ft=true in its metadata, which the scheduler cannot see
+            LOG.warning('This host cannot protect the instance, which '
+                        'runs unprotected: %s', unable, instance=instance)
+            self._set_status(instance, f'{STATUS_HOST_UNABLE} ({unable})')
+            return
         try:
-            selection = self._select_secondary(context, instance,
-                                               image_meta, primary, avoid)
-        except nova_exception.NoValidHost as exc:
+            chosen = self._select_secondary(context, instance,
+                                            image_meta, primary, avoid)
+        except secondary_choice.NoSecondary as exc:
             self._degraded(instance, _one_line(exc))
             return
-        except Exception as exc:  # RPC timeout, scheduler down, ...
-            LOG.exception('Could not ask the scheduler for a secondary '
-                          'host', instance=instance)
+        except Exception as exc:  # Placement or the conductor down, ...
+            LOG.exception('Could not choose a secondary host through '
+                          'Placement', instance=instance)
             self._degraded(instance, _one_line(exc))
             return
 
         sysmeta = instance.system_metadata
-        sysmeta[SECONDARY_HOST] = selection.service_host
-        sysmeta[SECONDARY_NODE] = selection.nodename
+        sysmeta[SECONDARY_HOST] = chosen.host
+        sysmeta[SECONDARY_NODE] = chosen.node
         sysmeta[SECONDARY_CONSUMER] = secondary_consumer(instance.uuid)
         self._set_status(instance, STATUS_PROTECTING)
         LOG.info('Secondary host %s (node %s) holds resources for this '
-                 'instance', selection.service_host, selection.nodename,
-                 instance=instance)
-        self._protect_onto(context, instance, request,
-                           selection.service_host)
+                 'instance', chosen.host, chosen.node, instance=instance)
+        self._protect_onto(context, instance, request, chosen.host)
 
     def _protect_onto(self, context: Any, instance: Any,
                       request: ft_request.FTRequest,
@@ -383,26 +408,29 @@ class FTDriverMixin:
 
     def _select_secondary(self, context: Any, instance: Any,
                           image_meta: Any, primary: str,
-                          avoid: tuple[str, ...] = ()) -> Any:
-        """Ask nova-scheduler for a host other than ``primary``.
+                          avoid: tuple[str, ...] = ()
+                          ) -> secondary_choice.Chosen:
+        """Choose, through Placement, a host other than ``primary``.
 
-        Hosts in ``avoid`` are not chosen either. The scheduler claims
-        the flavor's resources there for :func:`secondary_consumer`.
-        Returns the ``Selection``.
+        Hosts in ``avoid`` are not chosen either. The flavor's resources
+        are claimed there for :func:`secondary_consumer`. No call to
+        nova-scheduler: a compute cannot reach it under cells v2's
+        superconductor topology.
         """
-        consumer = secondary_consumer(instance.uuid)
-        spec = request_spec_obj.RequestSpec.from_components(
-            context, consumer, image_meta, instance.flavor,
-            instance.numa_topology, instance.pci_requests,
-            {'ignore_hosts': [primary, *avoid]}, None,
-            instance.availability_zone,
-            project_id=instance.project_id, user_id=instance.user_id)
-        spec.is_bfv = compute_utils.is_volume_backed_instance(
-            context, instance)
-        selections = scheduler_query.SchedulerQueryClient(
-        ).select_destinations(context, spec, [consumer],
-                              return_objects=True, return_alternates=False)
-        return selections[0][0]
+        return secondary_placement.select(
+            context, instance, image_meta,
+            consumer=secondary_consumer(instance.uuid),
+            exclude=secondary_choice.excluded_hosts(primary, avoid))
+
+    def _ft_unable(self) -> Optional[str]:
+        """Why this host cannot protect FT servers, or None (see
+        :mod:`~mftvm_openstack.nova.steering`)."""
+        mib = self._ft_file_backed_mib
+        if mib is None:     # before init_host
+            mib = nova_conf.CONF.libvirt.file_backed_memory
+        return steering.why_not_capable(
+            file_backed_memory_mib=int(mib),
+            agent_answers=not self._ft_list_failing)
 
     # -- lifecycle: stop, start, reboot, moves ----------------------------
 

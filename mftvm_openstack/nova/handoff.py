@@ -86,7 +86,7 @@ the agent's instance process runs the restored domain and stops it),
 then LibvirtDriver's own ``destroy`` cleans up as for any server.
 
 Re-protection onto a third host follows (``[ft] reprotect_after_handoff``,
-on by default): the scheduler picks a new secondary as at spawn, never
+on by default): a new secondary is chosen as at spawn, never
 the old host, holds it under the same ``uuid5`` consumer, and the agent
 is told ``protect(..., secondary_host=...)``. (An agent with ``[agent]
 peers`` would re-protect on its own, outside Placement: leave ``peers``

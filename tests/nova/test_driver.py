@@ -23,9 +23,10 @@ from oslo_utils import importutils
 from testtools import content
 
 from mftvm_openstack.agent import exception as agent_exception
-from mftvm_openstack.nova import driver, virt_shim
+from mftvm_openstack.nova import driver, steering, virt_shim
 from tests.nova.test_extra_specs import api_paste_config
 
+FILE_BACKED_MIB = 8192
 FLAVOR = {'memory_mb': 512, 'vcpu': 1, 'disk': 1, 'ephemeral': 0}
 USAGE = {'VCPU': 1, 'MEMORY_MB': 512, 'DISK_GB': 1}
 NO_USAGE = {'VCPU': 0, 'MEMORY_MB': 0, 'DISK_GB': 0}
@@ -35,12 +36,21 @@ class FakeAgentAPI:
     """Stands for :class:`mftvm_openstack.agent.rpcapi.AgentAPI`.
 
     ``calls`` records ``(method, host, kwargs)``; ``fail[method]`` is an
-    exception to raise instead of answering.
+    exception to raise instead of answering. ``list``, which the
+    driver's watcher polls, is not recorded: it answers nothing running,
+    or raises ``PeerUnreachable`` for the hosts in ``silent``.
     """
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
         self.fail: dict[str, Exception] = {}
+        self.silent: set[str] = set()
+
+    def list(self, ctxt: Any, host: str) -> list[dict[str, Any]]:
+        if host in self.silent:
+            raise agent_exception.PeerUnreachable(host=host,
+                                                  reason='no answer')
+        return []
 
     def _call(self, method: str, host: str, **kwargs: Any) -> dict:
         self.calls.append((method, host, kwargs))
@@ -103,6 +113,9 @@ class FTDriverTestBase(base.ServersTestBase):
     microversion = 'latest'
     ADMIN_API = True
     HOSTS: tuple[str, ...] = ('host1', 'host2')
+    #: hosts started without ``[libvirt] file_backed_memory``: not
+    #: FT-capable
+    NOT_FT_HOSTS: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         self.shim = virt_shim.ensure_importable()
@@ -112,12 +125,23 @@ class FTDriverTestBase(base.ServersTestBase):
         self.useFixture(fixtures.MonkeyPatch(
             'mftvm_openstack.nova.driver.FTDriverMixin.agent_api_factory',
             staticmethod(lambda: self.agent)))
+        # FT-capable hosts (mftvm_openstack.nova.steering): the agent
+        # reads guest RAM from the domain's memory file
+        self.flags(file_backed_memory=FILE_BACKED_MIB, group='libvirt')
+        self.flags(ram_allocation_ratio=1.0, reserved_host_memory_mb=0)
         for host in self.HOSTS:
+            if host in self.NOT_FT_HOSTS:
+                # read by the driver in init_host: this host only
+                self.flags(file_backed_memory=0, group='libvirt')
             self.start_compute(host)
+            self.flags(file_backed_memory=FILE_BACKED_MIB, group='libvirt')
         self.flavor = self._create_flavor(name='mftvm.plain', **FLAVOR)
+        # as doc/admin.rst has operators make it: steered to FT hosts
         self.ft_flavor = self._create_flavor(
             name='mftvm.ft', extra_spec={'ft:enabled': 'true',
-                                      'ft:epoch_ms': '100'}, **FLAVOR)
+                                      'ft:epoch_ms': '100',
+                                      steering.FLAVOR_TRAIT_SPEC:
+                                          'required'}, **FLAVOR)
 
     def _setup_services(self) -> None:
         self.flags(api_paste_config=api_paste_config(), group='wsgi')

@@ -1,0 +1,268 @@
+"""The secondary chosen through Placement, and FT servers steered to FT
+hosts, in Nova's harness.
+
+Real API, conductor, scheduler and Placement; fake-libvirt computes
+running FTLibvirtDriver. ``SchedulerQueryClient.select_destinations``
+raises when called from this package (a compute cannot reach the
+scheduler under a superconductor), so every boot here proves that the
+secondary was chosen without it.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+from urllib import parse
+
+import fixtures
+from nova.scheduler.client import query as scheduler_query
+from nova.scheduler.client import report as scheduler_report
+
+import mftvm_openstack
+from mftvm_openstack.nova import driver, secondary_choice, steering
+from tests.nova import test_driver
+
+USAGE = test_driver.USAGE
+NO_USAGE = test_driver.NO_USAGE
+
+#: seconds to wait for the watcher's look and the trait to follow
+TRAIT_TIMEOUT = 15.0
+
+_PACKAGE_DIR = mftvm_openstack.__path__[0]
+
+
+class NoSchedulerFromCompute(fixtures.Fixture):
+    """``select_destinations`` raises when this package calls it.
+
+    ``calls`` counts the calls that went through (the conductor's, for
+    the primaries); ``from_here`` the refused ones.
+    """
+
+    def _setUp(self) -> None:
+        self.calls = 0
+        self.from_here = 0
+        original = scheduler_query.SchedulerQueryClient.select_destinations
+
+        def guarded(client: Any, *args: Any, **kwargs: Any) -> Any:
+            if any(frame.filename.startswith(_PACKAGE_DIR)
+                   for frame in traceback.extract_stack()):
+                self.from_here += 1
+                raise AssertionError('select_destinations called from '
+                                     'mftvm_openstack (a compute)')
+            self.calls += 1
+            return original(client, *args, **kwargs)
+
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova.scheduler.client.query.SchedulerQueryClient.'
+            'select_destinations', guarded))
+
+
+def _asks_for_ft_root(resources: Any) -> bool:
+    """The allocation candidates query is the driver's (FT trait on the
+    root provider), not the scheduler's for the primary."""
+    query = parse.parse_qs(resources.to_querystring())
+    return any(steering.TRAIT in value.split(',')
+               for value in query.get('root_required', []))
+
+
+class PlacementChoiceBase(test_driver.FTDriverTestBase):
+
+    def setUp(self) -> None:
+        self.no_scheduler = self.useFixture(NoSchedulerFromCompute())
+        super().setUp()
+
+    def _traits(self, host: str) -> list[str]:
+        return self._get_provider_traits(self.compute_rp_uuids[host])
+
+    def _assert_no_scheduler_from_compute(self, servers: int) -> None:
+        self.assertEqual(0, self.no_scheduler.from_here)
+        self.assertEqual(servers, self.no_scheduler.calls)
+
+
+class TestChoice(PlacementChoiceBase):
+
+    def test_other_host_through_placement(self) -> None:
+        server = self._boot(self.ft_flavor)
+        primary = server['OS-EXT-SRV-ATTR:host']
+        secondary = self._other(primary)
+        sysmeta = self._sysmeta(server)
+        self.assertEqual('protected', sysmeta[driver.STATUS])
+        self.assertEqual(secondary, sysmeta[driver.SECONDARY_HOST])
+        self.assertEqual(secondary, sysmeta[driver.SECONDARY_NODE])
+        allocs = self._get_allocations_by_server_uuid(
+            driver.secondary_consumer(server['id']))
+        self.assertEqual({self.compute_rp_uuids[secondary]: USAGE},
+                         {rp: a['resources'] for rp, a in allocs.items()})
+        self.assertEqual([secondary], [kw['secondary_host'] for _, kw in
+                                       self.agent.of('protect')])
+        self._assert_no_scheduler_from_compute(servers=1)
+
+        self._delete_server(server)
+        self.assertEqual({h: NO_USAGE for h in self.HOSTS}, self._usages())
+
+    def test_trait_on_ft_capable_hosts(self) -> None:
+        for host in self.HOSTS:
+            self.assertIn(steering.TRAIT, self._traits(host))
+
+
+class TestClaimRace(PlacementChoiceBase):
+    """Another claim takes the first candidate between the question and
+    the claim: the next one is claimed."""
+
+    HOSTS = ('host1', 'host2', 'host3')
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.taken: list[str] = []
+        self.claims: list[str] = []
+        original = scheduler_report.SchedulerReportClient.\
+            get_allocation_candidates
+        put = scheduler_report.SchedulerReportClient.put_allocations
+
+        def racing(client: Any, context: Any, resources: Any) -> Any:
+            answer = original(client, context, resources)
+            if self.taken or not _asks_for_ft_root(resources):
+                return answer
+            requests, summaries, _version = answer
+            first = secondary_choice.rank(requests, summaries)[0].provider
+            self.taken.append(first)
+            # all its memory (allocation ratio 1: capacity is max_unit)
+            memory = summaries[first]['resources']['MEMORY_MB']
+            self.placement.put(
+                '/allocations/' + RACER,
+                {'allocations': {first: {'resources': {
+                    'MEMORY_MB': memory['capacity'] - memory['used']}}},
+                 'project_id': 'racer', 'user_id': 'racer',
+                 'consumer_generation': None}, version='1.28')
+            return answer
+
+        def recorded(client: Any, context: Any, consumer: str,
+                     payload: dict) -> Any:
+            self.claims.extend(payload['allocations'])
+            return put(client, context, consumer, payload)
+
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova.scheduler.client.report.SchedulerReportClient.'
+            'get_allocation_candidates', racing))
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova.scheduler.client.report.SchedulerReportClient.'
+            'put_allocations', recorded))
+
+    def test_claim_conflict_moves_to_next_candidate(self) -> None:
+        server = self._boot(self.flavor, {'ft': 'true'})
+        primary = server['OS-EXT-SRV-ATTR:host']
+        hosts = {rp: h for h, rp in self.compute_rp_uuids.items()}
+        (taken,) = [hosts[rp] for rp in self.taken]
+        self.assertNotEqual(primary, taken)
+        (other,) = set(self.HOSTS) - {primary, taken}
+        sysmeta = self._sysmeta(server)
+        self.assertEqual('protected', sysmeta[driver.STATUS])
+        self.assertEqual(other, sysmeta[driver.SECONDARY_HOST])
+        # the taken host was claimed first, and refused
+        self.assertEqual([taken, other], [hosts[rp] for rp in self.claims])
+        allocs = self._get_allocations_by_server_uuid(
+            driver.secondary_consumer(server['id']))
+        self.assertEqual([self.compute_rp_uuids[other]], list(allocs))
+        self._assert_no_scheduler_from_compute(servers=1)
+
+
+RACER = '5b2e1c6a-0a53-4a0e-9d43-6f0c9d7b1a11'
+
+
+class TestNoCandidate(PlacementChoiceBase):
+    """host2 is not FT-capable: nothing to hold a secondary."""
+
+    NOT_FT_HOSTS = ('host2',)
+
+    def test_trait_only_on_ft_capable_hosts(self) -> None:
+        self.assertIn(steering.TRAIT, self._traits('host1'))
+        self.assertNotIn(steering.TRAIT, self._traits('host2'))
+
+    def test_no_candidate_says_so(self) -> None:
+        server = self._boot(self.ft_flavor)
+        self.assertEqual('host1', server['OS-EXT-SRV-ATTR:host'])
+        status = server['metadata'][driver.STATUS]
+        self.assertEqual('unprotected: no secondary host (no other '
+                         'FT-capable host has room)', status)
+        sysmeta = self._sysmeta(server)
+        self.assertEqual(status, sysmeta[driver.STATUS])
+        self.assertNotIn(driver.SECONDARY_HOST, sysmeta)
+        self.assertEqual({'host1': USAGE, 'host2': NO_USAGE},
+                         self._usages())
+        self.assertEqual([], self.agent.calls)
+        self._assert_no_scheduler_from_compute(servers=1)
+
+
+class TestSteering(PlacementChoiceBase):
+    """host1 FT-capable but disabled; host2 has room but is not
+    FT-capable."""
+
+    NOT_FT_HOSTS = ('host2',)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self._host1_status('disabled')
+
+    def _host1_status(self, status: str) -> None:
+        (service,) = self.admin_api.get_services(binary='nova-compute',
+                                                 host='host1')
+        self.admin_api.put_service(service['id'], {'status': status})
+
+    def test_ft_flavor_never_lands_on_a_non_ft_host(self) -> None:
+        server = self._boot(self.ft_flavor, expected_state='ERROR')
+        self.assertIn('No valid host', server['fault']['message'])
+        self.assertEqual({h: NO_USAGE for h in self.HOSTS}, self._usages())
+        # while a plain server goes there
+        plain = self._boot(self.flavor)
+        self.assertEqual('host2', plain['OS-EXT-SRV-ATTR:host'])
+        # and the FT flavor to the FT host, once it takes servers again
+        self._host1_status('enabled')
+        server = self._boot(self.ft_flavor)
+        self.assertEqual('host1', server['OS-EXT-SRV-ATTR:host'])
+
+    def test_ft_metadata_on_a_non_ft_host_says_why(self) -> None:
+        server = self._boot(self.flavor, {'ft': 'true'})
+        self.assertEqual('host2', server['OS-EXT-SRV-ATTR:host'])
+        status = server['metadata'][driver.STATUS]
+        self.assertEqual('unprotected: this host cannot protect ([libvirt] '
+                         'file_backed_memory is not set in its nova.conf)',
+                         status)
+        self.assertEqual(status, self._sysmeta(server)[driver.STATUS])
+        self.assertNotIn(driver.SECONDARY_HOST, self._sysmeta(server))
+        self.assertEqual({'host1': NO_USAGE, 'host2': USAGE},
+                         self._usages())
+        self.assertEqual([], self.agent.calls)
+
+
+class TestTraitFollowsTheAgent(PlacementChoiceBase):
+    """The trait goes while the local agent does not answer."""
+
+    def setUp(self) -> None:
+        # before the computes start: the watcher reads it in init_host
+        self.useFixture(fixtures.MonkeyPatch(
+            'mftvm_openstack.nova.driver.FTDriverMixin.handoff_interval',
+            0.1))
+        super().setUp()
+
+    def _wait_for_trait(self, host: str, present: bool) -> None:
+        start = time.monotonic()
+        while (steering.TRAIT in self._traits(host)) != present:
+            if time.monotonic() - start > TRAIT_TIMEOUT:
+                self.fail(f'trait on {host} still {not present} after '
+                          f'{TRAIT_TIMEOUT} s')
+            time.sleep(0.1)
+            self._run_periodics()
+
+    def test_silent_agent_drops_the_trait(self) -> None:
+        self.agent.silent.add('host2')
+        self._wait_for_trait('host2', present=False)
+        self.assertIn(steering.TRAIT, self._traits('host1'))
+        # no secondary there now
+        server = self._boot(self.ft_flavor)
+        self.assertEqual('host1', server['OS-EXT-SRV-ATTR:host'])
+        self.assertTrue(server['metadata'][driver.STATUS].startswith(
+            'unprotected: no secondary host'))
+
+        self.agent.silent.clear()
+        self._wait_for_trait('host2', present=True)
