@@ -35,3 +35,29 @@ class LightImportTest(unittest.TestCase):
         out = subprocess.run([sys.executable, '-c', _LIGHT],
                              capture_output=True, text=True, check=True)
         self.assertEqual('', out.stdout.strip())
+
+
+_SCHEDULER = textwrap.dedent('''
+    import sys
+    from nova.scheduler import filters
+    before = set(sys.modules)
+    import mftvm_openstack.nova.scheduler_filter
+    added = set(sys.modules) - before
+    heavy = sorted(m for m in added
+                   if m.split('.')[0] in ('numpy', 'qemu', 'libvirt')
+                   or m.startswith(('mftvm_openstack.ft',
+                                    'mftvm_openstack.agent',
+                                    'mftvm_openstack.nova.driver',
+                                    'nova.virt.libvirt')))
+    print(','.join(heavy))
+''')
+
+
+class SchedulerFilterImportTest(unittest.TestCase):
+
+    def test_filter_imports_no_driver_nor_engine(self):
+        # nova-scheduler loads FTHostFilter: it must not pull in the
+        # compute driver (libvirt) nor the agent or the engine
+        out = subprocess.run([sys.executable, '-c', _SCHEDULER],
+                             capture_output=True, text=True, check=True)
+        self.assertEqual('', out.stdout.strip())

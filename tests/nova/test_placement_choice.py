@@ -10,17 +10,26 @@ secondary was chosen without it.
 
 from __future__ import annotations
 
+import doctest
 import time
 import traceback
+import types
 from typing import Any
+from unittest import mock
 from urllib import parse
 
 import fixtures
+import testtools
 from nova.scheduler.client import query as scheduler_query
 from nova.scheduler.client import report as scheduler_report
 
 import mftvm_openstack
-from mftvm_openstack.nova import driver, secondary_choice, steering
+from mftvm_openstack.nova import (
+    driver,
+    scheduler_filter,
+    secondary_choice,
+    steering,
+)
 from tests.nova import test_driver
 
 USAGE = test_driver.USAGE
@@ -194,7 +203,7 @@ class TestNoCandidate(PlacementChoiceBase):
         self._assert_no_scheduler_from_compute(servers=1)
 
 
-class TestSteering(PlacementChoiceBase):
+class SteeringBase(PlacementChoiceBase):
     """host1 FT-capable but disabled; host2 has room but is not
     FT-capable."""
 
@@ -203,11 +212,18 @@ class TestSteering(PlacementChoiceBase):
     def setUp(self) -> None:
         super().setUp()
         self._host1_status('disabled')
+        # an FT flavor whose operator forgot the trait
+        self.untraited_flavor = self._create_flavor(
+            name='mftvm.ft-untraited', extra_spec={'ft:enabled': 'true'},
+            **test_driver.FLAVOR)
 
     def _host1_status(self, status: str) -> None:
         (service,) = self.admin_api.get_services(binary='nova-compute',
                                                  host='host1')
         self.admin_api.put_service(service['id'], {'status': status})
+
+
+class TestSteering(SteeringBase):
 
     def test_ft_flavor_never_lands_on_a_non_ft_host(self) -> None:
         server = self._boot(self.ft_flavor, expected_state='ERROR')
@@ -220,6 +236,14 @@ class TestSteering(PlacementChoiceBase):
         self._host1_status('enabled')
         server = self._boot(self.ft_flavor)
         self.assertEqual('host1', server['OS-EXT-SRV-ATTR:host'])
+
+    def test_untraited_ft_flavor_on_a_non_ft_host_says_why(self) -> None:
+        # without FTHostFilter nothing keeps it off host2
+        server = self._boot(self.untraited_flavor)
+        self.assertEqual('host2', server['OS-EXT-SRV-ATTR:host'])
+        self.assertTrue(server['metadata'][driver.STATUS].startswith(
+            'unprotected: this host cannot protect ('))
+        self.assertEqual([], self.agent.calls)
 
     def test_ft_metadata_on_a_non_ft_host_says_why(self) -> None:
         server = self._boot(self.flavor, {'ft': 'true'})
@@ -266,3 +290,69 @@ class TestTraitFollowsTheAgent(PlacementChoiceBase):
 
         self.agent.silent.clear()
         self._wait_for_trait('host2', present=True)
+
+
+class TestSteeringFilter(SteeringBase):
+    """FTHostFilter enabled in nova-scheduler."""
+
+    ADDITIONAL_FILTERS = ['FTHostFilter']
+
+    def _setup_scheduler_service(self) -> Any:
+        self.flags(available_filters=[
+            'nova.scheduler.filters.all_filters',
+            'mftvm_openstack.nova.scheduler_filter.FTHostFilter'],
+            group='filter_scheduler')
+        return super()._setup_scheduler_service()
+
+    def test_untraited_ft_flavor_never_lands_on_a_non_ft_host(self) -> None:
+        server = self._boot(self.untraited_flavor, expected_state='ERROR')
+        self.assertIn('No valid host', server['fault']['message'])
+        self.assertEqual({h: NO_USAGE for h in self.HOSTS}, self._usages())
+        plain = self._boot(self.flavor)
+        self.assertEqual('host2', plain['OS-EXT-SRV-ATTR:host'])
+        self._host1_status('enabled')
+        server = self._boot(self.untraited_flavor)
+        self.assertEqual('host1', server['OS-EXT-SRV-ATTR:host'])
+
+
+class TestFilterAlone(testtools.TestCase):
+    """FTHostFilter's decisions, Placement replaced."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.placement = mock.Mock()
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova.scheduler.client.report.report_client_singleton',
+            lambda: self.placement))
+        self.host = types.SimpleNamespace(host='hv1', uuid='rp-hv1')
+
+    def passes(self, extra_specs: dict) -> bool:
+        spec = types.SimpleNamespace(flavor=types.SimpleNamespace(
+            name='f', extra_specs=extra_specs))
+        return scheduler_filter.FTHostFilter().host_passes(self.host, spec)
+
+    def test_doctests(self) -> None:
+        result = doctest.testmod(scheduler_filter)
+        self.assertGreater(result.attempted, 0)
+        self.assertEqual(0, result.failed)
+
+    def test_no_placement_call_unless_needed(self) -> None:
+        for specs in ({}, {'ft:enabled': 'false'},
+                      {'ft:enabled': 'true',
+                       steering.FLAVOR_TRAIT_SPEC: 'required'}):
+            self.assertTrue(self.passes(specs), specs)
+        self.placement.get_provider_traits.assert_not_called()
+
+    def test_host_traits_decide(self) -> None:
+        traits = self.placement.get_provider_traits.return_value
+        traits.traits = {'COMPUTE_NODE', steering.TRAIT}
+        self.assertTrue(self.passes({'ft:enabled': 'true'}))
+        traits.traits = {'COMPUTE_NODE'}
+        self.assertFalse(self.passes({'ft:enabled': 'yes'}))
+        self.assertFalse(self.passes({'ft:enabled': 'maybe'}))
+        self.assertEqual('rp-hv1',
+                         self.placement.get_provider_traits.call_args[0][1])
+
+    def test_placement_failure_leaves_the_host_out(self) -> None:
+        self.placement.get_provider_traits.side_effect = RuntimeError('x')
+        self.assertFalse(self.passes({'ft:enabled': 'true'}))
