@@ -571,12 +571,18 @@ class FTDriverMixin:
         consumer = instance.system_metadata.get(
             SECONDARY_CONSUMER) or secondary_consumer(instance.uuid)
         try:
-            allocs = scheduler_report.report_client_singleton(
-            ).get_allocs_for_consumer(context, consumer)
+            placement = scheduler_report.report_client_singleton()
+            allocs = placement.get_allocs_for_consumer(context, consumer)
             if not allocs.get('allocations'):
                 return 'its allocation is gone'
             service = service_obj.Service.get_by_compute_host(
                 context, secondary)
+            # its compute node provider carries the trait while it can
+            # protect (mftvm_openstack.nova.steering)
+            capable = any(
+                steering.TRAIT in placement.get_provider_traits(
+                    context, provider).traits
+                for provider in allocs['allocations'])
         except nova_exception.ComputeHostNotFound:
             return 'its host is gone'
         except Exception as exc:
@@ -589,6 +595,8 @@ class FTDriverMixin:
             return 'its compute service is disabled'
         if not servicegroup_api.API().service_is_up(service):
             return 'its compute service is down'
+        if not capable:
+            return 'its host can no longer protect'
         return None
 
     def _degraded(self, instance: Any, reason: str) -> None:

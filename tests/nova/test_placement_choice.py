@@ -30,7 +30,7 @@ from mftvm_openstack.nova import (
     secondary_choice,
     steering,
 )
-from tests.nova import test_driver
+from tests.nova import test_driver, test_lifecycle
 
 USAGE = test_driver.USAGE
 NO_USAGE = test_driver.NO_USAGE
@@ -73,6 +73,18 @@ def _asks_for_ft_root(resources: Any) -> bool:
     query = parse.parse_qs(resources.to_querystring())
     return any(steering.TRAIT in value.split(',')
                for value in query.get('root_required', []))
+
+
+def wait_for_trait(test: Any, host: str, present: bool) -> None:
+    """Run the resource updates until ``host`` has the FT trait (or
+    not), as the watcher's looks at its agent decide."""
+    start = time.monotonic()
+    while (steering.TRAIT in test._traits(host)) != present:
+        if time.monotonic() - start > TRAIT_TIMEOUT:
+            test.fail(f'trait on {host} still {not present} after '
+                      f'{TRAIT_TIMEOUT} s')
+        time.sleep(0.1)
+        test._run_periodics()
 
 
 class PlacementChoiceBase(test_driver.FTDriverTestBase):
@@ -269,18 +281,9 @@ class TestTraitFollowsTheAgent(PlacementChoiceBase):
             0.1))
         super().setUp()
 
-    def _wait_for_trait(self, host: str, present: bool) -> None:
-        start = time.monotonic()
-        while (steering.TRAIT in self._traits(host)) != present:
-            if time.monotonic() - start > TRAIT_TIMEOUT:
-                self.fail(f'trait on {host} still {not present} after '
-                          f'{TRAIT_TIMEOUT} s')
-            time.sleep(0.1)
-            self._run_periodics()
-
     def test_silent_agent_drops_the_trait(self) -> None:
         self.agent.silent.add('host2')
-        self._wait_for_trait('host2', present=False)
+        wait_for_trait(self, 'host2', present=False)
         self.assertIn(steering.TRAIT, self._traits('host1'))
         # no secondary there now
         server = self._boot(self.ft_flavor)
@@ -289,7 +292,7 @@ class TestTraitFollowsTheAgent(PlacementChoiceBase):
             'unprotected: no secondary host'))
 
         self.agent.silent.clear()
-        self._wait_for_trait('host2', present=True)
+        wait_for_trait(self, 'host2', present=True)
 
 
 class TestSteeringFilter(SteeringBase):
@@ -356,3 +359,40 @@ class TestFilterAlone(testtools.TestCase):
     def test_placement_failure_leaves_the_host_out(self) -> None:
         self.placement.get_provider_traits.side_effect = RuntimeError('x')
         self.assertFalse(self.passes({'ft:enabled': 'true'}))
+
+
+class TestStartLeavesASecondaryThatCannotProtect(PlacementChoiceBase):
+    """A stopped FT server's secondary host loses the trait (its agent
+    went silent): the start chooses the third host."""
+
+    HOSTS = ('host1', 'host2', 'host3')
+
+    def setUp(self) -> None:
+        # before the computes start: the watcher reads it in init_host
+        self.useFixture(fixtures.MonkeyPatch(
+            'mftvm_openstack.nova.driver.FTDriverMixin.handoff_interval',
+            0.1))
+        super().setUp()
+        self.agent = test_lifecycle.LifecycleAgentAPI()
+        for compute in self.computes.values():
+            compute.driver._ft_agent_api = self.agent
+
+    def test_start_moves_the_secondary_off_a_host_that_cannot_protect(
+            self) -> None:
+        server = self._boot(self.ft_flavor)
+        primary = server['OS-EXT-SRV-ATTR:host']
+        secondary = self._sysmeta(server)[driver.SECONDARY_HOST]
+        (third,) = set(self.HOSTS) - {primary, secondary}
+        server = self._stop_server(server)
+
+        self.agent.silent.add(secondary)
+        wait_for_trait(self, secondary, present=False)
+        self.agent.calls.clear()
+        server = self._start_server(server)
+        self.assertEqual(third, self._sysmeta(server)[driver.SECONDARY_HOST])
+        self.assertEqual([third], [kw['secondary_host'] for _, kw in
+                                   self.agent.of('protect')])
+        allocs = self._get_allocations_by_server_uuid(
+            driver.secondary_consumer(server['id']))
+        self.assertEqual([self.compute_rp_uuids[third]], list(allocs))
+        self.assertEqual(NO_USAGE, self._usages()[secondary])
