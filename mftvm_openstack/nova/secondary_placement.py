@@ -112,7 +112,8 @@ def select(context: Any, instance: Any, image_meta: Any, consumer: str,
         context, resource_request(context, instance, image_meta))
     if not answer or answer[0] is None:
         # the report client logged Placement's answer
-        raise NoSecondary('Placement did not answer with candidates')
+        raise NoSecondary('Placement gave no allocation candidates (its '
+                          'answer is in this nova-compute\'s log)')
     allocation_requests, provider_summaries, _version = answer
 
     def claim(candidate: Candidate) -> bool:

@@ -396,3 +396,60 @@ class TestStartLeavesASecondaryThatCannotProtect(PlacementChoiceBase):
             driver.secondary_consumer(server['id']))
         self.assertEqual([self.compute_rp_uuids[third]], list(allocs))
         self.assertEqual(NO_USAGE, self._usages()[secondary])
+
+
+class TestPlacementFaults(PlacementChoiceBase):
+    """Placement failing the driver: the server runs on, saying why."""
+
+    def _fail_candidates(self) -> None:
+        original = scheduler_report.SchedulerReportClient.\
+            get_allocation_candidates
+
+        def failing(client: Any, context: Any, resources: Any) -> Any:
+            if _asks_for_ft_root(resources):
+                return None, None, None     # what it gives on an error
+            return original(client, context, resources)
+
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova.scheduler.client.report.SchedulerReportClient.'
+            'get_allocation_candidates', failing))
+
+    def test_no_candidates_answer(self) -> None:
+        self._fail_candidates()
+        server = self._boot(self.ft_flavor)
+        self.assertEqual(
+            'unprotected: no secondary host (Placement gave no allocation '
+            'candidates (its answer is in this nova-compute\'s log))',
+            server['metadata'][driver.STATUS])
+        primary = server['OS-EXT-SRV-ATTR:host']
+        self.assertEqual({primary: USAGE, self._other(primary): NO_USAGE},
+                         self._usages())
+        self.assertEqual([], self.agent.calls)
+
+    def test_consumer_already_holding_is_not_added_to(self) -> None:
+        # a leftover allocation of the secondary's consumer (a release
+        # that failed): the claim does not double it up
+        put = scheduler_report.SchedulerReportClient.put_allocations
+        leftover: list[str] = []
+
+        def leftover_first(client: Any, context: Any, consumer: str,
+                           payload: dict) -> Any:
+            if not leftover:
+                leftover.append(consumer)
+                assert put(client, context, consumer, payload)
+            return put(client, context, consumer, payload)
+
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova.scheduler.client.report.SchedulerReportClient.'
+            'put_allocations', leftover_first))
+        server = self._boot(self.ft_flavor)
+        consumer = driver.secondary_consumer(server['id'])
+        self.assertEqual([consumer], leftover)
+        self.assertEqual(
+            f'unprotected: no secondary host (its Placement consumer '
+            f'{consumer} already holds an allocation)',
+            server['metadata'][driver.STATUS])
+        # the leftover, once, not twice
+        allocs = self._get_allocations_by_server_uuid(consumer)
+        self.assertEqual([USAGE], [a['resources'] for a in allocs.values()])
+        self.assertEqual([], self.agent.calls)
