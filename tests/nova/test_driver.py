@@ -5,27 +5,34 @@ Real API, conductor, scheduler and Placement; fake-libvirt computes
 mftvm.FTLibvirtDriver``, loaded by Nova itself through the
 ``nova.virt.mftvm`` shim (:mod:`mftvm_openstack.nova.virt_shim`). The
 agents are a :class:`FakeAgentAPI` that records calls, installed as the
-driver's ``agent_api_factory``.
+driver's ``agent_api_factory``. Every test here refuses
+``select_destinations`` called from this package
+(:class:`NoSchedulerFromCompute`): under cells v2's superconductor a
+compute cannot reach nova-scheduler.
 """
 
 from __future__ import annotations
 
 import doctest
 import os
+import traceback
 from typing import Any
 
 import fixtures
 import nova.context as nova_context
 import nova.objects.instance as instance_obj
 import testtools
+from nova.scheduler.client import query as scheduler_query
 from nova.tests.functional.libvirt import base
 from oslo_utils import importutils
 from testtools import content
 
+import mftvm_openstack
 from mftvm_openstack.agent import exception as agent_exception
 from mftvm_openstack.nova import driver, steering, virt_shim
 from tests.nova.test_extra_specs import api_paste_config
 
+_PACKAGE_DIR = mftvm_openstack.__path__[0]
 FILE_BACKED_MIB = 8192
 FLAVOR = {'memory_mb': 512, 'vcpu': 1, 'disk': 1, 'ephemeral': 0}
 USAGE = {'VCPU': 1, 'MEMORY_MB': 512, 'DISK_GB': 1}
@@ -68,6 +75,33 @@ class FakeAgentAPI:
 
     def of(self, method: str) -> list[tuple[str, dict[str, Any]]]:
         return [(h, kw) for m, h, kw in self.calls if m == method]
+
+
+class NoSchedulerFromCompute(fixtures.Fixture):
+    """``select_destinations`` raises when this package calls it.
+
+    ``calls`` counts the calls that went through (the conductor's, for
+    the primaries); ``from_here`` the refused ones.
+    """
+
+    def _setUp(self) -> None:
+        self.calls = 0
+        self.from_here = 0
+        original = scheduler_query.SchedulerQueryClient.select_destinations
+
+        def guarded(client: Any, *args: Any, **kwargs: Any) -> Any:
+            if any(frame.filename.startswith(_PACKAGE_DIR)
+                   for frame in traceback.extract_stack()):
+                self.from_here += 1
+                raise AssertionError('select_destinations called from '
+                                     'mftvm_openstack (a compute)')
+            self.calls += 1
+            return original(client, *args, **kwargs)
+
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova.scheduler.client.query.SchedulerQueryClient.'
+            'select_destinations', guarded))
+
 
 
 class TestDocstrings(testtools.TestCase):
@@ -119,6 +153,9 @@ class FTDriverTestBase(base.ServersTestBase):
 
     def setUp(self) -> None:
         self.shim = virt_shim.ensure_importable()
+        # no compute may call nova-scheduler (superconductor): every
+        # secondary here is chosen through Placement
+        self.no_scheduler = self.useFixture(NoSchedulerFromCompute())
         super().setUp()
         self.addDetail('shim', content.text_content(self.shim))
         self.agent = FakeAgentAPI()

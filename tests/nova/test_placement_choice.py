@@ -4,15 +4,14 @@ hosts, in Nova's harness.
 Real API, conductor, scheduler and Placement; fake-libvirt computes
 running FTLibvirtDriver. ``SchedulerQueryClient.select_destinations``
 raises when called from this package (a compute cannot reach the
-scheduler under a superconductor), so every boot here proves that the
-secondary was chosen without it.
+scheduler under a superconductor: ``test_driver.NoSchedulerFromCompute``),
+so every boot here proves that the secondary was chosen without it.
 """
 
 from __future__ import annotations
 
 import doctest
 import time
-import traceback
 import types
 from typing import Any
 from unittest import mock
@@ -20,10 +19,8 @@ from urllib import parse
 
 import fixtures
 import testtools
-from nova.scheduler.client import query as scheduler_query
 from nova.scheduler.client import report as scheduler_report
 
-import mftvm_openstack
 from mftvm_openstack.nova import (
     driver,
     scheduler_filter,
@@ -37,34 +34,6 @@ NO_USAGE = test_driver.NO_USAGE
 
 #: seconds to wait for the watcher's look and the trait to follow
 TRAIT_TIMEOUT = 15.0
-
-_PACKAGE_DIR = mftvm_openstack.__path__[0]
-
-
-class NoSchedulerFromCompute(fixtures.Fixture):
-    """``select_destinations`` raises when this package calls it.
-
-    ``calls`` counts the calls that went through (the conductor's, for
-    the primaries); ``from_here`` the refused ones.
-    """
-
-    def _setUp(self) -> None:
-        self.calls = 0
-        self.from_here = 0
-        original = scheduler_query.SchedulerQueryClient.select_destinations
-
-        def guarded(client: Any, *args: Any, **kwargs: Any) -> Any:
-            if any(frame.filename.startswith(_PACKAGE_DIR)
-                   for frame in traceback.extract_stack()):
-                self.from_here += 1
-                raise AssertionError('select_destinations called from '
-                                     'mftvm_openstack (a compute)')
-            self.calls += 1
-            return original(client, *args, **kwargs)
-
-        self.useFixture(fixtures.MonkeyPatch(
-            'nova.scheduler.client.query.SchedulerQueryClient.'
-            'select_destinations', guarded))
 
 
 def _asks_for_ft_root(resources: Any) -> bool:
@@ -88,10 +57,6 @@ def wait_for_trait(test: Any, host: str, present: bool) -> None:
 
 
 class PlacementChoiceBase(test_driver.FTDriverTestBase):
-
-    def setUp(self) -> None:
-        self.no_scheduler = self.useFixture(NoSchedulerFromCompute())
-        super().setUp()
 
     def _traits(self, host: str) -> list[str]:
         return self._get_provider_traits(self.compute_rp_uuids[host])
