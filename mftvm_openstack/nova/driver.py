@@ -11,9 +11,12 @@ A server that does not ask for fault tolerance is left to
 host among Placement's candidates and holds it there
 (:mod:`~mftvm_openstack.nova.secondary_placement`), and tells the agents
 to protect the guest; stop, start, reboot and destroy keep the agents in
-step, and moves are refused. The design (how the secondary is chosen and
-held, what each operation does, why) is in ``doc/nova-driver.rst``; what
-operators and tenants see is in ``doc/admin.rst``.
+step, and moves are refused, as is what cannot be protected yet
+(volumes, extra disks and ports:
+:mod:`~mftvm_openstack.nova.protectable`). The design (how the secondary
+is chosen and held, what each operation does, why) is in
+``doc/nova-driver.rst``; what operators and tenants see is in
+``doc/admin.rst``.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
+import nova.compute.vm_states as vm_states
 import nova.conf as nova_conf
 import nova.context as nova_context
 import nova.exception as nova_exception
 import nova.objects.instance as instance_obj
 import nova.objects.service as service_obj
+import nova.virt.configdrive as configdrive
+import nova.virt.driver as virt_driver
 from nova.network import neutron as neutron_api
 from nova.scheduler.client import report as scheduler_report
 from nova.servicegroup import api as servicegroup_api
@@ -40,6 +46,7 @@ from mftvm_openstack.contract.states import State
 from mftvm_openstack.nova import (
     ft_request,
     handoff,
+    protectable,
     secondary_choice,
     secondary_placement,
     steering,
@@ -191,13 +198,18 @@ class FTDriverMixin:
               network_info: Any = None, block_device_info: Any = None,
               power_on: bool = True, accel_info: Any = None) -> None:
         request = self._ft_request(instance)
+        if request.enabled:
+            self._refuse_unprotectable_build(instance, block_device_info,
+                                             network_info)
         super().spawn(  # type: ignore[misc]
             context, instance, image_meta, injected_files, admin_password,
             allocations, network_info=network_info,
             block_device_info=block_device_info, power_on=power_on,
             accel_info=accel_info)
         if request.enabled:
-            self._protect(context, instance, image_meta, request)
+            self._protect(context, instance, image_meta, request,
+                          block_device_info=block_device_info,
+                          network_info=network_info)
 
     def destroy(self, context: Any, instance: Any, network_info: Any,
                 block_device_info: Any = None, destroy_disks: bool = True,
@@ -339,6 +351,43 @@ class FTDriverMixin:
             context, instance, dest_check_data,
             block_device_info=block_device_info)
 
+    # Disks and ports cannot be added to a server that asks for FT (see
+    # mftvm_openstack.nova.protectable). Each refusal sits at the first
+    # driver call of Nova's operation, before anything changes.
+
+    def get_device_name_for_instance(self, instance: Any, bdms: Any,
+                                     block_device_obj: Any) -> Any:
+        # a volume attach's reserve_block_device_name (an RPC call: the
+        # API answers 400 with the reason): its new mapping is not saved
+        # yet; the build's and rebuild's mappings are
+        if (getattr(block_device_obj, 'source_type', None) == 'volume' and
+                not block_device_obj.obj_attr_is_set('id')):
+            self._refuse_change(instance, protectable.ATTACH_VOLUME,
+                                nova_exception.InvalidVolume)
+        return super().get_device_name_for_instance(  # type: ignore[misc]
+            instance, bdms, block_device_obj)
+
+    def network_binding_host_id(self, context: Any, instance: Any) -> Any:
+        # the first driver call of attach_interface (an RPC call: the API
+        # answers 400 with the reason), before any port is touched; a
+        # build's (vm_state building) goes on: spawn judges the ports
+        if getattr(instance, 'vm_state', None) != vm_states.BUILDING:
+            self._refuse_change(instance, protectable.ATTACH_INTERFACE,
+                                nova_exception.AttachInterfaceNotSupported)
+        return super().network_binding_host_id(  # type: ignore[misc]
+            context, instance)
+
+    def swap_volume(self, context: Any, old_connection_info: Any,
+                    new_connection_info: Any, instance: Any,
+                    mountpoint: str, resize_to: int) -> None:
+        # a cast: Nova rolls Cinder's attachments back, the guest is
+        # untouched, the reason is the instance fault
+        self._refuse_change(instance, protectable.SWAP_VOLUME,
+                            nova_exception.InvalidVolume)
+        super().swap_volume(  # type: ignore[misc]
+            context, old_connection_info, new_connection_info, instance,
+            mountpoint, resize_to)
+
     # -- FT --------------------------------------------------------------
 
     @property
@@ -358,8 +407,15 @@ class FTDriverMixin:
 
     def _protect(self, context: Any, instance: Any, image_meta: Any,
                  request: ft_request.FTRequest,
-                 avoid: tuple[str, ...] = ()) -> None:
+                 avoid: tuple[str, ...] = (),
+                 block_device_info: Any = None,
+                 network_info: Any = None) -> None:
         primary = instance.host
+        cannot = self._ft_cannot_protect(instance, block_device_info,
+                                         network_info)
+        if cannot is not None:
+            self._ft_unprotectable(instance, cannot)
+            return
         unable = self._ft_unable()
         if unable is not None:
             # e.g. ft=true in its metadata, which the scheduler cannot see
@@ -421,6 +477,57 @@ class FTDriverMixin:
             context, instance, image_meta,
             consumer=secondary_consumer(instance.uuid),
             exclude=secondary_choice.excluded_hosts(primary, avoid))
+
+    # -- what cannot be protected (mftvm_openstack.nova.protectable) -----
+
+    @staticmethod
+    def _ft_cannot_protect(instance: Any, block_device_info: Any = None,
+                           network_info: Any = None) -> Optional[str]:
+        """What of ``instance`` cannot be protected, or None.
+
+        From the spawn's ``block_device_info`` and ``network_info``, or,
+        when not given, Nova's records (block device mappings, the
+        network info cache).
+        """
+        if block_device_info is None:
+            block_device_info = virt_driver.get_block_device_info(
+                instance, instance.get_bdms())
+        if network_info is None:
+            network_info = instance.get_network_info()
+        return protectable.cannot_protect(protectable.devices(
+            instance.flavor, block_device_info, network_info,
+            config_drive=configdrive.required_by(instance)))
+
+    def _refuse_unprotectable_build(self, instance: Any,
+                                    block_device_info: Any,
+                                    network_info: Any) -> None:
+        """Abort the build of a server whose flavor requires FT and
+        that cannot be protected (FT by metadata: see :meth:`_protect`)."""
+        if not protectable.required_by_flavor(instance):
+            return
+        cannot = self._ft_cannot_protect(instance, block_device_info,
+                                         network_info)
+        if cannot is not None:
+            reason = protectable.build_refused(cannot)
+            LOG.warning('Refused: %s', reason, instance=instance)
+            raise nova_exception.BuildAbortException(
+                instance_uuid=instance.uuid, reason=reason)
+
+    def _ft_unprotectable(self, instance: Any, cannot: str) -> None:
+        LOG.warning('This fault-tolerant instance runs unprotected: it '
+                    'has %s', cannot, instance=instance)
+        self._set_status(instance, protectable.status(cannot))
+
+    def _refuse_change(self, instance: Any, what: str,
+                       exc_type: type[Exception]) -> None:
+        """Raise ``exc_type`` if ``instance`` asks for FT."""
+        if not self._ft_asked(instance):
+            return
+        reason = protectable.change_refused(
+            what, REMEDY_FLAVOR if protectable.required_by_flavor(instance)
+            else REMEDY_METADATA)
+        LOG.warning('Refused: %s', reason, instance=instance)
+        raise exc_type(reason)
 
     def _ft_unable(self) -> Optional[str]:
         """Why this host cannot protect FT servers, or None (see
@@ -547,6 +654,14 @@ class FTDriverMixin:
             # FT was turned off while it was stopped: let its secondary go
             if self._release_secondary(context, instance, status=None):
                 self._set_status(instance, STATUS_FT_OFF)
+            return
+        cannot = (self._ft_cannot_protect(instance)
+                  if request.enabled else None)
+        if cannot is not None:
+            # e.g. ft=true set on a server with volumes, then rebooted
+            if secondary is None or self._release_secondary(
+                    context, instance, status=None):
+                self._ft_unprotectable(instance, cannot)
             return
         if secondary is not None:
             invalid = self._secondary_invalid(context, instance, secondary)

@@ -1,0 +1,191 @@
+"""Which servers FT can protect today, and how the rest are refused.
+
+The agents replicate one disk, the guest's local root disk, and hold the
+output of one NIC. A server with anything more would be called
+protected while a failover loses or breaks the rest: a Cinder volume
+(booted from or attached) would be left behind on the dead host, an
+ephemeral or swap disk or a config drive would keep the primary's path,
+a second port's output would leave before its epoch commits. So the
+driver looks at the server's devices first (:class:`Devices`) and
+:func:`cannot_protect` says what of them cannot be protected::
+
+    >>> cannot_protect(Devices(root_volume=True, ports=2))
+    'boot from volume, 2 ports'
+    >>> cannot_protect(Devices(ports=1)) is None
+    True
+
+What the driver does with it (see ``doc/nova-driver.rst``):
+
+* at spawn, an FT *flavor* (FT is required) refuses the build before
+  the guest starts (:func:`build_refused`); FT asked by server metadata
+  (``ft=true``) runs the server unprotected and says so in ``ft_status``
+  (:func:`status`), as it does when no secondary host is free;
+* at every later protection (start, reboot, after a hand-off) the same
+  look, from Nova's records, ends in :func:`status`;
+* while a server asks for FT, adding a volume or a port and swapping a
+  volume are refused before anything changes (:func:`change_refused`).
+
+Nothing here imports Nova: :func:`devices` reads the driver's
+``block_device_info`` and ``network_info`` as the mappings they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional
+
+from mftvm_openstack.nova import ft_request
+
+#: what a protected server may have: one local root disk, one port
+SUPPORTED = 'only a local root disk and one port are replicated'
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """The devices of a server that matter to protection."""
+
+    #: its root disk is a Cinder volume (boot from volume)
+    root_volume: bool = False
+    #: Cinder volumes other than the root
+    data_volumes: int = 0
+    #: local ephemeral disks (the flavor's or block device mappings')
+    ephemerals: int = 0
+    #: a local swap disk
+    swap: bool = False
+    #: a config drive
+    config_drive: bool = False
+    #: Neutron ports
+    ports: int = 0
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return one if n == 1 else f'{n} {many}'
+
+
+def cannot_protect(found: Devices) -> Optional[str]:
+    """What of ``found`` cannot be protected, for people; None if all can.
+
+    ::
+
+        >>> cannot_protect(Devices(data_volumes=2, ephemerals=1,
+        ...                        swap=True, config_drive=True))
+        '2 attached volumes, an ephemeral disk, a swap disk, a config drive'
+    """
+    what = []
+    if found.root_volume:
+        what.append('boot from volume')
+    if found.data_volumes:
+        what.append(_count(found.data_volumes, 'an attached volume',
+                           'attached volumes'))
+    if found.ephemerals:
+        what.append(_count(found.ephemerals, 'an ephemeral disk',
+                           'ephemeral disks'))
+    if found.swap:
+        what.append('a swap disk')
+    if found.config_drive:
+        what.append('a config drive')
+    if found.ports > 1:
+        what.append(f'{found.ports} ports')
+    return ', '.join(what) or None
+
+
+def _get(item: Any, key: str, default: Any = None) -> Any:
+    getter = getattr(item, 'get', None)
+    return getter(key, default) if getter is not None else default
+
+
+def devices(flavor: Any, block_device_info: Optional[Mapping[str, Any]],
+            network_info: Optional[Iterable[Any]],
+            config_drive: bool) -> Devices:
+    """The :class:`Devices` of a server, from what Nova's driver gets.
+
+    ``block_device_info`` is the driver's (``block_device_mapping``: the
+    volumes, ``ephemerals``, ``swap``); ``flavor`` adds the ephemeral and
+    swap disks libvirt makes from ``ephemeral_gb`` and ``swap`` when no
+    mapping names them; ``network_info`` is one entry per port;
+    ``config_drive`` is ``nova.virt.configdrive.required_by(instance)``::
+
+        >>> class Flavor:
+        ...     ephemeral_gb, swap = 0, 512
+        >>> devices(Flavor(), {'block_device_mapping': [
+        ...     {'boot_index': 0}, {'boot_index': None}]},
+        ...     [{'id': 'p1'}], config_drive=False)
+        ... # doctest: +NORMALIZE_WHITESPACE
+        Devices(root_volume=True, data_volumes=1, ephemerals=0, swap=True,
+                config_drive=False, ports=1)
+    """
+    info = block_device_info or {}
+    volumes = list(_get(info, 'block_device_mapping') or [])
+    root = [v for v in volumes if _get(v, 'boot_index') == 0]
+    ephemerals = len(_get(info, 'ephemerals') or [])
+    if not ephemerals and (getattr(flavor, 'ephemeral_gb', 0) or 0) > 0:
+        ephemerals = 1      # libvirt's default disk.local
+    swap = _get(info, 'swap') or {}
+    has_swap = (int(_get(swap, 'swap_size', 0) or 0) > 0 or
+                (getattr(flavor, 'swap', 0) or 0) > 0)
+    return Devices(root_volume=bool(root),
+                   data_volumes=len(volumes) - len(root),
+                   ephemerals=ephemerals, swap=has_swap,
+                   config_drive=bool(config_drive),
+                   ports=len(list(network_info or [])))
+
+
+def required_by_flavor(instance: Any) -> bool:
+    """``instance``'s flavor asks for FT (``ft:enabled``; a bad value
+    counts as yes): FT is required, not only wished for.
+
+    ::
+
+        >>> class Flavor:
+        ...     extra_specs = {'ft:enabled': 'true'}
+        >>> class Server:
+        ...     flavor = Flavor()
+        >>> required_by_flavor(Server())
+        True
+    """
+    specs = getattr(getattr(instance, 'flavor', None), 'extra_specs',
+                    None) or {}
+    try:
+        return ft_request.parse_bool(ft_request.FLAVOR, ft_request.ENABLED,
+                                     specs.get(ft_request.ENABLED, 'false'))
+    except ft_request.InvalidFTRequest:
+        return True
+
+
+def status(what: str) -> str:
+    """``ft_status`` of an FT server that runs unprotected for ``what``."""
+    return f'unprotected: cannot protect {what}'
+
+
+def build_refused(what: str) -> str:
+    """Why the build of an FT-flavor server is refused (a fault: short).
+
+    ::
+
+        >>> build_refused('a config drive')
+        'fault tolerance cannot protect a config drive (only a local root \
+disk and one port are replicated)'
+    """
+    return f'fault tolerance cannot protect {what} ({SUPPORTED})'
+
+
+#: what the refused change is, as :func:`change_refused` names it
+ATTACH_VOLUME = 'Attaching a volume to'
+ATTACH_INTERFACE = 'Attaching an interface to'
+SWAP_VOLUME = 'Swapping a volume of'
+
+
+def change_refused(what: str, remedy: str) -> str:
+    """Why ``what`` (:data:`ATTACH_VOLUME`, ...) is refused on a server
+    that asks for FT; ``remedy`` says how to unprotect it.
+
+    ::
+
+        >>> change_refused(ATTACH_VOLUME, 'unset the ft server property')
+        'Attaching a volume to a fault-tolerant server is refused (only \
+a local root disk and one port are replicated): unset the ft server \
+property'
+    """
+    return f'{what} a fault-tolerant server is refused ({SUPPORTED}): ' \
+           f'{remedy}'

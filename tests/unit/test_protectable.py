@@ -1,0 +1,129 @@
+"""mftvm_openstack.nova.protectable: what FT can protect (no Nova)."""
+
+from __future__ import annotations
+
+import doctest
+from typing import Any
+
+import testtools
+
+from mftvm_openstack.nova import protectable
+from mftvm_openstack.nova.protectable import Devices
+
+
+class Flavor:
+
+    def __init__(self, ephemeral_gb: int = 0, swap: int = 0,
+                 extra_specs: dict | None = None) -> None:
+        self.ephemeral_gb = ephemeral_gb
+        self.swap = swap
+        self.extra_specs = extra_specs or {}
+
+
+class Server:
+
+    def __init__(self, flavor: Any) -> None:
+        self.flavor = flavor
+
+
+def _devices(flavor: Any = None, info: Any = None, ports: int = 1,
+             config_drive: bool = False) -> Devices:
+    return protectable.devices(flavor or Flavor(), info,
+                               [{'id': f'p{i}'} for i in range(ports)],
+                               config_drive=config_drive)
+
+
+class TestDevices(testtools.TestCase):
+
+    def test_image_root_one_port_is_protectable(self) -> None:
+        found = _devices(info={'root_device_name': '/dev/vda',
+                               'image': [{'boot_index': 0}],
+                               'ephemerals': [], 'swap': None,
+                               'block_device_mapping': []})
+        self.assertEqual(Devices(ports=1), found)
+        self.assertIsNone(protectable.cannot_protect(found))
+
+    def test_nothing_known_is_protectable(self) -> None:
+        # no block_device_info, no network: a bare local root disk
+        found = protectable.devices(Flavor(), None, None,
+                                    config_drive=False)
+        self.assertIsNone(protectable.cannot_protect(found))
+
+    def test_boot_from_volume(self) -> None:
+        found = _devices(info={'block_device_mapping': [
+            {'boot_index': 0, 'mount_device': '/dev/vda'}]})
+        self.assertEqual('boot from volume',
+                         protectable.cannot_protect(found))
+
+    def test_data_volumes(self) -> None:
+        found = _devices(info={'block_device_mapping': [
+            {'boot_index': None}, {'boot_index': -1}]})
+        self.assertEqual(2, found.data_volumes)
+        self.assertFalse(found.root_volume)
+        self.assertEqual('2 attached volumes',
+                         protectable.cannot_protect(found))
+
+    def test_ephemerals_from_mappings_or_flavor(self) -> None:
+        by_mapping = _devices(info={'ephemerals': [{'size': 1},
+                                                   {'size': 2}]})
+        self.assertEqual('2 ephemeral disks',
+                         protectable.cannot_protect(by_mapping))
+        # libvirt makes disk.local from the flavor when no mapping names it
+        by_flavor = _devices(Flavor(ephemeral_gb=1), info={})
+        self.assertEqual('an ephemeral disk',
+                         protectable.cannot_protect(by_flavor))
+
+    def test_swap_from_mapping_or_flavor(self) -> None:
+        self.assertTrue(_devices(info={'swap': {'swap_size': 64}}).swap)
+        self.assertFalse(_devices(info={'swap': {'swap_size': 0}}).swap)
+        self.assertTrue(_devices(Flavor(swap=64)).swap)
+        self.assertEqual('a swap disk',
+                         protectable.cannot_protect(_devices(Flavor(swap=1))))
+
+    def test_config_drive(self) -> None:
+        self.assertEqual('a config drive', protectable.cannot_protect(
+            _devices(config_drive=True)))
+
+    def test_ports(self) -> None:
+        self.assertIsNone(protectable.cannot_protect(_devices(ports=0)))
+        self.assertIsNone(protectable.cannot_protect(_devices(ports=1)))
+        self.assertEqual('3 ports', protectable.cannot_protect(
+            _devices(ports=3)))
+
+    def test_everything_named_in_order(self) -> None:
+        found = Devices(root_volume=True, data_volumes=1, ephemerals=1,
+                        swap=True, config_drive=True, ports=2)
+        self.assertEqual(
+            'boot from volume, an attached volume, an ephemeral disk, '
+            'a swap disk, a config drive, 2 ports',
+            protectable.cannot_protect(found))
+
+
+class TestRequiredByFlavor(testtools.TestCase):
+
+    def test_flavor(self) -> None:
+        for value, required in (('true', True), ('False', False),
+                                ('maybe', True)):
+            self.assertEqual(required, protectable.required_by_flavor(
+                Server(Flavor(extra_specs={'ft:enabled': value}))), value)
+        self.assertFalse(protectable.required_by_flavor(Server(Flavor())))
+        self.assertFalse(protectable.required_by_flavor(Server(None)))
+
+
+class TestMessages(testtools.TestCase):
+
+    def test_status_is_unprotected(self) -> None:
+        self.assertEqual('unprotected: cannot protect 2 ports',
+                         protectable.status('2 ports'))
+
+    def test_refusals_name_what_and_why(self) -> None:
+        text = protectable.change_refused(protectable.SWAP_VOLUME, 'undo')
+        self.assertEqual('Swapping a volume of a fault-tolerant server is '
+                         'refused (only a local root disk and one port are '
+                         'replicated): undo', text)
+        self.assertIn('a swap disk', protectable.build_refused('a swap disk'))
+
+    def test_doctests(self) -> None:
+        result = doctest.testmod(protectable)
+        self.assertGreater(result.attempted, 0)
+        self.assertEqual(0, result.failed)
