@@ -170,6 +170,23 @@ class TestMetadataRunsUnprotected(RefusalTestBase):
                             **self._two_ports())
         self._assert_unprotected(server, 'a config drive, 2 ports')
 
+    def test_volume_ephemeral_and_swap(self) -> None:
+        flavor = self._create_flavor(
+            name='mftvm.plain.eph.swap',
+            **{**test_driver.FLAVOR, 'ephemeral': 1, 'swap': 128})
+        server = self._post(flavor, {'ft': 'true'}, **self._data_volume())
+        self._assert_unprotected(
+            server, 'an attached volume, an ephemeral disk, a swap disk')
+
+    def test_servers_without_ft_untouched(self) -> None:
+        server = self._post(self.flavor, config_drive=True,
+                            **self._bfv(), **self._two_ports())
+        self.assertNotIn(driver.STATUS, self._sysmeta(server))
+        self.api.post_server_volume(
+            server['id'], {'volumeAttachment': {'volumeId': DATA_VOLUME}})
+        self._wait_for_volume_attach(server['id'], DATA_VOLUME)
+        self.assertEqual([], self.agent.calls)
+
     def test_ft_set_later_on_a_volume_backed_server(self) -> None:
         # "ft=true on a running server takes effect at its next reboot":
         # it must not be protected then either
