@@ -190,6 +190,20 @@ def limit_ms(run: dict, bandwidth: float) -> float:
     return round((run['devstate_ms_p50'] or 0) + read / bandwidth * 1000, 2)
 
 
+def save(path: str, results: dict, runs: list[dict], bandwidth: float,
+         partial: bool) -> None:
+    """Each run beside its limit, into ``path`` (after every run too, so
+    that a run cut short keeps what it measured)."""
+    for r in runs:
+        r['limit_ms'] = limit_ms(r, bandwidth)
+        r['ratio_to_limit'] = round(r['pause_ms_p50'] / r['limit_ms'], 2)
+        r['within_target'] = r['ratio_to_limit'] <= LIMIT_FACTOR
+    results['runs'] = runs
+    results['partial'] = partial
+    with open(path, 'w') as f:
+        json.dump(results, f, indent=1)
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -236,8 +250,8 @@ def main() -> int:
     parser.add_argument('--sizes', default=','.join(map(str, SIZES_MIB)),
                         help='guest RAM sizes in MiB, comma-separated')
     parser.add_argument('--seconds', type=float, default=None,
-                        help='measured seconds per run (15; 8 with '
-                             '--quick; half for 2 GiB)')
+                        help='measured seconds per run (12; 8 with '
+                             '--quick)')
     parser.add_argument('--epoch-ms', type=int, default=200)
     parser.add_argument('--dirty-pct', type=float, default=10.0,
                         help='share of RAM the dirty job writes per second')
@@ -248,7 +262,7 @@ def main() -> int:
         print('needs root (QEMU, /dev/shm)', file=sys.stderr)
         return 2
     sizes = [int(s) for s in args.sizes.split(',')]
-    seconds = args.seconds or (8 if args.quick else 15)
+    seconds = args.seconds or (8 if args.quick else 12)
     results: dict[str, Any] = {
         'host': platform.node(), 'when': time.strftime('%Y-%m-%d %H:%M'),
         'epoch_ms': args.epoch_ms, 'dirty_pct_per_s': args.dirty_pct,
@@ -271,10 +285,9 @@ def main() -> int:
                 order = TRACKERS if (i + len(runs) // 2) % 2 == 0 \
                     else TRACKERS[::-1]
                 for tracker in order:
-                    bench.seconds = seconds / 2 if memory >= 2048 \
-                        else seconds
                     r = bench.run(memory, load, tracker)
                     runs.append(r)
+                    save(args.out, results, runs, max(bw), partial=True)
                     print(f'  {memory:5d} MiB {load:5s} {tracker:4s} p50 '
                           f'{r["pause_ms_p50"]:7.1f} ms p99 '
                           f'{r["pause_ms_p99"]:7.1f} ms (device state '
@@ -292,11 +305,7 @@ def main() -> int:
     results['bandwidth_gb_s'] = [round(b / 1e9, 2) for b in bw]
     print(f'== memory read bandwidth after: {bw[1] / 1e9:.1f} GB/s; '
           f'the limit uses the best, {bandwidth / 1e9:.1f} GB/s')
-    for r in runs:
-        r['limit_ms'] = limit_ms(r, bandwidth)
-        r['ratio_to_limit'] = round(r['pause_ms_p50'] / r['limit_ms'], 2)
-        r['within_target'] = r['ratio_to_limit'] <= LIMIT_FACTOR
-    results['runs'] = runs
+    save(args.out, results, runs, bandwidth, partial=False)
     results['hash_to_scan_p50'] = {}
     print(f'== p50 / limit (target <= {LIMIT_FACTOR}), hash / scan')
     for memory in sizes:
@@ -310,8 +319,7 @@ def main() -> int:
                 f'{t} {pair[t]["pause_ms_p50"]:.1f}/{pair[t]["limit_ms"]:.1f}'
                 f' = {pair[t]["ratio_to_limit"]:.2f}x' for t in TRACKERS)
                 + f'  hash/scan {ratio:.2f}x')
-    with open(args.out, 'w') as f:
-        json.dump(results, f, indent=1)
+    save(args.out, results, runs, bandwidth, partial=False)
     plot(results, args.plot)
     print(f'results in {args.out}, plot in {args.plot}')
     return 0
