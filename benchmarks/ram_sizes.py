@@ -15,6 +15,8 @@ once with ``hash`` (keyed per-page hashes, RAM read once), back to back:
   which is measured in the same run (two threads reading 1 GiB, best of
   several, before and after the guests); the target is a p50 within
   1.5x of it;
+* each tracker's collect() alone on a RAM file (no QEMU, 2 % of pages
+  changed), and the hash tracker on one thread;
 * the tracker's memory overhead: what it keeps beside RAM, as % of RAM
   (``state_bytes``), and the primary instance process's anonymous
   memory as measured.
@@ -98,6 +100,51 @@ def state_bytes(tracker: str, size: int) -> int:
         return n
     finally:
         os.close(fd)
+        os.unlink(path)
+
+
+def collect_alone(mib: int, rounds: int = 7,
+                  dirty_pct: float = 2.0) -> dict[str, dict]:
+    """Each tracker's collect() on a RAM file without QEMU, ``dirty_pct``
+    of its pages changed before each (rounds alternate the trackers):
+    ms min and p50, and the hash tracker on one thread as well."""
+    size = mib << 20
+    fd, path = tempfile.mkstemp(dir='/dev/shm', prefix='mftvm-ca-')
+    try:
+        os.ftruncate(fd, size)
+        buf = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    try:
+        ram = np.frombuffer(buf, np.uint64).reshape(-1, 512)
+        rng = np.random.default_rng(0)
+        ram[:, 0] = rng.integers(1, 1 << 62, len(ram), dtype=np.uint64)
+        made = {'scan': ('scan', 2), 'hash': ('hash', 2),
+                'hash-1-thread': ('hash', 1)}
+        ts: dict[str, list[float]] = {k: [] for k in made}
+        live = {}
+        for k, (name, threads) in made.items():
+            live[k] = trackers.tracker_class(name)(path, size, 0,
+                                                   threads=threads)
+            live[k].start()
+            live[k].collect()
+        for r in range(rounds):
+            pages = rng.choice(len(ram), int(len(ram) * dirty_pct / 100),
+                               replace=False)
+            ram[pages, 7] += np.uint64(1)
+            order = list(made) if r % 2 == 0 else list(made)[::-1]
+            for k in order:
+                t0 = time.perf_counter()
+                n = len(live[k].collect().indices)
+                ts[k].append((time.perf_counter() - t0) * 1000)
+                assert n == len(pages), (k, n, len(pages))
+        for t in live.values():
+            t.close()
+        del ram
+        return {k: {'ms_min': round(min(v), 1), 'ms_p50': p(v, 50)}
+                for k, v in ts.items()}
+    finally:
+        buf.close()
         os.unlink(path)
 
 
@@ -274,6 +321,14 @@ def main() -> int:
         for t in TRACKERS}
     print('== tracker memory kept beside RAM: ' + ', '.join(
         f'{t} {v} %' for t, v in results['tracker_state_pct'].items()))
+    print('== collect() alone on a RAM file, 2 % of pages changed '
+          '(ms min / p50)')
+    results['collect_alone'] = {}
+    for memory in sizes:
+        c = results['collect_alone'][str(memory)] = collect_alone(memory)
+        print(f'  {memory:5d} MiB ' + '  '.join(
+            f'{k} {v["ms_min"]}/{v["ms_p50"]}' for k, v in c.items()),
+            flush=True)
     bench = Bench(seconds, args.epoch_ms, args.dirty_pct)
     runs = []
     print(f'== pauses ({seconds:g} s per run, {args.epoch_ms} ms epochs; '
