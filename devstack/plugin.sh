@@ -59,6 +59,8 @@ function install_mftvm_packages {
     if ! is_ubuntu; then
         exit_distro_not_supported "mftvm-openstack (Debian or Ubuntu only)"
     fi
+    # the hash tracker's C extension (built by install_mftvm) links it
+    install_package libxxhash-dev
     if is_service_enabled mftvm-agent; then
         # qemu-utils brings qemu-storage-daemon and qemu-img
         install_package qemu-system-x86 qemu-utils

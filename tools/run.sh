@@ -22,7 +22,8 @@ case "$job" in
 esac
 
 APT_PACKAGES="qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64
-    gcc libc6-dev python3-venv python3-dev iproute2 zstd xz-utils"
+    gcc libc6-dev python3-venv python3-dev libxxhash-dev iproute2 zstd
+    xz-utils"
 # The agent's integration tests start their own broker and coordination
 # backend (in a network namespace); nothing is started system-wide.
 # The libvirt tier runs a real libvirtd (started by the test).
@@ -102,8 +103,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.mftvm-installed-$job
+# (setup.py and the C source: the editable install builds the extension)
 want=$(cat constraints.txt requirements.txt test-requirements.txt \
-    nova-requirements.txt setup.cfg | sha256sum)
+    nova-requirements.txt setup.cfg setup.py mftvm_openstack/ft/_pagehash.c \
+    | sha256sum)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "== pip install (pinned by constraints.txt)"
     # Nova (for its in-process functional harness) only for the tests.

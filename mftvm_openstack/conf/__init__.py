@@ -152,7 +152,9 @@ ft_opts = [
     cfg.StrOpt('tracker', default=plugins.AUTO_TRACKER,
                choices=list(plugins.tracker_choices()),
                help='How dirty guest memory is found; auto picks '
-                    'soft-dirty when the kernel supports it.'),
+                    'soft-dirty when the kernel supports it, else hash '
+                    '(per-page hashes, 0.5% of RAM), else scan (a full '
+                    'copy of RAM).'),
     cfg.FloatOpt(
         'ack_timeout', default=10.0, min=0.5,
         help='Seconds a checkpoint, once shipped, may wait for the '

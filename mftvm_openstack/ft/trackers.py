@@ -5,17 +5,29 @@ pause, returns the changed pages *and their contents* (a copy: the guest
 runs on as soon as the pause ends). Trackers are stevedore plugins in the
 namespace ``mftvm.ft.trackers``:
 
+``hash``
+    Keeps a keyed XXH3-128 hash of every page (16 bytes a page: 0.5 % of
+    RAM with its scratch list) and hashes RAM again in each pause: RAM is
+    read once. Needs the ``_pagehash`` extension (built on Debian's
+    libxxhash). Its cost grows with RAM size.
 ``scan``
-    Keeps a shadow copy of RAM and compares page by page. Works on every
-    host; its cost grows with RAM size.
+    Keeps a shadow copy of RAM (100 % of RAM more) and compares page by
+    page: both copies are read in each pause. Works on every host.
 ``soft-dirty``
     Reads the kernel's soft-dirty bits of QEMU's mapping from
     ``/proc/PID/pagemap`` and clears them through ``clear_refs``. Its cost
     grows with the dirty pages only; it needs CONFIG_MEM_SOFT_DIRTY.
 
+A page is reported when its contents differ from the last collect();
+``hash`` and ``scan`` compare contents, so a page written with the value
+it already held is not reported (the secondary holds that value), while
+``soft-dirty`` reports every page written. Reporting too many pages costs
+bytes; missing one would corrupt the guest after a failover.
+
 Example::
 
     tracker = load_tracker('auto', ram_file, size, qemu_pid)
+    tracker.state_bytes              # what tracking keeps beside RAM
     tracker.start()                  # before the first checkpoint
     delta = tracker.collect()        # inside each pause
     delta.indices, delta.pages       # page numbers and 4 KiB copies
@@ -30,7 +42,7 @@ import logging
 import mmap
 import os
 import struct
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -88,6 +100,11 @@ class DirtyTracker(abc.ABC):
 
     def start(self) -> None:
         """Prepare (outside any pause). Everything counts as dirty first."""
+
+    @property
+    def state_bytes(self) -> int:
+        """The memory tracking keeps beside guest RAM (after start())."""
+        return 0
 
     @abc.abstractmethod
     def collect(self) -> RamDelta:
@@ -152,9 +169,105 @@ class ScanTracker(DirtyTracker):
         pages = self._shadow[indices].view(np.uint8).reshape(-1, PAGE_SIZE)
         return RamDelta(indices, pages)
 
+    @property
+    def state_bytes(self) -> int:
+        return int(self._shadow.nbytes)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self._shadow = np.zeros((0, _WORDS), np.uint64)
+        super().close()
+
+
+def _pagehash_module() -> Any:
+    """The ``_pagehash`` extension; ImportError where it is not built."""
+    from mftvm_openstack.ft import _pagehash
+    return _pagehash
+
+
+class HashTracker(DirtyTracker):
+    """Compare each page's hash with its hash at the last checkpoint.
+
+    The hash is XXH3-128 keyed with a secret drawn at construction: a
+    change is missed only where two contents of a page collide, which
+    for a 128-bit hash is far rarer than a memory error, and the guest
+    cannot aim at a collision without the secret. A sum or a CRC would
+    not do: rearranging a page's words keeps a sum, and a CRC can be
+    kept by chosen changes.
+
+    The first collect() returns every non-zero page (each page's hash
+    starts as the zero page's: the secondary's image starts zeroed).
+    Hashing runs in C over chunks of RAM on two threads (the guest is
+    stopped, so its vCPU cores are free); the changed pages are then
+    copied, and the hash kept is that of the copy, so what is stored is
+    exactly what was shipped.
+    """
+
+    #: pages per hashing task: chunks small enough to share out evenly
+    CHUNK = 16384
+    #: bytes of the hash key (XXH3's default secret size)
+    SECRET_BYTES = 192
+
+    def __init__(self, ram_file: str, size: int, qemu_pid: int,
+                 threads: int = 2) -> None:
+        super().__init__(ram_file, size, qemu_pid)
+        self._c = _pagehash_module()
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self._threads = threads
+        self._secret = os.urandom(self.SECRET_BYTES)
+        self._hashes = np.zeros((0, 2), np.uint64)
+        self._found = np.zeros(0, np.uint32)
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        try:
+            _pagehash_module()
+        except ImportError as exc:
+            return (f'the _pagehash extension cannot be loaded ({exc}): '
+                    f'reinstall mftvm-openstack with libxxhash-dev')
+        return None
+
+    def start(self) -> None:
+        npages = self.size // PAGE_SIZE
+        zero = np.frombuffer(self._c.page_hash(bytes(PAGE_SIZE),
+                                               self._secret), np.uint64)
+        self._hashes = np.empty((npages, 2), np.uint64)
+        self._hashes[:] = zero
+        self._found = np.zeros(npages, np.uint32)  # faulted in now
+
+    @property
+    def state_bytes(self) -> int:
+        return int(self._hashes.nbytes + self._found.nbytes)
+
+    def _hash(self, first: int, last: int) -> np.ndarray:
+        n = self._c.hash_pages(self._map, self._hashes, self._secret,
+                               first, last, self._found)
+        return self._found[first:first + n]
+
+    def _copy(self, indices: np.ndarray, pages: np.ndarray) -> None:
+        self._c.copy_pages(self._map, indices, pages, self._hashes,
+                           self._secret)
+
+    def collect(self) -> RamDelta:
+        npages = self._hashes.shape[0]
+        found = list(self._pool.map(
+            lambda lo: self._hash(lo, min(npages, lo + self.CHUNK)),
+            range(0, npages, self.CHUNK)))
+        indices = np.concatenate(found) if found else np.zeros(0, np.uint32)
+        if not indices.size:
+            return RamDelta.empty()
+        pages = np.empty((indices.size, PAGE_SIZE), np.uint8)
+        step = -(-indices.size // self._threads)
+        list(self._pool.map(
+            lambda lo: self._copy(indices[lo:lo + step],
+                                  pages[lo:lo + step]),
+            range(0, indices.size, step)))
+        return RamDelta(indices, pages)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self._hashes = np.zeros((0, 2), np.uint64)
+        self._found = np.zeros(0, np.uint32)
         super().close()
 
 
@@ -237,12 +350,27 @@ class SoftDirtyTracker(DirtyTracker):
         return RamDelta(indices, self.ram[indices].copy())
 
 
+def auto_tracker() -> tuple[type[DirtyTracker], str]:
+    """The tracker ``auto`` picks here, and why the better ones cannot run.
+
+    soft-dirty where the kernel has it (its cost grows with dirty pages
+    only), else hash (RAM read once per pause, 0.5 % of RAM kept), else
+    scan (a shadow copy: RAM twice).
+    """
+    why_not: list[str] = []
+    for cls in (SoftDirtyTracker, HashTracker):
+        reason = cls.unavailable_reason()
+        if reason is None:
+            return cls, '; '.join(why_not)
+        why_not.append(f'{cls.__name__}: {reason}')
+    return ScanTracker, '; '.join(why_not)
+
+
 def tracker_class(name: str) -> type[DirtyTracker]:
-    """The tracker plugin ``name`` (``auto``: soft-dirty where it works,
-    else scan); TrackerError if unknown, broken or unable to run here."""
+    """The tracker plugin ``name`` (``auto``: see :func:`auto_tracker`);
+    TrackerError if unknown, broken or unable to run here."""
     if name == plugins.AUTO_TRACKER:
-        why_not = SoftDirtyTracker.unavailable_reason()
-        picked = ScanTracker if why_not else SoftDirtyTracker
+        picked, why_not = auto_tracker()
         LOG.info('dirty tracker %s: %s.%s%s', name, picked.__module__,
                  picked.__qualname__, f' ({why_not})' if why_not else '')
         return picked

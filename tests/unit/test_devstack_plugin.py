@@ -36,6 +36,10 @@ CONTROLLER_SERVICES = ('key,n-api,n-cond,n-sch,placement-api,g-api,rabbit,'
 #: what a cloud that fences with one Redis sets in local.conf
 REDIS = {'MFTVM_FENCING_URL': f'redis://{HOST_IP}:6379',
          'MFTVM_INSTALL_REDIS': 'True'}
+#: what pre-install installs: the tracker extension's build dependency,
+#: and QEMU where an agent runs
+XXHASH = ('libxxhash-dev',)
+QEMU = ('qemu-system-x86', 'qemu-utils')
 TRANSPORT_URL = f'rabbit://stackrabbit:secret@{HOST_IP}:5672/'
 
 HARNESS = '''
@@ -234,26 +238,27 @@ class DevStackPluginTest(testtools.TestCase):
     def test_pre_install_all_in_one(self):
         # fencing on DevStack's etcd: nothing to install for it
         self.phase('stack', 'pre-install')
-        self.assertEqual([('qemu-system-x86', 'qemu-utils')],
+        self.assertEqual([XXHASH, QEMU],
                          self.calls('install_package'))
         self.assertEqual([], self.calls('die'))
 
     def test_pre_install_with_redis(self):
         self.phase('stack', 'pre-install', **REDIS)
-        self.assertEqual([('qemu-system-x86', 'qemu-utils'),
+        self.assertEqual([XXHASH, QEMU,
                           ('redis-server',)], self.calls('install_package'))
 
     def test_pre_install_compute_subnode_has_no_redis(self):
         self.phase('stack', 'pre-install', HOST_IP='10.0.0.12',
                    SERVICE_HOST='10.0.0.5',
                    ENABLED_SERVICES='n-cpu,placement-client', **REDIS)
-        self.assertEqual([('qemu-system-x86', 'qemu-utils')],
+        self.assertEqual([XXHASH, QEMU],
                          self.calls('install_package'))
 
     def test_pre_install_controller_without_compute(self):
         self.phase('stack', 'pre-install',
                    ENABLED_SERVICES=CONTROLLER_SERVICES, **REDIS)
-        self.assertEqual([('redis-server',)], self.calls('install_package'))
+        self.assertEqual([XXHASH, ('redis-server',)],
+                         self.calls('install_package'))
 
     def test_pre_install_without_redis(self):
         for env in ({**REDIS, 'MFTVM_INSTALL_REDIS': 'False'},
@@ -262,7 +267,7 @@ class DevStackPluginTest(testtools.TestCase):
                      'MFTVM_FENCING_URL': ''}):
             self.reset()
             self.phase('stack', 'pre-install', **env)
-            self.assertEqual([('qemu-system-x86', 'qemu-utils')],
+            self.assertEqual([XXHASH, QEMU],
                              self.calls('install_package'), env)
 
     def test_pre_install_stops_when_its_etcd_is_disabled(self):

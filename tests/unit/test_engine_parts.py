@@ -9,6 +9,7 @@ import socket
 import struct
 import tempfile
 import unittest
+import unittest.mock
 
 import numpy as np
 from qemu.qmp import message as qmp_message
@@ -52,12 +53,26 @@ class ScanTrackerTest(unittest.TestCase):
         self.assertEqual(0, delta.pages[order][0][0])
         tracker.close()
 
-    def test_auto_picks_scan_where_soft_dirty_is_missing(self):
+    def test_auto_picks_hash_where_soft_dirty_is_missing(self):
         cls = trackers.tracker_class('auto')
         if trackers.SoftDirtyTracker.unavailable_reason():
-            self.assertIs(trackers.ScanTracker, cls)
+            self.assertIs(trackers.HashTracker, cls)
         else:
             self.assertIs(trackers.SoftDirtyTracker, cls)
+
+    def test_auto_picks_scan_where_neither_works(self):
+        def no_extension():
+            raise ImportError('no _pagehash')
+        with unittest.mock.patch.object(
+                trackers.SoftDirtyTracker, 'unavailable_reason',
+                return_value='no soft-dirty here'), \
+                unittest.mock.patch.object(trackers, '_pagehash_module',
+                                           no_extension):
+            self.assertIs(trackers.ScanTracker,
+                          trackers.tracker_class('auto'))
+            self.assertRaisesRegex(trackers.TrackerError,
+                                   'hash cannot run here.*no _pagehash',
+                                   trackers.tracker_class, 'hash')
 
     def test_unknown_tracker_is_refused(self):
         self.assertRaisesRegex(trackers.TrackerError, 'unknown dirty tracker',

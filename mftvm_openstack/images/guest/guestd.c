@@ -6,7 +6,7 @@
  *   guestd writer DEV [interval_ms [max_records]]
  *   guestd counter PORT DEV
  *   guestd iobench DEV SECONDS
- *   guestd dirty MIB
+ *   guestd dirty MIB [RATE_MIB_PER_S]
  *
  * Every mode writes one-line, machine-parsable reports to stdout (the guest
  * serial console).  The tests and benchmarks on the host read them there and
@@ -533,26 +533,65 @@ static int mode_iobench(int argc, char **argv)
 
 /* ------------------------------------------------------------------ dirty */
 
-/* Serves forever. */
+/*
+ * Dirties MIB of memory for ever, and checks it: pass p writes p + 1 into
+ * the first word of each page, after checking that the word still holds
+ * p, its value of the last pass. A page that a failover restored from an
+ * older checkpoint than the rest prints "DIRTY-BAD page want got" (then
+ * the check carries on from what it found). "DIRTY-PASS p" after a pass,
+ * at most once a second.
+ *
+ * RATE (MiB/s, optional): pages written per second, paced in 10 ms steps;
+ * without it (or 0), a pass as fast as it goes, 1 ms apart.
+ */
 static __attribute__((noreturn)) void mode_dirty(int argc, char **argv)
 {
 	size_t bytes = (size_t)atol(argv[2]) << 20;
+	double rate = argc >= 4 ? atof(argv[3]) : 0;
 	long page = sysconf(_SC_PAGESIZE);
+	size_t words = page / 8, npages = bytes / page;
 	volatile uint64_t *mem;
 	uint64_t pass = 0;
+	size_t next = 0;
+	double start, due = 0, said = 0;
 
-	(void)argc;
 	mem = malloc(bytes);
-	if (!mem)
+	if (!mem || !npages)
 		die("malloc");
-	for (size_t off = 0; off < bytes; off += page)
-		mem[off / 8] = 0;
+	for (size_t i = 0; i < npages; i++)
+		mem[i * words] = 0;
 	printf("DIRTY-READY %zu\n", bytes >> 20);
-	/* Touch one word per page per pass: every page is dirty every pass. */
-	for (;; pass++) {
-		for (size_t off = 0; off < bytes; off += page)
-			mem[off / 8] = pass;
-		sleep_ms(1);
+	fflush(stdout);
+	start = now_s();
+	for (;;) {
+		/* the pages due by now (all of a pass without a rate) */
+		size_t todo = npages - next;
+		if (rate > 0) {
+			double want = (now_s() - start) * rate * (1 << 20) / page;
+			todo = want > due ? (size_t)(want - due) : 0;
+			due += todo;
+		}
+		for (; todo > 0; todo--) {
+			uint64_t got = mem[next * words];
+			if (got != pass) {
+				printf("DIRTY-BAD %zu %llu %llu\n", next,
+				       (unsigned long long)pass,
+				       (unsigned long long)got);
+				fflush(stdout);
+			}
+			mem[next * words] = pass + 1;
+			if (++next == npages) {
+				next = 0;
+				pass++;
+				if (now_s() - said >= 1) {
+					said = now_s();
+					printf("DIRTY-PASS %llu\n",
+					       (unsigned long long)pass);
+					fflush(stdout);
+				}
+			}
+		}
+		sleep_ms(rate > 0 ? 10 : 1);
 	}
 }
 
