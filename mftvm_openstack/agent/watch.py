@@ -49,6 +49,9 @@ class _Seen:
     """What the watch remembers of one guest."""
 
     state: Optional[State]
+    #: the role it reported (a secondary that took over reports itself
+    #: the primary from then on)
+    role: Optional[Role] = None
     #: protected since it was last protected on request: a protection
     #: now is a re-protection
     protected_before: bool = False
@@ -127,8 +130,8 @@ class ProtectionWatch:
 
     def _baseline(self, st: InstanceStatus) -> _Seen:
         state = self._effective(st)
-        return _Seen(state, protected_before=state is State.PROTECTED
-                     or _took_over(st) or bool(st.reason))
+        return _Seen(state, st.role, protected_before=state is
+                     State.PROTECTED or _took_over(st) or bool(st.reason))
 
     def _remember(self, st: InstanceStatus, was: _Seen, now: float) -> _Seen:
         state = self._effective(st)
@@ -139,15 +142,17 @@ class ProtectionWatch:
         since = None
         if state.runs_guest and state is not State.PROTECTED:
             since = was.unprotected_since or now
-        return _Seen(state, protected_before, since)
+        return _Seen(state, st.role, protected_before, since)
 
     def _changes(self, st: InstanceStatus, was: _Seen) -> list[Notice]:
         prev, state = was.state, self._effective(st)
         if prev is state:
             return []
         out: list[Event] = []
-        if st.role is Role.SECONDARY and (prev is None or prev in _WAITING
-                                          or prev is State.FAILING_OVER):
+        was_secondary = (was.role if prev is not None
+                         else st.role) is Role.SECONDARY
+        if was_secondary and (prev is None or prev in _WAITING
+                              or prev is State.FAILING_OVER):
             if state is State.FAILING_OVER or state.runs_guest or \
                     state is State.LOST:
                 if prev is not State.FAILING_OVER:

@@ -39,7 +39,10 @@ def primary(state: State, epoch: int = 5, **kw) -> InstanceStatus:
 
 
 def secondary(state: State, epoch: int = 5, **kw) -> InstanceStatus:
-    return InstanceStatus(role=Role.SECONDARY, state=state, instance='vm0',
+    """A secondary side: once it runs the guest, it reports itself the
+    primary (as ft/pair/secondary.py does)."""
+    role = Role.PRIMARY if state.runs_guest else Role.SECONDARY
+    return InstanceStatus(role=role, state=state, instance='vm0',
                           host='hv2', peer='hv1', pair_id='p1',
                           last_committed_epoch=epoch, alive=True, **kw)
 
@@ -119,6 +122,12 @@ class WatchTest(unittest.TestCase):
             [[], [Event.FAILOVER_START, Event.FAILOVER_ERROR]],
             self.events(secondary(State.STANDBY),
                         secondary(State.LOST, error='no checkpoint')))
+
+    def test_a_primary_starting_is_no_failover(self):
+        self.assertEqual([[], [], [Event.PROTECT_END]],
+                         self.events(primary(State.STARTING, 0),
+                                     primary(State.UNPROTECTED, 0),
+                                     primary(State.PROTECTED, 1)))
 
     def test_a_secondary_told_to_stop_says_nothing(self):
         self.assertEqual([[], []], self.events(
