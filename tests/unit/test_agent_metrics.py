@@ -13,10 +13,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mftvm_openstack import conf
-from mftvm_openstack.agent import metrics
+from mftvm_openstack.agent import metrics, rpcapi, service
 from mftvm_openstack.agent.watch import ProtectionWatch
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus, Takeover
+from mftvm_openstack.local.demo import free_port
+from mftvm_openstack.waiting import wait_until
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -151,6 +153,57 @@ class ServerTest(unittest.TestCase):
                 'text/plain; version=0.0.4'))
             text = r.read().decode()
         self.assertEqual(1, of(text, 'vm0')['mftvm_instance_protected'])
+
+
+class ObservedManager:
+    """A manager whose periodic look finds one guest, then none."""
+
+    def __init__(self) -> None:
+        self.observers: list = []
+        self.guests = [PRIMARY]
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def periodic(self) -> None:
+        for observe in self.observers:
+            observe(list(self.guests))
+
+
+class ServiceTest(unittest.TestCase):
+    """The agent service feeds its manager's looks to the endpoint."""
+
+    def test_the_service_serves_what_its_manager_sees(self):
+        c = conf.CONF
+        port = free_port()
+        for name, value, group in (('host', 'hv1', 'agent'),
+                                   ('monitor_interval', 0.1, 'agent'),
+                                   ('port', port, 'metrics')):
+            c.set_override(name, value, group=group)
+            self.addCleanup(c.clear_override, name, group=group)
+        transport = rpcapi.get_transport(c, 'fake://')
+        self.addCleanup(transport.cleanup)
+        manager = ObservedManager()
+        svc = service.AgentService(c, manager_factory=lambda: manager,
+                                   transport=transport)
+        svc.start()
+        self.addCleanup(svc.wait)
+        self.addCleanup(svc.stop)
+
+        def scraped() -> dict[str, float]:
+            with urllib.request.urlopen(
+                    f'http://127.0.0.1:{port}/metrics', timeout=10) as r:
+                return of(r.read().decode(), 'vm0')
+        self.assertTrue(wait_until(lambda: scraped(), timeout=30))
+        self.assertEqual(1, scraped()['mftvm_instance_protected'])
+        manager.guests = []
+        self.assertTrue(wait_until(lambda: scraped() == {}, timeout=30))
+        svc.stop()
+        with self.assertRaises(OSError):
+            scraped()
 
 
 if __name__ == '__main__':
