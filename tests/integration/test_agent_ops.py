@@ -143,6 +143,7 @@ class NotificationsTest(AgentLab):
                           p.secondary_host))
         self.assertIn(p.state, ('unprotected', 'syncing'))
         self.assertTrue(p.reason)
+        print(f'secondary_lost: {p}')
         self.assertGreaterEqual(p.last_committed_epoch, 1)
 
         # h1's agent re-protects it onto the one peer left, h3.
@@ -170,6 +171,7 @@ class NotificationsTest(AgentLab):
                           p.secondary_host))
         self.assertIsNotNone(p.failover_ms)
         self.assertGreaterEqual(p.last_committed_epoch, 1)
+        print(f'failover.end: {p}')
         self.assertLessEqual(start, end)
         self.assertEqual(1, len(self.qemu_pids()))
         print(f'kill secondary -> secondary_lost {lost_ms:.0f} ms, -> '
