@@ -145,6 +145,17 @@ class WatchTest(unittest.TestCase):
         self.assertEqual([Event.REPROTECT_END], [
             e for e, _ in watch.observe([primary(State.PROTECTED)])])
 
+    def test_found_at_start_unprotected_why_decides_protect_or_reprotect(
+            self):
+        for reason, event in ((UNPROTECTED_BY_REQUEST, Event.PROTECT_END),
+                              ('data stream: reset', Event.REPROTECT_END),
+                              ('', Event.PROTECT_END)):
+            watch = ProtectionWatch('hv1')
+            watch.observe([primary(State.UNPROTECTED, reason=reason)])
+            self.assertEqual([event], [
+                e for e, _ in watch.observe([primary(State.PROTECTED)])],
+                reason)
+
     def test_a_dead_instance_process_tells_nothing(self):
         self.watch.observe([primary(State.PROTECTED)])
         dead = dataclasses.replace(primary(State.UNPROTECTED), alive=False)
