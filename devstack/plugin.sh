@@ -13,7 +13,8 @@
 #   stack install       the mftvm-openstack package (and Nova's
 #                       nova.virt.mftvm shim); Redis started if asked
 #   stack post-config   $MFTVM_CONF written; compute_driver in $NOVA_CONF
-#   stack extra         mftvm-agent started
+#   stack extra         mftvm-agent started; the Glance metadefs of the
+#                       ft: flavor properties loaded where g-api runs
 #   unstack             mftvm-agent stopped
 #   clean               state and configuration removed
 #
@@ -195,6 +196,18 @@ function start_mftvm_agent {
         "$MFTVM_BIN_DIR/mftvm-agent --config-file $MFTVM_CONF"
 }
 
+# load_mftvm_metadefs - the ft: flavor properties into Glance's metadefs
+# catalog (Horizon's "Update Metadata" dialog offers them from there)
+function load_mftvm_metadefs {
+    local manage=${GLANCE_BIN_DIR:-$MFTVM_BIN_DIR}/glance-manage
+    local conf_dir=${GLANCE_CONF_DIR:-/etc/glance}
+    local conf=${GLANCE_API_CONF:-$conf_dir/glance-api.conf}
+    # --merge --overwrite: a second stack.sh replaces what the first
+    # loaded (the ranges may have changed)
+    "$manage" --config-file "$conf" db load_metadefs \
+        --path "$MFTVM_DIR/etc/metadefs/mftvm-ft.json" --merge --overwrite
+}
+
 # stop_mftvm_agent - stop the agent (guests it started keep running)
 function stop_mftvm_agent {
     stop_process mftvm-agent
@@ -233,6 +246,10 @@ elif [[ "$1" == "stack" && "$2" == "extra" ]]; then
     if is_service_enabled mftvm-agent; then
         echo_summary "Starting mftvm-agent"
         start_mftvm_agent
+    fi
+    if is_service_enabled g-api && [[ "$MFTVM_LOAD_METADEFS" == "True" ]]; then
+        echo_summary "Loading the Glance metadefs of mftvm-openstack"
+        load_mftvm_metadefs
     fi
 fi
 

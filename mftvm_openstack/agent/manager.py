@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Optional
 
 from oslo_config import cfg
@@ -197,6 +198,9 @@ class AgentManager:
         self._lock = threading.RLock()
         self._busy: set[str] = set()       # instances being re-protected
         self._last_try: dict[str, float] = {}
+        #: called with every periodic look at the instances (the
+        #: notifications and metrics: agent/watch.py)
+        self.observers: list[Callable[[list[InstanceStatus]], None]] = []
 
     # -- lifecycle --
 
@@ -651,7 +655,13 @@ class AgentManager:
 
     def periodic(self) -> None:
         """Notice what changed, re-protect what runs unprotected."""
-        for info in self.statuses():
+        statuses = self.statuses()
+        for observe in self.observers:
+            try:
+                observe(statuses)
+            except Exception:
+                LOG.exception('an observer of the instances failed')
+        for info in statuses:
             name = info.instance
             inst = self._instance(name)
             state = info.state

@@ -44,6 +44,7 @@ from oslo_service import service as os_service  # noqa: E402
 
 from mftvm_openstack import conf as mftvm_conf  # noqa: E402
 from mftvm_openstack.agent import rpc, rpcapi  # noqa: E402
+from mftvm_openstack.agent.watch import ProtectionWatch  # noqa: E402
 
 LOG = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ class AgentService(os_service.Service):
         self._own_transport = transport is None
         self._rpcserver: Optional[oslo_messaging.MessageHandlingServer] = None
         self._monitor: Optional[threading.Thread] = None
+        self.watch: Optional[ProtectionWatch] = None
+        self._notifier: Any = None
+        self._metrics: Any = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
 
@@ -83,6 +87,7 @@ class AgentService(os_service.Service):
         host = self.conf.agent.host
         self.manager = self.manager_factory()
         self.manager.start()
+        self._start_reporting(host)
         self._monitor = threading.Thread(
             target=self._monitor_loop, name='mftvm-monitor', daemon=True)
         self._monitor.start()
@@ -96,6 +101,21 @@ class AgentService(os_service.Service):
             access_policy=oslo_messaging.DefaultRPCAccessPolicy)
         self._rpcserver.start()
         LOG.info('mftvm-agent %s serving topic %s', host, rpcapi.TOPIC)
+
+    def _start_reporting(self, host: str) -> None:
+        """Notifications and metrics, fed by the manager's periodic look
+        at its instances (a manager without ``observers`` has neither)."""
+        from mftvm_openstack.agent import metrics, notifier
+
+        if not hasattr(self.manager, 'observers'):
+            return
+        watch = self.watch = ProtectionWatch(host)
+        self._notifier = notifier.AgentNotifier(self.conf, host)
+        self._metrics = metrics.start(watch, self.conf.metrics.bind_address,
+                                      self.conf.metrics.port)
+        send = self._notifier.send
+        self.manager.observers.append(
+            lambda statuses: send(watch.observe(statuses)))
 
     def _monitor_loop(self) -> None:
         interval = float(self.conf.agent.monitor_interval)
@@ -133,6 +153,13 @@ class AgentService(os_service.Service):
                 self.manager.stop()
             except Exception:
                 LOG.exception('stopping the manager failed')
+        for part in (self._metrics, self._notifier):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception:
+                    LOG.exception('stopping %s failed', part)
+        self._metrics = self._notifier = None
         if self._rpcserver is not None:
             try:
                 self._rpcserver.wait()

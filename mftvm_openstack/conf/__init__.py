@@ -208,10 +208,28 @@ replication_opts: list[cfg.Opt] = [
              'not taken as a secondary: neither side downgrades.'),
 ]
 
+metrics_opts: list[cfg.Opt] = [
+    cfg.PortOpt(
+        'port',
+        help='TCP port of the agent\'s Prometheus endpoint '
+             '(http://bind_address:port/metrics): per-guest epochs, '
+             'pauses, replication lag, held output, protected or not, and '
+             'failovers. Unset (the default): no endpoint. It has no '
+             'authentication and names the guests of this host, so '
+             'nothing listens unless you ask for it.'),
+    cfg.HostAddressOpt(
+        'bind_address', default='127.0.0.1',
+        help='Address the Prometheus endpoint listens on. The default '
+             'serves a scraper or proxy on this host only; set the '
+             'address of the management network for a Prometheus '
+             'elsewhere, never one that tenants reach.'),
+]
+
 GROUPS: dict[str, list[cfg.Opt]] = {
     'agent': agent_opts,
     'fencing': fencing_opts,
     'ft': ft_opts,
+    'metrics': metrics_opts,
     'replication': replication_opts,
 }
 

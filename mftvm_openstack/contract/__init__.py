@@ -18,7 +18,9 @@ other is defined here, typed, and checked on the way in:
   root), the protection options, a failover's answer;
 * :mod:`.control` — the instance process's control requests and replies;
 * :mod:`.hello` — the handshake of a pair's data stream, with its
-  protocol version.
+  protocol version;
+* :mod:`.notifications` — the agents' versioned notifications: event
+  types and payloads.
 
 Nothing here imports the engine, numpy, stevedore or QEMU's libraries:
 nova-api imports it (through the flavor validators) and must stay light.

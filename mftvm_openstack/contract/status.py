@@ -19,6 +19,10 @@ from typing import Optional
 from mftvm_openstack.contract.record import Record
 from mftvm_openstack.contract.states import Role, State
 
+#: the ``reason`` of a primary whose protection an operator ended (any
+#: other reason for leaving PROTECTED is a lost secondary)
+UNPROTECTED_BY_REQUEST = 'protection ended by request'
+
 
 @dataclasses.dataclass(frozen=True)
 class PauseParts(Record):

@@ -31,7 +31,11 @@ from mftvm_openstack.contract.control import (
     ControlRequest,
 )
 from mftvm_openstack.contract.states import Role, State
-from mftvm_openstack.contract.status import InstanceStatus, Takeover
+from mftvm_openstack.contract.status import (
+    UNPROTECTED_BY_REQUEST,
+    InstanceStatus,
+    Takeover,
+)
 from mftvm_openstack.files import private_dir
 from mftvm_openstack.ft import pair, transport, vm
 from mftvm_openstack.instance.config import load_guest
@@ -187,7 +191,7 @@ class Side:
                 ('' if op is ControlOp.UNPROTECT else
                  ': there is no secondary to fail over to'))
         if op is ControlOp.UNPROTECT:
-            machine.post(pair.SecondaryLost('protection ended by request'))
+            machine.post(pair.SecondaryLost(UNPROTECTED_BY_REQUEST))
         else:
             machine.post(pair.Stop(handover=True))
         return ControlReply(ok=True)

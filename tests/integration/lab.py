@@ -725,11 +725,14 @@ epoch_ms = 200
 
 def start_agent(lab: Lab, host: str, workdir: str, rabbit: RabbitMQ,
                 backend: Union[Redis, EtcdCluster], lease: int = 3,
-                peers: Optional[Sequence[str]] = None) -> subprocess.Popen:
+                peers: Optional[Sequence[str]] = None,
+                extra_conf: str = '') -> subprocess.Popen:
     """Write ``host``'s agent config under ``workdir`` and start a real
     ``mftvm-agent`` in its namespace (state in ``workdir/<host>``, log in
     ``workdir/<host>-agent.log``), fencing on ``backend`` (its ``url``);
-    its peers are ``peers``, by default every lab host."""
+    its peers are ``peers``, by default every lab host. ``extra_conf``
+    (ini text, e.g. ``[metrics]`` or ``[oslo_messaging_notifications]``
+    sections) is appended to the config."""
     import sys
 
     state = os.path.join(workdir, host)
@@ -740,6 +743,7 @@ def start_agent(lab: Lab, host: str, workdir: str, rabbit: RabbitMQ,
             host=host, state=state, rabbit=rabbit.url, redis=backend.url,
             ip=lab.ip(host), peers=','.join(peers or lab.hosts), lease=lease,
             debug='true' if os.environ.get('MFTVM_DEBUG') else 'false'))
+        f.write(extra_conf)
     agent = os.path.join(os.path.dirname(sys.executable), 'mftvm-agent')
     with open(os.path.join(workdir, f'{host}-agent.log'), 'ab') as log:
         return lab.popen(host, [agent, '--config-file', conf], stdout=log,

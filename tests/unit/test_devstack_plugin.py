@@ -96,14 +96,17 @@ class DevStackPluginTest(testtools.TestCase):
             f.write('port 6379\nbind 127.0.0.1 -::1\n')
 
     def fake_python(self):
-        """A python3 in the exec prefix that only logs its arguments."""
+        """A python3 (and glance-manage) in the exec prefix that only log
+        their arguments."""
         bin_dir = os.path.join(self.tmp, 'venv-bin')
         os.makedirs(bin_dir, exist_ok=True)
-        path = os.path.join(bin_dir, 'python3')
-        with open(path, 'w') as f:
-            f.write('#!/bin/bash\n(IFS=$\'\\t\'; '
-                    'printf "python3\\t%s\\n" "$*") >> "$MFTVM_TEST_LOG"\n')
-        os.chmod(path, 0o755)
+        for name in ('python3', 'glance-manage'):
+            path = os.path.join(bin_dir, name)
+            with open(path, 'w') as f:
+                f.write(f'#!/bin/bash\n(IFS=$\'\\t\'; '
+                        f'printf "{name}\\t%s\\n" "$*") >> '
+                        f'"$MFTVM_TEST_LOG"\n')
+            os.chmod(path, 0o755)
         return bin_dir
 
     def env(self, **overrides):
@@ -480,6 +483,29 @@ class DevStackPluginTest(testtools.TestCase):
                    ENABLED_SERVICES=CONTROLLER_SERVICES + ',mftvm-agent')
         self.assertEqual(['mftvm-agent'],
                          [c[0] for c in self.calls('run_process')])
+
+    def test_extra_loads_the_metadefs_where_glance_runs(self):
+        self.phase('stack', 'extra')
+        self.assertEqual(
+            [('--config-file', '/etc/glance/glance-api.conf', 'db',
+              'load_metadefs', '--path',
+              '/opt/stack/mftvm-openstack/etc/metadefs/mftvm-ft.json',
+              '--merge', '--overwrite')],
+            self.calls('glance-manage'))
+        self.assertTrue(os.path.exists(os.path.join(
+            ROOT, 'etc', 'metadefs', 'mftvm-ft.json')))
+        # DevStack's own Glance paths when lib/glance set them
+        self.reset()
+        self.phase('stack', 'extra', GLANCE_BIN_DIR=self.exec_prefix,
+                   GLANCE_API_CONF='/etc/g/api.conf')
+        self.assertEqual(['/etc/g/api.conf'],
+                         [c[1] for c in self.calls('glance-manage')])
+
+    def test_extra_metadefs_not_loaded_without_glance_or_when_off(self):
+        self.phase('stack', 'extra',
+                   ENABLED_SERVICES=AIO_SERVICES.replace('g-api,', ''))
+        self.phase('stack', 'extra', MFTVM_LOAD_METADEFS='False')
+        self.assertEqual([], self.calls('glance-manage'))
 
     # unstack, clean
 
