@@ -68,10 +68,11 @@ def _ask_as_user(uid, path, request):
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(5)
                 s.connect(path)
-                s.sendall(request)
                 try:
+                    s.sendall(request)
                     answer = s.recv(4096)
-                except ConnectionResetError:  # closed with the request unread
+                except (BrokenPipeError, ConnectionResetError):
+                    # closed before the request was sent, or with it unread
                     answer = b''
                 os.write(write_end, b'answer:' + answer)
         except BaseException as exc:
