@@ -157,16 +157,19 @@ ft_opts = [
                help='adaptive_epochs: shortest epoch, from one '
                     'checkpoint\'s start to the next\'s (at most '
                     '1000/min_epoch_ms checkpoints a second).'),
-    cfg.IntOpt('max_pause_percent', default=50,
+    cfg.IntOpt('max_pause_percent', default=25,
                min=PAUSE_PERCENT_RANGE[0], max=PAUSE_PERCENT_RANGE[1],
-               help='adaptive_epochs: most of the time, in percent, a '
-                    'guest that keeps talking spends paused for '
-                    'checkpoints: the next checkpoint waits until this '
-                    'share of the time since covers the pauses the last '
-                    'ones took (a second\'s share may be saved up for a '
-                    'burst). Pauses grow with the memory the guest '
-                    'dirties, so a guest that dirties more gets longer '
-                    'epochs. Never stretches an epoch past epoch_ms.'),
+               help='adaptive_epochs: most of the time it wants to run, '
+                    'in percent, a guest loses to checkpoint pauses: the '
+                    'next checkpoint waits until this share of the time '
+                    'since covers what the last pauses cost (a second\'s '
+                    'share may be saved up for a burst). A pause costs '
+                    'what the guest would have run meanwhile, judged by '
+                    'its QEMU\'s CPU time: nothing for a guest waiting '
+                    'for its clients, all of it for a busy one. Pauses '
+                    'grow with the memory the guest dirties, so a busy '
+                    'guest that dirties more gets longer epochs. Never '
+                    'stretches an epoch past epoch_ms.'),
     cfg.IntOpt('idle_epoch_ms', default=1000, min=IDLE_EPOCH_MS_RANGE[0],
                max=IDLE_EPOCH_MS_RANGE[1],
                help='Longest epoch, in milliseconds, while the guest sends '

@@ -71,7 +71,7 @@ class ProtectOptions:
     adaptive_epochs: bool = True
     output_batch_ms: int = 2
     min_epoch_ms: int = 10
-    max_pause_percent: int = 50
+    max_pause_percent: int = 25
     #: seconds the guest runs unprotected before protection starts (the
     #: initial sync then copies a live guest's disk)
     start_delay: float = 0.0

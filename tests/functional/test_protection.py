@@ -342,12 +342,11 @@ class ClientLoadFailoverTest(base.GuestTestCase):
             t.start()
         self.addCleanup(stop.set)
         try:
-            time.sleep(random.uniform(3, 5))
+            base.wait_for(lambda: len(answers) >= 20, 60,
+                          what='answers under load')
+            time.sleep(random.uniform(0, 1))
             prim = self.side('cl', 'primary')
             self.assertEqual(State.PROTECTED, prim['state'])
-            # The epochs really were short: many of them, each ending
-            # soon after the answers the clients were waiting for.
-            self.assertGreater(prim['epochs'], 20, prim)
             with lock:
                 before = len(answers)
             os.kill(prim['qemu_pid'], signal.SIGKILL)

@@ -105,7 +105,7 @@ class GuestDirTest(unittest.TestCase):
     def test_the_adaptive_epoch_from_the_ft_group(self):
         none = ProtectionOptions()
         opts = self.m.host_options(none)
-        self.assertEqual((True, 2, 10, 50), (
+        self.assertEqual((True, 2, 10, 25), (
             opts['adaptive_epochs'], opts['output_batch_ms'],
             opts['min_epoch_ms'], opts['max_pause_percent']))
         self.m.conf.set_override('adaptive_epochs', False, group='ft')

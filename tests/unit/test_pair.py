@@ -4,6 +4,7 @@ no real waiting: virtual time moves only when a test advances it)."""
 import asyncio
 import gc
 import json
+import os
 import threading
 import unittest
 
@@ -549,9 +550,12 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
 
     # -- the adaptive epoch (pair.cadence) --
 
-    async def make_adaptive(self, **policy):
+    async def make_adaptive(self, guest_cpu=lambda: None, **policy):
+        # (guest_cpu None: how busy the guest is is unknown, so every
+        # pause counts in full)
         await self.make(epoch_ms=200, idle_epoch_ms=1000,
-                        policy=pair.EpochPolicy(**policy))
+                        policy=pair.EpochPolicy(**policy),
+                        guest_cpu=guest_cpu)
         # the secondary acks every checkpoint at once
         answer = self.chan.on_send
 
@@ -614,6 +618,31 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         before = len(self.cap.captured)
         await self.clock.advance(1)
         self.assertGreater(len(self.cap.captured) - before, 40)
+
+    async def test_a_guest_that_waits_for_its_clients_loses_nothing(self):
+        # The same 50 ms pauses at 25 %, but the guest's QEMU used no CPU
+        # between them: it was waiting for the network, and pausing it
+        # took nothing from it. Its epochs stay short.
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=10,
+                                 max_pause_percent=25,
+                                 guest_cpu=lambda: 3.0)
+        self.cap.pause_s = 0.05
+        self.guest_always_talks()
+        self.out.hold(100)
+        await self.clock.advance(2)
+        self.assertGreater(len(self.cap.captured), 150)
+
+    async def test_a_busy_guest_is_paused_at_most_its_share(self):
+        # Its QEMU used CPU all the time it ran: each pause counts.
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=10,
+                                 max_pause_percent=25,
+                                 guest_cpu=lambda: self.clock.now)
+        self.cap.pause_s = 0.05
+        self.guest_always_talks()
+        self.out.hold(100)
+        await self.clock.advance(10)
+        paused = len(self.cap.captured) * self.cap.pause_s
+        self.assertLessEqual(paused, 0.25 * 10 + 0.25 + 2 * self.cap.pause_s)
 
     async def test_the_pause_share_never_stretches_an_epoch_past_epoch_ms(
             self):
@@ -835,6 +864,12 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
 
 
 class EpochPolicyTest(unittest.TestCase):
+
+    def test_the_cpu_time_of_a_process(self):
+        mine = pair.cadence.process_cpu_seconds(os.getpid())
+        self.assertIsInstance(mine, float)
+        self.assertGreaterEqual(mine, 0)
+        self.assertIsNone(pair.cadence.process_cpu_seconds(-1))
 
     def test_an_epoch_policy_out_of_its_ranges_is_refused(self):
         for bad in ({'output_batch_ms': -1}, {'output_batch_ms': 1001},

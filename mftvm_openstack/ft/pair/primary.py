@@ -12,13 +12,18 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
 from mftvm_openstack.contract.hello import Ready
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import transport
-from mftvm_openstack.ft.pair.cadence import Cadence, EpochPolicy
+from mftvm_openstack.ft.pair.cadence import (
+    Cadence,
+    EpochPolicy,
+    process_cpu_seconds,
+)
 from mftvm_openstack.ft.pair.events import (
     Acked,
     GuestExited,
@@ -99,6 +104,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
                  max_held_epochs: int = 50,
                  max_held_bytes: int = 32 << 20,
                  policy: Optional[EpochPolicy] = None,
+                 guest_cpu: Optional[Callable[[], Optional[float]]] = None,
                  state: State = State.STARTING,
                  stats: Optional[Stats] = None) -> None:
         super().__init__(clock, state, stats)
@@ -113,6 +119,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self.max_held_epochs = max(1, max_held_epochs)
         self.max_held_bytes = max_held_bytes
         self.policy = policy
+        #: the guest's CPU time so far (s; the policy weighs pauses by it)
+        self.guest_cpu = guest_cpu or self._qemu_cpu
         self._cadence: Optional[Cadence] = None
         # set once the Tick the ticker posted was handled
         self._tick_handled = asyncio.Event()
@@ -152,6 +160,10 @@ class PrimaryPair(Machine['PrimaryEvent']):
         machine.guest, machine.monitor = guest, monitor
         machine.pair_id = secondary.pair_id
         return machine
+
+    def _qemu_cpu(self) -> Optional[float]:
+        return (None if self.guest is None
+                else process_cpu_seconds(self.guest.pid))
 
     def _on_task_failure(self, exc: BaseException) -> PrimaryEvent:
         return SecondaryLost(f'internal error: {exc!r}')
@@ -503,7 +515,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
         ckpt = await self.link.capturer.capture(
             epoch, self._mark, self.link.output.seal, resume and not pause)
         if self._cadence is not None:
-            self._cadence.checkpoint_taken(started, ckpt.pause_s)
+            self._cadence.checkpoint_taken(started, ckpt.pause_s,
+                                           self.guest_cpu())
         if pause and resume and not self.held_output_full:
             self._held_full()
         self.next_epoch += 1
