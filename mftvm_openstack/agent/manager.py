@@ -259,6 +259,10 @@ class AgentManager:
             'ack_timeout': c.ft.ack_timeout,
             'max_held_epochs': c.ft.max_held_epochs,
             'max_held_bytes': c.ft.max_held_bytes,
+            'adaptive_epochs': c.ft.adaptive_epochs,
+            'output_batch_ms': c.ft.output_batch_ms,
+            'min_epoch_ms': c.ft.min_epoch_ms,
+            'max_pause_percent': c.ft.max_pause_percent,
             'hang_timeout': c.agent.hang_timeout,
             'replica_timeout': c.agent.replica_timeout,
             # for people to read: the instance process gets the URL

@@ -23,7 +23,13 @@ import socket
 from oslo_config import cfg
 
 from mftvm_openstack.contract import plugins
-from mftvm_openstack.contract.limits import EPOCH_MS_RANGE, IDLE_EPOCH_MS_RANGE
+from mftvm_openstack.contract.limits import (
+    EPOCH_MS_RANGE,
+    IDLE_EPOCH_MS_RANGE,
+    MIN_EPOCH_MS_RANGE,
+    OUTPUT_BATCH_MS_RANGE,
+    PAUSE_PERCENT_RANGE,
+)
 
 CONF = cfg.CONF
 
@@ -125,10 +131,46 @@ fencing_opts = [
 ft_opts = [
     cfg.IntOpt('epoch_ms', default=200, min=EPOCH_MS_RANGE[0],
                max=EPOCH_MS_RANGE[1],
-               help='Default length of an epoch (checkpoint interval) in '
-                    'milliseconds while the guest sends packets: they are '
-                    'held until their epoch commits, so this bounds the '
-                    'latency protection adds.'),
+               help='Longest epoch (checkpoint interval), in milliseconds, '
+                    'while the guest sends packets: they are held until '
+                    'their epoch commits, so this bounds the latency '
+                    'protection adds. With adaptive_epochs (the default) '
+                    'such an epoch usually ends much sooner, '
+                    'output_batch_ms after its first packet; without, it '
+                    'lasts this long.'),
+    cfg.BoolOpt('adaptive_epochs', default=True,
+                help='End an epoch soon after the guest\'s first packet in '
+                     'it (output_batch_ms later), no sooner than '
+                     'min_epoch_ms after the last checkpoint began, and '
+                     'never so often that the guest spends more than '
+                     'max_pause_percent of its time paused; an epoch '
+                     'without packets runs on to idle_epoch_ms. Off: an '
+                     'epoch that holds packets lasts epoch_ms.'),
+    cfg.IntOpt('output_batch_ms', default=2,
+               min=OUTPUT_BATCH_MS_RANGE[0], max=OUTPUT_BATCH_MS_RANGE[1],
+               help='adaptive_epochs: how long after the guest\'s first '
+                    'packet of an epoch the epoch ends, so that the rest '
+                    'of a reply, and other clients\' packets, share its '
+                    'commit. Each packet waits this, plus the checkpoint '
+                    'pause and the round trip to the secondary.'),
+    cfg.IntOpt('min_epoch_ms', default=10,
+               min=MIN_EPOCH_MS_RANGE[0], max=MIN_EPOCH_MS_RANGE[1],
+               help='adaptive_epochs: shortest epoch, from one '
+                    'checkpoint\'s start to the next\'s (at most '
+                    '1000/min_epoch_ms checkpoints a second).'),
+    cfg.IntOpt('max_pause_percent', default=25,
+               min=PAUSE_PERCENT_RANGE[0], max=PAUSE_PERCENT_RANGE[1],
+               help='adaptive_epochs: most of the time it wants to run, '
+                    'in percent, a guest loses to checkpoint pauses: the '
+                    'next checkpoint waits until this share of the time '
+                    'since covers what the last pauses cost (a second\'s '
+                    'share may be saved up for a burst). A pause costs '
+                    'what the guest would have run meanwhile, judged by '
+                    'its QEMU\'s CPU time: nothing for a guest waiting '
+                    'for its clients, all of it for a busy one. Pauses '
+                    'grow with the memory the guest dirties, so a busy '
+                    'guest that dirties more gets longer epochs. Never '
+                    'stretches an epoch past epoch_ms.'),
     cfg.IntOpt('idle_epoch_ms', default=1000, min=IDLE_EPOCH_MS_RANGE[0],
                max=IDLE_EPOCH_MS_RANGE[1],
                help='Longest epoch, in milliseconds, while the guest sends '

@@ -10,6 +10,12 @@ validators all read them from here::
 EPOCH_MS_RANGE = (20, 10000)
 #: the longest idle epoch (ms): 0 (every epoch epoch_ms long) to a minute
 IDLE_EPOCH_MS_RANGE = (0, 60000)
+#: the adaptive epoch (ft.pair.cadence): the batching delay after a
+#: guest's first packet (ms), the shortest epoch (ms), the most of the
+#: time a guest may spend paused (percent)
+OUTPUT_BATCH_MS_RANGE = (0, 1000)
+MIN_EPOCH_MS_RANGE = (1, 10000)
+PAUSE_PERCENT_RANGE = (5, 100)
 #: the guest sizes a caller may ask for: memory (MiB) and virtual CPUs
 MEMORY_MIB_RANGE = (16, 65536)
 SMP_RANGE = (1, 64)

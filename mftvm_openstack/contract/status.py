@@ -61,6 +61,10 @@ class InstanceStatus(Record):
     pause_ms_p50: Optional[float] = None
     pause_ms_p99: Optional[float] = None
     pause_parts_ms_p50: Optional[PauseParts] = None
+    #: primary: after the pause, sending a checkpoint, then waiting for
+    #: its ACK (ms, p50): a held packet waits the pause plus these
+    ship_ms_p50: Optional[float] = None
+    ack_ms_p50: Optional[float] = None
     dirty_mib_total: float = 0.0
     #: primary: output frames held now / released so far, MiB shipped
     held_frames: Optional[int] = None

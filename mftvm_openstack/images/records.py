@@ -3,6 +3,7 @@
 Mirrors the layout written by ``guest/guestd.c`` (see its header comment):
 
 * ``[0, 4 KiB)``: the counter block, ``b"MFTVCNT1"`` + u64 value;
+* ``[4 KiB, 8 KiB)``: the session counter's, ``b"MFTVSES1"`` + u64 value;
 * from ``WRITER_BASE`` (1 MiB): writer record k at ``WRITER_BASE + k * 4096``.
 
 A writer record chains to the previous one by hash, so a disk image tells

@@ -44,6 +44,10 @@ HOST_DEFAULTS: dict[str, Any] = {
     'ack_timeout': 10.0,     # a shipped epoch unacked this long: lost
     'max_held_epochs': 50,   # output held over more unacked epochs, or
     'max_held_bytes': 32 << 20,   # more bytes: the guest pauses
+    'adaptive_epochs': True,  # an epoch ends soon after the first packet:
+    'output_batch_ms': 2,     # this long after it, at least
+    'min_epoch_ms': 10,       # after the last checkpoint began, and with
+    'max_pause_percent': 25,  # a busy guest paused at most this share
     'hang_timeout': 15.0,    # QEMU silent on QMP this long counts as dead
     'replica_timeout': 3.0,  # disk replica silent this long is cut off
     'libvirt_uri': 'qemu:///system',   # for a guest run by libvirt

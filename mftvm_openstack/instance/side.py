@@ -113,11 +113,19 @@ class Side:
             **self.bounds(), **kwargs)
 
     def bounds(self) -> dict[str, Any]:
-        """The primary machine's bounds, as the options say."""
+        """The primary machine's bounds and epoch policy, as the options
+        say."""
         opts = self.options
+        policy = None
+        if opts['adaptive_epochs']:
+            policy = pair.EpochPolicy(
+                output_batch_ms=int(opts['output_batch_ms']),
+                min_epoch_ms=int(opts['min_epoch_ms']),
+                max_pause_percent=int(opts['max_pause_percent']))
         return {'ack_timeout': float(opts['ack_timeout']),
                 'max_held_epochs': int(opts['max_held_epochs']),
-                'max_held_bytes': int(opts['max_held_bytes'])}
+                'max_held_bytes': int(opts['max_held_bytes']),
+                'policy': policy}
 
     def load_fence(self) -> fencing.Fence:
         opts = self.options

@@ -41,6 +41,7 @@ from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.files import private_dir, write_json_atomic
 from mftvm_openstack.ft import capacity, pair_tls, trackers, vm
+from mftvm_openstack.ft.pair.cadence import EpochPolicy
 from mftvm_openstack.instance.client import control, pid_alive, status_of
 from mftvm_openstack.instance.config import new_tls_dir
 from mftvm_openstack.waiting import wait_until
@@ -66,6 +67,11 @@ class ProtectOptions:
     ack_timeout: float = 10.0
     max_held_epochs: int = 50
     max_held_bytes: int = 32 << 20
+    #: the adaptive epoch (see [ft] adaptive_epochs and ft.pair.cadence)
+    adaptive_epochs: bool = True
+    output_batch_ms: int = 2
+    min_epoch_ms: int = 10
+    max_pause_percent: int = 25
     #: seconds the guest runs unprotected before protection starts (the
     #: initial sync then copies a live guest's disk)
     start_delay: float = 0.0
@@ -179,6 +185,12 @@ def _check_options(opts: ProtectOptions) -> None:
         flag = '--' + exc.field.replace('_', '-')
         raise UserError(f'{flag} {getattr(opts, exc.field)}: '
                         f'{exc.reason}') from None
+    try:
+        EpochPolicy(output_batch_ms=opts.output_batch_ms,
+                    min_epoch_ms=opts.min_epoch_ms,
+                    max_pause_percent=opts.max_pause_percent)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     # Not the contract's choice check: this also says whether the
     # tracker can run on this host.
     try:

@@ -102,6 +102,21 @@ class GuestDirTest(unittest.TestCase):
         self.assertEqual(2500, self.m.host_options(
             ProtectionOptions(idle_epoch_ms=2500))['idle_epoch_ms'])
 
+    def test_the_adaptive_epoch_from_the_ft_group(self):
+        none = ProtectionOptions()
+        opts = self.m.host_options(none)
+        self.assertEqual((True, 2, 10, 25), (
+            opts['adaptive_epochs'], opts['output_batch_ms'],
+            opts['min_epoch_ms'], opts['max_pause_percent']))
+        self.m.conf.set_override('adaptive_epochs', False, group='ft')
+        self.m.conf.set_override('output_batch_ms', 7, group='ft')
+        self.m.conf.set_override('min_epoch_ms', 30, group='ft')
+        self.m.conf.set_override('max_pause_percent', 20, group='ft')
+        opts = self.m.host_options(none)
+        self.assertEqual((False, 7, 30, 20), (
+            opts['adaptive_epochs'], opts['output_batch_ms'],
+            opts['min_epoch_ms'], opts['max_pause_percent']))
+
     def test_spec_without_guest_or_domain_is_refused(self):
         with self.assertRaises(exception.InvalidRequest) as ctx:
             self.m.new_instance_dir(

@@ -4,6 +4,7 @@ import gzip
 import os
 import re
 import shutil
+import socket
 import subprocess
 
 import fixtures
@@ -189,3 +190,32 @@ class TestGuestdWriter(testtools.TestCase):
         self.assertEqual(2, records.verify_chain(
             records.read_records(self.disk)))
 
+
+    def test_session_answers_each_line_of_many_clients_and_persists(self):
+        with open(self.disk, "wb") as f:
+            f.truncate(1 << 20)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [self.guestd, "session", str(port), self.disk],
+            stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        self.assertEqual(f"SESSION-READY {port} 0", proc.stdout.readline()
+                         .strip())
+        conns = [socket.create_connection(("127.0.0.1", port), 5)
+                 for _ in range(3)]
+        answers = []
+        for _ in range(4):
+            for c in conns:         # interleaved: all open at once
+                c.sendall(b"INC\n")
+                answers.append(int(c.makefile("rb").readline()))
+        for c in conns:
+            c.close()
+        self.assertEqual(list(range(1, 13)), answers)
+        with open(self.disk, "rb") as f:
+            f.seek(4096)
+            block = f.read(16)
+        # its own block: the per-request counter's stays untouched
+        self.assertEqual(b"MFTVSES1" + (12).to_bytes(8, "little"), block)

@@ -4,6 +4,7 @@ no real waiting: virtual time moves only when a test advances it)."""
 import asyncio
 import gc
 import json
+import os
 import threading
 import unittest
 
@@ -92,6 +93,8 @@ class FakeCapturer:
         self.captured = []
         #: the epochs after which the guest was left paused
         self.left_paused = []
+        #: how long each checkpoint says it paused the guest
+        self.pause_s = 0.01
 
     async def capture(self, epoch, mark, on_stopped=None, resume=True):
         if on_stopped:
@@ -102,7 +105,8 @@ class FakeCapturer:
             self.left_paused.append(epoch)
         delta = RamDelta(np.array([epoch], np.uint32),
                          np.full((1, PAGE_SIZE), epoch % 256, np.uint8))
-        return Checkpoint(epoch, b'dev%d' % epoch, delta, 0.01, 0, 0, 0)
+        return Checkpoint(epoch, b'dev%d' % epoch, delta, self.pause_s,
+                          0, 0, 0)
 
 
 class FakeDisk:
@@ -475,6 +479,18 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(1, self.machine.stats.committed)
         self.assertEqual(State.PROTECTED, self.machine.state)
 
+    async def test_status_says_how_long_ship_and_ack_take(self):
+        await self.make()
+        self.assertIsNone(self.machine.status().ack_ms_p50)
+        self.machine.post(pair.Tick())
+        await settle()
+        await self.clock.advance(0.007)
+        self.chan.inbox.put_nowait(Message(Kind.ACK, 1))
+        await settle()
+        st = self.machine.status()
+        self.assertEqual(0.0, st.ship_ms_p50)     # (the fake sends at once)
+        self.assertAlmostEqual(7.0, st.ack_ms_p50)
+
     async def test_many_epochs_leave_no_task_behind(self):
         # Each epoch is shipped in a task of its own; a finished one must
         # not stay referenced (it held the epoch's checkpoint, too).
@@ -530,6 +546,141 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await self.clock.advance(0.6)
         self.assertEqual([1], self.cap.captured)
         await self.clock.advance(0.6)
+        self.assertEqual([1, 2], self.cap.captured)
+
+    # -- the adaptive epoch (pair.cadence) --
+
+    async def make_adaptive(self, guest_cpu=lambda: None, **policy):
+        # (guest_cpu None: how busy the guest is is unknown, so every
+        # pause counts in full)
+        await self.make(epoch_ms=200, idle_epoch_ms=1000,
+                        policy=pair.EpochPolicy(**policy),
+                        guest_cpu=guest_cpu)
+        # the secondary acks every checkpoint at once
+        answer = self.chan.on_send
+
+        def on_send(kind, epoch):
+            answer(kind, epoch)
+            if kind == Kind.CHECKPOINT:
+                self.chan.inbox.put_nowait(Message(Kind.ACK, epoch))
+        self.chan.on_send = on_send
+
+    def guest_always_talks(self):
+        """From now on the guest sends again right after each seal."""
+        seal = self.out.seal
+
+        def seal_and_send(epoch):
+            seal(epoch)
+            self.out.waiting.set()
+        self.out.seal = seal_and_send
+
+    async def test_an_epoch_ends_a_batch_after_its_first_packet(self):
+        await self.make_adaptive(output_batch_ms=5, min_epoch_ms=10)
+        await self.clock.advance(0.3)
+        self.assertEqual([], self.cap.captured)   # silent: runs on
+        self.out.hold(100)
+        await self.clock.advance(0.004)
+        self.assertEqual([], self.cap.captured)   # batching
+        await self.clock.advance(0.002)
+        # 5 ms after the packet, not epoch_ms (200) after the last epoch
+        self.assertEqual([1], self.cap.captured)
+        self.assertEqual([1], self.out.released)
+        # Silent again: the next runs to idle_epoch_ms, no longer.
+        await self.clock.advance(0.9)
+        self.assertEqual([1], self.cap.captured)
+        await self.clock.advance(0.2)
+        self.assertEqual([1, 2], self.cap.captured)
+
+    async def test_epochs_are_never_shorter_than_min_epoch_ms(self):
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=30,
+                                 max_pause_percent=100)
+        self.guest_always_talks()
+        self.out.hold(100)
+        await self.clock.advance(0.305)
+        # at 30, 60, ... 300 ms (the first epoch began with protection)
+        self.assertEqual(list(range(1, 11)), self.cap.captured)
+
+    async def test_pauses_take_at_most_their_share_of_the_time(self):
+        # 50 ms pauses, at most 25 % of the time: a guest that talks all
+        # along is checkpointed every 200 ms on average, not every 10 ms.
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=10,
+                                 max_pause_percent=25)
+        self.cap.pause_s = 0.05
+        self.guest_always_talks()
+        self.out.hold(100)
+        await self.clock.advance(10)
+        paused = len(self.cap.captured) * self.cap.pause_s
+        # the share of 10 s, plus the budget saved up at the start
+        self.assertLessEqual(paused, 0.25 * 10 + 0.25 + self.cap.pause_s)
+        self.assertGreaterEqual(paused, 0.25 * 10 - 2 * self.cap.pause_s)
+        # Cheaper pauses (a guest that dirties less) buy shorter epochs.
+        self.cap.pause_s = 0.005
+        before = len(self.cap.captured)
+        await self.clock.advance(1)
+        self.assertGreater(len(self.cap.captured) - before, 40)
+
+    async def test_a_guest_that_waits_for_its_clients_loses_nothing(self):
+        # The same 50 ms pauses at 25 %, but the guest's QEMU used no CPU
+        # between them: it was waiting for the network, and pausing it
+        # took nothing from it. Its epochs stay short.
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=10,
+                                 max_pause_percent=25,
+                                 guest_cpu=lambda: 3.0)
+        self.cap.pause_s = 0.05
+        self.guest_always_talks()
+        self.out.hold(100)
+        await self.clock.advance(2)
+        self.assertGreater(len(self.cap.captured), 150)
+
+    async def test_a_busy_guest_is_paused_at_most_its_share(self):
+        # Its QEMU used CPU all the time it ran: each pause counts.
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=10,
+                                 max_pause_percent=25,
+                                 guest_cpu=lambda: self.clock.now)
+        self.cap.pause_s = 0.05
+        self.guest_always_talks()
+        self.out.hold(100)
+        await self.clock.advance(10)
+        paused = len(self.cap.captured) * self.cap.pause_s
+        self.assertLessEqual(paused, 0.25 * 10 + 0.25 + 2 * self.cap.pause_s)
+
+    async def test_the_pause_share_never_stretches_an_epoch_past_epoch_ms(
+            self):
+        # One pause of 2 s would wait 20 s at 10 %: output waits for
+        # epoch_ms at most, as with fixed epochs.
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=10,
+                                 max_pause_percent=10)
+        self.cap.pause_s = 2.0
+        self.guest_always_talks()
+        self.out.hold(100)
+        await self.clock.advance(0.011)
+        self.assertEqual([1], self.cap.captured)
+        await self.clock.advance(0.19)
+        self.assertEqual([1], self.cap.captured)
+        await self.clock.advance(0.02)
+        self.assertEqual([1, 2], self.cap.captured)
+
+    async def test_the_next_checkpoint_waits_for_the_last_to_ship(self):
+        # A tick while the last checkpoint is still being sent would be
+        # dropped, and the output would wait a whole epoch more.
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=10,
+                                 max_pause_percent=100)
+        gate = asyncio.Event()
+        send = self.chan.send
+
+        async def slow_send(kind, epoch=0, *buffers):
+            if kind == Kind.CHECKPOINT:
+                await gate.wait()
+            await send(kind, epoch, *buffers)
+        self.chan.send = slow_send
+        self.out.hold(100)
+        await self.clock.advance(0.011)
+        self.assertEqual([1], self.cap.captured)
+        self.out.hold(100)
+        await self.clock.advance(0.05)
+        self.assertEqual([1], self.cap.captured)
+        gate.set()
+        await settle()
         self.assertEqual([1, 2], self.cap.captured)
 
     async def test_no_output_leaves_once_the_fence_says_the_lease_is_gone(
@@ -710,6 +861,25 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual([Kind.MARK, Kind.CHECKPOINT, Kind.PRIMARY_LOST],
                          self.chan.kinds())
         self.assertTrue(self.out.discarded)
+
+
+class EpochPolicyTest(unittest.TestCase):
+
+    def test_the_cpu_time_of_a_process(self):
+        mine = pair.cadence.process_cpu_seconds(os.getpid())
+        self.assertIsInstance(mine, float)
+        self.assertGreaterEqual(mine, 0)
+        self.assertIsNone(pair.cadence.process_cpu_seconds(-1))
+
+    def test_an_epoch_policy_out_of_its_ranges_is_refused(self):
+        for bad in ({'output_batch_ms': -1}, {'output_batch_ms': 1001},
+                    {'min_epoch_ms': 0}, {'max_pause_percent': 101},
+                    {'max_pause_percent': 4}, {'min_epoch_ms': 2.5},
+                    {'output_batch_ms': True}):
+            with self.assertRaisesRegex(ValueError, next(iter(bad))):
+                pair.EpochPolicy(**bad)
+        pair.EpochPolicy(output_batch_ms=0, min_epoch_ms=1,
+                         max_pause_percent=100)
 
 
 class FakeReplica:

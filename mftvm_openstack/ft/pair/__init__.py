@@ -60,6 +60,7 @@ SYNCING ...).
 """
 
 from mftvm_openstack.contract.limits import EPOCH_MS_RANGE, IDLE_EPOCH_MS_RANGE
+from mftvm_openstack.ft.pair.cadence import Cadence, EpochPolicy
 from mftvm_openstack.ft.pair.events import (
     Acked,
     Committed,
@@ -110,7 +111,7 @@ __all__ = [
     'LeaseLost', 'Listening', 'OutputFull', 'PrimaryEvent', 'PrimaryLost',
     'Protect', 'Refused', 'SecondaryEvent', 'SecondaryLost', 'Standby',
     'Stop', 'Synced', 'SyncFailed', 'Takeover', 'Tick', 'Capturer',
-    'Channel', 'Clock',
+    'Cadence', 'Channel', 'Clock', 'EpochPolicy',
     'DiskSync', 'GuestProcess', 'Link', 'OutputBuffer', 'OverlayStore',
     'OwnershipLost',
     'Prepared', 'Protector', 'RealClock', 'Replica', 'Stats', 'PrimaryPair',

@@ -45,6 +45,11 @@ class Stats:
         # where the pause went: (device state, RAM delta, disk mark) in ms
         self.parts_ms: collections.deque[tuple[float, float, float]] = \
             collections.deque(maxlen=self.WINDOW)
+        # primary: sending each checkpoint, and its send → ACK (ms)
+        self.ship_ms: collections.deque[float] = collections.deque(
+            maxlen=self.WINDOW)
+        self.ack_ms: collections.deque[float] = collections.deque(
+            maxlen=self.WINDOW)
         self.dirty_bytes = 0
         self.last_ack_at: Optional[float] = None
         self.failover_ms: Optional[float] = None
@@ -54,6 +59,10 @@ class Stats:
         if not self.pauses_ms:
             return None
         return float(np.percentile(self.pauses_ms, q))
+
+    @staticmethod
+    def _p50(values: collections.deque[float]) -> Optional[float]:
+        return round(float(np.median(values)), 2) if values else None
 
     def _parts_p50(self) -> Optional[PauseParts]:
         if not self.parts_ms:
@@ -72,6 +81,8 @@ class Stats:
             pause_ms_p50=None if p50 is None else round(p50, 2),
             pause_ms_p99=None if p99 is None else round(p99, 2),
             pause_parts_ms_p50=self._parts_p50(),
+            ship_ms_p50=self._p50(self.ship_ms),
+            ack_ms_p50=self._p50(self.ack_ms),
             dirty_mib_total=round(self.dirty_bytes / 2**20, 2),
             failover_ms=self.failover_ms, reason=self.reason)
 

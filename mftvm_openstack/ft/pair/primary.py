@@ -12,12 +12,18 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
 from mftvm_openstack.contract.hello import Ready
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import transport
+from mftvm_openstack.ft.pair.cadence import (
+    Cadence,
+    EpochPolicy,
+    process_cpu_seconds,
+)
 from mftvm_openstack.ft.pair.events import (
     Acked,
     GuestExited,
@@ -83,6 +89,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
     out early) until acks free room, and its status says so
     (``held_output_full``). An epoch shipped but not acked within
     ``ack_timeout`` seconds loses the secondary, as a broken stream does.
+
+    With a ``policy`` (:mod:`.cadence`), an epoch that holds output ends
+    soon after its first packet instead, within the policy's bounds.
     """
 
     def __init__(self, *, protector: Protector, clock: Clock,
@@ -94,6 +103,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
                  ack_timeout: float = 10.0,
                  max_held_epochs: int = 50,
                  max_held_bytes: int = 32 << 20,
+                 policy: Optional[EpochPolicy] = None,
+                 guest_cpu: Optional[Callable[[], Optional[float]]] = None,
                  state: State = State.STARTING,
                  stats: Optional[Stats] = None) -> None:
         super().__init__(clock, state, stats)
@@ -107,6 +118,12 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self.ack_timeout = ack_timeout
         self.max_held_epochs = max(1, max_held_epochs)
         self.max_held_bytes = max_held_bytes
+        self.policy = policy
+        #: the guest's CPU time so far (s; the policy weighs pauses by it)
+        self.guest_cpu = guest_cpu or self._qemu_cpu
+        self._cadence: Optional[Cadence] = None
+        # set once the Tick the ticker posted was handled
+        self._tick_handled = asyncio.Event()
         self.guest: Optional[GuestProcess] = None
         self.monitor: Optional[Monitor] = None
         #: the protection under way or in place (SYNCING, PROTECTED)
@@ -143,6 +160,10 @@ class PrimaryPair(Machine['PrimaryEvent']):
         machine.guest, machine.monitor = guest, monitor
         machine.pair_id = secondary.pair_id
         return machine
+
+    def _qemu_cpu(self) -> Optional[float]:
+        return (None if self.guest is None
+                else process_cpu_seconds(self.guest.pid))
 
     def _on_task_failure(self, exc: BaseException) -> PrimaryEvent:
         return SecondaryLost(f'internal error: {exc!r}')
@@ -202,7 +223,10 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 await self._sync_failed(event.error)
         elif isinstance(event, Tick):
             self._tick_posted = False
-            await self._tick()
+            try:
+                await self._tick()
+            finally:
+                self._tick_handled.set()
         elif isinstance(event, Acked):
             if self.state.final:
                 return
@@ -289,7 +313,13 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self.error = ''
         self.state = State.PROTECTED
         link.output.on_held = self._on_held
-        self._spawn(self._ticker(link.output))
+        if self.policy is None:
+            self._spawn(self._ticker(link.output))
+        else:
+            self._cadence = Cadence(self.policy, self.clock,
+                                   epoch_s=self.epoch_s,
+                                   idle_s=self.idle_epoch_s)
+            self._spawn(self._adaptive_ticker(link.output, self._cadence))
 
     async def _sync_failed(self, error: str) -> None:
         LOG.error('protecting the guest onto its secondary failed: %s',
@@ -336,6 +366,26 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 self._tick_posted = True
                 self.post(Tick())
 
+    async def _adaptive_ticker(self, output: OutputBuffer,
+                               cadence: Cadence) -> None:
+        while True:
+            await cadence.wait_due(output.waiting)
+            sending = self._sending
+            if sending is not None and not sending.done():
+                # A checkpoint waits for the last to be on its way (a
+                # Tick meanwhile would be dropped); bounded, so that the
+                # Tick still finds a stuck one.
+                with contextlib.suppress(TimeoutError):
+                    await self.clock.wait_for(asyncio.wait({sending}),
+                                              self.idle_epoch_s)
+            # The next epoch's wait starts once this one's checkpoint was
+            # taken (its seal clears output.waiting).
+            self._tick_handled.clear()
+            if not self._tick_posted:
+                self._tick_posted = True
+                self.post(Tick())
+            await self._tick_handled.wait()
+
     async def _reader(self, channel: Channel) -> None:
         # MARKED and ACK resolve their waiters here, not through the
         # queue: a checkpoint waits for its MARKED, and a handover for
@@ -348,6 +398,10 @@ class PrimaryPair(Machine['PrimaryEvent']):
                     if fut is not None and not fut.done():
                         fut.set_result(None)
                 elif msg.kind == Kind.ACK:
+                    shipped = self._shipped_at.get(msg.epoch)
+                    if shipped is not None:
+                        self.stats.ack_ms.append(
+                            (self.clock.monotonic() - shipped) * 1000)
                     for epoch in [e for e in self._acked if e <= msg.epoch]:
                         fut = self._acked.pop(epoch)
                         if not fut.done():
@@ -378,6 +432,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
         await self.clock.wait_for(fut, self.mark_timeout)
 
     async def _ship(self, channel: Channel, ckpt: Checkpoint) -> None:
+        started = self.clock.monotonic()
         try:
             await channel.send(
                 Kind.CHECKPOINT, ckpt.epoch,
@@ -386,8 +441,10 @@ class PrimaryPair(Machine['PrimaryEvent']):
             self.post(SecondaryLost(f'shipping checkpoint {ckpt.epoch}: '
                                     f'{exc}'))
         else:
+            shipped = self.clock.monotonic()
+            self.stats.ship_ms.append((shipped - started) * 1000)
             if ckpt.epoch > self.stats.committed:
-                self._shipped_at[ckpt.epoch] = self.clock.monotonic()
+                self._shipped_at[ckpt.epoch] = shipped
 
     # -- bounds --
 
@@ -454,8 +511,12 @@ class PrimaryPair(Machine['PrimaryEvent']):
         # At a bound once this epoch is taken: it stays paused.
         pause = self.held_output_full or self._at_bound(
             epoch - self.stats.committed)
+        started = self.clock.monotonic()
         ckpt = await self.link.capturer.capture(
             epoch, self._mark, self.link.output.seal, resume and not pause)
+        if self._cadence is not None:
+            self._cadence.checkpoint_taken(started, ckpt.pause_s,
+                                           self.guest_cpu())
         if pause and resume and not self.held_output_full:
             self._held_full()
         self.next_epoch += 1

@@ -5,6 +5,7 @@
  *
  *   guestd writer DEV [interval_ms [max_records]]
  *   guestd counter PORT DEV
+ *   guestd session PORT DEV
  *   guestd iobench DEV SECONDS
  *   guestd dirty MIB [RATE_MIB_PER_S]
  *
@@ -15,6 +16,7 @@
  * Disk layout of DEV (shared by the modes, so they can run together):
  *
  *   [0, 4 KiB)           counter block: "MFTVCNT1" + u64 value (LE)
+ *   [4 KiB, 8 KiB)       session counter block: "MFTVSES1" + u64 value
  *   [1 MiB, 512 MiB)     writer records, record k at 1 MiB + k * 4 KiB
  *   [512 MiB, 576 MiB)   iobench scratch area
  *
@@ -492,6 +494,92 @@ static __attribute__((noreturn)) void mode_counter(int argc, char **argv)
 	}
 }
 
+/* ---------------------------------------------------------------- session */
+
+/*
+ * The counter on persistent connections, for clients that keep theirs
+ * open: every line a client sends is answered with the next value
+ * (persisted first), many clients at once, each until it closes.
+ */
+#define SESSION_MAX 64
+#define SESSION_BLOCK 4096
+
+static __attribute__((noreturn)) void mode_session(int argc, char **argv)
+{
+	int port = atoi(argv[2]), one = 1, n = 0, i;
+	int fd = open_dev(argv[3]), srv;
+	uint8_t *blk = alloc_block();
+	struct sockaddr_in addr;
+	struct pollfd pfd[SESSION_MAX + 1];
+	uint64_t value = 0;
+
+	(void)argc;
+	read_block(fd, SESSION_BLOCK, blk);
+	if (memcmp(blk, "MFTVSES1", 8) == 0)
+		value = get_u64(blk + 8);
+	srv = socket(AF_INET, SOCK_STREAM, 0);
+	if (srv < 0)
+		die("socket");
+	setsockopt(srv, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	memset(&addr, 0, sizeof(addr));
+	addr.sin_family = AF_INET;
+	addr.sin_port = htons(port);
+	addr.sin_addr.s_addr = htonl(INADDR_ANY);
+	if (bind(srv, (struct sockaddr *)&addr, sizeof(addr)) != 0)
+		die("bind");
+	if (listen(srv, SESSION_MAX) != 0)
+		die("listen");
+	printf("SESSION-READY %d %llu\n", port, (unsigned long long)value);
+	pfd[0].fd = srv;
+	pfd[0].events = POLLIN;
+	for (;;) {
+		if (poll(pfd, n + 1, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			die("poll");
+		}
+		/* Backwards: dropping slot i moves the last one, already
+		 * looked at, into it. */
+		for (i = n; i >= 1; i--) {
+			char buf[256], reply[32];
+			ssize_t got;
+			int k, lines = 0;
+
+			if (!pfd[i].revents)
+				continue;
+			got = read(pfd[i].fd, buf, sizeof(buf));
+			if (got <= 0) {
+				close(pfd[i].fd);
+				pfd[i] = pfd[n--];
+				continue;
+			}
+			for (k = 0; k < got; k++)
+				lines += buf[k] == '\n';
+			while (lines-- > 0) {
+				value++;
+				memset(blk, 0, BLOCK);
+				memcpy(blk, "MFTVSES1", 8);
+				put_u64(blk + 8, value);
+				write_block(fd, SESSION_BLOCK, blk);
+				int len = snprintf(reply, sizeof(reply), "%llu\n",
+						   (unsigned long long)value);
+				if (write(pfd[i].fd, reply, len) != len)
+					printf("SESSION-WARNING short reply\n");
+			}
+		}
+		if ((pfd[0].revents & POLLIN) && n < SESSION_MAX) {
+			int c = accept(srv, NULL, NULL);
+
+			if (c >= 0) {
+				n++;
+				pfd[n].fd = c;
+				pfd[n].events = POLLIN;
+				pfd[n].revents = 0;
+			}
+		}
+	}
+}
+
 /* ---------------------------------------------------------------- iobench */
 
 static int mode_iobench(int argc, char **argv)
@@ -620,6 +708,7 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: guestd writer DEV [interval_ms [max_records]]\n"
 		"       guestd counter PORT DEV\n"
+		"       guestd session PORT DEV\n"
 		"       guestd iobench DEV SECONDS\n"
 		"       guestd dirty MIB\n"
 		"       guestd ticker INTERVAL_MS\n");
@@ -636,6 +725,8 @@ int main(int argc, char **argv)
 		return mode_writer(argc, argv);
 	if (strcmp(argv[1], "counter") == 0 && argc >= 4)
 		mode_counter(argc, argv);
+	if (strcmp(argv[1], "session") == 0 && argc >= 4)
+		mode_session(argc, argv);
 	if (strcmp(argv[1], "iobench") == 0 && argc >= 4)
 		return mode_iobench(argc, argv);
 	if (strcmp(argv[1], "dirty") == 0)

@@ -1,0 +1,194 @@
+"""When the primary's next checkpoint is due: soon after the guest's
+first held packet, never so often that pauses starve the guest.
+
+A packet the guest sends waits for its epoch's commit, so a talking
+guest's epoch should end soon after its first packet: ``output_batch_ms``
+later (the reply's other segments and other clients' packets join it).
+A silent epoch keeps nobody waiting and runs on to ``idle_epoch_ms``.
+Two bounds keep a chatty guest running:
+
+* ``min_epoch_ms``: from one checkpoint's start to the next's, at least;
+* ``max_pause_percent``: the share of the time the guest wants to run
+  that it loses to pauses. Each pause is charged to a budget that
+  refills at that share of wall time (a second's worth at most, for
+  bursts), weighted by how busy the guest's QEMU was while it ran (its
+  CPU time over the run: a guest waiting for its next request loses
+  nothing by being paused, a busy one all of it); the next checkpoint
+  waits until the budget holds what the last ones cost. Pauses grow
+  with the pages the guest dirties, so a busy guest that dirties more
+  gets longer epochs.
+
+Neither bound stretches an epoch that holds output past ``epoch_ms``
+(the old fixed epoch: the latency protection adds stays bounded)::
+
+    policy = EpochPolicy(output_batch_ms=2, min_epoch_ms=10,
+                         max_pause_percent=25)
+    cadence = Cadence(policy, clock, epoch_s=0.2, idle_s=1.0)
+    await cadence.wait_due(output.waiting)     # then checkpoint
+    cadence.checkpoint_taken(started, pause_s, guest_cpu_s)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+from typing import Optional
+
+from mftvm_openstack.contract.limits import (
+    MIN_EPOCH_MS_RANGE,
+    OUTPUT_BATCH_MS_RANGE,
+    PAUSE_PERCENT_RANGE,
+)
+from mftvm_openstack.ft.pair.interfaces import Clock
+
+#: seconds of pause budget a guest may save up, times the share
+BURST_S = 1.0
+#: weight of the newest epoch in the expected charge
+PAUSE_WEIGHT = 0.3
+#: the kernel's CPU time unit
+CLK_TCK = os.sysconf('SC_CLK_TCK')
+
+
+def process_cpu_seconds(pid: int) -> Optional[float]:
+    """CPU time (user + system) process ``pid`` has used; None if it
+    cannot be read."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            # after the command name, which may hold spaces and ')'
+            fields = f.read().rsplit(')', 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPolicy:
+    """How an epoch that holds output is cut short (ms, percent); the
+    machine's ``epoch_ms`` and ``idle_epoch_ms`` stay its longest."""
+
+    #: an epoch that holds output ends this long after its first packet
+    output_batch_ms: int = 2
+    #: shortest epoch, checkpoint start to checkpoint start
+    min_epoch_ms: int = 10
+    #: most of the time the guest spends paused, in percent
+    max_pause_percent: int = 25
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in (
+                ('output_batch_ms', OUTPUT_BATCH_MS_RANGE),
+                ('min_epoch_ms', MIN_EPOCH_MS_RANGE),
+                ('max_pause_percent', PAUSE_PERCENT_RANGE)):
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(f'{name}: must be an integer from {low} '
+                                 f'to {high} (got {value!r})')
+
+    @property
+    def batch_s(self) -> float:
+        return self.output_batch_ms / 1000
+
+    @property
+    def min_s(self) -> float:
+        return self.min_epoch_ms / 1000
+
+    @property
+    def share(self) -> float:
+        return self.max_pause_percent / 100
+
+
+class PauseBudget:
+    """Run time the guest may still lose to pauses: refilled at
+    ``share`` of wall time, at most ``share * BURST_S`` saved up."""
+
+    def __init__(self, share: float, now: float) -> None:
+        self.share = share
+        self.cap = share * BURST_S
+        self.credit = self.cap
+        self._at = now
+        #: what the next pause is expected to cost (the last ones' mean)
+        self.expected = 0.0
+        #: how busy the guest was while it ran (CPU time / run time, 0-1)
+        self.busy = 1.0
+        # the guest's CPU time and the time at the last pause's end
+        self._cpu: Optional[float] = None
+        self._ended = now
+
+    def _refill(self, now: float) -> None:
+        self.credit = min(self.cap,
+                          self.credit + self.share * max(0.0, now - self._at))
+        self._at = max(self._at, now)
+
+    def spend(self, pause_s: float, now: float,
+              cpu_s: Optional[float] = None) -> None:
+        """A pause of ``pause_s`` ended at ``now``; ``cpu_s``: the
+        guest's CPU time by then (None: unknown, counted busy)."""
+        self._refill(now)
+        if cpu_s is None or self._cpu is None:
+            busy = 1.0
+        else:
+            # (the pause's own CPU, saving device state, counts as busy:
+            # the charge errs high)
+            ran = max(now - self._ended - pause_s, 1e-3)
+            busy = min(1.0, max(0.0, (cpu_s - self._cpu) / ran))
+        self._cpu, self._ended = cpu_s, now
+        self.busy += PAUSE_WEIGHT * (busy - self.busy)
+        cost = pause_s * self.busy
+        self.credit -= cost
+        self.expected += PAUSE_WEIGHT * (cost - self.expected)
+
+    def ready_at(self, now: float) -> float:
+        """When the budget holds the expected pause."""
+        self._refill(now)
+        short = self.expected - self.credit
+        return now if short <= 0 else now + short / self.share
+
+
+class Cadence:
+    """Times one protection's checkpoints by an :class:`EpochPolicy`:
+    an epoch that holds output lasts at most ``epoch_s``, a silent one
+    ``idle_s``."""
+
+    def __init__(self, policy: EpochPolicy, clock: Clock, *,
+                 epoch_s: float, idle_s: float) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.epoch_s = epoch_s
+        self.idle_s = max(idle_s, epoch_s)
+        now = clock.monotonic()
+        self.budget = PauseBudget(policy.share, now)
+        # when the current epoch began (the last checkpoint's start)
+        self._began = now
+
+    def due(self, first_output: float) -> float:
+        """When an epoch whose first packet came at ``first_output``
+        ends."""
+        p = self.policy
+        due = max(first_output + p.batch_s, self._began + p.min_s,
+                  self.budget.ready_at(first_output))
+        # (a packet late in a long silent epoch still gets its batch)
+        return min(due, max(self._began + self.epoch_s,
+                            first_output + p.batch_s))
+
+    async def wait_due(self, waiting: asyncio.Event) -> None:
+        """Until the current epoch should end; ``waiting`` is set while
+        the epoch holds output."""
+        rest = self._began + self.idle_s - self.clock.monotonic()
+        if not waiting.is_set():
+            with contextlib.suppress(TimeoutError):
+                await self.clock.wait_for(waiting.wait(), max(0.0, rest))
+        now = self.clock.monotonic()
+        if waiting.is_set():
+            await self.clock.sleep(self.due(now) - now)
+        # (a checkpoint that is then not taken still ends the epoch: the
+        # next waits its own length, never in a busy loop)
+        self._began = self.clock.monotonic()
+
+    def checkpoint_taken(self, started: float, pause_s: float,
+                         guest_cpu_s: Optional[float] = None) -> None:
+        """A checkpoint began at ``started`` and paused the guest
+        ``pause_s`` seconds; the guest's QEMU has used ``guest_cpu_s``
+        of CPU time by now (None: unknown)."""
+        self._began = started
+        self.budget.spend(pause_s, self.clock.monotonic(), guest_cpu_s)
