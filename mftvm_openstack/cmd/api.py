@@ -65,8 +65,6 @@ DEFAULT_CONFIG_FILE = '/etc/mftvm/mftvm-api.conf'
 
 class _Server(socketserver.ThreadingMixIn, simple_server.WSGIServer):
     daemon_threads = True
-    # no reverse lookups of clients, no reuse of another's port
-    allow_reuse_address = False
 
 
 class _Handler(simple_server.WSGIRequestHandler):
