@@ -95,6 +95,9 @@ class InstanceStatus(Record):
     lease_held: Optional[bool] = None
     #: wall-clock time of this status (time.time())
     updated: float = 0.0
+    #: wall-clock time this side was first seen in its current state
+    #: (noticed when a status is taken: at most a publication late)
+    state_since: Optional[float] = None
     #: filled in by the agent
     instance: str = ''
     host: str = ''

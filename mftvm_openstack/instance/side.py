@@ -98,6 +98,8 @@ class Side:
             self.paths.root, self.status, lambda: self.machine.stats.pauses_ms)
         self._publishing: Optional[asyncio.Task[None]] = None
         self._running: Optional[asyncio.Task[None]] = None
+        #: the state the last status showed, and since when (time.time())
+        self._state_seen: Optional[tuple[State, float]] = None
 
     def new_machine(self) -> Machine:
         raise NotImplementedError
@@ -140,8 +142,16 @@ class Side:
     def status(self) -> InstanceStatus:
         fence = self.fence
         guest = self.guest
+        machine_status = self.machine.status()
+        now = time.time()
+        # The machines keep no wall clock (theirs is injected, and fake
+        # in their tests): the change is noticed here, where every status
+        # is taken, at least once per publication.
+        if self._state_seen is None or \
+                self._state_seen[0] is not machine_status.state:
+            self._state_seen = (machine_status.state, now)
         return dataclasses.replace(
-            self.machine.status(),
+            machine_status, state_since=self._state_seen[1],
             host_pid=os.getpid(),
             qemu_pid=guest.process.pid if guest is not None
             and guest.process.running else None,
@@ -150,7 +160,7 @@ class Side:
             listen=self.listen, takeover=self.takeover,
             lease_held=None if fence is None or fence.lease == float('inf')
             else time.monotonic() < fence.deadline(0),
-            updated=time.time())
+            updated=now)
 
     async def start_serving(self) -> None:
         await self.control.start()

@@ -321,6 +321,25 @@ class SideCommandTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.wait_for(side.machine.finished.wait(), 5)
         self.assertEqual(State.STOPPED, side.status().state)
 
+    async def test_a_status_says_since_when_its_state_holds(self):
+        side = PrimarySide(guest_dir(self))
+        side.start(side.machine)
+        self.addCleanup(side.machine.post, pair.Stop())
+        with mock.patch('mftvm_openstack.instance.side.time.time',
+                        side_effect=[100.0, 101.0, 102.0, 103.0]):
+            first = side.status()
+            again = side.status()
+            side.machine.post(pair.GuestUp(FakeProcess(), HungMonitor()))
+            await settle()
+            changed = side.status()
+            later = side.status()
+        self.assertEqual((State.STARTING, 100.0, 101.0),
+                         (first.state, first.state_since, again.updated))
+        self.assertEqual(100.0, again.state_since)
+        self.assertEqual((State.UNPROTECTED, 102.0),
+                         (changed.state, changed.state_since))
+        self.assertEqual((102.0, 103.0), (later.state_since, later.updated))
+
     async def test_the_secondary_fails_over_only_from_standby(self):
         side = SecondarySide(guest_dir(self))
         side.start(side.machine)

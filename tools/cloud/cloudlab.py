@@ -76,7 +76,7 @@ RABBITMQCTL = '/usr/lib/rabbitmq/bin/rabbitmqctl'
 
 PORTS = {'keystone': 5000, 'glance': 9292, 'placement': 8778,
          'nova-api': 8774, 'neutron': 9696, 'rabbit': 5672, 'mysql': 3306,
-         'ovn-nb': 6641, 'ovn-sb': 6642}
+         'ovn-nb': 6641, 'ovn-sb': 6642, 'mftvm-api': 8790}
 SERVICE_USERS = ('glance', 'placement', 'nova', 'neutron')
 
 # Debian's Open vSwitch and OVN (openvswitch-switch, ovn-central,
@@ -1172,6 +1172,45 @@ def restart(state_dir: str, name: str) -> None:
     log(f'{name} restarted ({time.monotonic() - t0:.1f}s)')
 
 
+def start_ft_api(state_dir: str) -> str:
+    """mftvm-api (doc/api.rst) in the control namespace, as the service
+    user ``mftvm`` (admin and service in ``service``, made here), on
+    cell1's vhost where nova-compute reaches the agents.  The catalog
+    entry is the operator's step (doc/api.rst), left to the caller.
+    Returns the API's URL."""
+    import openstack
+
+    lab = Lab(state_dir)
+    if not os.path.exists(f'/run/netns/{lab.state.get("ns")}'):
+        raise LabError(f'no lab up in {lab.dir}')
+    lab.state['passwords'].setdefault('mftvm', secrets.token_hex(12))
+    lab.save()
+    conn = openstack.connect(
+        auth_url=lab.url('keystone') + '/v3', username='admin',
+        password=lab.password('admin'), project_name='admin',
+        user_domain_name='Default', project_domain_name='Default',
+        region_name='RegionOne')
+    idn: Any = conn.identity
+    project = idn.find_project('service', domain_id='default')
+    user = idn.find_user('mftvm', domain_id='default') or idn.create_user(
+        name='mftvm', domain_id='default', password=lab.password('mftvm'),
+        default_project_id=project.id)
+    for role in ('admin', 'service'):
+        idn.assign_project_role_to_user(project, user, idn.find_role(role))
+    conf = lab.path('etc', 'mftvm-api.conf')
+    write_ini(conf, {
+        'DEFAULT': {**oslo_log(lab, 'mftvm-api'),
+                    'transport_url': lab.rabbit_url('nova_cell1')},
+        'ft_api': {'bind_host': '0.0.0.0',
+                   'bind_port': PORTS['mftvm-api'], 'agent_timeout': 5},
+        'keystone_authtoken': authtoken(lab, 'mftvm'),
+        'nova': service_auth(lab, 'mftvm')})
+    start(lab, 'mftvm-api', [os.path.join(BIN, 'mftvm-api'),
+                             '--config-file', conf])
+    wait_http(lab, 'mftvm-api', lab.url('mftvm-api'))
+    return lab.url('mftvm-api')
+
+
 def rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -1205,7 +1244,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         description='An OpenStack control plane in a network namespace.')
     parser.add_argument('command', choices=('up', 'down', 'status',
                                             'restart', 'add-host', 'probe',
-                                            'tx-checksum-off'))
+                                            'tx-checksum-off', 'ft-api'))
     parser.add_argument('what', nargs='?',
                         help='for restart: the daemon, e.g. nova-api; '
                              'for add-host and probe: the host\'s name, '
@@ -1252,6 +1291,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not args.what or not args.port:
                 parser.error('probe needs a host and a port')
             print(probe(args.dir, args.what, args.port))
+        elif args.command == 'ft-api':
+            print(start_ft_api(args.dir))
         elif args.command == 'tx-checksum-off':     # used by probe
             if not args.what:
                 parser.error('tx-checksum-off needs an interface')

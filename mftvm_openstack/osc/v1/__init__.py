@@ -1,0 +1,1 @@
+"""The ``openstack ft`` commands of the FT API's version 1."""
