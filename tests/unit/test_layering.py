@@ -23,6 +23,8 @@ ALLOWED = {
     'files': set(),
     'waiting': set(),
     'conf': {'contract'},
+    # writes a compute host's configuration (DevStack, the cloud lab)
+    'deploy': {'contract', 'files'},
     'fencing': {'files', 'waiting'},
     'images': {'ft', 'contract'},
     'ft': {'contract', 'files', 'waiting'},
