@@ -34,7 +34,7 @@ ALLOWED = {
               'waiting'},
     'nova': {'agent', 'contract', 'conf', 'files', 'waiting'},
     'cmd': {'agent', 'local', 'instance', 'ft', 'contract', 'conf',
-            'files', 'waiting'},
+            'fencing', 'files', 'waiting'},
 }
 
 #: OpenStack's parts, which the engine must not know
