@@ -86,15 +86,33 @@ function configure_mftvm_redis {
     restart_service redis-server
 }
 
-# _mftvm_shim - run the nova.virt.mftvm shim tool (install or remove)
-function _mftvm_shim {
+# _mftvm_python - the Python that has mftvm-openstack: DevStack's global
+# venv (owned by $STACK_USER), else the system's
+function _mftvm_python {
     local python=$MFTVM_BIN_DIR/python3
     if [[ -x "$python" ]]; then
-        # DevStack's global venv, owned by $STACK_USER
-        "$python" -m mftvm_openstack.nova.virt_shim "$1"
+        echo "$python"
     else
-        sudo -H python3 -m mftvm_openstack.nova.virt_shim "$1"
+        echo python3
     fi
+}
+
+# _mftvm_shim - run the nova.virt.mftvm shim tool (install or remove)
+function _mftvm_shim {
+    local python
+    python=$(_mftvm_python)
+    if [[ "$python" == python3 ]]; then
+        # Nova's directory belongs to root outside a venv
+        sudo -H python3 -m mftvm_openstack.nova.virt_shim "$1"
+    else
+        "$python" -m mftvm_openstack.nova.virt_shim "$1"
+    fi
+}
+
+# _mftvm_deploy - the project's own configuration writer (the cloud lab
+# runs the same one): python -m mftvm_openstack.deploy agent|nova ...
+function _mftvm_deploy {
+    "$(_mftvm_python)" -m mftvm_openstack.deploy "$@"
 }
 
 # install_mftvm - the Python package (agent, Nova driver, validators)
@@ -105,15 +123,6 @@ function install_mftvm {
     _mftvm_shim install
 }
 
-# _mftvm_host - the name Nova's compute service uses on this node
-function _mftvm_host {
-    local host=$MFTVM_HOST
-    if [[ -z "$host" && -f "$NOVA_CONF" ]]; then
-        host=$(iniget "$NOVA_CONF" DEFAULT host)
-    fi
-    echo "${host:-$(hostname)}"
-}
-
 # configure_mftvm - write $MFTVM_CONF
 function configure_mftvm {
     sudo install -d -o "$STACK_USER" "$MFTVM_CONF_DIR" "$MFTVM_STATE_PATH"
@@ -121,8 +130,9 @@ function configure_mftvm {
         # the agent runs QEMU as $STACK_USER: let it use KVM
         add_user_to_group "$STACK_USER" kvm
     fi
-    rm -f "$MFTVM_CONF"
 
+    # The agents must listen where nova-compute talks: its cell's vhost
+    # (MFTVM_RPC_VHOST, see settings).
     local transport_url
     transport_url=$(get_transport_url "$MFTVM_RPC_VHOST")
     if [[ -z "$transport_url" ]] && is_service_enabled mftvm-agent; then
@@ -130,40 +140,16 @@ function configure_mftvm {
             "set RABBIT_HOST and RABBIT_PASSWORD"
     fi
 
-    # [DEFAULT] holds only oslo.messaging's and oslo.log's options; the
-    # agent's own host and state_path are in [agent]
-    iniset "$MFTVM_CONF" DEFAULT transport_url "$transport_url"
-    iniset "$MFTVM_CONF" DEFAULT debug "$ENABLE_DEBUG_LOG_LEVEL"
+    # The URLs hold passwords: through the environment, not argv.
+    MFTVM_TRANSPORT_URL=$transport_url \
+        MFTVM_FENCING_URL=$MFTVM_FENCING_URL \
+        _mftvm_deploy agent --conf "$MFTVM_CONF" --host "$MFTVM_HOST" \
+        --nova-conf "$NOVA_CONF" --my-ip "$MFTVM_MY_IP" \
+        --state-path "$MFTVM_STATE_PATH" --peers "$MFTVM_PEERS" \
+        --lease "$MFTVM_LEASE" --epoch-ms "$MFTVM_EPOCH_MS" \
+        --debug "$ENABLE_DEBUG_LOG_LEVEL" \
+        || die $LINENO "could not write $MFTVM_CONF"
     setup_logging "$MFTVM_CONF"
-
-    iniset "$MFTVM_CONF" agent host "$(_mftvm_host)"
-    iniset "$MFTVM_CONF" agent state_path "$MFTVM_STATE_PATH"
-    iniset "$MFTVM_CONF" agent my_ip "$MFTVM_MY_IP"
-    if [[ -n "$MFTVM_PEERS" ]]; then
-        iniset "$MFTVM_CONF" agent peers "$MFTVM_PEERS"
-    fi
-
-    if [[ -n "$MFTVM_FENCING_URL" ]]; then
-        iniset "$MFTVM_CONF" fencing backend_url "$MFTVM_FENCING_URL"
-    else
-        # lock files; the default under /run is not writable by $STACK_USER
-        iniset "$MFTVM_CONF" fencing lock_path "$MFTVM_STATE_PATH/fence"
-    fi
-    iniset "$MFTVM_CONF" fencing lease "$MFTVM_LEASE"
-
-    iniset "$MFTVM_CONF" ft epoch_ms "$MFTVM_EPOCH_MS"
-}
-
-# _mftvm_file_backed_memory - MiB of guest memory to back by files
-function _mftvm_file_backed_memory {
-    if [[ -n "$MFTVM_FILE_BACKED_MEMORY" ]]; then
-        echo "$MFTVM_FILE_BACKED_MEMORY"
-    else
-        # all but 1 GiB for the host itself (Nova allows no
-        # reserved_host_memory_mb with file-backed memory)
-        awk '/^MemTotal:/ {m = int($2 / 1024) - 1024;
-            print (m < 1024 ? 1024 : m)}' /proc/meminfo
-    fi
 }
 
 # configure_mftvm_nova - Nova's compute driver on compute nodes
@@ -179,15 +165,10 @@ function configure_mftvm_nova {
             "needs VIRT_DRIVER=libvirt, not $VIRT_DRIVER"
         return
     fi
-    iniset "$NOVA_CONF" DEFAULT compute_driver "$MFTVM_COMPUTE_DRIVER"
-    # Guest RAM in a shared file (<memoryBacking> source file, access
-    # shared) for every instance: the agent reads an FT guest's RAM from
-    # it.
-    iniset "$NOVA_CONF" libvirt file_backed_memory \
-        "$(_mftvm_file_backed_memory)"
-    # Nova refuses to start with file-backed memory unless these hold.
-    iniset "$NOVA_CONF" DEFAULT ram_allocation_ratio 1.0
-    iniset "$NOVA_CONF" DEFAULT reserved_host_memory_mb 0
+    _mftvm_deploy nova --nova-conf "$NOVA_CONF" \
+        --compute-driver "$MFTVM_COMPUTE_DRIVER" \
+        --file-backed-memory "${MFTVM_FILE_BACKED_MEMORY:-auto}" \
+        || die $LINENO "could not set Nova's options in $NOVA_CONF"
 }
 
 # start_mftvm_agent - run the agent as a DevStack service

@@ -32,10 +32,11 @@ if [ "$job" = test ]; then
         libvirt-daemon-system libvirt-dev pkg-config"
 fi
 # The cloud lab (and the end-to-end tier, which runs it) starts its own
-# MariaDB, RabbitMQ and OVN central in a network namespace, and per
-# compute host libvirtd, Open vSwitch (userspace) and ovn-controller.
+# MariaDB, RabbitMQ, etcd and OVN central in a network namespace, and per
+# compute host libvirtd, Open vSwitch (userspace), ovn-controller and
+# mftvm-agent.
 if [ "$job" = test ] || [ "$job" = cloud ]; then
-    APT_PACKAGES="$APT_PACKAGES mariadb-server rabbitmq-server
+    APT_PACKAGES="$APT_PACKAGES mariadb-server rabbitmq-server etcd-server
         ovn-central ovn-host openvswitch-switch
         libvirt-daemon-system libvirt-dev pkg-config"
 fi

@@ -16,6 +16,11 @@ A minimal configuration::
 The agent checks that the broker takes messages before it starts serving;
 a missing or malformed ``transport_url`` or an unreachable broker ends it
 with one line on stderr and exit code 1 (the password is never shown).
+It then asks its fencing store (``[fencing] backend_url``) one read and
+logs the answer: ``fencing store etcd3+http://10.0.0.5:2379 answers``,
+or an error that says guests cannot change hands until it does (the
+agent serves all the same: the store may come back before it is
+needed).
 SIGTERM or SIGINT stops it (exit 0); SIGHUP reloads the mutable options.
 ``/etc/mftvm/mftvm.conf`` is read when no ``--config-file`` is given and
 it exists.
@@ -53,6 +58,27 @@ def _fail(message: str) -> int:
     return 1
 
 
+def check_fencing(conf: cfg.ConfigOpts) -> bool:
+    """Log whether the fencing store answers; True if it does (or there
+    is none: lock files)."""
+    from mftvm_openstack import fencing
+
+    url = conf.fencing.backend_url
+    if not url:
+        LOG.info('fencing with lock files in %s (both sides of a pair on '
+                 'this machine only)', conf.fencing.lock_path)
+        return True
+    try:
+        fencing.check_store(url, member=conf.agent.host)
+    except (fencing.FenceError, ValueError) as exc:
+        LOG.error('fencing store %s does not answer: %s; no guest can '
+                  'start or fail over here until it does',
+                  fencing.mask_url(url), fencing.mask_url(str(exc)))
+        return False
+    LOG.info('fencing store %s answers', fencing.mask_url(url))
+    return True
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from mftvm_openstack.agent import exception, rpcapi, service
 
@@ -85,6 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     LOG.info('mftvm-agent %s starting (broker %s)', CONF.agent.host,
              rpcapi.mask_url(transport_url))
+    check_fencing(CONF)
     svc = service.AgentService(CONF)
     try:
         return service.serve(svc, CONF)

@@ -44,8 +44,12 @@ from mftvm_openstack.fencing.filelock import FileFence
 from mftvm_openstack.fencing.urls import mask_url
 
 __all__ = ['STALE_PREFIX', 'EtcdFence', 'Fence', 'FenceError', 'FenceLost',
-           'FileFence', 'ToozFence', 'dies_with_holder', 'load_fence',
-           'mask_url']
+           'FileFence', 'ToozFence', 'check_store', 'dies_with_holder',
+           'load_fence', 'mask_url']
+
+#: the guest name :func:`check_store` reads under (no guest has it: guest
+#: names are instance UUIDs or [A-Za-z0-9_.-] names without a space)
+CHECK_NAME = 'mftvm agent check'
 
 
 def dies_with_holder(url: Optional[str]) -> bool:
@@ -63,3 +67,22 @@ def load_fence(url: Optional[str], name: str, *, member: str, lease: int,
     if url.startswith('etcd3+'):
         return EtcdFence(url, name, member, lease)
     return ToozFence(url, name, member, lease)
+
+
+def check_store(url: str, member: str) -> None:
+    """Ask the fencing store at ``url`` one read, as a fence does (a
+    replica mark no guest has); FenceError if it does not answer within
+    the backend's budget (about a second for etcd)::
+
+        check_store('etcd3+http://10.0.0.5:2379', member='hv1')
+    """
+    fence = load_fence(url, CHECK_NAME, member=member, lease=1,
+                       state_dir='')
+    try:
+        fence.replica_valid(CHECK_NAME)
+    except FenceError:
+        raise
+    except Exception as exc:    # a client library's own error
+        raise FenceError(f'{mask_url(url)}: {exc}') from None
+    finally:
+        fence.close()

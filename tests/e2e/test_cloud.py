@@ -46,6 +46,24 @@ while counter_request('10.0.2.15', 7000) is None:
     time.sleep(1)
 print(json.dumps([counter_request('10.0.2.15', 7000) for _ in range(3)]))
 """
+#: the compute hosts, each with nova-compute (FTLibvirtDriver), its own
+#: libvirtd, OVS and ovn-controller, and mftvm-agent
+HOSTS = ('h1', 'h2', 'h3')
+#: run in a compute host's namespace with the lab's etcd URL, the host's
+#: name and the seconds to try: the project's etcd fence on guest
+#: "e2e-fence" with a 5 s lease, tried twice; prints both answers. The
+#: process exits without releasing: its lease runs out by itself.
+FENCE_CLIENT = """
+import json, sys
+from mftvm_openstack import fencing
+url, member, first, second = sys.argv[1:]
+fence = fencing.load_fence(url, 'e2e-fence', member=member, lease=5,
+                           state_dir='')
+won = [fence.acquire(float(first))]
+if not won[0]:
+    won.append(fence.acquire(float(second)))
+print(json.dumps(won))
+"""
 
 
 def _run(argv: list[str], timeout: float = CLI_TIMEOUT,
@@ -99,6 +117,7 @@ class CloudTest(testtools.TestCase):
             cls._tear_down()
             raise
         cls.env = cls._openrc()
+        cls.hosts: list[str] = []
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -131,9 +150,32 @@ class CloudTest(testtools.TestCase):
             for line in f:
                 key, _, value = line.removeprefix('export ').strip(
                     ).partition('=')
-                if key.startswith('OS_'):
+                if key.startswith(('OS_', 'MFTVM_')):
                     env[key] = value
         return env
+
+    def add_hosts(self, *names: str) -> None:
+        """Compute hosts (``cloudlab.py add-host``), once for the class:
+        tests that need them share them."""
+        for host in names:
+            if host not in self.hosts:
+                _checked([PYTHON, CLOUDLAB, 'add-host', host, '--dir',
+                          self.lab_dir], timeout=900)
+                self.hosts.append(host)
+
+    def ns(self, host: str) -> str:
+        return f'mfc-p{os.getpid()}-{host}'
+
+    def mftvm(self, *args: str, check: bool = True
+              ) -> subprocess.CompletedProcess:
+        """``mftvm ARGS`` as an operator runs it (the broker from the
+        lab's openrc, ``MFTVM_TRANSPORT_URL``)."""
+        result = _run([os.path.join(VENV_BIN, 'mftvm'), *args],
+                      env=self.env, cwd=self.tmp)
+        if check and result.returncode:
+            self.fail(f'mftvm {" ".join(args)} exited {result.returncode}'
+                      f':\n{result.stderr[-3000:]}')
+        return result
 
     def cloud(self, *args: str, check: bool = True,
               microversion: str | None = None) -> subprocess.CompletedProcess:
@@ -336,19 +378,53 @@ class CloudTest(testtools.TestCase):
             self.cloud('image', 'save', '--file', saved, image['id'])
             self.assertEqual(_sha256(source), _sha256(saved), image['name'])
 
-    # -- compute hosts, Neutron (ML2/OVN), a server ----------------------
+    # -- compute hosts: agents, fencing ----------------------------------
 
-    def test_server_answers_through_ovn_from_another_host(self):
-        # Two compute hosts (libvirt driver, OVS userspace + OVN each).
-        for host in ('h1', 'h2'):
-            _checked([PYTHON, CLOUDLAB, 'add-host', host, '--dir',
-                      self.lab_dir], timeout=900)
+    def test_every_hosts_agent_answers_and_fences_on_the_labs_etcd(self):
+        self.add_hosts(*HOSTS)
         hypervisors = {h['Hypervisor Hostname']: h['State']
                        for h in self.cloud_json('hypervisor', 'list')}
-        self.assertEqual({'h1': 'up', 'h2': 'up'}, hypervisors)
+        self.assertEqual({h: 'up' for h in HOSTS}, hypervisors)
+        # Each host's agent answers over RabbitMQ, on nova-compute's own
+        # vhost (cell1's), as an operator asks it: no instances yet.
+        for host in HOSTS:
+            self.assertEqual([], json.loads(self.mftvm(
+                'list', '--host', host, '--json').stdout), host)
+        # (an agent that is not there does not answer)
+        result = self.mftvm('--timeout', '3', 'list', '--host', 'h9',
+                            check=False)
+        self.assertNotEqual(0, result.returncode)
+        self.assertIn('h9', result.stderr)
+        # Each agent found its fencing store, the lab's etcd, answering.
+        with open(os.path.join(self.lab_dir, 'lab.json')) as f:
+            subnet = json.load(f)['subnet']
+        etcd = f'etcd3+http://10.78.{subnet}.1:2379'
+        for host in HOSTS:
+            with open(os.path.join(self.lab_dir, 'log',
+                                   f'{host}-mftvm-agent.log')) as f:
+                self.assertIn(f'fencing store {etcd} answers', f.read(),
+                              host)
+        # The fence itself, from the hosts' network: h1 wins guest
+        # e2e-fence and dies holding it; h2 cannot have it while h1's
+        # lease lasts, and has it once the lease ran out.
+        def fence(host: str, first: str, second: str) -> list[bool]:
+            return json.loads(_checked(
+                ['ip', 'netns', 'exec', self.ns(host), PYTHON, '-c',
+                 FENCE_CLIENT, etcd, host, first, second],
+                cwd=self.tmp).stdout)
+
+        self.assertEqual([True], fence('h1', '10', '0'))
+        self.assertEqual([False, True], fence('h2', '0.5', '30'))
+
+    # -- Neutron (ML2/OVN), a server -------------------------------------
+
+    def test_server_answers_through_ovn_from_another_host(self):
+        # Compute hosts (FTLibvirtDriver: a server that does not ask for
+        # FT is the libvirt driver's alone; OVS userspace + OVN each).
+        self.add_hosts(*HOSTS)
         chassis = {a['Host'] for a in self.cloud_json(
             'network', 'agent', 'list', '--agent-type', 'ovn-controller')}
-        self.assertEqual({'h1', 'h2'}, chassis)
+        self.assertEqual(set(HOSTS), chassis)
 
         # The guest has a static 10.0.2.15/24 (guest/init); its virtio-net
         # checksum offload is off (OVS's userspace Geneve needs that).
@@ -403,9 +479,9 @@ class CloudTest(testtools.TestCase):
         # datapaths) to the guest's counter service on h1.
         _checked([PYTHON, CLOUDLAB, 'probe', 'h2', probe['id'], '--dir',
                   self.lab_dir])
-        ns = f'mfc-p{os.getpid()}-h2'
         values = json.loads(_checked(
-            ['ip', 'netns', 'exec', ns, PYTHON, '-c', COUNTER_CLIENT],
+            ['ip', 'netns', 'exec', self.ns('h2'), PYTHON, '-c',
+             COUNTER_CLIENT],
             cwd=self.tmp).stdout)
         self.assertEqual(3, len(values), values)
         first = values[0]

@@ -11,6 +11,7 @@ and the files, and that both scripts pass bashate.
 import configparser
 import os
 import pwd
+import socket
 import subprocess
 import sys
 import warnings
@@ -41,6 +42,8 @@ REDIS = {'MFTVM_FENCING_URL': f'redis://{HOST_IP}:6379',
 XXHASH = ('libxxhash-dev',)
 QEMU = ('qemu-system-x86', 'qemu-utils')
 TRANSPORT_URL = f'rabbit://stackrabbit:secret@{HOST_IP}:5672/'
+#: nova-compute's vhost in DevStack's default cells v2 layout
+CELL_VHOST = 'nova_cell1'
 
 HARNESS = '''
 set -o errexit -o nounset -o pipefail
@@ -96,8 +99,10 @@ class DevStackPluginTest(testtools.TestCase):
             f.write('port 6379\nbind 127.0.0.1 -::1\n')
 
     def fake_python(self):
-        """A python3 (and glance-manage) in the exec prefix that only log
-        their arguments."""
+        """A python3 and a glance-manage in the exec prefix that log their
+        arguments; python3 runs the project's configuration writer
+        (mftvm_openstack.deploy) for real, with the Python that runs these
+        tests, and nothing else."""
         bin_dir = os.path.join(self.tmp, 'venv-bin')
         os.makedirs(bin_dir, exist_ok=True)
         for name in ('python3', 'glance-manage'):
@@ -106,6 +111,9 @@ class DevStackPluginTest(testtools.TestCase):
                 f.write(f'#!/bin/bash\n(IFS=$\'\\t\'; '
                         f'printf "{name}\\t%s\\n" "$*") >> '
                         f'"$MFTVM_TEST_LOG"\n')
+                if name == 'python3':
+                    f.write('if [[ "$2" == mftvm_openstack.deploy ]]; then\n'
+                            '    exec "$MFTVM_TEST_PYTHON" "$@"\nfi\n')
             os.chmod(path, 0o755)
         return bin_dir
 
@@ -206,6 +214,7 @@ class DevStackPluginTest(testtools.TestCase):
         self.assertEqual('3', s['MFTVM_LEASE'])
         self.assertEqual(HOST_IP, s['MFTVM_MY_IP'])
         self.assertEqual('', s['MFTVM_PEERS'])
+        self.assertEqual(CELL_VHOST, s['MFTVM_RPC_VHOST'])
         self.assertEqual('False', s['MFTVM_INSTALL_REDIS'])
         self.assertEqual('True', s['MFTVM_SET_COMPUTE_DRIVER'])
         self.assertEqual('', s['MFTVM_FILE_BACKED_MEMORY'])
@@ -223,6 +232,15 @@ class DevStackPluginTest(testtools.TestCase):
         self.assertEqual('50', s['MFTVM_EPOCH_MS'])
         self.assertEqual('False', s['MFTVM_INSTALL_REDIS'])
         self.assertEqual('False', s['MFTVM_SET_COMPUTE_DRIVER'])
+
+    def test_settings_vhost_is_nova_computes(self):
+        # the driver calls the agents on nova-compute's own transport
+        self.assertEqual('nova_cell2', self.settings(
+            NOVA_CPU_CELL='2')['MFTVM_RPC_VHOST'])
+        self.assertEqual('', self.settings(
+            CELLSV2_SETUP='singleconductor')['MFTVM_RPC_VHOST'])
+        self.assertEqual('', self.settings(
+            MFTVM_RPC_VHOST='')['MFTVM_RPC_VHOST'])
 
     def test_settings_enable_agent_on_compute_nodes(self):
         services = self.settings()['ENABLED_SERVICES'].split(',')
@@ -345,8 +363,11 @@ class DevStackPluginTest(testtools.TestCase):
         self.phase('stack', 'post-config')
         self.assertTrue(os.path.isdir(self.state))
         self.assertEqual({
-            'DEFAULT': {'transport_url': TRANSPORT_URL, 'debug': 'True'},
-            'agent': {'host': HOSTNAME, 'state_path': self.state,
+            'DEFAULT': {'transport_url': TRANSPORT_URL + CELL_VHOST,
+                        'debug': 'True'},
+            # Nova's own default host: socket.gethostname()
+            'agent': {'host': socket.gethostname(),
+                      'state_path': self.state,
                       'my_ip': HOST_IP},
             'fencing': {'backend_url': f'etcd3+http://{HOST_IP}:2379',
                         'lease': '3'},
@@ -354,6 +375,34 @@ class DevStackPluginTest(testtools.TestCase):
         }, self.ini(self.conf))
         self.assertEqual([(self.conf,)], self.calls('setup_logging'))
         self.assertEqual([(_user(), 'kvm')], self.calls('add_user_to_group'))
+        # it holds the broker's password
+        self.assertEqual(0o600, os.stat(self.conf).st_mode & 0o777)
+        # written by the project's own code, the passwords not in argv
+        [agent] = [c for c in self.calls('python3') if 'agent' in c]
+        self.assertEqual(('-m', 'mftvm_openstack.deploy', 'agent'),
+                         agent[:3])
+        self.assertNotIn('secret', ' '.join(agent))
+
+    def test_post_config_refuses_a_hostile_value(self):
+        # a value from local.conf that would break the file (or smuggle
+        # in an option) stops stack.sh with one clear line
+        for name, value, says in (
+                ('MFTVM_HOST', 'hv1\nreprotect = false', '--host'),
+                ('MFTVM_MY_IP', '10.0.0.300', '--my-ip'),
+                ('MFTVM_EPOCH_MS', '5', '--epoch-ms 5: out of range'),
+                ('MFTVM_LEASE', 'abc', '--lease'),
+                ('MFTVM_PEERS', 'hv2,hv 3', '--peers'),
+                ('MFTVM_FENCING_URL', 'http://10.0.0.5:2379',
+                 'MFTVM_FENCING_URL: scheme')):
+            self.reset()
+            proc = self.bash('devstack_run_phase', 'stack', 'post-config',
+                             check=False, **{name: value})
+            self.assertNotEqual(0, proc.returncode, name)
+            errors = [line for line in proc.stderr.splitlines()
+                      if line.startswith('mftvm-deploy: error:')]
+            self.assertEqual(1, len(errors), proc.stderr)
+            self.assertIn(says, errors[0])
+            self.assertFalse(os.path.exists(self.conf), name)
 
     def test_post_config_kvm_group_only_for_the_agent(self):
         self.phase('stack', 'post-config', MFTVM_TEST_GROUPS='libvirt')
@@ -391,6 +440,13 @@ class DevStackPluginTest(testtools.TestCase):
 
     def test_post_config_file_backed_memory_from_local_conf(self):
         self.phase('stack', 'post-config', MFTVM_FILE_BACKED_MEMORY='8192')
+        self.assertEqual('8192', self.ini(self.nova_conf)['libvirt'][
+            'file_backed_memory'])
+        proc = self.bash('devstack_run_phase', 'stack', 'post-config',
+                         check=False, MFTVM_FILE_BACKED_MEMORY='lots')
+        self.assertNotEqual(0, proc.returncode)
+        self.assertIn("mftvm-deploy: error: --file-backed-memory 'lots': "
+                      "not an integer", proc.stderr)
         self.assertEqual('8192', self.ini(self.nova_conf)['libvirt'][
             'file_backed_memory'])
 
@@ -434,13 +490,16 @@ class DevStackPluginTest(testtools.TestCase):
                           'lease': '3'}, self.ini(self.conf)['fencing'])
 
     def test_post_config_compute_driver_not_set_when_false(self):
+        with open(self.nova_conf) as f:
+            before = f.read()
         self.phase('stack', 'post-config', MFTVM_SET_COMPUTE_DRIVER='False')
-        self.assertEqual('libvirt.LibvirtDriver',
-                         self.ini(self.nova_conf)['DEFAULT']['compute_driver'])
-        self.assertNotIn(self.nova_conf,
-                         [c[0] for c in self.calls('iniset')])
+        with open(self.nova_conf) as f:
+            self.assertEqual(before, f.read())
+        self.assertEqual([], [c for c in self.calls('python3')
+                              if c[2:3] == ('nova',)])
         # the agent is configured all the same
-        self.assertEqual(HOSTNAME, self.ini(self.conf)['agent']['host'])
+        self.assertEqual(socket.gethostname(),
+                         self.ini(self.conf)['agent']['host'])
 
     def test_post_config_compute_driver_only_on_compute_nodes(self):
         self.phase('stack', 'post-config',
@@ -532,22 +591,27 @@ class DevStackPluginTest(testtools.TestCase):
     # every phase
 
     def test_phases_do_only_their_own_work(self):
+        # python3 calls by module (and command)
         work = ('install_package', 'setup_develop', 'restart_service',
                 'iniset', 'run_process', 'stop_process', 'python3')
+        shim = 'python3 -m mftvm_openstack.nova.virt_shim'
+        deploy = 'python3 -m mftvm_openstack.deploy'
         expected = {
             ('stack', 'pre-install'): {'install_package'},
             ('stack', 'install'): {'setup_develop', 'restart_service',
-                                   'python3'},
-            ('stack', 'post-config'): {'iniset'},
+                                   f'{shim} install'},
+            ('stack', 'post-config'): {f'{deploy} agent',
+                                       f'{deploy} nova'},
             ('stack', 'extra'): {'run_process'},
             ('stack', 'test-config'): set(),
             ('unstack',): {'stop_process'},
-            ('clean',): {'python3'},
+            ('clean',): {f'{shim} remove'},
         }
         for phase, names in expected.items():
             self.reset()
             self.phase(*phase, **REDIS)
-            done = {c[0] for c in self.calls() if c[0] in work}
+            done = {' '.join(c[:4]) if c[0] == 'python3' else c[0]
+                    for c in self.calls() if c[0] in work}
             self.assertEqual(names, done, phase)
 
     def test_xtrace_restored(self):

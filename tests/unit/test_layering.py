@@ -23,6 +23,8 @@ ALLOWED = {
     'files': set(),
     'waiting': set(),
     'conf': {'contract'},
+    # writes a compute host's configuration (DevStack, the cloud lab)
+    'deploy': {'contract', 'files'},
     'fencing': {'files', 'waiting'},
     'images': {'ft', 'contract'},
     'ft': {'contract', 'files', 'waiting'},
@@ -37,7 +39,7 @@ ALLOWED = {
     # the openstack CLI plugin: nothing but the records it reads
     'osc': {'contract'},
     'cmd': {'agent', 'api', 'local', 'instance', 'ft', 'contract', 'conf',
-            'files', 'waiting'},
+            'fencing', 'files', 'waiting'},
 }
 
 #: OpenStack's parts, which the engine must not know

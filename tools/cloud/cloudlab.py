@@ -6,9 +6,11 @@ RabbitMQ, Open vSwitch, OVN and libvirt, the services of DevStack's
 default topology: Keystone, Glance (file store), Placement, Neutron
 (ML2/OVN), and Nova's API, super-conductor, scheduler and the conductor
 of cell1, whose messages travel on their own RabbitMQ vhost
-(``nova_cell1``) as in DevStack's superconductor mode; then compute
-hosts, each in namespaces of its own.  Run it with the cloud venv's
-Python, as root::
+(``nova_cell1``) as in DevStack's superconductor mode, and etcd, the
+agents' fencing store; then compute hosts, each in namespaces of its
+own with nova-compute and mftvm-agent, configured by
+``python -m mftvm_openstack.deploy`` as the DevStack plugin does.  Run
+it with the cloud venv's Python, as root::
 
     .cloud-venv/bin/python tools/cloud/cloudlab.py up     # 2-4 min
     .cloud-venv/bin/python tools/cloud/cloudlab.py add-host h1
@@ -76,7 +78,8 @@ RABBITMQCTL = '/usr/lib/rabbitmq/bin/rabbitmqctl'
 
 PORTS = {'keystone': 5000, 'glance': 9292, 'placement': 8778,
          'nova-api': 8774, 'neutron': 9696, 'rabbit': 5672, 'mysql': 3306,
-         'ovn-nb': 6641, 'ovn-sb': 6642, 'mftvm-api': 8790}
+         'ovn-nb': 6641, 'ovn-sb': 6642, 'mftvm-api': 8790, 'etcd': 2379,
+         'etcd-peer': 2380}
 SERVICE_USERS = ('glance', 'placement', 'nova', 'neutron')
 
 # Debian's Open vSwitch and OVN (openvswitch-switch, ovn-central,
@@ -90,6 +93,12 @@ OVN_CONTROLLER = '/usr/bin/ovn-controller'
 OVS_SCHEMA = '/usr/share/openvswitch/vswitch.ovsschema'
 OVN_SCHEMAS = {'nb': '/usr/share/ovn/ovn-nb.ovsschema',
                'sb': '/usr/share/ovn/ovn-sb.ovsschema'}
+# Debian's etcd-server: the agents' fencing store
+ETCD = shutil.which('etcd') or '/usr/bin/etcd'
+#: nova-compute's default driver on the lab's hosts (add-host --driver)
+FT_DRIVER = 'mftvm.FTLibvirtDriver'
+#: guest memory an FT host offers, MiB (all of it file-backed)
+HOST_GUEST_MEMORY_MIB = 4096
 LOG_MAX_MB = 10                 # per log file, two files kept
 START_TIMEOUT = 300.0
 
@@ -157,6 +166,11 @@ class Lab:
 
     def url(self, service: str) -> str:
         return f'http://{self.ip}:{PORTS[service]}'
+
+    @property
+    def fencing_url(self) -> str:
+        """The agents' fencing store: the lab's etcd."""
+        return f'etcd3+http://{self.ip}:{PORTS["etcd"]}'
 
 
 # -- processes -----------------------------------------------------------
@@ -482,6 +496,8 @@ def configure(lab: Lab) -> None:
            'export OS_PROJECT_DOMAIN_NAME=Default\n'
            'export OS_REGION_NAME=RegionOne\n'
            f'export OS_PASSWORD={lab.password("admin")}\n'
+           # the agents' broker, for "mftvm list --host h1" and the like
+           f'export MFTVM_TRANSPORT_URL={lab.rabbit_url("nova_cell1")}\n'
            f'export PATH={BIN}:$PATH\n')
     with open(os.open(lab.path('openrc'),
                       os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
@@ -627,6 +643,32 @@ def start_rabbitmq(lab: Lab) -> None:
     rabbitmqctl(lab, 'add_vhost', 'nova_cell1')
     rabbitmqctl(lab, 'set_permissions', '-p', 'nova_cell1', 'cloud',
                 '.*', '.*', '.*')
+
+
+def start_etcd(lab: Lab) -> None:
+    """One etcd member (Debian's etcd-server), the agents' fencing store,
+    on the control plane's address; small, as a fence needs a few keys."""
+    client = f'http://{lab.ip}:{PORTS["etcd"]}'
+    peer = f'http://127.0.0.1:{PORTS["etcd-peer"]}'
+    start(lab, 'etcd', [
+        ETCD, '--name', 'lab', '--data-dir', lab.path('etcd'),
+        '--listen-client-urls', f'{client},http://127.0.0.1:{PORTS["etcd"]}',
+        '--advertise-client-urls', client,
+        '--listen-peer-urls', peer, '--initial-advertise-peer-urls', peer,
+        '--initial-cluster', f'lab={peer}',
+        '--quota-backend-bytes', str(16 * 1024 * 1024),
+        '--snapshot-count', '10000', '--logger', 'zap',
+        '--log-level', 'warn',
+        '--log-outputs', lab.path('log', 'etcd.log')])
+
+
+def etcd_healthy(lab: Lab) -> bool:
+    try:
+        with urllib.request.urlopen(
+                f'http://{lab.ip}:{PORTS["etcd"]}/health', timeout=2) as r:
+            return bool(json.load(r).get('health') == 'true')
+    except (OSError, ValueError):
+        return False
 
 
 # -- the OpenStack services ----------------------------------------------
@@ -854,9 +896,11 @@ def up(state_dir: str, name: str) -> Lab:
         make_namespace(lab)
         configure(lab)
         log(f'namespace {lab.ns}, control plane at {lab.ip}')
+        start_etcd(lab)
         start_mariadb(lab)
         start_rabbitmq(lab)
-        log(f'MariaDB and RabbitMQ up ({time.monotonic() - t0:.0f}s)')
+        wait_for('etcd', lambda: etcd_healthy(lab), lab, 'etcd')
+        log(f'etcd, MariaDB and RabbitMQ up ({time.monotonic() - t0:.0f}s)')
         start_keystone(lab)
         wait_http(lab, 'keystone', lab.url('keystone') + '/v3')
         register_services(lab)
@@ -897,7 +941,7 @@ def down(state_dir: str) -> None:
 
 
 def add_host(state_dir: str, host: str, network_only: bool = False,
-             driver: str = 'libvirt.LibvirtDriver') -> dict[str, Any]:
+             driver: str = FT_DRIVER) -> dict[str, Any]:
     """A compute host ``host``: the network namespace ``<lab ns>-<host>``
     with ``eth0`` on the lab's ``br0`` at ``10.78.N.11`` (the next host
     ``.12``, ...), so that it reaches the control plane at ``10.78.N.1``;
@@ -982,9 +1026,15 @@ def build_host(lab: Lab, host: str, driver: str) -> None:
         [*enter, 'virsh', '-c', 'qemu:///system', 'version'],
         check=False).returncode == 0, lab, f'{host}-libvirtd', timeout=60)
     conf = configure_compute(lab, host, driver)
+    agent_conf = configure_agent(lab, host, conf)
+    start(lab, f'{host}-mftvm-agent',
+          [os.path.join(BIN, 'mftvm-agent'), '--config-file', agent_conf],
+          enter=enter)
     start(lab, f'{host}-nova-compute',
           [os.path.join(BIN, 'nova-compute'), '--config-file', conf],
           enter=enter)
+    wait_for(f'mftvm-agent on {host} to answer over RabbitMQ',
+             lambda: agent_answers(lab, host), lab, f'{host}-mftvm-agent')
     wait_for(f'nova-compute on {host} to report up',
              lambda: compute_service_up(lab, host), lab,
              f'{host}-nova-compute')
@@ -1088,13 +1138,43 @@ def configure_compute(lab: Lab, host: str, driver: str) -> str:
         'vif_plug_ovs_privileged': helper,
         'vif_plug_linux_bridge_privileged': helper,
     }
-    if driver.startswith('mftvm.'):
-        # as devstack/plugin.sh configure_mftvm_nova sets them
-        options['libvirt']['file_backed_memory'] = 4096
-        options['DEFAULT'].update(ram_allocation_ratio=1.0,
-                                  reserved_host_memory_mb=0)
     write_ini(conf, options)
+    if driver.startswith('mftvm.'):
+        # the FT options, by the code the DevStack plugin calls
+        deploy(lab, 'nova', '--nova-conf', conf, '--compute-driver',
+               driver, '--file-backed-memory', str(HOST_GUEST_MEMORY_MIB))
     return conf
+
+
+def deploy(lab: Lab, *argv: str) -> None:
+    """``python -m mftvm_openstack.deploy ARGV``, as the DevStack plugin
+    runs it; the URLs (passwords) through the environment."""
+    run([sys.executable, '-m', 'mftvm_openstack.deploy', *argv],
+        env=service_env(lab, MFTVM_TRANSPORT_URL=lab.rabbit_url('nova_cell1'),
+                        MFTVM_FENCING_URL=lab.fencing_url))
+
+
+def configure_agent(lab: Lab, host: str, nova_conf: str) -> str:
+    """The host's ``mftvm.conf``: the agent on nova-compute's broker and
+    vhost (cell1's: the driver calls it there), fencing on the lab's
+    etcd, its state in the host's directory, its log beside the host's
+    other logs."""
+    info = lab.state['hosts'][host]
+    conf = host_dir(lab, host, 'etc', 'mftvm.conf')
+    deploy(lab, 'agent', '--conf', conf, '--host', host, '--nova-conf',
+           nova_conf, '--my-ip', info['ip'], '--state-path',
+           host_dir(lab, host, 'mftvm'), '--log-file',
+           lab.path('log', f'{host}-mftvm-agent.log'),
+           '--log-max-mb', str(LOG_MAX_MB))
+    return conf
+
+
+def agent_answers(lab: Lab, host: str) -> bool:
+    """Does ``host``'s agent answer RPC (``mftvm list --host``)?"""
+    return run([os.path.join(BIN, 'mftvm'), '--timeout', '5', 'list',
+                '--host', host], check=False, env=service_env(
+                    lab, MFTVM_TRANSPORT_URL=lab.rabbit_url('nova_cell1'))
+               ).returncode == 0
 
 
 def compute_service_up(lab: Lab, host: str) -> bool:
@@ -1235,7 +1315,9 @@ def status(state_dir: str) -> int:
         print(f'  {name:16} pid {pid:7} '
               f'{"running" if alive(pid) else "DEAD"}')
     for name, host in sorted(lab.state.get('hosts', {}).items()):
-        print(f'  host {name:11} {host["ip"]:15} namespace {host["ns"]}')
+        host_pids = ns_pids(host['ns'])
+        print(f'  host {name:11} {host["ip"]:15} namespace {host["ns"]}, '
+              f'{len(host_pids)} processes, {rss_mb(host_pids):.0f} MB RSS')
     return 0
 
 
@@ -1259,9 +1341,10 @@ def main(argv: Optional[list[str]] = None) -> int:
              'it is empty or a lab\'s)')
     parser.add_argument('--network-only', action='store_true',
                         help='add-host: only the namespace and its links')
-    parser.add_argument('--driver', default='libvirt.LibvirtDriver',
+    parser.add_argument('--driver', default=FT_DRIVER,
                         help='add-host: nova-compute\'s compute_driver '
-                             '(e.g. mftvm.FTLibvirtDriver)')
+                             f'(default {FT_DRIVER}; libvirt.LibvirtDriver '
+                             'for a host without FT)')
     parser.add_argument('--name', default='cloud',
                         help='the lab\'s namespace is mfc-NAME')
     args = parser.parse_args(argv)
@@ -1272,9 +1355,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f'    source {lab.path("openrc")}\n'
                   f'    openstack service list\n'
                   f'    openstack network list\n'
-                  f'Add compute hosts (about 25 s each):\n'
+                  f'Add compute hosts (about 40 s each; nova-compute '
+                  f'with {FT_DRIVER} and mftvm-agent):\n'
                   f'    {sys.executable} {os.path.abspath(__file__)} '
                   f'add-host h1 --dir {lab.dir}\n'
+                  f'    mftvm list --host h1      # its agent answers\n'
                   f'(doc/cloud-lab.rst boots a server on them.)\n'
                   f'Stop it with:  tools/run.sh cloud-down\n')
         elif args.command == 'down':
