@@ -253,3 +253,129 @@ class TlsStreamTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.wait_for(self.accepted.get(), 5)
         chan.close()
         writer.close()
+
+
+class HandshakeFloodTest(unittest.IsolatedAsyncioTestCase):
+    """Strangers that connect and never finish a handshake take a
+    bounded room, and the real primary still gets in (real TCP sockets
+    on the loopback, whose every 127.x address is this host's)."""
+
+    async def asyncSetUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(__import__('shutil').rmtree, self.dir)
+        self.creds = pair_tls.PairCredentials.generate()
+        self.server_dir = self.creds.write_server(
+            os.path.join(self.dir, 'server'))
+        self.client_dir = pair_tls.write_client(
+            self.creds.client_bundle(), os.path.join(self.dir, 'client'))
+        self.accepted = asyncio.Queue()
+        self.strangers = []
+
+    async def serve(self, **bounds):
+        async def on_connect(channel):
+            await self.accepted.put(channel)
+        key = self.creds.pair_key
+        server = await transport.serve(
+            transport.DataAddress(host='127.0.0.1', port=0), on_connect,
+            tls=transport.ServerTls(
+                pair_tls.server_context(self.server_dir),
+                lambda cert: None if pair_tls.peer_is_client(cert, key)
+                else 'not the primary', **bounds))
+        self.addCleanup(server.close)
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def stranger(self, source):
+        """A connection from ``source`` that says nothing."""
+        reader, writer = await asyncio.open_connection(
+            '127.0.0.1', self.port, local_addr=(source, 0))
+        self.addCleanup(writer.close)
+        self.strangers.append(reader)
+        return reader
+
+    async def closed_strangers(self, count):
+        """Until ``count`` strangers' connections were closed by the
+        server; the readers of those."""
+        closed = []
+        pending = {asyncio.ensure_future(r.read()): r
+                   for r in self.strangers}
+        try:
+            while len(closed) < count:
+                done, _ = await asyncio.wait(
+                    pending, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+                self.assertTrue(done, f'only {len(closed)} of {count} '
+                                      f'strangers were refused')
+                for task in done:
+                    self.assertEqual(b'', task.result())
+                    closed.append(pending.pop(task))
+        finally:
+            for task in pending:
+                task.cancel()
+        return closed
+
+    async def primary(self, source='127.0.0.1'):
+        reader, writer = await asyncio.open_connection(
+            '127.0.0.1', self.port, local_addr=(source, 0),
+            ssl=pair_tls.client_context(self.client_dir),
+            server_hostname=pair_tls.server_name(self.creds.pair_key),
+            ssl_handshake_timeout=5)
+        self.addCleanup(writer.close)
+        return await asyncio.wait_for(self.accepted.get(), 5)
+
+    async def test_one_address_gets_a_few_places_and_the_primary_its_own(self):
+        await self.serve(max_handshakes=8, max_handshakes_per_peer=3)
+        with self.assertLogs('mftvm_openstack.ft.transport') as logs:
+            for _ in range(10):
+                await self.stranger('127.0.0.2')
+            closed = await self.closed_strangers(7)
+        # one line for the flood, not one per connection
+        self.assertEqual(1, len(logs.records), logs.output)
+        self.assertIn('3 connections from 127.0.0.2 are in their '
+                      'handshake', logs.output[0])
+        channel = await self.primary()
+        channel.close()
+        # the three admitted strangers are still waiting: the primary
+        # did not have to wait for them
+        self.assertEqual(3, len([r for r in self.strangers
+                                 if r not in closed and not r.at_eof()]))
+
+    async def test_the_room_for_all_addresses_is_bounded(self):
+        await self.serve(max_handshakes=5, max_handshakes_per_peer=2)
+        for source in ('127.0.0.2', '127.0.0.2', '127.0.0.3', '127.0.0.3',
+                       '127.0.0.4'):
+            await self.stranger(source)
+        with self.assertLogs('mftvm_openstack.ft.transport') as logs:
+            # room left from this address, but none in all
+            for _ in range(2):
+                await self.stranger('127.0.0.5')
+            await self.closed_strangers(2)
+        self.assertEqual(1, len(logs.records), logs.output)
+        self.assertIn('5 connections are in their handshake',
+                      logs.output[0])
+
+    async def test_a_silent_stranger_is_dropped_after_the_handshake_time(self):
+        await self.serve(handshake_timeout=0.2, max_handshakes_per_peer=1)
+        with self.assertLogs('mftvm_openstack.ft.transport') as logs:
+            await self.stranger('127.0.0.2')
+            await self.closed_strangers(1)
+        self.assertIn('TLS handshake timed out', logs.output[0])
+        # its place is free again: the primary gets in from there
+        channel = await self.primary('127.0.0.2')
+        channel.close()
+
+
+class HandshakeGateTest(unittest.TestCase):
+
+    def test_places_are_counted_per_address_and_in_all(self):
+        gate = transport.HandshakeGate(total=3, per_peer=2)
+        self.assertIsNone(gate.enter('a'))
+        self.assertIsNone(gate.enter('a'))
+        self.assertIn('from a', gate.enter('a'))
+        self.assertIsNone(gate.enter(None))
+        self.assertIn('3 connections', gate.enter('b'))
+        gate.leave('a')
+        self.assertIsNone(gate.enter('b'))
+        self.assertEqual(2, gate.refused)
+        for address in ('a', 'b', None):
+            gate.leave(address)
+        self.assertEqual(0, gate.pending)
+        self.assertIsNone(gate.enter('a'))
