@@ -83,10 +83,10 @@ class PrimarySide(Side):
             self.disk_layers = [(self.spec.disk, self.spec.disk_format)]
             self.guest = await guests.boot(self.spec, self.paths, self.ram)
         machine = self.primary
-        secondary = self.options['secondary'] or 'unix:' + os.path.join(
+        secondary = self.options.secondary or 'unix:' + os.path.join(
             self.guest_dir, 'secondary', 'data.sock')
-        protect = pair.Protect(secondary, self.options['pair_id'])
-        delay = self.options.get('start_delay')
+        protect = pair.Protect(secondary, self.options.pair_id)
+        delay = self.options.start_delay
         if delay:
             # Unprotected meanwhile (tests use it to see that state).
             machine.post(pair.GuestUp(self.guest.process,

@@ -135,8 +135,8 @@ class SecondarySide(Side):
     def new_machine(self) -> pair.SecondaryPair:
         return pair.SecondaryPair(
             prepare=self.prepare, activate=self.activate, clock=self.clock,
-            detect_timeout=self.options['detect_timeout'],
-            vouches=not fencing.dies_with_holder(self.options['fence_url']))
+            detect_timeout=self.options.detect_timeout,
+            vouches=not fencing.dies_with_holder(self.options.fence_url))
 
     @property
     def secondary(self) -> pair.SecondaryPair:
@@ -144,7 +144,7 @@ class SecondarySide(Side):
         return self.machine
 
     def listen_address(self) -> transport.DataAddress:
-        listen = self.options['listen']
+        listen = self.options.listen
         if not listen:
             return transport.DataAddress(path=os.path.join(
                 self.paths.root, 'data.sock'))
@@ -170,7 +170,7 @@ class SecondarySide(Side):
         # byte of it for the detection time breaks the stream.
         server = await transport.serve(
             addr, on_connect, tls=self.data_tls(),
-            stall_timeout=float(self.options['detect_timeout']))
+            stall_timeout=self.options.detect_timeout)
         self.listen = str(addr)
         machine.post(pair.Listening())
         try:
@@ -182,9 +182,9 @@ class SecondarySide(Side):
             primary = pair.PrimaryPair.took_over(
                 machine, self.guest.process, self.guest.monitor,
                 protector=self.protector, clock=self.clock,
-                epoch_ms=self.options['epoch_ms'],
-                idle_epoch_ms=self.options.get('idle_epoch_ms') or 0,
-                heartbeat_interval=self.options['heartbeat_interval'],
+                epoch_ms=self.options.epoch_ms,
+                idle_epoch_ms=self.options.idle_epoch_ms,
+                heartbeat_interval=self.options.heartbeat_interval,
                 **self.bounds())
             self.start(primary)
             keeping = self.keep_lease()     # (running since the fence)
@@ -216,7 +216,7 @@ class SecondarySide(Side):
     @property
     def tls_dir(self) -> Optional[str]:
         """This side's pair credentials; None: TLS is switched off."""
-        if not self.options['tls']:
+        if not self.options.tls:
             return None
         return tls_dir(self.guest_dir, self.role.value)
 
@@ -256,7 +256,7 @@ class SecondarySide(Side):
         replica = epoch.ReplicaImage(
             self.ram, self.spec.memory_bytes, self.paths.root,
             f'guest {name} RAM (secondary replica)')
-        nbd_host = self.options['nbd_host']
+        nbd_host = self.options.nbd_host
         directory = self.tls_dir
         tls = None if directory is None else ft_disk.NbdServerTls(
             directory, pair_tls.client_dn(pair_tls.read_pair_key(directory)))
@@ -328,7 +328,7 @@ class SecondarySide(Side):
                 said[0] = why
                 loop.call_soon_threadsafe(setattr, machine, 'error',
                                           f'waiting for the fence: {why}')
-        held_for = float(self.options['fence_acquire_timeout'])
+        held_for = self.options.fence_acquire_timeout
         if fence.lease != float('inf'):
             held_for = max(held_for, 2 * fence.lease)
         while True:
@@ -363,7 +363,7 @@ class SecondarySide(Side):
                        hello: Hello) -> RunningGuest:
         assert self.replica is not None
         if self.spec.domain:
-            name = self.options['domain_name'] or self.spec.domain
+            name = self.options.domain_name or self.spec.domain
             # hello.domain_xml came off the wire: restore() starts only
             # what ft.domain_policy rebuilds from it
             dom, monitor = await libvirt_domain.restore(

@@ -30,6 +30,7 @@ from typing import Any, Optional
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.control import ControlOp, ControlRequest
 from mftvm_openstack.contract.limits import MEMORY_MIB_RANGE, SMP_RANGE
+from mftvm_openstack.contract.options import HostOptions
 from mftvm_openstack.contract.record import (
     ContractError,
     Record,
@@ -230,9 +231,16 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
     """Start both sides of ``spec`` and return once it is protected.
 
     ``host_options`` adds options only the host processes read (see
-    ``instance.config.HOST_DEFAULTS``), e.g. ``libvirt_uri``.
+    :class:`~mftvm_openstack.contract.options.HostOptions`), e.g.
+    ``libvirt_uri``.
     """
     _check_options(opts)
+    try:
+        options = HostOptions.from_dict(
+            {**dataclasses.asdict(opts), **(host_options or {})},
+            'options')
+    except ContractError as exc:
+        raise UserError(str(exc)) from None
     _check_state_dir(state_dir)
     gdir = guest_dir(state_dir, spec.name)
     if any((s := _readable_status(gdir, role)) and s.alive
@@ -244,8 +252,7 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
     private_dir(gdir)
     write_json_atomic(os.path.join(gdir, 'guest.json'),
                       {'spec': spec.to_json(),
-                       'options': {**dataclasses.asdict(opts),
-                                   **(host_options or {})}})
+                       'options': options.to_dict()})
     if opts.tls:
         # Both sides run here: each gets its half in the guest's own
         # 0700 directory, never over the stream the creds protect.

@@ -96,11 +96,11 @@ class GuestDirTest(unittest.TestCase):
 
     def test_idle_epochs_from_the_request_or_the_ft_group(self):
         none = ProtectionOptions()
-        self.assertEqual(1000, self.m.host_options(none)['idle_epoch_ms'])
+        self.assertEqual(1000, self.m.host_options(none).idle_epoch_ms)
         self.m.conf.set_override('idle_epoch_ms', 0, group='ft')
-        self.assertEqual(0, self.m.host_options(none)['idle_epoch_ms'])
+        self.assertEqual(0, self.m.host_options(none).idle_epoch_ms)
         self.assertEqual(2500, self.m.host_options(
-            ProtectionOptions(idle_epoch_ms=2500))['idle_epoch_ms'])
+            ProtectionOptions(idle_epoch_ms=2500)).idle_epoch_ms)
 
     def test_spec_without_guest_or_domain_is_refused(self):
         with self.assertRaises(exception.InvalidRequest) as ctx:

@@ -51,7 +51,8 @@ def guest_dir(test):
     spec = vm.GuestSpec(name=f'unit-{os.getpid()}', kernel='/k', initrd='/i',
                         disk='/d', disk_size=1 << 20)
     with open(os.path.join(tmp.name, 'guest.json'), 'w') as f:
-        json.dump({'spec': spec.to_json(), 'options': {'epoch_ms': 200}}, f)
+        json.dump({'spec': spec.to_json(),
+                   'options': {'epoch_ms': 200, 'tls': True}}, f)
     return tmp.name
 
 

@@ -1,0 +1,101 @@
+"""What an instance process is told: ``guest.json``'s options.
+
+The agent (or the ``mftvm`` CLI) writes a guest's directory; the
+instance process started there reads ``guest.json`` back, a file another
+process wrote, so its options are checked field by field like every
+other value that crosses a process (an unknown, mistyped or out-of-range
+option refuses the whole file, naming it)::
+
+    opts = HostOptions.from_dict({'epoch_ms': 100, 'tls': True},
+                                 'guest.json options')
+    opts.detect_timeout                  # 1.0: left out, the default
+    HostOptions.from_dict({'epoch_ms': 'fast'}, 'guest.json options')
+    # ContractError: guest.json options.epoch_ms: must be an integer ...
+
+An option left out means its default here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from mftvm_openstack.contract import plugins
+from mftvm_openstack.contract.control import PAIR_ID_PATTERN
+from mftvm_openstack.contract.limits import (
+    EPOCH_MS_RANGE,
+    IDLE_EPOCH_MS_RANGE,
+)
+from mftvm_openstack.contract.record import Record, field
+from mftvm_openstack.contract.spec import (
+    HOST_PATTERN,
+    NAME_PATTERN,
+    PATH_PATTERN,
+)
+
+#: where a secondary listens: ``unix:PATH`` or ``tcp:HOST:PORT``
+DATA_ADDRESS_PATTERN = (r'unix:[^\x00-\x1f\x7f]{1,107}'
+                        r'|tcp:[A-Za-z0-9_.:\[\]-]{1,255}:[0-9]{1,5}')
+#: a URL without control characters or spaces (libvirt's, a masked
+#: fencing backend's)
+URL_PATTERN = r'[A-Za-z0-9+.-]{1,32}:[^\x00-\x20\x7f]{0,4096}'
+_SECONDS = (0.0, 86400.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostOptions(Record):
+    """One side's options: how the guest is protected, and what only the
+    instance process needs (see ``[agent]``, ``[ft]``, ``[fencing]`` and
+    ``[replication]`` in :mod:`mftvm_openstack.conf` for their
+    meaning)."""
+
+    # -- how the guest is protected (the caller's choice)
+    epoch_ms: int = field(default=200, range=EPOCH_MS_RANGE)
+    idle_epoch_ms: int = field(default=0, range=IDLE_EPOCH_MS_RANGE)
+    disk_sync: str = field(default=plugins.DEFAULT_DISK_SYNC,
+                           choices=plugins.disk_sync_choices)
+    tracker: str = field(default=plugins.AUTO_TRACKER,
+                         choices=plugins.tracker_choices)
+    #: seconds the guest runs unprotected before protection starts
+    start_delay: float = field(default=0.0, range=_SECONDS)
+    #: the CLI's own wait for protection (the instance does not read it)
+    protect_timeout: Optional[float] = field(default=None,
+                                             range=(1.0, math.inf))
+    # -- where the sides meet
+    #: secondary: its data address (None: a unix socket in its dir)
+    listen: Optional[str] = field(default=None,
+                                  pattern=DATA_ADDRESS_PATTERN)
+    #: primary: where its secondary listens
+    secondary: Optional[str] = field(default=None,
+                                     pattern=DATA_ADDRESS_PATTERN)
+    #: secondary: serve the disk replica over TCP on this address
+    nbd_host: Optional[str] = field(default=None, pattern=HOST_PATTERN)
+    pair_id: str = field(default='pair-1', pattern=PAIR_ID_PATTERN)
+    #: mutual TLS on the data stream and NBD, with the creds in the
+    #: guest dir's ``tls/``; off only on a dedicated, trusted network
+    tls: bool = True
+    # -- fencing
+    #: the backend's URL, masked (the real one comes in the environment);
+    #: None: a lock file in ``fence_dir``
+    fence_url: Optional[str] = field(default=None, pattern=URL_PATTERN)
+    #: where the lock file lives (None: the guest dir)
+    fence_dir: Optional[str] = field(default=None, pattern=PATH_PATTERN)
+    fence_lease: int = field(default=3, range=(1, 3600))
+    fence_acquire_timeout: float = field(default=10.0, range=(0.1, 3600.0))
+    #: this host's name at the coordination backend
+    member: Optional[str] = field(default=None, pattern=HOST_PATTERN)
+    #: tells RAM files of one guest apart per host
+    ram_tag: Optional[str] = field(default=None, pattern=HOST_PATTERN)
+    # -- bounds
+    heartbeat_interval: float = field(default=0.2, range=(0.01, 60.0))
+    detect_timeout: float = field(default=1.0, range=(0.05, 3600.0))
+    ack_timeout: float = field(default=10.0, range=(0.1, 3600.0))
+    max_held_epochs: int = field(default=50, range=(1, 1 << 20))
+    max_held_bytes: int = field(default=32 << 20, range=(1 << 12, 1 << 40))
+    hang_timeout: float = field(default=15.0, range=(0.1, 3600.0))
+    replica_timeout: float = field(default=3.0, range=(0.1, 3600.0))
+    # -- libvirt
+    libvirt_uri: str = field(default='qemu:///system', pattern=URL_PATTERN)
+    #: secondary: its restored domain's name (None: the spec's domain)
+    domain_name: Optional[str] = field(default=None, pattern=NAME_PATTERN)

@@ -1,0 +1,62 @@
+"""guest.json's options: typed and checked where the instance process
+reads them."""
+
+import dataclasses
+import json
+import os
+import tempfile
+import unittest
+
+from mftvm_openstack.contract.options import HostOptions
+from mftvm_openstack.contract.record import ContractError
+from mftvm_openstack.contract.spec import ProtectionOptions
+from mftvm_openstack.ft import vm
+from mftvm_openstack.instance.config import load_guest
+from mftvm_openstack.local import operations
+from tests.unit.test_agent_manager import manager_on
+
+SPEC = vm.GuestSpec(name='vm0', kernel='/k', initrd='/i', disk='/d')
+
+class HostOptionsTest(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(__import__('shutil').rmtree, self.dir)
+
+    def write(self, options):
+        with open(os.path.join(self.dir, 'guest.json'), 'w') as f:
+            json.dump({'spec': SPEC.to_dict(), 'options': options}, f)
+
+    def test_options_are_typed_with_their_defaults(self):
+        self.write({'epoch_ms': 100, 'tls': False})
+        _, options = load_guest(self.dir)
+        self.assertIsInstance(options, HostOptions)
+        self.assertEqual((100, 1.0, False, 'qemu:///system'),
+                         (options.epoch_ms, options.detect_timeout,
+                          options.tls, options.libvirt_uri))
+
+    def test_a_bad_option_refuses_the_file_naming_it(self):
+        for name, value in [('epoch_ms', 'fast'), ('epoch_ms', 1),
+                            ('tls', 'yes'), ('no_such_option', 1),
+                            ('listen', 'tcp:1.2.3.4:5,guestfwd=x'),
+                            ('fence_dir', '/run/../etc'),
+                            ('libvirt_uri', 'qemu:///system\nx'),
+                            ('max_held_bytes', -1),
+                            ('detect_timeout', float('nan')),
+                            ('domain_name', '../x')]:
+            self.write({'tls': True, name: value})
+            with self.assertRaises(ContractError, msg=name) as ctx:
+                load_guest(self.dir)
+            self.assertEqual(f'guest.json options.{name}',
+                             ctx.exception.field)
+
+    def test_what_the_agent_and_the_cli_write_loads_back(self):
+        m = manager_on(self)
+        written = m.host_options(ProtectionOptions(epoch_ms=300), 'vm0')
+        self.assertEqual(written, HostOptions.from_dict(written.to_dict()))
+        self.assertEqual(300, written.epoch_ms)
+        # every option of the CLI's is one of guest.json's
+        cli = HostOptions.from_dict(
+            dataclasses.asdict(operations.ProtectOptions()))
+        self.assertEqual(operations.ProtectOptions().idle_epoch_ms,
+                         cli.idle_epoch_ms)
