@@ -483,8 +483,8 @@ class AgentManager:
         record = inst.record
         guest = _read_json(os.path.join(inst.dir, 'guest.json')) or {}
         spec = GuestSpec.from_json(guest.get('spec'))
-        options = HostOptions.from_dict(guest.get('options', {}),
-                                        'guest.json options')
+        # (a guest.json from before pair TLS means tls on: see load())
+        options, _ = HostOptions.load(guest.get('options', {}))
         # The host we lost is asked last: it is likely still down (but
         # it may be the only one left).
         last = (str(record.get('peer', '')),) if not prefer else ()

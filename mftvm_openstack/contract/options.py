@@ -12,14 +12,16 @@ option refuses the whole file, naming it)::
     HostOptions.from_dict({'epoch_ms': 'fast'}, 'guest.json options')
     # ContractError: guest.json options.epoch_ms: must be an integer ...
 
-An option left out means its default here.
+An option left out means its default here. ``tls`` is the one whose
+absence says something: a directory written before pair TLS existed has
+no ``tls``; see :meth:`HostOptions.load`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Any, Optional
 
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.control import PAIR_ID_PATTERN
@@ -41,6 +43,8 @@ DATA_ADDRESS_PATTERN = (r'unix:[^\x00-\x1f\x7f]{1,107}'
 #: fencing backend's)
 URL_PATTERN = r'[A-Za-z0-9+.-]{1,32}:[^\x00-\x20\x7f]{0,4096}'
 _SECONDS = (0.0, 86400.0)
+#: what a guest directory that predates pair TLS means (see load())
+TLS_BEFORE_IT_EXISTED = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +78,7 @@ class HostOptions(Record):
     pair_id: str = field(default='pair-1', pattern=PAIR_ID_PATTERN)
     #: mutual TLS on the data stream and NBD, with the creds in the
     #: guest dir's ``tls/``; off only on a dedicated, trusted network
-    tls: bool = True
+    tls: bool = TLS_BEFORE_IT_EXISTED
     # -- fencing
     #: the backend's URL, masked (the real one comes in the environment);
     #: None: a lock file in ``fence_dir``
@@ -99,3 +103,20 @@ class HostOptions(Record):
     libvirt_uri: str = field(default='qemu:///system', pattern=URL_PATTERN)
     #: secondary: its restored domain's name (None: the spec's domain)
     domain_name: Optional[str] = field(default=None, pattern=NAME_PATTERN)
+
+    @classmethod
+    def load(cls, data: Any, where: str = 'guest.json options') \
+            -> tuple[HostOptions, bool]:
+        """``data`` checked, and whether it predates pair TLS.
+
+        A directory written before pair TLS has no ``tls`` option. It
+        means ``tls`` on: an upgrade must never turn encryption and
+        authentication off without anyone saying so, and the old plain
+        stream cannot be told from an attacker's. Without pair
+        credentials in its directory such a side cannot be protected
+        (the secondary refuses to listen, the primary to connect, each
+        saying why) until the guest is protected again, which writes
+        them (the agent's re-protect gives a running primary its half).
+        """
+        options = cls.from_dict(data, where)
+        return options, isinstance(data, dict) and 'tls' not in data

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import socket
 
 from mftvm_openstack.contract.options import HostOptions
 from mftvm_openstack.files import private_dir
 from mftvm_openstack.ft import vm
+
+LOG = logging.getLogger(__name__)
 
 #: the environment variable that holds the fencing backend's URL, with
 #: its password (guest.json's ``fence_url`` has it masked)
@@ -53,8 +56,12 @@ def load_guest(guest_dir: str) -> tuple[vm.GuestSpec, HostOptions]:
         data = json.load(f)
     if not isinstance(data, dict):
         data = {}
-    options = HostOptions.from_dict(data.get('options', {}),
-                                    'guest.json options')
+    options, before_tls = HostOptions.load(data.get('options', {}))
+    if before_tls:
+        LOG.warning('%s was written before pair TLS (its guest.json has '
+                    'no "tls" option): taken as tls on, never as a plain '
+                    'stream; without pair credentials in its tls/ it is '
+                    'not protected until it is protected again', guest_dir)
     secret_url = os.environ.get(FENCE_URL_ENV)
     if secret_url:
         options = dataclasses.replace(options, fence_url=secret_url)

@@ -1,5 +1,5 @@
 """guest.json's options: typed and checked where the instance process
-reads them."""
+reads them, and what a directory from before pair TLS means."""
 
 import dataclasses
 import json
@@ -16,6 +16,18 @@ from mftvm_openstack.local import operations
 from tests.unit.test_agent_manager import manager_on
 
 SPEC = vm.GuestSpec(name='vm0', kernel='/k', initrd='/i', disk='/d')
+
+#: the options the agent wrote before pair TLS existed (commit 20ac929's
+#: parent: its host_options() and the secondary's listen/nbd_host)
+BEFORE_TLS = {
+    'epoch_ms': 200, 'idle_epoch_ms': 1000, 'disk_sync': 'async-replication',
+    'tracker': 'auto', 'start_delay': 0.0, 'detect_timeout': 0.8,
+    'heartbeat_interval': 0.2, 'hang_timeout': 15.0, 'replica_timeout': 3.0,
+    'fence_url': 'redis://:***@10.0.0.5:6379', 'fence_dir': None,
+    'fence_lease': 3, 'fence_acquire_timeout': 10.0, 'member': 'hv1',
+    'ram_tag': 'hv1', 'libvirt_uri': 'qemu:///system',
+    'listen': 'tcp:10.0.0.2:0', 'nbd_host': '10.0.0.2'}
+
 
 class HostOptionsTest(unittest.TestCase):
 
@@ -60,3 +72,20 @@ class HostOptionsTest(unittest.TestCase):
             dataclasses.asdict(operations.ProtectOptions()))
         self.assertEqual(operations.ProtectOptions().idle_epoch_ms,
                          cli.idle_epoch_ms)
+
+    def test_a_directory_from_before_pair_tls_means_tls_on_and_says_so(self):
+        self.write(BEFORE_TLS)
+        with self.assertLogs('mftvm_openstack.instance.config') as logs:
+            _, options = load_guest(self.dir)
+        # never a silent downgrade to a plain, unauthenticated stream
+        self.assertTrue(options.tls)
+        self.assertEqual(1, len(logs.records), logs.output)
+        self.assertIn(self.dir, logs.output[0])
+        self.assertIn('before pair TLS', logs.output[0])
+        self.assertIn('tls on', logs.output[0])
+
+    def test_a_directory_that_says_tls_says_nothing_more(self):
+        for tls in (True, False):
+            self.write({**BEFORE_TLS, 'tls': tls})
+            with self.assertNoLogs('mftvm_openstack.instance.config'):
+                self.assertEqual(tls, load_guest(self.dir)[1].tls)
