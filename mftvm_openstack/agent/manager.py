@@ -269,6 +269,7 @@ class AgentManager:
             'member': self.host,
             'ram_tag': f'{self.host}',
             'libvirt_uri': c.agent.libvirt_uri,
+            'allowed_bridges': list(c.agent.allowed_bridges),
             'tls': c.replication.tls,
         }, 'host options')
 

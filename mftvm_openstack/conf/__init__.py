@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import socket
 
-from oslo_config import cfg
+from oslo_config import cfg, types
 
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.limits import EPOCH_MS_RANGE, IDLE_EPOCH_MS_RANGE
+from mftvm_openstack.contract.options import (
+    BRIDGE_GLOB_PATTERN,
+    DEFAULT_ALLOWED_BRIDGES,
+)
 
 CONF = cfg.CONF
 
@@ -50,6 +54,17 @@ agent_opts = [
              'running domain through it, and a failover restores the '
              'guest as a domain through it. It must be local: the agent '
              'reads guest RAM from the domain\'s shared memory file.'),
+    cfg.ListOpt(
+        'allowed_bridges', default=list(DEFAULT_ALLOWED_BRIDGES),
+        item_type=types.String(regex=rf'\A({BRIDGE_GLOB_PATTERN})\Z'),
+        help='The host bridges a protected libvirt guest\'s NICs may be '
+             'on (names, with * and ? as wildcards). A secondary '
+             'restores a guest from the domain XML its primary sends; a '
+             'NIC on any other bridge (a management or storage network, '
+             'say) refuses the restore, and the primary refuses to '
+             'protect such a guest. The default covers Neutron\'s '
+             'Open vSwitch and OVN integration bridge, the Linux bridge '
+             'agent\'s brq bridges and libvirt\'s default network.'),
     cfg.ListOpt(
         'peers', default=[],
         help='Hosts that may serve as secondaries for the guests of this '

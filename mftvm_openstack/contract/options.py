@@ -43,6 +43,18 @@ DATA_ADDRESS_PATTERN = (r'unix:[^\x00-\x1f\x7f]{1,107}'
 #: fencing backend's)
 URL_PATTERN = r'[A-Za-z0-9+.-]{1,32}:[^\x00-\x20\x7f]{0,4096}'
 _SECONDS = (0.0, 86400.0)
+#: a Linux network interface name as the kernel takes it (1 to 15
+#: characters, not ``.`` or ``..``, no ``/``, ``:`` or white space), in
+#: the narrower alphabet Nova and os-vif use
+IFNAME_PATTERN = r'(?!\.\.?$)[A-Za-z0-9_.+-]{1,15}'
+#: an entry of an allowed-bridges list: an interface name, in which
+#: ``*`` and ``?`` are wildcards (:func:`fnmatch.fnmatchcase`)
+BRIDGE_GLOB_PATTERN = r'(?!\.\.?$)[A-Za-z0-9_.+*?-]{1,15}'
+#: the bridges a restored guest may join unless an operator says
+#: otherwise: Open vSwitch's integration bridge (Neutron's OVS and OVN
+#: drivers), the Linux bridge agent's per-network ``brq...`` bridges,
+#: and libvirt's default network
+DEFAULT_ALLOWED_BRIDGES = ('br-int', 'brq*', 'virbr0')
 #: what a guest directory that predates pair TLS means (see load())
 TLS_BEFORE_IT_EXISTED = True
 
@@ -103,6 +115,11 @@ class HostOptions(Record):
     libvirt_uri: str = field(default='qemu:///system', pattern=URL_PATTERN)
     #: secondary: its restored domain's name (None: the spec's domain)
     domain_name: Optional[str] = field(default=None, pattern=NAME_PATTERN)
+    #: the bridges a libvirt guest's NICs may name ([agent]
+    #: allowed_bridges): what the wire says is refused otherwise
+    allowed_bridges: tuple[str, ...] = field(
+        default=DEFAULT_ALLOWED_BRIDGES, pattern=BRIDGE_GLOB_PATTERN,
+        max_len=64)
 
     @classmethod
     def load(cls, data: Any, where: str = 'guest.json options') \

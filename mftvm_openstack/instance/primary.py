@@ -78,7 +78,8 @@ class PrimarySide(Side):
             # refuse at failover is refused now.
             self.guest = await self.libvirt.adopt(
                 self.spec.domain, instance=self.spec.name, spec=self.spec,
-                readonly_dirs=(self.guest_dir,))
+                readonly_dirs=(self.guest_dir,),
+                bridges=self.options.allowed_bridges)
         else:
             self.disk_layers = [(self.spec.disk, self.spec.disk_format)]
             self.guest = await guests.boot(self.spec, self.paths, self.ram)

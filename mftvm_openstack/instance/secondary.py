@@ -370,7 +370,8 @@ class SecondarySide(Side):
                 await self.libvirt.connection(), self.spec,
                 self.paths.serial, self.ram, self.replica.devstate_path,
                 layers, name=name, xml=hello.domain_xml,
-                readonly_dirs=(self.guest_dir,))
+                readonly_dirs=(self.guest_dir,),
+                bridges=self.options.allowed_bridges)
             return await self.libvirt.attach(dom, monitor)
         qemu, qmp = await epoch.restore(
             self.spec, self.paths, self.ram, self.replica.devstate_path,

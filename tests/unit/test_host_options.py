@@ -7,6 +7,9 @@ import os
 import tempfile
 import unittest
 
+from oslo_config import cfg
+
+from mftvm_openstack import conf
 from mftvm_openstack.contract.options import HostOptions
 from mftvm_openstack.contract.record import ContractError
 from mftvm_openstack.contract.spec import ProtectionOptions
@@ -55,18 +58,26 @@ class HostOptionsTest(unittest.TestCase):
                             ('libvirt_uri', 'qemu:///system\nx'),
                             ('max_held_bytes', -1),
                             ('detect_timeout', float('nan')),
-                            ('domain_name', '../x')]:
+                            ('domain_name', '../x'),
+                            ('allowed_bridges', ['br-int', 'br/x']),
+                            ('allowed_bridges', 'br-int')]:
             self.write({'tls': True, name: value})
             with self.assertRaises(ContractError, msg=name) as ctx:
                 load_guest(self.dir)
             self.assertEqual(f'guest.json options.{name}',
-                             ctx.exception.field)
+                             ctx.exception.field.partition('[')[0])
 
     def test_what_the_agent_and_the_cli_write_loads_back(self):
         m = manager_on(self)
         written = m.host_options(ProtectionOptions(epoch_ms=300), 'vm0')
         self.assertEqual(written, HostOptions.from_dict(written.to_dict()))
         self.assertEqual(300, written.epoch_ms)
+        self.assertEqual(('br-int', 'brq*', 'virbr0'),
+                         written.allowed_bridges)
+        m.conf.set_override('allowed_bridges', ['br-guests', 'tap*'],
+                            group='agent')
+        self.assertEqual(('br-guests', 'tap*'), m.host_options(
+            ProtectionOptions(), 'vm0').allowed_bridges)
         # every option of the CLI's is one of guest.json's
         cli = HostOptions.from_dict(
             dataclasses.asdict(operations.ProtectOptions()))
@@ -89,3 +100,17 @@ class HostOptionsTest(unittest.TestCase):
             self.write({**BEFORE_TLS, 'tls': tls})
             with self.assertNoLogs('mftvm_openstack.instance.config'):
                 self.assertEqual(tls, load_guest(self.dir)[1].tls)
+
+
+class AllowedBridgesOptionTest(unittest.TestCase):
+
+    def test_the_option_takes_interface_names_and_wildcards_only(self):
+        c = cfg.ConfigOpts()
+        conf.register_opts(c)
+        c([], project='mftvm-test')
+        for good in (['br-int'], ['brq*', 'br-?x'], []):
+            c.set_override('allowed_bridges', good, group='agent')
+            self.assertEqual(good, c.agent.allowed_bridges)
+        for bad in (['br/x'], ['a' * 16], ['..'], ['br x']):
+            with self.assertRaises(ValueError, msg=bad):
+                c.set_override('allowed_bridges', bad, group='agent')
