@@ -65,7 +65,12 @@ from mftvm_openstack.contract.spec import (
 )
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
-from mftvm_openstack.files import private_dir, write_json_atomic
+from mftvm_openstack.files import (
+    NotAllowed,
+    file_in,
+    private_dir,
+    write_json_atomic,
+)
 from mftvm_openstack.ft import capacity, pair_tls, vm
 from mftvm_openstack.instance.client import control, pid_alive, status_of
 from mftvm_openstack.instance.config import FENCE_URL_ENV, new_tls_dir
@@ -305,6 +310,23 @@ class AgentManager:
                            'options': options.to_dict()})
         return inst
 
+    def check_disk(self, spec: GuestSpec) -> None:
+        """InvalidRequest unless the disk a caller named (for a guest
+        that is not a libvirt domain) is a regular file in ``[agent]
+        disk_dirs``, reached without a symlink (:func:`.files.file_in`)."""
+        if spec.domain:
+            return      # the disk is the domain's, as libvirt has it
+        try:
+            file_in(spec.disk, self.conf.agent.disk_dirs)
+        except NotAllowed as exc:
+            raise exception.InvalidRequest(
+                field='spec.disk', reason=f'{exc} ([agent] disk_dirs)') \
+                from None
+        except OSError as exc:
+            raise exception.InvalidRequest(
+                field='spec.disk',
+                reason=f'{spec.disk}: {exc.strerror}') from None
+
     def check_capacity(self, instance: str, spec: GuestSpec,
                        role: Role) -> None:
         """InsufficientCapacity unless this host has room for ``role``'s
@@ -382,6 +404,7 @@ class AgentManager:
                     f' here, not running unprotected')
             self.reprotect(instance, prefer=secondary_host)
             return self._wait_protected(inst)
+        self.check_disk(spec)
         self.check_capacity(instance, spec, Role.PRIMARY)
         opts = self.host_options(options, instance)
         pair_id = uuid.uuid4().hex[:12]

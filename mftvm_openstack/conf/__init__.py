@@ -55,6 +55,14 @@ agent_opts = [
              'guest as a domain through it. It must be local: the agent '
              'reads guest RAM from the domain\'s shared memory file.'),
     cfg.ListOpt(
+        'disk_dirs', default=['/var/lib/mftvm/disks'],
+        help='Where the disk of a guest that is not a libvirt domain (a '
+             'protect call that names kernel, initrd and disk rather than '
+             'a domain) may be. A disk elsewhere, a symbolic link, or '
+             'anything but a regular file is refused: the agent runs as '
+             'root and streams the disk to a peer. Keep these '
+             'directories writable by root only.'),
+    cfg.ListOpt(
         'allowed_bridges', default=list(DEFAULT_ALLOWED_BRIDGES),
         item_type=types.String(regex=rf'\A({BRIDGE_GLOB_PATTERN})\Z'),
         help='The host bridges a protected libvirt guest\'s NICs may be '

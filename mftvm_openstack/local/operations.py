@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from mftvm_openstack.contract import plugins
@@ -40,7 +41,12 @@ from mftvm_openstack.contract.record import (
 from mftvm_openstack.contract.spec import NAME_PATTERN, ProtectionOptions
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
-from mftvm_openstack.files import private_dir, write_json_atomic
+from mftvm_openstack.files import (
+    NotAllowed,
+    file_in,
+    private_dir,
+    write_json_atomic,
+)
 from mftvm_openstack.ft import capacity, pair_tls, trackers, vm
 from mftvm_openstack.instance.client import control, pid_alive, status_of
 from mftvm_openstack.instance.config import new_tls_dir
@@ -74,6 +80,29 @@ class ProtectOptions:
     #: mutual TLS between the two sides, with credentials made for this
     #: pair (see ft.pair_tls)
     tls: bool = True
+
+
+#: where ``mftvm protect`` lets a disk be unless told (colon-separated)
+DISK_DIRS_ENV = 'MFTVM_DISK_DIRS'
+
+
+def default_disk_dirs() -> list[str]:
+    """``$MFTVM_DISK_DIRS``'s directories, else the current one."""
+    dirs = [d for d in os.environ.get(DISK_DIRS_ENV, '').split(':') if d]
+    return [os.path.abspath(d) for d in dirs] or [os.getcwd()]
+
+
+def check_disk(spec: vm.GuestSpec, dirs: Sequence[str]) -> None:
+    """UserError unless the spec's disk is a regular file in one of
+    ``dirs``, reached without a symbolic link (a link planted where the
+    disk should be would have QEMU, perhaps as root, write through it)."""
+    try:
+        file_in(spec.disk, [os.path.abspath(d) for d in dirs])
+    except NotAllowed as exc:
+        raise UserError(f'--disk {exc}; give --disk-dir or '
+                        f'${DISK_DIRS_ENV}') from None
+    except OSError as exc:
+        raise UserError(f'--disk {spec.disk}: {exc.strerror}') from None
 
 
 def default_state_dir() -> str:
