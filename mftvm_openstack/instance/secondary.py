@@ -36,6 +36,7 @@ from mftvm_openstack.ft import (
     transport,
 )
 from mftvm_openstack.ft import disk as ft_disk
+from mftvm_openstack.instance.client import pid_exited
 from mftvm_openstack.instance.config import boot_id, free_port, tls_dir
 from mftvm_openstack.instance.guest import RunningGuest
 from mftvm_openstack.instance.side import Side
@@ -60,20 +61,6 @@ def pid_exists(pid: int) -> bool:
     except PermissionError:
         pass
     return True
-
-
-def pid_exited(pid: int) -> bool:
-    """Whether ``pid`` runs no more: gone, or a zombie. A zombie holds
-    no file, port or memory any more; only its parent has yet to reap
-    it (which a dead parent's heir, or a frozen parent, may do late)."""
-    try:
-        with open(f'/proc/{pid}/stat', 'rb') as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    # the state follows the command name, which may hold ')' itself
-    state = stat[stat.rfind(b')') + 2:][:1]
-    return state in (b'Z', b'X', b'x')
 
 
 def runs_guest(pid: int, name: str) -> bool:
