@@ -63,6 +63,36 @@ class CredentialsTest(unittest.TestCase):
                              x509.SubjectAlternativeName).value
                          .get_values_for_type(x509.DNSName))
 
+    def test_the_ca_signs_only_and_the_others_only_serve_or_connect(self):
+        c = self.creds
+        ca, server, client = (_cert(c.ca_cert), _cert(c.server_cert),
+                              _cert(c.client_cert))
+
+        def ext(cert, kind):
+            return cert.extensions.get_extension_for_class(kind)
+        basic = ext(ca, x509.BasicConstraints)
+        self.assertEqual((True, True, 0), (basic.critical, basic.value.ca,
+                                           basic.value.path_length))
+        usage = ext(ca, x509.KeyUsage).value
+        self.assertEqual((True, True, False, False),
+                         (usage.key_cert_sign, usage.crl_sign,
+                          usage.digital_signature, usage.key_encipherment))
+        with self.assertRaises(x509.ExtensionNotFound):
+            ext(ca, x509.ExtendedKeyUsage)
+        for leaf in (server, client):
+            basic = ext(leaf, x509.BasicConstraints)
+            self.assertEqual((True, False), (basic.critical, basic.value.ca))
+            usage = ext(leaf, x509.KeyUsage)
+            self.assertTrue(usage.critical)
+            self.assertEqual((False, False, True, True),
+                             (usage.value.key_cert_sign, usage.value.crl_sign,
+                              usage.value.digital_signature,
+                              usage.value.key_encipherment))
+            self.assertEqual(ca.subject, leaf.issuer)
+            self.assertEqual(ca.not_valid_after_utc, leaf.not_valid_after_utc)
+        with self.assertRaises(x509.ExtensionNotFound):
+            ext(client, x509.SubjectAlternativeName)
+
     def test_every_pair_has_its_own_ca_and_key(self):
         other = pair_tls.PairCredentials.generate()
         self.assertNotEqual(self.creds.pair_key, other.pair_key)
