@@ -165,8 +165,9 @@ class CredentialsTest(unittest.TestCase):
         self.assertTrue(pair_tls.client_context(client).check_hostname)
 
 
-class TlsStreamTest(unittest.IsolatedAsyncioTestCase):
-    """The secondary's listener lets only its pair's primary through."""
+class PairTestCase(unittest.IsolatedAsyncioTestCase):
+    """A pair's credentials on disk, and :meth:`serve`: a secondary's
+    listener that queues each channel it accepts in ``self.accepted``."""
 
     async def asyncSetUp(self):
         self.dir = tempfile.mkdtemp()
@@ -176,20 +177,30 @@ class TlsStreamTest(unittest.IsolatedAsyncioTestCase):
             os.path.join(self.dir, 'server'))
         self.client_dir = pair_tls.write_client(
             self.creds.client_bundle(), os.path.join(self.dir, 'client'))
-        self.addr = transport.DataAddress(
-            path=os.path.join(self.dir, 'data.sock'))
         self.accepted = asyncio.Queue()
 
+    async def serve(self, addr, **bounds):
         async def on_connect(channel):
             await self.accepted.put(channel)
         key = self.creds.pair_key
-        self.server = await transport.serve(
-            self.addr, on_connect, tls=transport.ServerTls(
+        server = await transport.serve(
+            addr, on_connect, tls=transport.ServerTls(
                 pair_tls.server_context(self.server_dir),
                 lambda cert: None if pair_tls.peer_is_client(cert, key)
                 else f'{pair_tls.peer_common_name(cert)!r} is not the '
-                f'primary'))
-        self.addCleanup(self.server.close)
+                f'primary', **bounds))
+        self.addCleanup(server.close)
+        return server
+
+
+class TlsStreamTest(PairTestCase):
+    """The secondary's listener lets only its pair's primary through."""
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.addr = transport.DataAddress(
+            path=os.path.join(self.dir, 'data.sock'))
+        self.server = await self.serve(self.addr)
 
     def client_tls(self, directory, name=None):
         return transport.ClientTls(
@@ -285,33 +296,18 @@ class TlsStreamTest(unittest.IsolatedAsyncioTestCase):
         writer.close()
 
 
-class HandshakeFloodTest(unittest.IsolatedAsyncioTestCase):
+class HandshakeFloodTest(PairTestCase):
     """Strangers that connect and never finish a handshake take a
     bounded room, and the real primary still gets in (real TCP sockets
     on the loopback, whose every 127.x address is this host's)."""
 
     async def asyncSetUp(self):
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(__import__('shutil').rmtree, self.dir)
-        self.creds = pair_tls.PairCredentials.generate()
-        self.server_dir = self.creds.write_server(
-            os.path.join(self.dir, 'server'))
-        self.client_dir = pair_tls.write_client(
-            self.creds.client_bundle(), os.path.join(self.dir, 'client'))
-        self.accepted = asyncio.Queue()
+        await super().asyncSetUp()
         self.strangers = []
 
-    async def serve(self, **bounds):
-        async def on_connect(channel):
-            await self.accepted.put(channel)
-        key = self.creds.pair_key
-        server = await transport.serve(
-            transport.DataAddress(host='127.0.0.1', port=0), on_connect,
-            tls=transport.ServerTls(
-                pair_tls.server_context(self.server_dir),
-                lambda cert: None if pair_tls.peer_is_client(cert, key)
-                else 'not the primary', **bounds))
-        self.addCleanup(server.close)
+    async def listen(self, **bounds):
+        server = await self.serve(
+            transport.DataAddress(host='127.0.0.1', port=0), **bounds)
         self.port = server.sockets[0].getsockname()[1]
 
     async def stranger(self, source):
@@ -352,7 +348,7 @@ class HandshakeFloodTest(unittest.IsolatedAsyncioTestCase):
         return await asyncio.wait_for(self.accepted.get(), 5)
 
     async def test_one_address_gets_a_few_places_and_the_primary_its_own(self):
-        await self.serve(max_handshakes=8, max_handshakes_per_peer=3)
+        await self.listen(max_handshakes=8, max_handshakes_per_peer=3)
         with self.assertLogs('mftvm_openstack.ft.transport') as logs:
             for _ in range(10):
                 await self.stranger('127.0.0.2')
@@ -369,7 +365,7 @@ class HandshakeFloodTest(unittest.IsolatedAsyncioTestCase):
                                  if r not in closed and not r.at_eof()]))
 
     async def test_the_room_for_all_addresses_is_bounded(self):
-        await self.serve(max_handshakes=5, max_handshakes_per_peer=2)
+        await self.listen(max_handshakes=5, max_handshakes_per_peer=2)
         for source in ('127.0.0.2', '127.0.0.2', '127.0.0.3', '127.0.0.3',
                        '127.0.0.4'):
             await self.stranger(source)
@@ -383,7 +379,7 @@ class HandshakeFloodTest(unittest.IsolatedAsyncioTestCase):
                       logs.output[0])
 
     async def test_a_silent_stranger_is_dropped_after_the_handshake_time(self):
-        await self.serve(handshake_timeout=0.2, max_handshakes_per_peer=1)
+        await self.listen(handshake_timeout=0.2, max_handshakes_per_peer=1)
         with self.assertLogs('mftvm_openstack.ft.transport') as logs:
             await self.stranger('127.0.0.2')
             await self.closed_strangers(1)
