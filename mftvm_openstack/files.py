@@ -13,13 +13,24 @@ the process umask::
 
     private_dir('/var/lib/mftvm/vm0/secondary')
     fd = create_private('/dev/shm/mftvm-vm0-secondary.ram')
+
+A file a caller names (a guest's disk) must lie in a directory the
+operator chose, and be reached from there without a symlink: one planted
+in that directory (pointing at ``/dev/sda``, say) is refused, never
+followed (:func:`file_in`)::
+
+    file_in('/var/lib/mftvm/disks/web1.raw', ['/var/lib/mftvm/disks'])
+    file_in('/etc/shadow', ['/var/lib/mftvm/disks'])
+    # NotAllowed: /etc/shadow is not in an allowed directory (...)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 #: a directory of tenants' data: its owner only
@@ -86,3 +97,52 @@ def write_private(path: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+class NotAllowed(ValueError):
+    """A path that is not a regular file in an allowed directory; the
+    message is one line that names it and says why."""
+
+
+def file_in(path: str, dirs: Sequence[str]) -> str:
+    """``path`` if it names a regular file in one of ``dirs``, reached
+    from that directory without a symbolic link; else :class:`NotAllowed`
+    (FileNotFoundError if it is not there).
+
+    The directories are the operator's, taken as they resolve; below
+    them every component is opened with ``O_PATH|O_NOFOLLOW`` and looked
+    at, so a link (to a block device, to a file of another tenant) is
+    refused rather than followed, and so is a device or a FIFO.
+    """
+    if not os.path.isabs(path) or os.path.normpath(path) != path:
+        raise NotAllowed(f'{path}: must be an absolute path without '
+                         f'"..", "." or "//"')
+    for top in dirs:
+        top = os.path.normpath(top)
+        if os.path.commonpath([path, top]) == top and path != top:
+            return _walk(path, top)
+    raise NotAllowed(f'{path} is not in an allowed directory '
+                     f'({", ".join(dirs) or "none"})')
+
+
+def _walk(path: str, top: str) -> str:
+    parts = os.path.relpath(path, top).split(os.sep)
+    fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            below = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=fd)
+            os.close(fd)
+            fd = below
+            mode = os.fstat(fd).st_mode
+            here = os.path.join(top, *parts[:i + 1])
+            if stat.S_ISLNK(mode):
+                raise NotAllowed(f'{path}: {here} is a symbolic link (name '
+                                 f'the file itself)')
+            if i < len(parts) - 1 and not stat.S_ISDIR(mode):
+                raise NotAllowed(f'{path}: {here} is not a directory')
+        if not stat.S_ISREG(mode):
+            raise NotAllowed(f'{path} is not a regular file')
+        return path
+    finally:
+        os.close(fd)

@@ -55,6 +55,7 @@ from mftvm_openstack.contract.control import (
     ControlReply,
     ControlRequest,
 )
+from mftvm_openstack.contract.options import HostOptions
 from mftvm_openstack.contract.record import ContractError
 from mftvm_openstack.contract.spec import (
     ClientCredentials,
@@ -65,7 +66,12 @@ from mftvm_openstack.contract.spec import (
 )
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
-from mftvm_openstack.files import private_dir, write_json_atomic
+from mftvm_openstack.files import (
+    NotAllowed,
+    file_in,
+    private_dir,
+    write_json_atomic,
+)
 from mftvm_openstack.ft import capacity, pair_tls, vm
 from mftvm_openstack.instance.client import control, pid_alive, status_of
 from mftvm_openstack.instance.config import FENCE_URL_ENV, new_tls_dir
@@ -237,8 +243,9 @@ class AgentManager:
     # -- options --
 
     def host_options(self, options: ProtectionOptions,
-                     instance: str = '') -> dict[str, Any]:
-        """guest.json options: the request's, then this host's settings."""
+                     instance: str = '') -> HostOptions:
+        """guest.json options: the request's, then this host's settings
+        (checked as the instance process will check them)."""
         c = self.conf
         fence_dir = None
         if not c.fencing.backend_url:
@@ -246,7 +253,7 @@ class AgentManager:
 
         def given(value: Any, default: Any) -> Any:
             return default if value is None else value
-        return {
+        return HostOptions.from_dict({
             'epoch_ms': given(options.epoch_ms, c.ft.epoch_ms),
             'idle_epoch_ms': given(options.idle_epoch_ms,
                                    c.ft.idle_epoch_ms),
@@ -275,8 +282,9 @@ class AgentManager:
             'member': self.host,
             'ram_tag': f'{self.host}',
             'libvirt_uri': c.agent.libvirt_uri,
+            'allowed_bridges': list(c.agent.allowed_bridges),
             'tls': c.replication.tls,
-        }
+        }, 'host options')
 
     def instance_secrets(self) -> dict[str, str]:
         """What an instance process gets in its environment, not in
@@ -285,7 +293,7 @@ class AgentManager:
         return {FENCE_URL_ENV: url} if url else {}
 
     def new_instance_dir(self, name: str, spec: GuestSpec,
-                         options: dict[str, Any]) -> Instance:
+                         options: HostOptions) -> Instance:
         """A fresh directory for ``name`` with its guest.json: what an
         instance process started there runs. Conflict if one runs
         there; InvalidRequest if ``spec`` says nothing to run."""
@@ -303,11 +311,29 @@ class AgentManager:
         shutil.rmtree(inst.dir, ignore_errors=True)
         self._private_tree()
         private_dir(inst.dir)
-        if options.get('fence_dir'):
-            private_dir(options['fence_dir'])
+        if options.fence_dir:
+            private_dir(options.fence_dir)
         write_json_atomic(os.path.join(inst.dir, 'guest.json'),
-                          {'spec': spec.to_dict(), 'options': options})
+                          {'spec': spec.to_dict(),
+                           'options': options.to_dict()})
         return inst
+
+    def check_disk(self, spec: GuestSpec) -> None:
+        """InvalidRequest unless the disk a caller named (for a guest
+        that is not a libvirt domain) is a regular file in ``[agent]
+        disk_dirs``, reached without a symlink (:func:`.files.file_in`)."""
+        if spec.domain:
+            return      # the disk is the domain's, as libvirt has it
+        try:
+            file_in(spec.disk, self.conf.agent.disk_dirs)
+        except NotAllowed as exc:
+            raise exception.InvalidRequest(
+                field='spec.disk', reason=f'{exc} ([agent] disk_dirs)') \
+                from None
+        except OSError as exc:
+            raise exception.InvalidRequest(
+                field='spec.disk',
+                reason=f'{spec.disk}: {exc.strerror}') from None
 
     def check_capacity(self, instance: str, spec: GuestSpec,
                        role: Role) -> None:
@@ -339,12 +365,12 @@ class AgentManager:
     def prepare_secondary(self, instance: str, spec: GuestSpec,
                           options: ProtectionOptions,
                           primary_host: str) -> dict[str, Any]:
-        opts = self.host_options(options, instance)
         my_ip = self.conf.agent.my_ip
-        opts.update(listen=f'tcp:{my_ip}:0', nbd_host=my_ip)
+        opts = dataclasses.replace(self.host_options(options, instance),
+                                   listen=f'tcp:{my_ip}:0', nbd_host=my_ip)
         self.check_capacity(instance, spec, Role.SECONDARY)
         creds = None
-        if opts['tls']:
+        if opts.tls:
             # This pair's own CA: only the primary that gets the client
             # half (in this RPC's reply) can feed or read this replica.
             creds = pair_tls.PairCredentials.generate()
@@ -386,12 +412,13 @@ class AgentManager:
                     f' here, not running unprotected')
             self.reprotect(instance, prefer=secondary_host)
             return self._wait_protected(inst)
+        self.check_disk(spec)
         self.check_capacity(instance, spec, Role.PRIMARY)
         opts = self.host_options(options, instance)
         pair_id = uuid.uuid4().hex[:12]
         target, address, creds = self._prepare_peer(
             instance, spec, opts, prefer=secondary_host, last=())
-        opts.update(secondary=address, pair_id=pair_id)
+        opts = dataclasses.replace(opts, secondary=address, pair_id=pair_id)
         with self._lock:
             inst = self.new_instance_dir(instance, spec, opts)
             inst.keep_credentials(creds)
@@ -435,7 +462,7 @@ class AgentManager:
         return out
 
     def _prepare_peer(self, instance: str, spec: GuestSpec,
-                      options: dict[str, Any], prefer: Optional[str],
+                      options: HostOptions, prefer: Optional[str],
                       last: tuple[str, ...]) \
             -> tuple[str, str, Optional[ClientCredentials]]:
         """Ask the first willing peer for a secondary: (host, address,
@@ -446,10 +473,10 @@ class AgentManager:
         ``[replication] tls`` differs from this side's is passed over:
         neither side downgrades the other.
         """
-        want_tls = bool(options.get('tls', True))
-        request = ProtectionOptions(epoch_ms=options['epoch_ms'],
-                                    disk_sync=options['disk_sync'],
-                                    tracker=options['tracker'])
+        want_tls = options.tls
+        request = ProtectionOptions(epoch_ms=options.epoch_ms,
+                                    disk_sync=options.disk_sync,
+                                    tracker=options.tracker)
         errors = []
         for host in self.candidates(prefer, last):
             try:
@@ -488,7 +515,8 @@ class AgentManager:
         record = inst.record
         guest = _read_json(os.path.join(inst.dir, 'guest.json')) or {}
         spec = GuestSpec.from_json(guest.get('spec'))
-        options = guest.get('options', {})
+        # (a guest.json from before pair TLS means tls on: see load())
+        options, _ = HostOptions.load(guest.get('options', {}))
         # The host we lost is asked last: it is likely still down (but
         # it may be the only one left).
         last = (str(record.get('peer', '')),) if not prefer else ()

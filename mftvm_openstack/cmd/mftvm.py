@@ -4,7 +4,8 @@
 
     mftvm demo
     mftvm protect NAME --kernel K --initrd I --disk D [--append A]
-          [--memory MiB] [--smp N] [--epoch-ms MS] [--idle-epoch-ms MS]
+          [--disk-dir DIR ...] [--memory MiB] [--smp N] [--epoch-ms MS]
+          [--idle-epoch-ms MS]
           [--nic user,hostfwd=tcp:127.0.0.1:PORT-:GPORT] [--state-dir DIR]
           [--foreground]
     mftvm status NAME [--json]
@@ -179,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument('--initrd', required=True)
     prot.add_argument('--append', default=None)
     prot.add_argument('--disk', required=True)
+    prot.add_argument('--disk-dir', dest='disk_dirs', action='append',
+                      default=None, metavar='DIR',
+                      help='a directory the disk may be in (again for '
+                           'more); default: $' + operations.DISK_DIRS_ENV
+                           + ' (colon-separated), else the current '
+                           'directory. The disk must be a regular file '
+                           'reached there without a symbolic link')
     prot.add_argument('--memory', type=int, default=128, help='MiB')
     prot.add_argument('--smp', type=int, default=1)
     defaults = operations.ProtectOptions()
@@ -333,6 +341,8 @@ def cmd_protect(args: argparse.Namespace, state_dir: str) -> int:
     spec = operations.make_spec(
         args.name, args.kernel, args.initrd, args.disk, args.append,
         args.memory, args.smp, args.nic)
+    operations.check_disk(spec, args.disk_dirs or
+                          operations.default_disk_dirs())
     opts = operations.ProtectOptions(epoch_ms=args.epoch_ms,
                                   idle_epoch_ms=args.idle_epoch_ms,
                                   tracker=args.tracker,

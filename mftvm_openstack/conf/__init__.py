@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import socket
 
-from oslo_config import cfg
+from oslo_config import cfg, types
 
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.limits import (
@@ -29,6 +29,10 @@ from mftvm_openstack.contract.limits import (
     MIN_EPOCH_MS_RANGE,
     OUTPUT_BATCH_MS_RANGE,
     PAUSE_PERCENT_RANGE,
+)
+from mftvm_openstack.contract.options import (
+    BRIDGE_GLOB_PATTERN,
+    DEFAULT_ALLOWED_BRIDGES,
 )
 
 CONF = cfg.CONF
@@ -56,6 +60,25 @@ agent_opts = [
              'running domain through it, and a failover restores the '
              'guest as a domain through it. It must be local: the agent '
              'reads guest RAM from the domain\'s shared memory file.'),
+    cfg.ListOpt(
+        'disk_dirs', default=['/var/lib/mftvm/disks'],
+        help='Where the disk of a guest that is not a libvirt domain (a '
+             'protect call that names kernel, initrd and disk rather than '
+             'a domain) may be. A disk elsewhere, a symbolic link, or '
+             'anything but a regular file is refused: the agent runs as '
+             'root and streams the disk to a peer. Keep these '
+             'directories writable by root only.'),
+    cfg.ListOpt(
+        'allowed_bridges', default=list(DEFAULT_ALLOWED_BRIDGES),
+        item_type=types.String(regex=rf'\A({BRIDGE_GLOB_PATTERN})\Z'),
+        help='The host bridges a protected libvirt guest\'s NICs may be '
+             'on (names, with * and ? as wildcards). A secondary '
+             'restores a guest from the domain XML its primary sends; a '
+             'NIC on any other bridge (a management or storage network, '
+             'say) refuses the restore, and the primary refuses to '
+             'protect such a guest. The default covers Neutron\'s '
+             'Open vSwitch and OVN integration bridge, the Linux bridge '
+             'agent\'s brq bridges and libvirt\'s default network.'),
     cfg.ListOpt(
         'peers', default=[],
         help='Hosts that may serve as secondaries for the guests of this '

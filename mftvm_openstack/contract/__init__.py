@@ -16,6 +16,8 @@ other is defined here, typed, and checked on the way in:
 * :mod:`.spec` — the agent's RPC payloads: the guest spec (what QEMU
   runs: every field checked, since it reaches a command line run as
   root), the protection options, a failover's answer;
+* :mod:`.options` — what an instance process is told in ``guest.json``
+  besides the spec: how the guest is protected, and its host's bounds;
 * :mod:`.control` — the instance process's control requests and replies;
 * :mod:`.hello` — the handshake of a pair's data stream, with its
   protocol version;

@@ -19,7 +19,8 @@ Supported annotations: ``int``, ``float``, ``str``, ``bool``, an
 :class:`enum.Enum`, another :class:`Record`, ``Optional[...]`` of any of
 these, ``tuple[X, ...]`` and ``dict[str, X]``. :func:`field` adds the
 checks an annotation cannot say: a numeric ``range``, a regular
-expression ``pattern`` (matched in full), ``choices`` (a tuple, or a
+expression ``pattern`` (matched in full; in a ``tuple[str, ...]``, by
+each item, as ``choices``), ``choices`` (a tuple, or a
 function returning one, for choices read at run time such as plugin
 names), ``max_len``, and ``nullable=False`` for an ``Optional`` field
 whose ``None`` means "not given": JSON may leave it out but not send
@@ -155,7 +156,10 @@ def _check(hint: Any, value: Any, name: str,
                     len(value) > meta['max_len']:
                 raise ContractError(f'{name}: at most {meta["max_len"]} '
                                     f'items (got {len(value)})')
-            return tuple(_check(args[0], v, f'{name}[{i}]')
+            # each item takes the field's pattern and choices
+            item = {k: meta[k] for k in ('pattern', 'choices')
+                    if meta.get(k) is not None}
+            return tuple(_check(args[0], v, f'{name}[{i}]', item)
                          for i, v in enumerate(value))
         if len(value) != len(args):
             raise ContractError(f'{name}: must have {len(args)} items '

@@ -52,12 +52,17 @@ here on purpose, with a test.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Optional, Union
 
+from mftvm_openstack.contract.options import (
+    DEFAULT_ALLOWED_BRIDGES,
+    IFNAME_PATTERN,
+)
 from mftvm_openstack.contract.record import ContractError, shown
 
 QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0'
@@ -99,6 +104,8 @@ UUID = _re(r'[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}')
 MAC = _re(r'[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}')
 CPUSET = _re(r'[0-9][0-9,^-]{0,255}')
 IP = _re(r'[0-9a-fA-F.:]{1,45}')
+#: a Linux network interface name
+IFNAME = _re(IFNAME_PATTERN)
 #: printable text without control characters (a kernel command line,
 #: an SMBIOS string, Nova's metadata)
 TEXT = _re(r'[^\x00-\x1f\x7f]{0,4096}')
@@ -206,7 +213,8 @@ _INTERFACE = E(
     {'type': ('user', 'bridge', 'network', 'ethernet'),
      'trustGuestRxFilters': YESNO},
     mac=E({'address': MAC}),
-    source=E({'bridge': TOKEN, 'network': TOKEN, 'portgroup': TOKEN,
+    # a bridge: also one of the host's allowed bridges (see rebuild)
+    source=E({'bridge': IFNAME, 'network': TOKEN, 'portgroup': TOKEN,
               'portid': UUID}),
     target=E({'dev': _re(r'[A-Za-z0-9_.-]{1,15}'), 'managed': YESNO}),
     model=E({'type': ('virtio', 'e1000', 'e1000e', 'rtl8139', 'ne2k_pci',
@@ -553,14 +561,18 @@ def _inside(path: str, dirs: Collection[str]) -> bool:
 def rebuild(xml: str, emulator: str,
             host_files: Collection[str] = (),
             readonly_dirs: Collection[str] = (),
-            uuid: Optional[str] = None) -> ET.Element:
+            uuid: Optional[str] = None,
+            bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES) \
+        -> ET.Element:
     """A new ``<domain>`` from the allowed parts of ``xml``.
 
     ``emulator`` is this host's QEMU (whatever ``xml`` says is dropped);
     ``host_files`` the only files ``<kernel>``/``<initrd>`` may name (the
     secondary's own spec); ``readonly_dirs`` where a read-only CD-ROM's
     image may be (the instance's own directories); ``uuid``, if given,
-    the only ``<uuid>`` the document may carry (the instance's).
+    the only ``<uuid>`` the document may carry (the instance's);
+    ``bridges`` the host bridges a NIC may name (``*`` and ``?`` as
+    wildcards: the operator's ``[agent] allowed_bridges``).
     DomainRefused names the first element or attribute out of bounds.
     """
     src = parse(xml)
@@ -582,6 +594,13 @@ def rebuild(xml: str, emulator: str,
             uuid.replace('-', '').lower():
         raise DomainRefused(f'domain/uuid: {found} is not the uuid of '
                             f'this instance ({uuid})')
+    for nic in root.findall('devices/interface/source[@bridge]'):
+        bridge = nic.get('bridge', '')
+        if not any(fnmatch.fnmatchcase(bridge, b) for b in bridges):
+            raise DomainRefused(
+                f'domain/devices/interface/source@bridge: {shown(bridge)} '
+                f'is not a bridge guests may join on this host (allowed: '
+                f'{", ".join(bridges) or "none"}; [agent] allowed_bridges)')
     disks = root.findall('devices/disk')
     if len([d for d in disks if d.get('device', 'disk') == 'disk']) > 1:
         raise DomainRefused('domain/devices/disk: one disk is replicated; '

@@ -59,6 +59,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Optional
 from xml.sax.saxutils import quoteattr
 
+from mftvm_openstack.contract.options import DEFAULT_ALLOWED_BRIDGES
 from mftvm_openstack.ft import domain_policy, vm
 from mftvm_openstack.ft.libvirt_monitor import LibvirtMonitor
 from mftvm_openstack.ft.monitor import MIGRATION_ENDED, Monitor, MonitorError
@@ -215,7 +216,8 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
                 serial_path: str, name: Optional[str] = None,
                 host_files: Collection[str] = (),
                 readonly_dirs: Collection[str] = (),
-                uuid: Optional[str] = None) -> str:
+                uuid: Optional[str] = None,
+                bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES) -> str:
     """The XML that resumes the domain described by ``xml`` from a replica.
 
     ``xml`` is the primary's domain XML (``XMLDesc`` with
@@ -223,7 +225,8 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
     secondary, or :func:`domain_xml`): text from the wire. It is never
     started as received: :func:`.domain_policy.rebuild` builds a new
     document from its allowed parts only (``host_files``,
-    ``readonly_dirs`` and ``uuid`` are the secondary's own, see there)
+    ``readonly_dirs``, ``uuid`` and ``bridges`` are the secondary's own,
+    see there)
     and refuses anything else (DomainRefused, a ValueError). The
     result:
 
@@ -240,7 +243,8 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
       name keeps it (Nova looks its domains up by the instance uuid).
     """
     root = domain_policy.rebuild(xml, EMULATOR, host_files=host_files,
-                                 readonly_dirs=readonly_dirs, uuid=uuid)
+                                 readonly_dirs=readonly_dirs, uuid=uuid,
+                                 bridges=bridges)
     if name and name != root.findtext('name'):
         # Another guest as far as libvirt knows. The same name keeps the
         # uuid: Nova finds its instances' domains by uuid.
@@ -307,7 +311,9 @@ async def _wait_not_running(conn: Any, name: str,
 
 
 def check_restorable(xml: str, spec: vm.GuestSpec,
-                     readonly_dirs: Collection[str] = ()) -> None:
+                     readonly_dirs: Collection[str] = (),
+                     bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES) \
+        -> None:
     """DomainRefused (a ValueError) unless a secondary would restore the
     domain ``xml`` (its ``XMLDesc`` with :data:`MIGRATABLE_XML`).
 
@@ -321,7 +327,8 @@ def check_restorable(xml: str, spec: vm.GuestSpec,
         xml, EMULATOR, host_files={f for f in (spec.kernel, spec.initrd)
                                    if f},
         readonly_dirs=readonly_dirs,
-        uuid=spec.name if domain_policy.UUID(spec.name) else None)
+        uuid=spec.name if domain_policy.UUID(spec.name) else None,
+        bridges=bridges)
     if root.find("devices/disk[@device='disk']") is None:
         raise domain_policy.DomainRefused('domain/devices: no disk to '
                                           'replicate')
@@ -332,6 +339,7 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
                   disk_layers: Sequence[tuple[str, str]],
                   name: str | None = None, xml: str | None = None,
                   readonly_dirs: Collection[str] = (),
+                  bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES,
                   ) -> tuple[Any, LibvirtMonitor]:
     """Run the guest on, as a libvirt domain, from a replica.
 
@@ -339,7 +347,7 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
     ``spec``); :func:`restore_xml` rebuilds it from its allowed parts
     (kernel and initrd only as ``spec`` names them, a read-only image
     only in ``readonly_dirs``, the uuid only ``spec.name`` if that is a
-    uuid) and points it at the replica. The domain
+    uuid, NICs only on ``bridges``) and points it at the replica. The domain
     starts paused with ``-incoming defer``; the replica's RAM image is
     copied into the domain's shared RAM file (libvirt picks its path; the
     copy is what the guest sees: QEMU maps it shared); the device state
@@ -355,7 +363,8 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
         xml or domain_xml(spec, serial_path), disk_layers, serial_path,
         name=name, host_files={f for f in (spec.kernel, spec.initrd) if f},
         readonly_dirs=readonly_dirs,
-        uuid=spec.name if domain_policy.UUID(spec.name) else None)
+        uuid=spec.name if domain_policy.UUID(spec.name) else None,
+        bridges=bridges)
     await _wait_not_running(conn, ET.fromstring(xml).findtext('name', ''))
     dom = await asyncio.to_thread(conn.createXML, xml,
                                   libvirt.VIR_DOMAIN_START_PAUSED)

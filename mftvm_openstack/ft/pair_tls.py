@@ -101,33 +101,37 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _issue(subject: str, key: ec.EllipticCurvePrivateKey,
-           ca_name: x509.Name, ca_key: ec.EllipticCurvePrivateKey,
-           now: datetime.datetime, *, server: bool) -> x509.Certificate:
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server \
-        else ExtendedKeyUsageOID.CLIENT_AUTH
+def _certificate(subject: x509.Name, key: ec.EllipticCurvePrivateKey,
+                 issuer: x509.Name, signer: ec.EllipticCurvePrivateKey,
+                 now: datetime.datetime, *,
+                 usage: Optional[x509.ObjectIdentifier] = None,
+                 dns_name: Optional[str] = None) -> x509.Certificate:
+    """``subject``'s certificate for ``key``, signed by ``signer`` in
+    ``issuer``'s name: the pair's CA without ``usage`` (it signs only
+    certificates), else an end entity for that extended key usage."""
+    ca = usage is None
     builder = (x509.CertificateBuilder()
-               .subject_name(_name(subject)).issuer_name(ca_name)
+               .subject_name(subject).issuer_name(issuer)
                .public_key(key.public_key())
                .serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(minutes=5))
                .not_valid_after(now + VALIDITY)
-               .add_extension(x509.BasicConstraints(ca=False,
-                                                    path_length=None),
-                              critical=True)
+               .add_extension(x509.BasicConstraints(
+                   ca=ca, path_length=0 if ca else None), critical=True)
                .add_extension(x509.KeyUsage(
-                   digital_signature=True, key_encipherment=True,
+                   digital_signature=not ca, key_encipherment=not ca,
                    content_commitment=False, data_encipherment=False,
-                   key_agreement=False, key_cert_sign=False,
-                   crl_sign=False, encipher_only=False,
-                   decipher_only=False), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]),
-                              critical=False))
-    if server:
+                   key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                   encipher_only=False, decipher_only=False),
+                   critical=True))
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]),
+                                        critical=False)
+    if dns_name is not None:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(subject)]),
+            x509.SubjectAlternativeName([x509.DNSName(dns_name)]),
             critical=False)
-    return builder.sign(ca_key, hashes.SHA256())
+    return builder.sign(signer, hashes.SHA256())
 
 
 def write_client(bundle: ClientCredentials, directory: str) -> str:
@@ -158,29 +162,16 @@ class PairCredentials:
             -> PairCredentials:
         pair_key = pair_key or new_pair_key()
         now = now or datetime.datetime.now(datetime.UTC)
-        ca_key = _key()
+        ca_key, server_key, client_key = _key(), _key(), _key()
         ca_name = _name(f'mftvm-pair-ca-{pair_key}')
-        ca_cert = (x509.CertificateBuilder()
-                   .subject_name(ca_name).issuer_name(ca_name)
-                   .public_key(ca_key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + VALIDITY)
-                   .add_extension(x509.BasicConstraints(ca=True,
-                                                        path_length=0),
-                                  critical=True)
-                   .add_extension(x509.KeyUsage(
-                       digital_signature=False, key_encipherment=False,
-                       content_commitment=False, data_encipherment=False,
-                       key_agreement=False, key_cert_sign=True,
-                       crl_sign=True, encipher_only=False,
-                       decipher_only=False), critical=True)
-                   .sign(ca_key, hashes.SHA256()))
-        server_key, client_key = _key(), _key()
-        server_cert = _issue(server_name(pair_key), server_key, ca_name,
-                             ca_key, now, server=True)
-        client_cert = _issue(client_name(pair_key), client_key, ca_name,
-                             ca_key, now, server=False)
+        ca_cert = _certificate(ca_name, ca_key, ca_name, ca_key, now)
+        server_cert = _certificate(
+            _name(server_name(pair_key)), server_key, ca_name, ca_key, now,
+            usage=ExtendedKeyUsageOID.SERVER_AUTH,
+            dns_name=server_name(pair_key))
+        client_cert = _certificate(
+            _name(client_name(pair_key)), client_key, ca_name, ca_key, now,
+            usage=ExtendedKeyUsageOID.CLIENT_AUTH)
         # ca_key goes out of scope here: no further certificate can be
         # signed for this pair.
         return cls(pair_key=pair_key, ca_cert=_pem_cert(ca_cert),

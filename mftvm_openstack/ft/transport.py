@@ -25,6 +25,13 @@ closed and logged, and counts for nothing::
         context, check_peer=lambda cert: None if ok(cert) else 'why'))
     chan = await Channel.connect(addr, tls=ClientTls(ctx, 'peer-name'))
 
+Strangers cannot crowd the real peer out: a handshake must end within
+``ServerTls.handshake_timeout``, and at most ``max_handshakes``
+connections may be unauthenticated at once, ``max_handshakes_per_peer``
+of them from one address (see :class:`HandshakeGate`); any more are
+closed as they arrive. A flood from one address leaves room for the
+peer, and nothing grows with the flood.
+
 A frame that has begun must keep arriving: with ``stall_timeout`` set, a
 payload from which no byte arrives for that long breaks the stream
 (ConnectionError), so a peer frozen mid-frame (a stopped process, a host
@@ -60,6 +67,11 @@ MAGIC = b'MFTV'
 #: how long a TLS handshake may take before the connection is dropped
 #: (a peer that connects and says nothing must not linger)
 HANDSHAKE_TIMEOUT = 10.0
+#: the most connections that may be in their TLS handshake at once (a
+#: pair has one real peer; the rest of the room is for its reconnects)
+MAX_HANDSHAKES = 32
+#: ... and from one address, so one stranger cannot take all the room
+MAX_HANDSHAKES_PER_PEER = 4
 HEADER = struct.Struct('!4sB3xQQ')
 #: A checkpoint can carry all of a large guest's RAM; refuse anything
 #: bigger than this as a corrupt or hostile frame.
@@ -187,10 +199,58 @@ class ClientTls:
 class ServerTls:
     """TLS for :func:`serve`: the context (which requires a client
     certificate) and ``check_peer(peercert)``, the reason to refuse a
-    verified certificate all the same, or None to accept it."""
+    verified certificate all the same, or None to accept it; and the
+    bounds on connections that have not authenticated yet."""
 
     context: ssl.SSLContext
     check_peer: Callable[[dict[str, Any]], Optional[str]]
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    max_handshakes: int = MAX_HANDSHAKES
+    max_handshakes_per_peer: int = MAX_HANDSHAKES_PER_PEER
+
+
+class HandshakeGate:
+    """Admission of connections that have not authenticated yet: at most
+    ``total`` at once, at most ``per_peer`` from one address (a unix
+    socket's peers have none: only ``total`` bounds them)::
+
+        gate = HandshakeGate(total=32, per_peer=4)
+        why = gate.enter('10.0.0.9')      # None: admitted; else why not
+        ...                               # the handshake
+        gate.leave('10.0.0.9')
+    """
+
+    def __init__(self, total: int, per_peer: int) -> None:
+        self.total = total
+        self.per_peer = per_peer
+        self.pending = 0
+        #: connections refused since the gate was made
+        self.refused = 0
+        self._by_peer: dict[str, int] = {}
+
+    def enter(self, address: Optional[str]) -> Optional[str]:
+        """Admit a connection from ``address`` (None: why not)."""
+        if self.pending >= self.total:
+            why = f'{self.pending} connections are in their handshake'
+        elif address is not None and \
+                self._by_peer.get(address, 0) >= self.per_peer:
+            why = (f'{self.per_peer} connections from {address} are in '
+                   f'their handshake')
+        else:
+            self.pending += 1
+            if address is not None:
+                self._by_peer[address] = self._by_peer.get(address, 0) + 1
+            return None
+        self.refused += 1
+        return why
+
+    def leave(self, address: Optional[str]) -> None:
+        """A connection :meth:`enter` admitted is done authenticating."""
+        self.pending -= 1
+        if address is not None:
+            left = self._by_peer.pop(address) - 1
+            if left:
+                self._by_peer[address] = left
 
 
 def tune_tcp(sock: Optional[socket.socket], stall_timeout: float) -> None:
@@ -357,12 +417,13 @@ async def _authenticate(writer: asyncio.StreamWriter,
                         tls: ServerTls) -> Optional[str]:
     """Why the peer of ``writer`` is refused (None: it is accepted)."""
     try:
-        await writer.start_tls(tls.context,
-                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        # asyncio's own handshake timeout would say "connection aborted"
+        async with asyncio.timeout(tls.handshake_timeout):
+            await writer.start_tls(tls.context)
     except ssl.SSLError as exc:
         return f'TLS handshake failed: {exc.reason or exc}'
     except TimeoutError:
-        return 'TLS handshake timed out'
+        return f'TLS handshake timed out ({tls.handshake_timeout}s)'
     except (ConnectionError, OSError) as exc:
         return f'TLS handshake broke off: {str(exc) or type(exc).__name__}'
     cert = writer.get_extra_info('peercert')
@@ -371,11 +432,17 @@ async def _authenticate(writer: asyncio.StreamWriter,
     return tls.check_peer(cert)
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
+def _peer(writer: asyncio.StreamWriter) -> tuple[str, Optional[str]]:
+    """The peer of ``writer`` as a log shows it, and its address (None
+    for a unix socket's)."""
     peer = writer.get_extra_info('peername')
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return f'{peer[0]}:{peer[1]}'
-    return str(peer or 'a local peer')
+        return f'{peer[0]}:{peer[1]}', str(peer[0])
+    return str(peer or 'a local peer'), None
+
+
+#: while a flood is refused, one WARNING for this many refusals
+REFUSALS_PER_WARNING = 100
 
 
 async def serve(addr: DataAddress,
@@ -387,12 +454,29 @@ async def serve(addr: DataAddress,
     (each channel with ``stall_timeout``).
 
     With ``tls``, only for a peer that completed the handshake and
-    passed ``tls.check_peer``; any other is closed with one WARNING."""
+    passed ``tls.check_peer``; any other is closed with one WARNING.
+    A connection beyond the gate's bounds (:class:`ServerTls`) is closed
+    at once, without a handshake; a flood of them is logged every
+    :data:`REFUSALS_PER_WARNING` connections."""
+    gate = None if tls is None else HandshakeGate(
+        tls.max_handshakes, tls.max_handshakes_per_peer)
+
     async def handle(reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
-        if tls is not None:
-            peer = _peer(writer)
-            why = await _authenticate(writer, tls)
+        if tls is not None and gate is not None:
+            peer, address = _peer(writer)
+            why = gate.enter(address)
+            if why is not None:
+                if (gate.refused - 1) % REFUSALS_PER_WARNING == 0:
+                    LOG.warning('refused a data connection from %s: %s '
+                                '(%d refused so far)', peer, why,
+                                gate.refused)
+                writer.close()
+                return
+            try:
+                why = await _authenticate(writer, tls)
+            finally:
+                gate.leave(address)
             if why is not None:
                 LOG.warning('refused a data connection from %s: %s',
                             peer, why)

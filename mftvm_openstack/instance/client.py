@@ -12,7 +12,7 @@ use these helpers; what they read is checked against the contract::
     read_status(gdir, Role.PRIMARY)        # the same as a dict
     control(gdir, Role.PRIMARY, ControlRequest(op=ControlOp.STATUS))
     # ControlReply(ok=True, error='', status=InstanceStatus(...))
-    pid_alive(1234)
+    pid_alive(1234)                        # False once gone or a zombie
 """
 
 from __future__ import annotations
@@ -50,21 +50,24 @@ def read_status(gdir: str, role: str) -> Optional[dict[str, Any]]:
 
 
 def pid_alive(pid: Any) -> bool:
-    """Whether process ``pid`` runs (a zombie counts as gone)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+    """Whether ``pid`` names a process that runs (:func:`pid_exited`
+    says when one does not)."""
+    return isinstance(pid, int) and not isinstance(pid, bool) and \
+        pid > 0 and not pid_exited(pid)
+
+
+def pid_exited(pid: int) -> bool:
+    """Whether ``pid`` runs no more: gone, or a zombie. A zombie holds
+    no file, port or memory any more; only its parent has yet to reap
+    it (which a dead parent's heir, or a frozen parent, may do late)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
         return True
-    # A zombie child of ours (protect --foreground) counts as gone.
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().split(') ')[-1][:1] != 'Z'
-    except OSError:
-        return False
+    # the state follows the command name, which may hold ')' itself
+    state = stat[stat.rfind(b')') + 2:][:1]
+    return state in (b'Z', b'X', b'x')
 
 
 def control(gdir: str, role: str, request: ControlRequest,

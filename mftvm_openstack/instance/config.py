@@ -1,10 +1,11 @@
 """What an instance process is told, and what it finds out about its host.
 
-``DIR/guest.json`` holds the guest's spec and its protection options;
-:data:`HOST_DEFAULTS` fills in what only the instance process reads::
+``DIR/guest.json`` holds the guest's spec and its options, both checked
+as they are read (:class:`~mftvm_openstack.contract.options.HostOptions`
+says each option's type, range and default)::
 
     spec, options = load_guest('/var/lib/mftvm/vm0')
-    options['detect_timeout']          # 1.0 unless guest.json says
+    options.detect_timeout             # 1.0 unless guest.json says
 
 Secrets are not in guest.json (any file may end up in a backup or a bug
 report): the fencing URL with its password comes in the environment
@@ -14,49 +15,21 @@ only); guest.json keeps it masked, for people to read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import socket
-from typing import Any
 
+from mftvm_openstack.contract.options import HostOptions
 from mftvm_openstack.files import private_dir
 from mftvm_openstack.ft import vm
+
+LOG = logging.getLogger(__name__)
 
 #: the environment variable that holds the fencing backend's URL, with
 #: its password (guest.json's ``fence_url`` has it masked)
 FENCE_URL_ENV = 'MFTVM_FENCE_URL'
-
-#: defaults of guest.json "options" that only the instance process reads
-HOST_DEFAULTS: dict[str, Any] = {
-    'listen': None,          # secondary: data address (default: unix)
-    'secondary': None,       # primary: where its secondary listens
-    'nbd_host': None,        # secondary: serve the disk over TCP here
-    'pair_id': 'pair-1',
-    'fence_url': None,       # tooz URL (masked; see FENCE_URL_ENV);
-                             # None: a lock file in guest_dir
-    'fence_dir': None,       # where the lock file lives (default guest_dir)
-    'fence_lease': 3,
-    'fence_acquire_timeout': 10.0,
-    'member': None,          # this host's name at the coordination backend
-    'ram_tag': None,         # tells RAM files of one guest apart per host
-    'heartbeat_interval': 0.2,
-    'detect_timeout': 1.0,
-    'ack_timeout': 10.0,     # a shipped epoch unacked this long: lost
-    'max_held_epochs': 50,   # output held over more unacked epochs, or
-    'max_held_bytes': 32 << 20,   # more bytes: the guest pauses
-    'adaptive_epochs': True,  # an epoch ends soon after the first packet:
-    'output_batch_ms': 2,     # this long after it, at least
-    'min_epoch_ms': 10,       # after the last checkpoint began, and with
-    'max_pause_percent': 25,  # a busy guest paused at most this share
-    'hang_timeout': 15.0,    # QEMU silent on QMP this long counts as dead
-    'replica_timeout': 3.0,  # disk replica silent this long is cut off
-    'libvirt_uri': 'qemu:///system',   # for a guest run by libvirt
-    'domain_name': None,     # secondary: its restored domain's name
-    'tls': True,             # mutual TLS on the data stream and NBD,
-                             # with the creds in tls_dir(); off only on
-                             # a dedicated, trusted replication network
-}
-
 
 def tls_dir(guest_dir: str, role: str) -> str:
     """Where a side's pair credentials are (see ft.pair_tls): the
@@ -76,15 +49,23 @@ def new_tls_dir(guest_dir: str, role: str) -> str:
     return path
 
 
-def load_guest(guest_dir: str) -> tuple[vm.GuestSpec, dict[str, Any]]:
-    """The spec and the options (defaults filled in) of ``guest_dir``."""
+def load_guest(guest_dir: str) -> tuple[vm.GuestSpec, HostOptions]:
+    """The spec and the options (defaults filled in) of ``guest_dir``,
+    each checked (ContractError names the field that does not fit)."""
     with open(os.path.join(guest_dir, 'guest.json')) as f:
         data = json.load(f)
-    options = {**HOST_DEFAULTS, **data['options']}
+    if not isinstance(data, dict):
+        data = {}
+    options, before_tls = HostOptions.load(data.get('options', {}))
+    if before_tls:
+        LOG.warning('%s was written before pair TLS (its guest.json has '
+                    'no "tls" option): taken as tls on, never as a plain '
+                    'stream; without pair credentials in its tls/ it is '
+                    'not protected until it is protected again', guest_dir)
     secret_url = os.environ.get(FENCE_URL_ENV)
     if secret_url:
-        options['fence_url'] = secret_url
-    return vm.GuestSpec.from_json(data['spec']), options
+        options = dataclasses.replace(options, fence_url=secret_url)
+    return vm.GuestSpec.from_json(data.get('spec')), options
 
 
 def boot_id() -> str:

@@ -20,6 +20,7 @@ import dataclasses
 import os
 from typing import Any, Optional, Protocol
 
+from mftvm_openstack.contract.options import DEFAULT_ALLOWED_BRIDGES
 from mftvm_openstack.ft import (
     capacity,
     domain_policy,
@@ -167,7 +168,9 @@ class Libvirt:
 
     async def adopt(self, name: str, instance: str,
                     spec: Optional[vm.GuestSpec] = None,
-                    readonly_dirs: tuple[str, ...] = ()) -> RunningGuest:
+                    readonly_dirs: tuple[str, ...] = (),
+                    bridges: tuple[str, ...] = DEFAULT_ALLOWED_BRIDGES) \
+            -> RunningGuest:
         """Take on the running domain ``name`` of guest ``instance``
         (:func:`check_owner`): its QEMU is libvirt's, the engine drives it
         through libvirt's monitor. With ``spec``, only a domain that a
@@ -179,7 +182,8 @@ class Libvirt:
             xml = await asyncio.to_thread(dom.XMLDesc,
                                           libvirt_domain.MIGRATABLE_XML)
             try:
-                libvirt_domain.check_restorable(xml, spec, readonly_dirs)
+                libvirt_domain.check_restorable(xml, spec, readonly_dirs,
+                                                bridges)
             except ValueError as exc:
                 raise StartError(
                     f'domain {name} cannot be protected: its secondary '

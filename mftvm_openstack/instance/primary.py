@@ -78,15 +78,16 @@ class PrimarySide(Side):
             # refuse at failover is refused now.
             self.guest = await self.libvirt.adopt(
                 self.spec.domain, instance=self.spec.name, spec=self.spec,
-                readonly_dirs=(self.guest_dir,))
+                readonly_dirs=(self.guest_dir,),
+                bridges=self.options.allowed_bridges)
         else:
             self.disk_layers = [(self.spec.disk, self.spec.disk_format)]
             self.guest = await guests.boot(self.spec, self.paths, self.ram)
         machine = self.primary
-        secondary = self.options['secondary'] or 'unix:' + os.path.join(
+        secondary = self.options.secondary or 'unix:' + os.path.join(
             self.guest_dir, 'secondary', 'data.sock')
-        protect = pair.Protect(secondary, self.options['pair_id'])
-        delay = self.options.get('start_delay')
+        protect = pair.Protect(secondary, self.options.pair_id)
+        delay = self.options.start_delay
         if delay:
             # Unprotected meanwhile (tests use it to see that state).
             machine.post(pair.GuestUp(self.guest.process,

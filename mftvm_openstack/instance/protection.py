@@ -22,10 +22,11 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 from mftvm_openstack import fencing
 from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello, Ready
+from mftvm_openstack.contract.options import HostOptions
 from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft import (
     epoch,
@@ -56,7 +57,7 @@ class GuestProtector:
     """``pair.Protector`` for the guest this side runs (``guest()``),
     fenced by ``fence()``."""
 
-    def __init__(self, spec: vm.GuestSpec, options: dict[str, Any],
+    def __init__(self, spec: vm.GuestSpec, options: HostOptions,
                  paths: vm.Paths,
                  guest: Callable[[], Optional[RunningGuest]],
                  fence: Callable[[], Optional[fencing.Fence]]) -> None:
@@ -75,7 +76,7 @@ class GuestProtector:
     def tls_dir(self) -> Optional[str]:
         """The primary's pair credentials, rewritten for each new
         secondary; None: TLS is switched off."""
-        if not self.options['tls']:
+        if not self.options.tls:
             return None
         return tls_dir(os.path.dirname(self.paths.root), 'primary')
 
@@ -98,7 +99,7 @@ class GuestProtector:
             try:
                 return await transport.Channel.connect(
                     addr, tls=tls, stall_timeout=float(
-                        self.options['detect_timeout']))
+                        self.options.detect_timeout))
             except ConnectionError:
                 if time.monotonic() > deadline:
                     raise
@@ -127,7 +128,7 @@ class GuestProtector:
         # when it stops answering: QEMU itself would wait for ever.
         relay = NbdRelay(ft_disk.NbdTarget(**ready.target.to_dict()),
                          os.path.join(self.paths.root, 'nbd-relay.sock'),
-                         stall_timeout=float(opts['replica_timeout']),
+                         stall_timeout=opts.replica_timeout,
                          on_cut=lost)
         creds: Optional[str] = None
         try:
@@ -144,13 +145,13 @@ class GuestProtector:
                     target, tls_creds=creds,
                     tls_hostname=pair_tls.server_name(
                         pair_tls.read_pair_key(directory)))
-            sync = ft_disk.load_disk_sync(opts['disk_sync'], guest.monitor,
+            sync = ft_disk.load_disk_sync(opts.disk_sync, guest.monitor,
                                           guest.disk_node)
             started = time.monotonic()
             await sync.start(target)
             self.sync_window = (started, time.monotonic())
             tracker = trackers.load_tracker(
-                opts['tracker'], guest.ram, self.spec.memory_bytes,
+                opts.tracker, guest.ram, self.spec.memory_bytes,
                 guest.process.pid)
             capturer = epoch.CheckpointCapturer(guest.monitor, tracker,
                                                 self.paths.root)

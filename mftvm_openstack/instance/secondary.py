@@ -36,6 +36,7 @@ from mftvm_openstack.ft import (
     transport,
 )
 from mftvm_openstack.ft import disk as ft_disk
+from mftvm_openstack.instance.client import pid_exited
 from mftvm_openstack.instance.config import boot_id, free_port, tls_dir
 from mftvm_openstack.instance.guest import RunningGuest
 from mftvm_openstack.instance.side import Side
@@ -60,20 +61,6 @@ def pid_exists(pid: int) -> bool:
     except PermissionError:
         pass
     return True
-
-
-def pid_exited(pid: int) -> bool:
-    """Whether ``pid`` runs no more: gone, or a zombie. A zombie holds
-    no file, port or memory any more; only its parent has yet to reap
-    it (which a dead parent's heir, or a frozen parent, may do late)."""
-    try:
-        with open(f'/proc/{pid}/stat', 'rb') as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    # the state follows the command name, which may hold ')' itself
-    state = stat[stat.rfind(b')') + 2:][:1]
-    return state in (b'Z', b'X', b'x')
 
 
 def runs_guest(pid: int, name: str) -> bool:
@@ -135,8 +122,8 @@ class SecondarySide(Side):
     def new_machine(self) -> pair.SecondaryPair:
         return pair.SecondaryPair(
             prepare=self.prepare, activate=self.activate, clock=self.clock,
-            detect_timeout=self.options['detect_timeout'],
-            vouches=not fencing.dies_with_holder(self.options['fence_url']))
+            detect_timeout=self.options.detect_timeout,
+            vouches=not fencing.dies_with_holder(self.options.fence_url))
 
     @property
     def secondary(self) -> pair.SecondaryPair:
@@ -144,7 +131,7 @@ class SecondarySide(Side):
         return self.machine
 
     def listen_address(self) -> transport.DataAddress:
-        listen = self.options['listen']
+        listen = self.options.listen
         if not listen:
             return transport.DataAddress(path=os.path.join(
                 self.paths.root, 'data.sock'))
@@ -170,7 +157,7 @@ class SecondarySide(Side):
         # byte of it for the detection time breaks the stream.
         server = await transport.serve(
             addr, on_connect, tls=self.data_tls(),
-            stall_timeout=float(self.options['detect_timeout']))
+            stall_timeout=self.options.detect_timeout)
         self.listen = str(addr)
         machine.post(pair.Listening())
         try:
@@ -182,9 +169,9 @@ class SecondarySide(Side):
             primary = pair.PrimaryPair.took_over(
                 machine, self.guest.process, self.guest.monitor,
                 protector=self.protector, clock=self.clock,
-                epoch_ms=self.options['epoch_ms'],
-                idle_epoch_ms=self.options.get('idle_epoch_ms') or 0,
-                heartbeat_interval=self.options['heartbeat_interval'],
+                epoch_ms=self.options.epoch_ms,
+                idle_epoch_ms=self.options.idle_epoch_ms,
+                heartbeat_interval=self.options.heartbeat_interval,
                 **self.bounds())
             self.start(primary)
             keeping = self.keep_lease()     # (running since the fence)
@@ -216,7 +203,7 @@ class SecondarySide(Side):
     @property
     def tls_dir(self) -> Optional[str]:
         """This side's pair credentials; None: TLS is switched off."""
-        if not self.options['tls']:
+        if not self.options.tls:
             return None
         return tls_dir(self.guest_dir, self.role.value)
 
@@ -256,7 +243,7 @@ class SecondarySide(Side):
         replica = epoch.ReplicaImage(
             self.ram, self.spec.memory_bytes, self.paths.root,
             f'guest {name} RAM (secondary replica)')
-        nbd_host = self.options['nbd_host']
+        nbd_host = self.options.nbd_host
         directory = self.tls_dir
         tls = None if directory is None else ft_disk.NbdServerTls(
             directory, pair_tls.client_dn(pair_tls.read_pair_key(directory)))
@@ -328,7 +315,7 @@ class SecondarySide(Side):
                 said[0] = why
                 loop.call_soon_threadsafe(setattr, machine, 'error',
                                           f'waiting for the fence: {why}')
-        held_for = float(self.options['fence_acquire_timeout'])
+        held_for = self.options.fence_acquire_timeout
         if fence.lease != float('inf'):
             held_for = max(held_for, 2 * fence.lease)
         while True:
@@ -363,14 +350,15 @@ class SecondarySide(Side):
                        hello: Hello) -> RunningGuest:
         assert self.replica is not None
         if self.spec.domain:
-            name = self.options['domain_name'] or self.spec.domain
+            name = self.options.domain_name or self.spec.domain
             # hello.domain_xml came off the wire: restore() starts only
             # what ft.domain_policy rebuilds from it
             dom, monitor = await libvirt_domain.restore(
                 await self.libvirt.connection(), self.spec,
                 self.paths.serial, self.ram, self.replica.devstate_path,
                 layers, name=name, xml=hello.domain_xml,
-                readonly_dirs=(self.guest_dir,))
+                readonly_dirs=(self.guest_dir,),
+                bridges=self.options.allowed_bridges)
             return await self.libvirt.attach(dom, monitor)
         qemu, qmp = await epoch.restore(
             self.spec, self.paths, self.ram, self.replica.devstate_path,

@@ -65,9 +65,9 @@ class Side:
         self.paths = vm.Paths(os.path.join(guest_dir, self.role.value))
         private_dir(self.paths.root)
         self.ram = vm.ram_path(self.spec.name,
-                               self.options['ram_tag'] or self.role.value)
+                               self.options.ram_tag or self.role.value)
         self.clock = pair.RealClock()
-        self.libvirt = Libvirt(self.options['libvirt_uri'])
+        self.libvirt = Libvirt(self.options.libvirt_uri)
         #: the guest, while it runs on this side
         self.guest: Optional[RunningGuest] = None
         #: the guest's fence, while this side holds (or held) it
@@ -109,9 +109,9 @@ class Side:
         opts = self.options
         return pair.PrimaryPair(
             protector=self.protector, clock=self.clock,
-            epoch_ms=opts['epoch_ms'],
-            idle_epoch_ms=opts.get('idle_epoch_ms') or 0,
-            heartbeat_interval=opts['heartbeat_interval'],
+            epoch_ms=opts.epoch_ms,
+            idle_epoch_ms=opts.idle_epoch_ms,
+            heartbeat_interval=opts.heartbeat_interval,
             **self.bounds(), **kwargs)
 
     def bounds(self) -> dict[str, Any]:
@@ -119,23 +119,23 @@ class Side:
         say."""
         opts = self.options
         policy = None
-        if opts['adaptive_epochs']:
+        if opts.adaptive_epochs:
             policy = pair.EpochPolicy(
-                output_batch_ms=int(opts['output_batch_ms']),
-                min_epoch_ms=int(opts['min_epoch_ms']),
-                max_pause_percent=int(opts['max_pause_percent']))
-        return {'ack_timeout': float(opts['ack_timeout']),
-                'max_held_epochs': int(opts['max_held_epochs']),
-                'max_held_bytes': int(opts['max_held_bytes']),
+                output_batch_ms=opts.output_batch_ms,
+                min_epoch_ms=opts.min_epoch_ms,
+                max_pause_percent=opts.max_pause_percent)
+        return {'ack_timeout': opts.ack_timeout,
+                'max_held_epochs': opts.max_held_epochs,
+                'max_held_bytes': opts.max_held_bytes,
                 'policy': policy}
 
     def load_fence(self) -> fencing.Fence:
         opts = self.options
         return fencing.load_fence(
-            opts['fence_url'], self.spec.name,
-            member=f'{opts["member"] or socket.gethostname()}-{os.getpid()}',
-            lease=int(opts['fence_lease']),
-            state_dir=opts['fence_dir'] or self.guest_dir)
+            opts.fence_url, self.spec.name,
+            member=f'{opts.member or socket.gethostname()}-{os.getpid()}',
+            lease=opts.fence_lease,
+            state_dir=opts.fence_dir or self.guest_dir)
 
     # -- what it says and what it is told --
 
@@ -273,7 +273,7 @@ class Side:
         helpers = [
             asyncio.ensure_future(exit_watch()),
             asyncio.ensure_future(watch_hang(
-                process, guest.monitor, float(self.options['hang_timeout']),
+                process, guest.monitor, self.options.hang_timeout,
                 lambda why: machine.post(pair.GuestHung(why))))]
         try:
             await machine.finished.wait()

@@ -25,11 +25,13 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.control import ControlOp, ControlRequest
 from mftvm_openstack.contract.limits import MEMORY_MIB_RANGE, SMP_RANGE
+from mftvm_openstack.contract.options import HostOptions
 from mftvm_openstack.contract.record import (
     ContractError,
     Record,
@@ -39,7 +41,12 @@ from mftvm_openstack.contract.record import (
 from mftvm_openstack.contract.spec import NAME_PATTERN, ProtectionOptions
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
-from mftvm_openstack.files import private_dir, write_json_atomic
+from mftvm_openstack.files import (
+    NotAllowed,
+    file_in,
+    private_dir,
+    write_json_atomic,
+)
 from mftvm_openstack.ft import capacity, pair_tls, trackers, vm
 from mftvm_openstack.ft.pair.cadence import EpochPolicy
 from mftvm_openstack.instance.client import control, pid_alive, status_of
@@ -79,6 +86,29 @@ class ProtectOptions:
     #: mutual TLS between the two sides, with credentials made for this
     #: pair (see ft.pair_tls)
     tls: bool = True
+
+
+#: where ``mftvm protect`` lets a disk be unless told (colon-separated)
+DISK_DIRS_ENV = 'MFTVM_DISK_DIRS'
+
+
+def default_disk_dirs() -> list[str]:
+    """``$MFTVM_DISK_DIRS``'s directories, else the current one."""
+    dirs = [d for d in os.environ.get(DISK_DIRS_ENV, '').split(':') if d]
+    return [os.path.abspath(d) for d in dirs] or [os.getcwd()]
+
+
+def check_disk(spec: vm.GuestSpec, dirs: Sequence[str]) -> None:
+    """UserError unless the spec's disk is a regular file in one of
+    ``dirs``, reached without a symbolic link (a link planted where the
+    disk should be would have QEMU, perhaps as root, write through it)."""
+    try:
+        file_in(spec.disk, [os.path.abspath(d) for d in dirs])
+    except NotAllowed as exc:
+        raise UserError(f'--disk {exc}; give --disk-dir or '
+                        f'${DISK_DIRS_ENV}') from None
+    except OSError as exc:
+        raise UserError(f'--disk {spec.disk}: {exc.strerror}') from None
 
 
 def default_state_dir() -> str:
@@ -242,9 +272,16 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
     """Start both sides of ``spec`` and return once it is protected.
 
     ``host_options`` adds options only the host processes read (see
-    ``instance.config.HOST_DEFAULTS``), e.g. ``libvirt_uri``.
+    :class:`~mftvm_openstack.contract.options.HostOptions`), e.g.
+    ``libvirt_uri``.
     """
     _check_options(opts)
+    try:
+        options = HostOptions.from_dict(
+            {**dataclasses.asdict(opts), **(host_options or {})},
+            'options')
+    except ContractError as exc:
+        raise UserError(str(exc)) from None
     _check_state_dir(state_dir)
     gdir = guest_dir(state_dir, spec.name)
     if any((s := _readable_status(gdir, role)) and s.alive
@@ -256,8 +293,7 @@ def protect(spec: vm.GuestSpec, opts: ProtectOptions,
     private_dir(gdir)
     write_json_atomic(os.path.join(gdir, 'guest.json'),
                       {'spec': spec.to_json(),
-                       'options': {**dataclasses.asdict(opts),
-                                   **(host_options or {})}})
+                       'options': options.to_dict()})
     if opts.tls:
         # Both sides run here: each gets its half in the guest's own
         # 0700 directory, never over the stream the creds protect.

@@ -26,7 +26,7 @@ class BadInputTest(base.GuestTestCase):
 
     def protect_args(self, **over):
         args = {'--kernel': self.image.kernel, '--initrd': self.image.initrd,
-                '--disk': self.disk}
+                '--disk': self.disk, '--disk-dir': self.tmp}
         args.update(over)
         flat = []
         for k, v in args.items():
@@ -62,6 +62,17 @@ class BadInputTest(base.GuestTestCase):
         self.assertUserError(self.mftvm(*self.protect_args(
             **{'--disk': '/nonexistent.raw'})), 'does not exist',
             'qemu-img create')
+
+    def test_disk_outside_the_disk_dirs(self):
+        self.assertUserError(self.mftvm(*self.protect_args(
+            **{'--disk-dir': os.path.join(self.tmp, 'disks')})),
+            '--disk', 'is not in an allowed directory')
+
+    def test_disk_through_a_planted_symlink(self):
+        link = os.path.join(self.tmp, 'link.raw')
+        os.symlink(self.disk, link)
+        self.assertUserError(self.mftvm(*self.protect_args(
+            **{'--disk': link})), '--disk', 'is a symbolic link')
 
     def test_disk_in_use(self):
         holder = subprocess.Popen(

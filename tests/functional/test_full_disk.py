@@ -35,7 +35,8 @@ class AdmissionTest(base.GuestTestCase):
             [sys.executable, '-m', 'mftvm_openstack.cmd.mftvm',
              '--state-dir', self.state_dir, 'protect', name,
              '--kernel', self.image.kernel, '--initrd', self.image.initrd,
-             '--disk', disk, '--memory', str(memory_mib)],
+             '--disk', disk, '--disk-dir', self.tmp,
+             '--memory', str(memory_mib)],
             capture_output=True, text=True, timeout=120,
             env=dict(os.environ, **env))
 

@@ -713,6 +713,7 @@ host = {host}
 state_path = {state}
 my_ip = {ip}
 peers = {peers}
+disk_dirs = {workdir}
 
 [fencing]
 backend_url = {redis}
@@ -729,10 +730,11 @@ def start_agent(lab: Lab, host: str, workdir: str, rabbit: RabbitMQ,
                 extra_conf: str = '') -> subprocess.Popen:
     """Write ``host``'s agent config under ``workdir`` and start a real
     ``mftvm-agent`` in its namespace (state in ``workdir/<host>``, log in
-    ``workdir/<host>-agent.log``), fencing on ``backend`` (its ``url``);
-    its peers are ``peers``, by default every lab host. ``extra_conf``
-    (ini text, e.g. ``[metrics]`` or ``[oslo_messaging_notifications]``
-    sections) is appended to the config."""
+    ``workdir/<host>-agent.log``, guests' disks in ``workdir``), fencing
+    on ``backend`` (its ``url``); its peers are ``peers``, by default
+    every lab host. ``extra_conf`` (ini text, e.g. ``[metrics]`` or
+    ``[oslo_messaging_notifications]`` sections) is appended to the
+    config."""
     import sys
 
     state = os.path.join(workdir, host)
@@ -740,7 +742,8 @@ def start_agent(lab: Lab, host: str, workdir: str, rabbit: RabbitMQ,
     conf = os.path.join(workdir, f'{host}.conf')
     with open(conf, 'w') as f:
         f.write(AGENT_CONF.format(
-            host=host, state=state, rabbit=rabbit.url, redis=backend.url,
+            host=host, state=state, workdir=workdir, rabbit=rabbit.url,
+            redis=backend.url,
             ip=lab.ip(host), peers=','.join(peers or lab.hosts), lease=lease,
             debug='true' if os.environ.get('MFTVM_DEBUG') else 'false'))
         f.write(extra_conf)

@@ -40,17 +40,23 @@ class AgentLab(testtools.TestCase):
 
     #: the fencing backend: 'redis' (one server) or 'etcd' (3 members)
     backend = 'redis'
+    #: the hosts that run an agent (each other's peers)
+    agent_hosts: tuple[str, ...] = HOSTS
+    #: more namespaces on the lab's network, without an agent
+    other_hosts: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         super().setUp()
         self.image = base.guest_image()
         if self.backend == 'etcd':
-            self.lab = self.useFixture(ftlab.Lab(HOSTS + ETCD_MEMBERS))
+            self.lab = self.useFixture(ftlab.Lab(
+                self.agent_hosts + self.other_hosts + ETCD_MEMBERS))
             self.etcd = self.useFixture(ftlab.EtcdCluster(self.lab,
                                                           ETCD_MEMBERS))
             self.fencing: ftlab.Redis | ftlab.EtcdCluster = self.etcd
         else:
-            self.lab = self.useFixture(ftlab.Lab(HOSTS))
+            self.lab = self.useFixture(ftlab.Lab(self.agent_hosts
+                                                 + self.other_hosts))
         self.rabbit = self.useFixture(ftlab.RabbitMQ(self.lab))
         if self.backend != 'etcd':
             self.redis = self.useFixture(ftlab.Redis(self.lab))
@@ -60,11 +66,11 @@ class AgentLab(testtools.TestCase):
             self.addCleanup(shutil.rmtree, self.tmp, True)
         self.name = f'ft{os.getpid()}'
         self.addCleanup(self._remove_ram_files)
-        self.agents = {h: self.start_agent(h) for h in HOSTS}
+        self.agents = {h: self.start_agent(h) for h in self.agent_hosts}
         transport = rpcapi.get_transport(url=self.rabbit.url)
         self.addCleanup(transport.cleanup)   # before the broker goes
         self.api = rpcapi.AgentAPI(transport, timeout=10)
-        for host in HOSTS:
+        for host in self.agent_hosts:
             base.wait_for(lambda h=host: self._answers(h), 60, 0.5,
                           f'agent {host} to answer')
 
@@ -74,7 +80,7 @@ class AgentLab(testtools.TestCase):
 
     def start_agent(self, host: str) -> subprocess.Popen:
         return ftlab.start_agent(self.lab, host, self.tmp, self.rabbit,
-                                 self.fencing, peers=HOSTS)
+                                 self.fencing, peers=self.agent_hosts)
 
     def _answers(self, host: str) -> bool:
         try:

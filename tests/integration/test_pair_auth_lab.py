@@ -14,17 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 
-import testtools
-
-from mftvm_openstack.agent import rpcapi
 from mftvm_openstack.local import demo
-from tests.functional import base
-from tests.integration import lab as ftlab
 from tests.integration.test_agent_failover import AgentLab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -33,31 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
 
 class AttackerTest(AgentLab):
 
-    def setUp(self) -> None:
-        # AgentLab's, with two agent hosts and the attacker's namespace
-        testtools.TestCase.setUp(self)
-        self.image = base.guest_image()
-        self.lab = self.useFixture(ftlab.Lab(('h1', 'h2', 'evil')))
-        self.rabbit = self.useFixture(ftlab.RabbitMQ(self.lab))
-        self.redis = self.useFixture(ftlab.Redis(self.lab))
-        self.fencing = self.redis
-        self.tmp = tempfile.mkdtemp(prefix='mftvm-agents-', dir='/var/tmp')
-        if not os.environ.get('MFTVM_KEEP_TEST_DIRS'):
-            self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.name = f'ft{os.getpid()}'
-        self.addCleanup(self._remove_ram_files)
-        self.agents = {h: self.start_agent(h) for h in ('h1', 'h2')}
-        transport = rpcapi.get_transport(url=self.rabbit.url)
-        self.addCleanup(transport.cleanup)
-        self.api = rpcapi.AgentAPI(transport, timeout=10)
-        for host in ('h1', 'h2'):
-            base.wait_for(lambda h=host: self._answers(h), 60, 0.5,
-                          f'agent {host} to answer')
-
-    def start_agent(self, host: str) -> subprocess.Popen:
-        # the two agents are each other's only peers; evil runs none
-        return ftlab.start_agent(self.lab, host, self.tmp, self.rabbit,
-                                 self.fencing, peers=('h1', 'h2'))
+    # two agents, each other's only peers, and the attacker's namespace
+    agent_hosts = ('h1', 'h2')
+    other_hosts = ('evil',)
 
     def from_evil(self, argv: list[str]):
         return self.lab.run('evil', argv, capture_output=True, text=True,

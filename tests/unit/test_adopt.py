@@ -149,6 +149,8 @@ class RestorableTest(unittest.TestCase):
     def test_a_domain_a_secondary_would_refuse_is_not(self):
         for devices, why in (
                 (DISK + CONFIG_DRIVE, "outside the instance's own"),
+                (DISK + "<interface type='bridge'><source bridge='br-ex'/>"
+                 "</interface>", 'not a bridge guests may join'),
                 ("<disk type='block' device='disk'><source dev='/dev/sda'/>"
                  "<target dev='vda' bus='virtio'/></disk>", 'disk@type'),
                 ('', 'no disk to replicate')):

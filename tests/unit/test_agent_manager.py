@@ -42,6 +42,17 @@ def manager_on(test, **agent_options):
         c.set_override(name, value, group='agent')
     return manager.AgentManager(c, agents=object())
 
+def allowed_disk(test, m):
+    """A disk file in a directory of ``m``'s ``[agent] disk_dirs``."""
+    disks = os.path.join(test.tmp, 'disks')
+    os.makedirs(disks, exist_ok=True)
+    path = os.path.join(disks, 'd.raw')
+    with open(path, 'wb') as f:
+        f.truncate(1 << 20)
+    m.conf.set_override('disk_dirs', [disks], group='agent')
+    return path
+
+
 class CandidatesTest(unittest.TestCase):
 
     def make(self, host: str, peers: list[str]) -> manager.AgentManager:
@@ -96,11 +107,11 @@ class GuestDirTest(unittest.TestCase):
 
     def test_idle_epochs_from_the_request_or_the_ft_group(self):
         none = ProtectionOptions()
-        self.assertEqual(1000, self.m.host_options(none)['idle_epoch_ms'])
+        self.assertEqual(1000, self.m.host_options(none).idle_epoch_ms)
         self.m.conf.set_override('idle_epoch_ms', 0, group='ft')
-        self.assertEqual(0, self.m.host_options(none)['idle_epoch_ms'])
+        self.assertEqual(0, self.m.host_options(none).idle_epoch_ms)
         self.assertEqual(2500, self.m.host_options(
-            ProtectionOptions(idle_epoch_ms=2500))['idle_epoch_ms'])
+            ProtectionOptions(idle_epoch_ms=2500)).idle_epoch_ms)
 
     def test_the_adaptive_epoch_from_the_ft_group(self):
         none = ProtectionOptions()
@@ -272,7 +283,7 @@ class PairCredentialsTest(unittest.TestCase):
         self.addCleanup(os.umask, os.umask(0o022))
         self.m = manager_on(self, my_ip='127.0.0.1')
         self.spec = vm.GuestSpec(name='vm0', kernel='/k', initrd='/i',
-                                 disk='/d')
+                                 disk=allowed_disk(self, self.m))
         # A plain function, which the class binds like the real method
         # (an autospec mock lost the instance once another tier's
         # fixtures had run in the same process).
@@ -389,7 +400,8 @@ class PeerAnswersTest(unittest.TestCase):
             'hv2': {'host': 'evil', 'data_address': 'tcp:203.0.113.9:4711'},
             'hv3': {'host': 'hv2', 'data_address': 'tcp:203.0.113.9:4711'}})
         spec = vm.GuestSpec.from_json({'name': 'vm0', 'kernel': '/k',
-                                       'initrd': '/i', 'disk': '/d'})
+                                       'initrd': '/i',
+                                       'disk': allowed_disk(self, m)})
         with self.assertRaises(exception.PeerUnreachable) as ctx:
             m.protect('vm0', spec, ProtectionOptions(), secondary_host='hv2')
         self.assertEqual(['hv2', 'hv3'], agents.asked)

@@ -21,7 +21,7 @@ from mftvm_openstack.contract.spec import GuestSpec, ProtectionOptions
 from mftvm_openstack.ft import capacity, epoch, vm
 from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
 from tests.tmpfs import SmallTmpfs
-from tests.unit.test_agent_manager import manager_on
+from tests.unit.test_agent_manager import allowed_disk, manager_on
 
 MiB = 1 << 20
 
@@ -212,8 +212,8 @@ class AgentAdmissionTest(testtools.TestCase):
                       f'secondary/disk: needs 128.0 MiB', str(exc))
 
     def test_protect_refuses_a_primary_ram_file_that_does_not_fit(self):
-        spec = GuestSpec(name='vm0', kernel='/k', initrd='/i', disk='/d',
-                         memory_mib=64)
+        spec = GuestSpec(name='vm0', kernel='/k', initrd='/i',
+                         disk=allowed_disk(self, self.m), memory_mib=64)
         self.m._prepare_peer = mock.Mock(
             side_effect=AssertionError('no peer may be asked'))
         exc = self.assertRaises(exception.InsufficientCapacity,

@@ -497,6 +497,29 @@ class RefusedDomainsTest(unittest.TestCase):
                                   '<x:y xmlns:x="urn:other"/>'),
                      'domain/metadata')
 
+    def test_a_bridge_outside_the_hosts_allowed_bridges(self):
+        # before, any bridge the primary named: a management or storage
+        # network's, say
+        on = NOVA.replace("<source bridge='br-int'/>",
+                          "<source bridge='br-mgmt'/>")
+        msg = self.refused(on, 'domain/devices/interface/source@bridge')
+        self.assertIn("'br-mgmt' is not a bridge guests may join", msg)
+        self.assertIn('[agent] allowed_bridges', msg)
+        self.assertEqual(1, len(msg.splitlines()))
+        # the operator's list decides, wildcards and all
+        root = restore(on, bridges=('br-m*',))
+        self.assertEqual('br-mgmt', root.find(
+            'devices/interface/source').get('bridge'))
+        self.refused(NOVA, 'source@bridge', bridges=())
+
+    def test_a_bridge_name_the_kernel_would_not_take(self):
+        for name in ('b' * 16, '..', '.', 'br/x', 'br:0', 'br x', ''):
+            with self.subTest(name=name):
+                self.refused(NOVA.replace("<source bridge='br-int'/>",
+                                          f"<source bridge='{name}'/>"),
+                             'domain/devices/interface/source@bridge',
+                             bridges=('*',))
+
     def test_uuid_of_another_instance(self):
         self.refused(NOVA, 'domain/uuid',
                      uuid='00000000-0000-4000-8000-000000000000')

@@ -191,9 +191,9 @@ class AgentStateTest(ExposureTestCase):
         inst = m.new_instance_dir('vm0', SPEC, m.host_options(
             ProtectionOptions(), 'vm0'))
         with mock.patch.dict(os.environ, m.instance_secrets()):
-            self.assertEqual(FENCE_URL, load_guest(inst.dir)[1]['fence_url'])
+            self.assertEqual(FENCE_URL, load_guest(inst.dir)[1].fence_url)
         with mock.patch.dict(os.environ, clear=True):
-            self.assertNotIn(PASSWORD, load_guest(inst.dir)[1]['fence_url'])
+            self.assertNotIn(PASSWORD, load_guest(inst.dir)[1].fence_url)
 
     def test_discard_keeps_the_logs_and_deletes_the_data(self):
         m = manager_on(self)

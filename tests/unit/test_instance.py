@@ -41,6 +41,7 @@ from mftvm_openstack.instance.secondary import (
 )
 from mftvm_openstack.instance.status import StatusPublisher
 from mftvm_openstack.instance.watchdog import watch_hang
+from mftvm_openstack.waiting import wait_until
 from tests.unit.fake_clock import settle
 from tests.unit.test_fencing import ScriptedFence, unreachable_for
 
@@ -51,7 +52,8 @@ def guest_dir(test):
     spec = vm.GuestSpec(name=f'unit-{os.getpid()}', kernel='/k', initrd='/i',
                         disk='/d', disk_size=1 << 20)
     with open(os.path.join(tmp.name, 'guest.json'), 'w') as f:
-        json.dump({'spec': spec.to_json(), 'options': {'epoch_ms': 200}}, f)
+        json.dump({'spec': spec.to_json(),
+                   'options': {'epoch_ms': 200, 'tls': True}}, f)
     return tmp.name
 
 
@@ -412,6 +414,30 @@ class WatchdogTest(unittest.IsolatedAsyncioTestCase):
                 watch_hang(process, HungMonitor(), 0.005, hung.append), 2)
         self.assertEqual(['QEMU hung (no answer for 0s)'], hung)
         self.assertFalse(process.running)
+
+
+class PidAliveTest(unittest.TestCase):
+    """One notion of a process that runs, for the agent, the CLI and the
+    secondary's wait for its old primary."""
+
+    def test_running_zombie_reaped_and_garbage(self):
+        # a command name with ") Z " in it cannot fool the state field
+        proc = subprocess.Popen(
+            ['x) Z y', '-c', 'import sys; sys.stdin.read()'],
+            executable=sys.executable, stdin=subprocess.PIPE)
+        self.addCleanup(proc.kill)
+        self.assertTrue(client.pid_alive(proc.pid))
+        self.assertFalse(secondary.pid_exited(proc.pid))
+        proc.stdin.close()
+        # a zombie (exited, not reaped yet) runs no more
+        self.assertTrue(wait_until(lambda: secondary.pid_exited(proc.pid),
+                                   timeout=10))
+        self.assertFalse(client.pid_alive(proc.pid))
+        proc.wait()
+        self.assertFalse(client.pid_alive(proc.pid))
+        for bad in (0, -1, None, 'x', True, 1.5):
+            self.assertFalse(client.pid_alive(bad), bad)
+        self.assertIs(client.pid_exited, secondary.pid_exited)
 
 
 class WaitPidGoneTest(unittest.IsolatedAsyncioTestCase):

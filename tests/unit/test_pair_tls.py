@@ -63,6 +63,36 @@ class CredentialsTest(unittest.TestCase):
                              x509.SubjectAlternativeName).value
                          .get_values_for_type(x509.DNSName))
 
+    def test_the_ca_signs_only_and_the_others_only_serve_or_connect(self):
+        c = self.creds
+        ca, server, client = (_cert(c.ca_cert), _cert(c.server_cert),
+                              _cert(c.client_cert))
+
+        def ext(cert, kind):
+            return cert.extensions.get_extension_for_class(kind)
+        basic = ext(ca, x509.BasicConstraints)
+        self.assertEqual((True, True, 0), (basic.critical, basic.value.ca,
+                                           basic.value.path_length))
+        usage = ext(ca, x509.KeyUsage).value
+        self.assertEqual((True, True, False, False),
+                         (usage.key_cert_sign, usage.crl_sign,
+                          usage.digital_signature, usage.key_encipherment))
+        with self.assertRaises(x509.ExtensionNotFound):
+            ext(ca, x509.ExtendedKeyUsage)
+        for leaf in (server, client):
+            basic = ext(leaf, x509.BasicConstraints)
+            self.assertEqual((True, False), (basic.critical, basic.value.ca))
+            usage = ext(leaf, x509.KeyUsage)
+            self.assertTrue(usage.critical)
+            self.assertEqual((False, False, True, True),
+                             (usage.value.key_cert_sign, usage.value.crl_sign,
+                              usage.value.digital_signature,
+                              usage.value.key_encipherment))
+            self.assertEqual(ca.subject, leaf.issuer)
+            self.assertEqual(ca.not_valid_after_utc, leaf.not_valid_after_utc)
+        with self.assertRaises(x509.ExtensionNotFound):
+            ext(client, x509.SubjectAlternativeName)
+
     def test_every_pair_has_its_own_ca_and_key(self):
         other = pair_tls.PairCredentials.generate()
         self.assertNotEqual(self.creds.pair_key, other.pair_key)
@@ -135,8 +165,9 @@ class CredentialsTest(unittest.TestCase):
         self.assertTrue(pair_tls.client_context(client).check_hostname)
 
 
-class TlsStreamTest(unittest.IsolatedAsyncioTestCase):
-    """The secondary's listener lets only its pair's primary through."""
+class PairTestCase(unittest.IsolatedAsyncioTestCase):
+    """A pair's credentials on disk, and :meth:`serve`: a secondary's
+    listener that queues each channel it accepts in ``self.accepted``."""
 
     async def asyncSetUp(self):
         self.dir = tempfile.mkdtemp()
@@ -146,20 +177,30 @@ class TlsStreamTest(unittest.IsolatedAsyncioTestCase):
             os.path.join(self.dir, 'server'))
         self.client_dir = pair_tls.write_client(
             self.creds.client_bundle(), os.path.join(self.dir, 'client'))
-        self.addr = transport.DataAddress(
-            path=os.path.join(self.dir, 'data.sock'))
         self.accepted = asyncio.Queue()
 
+    async def serve(self, addr, **bounds):
         async def on_connect(channel):
             await self.accepted.put(channel)
         key = self.creds.pair_key
-        self.server = await transport.serve(
-            self.addr, on_connect, tls=transport.ServerTls(
+        server = await transport.serve(
+            addr, on_connect, tls=transport.ServerTls(
                 pair_tls.server_context(self.server_dir),
                 lambda cert: None if pair_tls.peer_is_client(cert, key)
                 else f'{pair_tls.peer_common_name(cert)!r} is not the '
-                f'primary'))
-        self.addCleanup(self.server.close)
+                f'primary', **bounds))
+        self.addCleanup(server.close)
+        return server
+
+
+class TlsStreamTest(PairTestCase):
+    """The secondary's listener lets only its pair's primary through."""
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.addr = transport.DataAddress(
+            path=os.path.join(self.dir, 'data.sock'))
+        self.server = await self.serve(self.addr)
 
     def client_tls(self, directory, name=None):
         return transport.ClientTls(
@@ -253,3 +294,118 @@ class TlsStreamTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.wait_for(self.accepted.get(), 5)
         chan.close()
         writer.close()
+
+
+class HandshakeFloodTest(PairTestCase):
+    """Strangers that connect and never finish a handshake take a
+    bounded room, and the real primary still gets in (real TCP sockets
+    on the loopback, whose every 127.x address is this host's)."""
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.strangers = []
+
+    async def listen(self, **bounds):
+        server = await self.serve(
+            transport.DataAddress(host='127.0.0.1', port=0), **bounds)
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def stranger(self, source):
+        """A connection from ``source`` that says nothing."""
+        reader, writer = await asyncio.open_connection(
+            '127.0.0.1', self.port, local_addr=(source, 0))
+        self.addCleanup(writer.close)
+        self.strangers.append(reader)
+        return reader
+
+    async def closed_strangers(self, count):
+        """Until ``count`` strangers' connections were closed by the
+        server; the readers of those."""
+        closed = []
+        pending = {asyncio.ensure_future(r.read()): r
+                   for r in self.strangers}
+        try:
+            while len(closed) < count:
+                done, _ = await asyncio.wait(
+                    pending, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+                self.assertTrue(done, f'only {len(closed)} of {count} '
+                                      f'strangers were refused')
+                for task in done:
+                    self.assertEqual(b'', task.result())
+                    closed.append(pending.pop(task))
+        finally:
+            for task in pending:
+                task.cancel()
+        return closed
+
+    async def primary(self, source='127.0.0.1'):
+        reader, writer = await asyncio.open_connection(
+            '127.0.0.1', self.port, local_addr=(source, 0),
+            ssl=pair_tls.client_context(self.client_dir),
+            server_hostname=pair_tls.server_name(self.creds.pair_key),
+            ssl_handshake_timeout=5)
+        self.addCleanup(writer.close)
+        return await asyncio.wait_for(self.accepted.get(), 5)
+
+    async def test_one_address_gets_a_few_places_and_the_primary_its_own(self):
+        await self.listen(max_handshakes=8, max_handshakes_per_peer=3)
+        with self.assertLogs('mftvm_openstack.ft.transport') as logs:
+            for _ in range(10):
+                await self.stranger('127.0.0.2')
+            closed = await self.closed_strangers(7)
+        # one line for the flood, not one per connection
+        self.assertEqual(1, len(logs.records), logs.output)
+        self.assertIn('3 connections from 127.0.0.2 are in their '
+                      'handshake', logs.output[0])
+        channel = await self.primary()
+        channel.close()
+        # the three admitted strangers are still waiting: the primary
+        # did not have to wait for them
+        self.assertEqual(3, len([r for r in self.strangers
+                                 if r not in closed and not r.at_eof()]))
+
+    async def test_the_room_for_all_addresses_is_bounded(self):
+        await self.listen(max_handshakes=5, max_handshakes_per_peer=2)
+        for source in ('127.0.0.2', '127.0.0.2', '127.0.0.3', '127.0.0.3',
+                       '127.0.0.4'):
+            await self.stranger(source)
+        with self.assertLogs('mftvm_openstack.ft.transport') as logs:
+            # room left from this address, but none in all
+            for _ in range(2):
+                await self.stranger('127.0.0.5')
+            await self.closed_strangers(2)
+        self.assertEqual(1, len(logs.records), logs.output)
+        self.assertIn('5 connections are in their handshake',
+                      logs.output[0])
+
+    async def test_a_silent_stranger_is_dropped_after_the_handshake_time(self):
+        await self.listen(handshake_timeout=0.2, max_handshakes_per_peer=1)
+        with self.assertLogs('mftvm_openstack.ft.transport') as logs:
+            await self.stranger('127.0.0.2')
+            await self.closed_strangers(1)
+        self.assertIn('TLS handshake timed out', logs.output[0])
+        # its place is free again: the next one from there is admitted
+        # (and times out in turn), not refused for want of room
+        with self.assertLogs('mftvm_openstack.ft.transport') as logs:
+            await self.stranger('127.0.0.2')
+            await self.closed_strangers(2)
+        self.assertEqual(1, len(logs.records), logs.output)
+        self.assertIn('TLS handshake timed out', logs.output[0])
+
+
+class HandshakeGateTest(unittest.TestCase):
+
+    def test_places_are_counted_per_address_and_in_all(self):
+        gate = transport.HandshakeGate(total=3, per_peer=2)
+        self.assertIsNone(gate.enter('a'))
+        self.assertIsNone(gate.enter('a'))
+        self.assertIn('from a', gate.enter('a'))
+        self.assertIsNone(gate.enter(None))
+        self.assertIn('3 connections', gate.enter('b'))
+        gate.leave('a')
+        self.assertIsNone(gate.enter('b'))
+        self.assertEqual(2, gate.refused)
+        for address in ('a', 'b', None):
+            gate.leave(address)
+        self.assertEqual(0, gate.pending)
+        self.assertIsNone(gate.enter('a'))
