@@ -117,16 +117,16 @@ class GuestDirTest(unittest.TestCase):
         none = ProtectionOptions()
         opts = self.m.host_options(none)
         self.assertEqual((True, 2, 10, 25), (
-            opts['adaptive_epochs'], opts['output_batch_ms'],
-            opts['min_epoch_ms'], opts['max_pause_percent']))
+            opts.adaptive_epochs, opts.output_batch_ms,
+            opts.min_epoch_ms, opts.max_pause_percent))
         self.m.conf.set_override('adaptive_epochs', False, group='ft')
         self.m.conf.set_override('output_batch_ms', 7, group='ft')
         self.m.conf.set_override('min_epoch_ms', 30, group='ft')
         self.m.conf.set_override('max_pause_percent', 20, group='ft')
         opts = self.m.host_options(none)
         self.assertEqual((False, 7, 30, 20), (
-            opts['adaptive_epochs'], opts['output_batch_ms'],
-            opts['min_epoch_ms'], opts['max_pause_percent']))
+            opts.adaptive_epochs, opts.output_batch_ms,
+            opts.min_epoch_ms, opts.max_pause_percent))
 
     def test_spec_without_guest_or_domain_is_refused(self):
         with self.assertRaises(exception.InvalidRequest) as ctx:
