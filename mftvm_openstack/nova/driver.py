@@ -27,6 +27,7 @@ import nova.exception as nova_exception
 import nova.objects.instance as instance_obj
 import nova.objects.request_spec as request_spec_obj
 import nova.objects.service as service_obj
+from nova.compute import power_state
 from nova.compute import utils as compute_utils
 from nova.network import neutron as neutron_api
 from nova.scheduler.client import query as scheduler_query
@@ -59,6 +60,9 @@ STATUS_REBOOTING = f'{State.UNPROTECTED}: rebooting'
 STATUS_PAUSED = f'{State.UNPROTECTED}: paused'
 STATUS_SUSPENDED = f'{State.UNPROTECTED}: suspended'
 STATUS_FT_OFF = f'{State.UNPROTECTED}: ft off'
+STATUS_RESCUED = f'{State.UNPROTECTED}: rescued'
+STATUS_SNAPSHOT = f'{State.UNPROTECTED}: taking a snapshot'
+STATUS_INTERFACES = f'{State.UNPROTECTED}: changing interfaces'
 
 #: why a move of an FT server is refused (``%(what)s``: 'Resize or cold
 #: migration', 'Live migration'; ``%(remedy)s``: one of the two below).
@@ -69,6 +73,13 @@ MOVE_REFUSED = ('%(what)s of a fault-tolerant instance is refused (its '
 REMEDY_METADATA = 'unprotect it first (unset the ft server property)'
 REMEDY_FLAVOR = ('its flavor asks for FT (ft:enabled): boot a snapshot of '
                  'it with another flavor')
+
+#: why an evacuation of an FT server is refused (``%(remedy)s``: one of
+#: the remedies above). Its secondary's agent takes it over once it has
+#: won the guest's fence; an evacuation would start another copy from
+#: the image or a shared disk, fenced by nobody
+EVACUATE_REFUSED = ('Evacuation of a fault-tolerant instance is refused '
+                    '(its secondary takes over, fenced): %(remedy)s')
 
 #: namespace of :func:`secondary_consumer`
 CONSUMER_NAMESPACE = uuid.UUID('5d0e8a39-4f4b-5b8e-9e0f-6d6674766d01')
@@ -209,7 +220,10 @@ class FTDriverMixin:
     def power_off(self, instance: Any, timeout: int = 0,
                   retry_interval: int = 0) -> None:
         ft = self._ft_lifecycle(instance)
-        error = self._unprotect_held(instance) if ft else None
+        # a guest stopped already (by itself, or a shelve's offload after
+        # its stop) has no protection left to end
+        error = self._unprotect_held(instance) \
+            if ft and self._ft_guest_runs(instance) else None
         super().power_off(  # type: ignore[misc]
             instance, timeout=timeout, retry_interval=retry_interval)
         if ft:
@@ -318,6 +332,102 @@ class FTDriverMixin:
         return super().check_can_live_migrate_source(  # type: ignore[misc]
             context, instance, dest_check_data,
             block_device_info=block_device_info)
+
+    # -- rescue, snapshot, interfaces, evacuation -------------------------
+    # Each changes the guest under the engine. Rescue and a snapshot that
+    # is not live stop its QEMU, which the secondary would take for a lost
+    # primary (a failover: two copies); a live snapshot's block job would
+    # cancel the disk mirror; a plugged or unplugged interface makes the
+    # domain XML the secondary holds wrong (its restore would not load the
+    # device state). So protection ends first, the secondary held, and
+    # starts again (a new HELLO, the domain's XML as it is now) once the
+    # guest runs as it will run on.
+
+    def rescue(self, context: Any, instance: Any, network_info: Any,
+               image_meta: Any, rescue_password: Any,
+               block_device_info: Any, share_info: Any) -> None:
+        if self._ft_guest_runs(instance):
+            self._ft_hold(instance, STATUS_RESCUED)
+        elif self._ft_lifecycle(instance):
+            # Nova stopped it first (power_off unprotected it): say why
+            # it stays unprotected, the stop's error kept
+            status = str(instance.system_metadata.get(STATUS) or '')
+            if status.startswith(STATUS_STOPPED):
+                self._set_status(instance, STATUS_RESCUED +
+                                 status[len(STATUS_STOPPED):])
+        super().rescue(  # type: ignore[misc]
+            context, instance, network_info, image_meta, rescue_password,
+            block_device_info, share_info)
+
+    def unrescue(self, context: Any, instance: Any) -> None:
+        super().unrescue(context, instance)  # type: ignore[misc]
+        if self._ft_lifecycle(instance):
+            self._reprotect(context, instance)
+
+    def snapshot(self, context: Any, instance: Any, image_id: Any,
+                 update_task_state: Any) -> None:
+        with self._ft_unprotected(context, instance, STATUS_SNAPSHOT):
+            super().snapshot(  # type: ignore[misc]
+                context, instance, image_id, update_task_state)
+
+    def attach_interface(self, context: Any, instance: Any,
+                         image_meta: Any, vif: Any) -> None:
+        with self._ft_unprotected(context, instance, STATUS_INTERFACES):
+            super().attach_interface(  # type: ignore[misc]
+                context, instance, image_meta, vif)
+
+    def detach_interface(self, context: Any, instance: Any,
+                         vif: Any) -> None:
+        with self._ft_unprotected(context, instance, STATUS_INTERFACES):
+            super().detach_interface(  # type: ignore[misc]
+                context, instance, vif)
+
+    def instance_on_disk(self, instance: Any) -> bool:
+        # Nova asks this of an evacuation's destination only, before it
+        # touches the guest, its disks or its ports: the place to refuse.
+        # InstanceFaultRollback keeps the server's state as it was
+        reason = self._ft_evacuation_refused(instance)
+        if reason is not None:
+            raise nova_exception.InstanceFaultRollback(
+                nova_exception.BuildAbortException(
+                    instance_uuid=instance.uuid, reason=reason))
+        return bool(super().instance_on_disk(  # type: ignore[misc]
+            instance))
+
+    def _ft_guest_runs(self, instance: Any) -> bool:
+        """``instance`` is the agents' business and its guest runs now
+        (a stopped or paused FT server is unprotected already)."""
+        if not self._ft_lifecycle(instance):
+            return False
+        try:
+            state = self.get_info(instance).state  # type: ignore[attr-defined]
+        except nova_exception.InstanceNotFound:
+            return False
+        return bool(state == power_state.RUNNING)
+
+    @contextlib.contextmanager
+    def _ft_unprotected(self, context: Any, instance: Any,
+                        status: str) -> Iterator[None]:
+        """Protection off around what the block does to the running
+        guest, on again afterwards (also if it failed: the guest runs)."""
+        if not self._ft_guest_runs(instance):
+            yield
+            return
+        self._ft_hold(instance, status)
+        try:
+            yield
+        finally:
+            if self._ft_guest_runs(instance):
+                self._reprotect(context, instance)
+
+    def _ft_evacuation_refused(self, instance: Any) -> Optional[str]:
+        if not self._ft_asked(instance):
+            return None
+        reason = EVACUATE_REFUSED % {
+            'remedy': REMEDY_FLAVOR if self._ft_by_flavor(instance)
+            else REMEDY_METADATA}
+        LOG.warning('Refused: %s', reason, instance=instance)
+        return reason
 
     # -- FT --------------------------------------------------------------
 
@@ -457,19 +567,24 @@ class FTDriverMixin:
         """
         if not self._ft_asked(instance):
             return None
+        reason = MOVE_REFUSED % {
+            'what': what,
+            'remedy': REMEDY_FLAVOR if self._ft_by_flavor(instance)
+            else REMEDY_METADATA}
+        LOG.warning('Refused: %s', reason, instance=instance)
+        return reason
+
+    @staticmethod
+    def _ft_by_flavor(instance: Any) -> bool:
+        """The flavor asks for FT (its user cannot unset it)."""
         flavor = getattr(instance, 'flavor', None)
         specs = getattr(flavor, 'extra_specs', None) or {}
         try:
-            by_flavor = ft_request.parse_bool(
+            return ft_request.parse_bool(
                 ft_request.FLAVOR, ft_request.ENABLED,
                 specs.get(ft_request.ENABLED, 'false'))
         except ft_request.InvalidFTRequest:
-            by_flavor = True
-        reason = MOVE_REFUSED % {
-            'what': what,
-            'remedy': REMEDY_FLAVOR if by_flavor else REMEDY_METADATA}
-        LOG.warning('Refused: %s', reason, instance=instance)
-        return reason
+            return True
 
     def _drop_leftover_secondary(self, context: Any,
                                  instance: Any) -> None:
