@@ -7,6 +7,7 @@ two real host processes and kills real processes with SIGKILL.
 import os
 import random
 import signal
+import socket
 import time
 
 from mftvm_openstack.contract.states import State
@@ -309,3 +310,32 @@ class IdleEpochTest(base.GuestTestCase):
         self.assertGreater(talking, 2, f'{talking:.1f} epochs/s talking')
         print(f'idle epochs: {silent:.2f} epochs/s silent, {talking:.1f} '
               f'talking ({answers} answers in 4 s)')
+
+
+class GuestPoweroffTest(base.GuestTestCase):
+
+    def test_a_guest_that_powers_off_stops_no_failover(self):
+        # guest powers itself off once the host connects to its port
+        spec, gdir = self.protect('po', run='writer,poweroff-on:7000')
+        serial = os.path.join(gdir, 'primary', 'serial.log')
+        base.wait_for(lambda: 'MFTVM-GUEST-READY' in workload.read_text(
+            serial), 90, 0.2, 'the guest up')
+        self.assertEqual(State.PROTECTED, self.side('po', 'primary')['state'])
+        with socket.create_connection(('127.0.0.1', self.port), 10):
+            pass
+        prim = base.wait_for(
+            lambda: (s := self.side('po', 'primary')).get('alive') is False
+            and s, 60, what='the primary side to end')
+        # a stop, not a failure: the secondary stood down, its replica
+        # never resumed (the guest would start again, from the past)
+        self.assertEqual(State.STOPPED, prim['state'], prim)
+        self.assertEqual('the guest powered itself off', prim['reason'])
+        sec = base.wait_for(
+            lambda: (s := self.side('po', 'secondary')).get('alive') is False
+            and s, 30, what='the secondary side to end')
+        self.assertEqual(State.STOPPED, sec['state'], sec)
+        self.assertIsNone(sec.get('takeover'))
+        self.assertEqual([], base.qemu_pids_for('po'))
+        self.assertIn('MFTVM-GUEST-POWEROFF', workload.read_text(serial))
+        # its disk here holds what it wrote, chained to the end
+        records.verify_chain(records.read_records(spec.disk))

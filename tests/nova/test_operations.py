@@ -12,7 +12,9 @@ anything happens:
   before, ``protect`` after (the domain's XML is shipped anew);
 * shelve: stop, then offload releases both sides; unshelve protects
   anew;
-* evacuate: refused on the destination, the server as it was.
+* evacuate: refused on the destination, the server as it was;
+* a guest that powers itself off: Nova's stop of a stopped guest tells
+  no agent (the engine stood its secondary down already: no failover).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import nova.context as nova_context
 import nova.objects.instance_fault as fault_obj
 import testtools
 from nova.compute import task_states
+from nova.virt import event as virtevent
 
 from mftvm_openstack.nova import driver
 from tests.nova import test_lifecycle
@@ -238,3 +241,29 @@ class TestEvacuateRefused(OperationsTestBase):
         server = self._evacuate_server(server, expected_state='SHUTOFF')
         self.assertNotEqual(source, server['OS-EXT-SRV-ATTR:host'])
         self.assertEqual([], self.agent.calls)
+
+
+class TestGuestPoweroff(OperationsTestBase):
+
+    def test_guest_poweroff_is_a_stop(self) -> None:
+        server, primary, secondary, _ = self._boot_ft()
+        held = self._secondary_allocs(server)
+        compute = self.computes[primary]
+        # the guest powered itself off: its domain is shut off, libvirt
+        # says so, and Nova stops the server (_sync_instance_power_state)
+        conn = compute.driver._host.get_connection()
+        conn.lookupByUUIDString(server['id']).destroy()
+        compute.manager.handle_events(virtevent.LifecycleEvent(
+            server['id'], virtevent.EVENT_LIFECYCLE_STOPPED))
+        server = self._wait_for_state_change(server, 'SHUTOFF')
+        # its instance processes ended on their own (the secondary stood
+        # down): nothing to unprotect, nothing failed over
+        self.assertEqual([], self.agent.calls)
+        self.assertEqual('stopped', self._status(server))
+        self.assertEqual(held, self._secondary_allocs(server))
+        self.assertEqual(self._usage_of(primary, secondary), self._usages())
+
+        server = self._start_server(server)
+        self.assertEqual([self._protect_call(primary, server, secondary)],
+                         self.agent.calls)
+        self.assertEqual('protected', self._status(server))
