@@ -18,6 +18,7 @@ operators and tenants see is in ``doc/admin.rst``.
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
@@ -34,12 +35,14 @@ from nova.scheduler.client import query as scheduler_query
 from nova.scheduler.client import report as scheduler_report
 from nova.servicegroup import api as servicegroup_api
 from nova.virt.libvirt import driver as libvirt_driver
+from nova.virt.libvirt import utils as libvirt_utils
 from oslo_log import log as logging
 
 from mftvm_openstack import conf as mftvm_conf
+from mftvm_openstack import files
 from mftvm_openstack.agent import rpcapi
 from mftvm_openstack.contract.states import State
-from mftvm_openstack.nova import ft_request, handoff
+from mftvm_openstack.nova import ft_request, handoff, settle
 
 LOG = logging.getLogger(__name__)
 
@@ -152,6 +155,9 @@ class FTDriverMixin:
     #: instance uuid -> why the watcher leaves it alone while the agent
     #: lists it ('runs here', 'handed off', ...)
     _ft_seen: dict[str, str]
+    #: instance uuid -> (instance, network info) of the VIFs plugged here
+    #: while this host stands by for it
+    _ft_plugged: dict[str, tuple[Any, Any]]
     #: instances the mixin restarts now (power_on, reboot): the
     #: ``destroy`` LibvirtDriver does inside is not a deletion
     _ft_restarting_uuids: Optional[set[str]] = None
@@ -165,6 +171,7 @@ class FTDriverMixin:
         # it is the one targeted at this compute's cell
         self._ft_context = nova_context.get_admin_context()
         self._ft_seen = {}
+        self._ft_plugged = {}
         if self.handoff_interval > 0:
             self._ft_watcher = handoff.TakeoverWatcher(
                 host, self._ft_check_takeovers, self.handoff_interval)
@@ -722,6 +729,58 @@ class FTDriverMixin:
         for uuid_ in running:
             if uuid_ not in self._ft_seen:
                 self._ft_take_over(context.elevated(), host, uuid_)
+        self._ft_vifs_for_standbys(context.elevated(), host,
+                                   handoff.standing_by(entries), running)
+
+    # -- VIFs on the secondary's host ------------------------------------
+    # A restored domain gets the primary's interfaces; those os-vif
+    # creates outside libvirt (Nova 34's OVS/OVN taps, delegate_create)
+    # must exist on this host before the agent restores the guest. So,
+    # as live migration's pre_live_migration does on its destination,
+    # they are plugged while this host stands by (the port binding stays
+    # the primary's: with ML2/OVN, its requested-chassis keeps OVN from
+    # claiming the port here), and the hand-off moves the binding.
+
+    def _ft_vifs_for_standbys(self, context: Any, host: str,
+                              standby: list[str],
+                              running: list[str]) -> None:
+        plugged = self._ft_plugged
+        for uuid_ in standby:
+            if uuid_ not in plugged:
+                self._ft_pre_plug(context, host, uuid_)
+        for uuid_ in list(plugged):
+            if uuid_ in standby:
+                continue
+            instance, network_info = plugged.pop(uuid_)
+            if uuid_ in running:
+                continue        # taken over: its VIFs are its own now
+            try:
+                self.unplug_vifs(  # type: ignore[attr-defined]
+                    instance, network_info)
+            except Exception as exc:
+                LOG.warning('VIFs plugged for a standby not unplugged: %s',
+                            _one_line(exc), instance=instance)
+
+    def _ft_pre_plug(self, context: Any, host: str, uuid_: str) -> None:
+        try:
+            instance = instance_obj.Instance.get_by_uuid(
+                context, uuid_,
+                expected_attrs=['system_metadata', 'info_cache'])
+        except nova_exception.InstanceNotFound:
+            return
+        if instance.system_metadata.get(SECONDARY_HOST) != host:
+            return      # not the secondary Nova chose: not ours to plug
+        network_info = instance.get_network_info()
+        try:
+            self.plug_vifs(instance, network_info)  # type: ignore[attr-defined]
+        except Exception as exc:
+            LOG.error('Cannot plug the VIFs of the instance this host '
+                      'stands by for (retrying): %s', _one_line(exc),
+                      instance=instance)
+            return
+        self._ft_plugged[uuid_] = (instance, network_info)
+        LOG.info('VIFs plugged on %s, which stands by for this instance',
+                 host, instance=instance)
 
     def _ft_take_over(self, context: Any, host: str, uuid_: str) -> None:
         try:
@@ -755,8 +814,37 @@ class FTDriverMixin:
             self._ft_seen[uuid_] = 'nothing to hand off'
             return
         self._ft_seen[uuid_] = 'handed off'
+        # before a new secondary's disk mirror: one block job at a time
+        self._ft_settle(instance)
         if self.reprotect_after_handoff:
             self._reprotect_after_handoff(context, instance, old_host)
+
+    def _ft_settle(self, instance: Any) -> bool:
+        """Move a guest handed off here where LibvirtDriver expects it:
+        its disk to ``<instances_path>/<uuid>/disk`` (live, the guest
+        running on), its domain persistent (see
+        :mod:`~mftvm_openstack.nova.settle`). False, logged, if not: the
+        guest runs on its replica then, and Nova's stop, start and hard
+        reboot will not find its disk."""
+        instance_dir = libvirt_utils.get_instance_path(instance)
+        path = os.path.join(instance_dir, 'disk')
+        try:
+            dom = self._host.get_connection(  # type: ignore[attr-defined]
+            ).lookupByUUIDString(instance.uuid)
+            os.makedirs(instance_dir, exist_ok=True)
+            if settle.into_place(dom, path):
+                # what Nova's image backend records of a disk it made
+                files.write_json_atomic(
+                    os.path.join(instance_dir, 'disk.info'),
+                    {path: 'qcow2'})
+        except Exception as exc:
+            LOG.error('The guest taken over here stays on its replica; '
+                      'stop, start and hard reboot will fail: %s',
+                      _one_line(exc), instance=instance)
+            return False
+        LOG.info('The guest taken over here runs on %s, its domain '
+                 'persistent', path, instance=instance)
+        return True
 
     def _reprotect_after_handoff(self, context: Any, instance: Any,
                                  old_host: str) -> None:

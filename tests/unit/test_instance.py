@@ -674,3 +674,37 @@ class GuestPoweroffTest(unittest.IsolatedAsyncioTestCase):
     def test_doctests(self):
         import doctest
         self.assertEqual(0, doctest.testmod(guest_mod).failed)
+
+
+class ProtectorDiskTest(unittest.IsolatedAsyncioTestCase):
+    """A libvirt guest's disk node is asked anew at each protection."""
+
+    async def test_hello_reads_the_disk_node_again(self):
+        from mftvm_openstack.instance.guest import RunningGuest
+        from mftvm_openstack.instance.protection import GuestProtector
+
+        class Blocks(_EventMonitor):
+            node = 'libvirt-2-format'
+
+            async def execute(self, command, **arguments):
+                assert command == 'query-block', command
+                return [{'inserted': {'node-name': self.node, 'ro': False,
+                                      'image': {'virtual-size': 1 << 30}}}]
+
+        class Dom:
+            def XMLDesc(self, flags=0):  # noqa: N802
+                return '<domain/>'
+
+        process = mock.Mock(pid=1)
+        guest = RunningGuest(process, Blocks(), '/ram', 'libvirt-2-format',
+                             1 << 30, domain=Dom())
+        spec = vm.GuestSpec(name='g', memory_mib=128)
+        protector = GuestProtector(spec, {}, vm.Paths('/nonexistent'),
+                                   lambda: guest, lambda: None)
+        await protector.hello('p1')
+        self.assertEqual('libvirt-2-format', guest.disk_node)
+        # a pivot onto a copy (see mftvm_openstack.nova.settle)
+        guest.monitor.node = 'libvirt-5-format'
+        hello = await protector.hello('p2')
+        self.assertEqual('libvirt-5-format', guest.disk_node)
+        self.assertEqual(1 << 30, hello.disk_size)
