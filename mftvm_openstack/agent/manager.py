@@ -592,7 +592,15 @@ class AgentManager:
             failover_ms=ended[0].failover_ms if ended else None).to_dict()
 
     def stop_instance(self, instance: str) -> dict[str, Any]:
-        inst = self._instance(instance)
+        try:
+            inst = self._instance(instance)
+        except exception.InstanceNotFound:
+            # Ended here already. If it had run from its replica, its disk
+            # was kept under ended/ (see _discard); whoever stops it now
+            # (Nova's delete) is done with the guest: that copy goes too.
+            if self._purge_ended(instance):
+                return {'instance': instance, 'stopped': True}
+            raise
         st = inst.live_status()
         if st is not None and st.alive:
             try:
@@ -640,6 +648,23 @@ class AgentManager:
             os.unlink(vm.ram_path(inst.name, self.host))
         except OSError:
             pass
+
+    def _purge_ended(self, name: str) -> bool:
+        """Delete the data (not the logs and records) kept under
+        ended/``name``; False if nothing of it was kept."""
+        ended = os.path.join(self.conf.agent.state_path, 'ended', name)
+        if not os.path.isdir(ended):
+            return False
+        for dirpath, _, names in os.walk(ended):
+            for file in names:
+                if not file.endswith(KEPT_WHEN_ENDED):
+                    path = os.path.join(dirpath, file)
+                    try:
+                        os.unlink(path)
+                    except OSError as exc:
+                        LOG.warning('cannot delete %s: %s', path, exc)
+        LOG.info('%s: the data kept when it ended is deleted', name)
+        return True
 
     def instance_status(self, instance: str) -> InstanceStatus:
         """What the instance process says, with the agent's view added

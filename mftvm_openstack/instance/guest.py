@@ -30,7 +30,13 @@ from mftvm_openstack.ft import (
     vm,
 )
 from mftvm_openstack.ft.libvirt_monitor import LibvirtMonitor
-from mftvm_openstack.ft.monitor import Monitor, QMPMonitor
+from mftvm_openstack.ft.monitor import (
+    Event,
+    EventStream,
+    Monitor,
+    MonitorError,
+    QMPMonitor,
+)
 
 
 class Domain(Protocol):
@@ -78,6 +84,40 @@ class RunningGuest:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.process.wait(), 3)
         await self.process.kill()
+
+
+#: how long after its QEMU exited the guest's SHUTDOWN event may still be
+#: on its way (libvirt passes it on from its own thread)
+SHUTDOWN_EVENT_GRACE = 0.5
+
+
+def is_guest_poweroff(event: Event) -> bool:
+    """Whether QEMU's SHUTDOWN ``event`` is the guest powering itself off
+    (not a quit, a signal, a reset or a panic)::
+
+        >>> is_guest_poweroff({'event': 'SHUTDOWN', 'data': {
+        ...     'guest': True, 'reason': 'guest-shutdown'}})
+        True
+        >>> is_guest_poweroff({'event': 'SHUTDOWN', 'data': {
+        ...     'guest': False, 'reason': 'host-signal'}})
+        False
+    """
+    data = event.get('data')
+    return isinstance(data, dict) and data.get('guest') is True and \
+        data.get('reason') == 'guest-shutdown'
+
+
+async def powered_off(shutdowns: EventStream,
+                      grace: float = SHUTDOWN_EVENT_GRACE) -> bool:
+    """Once the guest's QEMU exited: whether the guest powered itself
+    off, by the SHUTDOWN events of ``shutdowns`` (opened while it ran).
+    A QEMU that died without one waits ``grace`` seconds here, its
+    secondary still hearing from this side meanwhile."""
+    try:
+        await shutdowns.wait(is_guest_poweroff, timeout=grace)
+    except MonitorError:
+        return False
+    return True
 
 
 class StartError(Exception):

@@ -113,6 +113,11 @@ class GuestProtector:
         guest = self.guest()
         xml = None
         if guest.domain is not None:
+            # Asked anew at each protection: the disk may have moved since
+            # the guest came up (after a failover, Nova's driver copies it
+            # into its instance directory and pivots: a new node)
+            guest.disk_node, guest.disk_size = \
+                await libvirt_domain.guest_disk(guest.monitor)
             xml = await asyncio.to_thread(guest.domain.XMLDesc,
                                           libvirt_domain.MIGRATABLE_XML)
         return Hello(version=PROTOCOL_VERSION, qemu_pid=guest.process.pid,

@@ -38,9 +38,10 @@ from mftvm_openstack.contract.status import (
 )
 from mftvm_openstack.files import private_dir
 from mftvm_openstack.ft import pair, transport, vm
+from mftvm_openstack.ft.monitor import EventStream
 from mftvm_openstack.instance.config import load_guest
 from mftvm_openstack.instance.control import ControlServer
-from mftvm_openstack.instance.guest import Libvirt, RunningGuest
+from mftvm_openstack.instance.guest import Libvirt, RunningGuest, powered_off
 from mftvm_openstack.instance.lease import LeaseKeeper
 from mftvm_openstack.instance.protection import GuestProtector
 from mftvm_openstack.instance.status import StatusPublisher
@@ -265,21 +266,28 @@ class Side:
         assert guest is not None
         process = guest.process
 
-        async def exit_watch() -> None:
+        async def exit_watch(shutdowns: EventStream) -> None:
             await process.wait()
+            if await powered_off(shutdowns):
+                machine.post(pair.GuestExited(
+                    'the guest powered itself off', by_guest=True))
+                return
             machine.post(pair.GuestExited(
                 f'QEMU (pid {process.pid}) exited: '
                 f'{process.last_log_line()}'))
-        helpers = [
-            asyncio.ensure_future(exit_watch()),
-            asyncio.ensure_future(watch_hang(
-                process, guest.monitor, self.options.hang_timeout,
-                lambda why: machine.post(pair.GuestHung(why))))]
-        try:
-            await machine.finished.wait()
-        finally:
-            for task in helpers:
-                task.cancel()
+        # opened before anything can exit: the event cannot slip by
+        with guest.monitor.events('SHUTDOWN') as shutdowns:
+            helpers = [
+                asyncio.ensure_future(exit_watch(shutdowns)),
+                asyncio.ensure_future(watch_hang(
+                    process, guest.monitor,
+                    self.options.hang_timeout,
+                    lambda why: machine.post(pair.GuestHung(why))))]
+            try:
+                await machine.finished.wait()
+            finally:
+                for task in helpers:
+                    task.cancel()
         if process.running:
             await guest.stop()
 

@@ -22,6 +22,7 @@ is chosen and held, what each operation does, why) is in
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
@@ -34,13 +35,16 @@ import nova.objects.instance as instance_obj
 import nova.objects.service as service_obj
 import nova.virt.configdrive as configdrive
 import nova.virt.driver as virt_driver
+from nova.compute import power_state
 from nova.network import neutron as neutron_api
 from nova.scheduler.client import report as scheduler_report
 from nova.servicegroup import api as servicegroup_api
 from nova.virt.libvirt import driver as libvirt_driver
+from nova.virt.libvirt import utils as libvirt_utils
 from oslo_log import log as logging
 
 from mftvm_openstack import conf as mftvm_conf
+from mftvm_openstack import files
 from mftvm_openstack.agent import rpcapi
 from mftvm_openstack.contract.states import State
 from mftvm_openstack.nova import (
@@ -49,6 +53,7 @@ from mftvm_openstack.nova import (
     protectable,
     secondary_choice,
     secondary_placement,
+    settle,
     steering,
 )
 
@@ -72,6 +77,9 @@ STATUS_REBOOTING = f'{State.UNPROTECTED}: rebooting'
 STATUS_PAUSED = f'{State.UNPROTECTED}: paused'
 STATUS_SUSPENDED = f'{State.UNPROTECTED}: suspended'
 STATUS_FT_OFF = f'{State.UNPROTECTED}: ft off'
+STATUS_RESCUED = f'{State.UNPROTECTED}: rescued'
+STATUS_SNAPSHOT = f'{State.UNPROTECTED}: taking a snapshot'
+STATUS_INTERFACES = f'{State.UNPROTECTED}: changing interfaces'
 
 #: why a move of an FT server is refused (``%(what)s``: 'Resize or cold
 #: migration', 'Live migration'; ``%(remedy)s``: one of the two below).
@@ -82,6 +90,13 @@ MOVE_REFUSED = ('%(what)s of a fault-tolerant instance is refused (its '
 REMEDY_METADATA = 'unprotect it first (unset the ft server property)'
 REMEDY_FLAVOR = ('its flavor asks for FT (ft:enabled): boot a snapshot of '
                  'it with another flavor')
+
+#: why an evacuation of an FT server is refused (``%(remedy)s``: one of
+#: the remedies above). Its secondary's agent takes it over once it has
+#: won the guest's fence; an evacuation would start another copy from
+#: the image or a shared disk, fenced by nobody
+EVACUATE_REFUSED = ('Evacuation of a fault-tolerant instance is refused '
+                    '(its secondary takes over, fenced): %(remedy)s')
 
 #: namespace of :func:`secondary_consumer`
 CONSUMER_NAMESPACE = uuid.UUID('5d0e8a39-4f4b-5b8e-9e0f-6d6674766d01')
@@ -156,6 +171,9 @@ class FTDriverMixin:
     #: instance uuid -> why the watcher leaves it alone while the agent
     #: lists it ('runs here', 'handed off', ...)
     _ft_seen: dict[str, str]
+    #: instance uuid -> (instance, network info) of the VIFs plugged here
+    #: while this host stands by for it
+    _ft_plugged: dict[str, tuple[Any, Any]]
     #: instances the mixin restarts now (power_on, reboot): the
     #: ``destroy`` LibvirtDriver does inside is not a deletion
     _ft_restarting_uuids: Optional[set[str]] = None
@@ -170,6 +188,7 @@ class FTDriverMixin:
         # it is the one targeted at this compute's cell
         self._ft_context = nova_context.get_admin_context()
         self._ft_seen = {}
+        self._ft_plugged = {}
         if self.handoff_interval > 0:
             self._ft_watcher = handoff.TakeoverWatcher(
                 host, self._ft_check_takeovers, self.handoff_interval)
@@ -241,7 +260,10 @@ class FTDriverMixin:
     def power_off(self, instance: Any, timeout: int = 0,
                   retry_interval: int = 0) -> None:
         ft = self._ft_lifecycle(instance)
-        error = self._unprotect_held(instance) if ft else None
+        # a guest stopped already (by itself, or a shelve's offload after
+        # its stop) has no protection left to end
+        error = self._unprotect_held(instance) \
+            if ft and self._ft_guest_runs(instance) else None
         super().power_off(  # type: ignore[misc]
             instance, timeout=timeout, retry_interval=retry_interval)
         if ft:
@@ -387,6 +409,102 @@ class FTDriverMixin:
         super().swap_volume(  # type: ignore[misc]
             context, old_connection_info, new_connection_info, instance,
             mountpoint, resize_to)
+
+    # -- rescue, snapshot, interfaces, evacuation -------------------------
+    # Each changes the guest under the engine. Rescue and a snapshot that
+    # is not live stop its QEMU, which the secondary would take for a lost
+    # primary (a failover: two copies); a live snapshot's block job would
+    # cancel the disk mirror; a plugged or unplugged interface makes the
+    # domain XML the secondary holds wrong (its restore would not load the
+    # device state). So protection ends first, the secondary held, and
+    # starts again (a new HELLO, the domain's XML as it is now) once the
+    # guest runs as it will run on.
+
+    def rescue(self, context: Any, instance: Any, network_info: Any,
+               image_meta: Any, rescue_password: Any,
+               block_device_info: Any, share_info: Any) -> None:
+        if self._ft_guest_runs(instance):
+            self._ft_hold(instance, STATUS_RESCUED)
+        elif self._ft_lifecycle(instance):
+            # Nova stopped it first (power_off unprotected it): say why
+            # it stays unprotected, the stop's error kept
+            status = str(instance.system_metadata.get(STATUS) or '')
+            if status.startswith(STATUS_STOPPED):
+                self._set_status(instance, STATUS_RESCUED +
+                                 status[len(STATUS_STOPPED):])
+        super().rescue(  # type: ignore[misc]
+            context, instance, network_info, image_meta, rescue_password,
+            block_device_info, share_info)
+
+    def unrescue(self, context: Any, instance: Any) -> None:
+        super().unrescue(context, instance)  # type: ignore[misc]
+        if self._ft_lifecycle(instance):
+            self._reprotect(context, instance)
+
+    def snapshot(self, context: Any, instance: Any, image_id: Any,
+                 update_task_state: Any) -> None:
+        with self._ft_unprotected(context, instance, STATUS_SNAPSHOT):
+            super().snapshot(  # type: ignore[misc]
+                context, instance, image_id, update_task_state)
+
+    def attach_interface(self, context: Any, instance: Any,
+                         image_meta: Any, vif: Any) -> None:
+        with self._ft_unprotected(context, instance, STATUS_INTERFACES):
+            super().attach_interface(  # type: ignore[misc]
+                context, instance, image_meta, vif)
+
+    def detach_interface(self, context: Any, instance: Any,
+                         vif: Any) -> None:
+        with self._ft_unprotected(context, instance, STATUS_INTERFACES):
+            super().detach_interface(  # type: ignore[misc]
+                context, instance, vif)
+
+    def instance_on_disk(self, instance: Any) -> bool:
+        # Nova asks this of an evacuation's destination only, before it
+        # touches the guest, its disks or its ports: the place to refuse.
+        # InstanceFaultRollback keeps the server's state as it was
+        reason = self._ft_evacuation_refused(instance)
+        if reason is not None:
+            raise nova_exception.InstanceFaultRollback(
+                nova_exception.BuildAbortException(
+                    instance_uuid=instance.uuid, reason=reason))
+        return bool(super().instance_on_disk(  # type: ignore[misc]
+            instance))
+
+    def _ft_guest_runs(self, instance: Any) -> bool:
+        """``instance`` is the agents' business and its guest runs now
+        (a stopped or paused FT server is unprotected already)."""
+        if not self._ft_lifecycle(instance):
+            return False
+        try:
+            state = self.get_info(instance).state  # type: ignore[attr-defined]
+        except nova_exception.InstanceNotFound:
+            return False
+        return bool(state == power_state.RUNNING)
+
+    @contextlib.contextmanager
+    def _ft_unprotected(self, context: Any, instance: Any,
+                        status: str) -> Iterator[None]:
+        """Protection off around what the block does to the running
+        guest, on again afterwards (also if it failed: the guest runs)."""
+        if not self._ft_guest_runs(instance):
+            yield
+            return
+        self._ft_hold(instance, status)
+        try:
+            yield
+        finally:
+            if self._ft_guest_runs(instance):
+                self._reprotect(context, instance)
+
+    def _ft_evacuation_refused(self, instance: Any) -> Optional[str]:
+        if not self._ft_asked(instance):
+            return None
+        reason = EVACUATE_REFUSED % {
+            'remedy': REMEDY_FLAVOR if self._ft_by_flavor(instance)
+            else REMEDY_METADATA}
+        LOG.warning('Refused: %s', reason, instance=instance)
+        return reason
 
     # -- FT --------------------------------------------------------------
 
@@ -592,19 +710,24 @@ class FTDriverMixin:
         """
         if not self._ft_asked(instance):
             return None
+        reason = MOVE_REFUSED % {
+            'what': what,
+            'remedy': REMEDY_FLAVOR if self._ft_by_flavor(instance)
+            else REMEDY_METADATA}
+        LOG.warning('Refused: %s', reason, instance=instance)
+        return reason
+
+    @staticmethod
+    def _ft_by_flavor(instance: Any) -> bool:
+        """The flavor asks for FT (its user cannot unset it)."""
         flavor = getattr(instance, 'flavor', None)
         specs = getattr(flavor, 'extra_specs', None) or {}
         try:
-            by_flavor = ft_request.parse_bool(
+            return ft_request.parse_bool(
                 ft_request.FLAVOR, ft_request.ENABLED,
                 specs.get(ft_request.ENABLED, 'false'))
         except ft_request.InvalidFTRequest:
-            by_flavor = True
-        reason = MOVE_REFUSED % {
-            'what': what,
-            'remedy': REMEDY_FLAVOR if by_flavor else REMEDY_METADATA}
-        LOG.warning('Refused: %s', reason, instance=instance)
-        return reason
+            return True
 
     def _drop_leftover_secondary(self, context: Any,
                                  instance: Any) -> None:
@@ -758,6 +881,58 @@ class FTDriverMixin:
         for uuid_ in running:
             if uuid_ not in self._ft_seen:
                 self._ft_take_over(context.elevated(), host, uuid_)
+        self._ft_vifs_for_standbys(context.elevated(), host,
+                                   handoff.standing_by(entries), running)
+
+    # -- VIFs on the secondary's host ------------------------------------
+    # A restored domain gets the primary's interfaces; those os-vif
+    # creates outside libvirt (Nova 34's OVS/OVN taps, delegate_create)
+    # must exist on this host before the agent restores the guest. So,
+    # as live migration's pre_live_migration does on its destination,
+    # they are plugged while this host stands by (the port binding stays
+    # the primary's: with ML2/OVN, its requested-chassis keeps OVN from
+    # claiming the port here), and the hand-off moves the binding.
+
+    def _ft_vifs_for_standbys(self, context: Any, host: str,
+                              standby: list[str],
+                              running: list[str]) -> None:
+        plugged = self._ft_plugged
+        for uuid_ in standby:
+            if uuid_ not in plugged:
+                self._ft_pre_plug(context, host, uuid_)
+        for uuid_ in list(plugged):
+            if uuid_ in standby:
+                continue
+            instance, network_info = plugged.pop(uuid_)
+            if uuid_ in running:
+                continue        # taken over: its VIFs are its own now
+            try:
+                self.unplug_vifs(  # type: ignore[attr-defined]
+                    instance, network_info)
+            except Exception as exc:
+                LOG.warning('VIFs plugged for a standby not unplugged: %s',
+                            _one_line(exc), instance=instance)
+
+    def _ft_pre_plug(self, context: Any, host: str, uuid_: str) -> None:
+        try:
+            instance = instance_obj.Instance.get_by_uuid(
+                context, uuid_,
+                expected_attrs=['system_metadata', 'info_cache'])
+        except nova_exception.InstanceNotFound:
+            return
+        if instance.system_metadata.get(SECONDARY_HOST) != host:
+            return      # not the secondary Nova chose: not ours to plug
+        network_info = instance.get_network_info()
+        try:
+            self.plug_vifs(instance, network_info)  # type: ignore[attr-defined]
+        except Exception as exc:
+            LOG.error('Cannot plug the VIFs of the instance this host '
+                      'stands by for (retrying): %s', _one_line(exc),
+                      instance=instance)
+            return
+        self._ft_plugged[uuid_] = (instance, network_info)
+        LOG.info('VIFs plugged on %s, which stands by for this instance',
+                 host, instance=instance)
 
     def _ft_take_over(self, context: Any, host: str, uuid_: str) -> None:
         try:
@@ -791,8 +966,37 @@ class FTDriverMixin:
             self._ft_seen[uuid_] = 'nothing to hand off'
             return
         self._ft_seen[uuid_] = 'handed off'
+        # before a new secondary's disk mirror: one block job at a time
+        self._ft_settle(instance)
         if self.reprotect_after_handoff:
             self._reprotect_after_handoff(context, instance, old_host)
+
+    def _ft_settle(self, instance: Any) -> bool:
+        """Move a guest handed off here where LibvirtDriver expects it:
+        its disk to ``<instances_path>/<uuid>/disk`` (live, the guest
+        running on), its domain persistent (see
+        :mod:`~mftvm_openstack.nova.settle`). False, logged, if not: the
+        guest runs on its replica then, and Nova's stop, start and hard
+        reboot will not find its disk."""
+        instance_dir = libvirt_utils.get_instance_path(instance)
+        path = os.path.join(instance_dir, 'disk')
+        try:
+            dom = self._host.get_connection(  # type: ignore[attr-defined]
+            ).lookupByUUIDString(instance.uuid)
+            os.makedirs(instance_dir, exist_ok=True)
+            if settle.into_place(dom, path):
+                # what Nova's image backend records of a disk it made
+                files.write_json_atomic(
+                    os.path.join(instance_dir, 'disk.info'),
+                    {path: 'qcow2'})
+        except Exception as exc:
+            LOG.error('The guest taken over here stays on its replica; '
+                      'stop, start and hard reboot will fail: %s',
+                      _one_line(exc), instance=instance)
+            return False
+        LOG.info('The guest taken over here runs on %s, its domain '
+                 'persistent', path, instance=instance)
+        return True
 
     def _reprotect_after_handoff(self, context: Any, instance: Any,
                                  old_host: str) -> None:

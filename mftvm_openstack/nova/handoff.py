@@ -64,12 +64,15 @@ sets each port's ``binding:host_id`` to this host (and the
 ``device_owner`` zone), then ``get_instance_nw_info`` refreshes the
 info cache. No migration is passed: there is no migration context (no
 PCI/SR-IOV mapping; ports with resource requests would need provider
-mappings, which an FT server does not have). The VIFs on this host come
-from libvirt itself: the agent restored the guest as a domain from the
-primary's XML, whose interfaces (an Open vSwitch ``virtualport``, a
-bridge) libvirt plugs as it starts it. Interfaces that os-vif prepares
-outside libvirt (hybrid-plug ``qbr`` bridges, vhost-user) are not
-prepared on this host yet.
+mappings, which an FT server does not have). The VIFs on this host were
+plugged before the takeover: while the agent here lists the instance as
+a standby secondary (:func:`standing_by`) and Nova recorded this host as
+its secondary, the driver's watcher calls ``plug_vifs`` (os-vif: the
+taps of Nova 34's OVS/OVN VIFs, hybrid-plug bridges), as live
+migration's ``pre_live_migration`` does on its destination, so that the
+restored domain finds them; it unplugs them when the host stops standing
+by without taking over. Moving ``binding:host_id`` is what activates the
+binding here (with ML2/OVN, the port's requested-chassis follows it).
 
 *The old host.* Evacuation's rule applies unchanged: when its
 nova-compute starts again, ``_destroy_evacuated_instances`` finds the
@@ -79,6 +82,11 @@ any more), finds no allocation of the instance on its provider (a
 warning, nothing to do) and marks the migration ``completed``. The
 server is not started there: ``init_host`` only resumes instances whose
 ``instance.host`` is that host.
+
+*Settling it* follows at once (the driver's, see
+:mod:`~mftvm_openstack.nova.settle`): its disk is copied live into
+``<instances_path>/<uuid>/disk`` and its domain made persistent, so
+Nova's stop, start and hard reboot find what they expect.
 
 *Deleting it afterwards* is the new host's business: its driver tells
 its own agent ``stop_instance`` (``ft_status`` says it was handed off;
@@ -175,6 +183,32 @@ def taken_over(entries: Iterable[Mapping[str, Any]]) -> list[str]:
                 status.alive is False:
             continue
         if status.instance:
+            out.append(status.instance)
+    return out
+
+
+def standing_by(entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The instances an agent's ``list()`` shows as a standby
+    secondary (ready to take over)::
+
+        >>> standing_by([
+        ...     {'instance': 'a', 'role': 'secondary', 'state': 'standby'},
+        ...     {'instance': 'b', 'role': 'secondary',
+        ...      'state': 'waiting-for-primary'},
+        ...     {'instance': 'c', 'role': 'primary', 'state': 'active'}])
+        ['a']
+    """
+    out = []
+    for entry in entries:
+        try:
+            status = InstanceStatus.from_dict(
+                dict(entry) if isinstance(entry, Mapping) else entry,
+                'list entry')
+        except ContractError:
+            continue        # taken_over() says so
+        if status.role is Role.SECONDARY and \
+                status.state is State.STANDBY and \
+                status.alive is not False and status.instance:
             out.append(status.instance)
     return out
 

@@ -324,6 +324,68 @@ class LibvirtProtectionTest(LibvirtTestCase):
               f'next answer {answered_in * 1000:.0f} ms')
 
 
+    def test_failed_over_domain_settles_into_nova_s_place(self):
+        # After a failover Nova's stop, start and hard reboot need the
+        # guest's disk at instances_path/<uuid>/disk and a persistent
+        # domain: moved live, the guest running on without a break.
+        import libvirt
+
+        from mftvm_openstack.nova import settle
+
+        name = f'mftvm-lvs-{os.getpid()}'
+        restored = f'{name}-b'
+        conn, gdir, last = self.start_and_protect(name, restored)
+        prim = self.side(name, 'primary')
+        last, _ = self.kill_and_ask(prim['qemu_pid'], last, 90)
+        sec = self.wait_active(name)
+        rdom = conn.lookupByName(restored)
+        self.assertFalse(rdom.isPersistent())
+        self.addCleanup(self._undefine, conn, restored)
+        target = os.path.join(self.tmp, 'instances', 'uuid', 'disk')
+
+        self.assertTrue(settle.into_place(rdom, target))
+        self.assertTrue(rdom.isPersistent())
+        self.assertEqual(target, settle.first_disk(rdom.XMLDesc(0))[1])
+        defined = rdom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        self.assertEqual(target, settle.first_disk(defined)[1])
+        self.assertNotIn('-incoming', defined)
+        last = self.talk(last, 2)         # each answer the next one
+        info = json.loads(subprocess.run(
+            ['qemu-img', 'info', '-U', '--output=json', target],
+            check=True, capture_output=True).stdout)
+        self.assertEqual('qcow2', info['format'])
+        self.assertNotIn('backing-filename', info)      # stands alone
+        # the replica is nobody's disk any more
+        qemu = sec['qemu_pid']
+        open_files = {os.path.realpath(os.path.join(f'/proc/{qemu}/fd', fd))
+                      for fd in os.listdir(f'/proc/{qemu}/fd')}
+        self.assertIn(target, open_files)
+        for layer, _ in sec['disk_layers']:
+            self.assertNotIn(os.path.realpath(layer), open_files)
+        self.assertFalse(settle.into_place(rdom, target))   # done already
+
+        operations.stop(self.state_dir, name)
+        base.wait_for(lambda: not rdom.isActive(), 10, 0.1,
+                      'the settled domain to stop')
+        # stopped, still defined, and what it wrote is on the new disk
+        self.assertIn(restored, [d.name() for d in conn.listAllDomains()])
+        raw = os.path.join(self.tmp, 'settled.raw')
+        subprocess.run(['qemu-img', 'convert', '-O', 'raw', target, raw],
+                       check=True)
+        rserial = os.path.join(gdir, 'secondary', 'serial.log')
+        on_disk = records.read_records(raw)
+        records.verify_chain(on_disk)
+        for seq, digest in workload.serial_acks(
+                workload.read_text(rserial)):
+            self.assertEqual(digest, on_disk[seq].hash.hex())
+
+    def _undefine(self, conn, name):
+        import libvirt
+        try:
+            conn.lookupByName(name).undefine()
+        except libvirt.libvirtError:
+            pass    # not defined
+
     def test_domain_dies_with_the_process_that_protects_it(self):
         # A host process killed alone must not leave libvirt's QEMU
         # running unfenced while the secondary takes over.

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -425,3 +426,32 @@ class ClientLoadFailoverTest(base.GuestTestCase):
                     f'and got {value}'))
         print(f'client load: {before} answers before the kill, '
               f'{len(answers) - before} after, {self.CLIENTS} clients')
+
+
+class GuestPoweroffTest(base.GuestTestCase):
+
+    def test_a_guest_that_powers_off_stops_no_failover(self):
+        # guest powers itself off once the host connects to its port
+        spec, gdir = self.protect('po', run='writer,poweroff-on:7000')
+        serial = os.path.join(gdir, 'primary', 'serial.log')
+        base.wait_for(lambda: 'MFTVM-GUEST-READY' in workload.read_text(
+            serial), 90, 0.2, 'the guest up')
+        self.assertEqual(State.PROTECTED, self.side('po', 'primary')['state'])
+        with socket.create_connection(('127.0.0.1', self.port), 10):
+            pass
+        prim = base.wait_for(
+            lambda: (s := self.side('po', 'primary')).get('alive') is False
+            and s, 60, what='the primary side to end')
+        # a stop, not a failure: the secondary stood down, its replica
+        # never resumed (the guest would start again, from the past)
+        self.assertEqual(State.STOPPED, prim['state'], prim)
+        self.assertEqual('the guest powered itself off', prim['reason'])
+        sec = base.wait_for(
+            lambda: (s := self.side('po', 'secondary')).get('alive') is False
+            and s, 30, what='the secondary side to end')
+        self.assertEqual(State.STOPPED, sec['state'], sec)
+        self.assertIsNone(sec.get('takeover'))
+        self.assertEqual([], base.qemu_pids_for('po'))
+        self.assertIn('MFTVM-GUEST-POWEROFF', workload.read_text(serial))
+        # its disk here holds what it wrote, chained to the end
+        records.verify_chain(records.read_records(spec.disk))

@@ -11,10 +11,13 @@ no reboot, and P coming back must not start a second copy.
 from __future__ import annotations
 
 import doctest
+import json
+import os
 import time
 from typing import Any
 
 import fixtures
+import nova.conf
 import nova.context as nova_context
 import nova.objects.instance as instance_obj
 import testtools
@@ -24,6 +27,7 @@ from nova.virt.libvirt import driver as libvirt_driver
 from mftvm_openstack.nova import driver, handoff
 from tests.nova import test_driver
 
+CONF = nova.conf.CONF
 USAGE = test_driver.USAGE
 NO_USAGE = test_driver.NO_USAGE
 #: how long the API may take to show the hand-off (the watcher polls
@@ -261,3 +265,114 @@ class TestHandoffReprotect(HandoffTestBase):
                          self.agent.of('protect')[-1][1]['secondary_host'])
         self.assertEqual([], [c for c in self.power_calls
                               if c[0] != 'spawn'])
+
+
+class TestSettle(HandoffTestBase):
+    """After the hand-off, before re-protection: the guest's disk moves
+    where LibvirtDriver expects it, its domain made persistent (the move
+    itself runs on a real libvirtd in tests/functional/test_libvirt)."""
+
+    REPROTECT = True
+
+    def test_taken_over_guest_settles_before_reprotection(self) -> None:
+        moved: list[tuple[str, str, list[str]]] = []
+
+        def into_place(dom: Any, path: str) -> bool:
+            moved.append((dom.UUIDString(), path,
+                          [m for m, _, _ in self.agent.calls]))
+            return True
+        self.useFixture(fixtures.MonkeyPatch(
+            'mftvm_openstack.nova.settle.into_place', into_place))
+        server = self._boot_ft()
+        primary, secondary, _ = self._roles(server)
+        # the agent on S restored the guest as a (transient) domain there
+        xml = self.computes[primary].driver._host.get_connection(
+        ).lookupByUUIDString(server['id']).XMLDesc(0)
+        self.computes[secondary].driver._host.get_connection().createXML(
+            xml, 0)
+        self.agent.calls.clear()
+
+        self.takeover.take_over(secondary, server['id'])
+        server, _ = self._wait_for_host(server, secondary)
+        deadline = time.monotonic() + HANDOFF_TIMEOUT
+        while self._sysmeta(server).get(driver.STATUS) != 'protected':
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        instance_dir = os.path.join(CONF.instances_path, server['id'])
+        disk = os.path.join(instance_dir, 'disk')
+        # once, before the new secondary's protect (its mirror would be a
+        # second block job on the disk)
+        self.assertEqual([(server['id'], disk, [])], moved)
+        self.assertEqual('protect', self.agent.calls[-1][0])
+        with open(os.path.join(instance_dir, 'disk.info')) as f:
+            self.assertEqual({disk: 'qcow2'}, json.load(f))
+
+
+class TestStandbyVifs(HandoffTestBase):
+    """The secondary's host plugs the server's VIFs while it stands by,
+    so that the agent's restore finds them (os-vif's taps), and unplugs
+    them when it stops standing by without taking over."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.vif_calls: list[tuple[str, str, str, list[str]]] = []
+        for name in ('plug_vifs', 'unplug_vifs'):
+            self._record(name)
+
+    def _record(self, name: str) -> None:
+        calls = self.vif_calls
+
+        def record(drv: Any, instance: Any, network_info: Any) -> None:
+            calls.append((name, drv._ft_host, instance.uuid,
+                          [vif['id'] for vif in network_info]))
+        self.useFixture(fixtures.MonkeyPatch(
+            f'nova.virt.libvirt.driver.LibvirtDriver.{name}', record))
+
+    def _stand_by(self, server: dict, host: str, primary: str) -> None:
+        self.takeover.running[host] = [
+            {'instance': server['id'], 'role': 'secondary',
+             'state': 'standby', 'alive': True, 'host': host,
+             'peer': primary}]
+
+    def _wait_calls(self, count: int) -> None:
+        deadline = time.monotonic() + HANDOFF_TIMEOUT
+        while len(self.vif_calls) < count:
+            self.assertLess(time.monotonic(), deadline, self.vif_calls)
+            time.sleep(0.05)
+
+    def test_plugged_while_standing_by_kept_when_taken_over(self) -> None:
+        port = self.neutron.port_1['id']
+        server = self._boot_ft(networks=[{'port': port}])
+        primary, secondary, _ = self._roles(server)
+        self.vif_calls.clear()          # the primary's own, at spawn
+
+        self._stand_by(server, secondary, primary)
+        self._wait_calls(1)
+        self.assertEqual(
+            [('plug_vifs', secondary, server['id'], [port])],
+            self.vif_calls)
+        # once, not at every look
+        time.sleep(0.5)
+        self.assertEqual(1, len(self.vif_calls))
+
+        self.takeover.running[secondary] = []
+        self.takeover.take_over(secondary, server['id'])
+        self._wait_for_host(server, secondary)
+        time.sleep(0.5)
+        self.assertEqual(1, len(self.vif_calls))    # not unplugged
+
+    def test_unplugged_when_it_no_longer_stands_by(self) -> None:
+        port = self.neutron.port_1['id']
+        server = self._boot_ft(networks=[{'port': port}])
+        primary, secondary, third = self._roles(server)
+        self.vif_calls.clear()
+        # a host Nova did not choose plugs nothing
+        self._stand_by(server, third, primary)
+        self._stand_by(server, secondary, primary)
+        self._wait_calls(1)
+        self.takeover.running[secondary] = []       # unprotected
+        self._wait_calls(2)
+        self.assertEqual(
+            [('plug_vifs', secondary, server['id'], [port]),
+             ('unplug_vifs', secondary, server['id'], [port])],
+            self.vif_calls)

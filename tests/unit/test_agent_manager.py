@@ -138,6 +138,32 @@ class GuestDirTest(unittest.TestCase):
                                                      'x')))
 
 
+class EndedDataTest(unittest.TestCase):
+    """A guest that ran here from its replica keeps its disk under
+    ended/ when its instance process ends; a stop asked afterwards (Nova's
+    delete) must not leave that copy behind."""
+
+    def setUp(self):
+        self.m = manager_on(self)
+
+    def test_stop_of_an_ended_instance_deletes_its_kept_data(self):
+        ended = os.path.join(self.tmp, 'ended', 'vm0', 'secondary')
+        os.makedirs(os.path.join(ended, 'disk'))
+        for name in ('disk/base.qcow2', 'disk/epoch-7.qcow2', 'devstate',
+                     'secondary-host.log', 'status.json'):
+            with open(os.path.join(ended, name), 'w') as f:
+                f.write('x')
+        self.assertEqual({'instance': 'vm0', 'stopped': True},
+                         self.m.stop_instance('vm0'))
+        left = sorted(os.path.relpath(os.path.join(d, n), ended)
+                      for d, _, names in os.walk(ended) for n in names)
+        self.assertEqual(['secondary-host.log', 'status.json'], left)
+
+    def test_stop_of_an_unknown_instance_is_not_found(self):
+        with self.assertRaises(exception.InstanceNotFound):
+            self.m.stop_instance('vm9')
+
+
 class FakeInstanceProcess:
     """An instance directory with a published status.json and a control
     socket answering like an instance process (this test's process

@@ -27,8 +27,10 @@ from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import pair, vm
+from mftvm_openstack.ft.monitor import Monitor
 from mftvm_openstack.instance import client, secondary
 from mftvm_openstack.instance import control as control_server
+from mftvm_openstack.instance import guest as guest_mod
 from mftvm_openstack.instance.config import boot_id
 from mftvm_openstack.instance.control import ControlServer
 from mftvm_openstack.instance.lease import ECHO_MARGIN, LeaseKeeper
@@ -669,3 +671,86 @@ class MarkStaleTest(unittest.IsolatedAsyncioTestCase):
             await asyncio.wait_for(
                 side.protector.invalidate_replica('pair-1'), 5)
         self.assertEqual(3, len(tries))
+
+
+class _EventMonitor(Monitor):
+    """A monitor whose events the test hands in."""
+
+    async def execute(self, command, **arguments):
+        raise NotImplementedError
+
+    async def close(self):
+        pass
+
+
+class GuestPoweroffTest(unittest.IsolatedAsyncioTestCase):
+    """After its QEMU exited: did the guest power itself off, or die?"""
+
+    def event(self, guest, reason):
+        return {'event': 'SHUTDOWN',
+                'data': {'guest': guest, 'reason': reason}}
+
+    async def test_a_poweroff_seen_before_the_exit(self):
+        monitor = _EventMonitor()
+        with monitor.events('SHUTDOWN') as shutdowns:
+            monitor._dispatch(self.event(True, 'guest-shutdown'))
+            self.assertTrue(await guest_mod.powered_off(shutdowns, 5))
+
+    async def test_a_poweroff_passed_on_after_the_exit(self):
+        # libvirt passes the event on from its own thread: it may come
+        # after the pidfd said QEMU is gone
+        monitor = _EventMonitor()
+        with monitor.events('SHUTDOWN') as shutdowns:
+            asyncio.get_running_loop().call_later(
+                0.05, monitor._dispatch, self.event(True, 'guest-shutdown'))
+            self.assertTrue(await guest_mod.powered_off(shutdowns, 5))
+
+    async def test_anything_else_is_a_failure(self):
+        monitor = _EventMonitor()
+        with monitor.events('SHUTDOWN') as shutdowns:
+            for guest, reason in ((False, 'host-signal'),
+                                  (False, 'host-qmp-quit'),
+                                  (True, 'guest-reset'),
+                                  (True, 'guest-panic')):
+                monitor._dispatch(self.event(guest, reason))
+            self.assertFalse(await guest_mod.powered_off(shutdowns, 0.05))
+        with monitor.events('SHUTDOWN') as shutdowns:   # no event at all
+            self.assertFalse(await guest_mod.powered_off(shutdowns, 0.05))
+
+    def test_doctests(self):
+        import doctest
+        self.assertEqual(0, doctest.testmod(guest_mod).failed)
+
+
+class ProtectorDiskTest(unittest.IsolatedAsyncioTestCase):
+    """A libvirt guest's disk node is asked anew at each protection."""
+
+    async def test_hello_reads_the_disk_node_again(self):
+        from mftvm_openstack.instance.guest import RunningGuest
+        from mftvm_openstack.instance.protection import GuestProtector
+
+        class Blocks(_EventMonitor):
+            node = 'libvirt-2-format'
+
+            async def execute(self, command, **arguments):
+                assert command == 'query-block', command
+                return [{'inserted': {'node-name': self.node, 'ro': False,
+                                      'image': {'virtual-size': 1 << 30}}}]
+
+        class Dom:
+            def XMLDesc(self, flags=0):  # noqa: N802
+                return '<domain/>'
+
+        process = mock.Mock(pid=1)
+        guest = RunningGuest(process, Blocks(), '/ram', 'libvirt-2-format',
+                             1 << 30, domain=Dom())
+        spec = vm.GuestSpec(name='g', memory_mib=128)
+        protector = GuestProtector(spec, {}, vm.Paths('/nonexistent'),
+                                   lambda: guest, lambda: None)
+        await protector.hello('p1')
+        self.assertEqual('libvirt-2-format', guest.disk_node)
+        # a pivot onto a copy (see mftvm_openstack.nova.settle)
+        guest.monitor.node = 'libvirt-5-format'
+        hello = await protector.hello('p2')
+        self.assertEqual('libvirt-5-format', guest.disk_node)
+        self.assertEqual(1 << 30, hello.disk_size)

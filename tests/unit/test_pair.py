@@ -738,6 +738,34 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(State.FAILED, self.machine.state)
         self.assertIn(Kind.PRIMARY_LOST, self.chan.kinds())
 
+    async def test_guest_poweroff_stops_the_pair_without_failover(self):
+        await self.make()
+        self.machine.post(pair.GuestExited('the guest powered itself off',
+                                           by_guest=True))
+        await settle()
+        self.assertEqual(State.STOPPED, self.machine.state)
+        self.assertTrue(self.machine.finished.is_set())
+        kinds = self.chan.kinds()
+        self.assertIn(Kind.BYE, kinds)
+        self.assertNotIn(Kind.PRIMARY_LOST, kinds)
+        # the replica made stale before the fence is let go: it is never
+        # resumed (the guest would start again, from the past)
+        self.assertEqual(['invalidate', 'link-closed'], self.order)
+        self.assertTrue(self.out.discarded)
+        self.assertEqual([], self.out.released)
+        self.assertEqual('the guest powered itself off',
+                         self.machine.status().reason)
+
+    async def test_unprotected_guest_poweroff_is_a_stop(self):
+        self.new_machine()
+        self.machine.post(pair.GuestUp(self.guest, self.mon))
+        self.machine.post(pair.GuestExited('the guest powered itself off',
+                                           by_guest=True))
+        await settle()
+        self.assertEqual(State.STOPPED, self.machine.state)
+        self.assertEqual([], self.order)
+        self.assertEqual([], self.protector.channels)
+
     async def test_guest_exit_tells_secondary_and_discards_output(self):
         await self.make()
         self.machine.post(pair.GuestExited('killed'))

@@ -36,6 +36,8 @@ Primary (one machine from process start to end)::
     PROTECTED --Stop(handover)--> STOPPED (the secondary takes over)
     STARTING/SYNCING/PROTECTED/UNPROTECTED/ACTIVE
         --GuestExited--> FAILED;  --LeaseLost--> FENCED;  --Stop--> STOPPED
+        --GuestExited(by_guest: it powered itself off)--> STOPPED (BYE,
+        the replica marked stale: no failover)
 
 A lost lease is *interrupted* into the machine (:meth:`Machine.interrupt`
 in :mod:`.machine`): it is handled next, cutting short a handler that

@@ -75,7 +75,11 @@ class SecondaryLost:
 
 @dataclasses.dataclass
 class GuestExited:
+    """The guest's QEMU is gone. ``by_guest``: the guest powered itself
+    off (QEMU's SHUTDOWN event said so before it exited): a shutdown, not
+    a failure; its secondary stands down instead of taking over."""
     reason: str
+    by_guest: bool = False
 
 
 @dataclasses.dataclass

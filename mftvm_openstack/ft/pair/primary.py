@@ -252,7 +252,11 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 if self.guest is not None:
                     await self.guest.kill()   # GuestExited follows
         elif isinstance(event, GuestExited):
-            if not self.state.final:
+            if self.state.final:
+                pass
+            elif event.by_guest:
+                await self._guest_shut_down(event.reason)
+            else:
                 await self._guest_exited(event.reason)
         elif isinstance(event, LeaseLost):
             if not self.state.final:
@@ -633,6 +637,41 @@ class PrimaryPair(Machine['PrimaryEvent']):
             await self._tell_secondary_to_take_over(reason)
         await self._end_link()
         self._finish(State.FAILED)
+
+    async def _guest_shut_down(self, reason: str) -> None:
+        """The guest powered itself off: it stops, no failover.
+
+        Its disk here has every write; the replica lags and must never
+        be resumed (that would start the guest again, from the past):
+        the secondary is told BYE and the replica is marked stale before
+        this side lets the fence go. What it sent and was not committed
+        goes nowhere (its QEMU, which would pass it on, is gone)."""
+        LOG.info('the guest shut itself down (%s): stopped, no failover',
+                 reason)
+        self.stats.reason = reason
+        if self.link is not None:
+            self.link.output.discard()
+        was_protected = self.state == State.PROTECTED
+        await self._cancel_tasks()
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                await self.clock.wait_for(self.channel.send_json(
+                    Kind.BYE, {'reason': reason}), GOODBYE_TIMEOUT)
+        self._close_channel()
+        if self.link is not None:
+            with contextlib.suppress(Exception):
+                await self.link.disk.stop()
+        if was_protected:
+            try:
+                await self.protector.invalidate_replica(self.pair_id)
+            except OwnershipLost as exc:
+                # Taken over already: the guest may run on elsewhere.
+                self.error = f'fenced: {exc}'
+                await self._end_link()
+                self._finish(State.FENCED)
+                return
+        await self._end_link()
+        self._finish(State.STOPPED)
 
     async def _fence(self, reason: str) -> None:
         LOG.error('fencing myself: %s; killing the guest', reason)

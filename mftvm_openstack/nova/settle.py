@@ -1,0 +1,142 @@
+"""Settle a taken-over guest where Nova's libvirt driver expects it.
+
+After a failover the guest runs on the new host as a *transient* libvirt
+domain whose disk is the agent's replica (a chain of epoch overlays in
+the agent's state directory). Nova's stop, start and hard reboot
+regenerate the domain from ``instances_path/<uuid>/disk``, which this
+host does not have. :func:`into_place` moves the running guest there,
+live, and makes its domain persistent::
+
+    dom = conn.lookupByUUIDString(instance.uuid)
+    into_place(dom, '/var/lib/nova/instances/<uuid>/disk')
+
+The order keeps one copy running at all times and loses nothing: the
+guest already runs here alone (the agent won its fence before it
+restored it); libvirt's block copy mirrors every write to the new file
+while it copies, and the pivot switches the guest over only once both
+are the same; the replica is then no longer written by anyone. The new
+disk is a qcow2 image that stands alone (no backing file), so Nova's
+image backend takes it as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import xml.etree.ElementTree as ET
+from typing import Any, Optional
+
+#: libvirt's flags and job type, as numbers: this module imports no
+#: libvirt (the caller holds the domain)
+BLOCK_JOB_ABORT_PIVOT = 2           # VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+BLOCK_COPY_TRANSIENT_JOB = 4        # VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+XML_INACTIVE = 2                    # VIR_DOMAIN_XML_INACTIVE
+XML_SECURE = 1                      # VIR_DOMAIN_XML_SECURE
+QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0'
+
+#: how long a copy may take before it is given up (the guest runs on
+#: its replica then, as before)
+COPY_TIMEOUT = 600.0
+
+
+class SettleError(Exception):
+    """The guest could not be moved; it runs on where it ran."""
+
+
+def first_disk(xml: str) -> tuple[str, Optional[str]]:
+    """(target dev, source file) of the domain's first disk::
+
+        >>> first_disk("<domain><devices><disk device='disk'>"
+        ...            "<source file='/r/top.qcow2'/><target dev='vda'/>"
+        ...            "</disk></devices></domain>")
+        ('vda', '/r/top.qcow2')
+    """
+    disk = ET.fromstring(xml).find("devices/disk[@device='disk']")
+    target = disk.find('target') if disk is not None else None
+    if disk is None or target is None or not target.get('dev'):
+        raise SettleError('the domain has no disk')
+    source = disk.find('source')
+    return str(target.get('dev')), (
+        source.get('file') if source is not None else None)
+
+
+def persistent_xml(xml: str) -> str:
+    """The domain's XML to define: without the ``-incoming defer`` that
+    the restore started it with (a start from this definition boots
+    from its disk; Nova's start writes its own definition anyway)."""
+    root = ET.fromstring(xml)
+    for cmdline in root.findall(f'{{{QEMU_NS}}}commandline'):
+        args = [a.get('value') for a in cmdline]
+        if args == ['-incoming', 'defer']:
+            root.remove(cmdline)
+    ET.register_namespace('qemu', QEMU_NS)
+    return ET.tostring(root, encoding='unicode')
+
+
+def _mirror_ready(dom: Any, dev: str) -> bool:
+    disk = ET.fromstring(dom.XMLDesc(0)).find(
+        f"devices/disk/target[@dev='{dev}']/..")
+    mirror = disk.find('mirror') if disk is not None else None
+    return mirror is not None and mirror.get('ready') == 'yes'
+
+
+def into_place(dom: Any, path: str, timeout: float = COPY_TIMEOUT,
+               interval: float = 0.2) -> bool:
+    """Copy the running domain ``dom``'s first disk to ``path`` (a new
+    qcow2 that stands alone), switch the guest onto it, and make the
+    domain persistent. False if it already runs on ``path`` and is
+    persistent (nothing to do); True once done.
+
+    :raises SettleError: the copy failed or took longer than
+        ``timeout``; the job is cancelled and the guest runs on its old
+        disk.
+    """
+    dev, source = first_disk(dom.XMLDesc(0))
+    persistent = bool(dom.isPersistent())
+    if source == path and persistent:
+        return False
+    if source != path:
+        if os.path.exists(path):
+            raise SettleError(f'{path} exists already; not overwriting it')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        dest = (f"<disk type='file'><driver type='qcow2'/>"
+                f"<source file='{_attr(path)}'/></disk>")
+        flags = BLOCK_COPY_TRANSIENT_JOB if persistent else 0
+        try:
+            dom.blockCopy(dev, dest, None, flags)
+        except Exception as exc:
+            raise SettleError(f'block copy to {path} refused: {exc}') \
+                from None
+        deadline = time.monotonic() + timeout
+        while not _mirror_ready(dom, dev):
+            if time.monotonic() > deadline or not dom.blockJobInfo(dev, 0):
+                _cancel(dom, dev, path)
+                raise SettleError(f'block copy to {path} did not finish')
+            time.sleep(interval)
+        try:
+            dom.blockJobAbort(dev, BLOCK_JOB_ABORT_PIVOT)
+        except Exception as exc:
+            _cancel(dom, dev, path)
+            raise SettleError(f'pivot to {path} failed: {exc}') from None
+        if first_disk(dom.XMLDesc(0))[1] != path:
+            raise SettleError(f'the guest did not switch to {path}')
+    if not persistent:
+        dom.connect().defineXML(persistent_xml(
+            dom.XMLDesc(XML_INACTIVE | XML_SECURE)))
+    return True
+
+
+def _cancel(dom: Any, dev: str, path: str) -> None:
+    try:
+        dom.blockJobAbort(dev, 0)
+    except Exception:  # no job left
+        pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _attr(value: str) -> str:
+    return (value.replace('&', '&amp;').replace("'", '&apos;')
+            .replace('<', '&lt;'))
