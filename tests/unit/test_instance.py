@@ -329,14 +329,21 @@ class SideCommandTest(unittest.IsolatedAsyncioTestCase):
         side = PrimarySide(guest_dir(self))
         side.start(side.machine)
         self.addCleanup(side.machine.post, pair.Stop())
+        # A clock the test moves (time.time is patched for everyone:
+        # whatever else reads it, e.g. a log record, reads the same).
+        clock = [100.0]
+
+        def status_at(when: float):
+            clock[0] = when
+            return side.status()
         with mock.patch('mftvm_openstack.instance.side.time.time',
-                        side_effect=[100.0, 101.0, 102.0, 103.0]):
-            first = side.status()
-            again = side.status()
+                        side_effect=lambda: clock[0]):
+            first = status_at(100.0)
+            again = status_at(101.0)
             side.machine.post(pair.GuestUp(FakeProcess(), HungMonitor()))
             await settle()
-            changed = side.status()
-            later = side.status()
+            changed = status_at(102.0)
+            later = status_at(103.0)
         self.assertEqual((State.STARTING, 100.0, 101.0),
                          (first.state, first.state_since, again.updated))
         self.assertEqual(100.0, again.state_since)
