@@ -71,6 +71,31 @@ class LifecycleTestBase(test_driver.FTDriverTestBase):
         for compute in self.computes.values():
             compute.driver._ft_agent_api = self.agent
 
+    def _assert_refused_as_it_was(self, server: dict, primary: str,
+                                  secondary: str, held: dict, action: str,
+                                  event: str, refused: str,
+                                  remedy: str) -> None:
+        """Nova's ``action`` failed at ``event`` saying ``refused`` and
+        ``remedy`` (in the event and the instance fault), and nothing
+        moved: the server's allocation on its primary only, its
+        secondary's held, still protected, no agent told anything."""
+        failed = self._wait_for_action_fail_completion(
+            server, action, event)
+        self.assertIn(refused, failed['details'])
+        self.assertIn(remedy, failed['details'])
+        # the instance fault too (the API shows it on ERROR servers only)
+        ctxt = nova_context.get_admin_context()
+        faults = fault_obj.InstanceFaultList.get_by_instance_uuids(
+            ctxt, [server['id']])
+        self.assertIn(remedy, faults[0].message)
+        self.assertEqual({self.compute_rp_uuids[primary]},
+                         set(self._get_allocations_by_server_uuid(
+                             server['id'])))
+        self.assertEqual(held, self._secondary_allocs(server))
+        self.assertEqual(self._usage_of(primary, secondary), self._usages())
+        self.assertEqual('protected', self._status(server))
+        self.assertEqual([], self.agent.calls)
+
     def _boot_ft(self, metadata: dict | None = None
                  ) -> tuple[dict, str, str, str]:
         """An FT server (its flavor asks, or ``metadata``)."""
@@ -295,24 +320,9 @@ class TestMovesRefused(LifecycleTestBase):
         server = self._wait_for_state_change(server, 'ACTIVE')
         self.assertEqual(primary, server['OS-EXT-SRV-ATTR:host'])
         self.assertEqual(flavor, server['flavor']['original_name'])
-        failed = self._wait_for_action_fail_completion(
-            server, action, event)
-        self.assertIn('of a fault-tolerant instance is refused',
-                      failed['details'])
-        self.assertIn(remedy, failed['details'])
-        # the instance fault too (the API shows it on ERROR servers only)
-        ctxt = nova_context.get_admin_context()
-        faults = fault_obj.InstanceFaultList.get_by_instance_uuids(
-            ctxt, [server['id']])
-        self.assertIn(remedy, faults[0].message)
-        # Placement as before: the server on P, its secondary on S
-        self.assertEqual({self.compute_rp_uuids[primary]},
-                         set(self._get_allocations_by_server_uuid(
-                             server['id'])))
-        self.assertEqual(held, self._secondary_allocs(server))
-        self.assertEqual(self._usage_of(primary, secondary), self._usages())
-        self.assertEqual('protected', self._status(server))
-        self.assertEqual([], self.agent.calls)
+        self._assert_refused_as_it_was(
+            server, primary, secondary, held, action, event,
+            'of a fault-tolerant instance is refused', remedy)
         self._wait_for_migration_status(server, ['error'])
 
     def _start(self, by_metadata: bool = True

@@ -22,8 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import fixtures
-import nova.context as nova_context
-import nova.objects.instance_fault as fault_obj
 import testtools
 from nova.compute import task_states
 from nova.virt import event as virtevent
@@ -215,24 +213,10 @@ class TestEvacuateRefused(OperationsTestBase):
         server = self._evacuate_server(
             server, expected_state='ACTIVE', expected_host=primary,
             expected_migration_status='failed')
-        event = self._wait_for_action_fail_completion(
-            server, 'evacuate', 'compute_rebuild_instance')
-        self.assertIn('Evacuation of a fault-tolerant instance is refused',
-                      event['details'])
-        self.assertIn(remedy, event['details'])
-        ctxt = nova_context.get_admin_context()
-        faults = fault_obj.InstanceFaultList.get_by_instance_uuids(
-            ctxt, [server['id']])
-        self.assertIn(remedy, faults[0].message)
-        # nothing moved: the server's allocation on its primary only, the
-        # secondary's held, no agent told anything
-        self.assertEqual({self.compute_rp_uuids[primary]},
-                         set(self._get_allocations_by_server_uuid(
-                             server['id'])))
-        self.assertEqual(held, self._secondary_allocs(server))
-        self.assertEqual(self._usage_of(primary, secondary), self._usages())
-        self.assertEqual('protected', self._status(server))
-        self.assertEqual([], self.agent.calls)
+        self._assert_refused_as_it_was(
+            server, primary, secondary, held, 'evacuate',
+            'compute_rebuild_instance',
+            'Evacuation of a fault-tolerant instance is refused', remedy)
 
     def test_evacuate_refused(self) -> None:
         self._test_refused(True, driver.REMEDY_METADATA)
