@@ -5,8 +5,9 @@ tooz lease across machines) and renews it; when it can no longer prove
 that it owns the guest, it must stop the guest itself, before another
 host may start it. The guest may run while either holds: our lease
 (renewed every lease/4, in a thread, so a busy event loop cannot let it
-lapse), or the secondary's word that it still hears us (``vouched``:
-echoed heartbeats, see ``PrimaryPair.peer_holds_until``). So a lost
+lapse; tried again at once after a failed renewal), or the secondary's
+word that it still hears us (``vouched``: echoed heartbeats, see
+``PrimaryPair.peer_holds_until``). So a lost
 coordination backend alone stops nothing, and a host cut off from both
 stops its guest in time::
 
@@ -30,6 +31,11 @@ LOG = logging.getLogger(__name__)
 #: a primary that lives on the secondary's word stops this long before
 #: the secondary could declare it lost
 ECHO_MARGIN = 0.3
+
+#: after a renewal that failed, the next try comes this soon (not a
+#: quarter lease later): one slow answer from the backend must not use
+#: up the time left before the guest has to stop
+RETRY_AFTER_FAILURE = 0.05
 
 
 def fence_margin(lease: float) -> float:
@@ -81,13 +87,22 @@ class LeaseKeeper:
     def _renew_forever(self, stop: threading.Event) -> None:
         fence = self.fence
         interval = fence.lease / 4
+        failing_since: float | None = None
         while not stop.is_set():
+            wait = interval
             try:
                 fence.renew()
+                if failing_since is not None:
+                    LOG.warning('ownership of %s renewed again after %.1f s',
+                                self.name, time.monotonic() - failing_since)
+                failing_since = None
             except Exception as exc:
-                LOG.warning('cannot renew ownership of %s: %s', self.name,
-                            exc or 'no answer')
-                if time.monotonic() > fence.deadline(0):
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = now
+                    LOG.warning('cannot renew ownership of %s: %s', self.name,
+                                exc or 'no answer')
+                if now > fence.deadline(0):
                     # Lapsed at the backend too: take it back if free.
                     got = fence.reclaim()
                     if got is False:
@@ -95,4 +110,8 @@ class LeaseKeeper:
                         return
                     if got:
                         LOG.warning('ownership of %s regained', self.name)
-            stop.wait(interval)
+                        failing_since = None
+                else:
+                    # Still ours at the backend: every try counts now.
+                    wait = RETRY_AFTER_FAILURE
+            stop.wait(wait)

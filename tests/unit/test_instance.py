@@ -33,7 +33,11 @@ from mftvm_openstack.instance import control as control_server
 from mftvm_openstack.instance import guest as guest_mod
 from mftvm_openstack.instance.config import boot_id
 from mftvm_openstack.instance.control import ControlServer
-from mftvm_openstack.instance.lease import ECHO_MARGIN, LeaseKeeper
+from mftvm_openstack.instance.lease import (
+    ECHO_MARGIN,
+    RETRY_AFTER_FAILURE,
+    LeaseKeeper,
+)
 from mftvm_openstack.instance.primary import PrimarySide
 from mftvm_openstack.instance.secondary import (
     SecondarySide,
@@ -412,6 +416,68 @@ class LeaseKeeperTest(unittest.IsolatedAsyncioTestCase):
                                 'ownership could not be renewed within its '
                                 'lease, and the secondary no longer vouches '
                                 'for us'))
+
+
+class RecordedStop:
+    """A stand-in for the renewer's stop event: records each wait, and is
+    set after ``waits`` of them."""
+
+    def __init__(self, waits):
+        self.waits, self.left = [], waits
+
+    def is_set(self):
+        return self.left <= 0
+
+    def wait(self, seconds):
+        self.waits.append(seconds)
+        self.left -= 1
+
+
+class FlakyFence(FakeFence):
+    """Renewals answer from a script (an exception fails that one)."""
+
+    def __init__(self, lease, expires_in, *answers):
+        super().__init__(lease, expires_in)
+        self.answers = list(answers)
+
+    def renew(self):
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+
+
+class LeaseRenewalTest(unittest.TestCase):
+    """A renewal that fails is tried again at once while the lease still
+    holds at the backend: with a 3 s lease renewed every 0.75 s, waiting
+    a whole interval after one slow answer (1 s budget) left no second
+    try before the guest had to stop."""
+
+    def renew(self, fence, waits):
+        stop = RecordedStop(waits)
+        keeper = LeaseKeeper(fence, 'g', lambda: float('-inf'),
+                             lambda why: None)
+        with self.assertLogs('mftvm_openstack.instance.lease', 'WARNING') \
+                as logs:
+            keeper._renew_forever(stop)
+        return stop.waits, logs.output
+
+    def test_a_failed_renewal_is_retried_at_once(self):
+        gone = ConnectionError('no answer')
+        waits, logs = self.renew(FlakyFence(3, 3, gone, gone, None, None), 4)
+        self.assertEqual([RETRY_AFTER_FAILURE, RETRY_AFTER_FAILURE, 0.75,
+                          0.75], waits)
+        # one line when renewals start failing, one when they work again
+        self.assertEqual(2, len(logs), logs)
+        self.assertIn('cannot renew ownership of g', logs[0])
+        self.assertIn('ownership of g renewed again', logs[1])
+
+    def test_after_the_lease_lapsed_it_is_reclaimed_at_the_usual_pace(self):
+        gone = ConnectionError('no answer')
+        fence = FlakyFence(3, -1, gone, gone)
+        fence.reclaim = lambda: None       # the backend does not answer
+        waits, logs = self.renew(fence, 2)
+        self.assertEqual([0.75, 0.75], waits)
+        self.assertEqual(1, len(logs), logs)
 
 
 class WatchdogTest(unittest.IsolatedAsyncioTestCase):
