@@ -6,8 +6,10 @@ run cut short still samples every test), each run in a fresh Python and
 under the machine's heavy-test lock (taken per run, so other heavy tests
 can interleave), and checks between runs that no guest QEMU outlived
 its test (the tests themselves count running copies of their guest
-every 20 ms, across every namespace). It prints and writes (``--out``)
-per test: runs, failures, and the seconds each run took::
+every 20 ms, across every namespace). A failed run's agent directories
+(logs) are kept and named; a passing run's are removed. It prints and
+writes (``--out``) per test: runs, failures, and the seconds each run
+took::
 
     .venv/bin/python tools/partition_soak.py --runs 20
     .venv/bin/python tools/partition_soak.py --runs 3 \\
@@ -19,8 +21,10 @@ Needs root and what ``tools/run.sh test`` installs.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +41,9 @@ SUITE = [
     'tests.integration.test_agent_failover.EtcdPartitionTest.'
     'test_cut_off_primary_fences_itself_one_copy_ever',
 ]
+#: where the tests keep their agents' directories (kept for a failed run:
+#: logs, ended instance directories)
+AGENT_DIRS_IN = '/var/tmp'
 #: the agents' guests are named ft<pid of the test process>
 GUEST_QEMU = r'qemu-system-[^ ]* -name ft[0-9]+ '
 
@@ -47,17 +54,32 @@ def leftover_qemus() -> list[str]:
     return [line for line in out.splitlines() if 'pgrep' not in line]
 
 
-def run_once(test: str, lock: str, log: str) -> tuple[bool, float]:
+def agent_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(AGENT_DIRS_IN, 'mftvm-agents-*')))
+
+
+def run_once(test: str, lock: str, log: str) -> tuple[bool, float, list[str]]:
+    """One run of ``test``: (passed, seconds, the agents' directories kept
+    for a failed run). A passing run's directories are removed."""
     argv = [sys.executable, '-m', 'testtools.run', test]
     if lock:
         argv = ['flock', lock] + argv
+    before = agent_dirs()
     with open(log, 'ab') as out:
         out.write(f'\n==== {test} {time.ctime()}\n'.encode())
         out.flush()
         start = time.monotonic()
         rc = subprocess.run(argv, cwd=ROOT, stdout=out,
-                            stderr=subprocess.STDOUT).returncode
-    return rc == 0, time.monotonic() - start
+                            stderr=subprocess.STDOUT,
+                            env={**os.environ, 'MFTVM_KEEP_TEST_DIRS': '1'}
+                            ).returncode
+    took = time.monotonic() - start
+    new = sorted(agent_dirs() - before)
+    if rc == 0:
+        for path in new:
+            shutil.rmtree(path, ignore_errors=True)
+        new = []
+    return rc == 0, took, new
 
 
 def main() -> int:
@@ -76,7 +98,7 @@ def main() -> int:
         for t in args.tests}
     for n in range(args.runs):
         for test in args.tests:
-            ok, took = run_once(test, args.lock, args.log)
+            ok, took, kept = run_once(test, args.lock, args.log)
             res = results[test]
             res['passed' if ok else 'failed'] += 1
             res['seconds'].append(round(took, 1))
@@ -86,7 +108,9 @@ def main() -> int:
             short = test.rsplit('.', 1)[-1]
             print(f'run {n + 1}/{args.runs} {short}: '
                   f'{"ok" if ok else "FAILED"} in {took:.0f}s'
-                  + (f'; QEMU left over: {left}' if left else ''),
+                  + (f'; QEMU left over: {left}' if left else '')
+                  + (f'; its agents\' logs kept in {", ".join(kept)}'
+                     if kept else ''),
                   flush=True)
             if args.out:
                 with open(args.out, 'w') as f:
