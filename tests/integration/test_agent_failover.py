@@ -254,7 +254,10 @@ class PartitionTest(AgentLab):
             lambda: (s := self.status('h2')).get('state') == 'protected'
             and s.get('last_committed_epoch', 0) >= 1 and s, 120, 0.5,
             'the survivor to be re-protected')
-        self.assertEqual('h3', st['peer'])
+        # Onto h3, or onto h1 once healed: its copy fenced itself, and a
+        # first try onto h3 may time out on a loaded machine (the soak
+        # saw 'checkpoint 2 failed: TimeoutError()', then h1 chosen).
+        self.assertIn(st['peer'], ('h1', 'h3'))
         last = self.talk('h2', port, last, 1)
         copies.stop()
 
