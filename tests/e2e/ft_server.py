@@ -114,6 +114,7 @@ class FTServerTests:
     # (CloudTest's, for the type checker's sake)
     tmp: str
     lab_dir: str
+    hosts: list[str]
 
     def ft_server(self, name: str) -> tuple[dict, str]:
         """An FT server booted through the CLI on the lab's FT hosts,
@@ -191,7 +192,7 @@ class FTServerTests:
         self.assertEqual(('primary', 'protected'),
                          (status['role'], status['state']), status)
         secondary = status['peer']
-        self.assertIn(secondary, set(HOSTS) - {primary})
+        self.assertIn(secondary, set(self.hosts) - {primary})
         listed = {i['instance']: i for i in json.loads(self.mftvm(
             'list', '--host', secondary, '--json').stdout)}
         self.assertEqual('secondary', listed[server_id]['role'])
