@@ -29,6 +29,7 @@ from tests.unit.test_pair import (
     FakeReplica,
     FakeStore,
     hello,
+    until,
 )
 
 KERNEL = b'\x7fkernel-bytes' * 1000
@@ -68,7 +69,7 @@ class SecondaryReceivesBootFilesTest(unittest.IsolatedAsyncioTestCase):
         self.addCleanup(self.tmp.cleanup)
         self.boot_dir = os.path.join(self.tmp.name, 'secondary', 'boot')
 
-    async def handshake(self, *msgs, boot_dir='default'):
+    async def handshake(self, *msgs, boot_dir='default', answer=True):
         self.clock = FakeClock()
         self.prepared = []
 
@@ -90,6 +91,10 @@ class SecondaryReceivesBootFilesTest(unittest.IsolatedAsyncioTestCase):
             chan.inbox.put_nowait(msg)
         self.machine.post(pair.Connected(chan))
         await settle()
+        if answer:
+            # (the files are written in a worker thread, in real time)
+            await until(lambda: chan.sent)
+            await settle()
         return chan
 
     async def _stop(self, runner):
@@ -151,7 +156,8 @@ class SecondaryReceivesBootFilesTest(unittest.IsolatedAsyncioTestCase):
         self.assert_refused(chan, 'got CHECKPOINT')
 
     async def test_a_primary_that_never_sends_them_is_refused(self):
-        chan = await self.handshake(*frames_after(boot_hello(), KERNEL))
+        chan = await self.handshake(*frames_after(boot_hello(), KERNEL),
+                                    answer=False)
         self.assertEqual([], chan.kinds())
         with self.assertLogs('mftvm_openstack.ft.pair', 'ERROR'):
             await self.clock.advance(self.machine.hello_timeout + 1)
