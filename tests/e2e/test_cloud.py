@@ -25,6 +25,8 @@ import tempfile
 
 import testtools
 
+from tests.e2e.ft_server import FTServerTests
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 VENV_BIN = os.path.join(ROOT, '.cloud-venv', 'bin')
@@ -88,7 +90,7 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-class CloudTest(testtools.TestCase):
+class CloudTest(FTServerTests, testtools.TestCase):
     """Keystone, Nova's flavor validators and Glance, as a user sees them.
     """
 

@@ -63,6 +63,11 @@ HOST_RE = re.compile(r'^[a-z][a-z0-9]{0,7}$')
 FIRST_HOST_OCTET = 11
 UNDERLAY_PREFIX = '10.79'       # hosts' Geneve underlay: UNDERLAY_PREFIX.N.*
 HOST_RAM_DIR = '/run/libvirt-ram'   # in a host's private /run (a tmpfs)
+#: the agent's state_path, in a host's private /run too: an instance's
+#: sockets are <state_path>/instances/<uuid>/<role>/<name>.sock, and a
+#: unix socket's path may have 107 bytes at most (under the lab's
+#: directory in /tmp, a secondary's control.sock has 112)
+HOST_STATE_DIR = '/run/mftvm'
 
 VENV = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
 BIN = os.path.join(VENV, 'bin')
@@ -1157,13 +1162,13 @@ def deploy(lab: Lab, *argv: str) -> None:
 def configure_agent(lab: Lab, host: str, nova_conf: str) -> str:
     """The host's ``mftvm.conf``: the agent on nova-compute's broker and
     vhost (cell1's: the driver calls it there), fencing on the lab's
-    etcd, its state in the host's directory, its log beside the host's
-    other logs."""
+    etcd, its state in the host's private /run (:data:`HOST_STATE_DIR`),
+    its log beside the host's other logs."""
     info = lab.state['hosts'][host]
     conf = host_dir(lab, host, 'etc', 'mftvm.conf')
     deploy(lab, 'agent', '--conf', conf, '--host', host, '--nova-conf',
            nova_conf, '--my-ip', info['ip'], '--state-path',
-           host_dir(lab, host, 'mftvm'), '--log-file',
+           HOST_STATE_DIR, '--log-file',
            lab.path('log', f'{host}-mftvm-agent.log'),
            '--log-max-mb', str(LOG_MAX_MB))
     return conf
