@@ -51,6 +51,27 @@ class TakeoverAgentAPI(test_driver.FakeAgentAPI):
         self.list_calls[host] = self.list_calls.get(host, 0) + 1
         return [dict(e) for e in self.running.get(host, [])]
 
+    def protect(self, ctxt: Any, host: str, instance: str, spec: dict,
+                options: dict, secondary_host: Any = None) -> dict:
+        """Recorded; the agent on ``host`` then lists ``instance``
+        protected onto ``secondary_host``, one epoch committed."""
+        answer = super().protect(ctxt, host, instance, spec, options,
+                                 secondary_host=secondary_host)
+        self.running[host] = [
+            e for e in self.running.get(host, [])
+            if e['instance'] != instance] + [
+            {'instance': instance, 'role': 'primary', 'state': 'protected',
+             'alive': True, 'host': host, 'peer': secondary_host,
+             'last_committed_epoch': 1}]
+        return answer
+
+    def lose_secondary(self, host: str, instance: str,
+                       reason: str) -> None:
+        """The primary on ``host`` runs ``instance`` on unprotected."""
+        for entry in self.running[host]:
+            if entry['instance'] == instance:
+                entry.update(state='unprotected', reason=reason)
+
     def take_over(self, host: str, instance: str,
                   state: str = 'active') -> None:
         """The agent on ``host`` now runs ``instance`` as primary."""

@@ -1,0 +1,195 @@
+"""Live, trustworthy ``ft_status`` in Nova's in-process harness.
+
+The computes run FTLibvirtDriver with its watcher looking at the (fake)
+local agent every 0.1 s (:class:`~tests.nova.test_handoff.
+TakeoverAgentAPI`: what a host's agent lists follows the driver's
+``protect`` calls, and the test can make a primary lose its secondary).
+What is checked: a tenant's change of the ``ft_status`` property is
+undone, a lost secondary shows in ``ft_status`` and its Placement
+allocation is released, and the server is protected again through
+Placement, onto another host, or says why not.
+"""
+
+from __future__ import annotations
+
+import doctest
+import time
+from typing import Any
+
+import fixtures
+import testtools
+
+from mftvm_openstack.contract.status import UNPROTECTED_BY_REQUEST
+from mftvm_openstack.nova import driver, live_status, status
+from tests.nova import test_driver, test_handoff
+
+USAGE = test_driver.USAGE
+NO_USAGE = test_driver.NO_USAGE
+#: how long a status may take to show (the watcher looks every 0.1 s)
+TIMEOUT = test_handoff.HANDOFF_TIMEOUT
+
+
+class TestDocstrings(testtools.TestCase):
+
+    def test_doctests(self) -> None:
+        for module in (status, live_status):
+            result = doctest.testmod(module)
+            self.assertGreater(result.attempted, 0, module)
+            self.assertEqual(0, result.failed, module)
+
+
+class StatusTestBase(test_handoff.HandoffTestBase):
+
+    REPROTECT = True
+    #: [ft] reprotect_retry_interval
+    RETRY = 3600.0
+
+    def setUp(self) -> None:
+        self.statuses: list[str] = []
+        original = driver.FTDriverMixin._set_status
+
+        def record(drv: Any, instance: Any, value: str) -> None:
+            self.statuses.append(value)
+            original(drv, instance, value)
+        self.useFixture(fixtures.MonkeyPatch(
+            'mftvm_openstack.nova.driver.FTDriverMixin._set_status',
+            record))
+        super().setUp()
+        self.flags(reprotect_retry_interval=self.RETRY, group='ft')
+
+    def _wait(self, what: str, check: Any) -> Any:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            value = check()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                self.fail(f'{what}: not within {TIMEOUT} s')
+            time.sleep(0.05)
+
+    def _wait_looks(self, host: str, count: int = 3) -> None:
+        """Until the watcher of ``host`` has looked ``count`` more
+        times."""
+        start = self.takeover.list_calls.get(host, 0)
+        self._wait(f'{count} looks on {host}', lambda: self.takeover.
+                   list_calls.get(host, 0) >= start + count + 1)
+
+    def _wait_protected(self, server: dict, secondary: str) -> dict:
+        def protected() -> bool:
+            sysmeta = self._sysmeta(server)
+            return (sysmeta.get(driver.STATUS) == 'protected' and
+                    sysmeta.get(driver.SECONDARY_HOST) == secondary)
+        self._wait(f'protected onto {secondary}', protected)
+        return self._sysmeta(server)
+
+    def _secondary_allocation(self, server: dict) -> list[str]:
+        return list(self._get_allocations_by_server_uuid(
+            driver.secondary_consumer(server['id'])))
+
+
+class TestMirror(StatusTestBase):
+    """The server's ``ft_status`` property mirrors system metadata."""
+
+    def test_tenant_change_and_deletion_undone(self) -> None:
+        server = self._boot_ft()
+        self.assertEqual('protected', server['metadata'][driver.STATUS])
+
+        self.api.post_server_metadata(
+            server['id'], {driver.STATUS: 'protected, trust me'})
+        self._wait('ft_status written back', lambda: self.api.get_server(
+            server['id'])['metadata'].get(driver.STATUS) == 'protected')
+        self.assertEqual('protected', self._sysmeta(server)[driver.STATUS])
+
+        self.api.delete_server_metadata(server['id'], driver.STATUS)
+        self._wait('ft_status put back', lambda: self.api.get_server(
+            server['id'])['metadata'].get(driver.STATUS) == 'protected')
+
+    def test_other_servers_metadata_left_alone(self) -> None:
+        server = self._boot(self.flavor, {'ft': 'false'})
+        host = server['OS-EXT-SRV-ATTR:host']
+        self.api.post_server_metadata(server['id'],
+                                      {driver.STATUS: 'mine'})
+        self._wait_looks(host)
+        self.assertEqual('mine', self.api.get_server(
+            server['id'])['metadata'][driver.STATUS])
+
+
+class TestSecondaryLost(StatusTestBase):
+
+    def test_released_and_reprotected_onto_another_host(self) -> None:
+        server = self._boot_ft()
+        primary, secondary, third = self._roles(server)
+        self.assertEqual([self.compute_rp_uuids[secondary]],
+                         self._secondary_allocation(server))
+        self.statuses.clear()
+
+        self.takeover.lose_secondary(primary, server['id'],
+                                     'no ack for 0.8 s')
+        sysmeta = self._wait_protected(server, third)
+
+        self.assertEqual(
+            [f'unprotected: secondary {secondary} lost (no ack for 0.8 s)',
+             'protecting', 'protected'], self.statuses)
+        # the lost secondary's hold is gone, the new one's held under
+        # the same consumer
+        self.assertEqual({primary: USAGE, secondary: NO_USAGE,
+                          third: USAGE}, self._usages())
+        self.assertEqual([self.compute_rp_uuids[third]],
+                         self._secondary_allocation(server))
+        self.assertEqual(driver.secondary_consumer(server['id']),
+                         sysmeta[driver.SECONDARY_CONSUMER])
+        self.assertEqual((primary, third), (
+            self.agent.of('protect')[-1][0],
+            self.agent.of('protect')[-1][1]['secondary_host']))
+        self.assertEqual('protected', self.api.get_server(
+            server['id'])['metadata'][driver.STATUS])
+        # the Nova server itself was not touched
+        self.assertEqual([], [c for c in self.power_calls
+                              if c[0] != 'spawn'])
+
+    def test_unprotected_by_request_left_to_the_driver(self) -> None:
+        server = self._boot_ft()
+        primary, secondary, _ = self._roles(server)
+        self.statuses.clear()
+        protects = len(self.agent.of('protect'))
+
+        self.takeover.lose_secondary(primary, server['id'],
+                                     UNPROTECTED_BY_REQUEST)
+        self._wait_looks(primary)
+        self.assertEqual([], self.statuses)
+        self.assertEqual(protects, len(self.agent.of('protect')))
+        self.assertEqual(secondary,
+                         self._sysmeta(server)[driver.SECONDARY_HOST])
+        self.assertEqual([self.compute_rp_uuids[secondary]],
+                         self._secondary_allocation(server))
+
+
+class TestSecondaryLostNoOtherHost(StatusTestBase):
+    """Two hosts: the first attempt avoids the host just lost, so the
+    status says why the server runs unprotected; the next attempt, a
+    retry interval later, may take that host again."""
+
+    HOSTS = ('host1', 'host2')
+    RETRY = 1.0
+
+    def test_says_why_then_retries(self) -> None:
+        server = self._boot_ft()
+        primary = server['OS-EXT-SRV-ATTR:host']
+        secondary = self._other(primary)
+        self.statuses.clear()
+
+        self.takeover.lose_secondary(primary, server['id'], 'link down')
+        # the same host again: wait for the statuses, not the host
+        self._wait('re-protected', lambda: 'protected' in self.statuses)
+        self._wait_protected(server, secondary)
+
+        lost, why, *rest = self.statuses
+        self.assertEqual(f'unprotected: secondary {secondary} lost (link '
+                         'down)', lost)
+        self.assertTrue(why.startswith('unprotected: no secondary host ('),
+                        why)
+        self.assertEqual(['protecting', 'protected'], rest)
+        self.assertEqual({primary: USAGE, secondary: USAGE}, self._usages())
+        self.assertEqual((primary, secondary), (
+            self.agent.of('protect')[-1][0],
+            self.agent.of('protect')[-1][1]['secondary_host']))
