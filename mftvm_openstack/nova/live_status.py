@@ -101,6 +101,11 @@ def judge(recorded: str, secondary: Optional[str],
         # lost already and released: the re-protection's own status
         # (or the hand-off's) says where it stands
         return Verdict(reprotect=True)
+    if live.peer and live.peer != secondary:
+        # the agent never took up the secondary Nova chose (its protect
+        # failed: the driver's status says why); its reason is about an
+        # older peer
+        return Verdict(release=secondary, reprotect=True)
     why = live.reason or live.error or f'the agent runs it {live.state}'
     return Verdict(status=lost_status(secondary, why), release=secondary,
                    reprotect=True)

@@ -24,6 +24,7 @@ import testtools
 from nova.tests.fixtures import libvirt as fakelibvirt
 from nova.virt.libvirt import driver as libvirt_driver
 
+from mftvm_openstack.agent import exception as agent_exception
 from mftvm_openstack.nova import driver, handoff
 from tests.nova import test_driver
 
@@ -46,6 +47,9 @@ class TakeoverAgentAPI(test_driver.FakeAgentAPI):
         super().__init__()
         self.running: dict[str, list[dict[str, Any]]] = {}
         self.list_calls: dict[str, int] = {}
+        #: how many of the next ``protect`` calls fail (recorded, the
+        #: agent's list unchanged)
+        self.protect_failures = 0
 
     def list(self, ctxt: Any, host: str) -> list[dict[str, Any]]:
         self.list_calls[host] = self.list_calls.get(host, 0) + 1
@@ -55,6 +59,12 @@ class TakeoverAgentAPI(test_driver.FakeAgentAPI):
                 options: dict, secondary_host: Any = None) -> dict:
         """Recorded; the agent on ``host`` then lists ``instance``
         protected onto ``secondary_host``, one epoch committed."""
+        if self.protect_failures:
+            self.protect_failures -= 1
+            self.calls.append(('protect', host, {
+                'instance': instance, 'secondary_host': secondary_host}))
+            raise agent_exception.PeerUnreachable(host=secondary_host,
+                                                  reason='no answer')
         answer = super().protect(ctxt, host, instance, spec, options,
                                  secondary_host=secondary_host)
         self.running[host] = [

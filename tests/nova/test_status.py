@@ -193,3 +193,41 @@ class TestSecondaryLostNoOtherHost(StatusTestBase):
         self.assertEqual((primary, secondary), (
             self.agent.of('protect')[-1][0],
             self.agent.of('protect')[-1][1]['secondary_host']))
+
+
+class TestReprotectionFails(StatusTestBase):
+    """The re-protection's ``protect`` fails: its error is the status,
+    the secondary it chose is released, and the next attempt (a retry
+    interval later) protects."""
+
+    RETRY = 1.0
+
+    def test_error_said_secondary_released_then_retried(self) -> None:
+        server = self._boot_ft()
+        primary, secondary, third = self._roles(server)
+        self.statuses.clear()
+        self.takeover.protect_failures = 1
+
+        self.takeover.lose_secondary(primary, server['id'], 'no ack')
+        self._wait('re-protected', lambda: 'protected' in self.statuses)
+
+        lost, protecting, failed, *rest = self.statuses
+        self.assertEqual(f'unprotected: secondary {secondary} lost (no '
+                         'ack)', lost)
+        self.assertEqual('protecting', protecting)
+        self.assertTrue(failed.startswith('error: protect failed: '),
+                        failed)
+        self.assertEqual(['protecting', 'protected'], rest)
+        # first onto the third host (failed, released), then onto any
+        # but the primary (the lost host has come back, here)
+        first, second = [kw['secondary_host']
+                         for _, kw in self.agent.of('protect')[1:]]
+        self.assertEqual(third, first)
+        self.assertIn(second, (secondary, third))
+        sysmeta = self._wait_protected(server, second)
+        self.assertEqual(driver.secondary_consumer(server['id']),
+                         sysmeta[driver.SECONDARY_CONSUMER])
+        self.assertEqual(
+            {primary: USAGE, second: USAGE,
+             ({secondary, third} - {second}).pop(): NO_USAGE},
+            self._usages())

@@ -38,6 +38,13 @@ class TestJudge(unittest.TestCase):
                     'x)', 'hv3', True),
             judge('error: protect failed: x', 'hv3', live))
 
+    def test_secondary_never_taken_up_released_status_kept(self):
+        # Nova chose hv3, the agent's protect failed before it got there:
+        # its reason is hv2's, the driver's status says what failed
+        live = primary(State.UNPROTECTED, reason='no ack', peer='hv2')
+        self.assertEqual(Verdict(release='hv3', reprotect=True),
+                         judge('error: protect failed: x', 'hv3', live))
+
     def test_taken_over_guest_without_secondary_reprotected(self):
         live = primary(State.ACTIVE)
         self.assertEqual(Verdict(reprotect=True),
