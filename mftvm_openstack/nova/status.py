@@ -17,9 +17,13 @@ handoff_interval`` seconds, 2 s by default)::
     keeper.tick(context, entries, listed_at)  # entries None: the agent
                                               # did not answer
 
-For each FT server this host runs (one ``InstanceList.get_by_host`` per
-tick; a server Nova is working on, with a ``task_state`` or its lock
-held, is left for the next tick):
+Each tick loads the servers the agent lists as primaries here (one
+``InstanceList.get_by_filters`` on their uuids: the FT servers that run
+here); every :data:`SWEEP_INTERVAL` seconds (30), and at the first
+tick, all of the host's (``InstanceList.get_by_host``), so that the
+mirror of one the agent does not list (stopped, never protected) is
+kept too. For each FT server among them (a server Nova is working on,
+with a ``task_state`` or its lock held, is left for the next tick):
 
 * **the mirror**: a server's metadata ``ft_status`` that differs from
   the system metadata's is written back;
@@ -65,6 +69,10 @@ LOG = logging.getLogger(__name__)
 #: the instance's lock, as the compute manager takes it
 #: (``nova.utils.synchronized(instance.uuid)``)
 LOCK_PREFIX = 'nova-'
+#: seconds between two looks at all of a host's servers
+SWEEP_INTERVAL = 30.0
+#: what a look loads of each server
+_ATTRS = ['metadata', 'system_metadata']
 
 
 def primaries(entries: Iterable[Mapping[str, Any]]
@@ -108,10 +116,16 @@ class StatusKeeper:
         self._busy: set[str] = set()
         #: instance -> monotonic time before which no new attempt starts
         self._next_try: dict[str, float] = {}
+        #: monotonic time of the next look at all of the host's servers
+        self._next_sweep = 0.0
         #: instance -> monotonic time its record last changed outside a
         #: look (a re-protection, a hand-off): a list taken before then
         #: is not judged against it
         self._changed_at: dict[str, float] = {}
+
+    #: seconds between two looks at all of this host's servers (the
+    #: others look only at those the agent lists as primaries here)
+    sweep_interval = SWEEP_INTERVAL
 
     @property
     def retry_interval(self) -> float:
@@ -131,10 +145,19 @@ class StatusKeeper:
         ``listed_at`` (``time.monotonic()``); None: the agent did not
         answer (the mirror is kept, nothing is judged)."""
         live = primaries(entries) if entries is not None else None
+        now = time.monotonic()
+        sweep = now >= self._next_sweep
         try:
-            instances = instance_obj.InstanceList.get_by_host(
-                context, self.host,
-                expected_attrs=['metadata', 'system_metadata'])
+            if sweep:
+                instances = instance_obj.InstanceList.get_by_host(
+                    context, self.host, expected_attrs=_ATTRS)
+                self._next_sweep = now + self.sweep_interval
+            elif live:
+                instances = instance_obj.InstanceList.get_by_filters(
+                    context, {'uuid': sorted(live), 'host': self.host,
+                              'deleted': False}, expected_attrs=_ATTRS)
+            else:
+                return
         except Exception as exc:
             LOG.warning('Cannot read the instances of %s to keep their '
                         'ft_status: %s', self.host, exc)
@@ -157,6 +180,8 @@ class StatusKeeper:
                 continue        # Nova is at it: next tick
             except Exception:
                 LOG.exception('Keeping ft_status failed', instance=instance)
+        if not sweep:
+            return
         with self._lock:
             for uuid_ in set(self._next_try) - seen:
                 del self._next_try[uuid_]

@@ -43,6 +43,8 @@ class StatusTestBase(test_handoff.HandoffTestBase):
     REPROTECT = True
     #: [ft] reprotect_retry_interval
     RETRY = 3600.0
+    #: seconds between two looks at all of a host's servers
+    SWEEP = status.SWEEP_INTERVAL
 
     def setUp(self) -> None:
         self.statuses: list[str] = []
@@ -54,6 +56,9 @@ class StatusTestBase(test_handoff.HandoffTestBase):
         self.useFixture(fixtures.MonkeyPatch(
             'mftvm_openstack.nova.driver.FTDriverMixin._set_status',
             record))
+        self.useFixture(fixtures.MonkeyPatch(
+            'mftvm_openstack.nova.status.StatusKeeper.sweep_interval',
+            self.SWEEP))
         super().setUp()
         self.flags(reprotect_retry_interval=self.RETRY, group='ft')
 
@@ -102,6 +107,22 @@ class TestMirror(StatusTestBase):
 
         self.api.delete_server_metadata(server['id'], driver.STATUS)
         self._wait('ft_status put back', lambda: self.api.get_server(
+            server['id'])['metadata'].get(driver.STATUS) == 'protected')
+
+
+class TestMirrorSweep(StatusTestBase):
+    """Servers the agent does not list as primaries: only the looks at
+    all of the host's servers see them (every look, here)."""
+
+    SWEEP = 0.0
+
+    def test_kept_for_a_server_the_agent_does_not_list(self) -> None:
+        server = self._boot_ft()
+        self.takeover.running.clear()
+
+        self.api.post_server_metadata(server['id'],
+                                      {driver.STATUS: 'protected!'})
+        self._wait('ft_status written back', lambda: self.api.get_server(
             server['id'])['metadata'].get(driver.STATUS) == 'protected')
 
     def test_other_servers_metadata_left_alone(self) -> None:
