@@ -18,6 +18,7 @@ from typing import Any
 
 import fixtures
 import testtools
+import testtools.content
 
 from mftvm_openstack.contract.status import UNPROTECTED_BY_REQUEST
 from mftvm_openstack.nova import driver, live_status, status
@@ -48,10 +49,13 @@ class StatusTestBase(test_handoff.HandoffTestBase):
 
     def setUp(self) -> None:
         self.statuses: list[str] = []
+        #: time.monotonic() of each of ``statuses``
+        self.status_times: list[float] = []
         original = driver.FTDriverMixin._set_status
 
         def record(drv: Any, instance: Any, value: str) -> None:
             self.statuses.append(value)
+            self.status_times.append(time.monotonic())
             original(drv, instance, value)
         self.useFixture(fixtures.MonkeyPatch(
             'mftvm_openstack.nova.driver.FTDriverMixin._set_status',
@@ -143,10 +147,18 @@ class TestSecondaryLost(StatusTestBase):
         self.assertEqual([self.compute_rp_uuids[secondary]],
                          self._secondary_allocation(server))
         self.statuses.clear()
+        self.status_times.clear()
 
+        lost_at = time.monotonic()
         self.takeover.lose_secondary(primary, server['id'],
                                      'no ack for 0.8 s')
         sysmeta = self._wait_protected(server, third)
+        # seen, not asserted (a noisy machine): the watcher looks every
+        # 0.1 s here
+        self.addDetail('seconds_to_unprotected', testtools.content.
+                       text_content(f'{self.status_times[0] - lost_at:.2f}'))
+        self.addDetail('seconds_to_reprotected', testtools.content.
+                       text_content(f'{self.status_times[-1] - lost_at:.2f}'))
 
         self.assertEqual(
             [f'unprotected: secondary {secondary} lost (no ack for 0.8 s)',
