@@ -264,3 +264,33 @@ class TestReprotectionFails(StatusTestBase):
             {primary: USAGE, second: USAGE,
              ({secondary, third} - {second}).pop(): NO_USAGE},
             self._usages())
+
+
+class TestAfterHandoff(StatusTestBase):
+    """Two hosts: after a takeover, the re-protection avoids the failed
+    host and finds none; the status says so, and an attempt a retry
+    interval later takes the old host once it is back."""
+
+    HOSTS = ('host1', 'host2')
+    RETRY = 1.0
+
+    def test_reprotection_retried_after_a_handoff(self) -> None:
+        server = self._boot_ft()
+        primary = server['OS-EXT-SRV-ATTR:host']
+        secondary = self._other(primary)
+        self.statuses.clear()
+
+        self.takeover.take_over(secondary, server['id'])
+        self._wait_for_host(server, secondary)
+        self._wait('re-protected', lambda: 'protected' in self.statuses)
+
+        why, protecting, protected = self.statuses
+        self.assertTrue(why.startswith('unprotected: no secondary host ('),
+                        why)
+        self.assertEqual(['protecting', 'protected'],
+                         [protecting, protected])
+        self._wait_protected(server, primary)
+        self.assertEqual((secondary, primary), (
+            self.agent.of('protect')[-1][0],
+            self.agent.of('protect')[-1][1]['secondary_host']))
+        self.assertEqual({primary: USAGE, secondary: USAGE}, self._usages())
