@@ -35,7 +35,8 @@ with a ``task_state`` or its lock held, is left for the next tick):
   protection that came through is recorded ``protected``;
 * **re-protection**: a server that runs unprotected, not by request, is
   protected again as at spawn (a new secondary chosen through Placement,
-  not the host just lost, claimed under the same consumer), in a thread
+  at the first attempt not the host just lost, claimed under the same
+  consumer), in a thread
   of its own under the instance's lock, since the agent answers once the
   first epoch is committed. Attempts are ``[ft]
   reprotect_retry_interval`` seconds apart (30 s); in between,
