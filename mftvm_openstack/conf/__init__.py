@@ -243,8 +243,10 @@ ft_opts = [
         'handoff_interval', default=2.0, min=0,
         help='nova-compute (FTLibvirtDriver) only: seconds between two '
              'looks at the local agent for servers it took over from a '
-             'failed host, whose Nova record then moves here. 0 turns '
-             'the hand-off off.'),
+             'failed host, whose Nova record then moves here, and for '
+             'servers of this host whose secondary was lost (their '
+             'ft_status, kept true at each look, and their secondary\'s '
+             'Placement allocation, released). 0 turns both off.'),
     cfg.BoolOpt(
         'reprotect_after_handoff', default=True,
         help='nova-compute (FTLibvirtDriver) only: once a server has '
@@ -253,6 +255,15 @@ ft_opts = [
              'hold it there and protect onto it. Leave [agent] peers '
              'empty under Nova, so that agents do not re-protect outside '
              'Placement first.'),
+    cfg.FloatOpt(
+        'reprotect_retry_interval', default=30.0, min=1,
+        help='nova-compute (FTLibvirtDriver) only: seconds between two '
+             'attempts to re-protect a server of this host that runs '
+             'unprotected though it asks for FT (its secondary lost, or '
+             'no host free for one), each as at spawn: a new secondary '
+             'chosen and held through Placement. The first attempt '
+             'follows the loss at once; ft_status says why the last one '
+             'failed.'),
 ]
 
 replication_opts: list[cfg.Opt] = [

@@ -13,9 +13,11 @@ host among Placement's candidates and holds it there
 to protect the guest; stop, start, reboot and destroy keep the agents in
 step, and moves are refused, as is what cannot be protected yet
 (volumes, extra disks and ports:
-:mod:`~mftvm_openstack.nova.protectable`). The design (how the secondary
-is chosen and held, what each operation does, why) is in
-``doc/nova-driver.rst``; what operators and tenants see is in
+:mod:`~mftvm_openstack.nova.protectable`). Between operations,
+``ft_status`` and the secondary's hold follow the agent, and a lost
+secondary is replaced (:mod:`~mftvm_openstack.nova.status`). The
+design (how the secondary is chosen and held, what each operation does,
+why) is in ``doc/nova-driver.rst``; what operators and tenants see is in
 ``doc/admin.rst``.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
@@ -56,6 +59,7 @@ from mftvm_openstack.nova import (
     settle,
     steering,
 )
+from mftvm_openstack.nova.status import StatusKeeper
 
 LOG = logging.getLogger(__name__)
 
@@ -164,6 +168,7 @@ class FTDriverMixin:
     _ft_host: Optional[str] = None
     _ft_agent_api: Any = None
     _ft_watcher: Optional[handoff.TakeoverWatcher] = None
+    _ft_status_keeper: Optional[StatusKeeper] = None
     _ft_context: Any = None
     _ft_list_failing: bool = False
     #: ``[libvirt] file_backed_memory`` as nova-compute started with it
@@ -190,6 +195,8 @@ class FTDriverMixin:
         self._ft_seen = {}
         self._ft_plugged = {}
         if self.handoff_interval > 0:
+            # ft_status kept true at each look (mftvm_openstack.nova.status)
+            self._ft_status_keeper = StatusKeeper(self, host)
             self._ft_watcher = handoff.TakeoverWatcher(
                 host, self._ft_check_takeovers, self.handoff_interval)
             self._ft_watcher.start()
@@ -865,6 +872,7 @@ class FTDriverMixin:
         host, context = self._ft_host, self._ft_context
         if host is None or context is None:
             return
+        listed_at = time.monotonic()
         try:
             entries = self.agent_api.list(context, host)
         except Exception as exc:
@@ -872,6 +880,7 @@ class FTDriverMixin:
             log('Cannot ask the agent on %s for takeovers: %s', host,
                 _one_line(exc))
             self._ft_list_failing = True
+            self._ft_keep_status(context, None, listed_at)
             return
         self._ft_list_failing = False
         running = handoff.taken_over(entries)
@@ -881,8 +890,24 @@ class FTDriverMixin:
         for uuid_ in running:
             if uuid_ not in self._ft_seen:
                 self._ft_take_over(context.elevated(), host, uuid_)
+                self._ft_noted(uuid_)
         self._ft_vifs_for_standbys(context.elevated(), host,
                                    handoff.standing_by(entries), running)
+        self._ft_keep_status(context, entries, listed_at)
+
+    # -- ft_status kept true (see mftvm_openstack.nova.status) ----------
+
+    def _ft_keep_status(self, context: Any, entries: Any,
+                        listed_at: float) -> None:
+        keeper = self._ft_status_keeper
+        if keeper is not None:
+            keeper.tick(context.elevated(), entries, listed_at)
+
+    def _ft_noted(self, uuid_: str) -> None:
+        """``uuid_``'s record changed after this look's list."""
+        keeper = self._ft_status_keeper
+        if keeper is not None:
+            keeper.noted(uuid_)
 
     # -- VIFs on the secondary's host ------------------------------------
     # A restored domain gets the primary's interfaces; those os-vif

@@ -24,6 +24,7 @@ import testtools
 from nova.tests.fixtures import libvirt as fakelibvirt
 from nova.virt.libvirt import driver as libvirt_driver
 
+from mftvm_openstack.agent import exception as agent_exception
 from mftvm_openstack.nova import driver, handoff
 from tests.nova import test_driver
 
@@ -46,10 +47,40 @@ class TakeoverAgentAPI(test_driver.FakeAgentAPI):
         super().__init__()
         self.running: dict[str, list[dict[str, Any]]] = {}
         self.list_calls: dict[str, int] = {}
+        #: how many of the next ``protect`` calls fail (recorded, the
+        #: agent's list unchanged)
+        self.protect_failures = 0
 
     def list(self, ctxt: Any, host: str) -> list[dict[str, Any]]:
         self.list_calls[host] = self.list_calls.get(host, 0) + 1
         return [dict(e) for e in self.running.get(host, [])]
+
+    def protect(self, ctxt: Any, host: str, instance: str, spec: dict,
+                options: dict, secondary_host: Any = None) -> dict:
+        """Recorded; the agent on ``host`` then lists ``instance``
+        protected onto ``secondary_host``, one epoch committed."""
+        if self.protect_failures:
+            self.protect_failures -= 1
+            self.calls.append(('protect', host, {
+                'instance': instance, 'secondary_host': secondary_host}))
+            raise agent_exception.PeerUnreachable(host=secondary_host,
+                                                  reason='no answer')
+        answer = super().protect(ctxt, host, instance, spec, options,
+                                 secondary_host=secondary_host)
+        self.running[host] = [
+            e for e in self.running.get(host, [])
+            if e['instance'] != instance] + [
+            {'instance': instance, 'role': 'primary', 'state': 'protected',
+             'alive': True, 'host': host, 'peer': secondary_host,
+             'last_committed_epoch': 1}]
+        return answer
+
+    def lose_secondary(self, host: str, instance: str,
+                       reason: str) -> None:
+        """The primary on ``host`` runs ``instance`` on unprotected."""
+        for entry in self.running[host]:
+            if entry['instance'] == instance:
+                entry.update(state='unprotected', reason=reason)
 
     def take_over(self, host: str, instance: str,
                   state: str = 'active') -> None:
