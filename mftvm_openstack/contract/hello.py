@@ -6,6 +6,11 @@ closes. A secondary refuses a Hello of another protocol version::
 
     Hello(version=PROTOCOL_VERSION, qemu_pid=..., host_pid=...,
           boot_id=..., pair_id='pair-1', disk_size=1 << 30).to_dict()
+
+A guest with more disks names the others in ``disks`` (``disk1``, ...,
+in order; :meth:`Hello.disk_sizes` checks the names), and the secondary
+answers each one's export in ``Ready.exports``, on the same NBD server
+as ``target``'s. A single-disk pair leaves both out, as before.
 """
 
 from __future__ import annotations
@@ -14,12 +19,27 @@ import dataclasses
 from typing import Optional
 
 from mftvm_openstack.contract.control import PAIR_ID_PATTERN
-from mftvm_openstack.contract.record import Record, field
+from mftvm_openstack.contract.limits import MAX_DISKS
+from mftvm_openstack.contract.record import ContractError, Record, field
+from mftvm_openstack.contract.spec import DISK_NAME_PATTERN, disk_name
 
 #: bumped whenever a frame's meaning changes
 PROTOCOL_VERSION = 1
 #: process ids (Linux's pid_max is at most 2**22)
 PID_RANGE = (1, 1 << 22)
+
+
+#: an NBD export's name
+EXPORT_PATTERN = r'[A-Za-z0-9_.-]{1,64}'
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskInfo(Record):
+    """A disk of the guest beyond the first, as the primary names it."""
+
+    name: str = field(pattern=DISK_NAME_PATTERN)
+    #: virtual size in bytes
+    size: int = field(range=(0, 1 << 50))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +57,22 @@ class Hello(Record):
     disk_size: int = field(range=(0, 1 << 50))
     #: a libvirt guest's domain XML (None: the engine's own QEMU)
     domain_xml: Optional[str] = field(default=None, max_len=1 << 20)
+    #: the guest's disks after the first, ``disk1`` on, in order
+    #: (None, left out, for a guest with one disk)
+    disks: Optional[tuple[DiskInfo, ...]] = field(
+        default=None, max_len=MAX_DISKS - 1, nullable=False)
+
+    def disk_sizes(self) -> list[int]:
+        """Every disk's size, the first's first; ContractError unless
+        ``disks`` names ``disk1``, ``disk2``, ... in order (a replica is
+        made per name: a name twice would be one replica for two
+        disks)."""
+        disks = self.disks or ()
+        for i, disk in enumerate(disks, 1):
+            if disk.name != disk_name(i):
+                raise ContractError(f'HELLO.disks[{i - 1}].name: must be '
+                                    f'{disk_name(i)} (got {disk.name})')
+        return [self.disk_size] + [d.size for d in disks]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +86,15 @@ class NbdTargetInfo(Record):
     host: Optional[str] = field(default=None,
                                 pattern=r'[A-Za-z0-9_.:\[\]-]{1,255}')
     port: Optional[int] = field(default=None, range=(1, 65535))
-    export: str = field(default='disk0', pattern=r'[A-Za-z0-9_.-]{1,64}')
+    export: str = field(default='disk0', pattern=EXPORT_PATTERN)
 
 
 @dataclasses.dataclass(frozen=True)
 class Ready(Record):
     target: NbdTargetInfo
+    #: the exports of HELLO's ``disks``, in their order, on ``target``'s
+    #: server
+    #: (None, left out, for a guest with one disk)
+    exports: Optional[tuple[str, ...]] = field(
+        default=None, max_len=MAX_DISKS - 1, pattern=EXPORT_PATTERN,
+        nullable=False)

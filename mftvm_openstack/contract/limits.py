@@ -21,3 +21,9 @@ MEMORY_MIB_RANGE = (16, 65536)
 SMP_RANGE = (1, 64)
 #: TCP ports
 PORT_RANGE = (1, 65535)
+#: the most disks one protected guest may have (the first, its root,
+#: included): each is replicated in epochs through the same qsd
+MAX_DISKS = 8
+#: the most NICs one protected guest may have: each NIC's output is
+#: held until its epoch commits
+MAX_NICS = 8

@@ -59,6 +59,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Optional, Union
 
+from mftvm_openstack.contract.limits import MAX_DISKS
 from mftvm_openstack.contract.options import (
     DEFAULT_ALLOWED_BRIDGES,
     IFNAME_PATTERN,
@@ -602,11 +603,19 @@ def rebuild(xml: str, emulator: str,
                 f'is not a bridge guests may join on this host (allowed: '
                 f'{", ".join(bridges) or "none"}; [agent] allowed_bridges)')
     disks = root.findall('devices/disk')
-    if len([d for d in disks if d.get('device', 'disk') == 'disk']) > 1:
-        raise DomainRefused('domain/devices/disk: one disk is replicated; '
-                            'a guest with more cannot be restored')
+    writable = [d for d in disks if d.get('device', 'disk') == 'disk']
+    if len(writable) > MAX_DISKS:
+        raise DomainRefused(f'domain/devices/disk: at most {MAX_DISKS} '
+                            f'disks are replicated (got {len(writable)})')
     for disk in disks:
         if disk.get('device', 'disk') == 'disk':
+            # Each is restored onto its replica, in order (as the
+            # guest's QEMU lists its writable disks): a read-only one
+            # would take another's place.
+            if disk.find('readonly') is not None:
+                raise DomainRefused('domain/devices/disk/readonly: a disk '
+                                    'is replicated, so must be writable '
+                                    '(a read-only image is a CD-ROM)')
             continue
         source = disk.find('source')
         if source is None or source.get('file') is None:
