@@ -559,12 +559,21 @@ def _inside(path: str, dirs: Collection[str]) -> bool:
     return False
 
 
+def replicated_disks(root: ET.Element) -> list[ET.Element]:
+    """The ``<disk>`` elements of a ``<domain>`` that are replicated: each
+    one with a file, in order (as the guest's QEMU lists them; a CD-ROM
+    with no medium has none)."""
+    return [d for d in root.findall('devices/disk')
+            if (src := d.find('source')) is not None
+            and src.get('file') is not None]
+
+
 def rebuild(xml: str, emulator: str,
             host_files: Collection[str] = (),
             readonly_dirs: Collection[str] = (),
             uuid: Optional[str] = None,
-            bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES) \
-        -> ET.Element:
+            bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES,
+            replicated: Optional[int] = None) -> ET.Element:
     """A new ``<domain>`` from the allowed parts of ``xml``.
 
     ``emulator`` is this host's QEMU (whatever ``xml`` says is dropped);
@@ -574,6 +583,11 @@ def rebuild(xml: str, emulator: str,
     the only ``<uuid>`` the document may carry (the instance's);
     ``bridges`` the host bridges a NIC may name (``*`` and ``?`` as
     wildcards: the operator's ``[agent] allowed_bridges``).
+    ``replicated``: the number of replicas the disks will run on, one
+    per ``<disk>`` with a file, in order (every such disk, a read-only
+    CD-ROM included, is put on its replica, so its path here is never
+    opened); None: one, the first ``device="disk"``, and any other disk
+    a read-only image in ``readonly_dirs``.
     DomainRefused names the first element or attribute out of bounds.
     """
     src = parse(xml)
@@ -603,19 +617,21 @@ def rebuild(xml: str, emulator: str,
                 f'is not a bridge guests may join on this host (allowed: '
                 f'{", ".join(bridges) or "none"}; [agent] allowed_bridges)')
     disks = root.findall('devices/disk')
-    writable = [d for d in disks if d.get('device', 'disk') == 'disk']
-    if len(writable) > MAX_DISKS:
-        raise DomainRefused(f'domain/devices/disk: at most {MAX_DISKS} '
-                            f'disks are replicated (got {len(writable)})')
+    if replicated is not None:
+        sourced = replicated_disks(root)
+        if len(sourced) > MAX_DISKS:
+            raise DomainRefused(f'domain/devices/disk: at most {MAX_DISKS} '
+                                f'disks are replicated (got '
+                                f'{len(sourced)})')
+        if len(sourced) != replicated:
+            raise DomainRefused(f'domain/devices/disk: {len(sourced)} '
+                                f'disks, but {replicated} replicas')
+        disks = [d for d in disks if d not in sourced]
+    elif len([d for d in disks if d.get('device', 'disk') == 'disk']) > 1:
+        raise DomainRefused('domain/devices/disk: one disk is replicated; '
+                            'a guest with more cannot be restored')
     for disk in disks:
         if disk.get('device', 'disk') == 'disk':
-            # Each is restored onto its replica, in order (as the
-            # guest's QEMU lists its writable disks): a read-only one
-            # would take another's place.
-            if disk.find('readonly') is not None:
-                raise DomainRefused('domain/devices/disk/readonly: a disk '
-                                    'is replicated, so must be writable '
-                                    '(a read-only image is a CD-ROM)')
             continue
         source = disk.find('source')
         if source is None or source.get('file') is None:

@@ -236,8 +236,9 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
     * runs on the replica: the disk is the top of ``disk_layers``
       (base first) with the lower layers as its ``<backingStore>`` chain,
       so a failover needs no flattening; with ``disk_chains``, the
-      ``i``-th disk (``device="disk"``) runs on the ``i``-th chain, and
-      the XML must have as many disks as there are chains;
+      ``i``-th ``<disk>`` with a file (a config drive's CD-ROM too, kept
+      read-only) runs on the ``i``-th chain, and the XML must have as
+      many such disks as there are chains;
     * writes the serial console (file or ``<log>``) to ``serial_path``:
       the primary's path may not exist on this host;
     * runs this host's QEMU as the engine runs it (:data:`EMULATOR`,
@@ -247,9 +248,10 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
       (one libvirtd on one machine plays both hosts in tests), the same
       name keeps it (Nova looks its domains up by the instance uuid).
     """
-    root = domain_policy.rebuild(xml, EMULATOR, host_files=host_files,
-                                 readonly_dirs=readonly_dirs, uuid=uuid,
-                                 bridges=bridges)
+    root = domain_policy.rebuild(
+        xml, EMULATOR, host_files=host_files, readonly_dirs=readonly_dirs,
+        uuid=uuid, bridges=bridges,
+        replicated=None if disk_chains is None else len(disk_chains))
     if name and name != root.findtext('name'):
         # Another guest as far as libvirt knows. The same name keeps the
         # uuid: Nova finds its instances' domains by uuid.
@@ -262,11 +264,11 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
     disks = root.findall("devices/disk[@device='disk']")
     if not disks:
         raise ValueError('the domain XML has no disk to restore onto')
-    chains = list(disk_chains) if disk_chains else [disk_layers]
-    if len(chains) != len(disks):
-        raise domain_policy.DomainRefused(
-            f'domain/devices/disk: {len(disks)} disks, but '
-            f'{len(chains)} replicas to restore them onto')
+    chains = [disk_layers]
+    if disk_chains is not None:
+        # (rebuild checked there is a replica for each)
+        disks, chains = domain_policy.replicated_disks(root), \
+            list(disk_chains)
     for disk, chain in zip(disks, chains):
         _onto_chain(disk, chain)
     for tag in ('serial', 'console'):
@@ -341,12 +343,16 @@ def check_restorable(xml: str, spec: vm.GuestSpec,
     now, visibly, not reported protected and lost when its host dies.
     The rules are the secondary's own (:func:`restore`).
     """
+    # Every disk with a file is replicated (guest_disks), a config
+    # drive's CD-ROM too: the secondary puts each on its replica.
+    replicated = len(domain_policy.replicated_disks(
+        domain_policy.parse(xml)))
     root = domain_policy.rebuild(
         xml, EMULATOR, host_files={f for f in (spec.kernel, spec.initrd)
                                    if f},
         readonly_dirs=readonly_dirs,
         uuid=spec.name if domain_policy.UUID(spec.name) else None,
-        bridges=bridges)
+        bridges=bridges, replicated=replicated)
     if root.find("devices/disk[@device='disk']") is None:
         raise domain_policy.DomainRefused('domain/devices: no disk to '
                                           'replicate')
@@ -428,26 +434,37 @@ async def guest_disk(monitor: Monitor) -> tuple[str, int]:
 
 
 async def guest_disks(monitor: Monitor) -> list[tuple[str, int]]:
-    """(node name, virtual size) of every writable disk of the guest, in
-    the order of its devices (the domain XML's order of its writable
-    ``<disk>`` elements: the restore puts replica ``i`` on the ``i``-th);
-    MonitorError if there is none, or more than
-    :data:`~mftvm_openstack.contract.limits.MAX_DISKS`. A read-only
-    CD-ROM (a config drive) is no such disk: it never changes, and the
-    restore opens it from the secondary's own copy."""
+    """(node name, virtual size) of every disk of the guest, in the order
+    of its devices (the domain XML's order of its ``<disk>`` elements
+    with a file: the restore puts replica ``i`` on the ``i``-th); the
+    first is a writable one. MonitorError if there is none, or more than
+    :data:`~mftvm_openstack.contract.limits.MAX_DISKS`.
+
+    A read-only CD-ROM with a medium (a config drive) is one of them: it
+    is replicated like the rest, so the initial sync ships it once and
+    its epochs' overlays stay empty. (A drive that is no device of the
+    guest's, such as UEFI's flash, is not.)"""
     disks = []
     for dev in await monitor.execute('query-block'):
         inserted = dev.get('inserted')
-        if not inserted or dev.get('removable') or inserted.get('ro'):
+        qdev = str(dev.get('qdev', '/machine/peripheral'))
+        if not inserted or not qdev.startswith('/machine/peripheral'):
             continue
         disks.append((str(inserted['node-name']),
-                      int(inserted['image']['virtual-size'])))
-    if not disks:
+                      int(inserted['image']['virtual-size']),
+                      bool(inserted.get('ro'))))
+    writable = [i for i, (_, _, ro) in enumerate(disks) if not ro]
+    if not writable:
         raise MonitorError('the guest has no writable disk to replicate')
+    if writable[0] != 0:
+        # The first is the one whose size HELLO gives as the guest's
+        # disk, and the one Nova's settling moves: a writable one.
+        raise MonitorError('the guest\'s first disk is read-only; its '
+                           'root disk must come first')
     if len(disks) > MAX_DISKS:
-        raise MonitorError(f'the guest has {len(disks)} writable disks; '
-                           f'at most {MAX_DISKS} are replicated')
-    return disks
+        raise MonitorError(f'the guest has {len(disks)} disks; at most '
+                           f'{MAX_DISKS} are replicated')
+    return [(node, size) for node, size, _ in disks]
 
 
 async def guest_netdevs(monitor: Monitor, first: str) -> list[str]:

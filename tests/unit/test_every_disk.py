@@ -423,20 +423,42 @@ class LibvirtDisksTest(testtools.TestCase):
                           libvirt_domain.restore_xml, self.XML, chains[0],
                           '/s/serial.log', disk_chains=chains[:2])
 
-    def test_more_disks_than_the_limit_or_a_read_only_one_are_refused(self):
+    def test_a_config_drive_is_restored_onto_its_replica(self):
+        xml = self.XML.replace('</devices>', '''
+          <disk type="file" device="cdrom"><driver name="qemu" type="raw"/>
+            <source file="/var/lib/nova/instances/u/disk.config"/>
+            <target dev="sda" bus="sata"/><readonly/></disk>
+          <disk type="file" device="cdrom"><target dev="sdb" bus="sata"/>
+            <readonly/></disk></devices>''')
+        chains = [[(f'/s/d{i}/base.raw', 'raw')] for i in range(4)]
+        root = ET.fromstring(libvirt_domain.restore_xml(
+            xml, chains[0], '/s/serial.log', disk_chains=chains))
+        cdrom = root.find("devices/disk[@device='cdrom']")
+        self.assertEqual('/s/d3/base.raw', cdrom.find('source').get('file'))
+        self.assertIsNotNone(cdrom.find('readonly'))
+        self.assertNotIn('/var/lib/nova', ET.tostring(root, 'unicode'))
+        # (without the replicas, a config drive outside the instance's
+        # own directory is refused, as it always was)
+        self.assertRaises(domain_policy.DomainRefused,
+                          libvirt_domain.restore_xml, xml, chains[0],
+                          '/s/serial.log')
+
+    def test_more_disks_than_the_limit_or_than_replicas_are_refused(self):
         disk_el = ('<disk type="file" device="disk"><source file="/x/{}"/>'
                    '<target dev="vd{}"/></disk>')
         many = '<domain><devices>' + ''.join(
             disk_el.format(i, chr(97 + i)) for i in range(MAX_DISKS + 1)) \
             + '</devices></domain>'
-        self.assertRaises(domain_policy.DomainRefused,
-                          domain_policy.rebuild, many, '/usr/bin/qemu')
-        readonly = self.XML.replace('<target dev="vdb" bus="virtio"/>',
-                                    '<target dev="vdb" bus="virtio"/>'
-                                    '<readonly/>')
         with self.assertRaises(domain_policy.DomainRefused) as ctx:
-            domain_policy.rebuild(readonly, '/usr/bin/qemu')
-        self.assertIn('readonly', str(ctx.exception))
+            domain_policy.rebuild(many, '/usr/bin/qemu',
+                                  replicated=MAX_DISKS + 1)
+        self.assertIn(f'at most {MAX_DISKS}', str(ctx.exception))
+        # without replicas for them, more than one disk is refused
+        self.assertRaises(domain_policy.DomainRefused,
+                          domain_policy.rebuild, self.XML, '/usr/bin/qemu')
+        self.assertRaises(domain_policy.DomainRefused,
+                          domain_policy.rebuild, self.XML, '/usr/bin/qemu',
+                          replicated=2)
 
     def test_the_guests_disks_and_nics_from_qmp(self):
         class Qmp(FakeMonitor):
@@ -446,9 +468,15 @@ class LibvirtDisksTest(testtools.TestCase):
                         {'inserted': {'node-name': 'libvirt-3-format',
                                       'ro': False,
                                       'image': {'virtual-size': 10}}},
-                        {'removable': True, 'inserted': {
-                            'node-name': 'cd', 'ro': True,
-                            'image': {'virtual-size': 1}}},
+                        {'removable': True, 'qdev': '/machine/peripheral/'
+                         'sata0-0-0', 'inserted': {
+                             'node-name': 'cd', 'ro': True,
+                             'image': {'virtual-size': 1}}},
+                        {'removable': True,         # an empty drive
+                         'qdev': '/machine/peripheral/sata0-0-1'},
+                        {'qdev': '/machine/system.flash1',  # UEFI vars
+                         'inserted': {'node-name': 'nvram', 'ro': False,
+                                      'image': {'virtual-size': 1}}},
                         {'inserted': {'node-name': 'libvirt-2-format',
                                       'ro': False,
                                       'image': {'virtual-size': 20}}}]
@@ -467,8 +495,10 @@ class LibvirtDisksTest(testtools.TestCase):
                 raise AssertionError(command)
 
         async def scenario():
+            # the config drive is replicated too, in its place
             self.assertEqual(
-                [('libvirt-3-format', 10), ('libvirt-2-format', 20)],
+                [('libvirt-3-format', 10), ('cd', 1),
+                 ('libvirt-2-format', 20)],
                 await libvirt_domain.guest_disks(Qmp()))
             self.assertEqual(['hostnet0', 'hostnet1'],
                              await libvirt_domain.guest_netdevs(
