@@ -3,6 +3,7 @@ and the engine's sets of stores, syncs and output buffers (fakes for
 QEMU; tests/functional/test_every_disk.py runs the real thing)."""
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import struct
@@ -504,3 +505,29 @@ class LibvirtDisksTest(testtools.TestCase):
                              await libvirt_domain.guest_netdevs(
                                  Qmp(), 'hostnet0'))
         run(scenario())
+
+
+class SecondaryRefusesTest(unittest.IsolatedAsyncioTestCase):
+    """A primary whose HELLO names other disks than the guest has (or
+    names them wrongly) is refused before any replica is made: the
+    restore runs this host's spec, one replica per disk."""
+
+    async def test_hello_disks_must_be_the_guests(self):
+        from mftvm_openstack.contract.hello import DiskInfo
+        from mftvm_openstack.instance.secondary import SecondarySide
+        from tests.unit.test_instance import guest_dir
+        gdir = guest_dir(self)
+        side = SecondarySide(gdir)
+        hello = Hello.from_dict(HELLO)
+        for named in ((DiskInfo(name='disk1', size=5),),
+                      (DiskInfo(name='disk2', size=5),)):
+            with self.subTest(disks=named):
+                with self.assertRaises(ContractError):
+                    await side.prepare(dataclasses.replace(hello,
+                                                           disks=named))
+                self.assertIsNone(side.store)
+                self.assertFalse(os.path.exists(disks_dir(side)))
+
+
+def disks_dir(side):
+    return disks.replica_dir(side.paths.root, 0)
