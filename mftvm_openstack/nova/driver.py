@@ -1010,13 +1010,10 @@ class FTDriverMixin:
         """Target dev → Nova's file name (``disk``, ``disk.local``,
         ``disk.eph0``, ``disk.swap``, ``disk.config``) of each local disk
         of ``instance``, as LibvirtDriver lays them out."""
-        info = blockinfo.get_disk_info(
+        return settle.local_disk_names(blockinfo.get_disk_info(
             nova_conf.CONF.libvirt.virt_type, instance, instance.image_meta,
             virt_driver.get_block_device_info(instance,
-                                              instance.get_bdms()))
-        return {str(disk['dev']): name
-                for name, disk in info['mapping'].items()
-                if name == 'disk' or name.startswith('disk.')}
+                                              instance.get_bdms())))
 
     def _reprotect_after_handoff(self, context: Any, instance: Any,
                                  old_host: str) -> None:

@@ -30,14 +30,13 @@ image backend takes it as it is.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from typing import Any, Optional
-
-from mftvm_openstack.ft import vm
 
 #: libvirt's flags and job type, as numbers: this module imports no
 #: libvirt (the caller holds the domain)
@@ -194,12 +193,40 @@ def others_into_place(dom: Any, targets: Mapping[str, str],
             raise SettleError(f'{path} exists already; not overwriting it')
         result = subprocess.run(
             ['qemu-img', 'convert', '-U', '-O', 'raw',
-             vm.chain_filename(chain), path],
+             _chain_filename(chain), path],
             capture_output=True, text=True, check=False, timeout=timeout)
         if result.returncode != 0:
             raise SettleError(f'copy of {dev} to {path} failed: '
                               f'{result.stderr.strip()[-200:]}')
     return moved
+
+
+def _chain_filename(layers: list[tuple[str, str]]) -> str:
+    """A ``json:`` filename that opens a layer chain (base first) as one
+    image: the replica's overlays carry no backing file of their own."""
+    node: Any = None
+    for filename, fmt in layers:
+        node = {'driver': fmt,
+                'file': {'driver': 'file', 'filename': filename},
+                **({'backing': node} if fmt == 'qcow2' else {})}
+    return 'json:' + json.dumps(node)
+
+
+def local_disk_names(disk_info: Mapping[str, Any]) -> dict[str, str]:
+    """Target dev → file name in the instance directory of each local
+    disk in Nova's ``blockinfo.get_disk_info`` answer (``disk``,
+    ``disk.local`` or ``disk.eph0``..., ``disk.swap``, ``disk.config``;
+    volumes, named by their device, are none)::
+
+        >>> local_disk_names({'mapping': {
+        ...     'root': {'dev': 'vda'}, 'disk': {'dev': 'vda'},
+        ...     'disk.eph0': {'dev': 'vdb'}, '/dev/vdc': {'dev': 'vdc'},
+        ...     'disk.config': {'dev': 'sda'}}})
+        {'vda': 'disk', 'vdb': 'disk.eph0', 'sda': 'disk.config'}
+    """
+    return {str(disk['dev']): name
+            for name, disk in disk_info['mapping'].items()
+            if name == 'disk' or name.startswith('disk.')}
 
 
 def _cancel(dom: Any, dev: str, path: str) -> None:

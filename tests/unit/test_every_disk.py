@@ -531,3 +531,14 @@ class SecondaryRefusesTest(unittest.IsolatedAsyncioTestCase):
 
 def disks_dir(side):
     return disks.replica_dir(side.paths.root, 0)
+
+
+class SettleNamesTest(unittest.TestCase):
+
+    def test_doctests(self):
+        import doctest
+
+        from mftvm_openstack.nova import settle
+        result = doctest.testmod(settle)
+        self.assertGreater(result.attempted, 1)
+        self.assertEqual(0, result.failed)
