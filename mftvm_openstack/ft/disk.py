@@ -562,7 +562,10 @@ class EpochOverlayStore:
         if len(layers) < self.merge_at:
             return
         self._merge_seq += 1
-        self._merge_job = f'merge{self._merge_seq}'
+        # (job ids are the qsd's: each disk of a shared one its own)
+        self._merge_job = f'merge{self._merge_seq}' \
+            if self.name == EXPORT_NAME \
+            else f'{self.name}-merge{self._merge_seq}'
         self._merge_task = asyncio.create_task(
             self._merge(self.monitor, self._merge_job, layers[-1]))
 

@@ -447,8 +447,12 @@ async def guest_disks(monitor: Monitor) -> list[tuple[str, int]]:
     disks = []
     for dev in await monitor.execute('query-block'):
         inserted = dev.get('inserted')
-        qdev = str(dev.get('qdev', '/machine/peripheral'))
-        if not inserted or not qdev.startswith('/machine/peripheral'):
+        # qdev: the device's id, or its QOM path if it has none (a
+        # virtio disk's backend, under /machine/peripheral; a drive of
+        # the machine's own, such as UEFI's flash, elsewhere)
+        qdev = str(dev.get('qdev', ''))
+        if not inserted or (qdev.startswith('/') and not qdev.startswith(
+                '/machine/peripheral')):
             continue
         disks.append((str(inserted['node-name']),
                       int(inserted['image']['virtual-size']),

@@ -228,7 +228,8 @@ class ReplicaDisksTest(testtools.TestCase):
                     return await self.attach(mon)
                 return await super().start()
         self.replicas = disks.ReplicaDisks(self.tmp, [1 << 20, 1 << 21],
-                                           store_class=Store, pool_size=2)
+                                           store_class=Store, pool_size=2,
+                                           merge_at=1)
 
     def test_one_server_an_export_per_disk_nodes_apart(self):
         async def scenario():
@@ -261,6 +262,11 @@ class ReplicaDisksTest(testtools.TestCase):
             self.assertIn('disk1-base', snaps)
             self.assertEqual(6, len(snaps))
             await self.replicas.commit(2)
+            await asyncio.sleep(0)
+            # each disk merges in the one qsd under a job id of its own
+            merges = [a['job-id'] for a in self.mon.args('block-commit')]
+            self.assertEqual(2, len(merges))
+            self.assertEqual(len(merges), len(set(merges)))
             self.mon.calls.clear()
             chains = await self.replicas.failover_layers(2)
             names = self.mon.names()
@@ -469,8 +475,9 @@ class LibvirtDisksTest(testtools.TestCase):
                         {'inserted': {'node-name': 'libvirt-3-format',
                                       'ro': False,
                                       'image': {'virtual-size': 10}}},
-                        {'removable': True, 'qdev': '/machine/peripheral/'
-                         'sata0-0-0', 'inserted': {
+                        # (a device with an id: qdev is the id)
+                        {'removable': True, 'qdev': 'ide0-1-0',
+                         'inserted': {
                              'node-name': 'cd', 'ro': True,
                              'image': {'virtual-size': 1}}},
                         {'removable': True,         # an empty drive
