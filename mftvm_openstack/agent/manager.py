@@ -324,16 +324,17 @@ class AgentManager:
         disk_dirs``, reached without a symlink (:func:`.files.file_in`)."""
         if spec.domain:
             return      # the disk is the domain's, as libvirt has it
-        try:
-            file_in(spec.disk, self.conf.agent.disk_dirs)
-        except NotAllowed as exc:
-            raise exception.InvalidRequest(
-                field='spec.disk', reason=f'{exc} ([agent] disk_dirs)') \
-                from None
-        except OSError as exc:
-            raise exception.InvalidRequest(
-                field='spec.disk',
-                reason=f'{spec.disk}: {exc.strerror}') from None
+        for i, (path, _, _) in enumerate(spec.all_disks):
+            where = 'spec.disk' if i == 0 else f'spec.more_disks[{i - 1}]'
+            try:
+                file_in(path, self.conf.agent.disk_dirs)
+            except NotAllowed as exc:
+                raise exception.InvalidRequest(
+                    field=where, reason=f'{exc} ([agent] disk_dirs)') \
+                    from None
+            except OSError as exc:
+                raise exception.InvalidRequest(
+                    field=where, reason=f'{path}: {exc.strerror}') from None
 
     def check_capacity(self, instance: str, spec: GuestSpec,
                        role: Role) -> None:
@@ -349,7 +350,8 @@ class AgentManager:
         if role is Role.SECONDARY:
             needs.append(capacity.Need(
                 os.path.join(self.root, instance, role, 'disk'),
-                capacity.replica_disk_bytes(spec.disk_size),
+                sum(capacity.replica_disk_bytes(size)
+                    for _, _, size in spec.all_disks),
                 f'guest {instance} disk replica'))
         try:
             capacity.check(needs)

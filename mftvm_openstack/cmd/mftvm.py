@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument('--kernel', required=True)
     prot.add_argument('--initrd', required=True)
     prot.add_argument('--append', default=None)
-    prot.add_argument('--disk', required=True)
+    prot.add_argument('--disk', required=True, action='append',
+                      help='a disk image (raw or qcow2); again for more '
+                           '(the first is the root disk; each is '
+                           'replicated)')
     prot.add_argument('--disk-dir', dest='disk_dirs', action='append',
                       default=None, metavar='DIR',
                       help='a directory the disk may be in (again for '
@@ -206,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     prot.add_argument('--disk-sync', default=defaults.disk_sync,
                       help=f'{" | ".join(plugins.disk_sync_choices())} '
                            f'(default {defaults.disk_sync})')
-    prot.add_argument('--nic', default=None,
-                      help='user,hostfwd=tcp:127.0.0.1:PORT-:GUESTPORT')
+    prot.add_argument('--nic', default=None, action='append',
+                      help='user,hostfwd=tcp:127.0.0.1:PORT-:GUESTPORT; '
+                           'again for more NICs (the second on '
+                           '10.0.3.0/24, ...; each one\'s output held '
+                           'until its epoch commits)')
     prot.add_argument('--no-tls', dest='tls', action='store_false',
                       help='data stream and disk replica without TLS: '
                            'anyone who can reach the pair\'s sockets '
@@ -339,8 +345,9 @@ def cmd_remote(args: argparse.Namespace, host: str) -> int:
 
 def cmd_protect(args: argparse.Namespace, state_dir: str) -> int:
     spec = operations.make_spec(
-        args.name, args.kernel, args.initrd, args.disk, args.append,
-        args.memory, args.smp, args.nic)
+        args.name, args.kernel, args.initrd, args.disk[0], args.append,
+        args.memory, args.smp, args.nic[0] if args.nic else None,
+        more_disks=args.disk[1:], more_nics=(args.nic or [])[1:])
     operations.check_disk(spec, args.disk_dirs or
                           operations.default_disk_dirs())
     opts = operations.ProtectOptions(epoch_ms=args.epoch_ms,

@@ -14,6 +14,11 @@ order, and the secondary keeps them as its own copies
 (:mod:`mftvm_openstack.ft.boot_files`)::
 
     BootFile(role='kernel', size=9_000_000, sha256='9f86d0...')
+
+A guest with more disks names the others in ``disks`` (``disk1``, ...,
+in order; :meth:`Hello.disk_sizes` checks the names), and the secondary
+answers each one's export in ``Ready.exports``, on the same NBD server
+as ``target``'s. A single-disk pair leaves both out, as before.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import dataclasses
 from typing import Optional
 
 from mftvm_openstack.contract.control import PAIR_ID_PATTERN
-from mftvm_openstack.contract.limits import BOOT_FILE_MAX_BYTES
-from mftvm_openstack.contract.record import Record, field
+from mftvm_openstack.contract.limits import BOOT_FILE_MAX_BYTES, MAX_DISKS
+from mftvm_openstack.contract.record import ContractError, Record, field
+from mftvm_openstack.contract.spec import DISK_NAME_PATTERN, disk_name
 
 #: bumped whenever a frame's meaning changes
 PROTOCOL_VERSION = 1
@@ -46,6 +52,19 @@ class BootFile(Record):
     sha256: str = field(pattern=r'[0-9a-f]{64}')
 
 
+#: an NBD export's name
+EXPORT_PATTERN = r'[A-Za-z0-9_.-]{1,64}'
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskInfo(Record):
+    """A disk of the guest beyond the first, as the primary names it."""
+
+    name: str = field(pattern=DISK_NAME_PATTERN)
+    #: virtual size in bytes
+    size: int = field(range=(0, 1 << 50))
+
+
 @dataclasses.dataclass(frozen=True)
 class Hello(Record):
     version: int = field(range=(0, 1 << 31))
@@ -64,6 +83,22 @@ class Hello(Record):
     #: the boot files that follow the HELLO (a domain's kernel, initrd)
     boot_files: tuple[BootFile, ...] = field(
         default=(), max_len=len(BOOT_FILE_ROLES))
+    #: the guest's disks after the first, ``disk1`` on, in order
+    #: (None, left out, for a guest with one disk)
+    disks: Optional[tuple[DiskInfo, ...]] = field(
+        default=None, max_len=MAX_DISKS - 1, nullable=False)
+
+    def disk_sizes(self) -> list[int]:
+        """Every disk's size, the first's first; ContractError unless
+        ``disks`` names ``disk1``, ``disk2``, ... in order (a replica is
+        made per name: a name twice would be one replica for two
+        disks)."""
+        disks = self.disks or ()
+        for i, disk in enumerate(disks, 1):
+            if disk.name != disk_name(i):
+                raise ContractError(f'HELLO.disks[{i - 1}].name: must be '
+                                    f'{disk_name(i)} (got {disk.name})')
+        return [self.disk_size] + [d.size for d in disks]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +112,15 @@ class NbdTargetInfo(Record):
     host: Optional[str] = field(default=None,
                                 pattern=r'[A-Za-z0-9_.:\[\]-]{1,255}')
     port: Optional[int] = field(default=None, range=(1, 65535))
-    export: str = field(default='disk0', pattern=r'[A-Za-z0-9_.-]{1,64}')
+    export: str = field(default='disk0', pattern=EXPORT_PATTERN)
 
 
 @dataclasses.dataclass(frozen=True)
 class Ready(Record):
     target: NbdTargetInfo
+    #: the exports of HELLO's ``disks``, in their order, on ``target``'s
+    #: server
+    #: (None, left out, for a guest with one disk)
+    exports: Optional[tuple[str, ...]] = field(
+        default=None, max_len=MAX_DISKS - 1, pattern=EXPORT_PATTERN,
+        nullable=False)

@@ -25,3 +25,9 @@ PORT_RANGE = (1, 65535)
 #: that a primary ships to its secondary may have: distribution kernels
 #: are about 10 MiB, their initrds up to about 100 MiB
 BOOT_FILE_MAX_BYTES = 128 << 20
+#: the most disks one protected guest may have (the first, its root,
+#: included): each is replicated in epochs through the same qsd
+MAX_DISKS = 8
+#: the most NICs one protected guest may have: each NIC's output is
+#: held until its epoch commits
+MAX_NICS = 8

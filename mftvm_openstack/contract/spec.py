@@ -35,6 +35,8 @@ from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.limits import (
     EPOCH_MS_RANGE,
     IDLE_EPOCH_MS_RANGE,
+    MAX_DISKS,
+    MAX_NICS,
     MEMORY_MIB_RANGE,
     PORT_RANGE,
     SMP_RANGE,
@@ -74,6 +76,42 @@ class HostForward(Record):
         return f'tcp:{self.host_addr}:{self.host_port}-:{self.guest_port}'
 
 
+#: a disk's name: its node in the guest's QEMU and its replica's export
+DISK_NAME_PATTERN = r'disk[0-9]{1,2}'
+
+
+def disk_name(index: int) -> str:
+    """The name of the guest's disk ``index`` (0: the first, its root),
+    on both sides: ``disk0``, ``disk1``, ..."""
+    return f'disk{index}'
+
+
+#: a disk file that must be given: an absolute path (PATH_PATTERN's rules)
+DISK_PATH_PATTERN = r'(?!.*/\.\.(/|$))/[^,\x00-\x1f\x7f]{1,4095}'
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestDisk(Record):
+    """A disk of the guest's beyond the first (``GuestSpec.more_disks``):
+    replicated in epochs like the first, named ``disk1``, ``disk2``, ...
+    in its order (:func:`disk_name`)."""
+
+    path: str = field(pattern=DISK_PATH_PATTERN)
+    format: str = field(default='raw', choices=DISK_FORMATS)
+    #: virtual size in bytes, filled by probe_disk()
+    size: int = field(default=0, range=(0, 1 << 50))
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestNic(Record):
+    """A user-mode NIC of the guest's beyond the first
+    (``GuestSpec.more_nics``): its own network, its output held until its
+    epoch commits, as the first's."""
+
+    forwards: tuple[HostForward, ...] = field(default=(),
+                                              max_len=MAX_FORWARDS)
+
+
 @dataclasses.dataclass(frozen=True)
 class GuestSpec(Record):
     """Everything that defines the guest's virtual hardware.
@@ -100,12 +138,48 @@ class GuestSpec(Record):
                                               max_len=MAX_FORWARDS)
     accel: str = field(default='tcg', choices=ACCELERATORS)
     domain: str = field(default='', pattern=DOMAIN_PATTERN)
+    #: the disks after ``disk`` (a guest the engine starts itself; a
+    #: libvirt domain's disks are its XML's)
+    #: (None, left out of the dict, is none: a one-disk spec's dict is as
+    #: it always was)
+    more_disks: Optional[tuple[GuestDisk, ...]] = field(
+        default=None, max_len=MAX_DISKS - 1, nullable=False)
+    #: the NICs after the first (whose port forwards are ``forwards``)
+    more_nics: Optional[tuple[GuestNic, ...]] = field(
+        default=None, max_len=MAX_NICS - 1, nullable=False)
+
+    @property
+    def disks(self) -> tuple[GuestDisk, ...]:
+        """The disks after the first."""
+        return self.more_disks or ()
+
+    @property
+    def nics(self) -> tuple[GuestNic, ...]:
+        """The NICs after the first."""
+        return self.more_nics or ()
 
     @property
     def mac(self) -> str:
         """A stable locally administered MAC: the same on every host."""
-        digest = hashlib.sha256(self.name.encode()).digest()
+        return self.nic_mac(0)
+
+    def nic_mac(self, index: int) -> str:
+        """NIC ``index``'s MAC, stable on every host (the first NIC's
+        is :attr:`mac`, as it always was)."""
+        key = self.name if index == 0 else f'{self.name}/nic{index}'
+        digest = hashlib.sha256(key.encode()).digest()
         return '52:54:00:' + ':'.join(f'{b:02x}' for b in digest[:3])
+
+    @property
+    def nic_forwards(self) -> list[tuple[HostForward, ...]]:
+        """Every NIC's port forwards, the first NIC's first."""
+        return [self.forwards] + [nic.forwards for nic in self.nics]
+
+    @property
+    def all_disks(self) -> list[tuple[str, str, int]]:
+        """(path, format, size) of every disk, the first first."""
+        return [(self.disk, self.disk_format, self.disk_size)] + [
+            (d.path, d.format, d.size) for d in self.disks]
 
     @property
     def memory_bytes(self) -> int:
@@ -117,6 +191,15 @@ class GuestSpec(Record):
                                     and self.disk):
             raise ContractError('spec: a guest needs kernel, initrd and '
                                 'disk, or the libvirt domain that runs it')
+        if self.domain and (self.disks or self.nics):
+            raise ContractError('spec.more_disks: a libvirt domain\'s disks '
+                                'and NICs are those of its XML')
+        paths = [self.disk] + [d.path for d in self.disks]
+        for i, path in enumerate(paths[1:], 1):
+            if path in paths[:i]:
+                # QEMU would open one file twice, as two disks
+                raise ContractError(f'spec.more_disks[{i - 1}].path: {path} '
+                                    f'is already a disk of the guest')
 
     def to_json(self) -> dict[str, Any]:
         return self.to_dict()

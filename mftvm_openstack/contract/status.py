@@ -86,6 +86,8 @@ class InstanceStatus(Record):
     error: str = ''
     #: the disk files the guest runs on, (path, format), base first
     disk_layers: tuple[tuple[str, str], ...] = ()
+    #: the same for each of the guest's other disks, in order
+    more_disk_layers: tuple[tuple[tuple[str, str], ...], ...] = ()
     #: CLOCK_MONOTONIC start and end of the initial disk sync
     sync_window: tuple[float, ...] = ()
     #: secondary: where it listens for its primary's data stream

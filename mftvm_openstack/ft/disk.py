@@ -342,7 +342,18 @@ class EpochOverlayStore:
                  listen: Optional[tuple[str, int]] = None,
                  tls: Optional[NbdServerTls] = None,
                  pool_size: int = 4, merge_at: int = 2,
-                 reuse: bool = False) -> None:
+                 reuse: bool = False, name: str = EXPORT_NAME,
+                 server: Optional[EpochOverlayStore] = None) -> None:
+        #: the disk's name: its export, and its nodes' prefix (the first
+        #: disk's nodes keep their plain names)
+        self.name = name
+        #: the store whose qsd and NBD server this one shares (None: it
+        #: runs its own); :class:`ReplicaDisks` makes such sets
+        self.server = server
+        if name != EXPORT_NAME:
+            self.TOP, self.BASE = f'{name}-top', f'{name}-base'
+            self.EXPORT_ID = f'{name}-exp'
+        self.target: Optional[NbdTarget] = None
         self.workdir = workdir
         self.size = size
         self.listen = listen
@@ -386,6 +397,9 @@ class EpochOverlayStore:
         if not (self.reuse and os.path.exists(self.base_path)):
             # sparse: costs no disk space
             os.close(create_private(self.base_path, self.size))
+        if self.server is not None:
+            assert self.server.monitor is not None, 'start the server first'
+            return await self.attach(self.server.monitor)
         self.process = await vm.ChildProcess.start(
             vm.qsd_argv(self.qmp_path), self.log_path)
         try:
@@ -408,11 +422,19 @@ class EpochOverlayStore:
                      'node-name': f'{self.BASE}-file',
                      'cache': REPLICA_CACHE}})
         # A throttle group without limits: a pass-through root node.
+        group = 'tg0' if self.name == EXPORT_NAME else f'{self.name}-tg'
         await monitor.execute('object-add', **{
-            'qom-type': 'throttle-group', 'id': 'tg0'})
+            'qom-type': 'throttle-group', 'id': group})
         await monitor.execute('blockdev-add', **{
             'driver': 'throttle', 'node-name': self.TOP,
-            'throttle-group': 'tg0', 'file': self.BASE})
+            'throttle-group': group, 'file': self.BASE})
+        if self.server is not None:
+            # The server's NBD server serves this disk too.
+            assert self.server.target is not None
+            target = dataclasses.replace(self.server.target,
+                                         export=self.name)
+            await self._export(monitor, target)
+            return target
         if self.listen is None:
             addr: dict[str, Any] = {'type': 'unix',
                                     'data': {'path': self.nbd_path}}
@@ -434,15 +456,19 @@ class EpochOverlayStore:
                 'identity': self.tls.client_dn})
             secure = {'tls-creds': 'tls0', 'tls-authz': 'authz0'}
         await monitor.execute('nbd-server-start', addr=addr, **secure)
+        await self._export(monitor, target)
+        return target
+
+    async def _export(self, monitor: Monitor, target: NbdTarget) -> None:
         await monitor.execute('block-export-add', type='nbd',
                               id=self.EXPORT_ID, writable=True,
                               name=target.export,
                               **{'node-name': self.TOP})
+        self.target = target
         # The first marks may come at once: have the pool ready.
         await asyncio.gather(*(self._add_to_pool()
                                for _ in range(self.pool_size)))
         self._pool_task = asyncio.create_task(self._fill_pool())
-        return target
 
     async def stop(self) -> None:
         """Quit qsd and remove the replica: overlays and base (a full copy
@@ -536,7 +562,10 @@ class EpochOverlayStore:
         if len(layers) < self.merge_at:
             return
         self._merge_seq += 1
-        self._merge_job = f'merge{self._merge_seq}'
+        # (job ids are the qsd's: each disk of a shared one its own)
+        self._merge_job = f'merge{self._merge_seq}' \
+            if self.name == EXPORT_NAME \
+            else f'{self.name}-merge{self._merge_seq}'
         self._merge_task = asyncio.create_task(
             self._merge(self.monitor, self._merge_job, layers[-1]))
 
@@ -594,7 +623,8 @@ class EpochOverlayStore:
         # Fence first: a primary we believe dead must not write any more.
         await _quietly(monitor, 'block-export-del', id=self.EXPORT_ID,
                        mode='hard')
-        await _quietly(monitor, 'nbd-server-stop')
+        if self.server is None:
+            await _quietly(monitor, 'nbd-server-stop')
         merge = self._merge_task
         if merge is not None:
             # A half-done commit is harmless: the overlays keep their data
@@ -663,6 +693,8 @@ class EpochOverlayStore:
         monitor = self._live()
         self._pool_seq += 1
         node = f'ov-pool{self._pool_seq}'
+        if self.name != EXPORT_NAME:
+            node = f'{self.name}-{node}'
         path = os.path.join(self.workdir, f'pool-{self._pool_seq}.qcow2')
         await self.create_overlay_file(path)
         await monitor.execute('blockdev-add', **{
@@ -681,6 +713,8 @@ class EpochOverlayStore:
         self._pool_task = self._merge_task = None
 
     async def _quit(self) -> None:
+        if self.server is not None:
+            return      # the server's qsd: it quits it
         if self.monitor is not None:
             # QEMU closes the socket as it quits: the reply may never come.
             with contextlib.suppress(MonitorError, TimeoutError):
@@ -706,10 +740,21 @@ class DiskSync(abc.ABC):
     """
 
     REPLICA = 'replica'     # the nbd node on the primary
+    #: (subclasses': their block job, their dirty bitmap)
+    JOB = ''
+    BITMAP = ''
 
-    def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
+    def __init__(self, monitor: Monitor, node: str = 'disk0',
+                 index: int = 0) -> None:
         self.monitor = monitor
         self.node = node
+        #: which of the guest's disks (0: the first); names this sync's
+        #: nodes and jobs apart from the other disks'
+        self.index = index
+        if index:
+            self.REPLICA = f'replica{index}'
+            self.JOB = f'repl{index}'
+            self.BITMAP = f'mftvm-bc{index}'
         self.failed = asyncio.Event()
         self.failure: Optional[str] = None
         self.on_failure: Optional[Callable[[str], None]] = None
@@ -784,8 +829,9 @@ class WriteReplication(DiskSync):
     #: cluster size); a synchronous mirror never leaves any
     GRANULARITY: Optional[int] = None
 
-    def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
-        super().__init__(monitor, node)
+    def __init__(self, monitor: Monitor, node: str = 'disk0',
+                 index: int = 0) -> None:
+        super().__init__(monitor, node, index)
         self.recheck_interval = 2.0
         self.sync_timeout: Optional[float] = None
         self._watch: Optional[asyncio.Task[None]] = None
@@ -883,8 +929,9 @@ class AsyncReplication(WriteReplication):
     COPY_MODE = 'background'
     GRANULARITY = 4096
 
-    def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
-        super().__init__(monitor, node)
+    def __init__(self, monitor: Monitor, node: str = 'disk0',
+                 index: int = 0) -> None:
+        super().__init__(monitor, node, index)
         #: the longest a checkpoint waits for the replica to catch up
         self.drain_timeout = 2.0
         self._stats.update(last_drain_ms=None, max_drain_ms=None)
@@ -926,8 +973,9 @@ class BlockCopy(DiskSync):
 
     BITMAP = 'mftvm-bc0'
 
-    def __init__(self, monitor: Monitor, node: str = 'disk0') -> None:
-        super().__init__(monitor, node)
+    def __init__(self, monitor: Monitor, node: str = 'disk0',
+                 index: int = 0) -> None:
+        super().__init__(monitor, node, index)
         self.sync_timeout: Optional[float] = None
         self.copy_timeout = 60.0
         self._active = False
@@ -938,7 +986,7 @@ class BlockCopy(DiskSync):
         t0 = time.perf_counter()
         await self._add_replica(target)
         self._active = True
-        self._job = 'bc-full'
+        self._job = 'bc-full' if not self.index else f'bc{self.index}-full'
         try:
             # One transaction: every write after the full copy's start
             # point is in the bitmap, every write before is in the copy.
@@ -960,7 +1008,8 @@ class BlockCopy(DiskSync):
             raise DiskError(f'epoch {epoch}: disk copy failed: '
                             f'{self.failure}')
         t0 = time.perf_counter()
-        self._job = f'bc{epoch}'
+        self._job = f'bc{epoch}' if not self.index \
+            else f'bc{self.index}-{epoch}'
         try:
             await self.monitor.execute('blockdev-backup', **{
                 'job-id': self._job, 'device': self.node,
@@ -998,11 +1047,14 @@ class BlockCopy(DiskSync):
 
 
 def load_disk_sync(name: str, monitor: Monitor,
-                   node: str = 'disk0') -> DiskSync:
+                   node: str = 'disk0', index: int = 0) -> DiskSync:
     """The disk-sync plugin ``name`` (one of
     :func:`~mftvm_openstack.contract.plugins.disk_sync_choices`) for the
-    disk ``node``; DiskError if it is unknown or cannot be loaded."""
+    disk ``node``, the guest's disk ``index``; DiskError if it is unknown
+    or cannot be loaded."""
     cls: type[DiskSync] = load_plugin_class(
         plugins.DISK_SYNC_NAMESPACE, name, kind='disk sync', base=DiskSync,
         error=DiskError)
+    if index:
+        return cls(monitor, node, index)  # type: ignore[call-arg]
     return cls(monitor, node)

@@ -61,6 +61,7 @@ from collections.abc import Callable, Collection, Mapping
 from types import MappingProxyType
 from typing import Any, Optional, Union
 
+from mftvm_openstack.contract.limits import MAX_DISKS
 from mftvm_openstack.contract.options import (
     DEFAULT_ALLOWED_BRIDGES,
     IFNAME_PATTERN,
@@ -560,13 +561,22 @@ def _inside(path: str, dirs: Collection[str]) -> bool:
     return False
 
 
+def replicated_disks(root: ET.Element) -> list[ET.Element]:
+    """The ``<disk>`` elements of a ``<domain>`` that are replicated: each
+    one with a file, in order (as the guest's QEMU lists them; a CD-ROM
+    with no medium has none)."""
+    return [d for d in root.findall('devices/disk')
+            if (src := d.find('source')) is not None
+            and src.get('file') is not None]
+
+
 def rebuild(xml: str, emulator: str,
             host_files: Collection[str] = (),
             readonly_dirs: Collection[str] = (),
             uuid: Optional[str] = None,
             bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES,
-            boot_files: Mapping[str, str] = MappingProxyType({})) \
-        -> ET.Element:
+            boot_files: Mapping[str, str] = MappingProxyType({}),
+            replicated: Optional[int] = None) -> ET.Element:
     """A new ``<domain>`` from the allowed parts of ``xml``.
 
     ``emulator`` is this host's QEMU (whatever ``xml`` says is dropped);
@@ -579,6 +589,11 @@ def rebuild(xml: str, emulator: str,
     instance's);
     ``bridges`` the host bridges a NIC may name (``*`` and ``?`` as
     wildcards: the operator's ``[agent] allowed_bridges``).
+    ``replicated``: the number of replicas the disks will run on, one
+    per ``<disk>`` with a file, in order (every such disk, a read-only
+    CD-ROM included, is put on its replica, so its path here is never
+    opened); None: one, the first ``device="disk"``, and any other disk
+    a read-only image in ``readonly_dirs``.
     DomainRefused names the first element or attribute out of bounds.
     """
     src = parse(xml)
@@ -615,7 +630,17 @@ def rebuild(xml: str, emulator: str,
                 f'is not a bridge guests may join on this host (allowed: '
                 f'{", ".join(bridges) or "none"}; [agent] allowed_bridges)')
     disks = root.findall('devices/disk')
-    if len([d for d in disks if d.get('device', 'disk') == 'disk']) > 1:
+    if replicated is not None:
+        sourced = replicated_disks(root)
+        if len(sourced) > MAX_DISKS:
+            raise DomainRefused(f'domain/devices/disk: at most {MAX_DISKS} '
+                                f'disks are replicated (got '
+                                f'{len(sourced)})')
+        if len(sourced) != replicated:
+            raise DomainRefused(f'domain/devices/disk: {len(sourced)} '
+                                f'disks, but {replicated} replicas')
+        disks = [d for d in disks if d not in sourced]
+    elif len([d for d in disks if d.get('device', 'disk') == 'disk']) > 1:
         raise DomainRefused('domain/devices/disk: one disk is replicated; '
                             'a guest with more cannot be restored')
     for disk in disks:

@@ -266,13 +266,17 @@ class ReplicaImage:
 async def restore(spec: vm.GuestSpec, paths: vm.Paths, ram_file: str,
                   devstate_path: str,
                   disk_layers: list[tuple[str, str]],
+                  disk_chains: Optional[list[list[tuple[str, str]]]] = None,
                   ) -> tuple[vm.ChildProcess, QMPMonitor]:
     """Start a QEMU from a replica and run the guest on from it.
 
     The new QEMU maps ``ram_file`` as guest RAM (so it is not copied),
-    loads the device state, resumes the guest and announces its MAC.
+    runs on ``disk_layers`` (its first disk's chain) or ``disk_chains``
+    (every disk's), loads the device state, resumes the guest and
+    announces every NIC's MAC.
     """
-    argv = vm.qemu_argv(spec, paths, ram_file, disk_layers, incoming=True)
+    argv = vm.qemu_argv(spec, paths, ram_file, disk_layers, incoming=True,
+                        disk_chains=disk_chains)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(paths.qmp)
     proc = await vm.ChildProcess.start(argv, paths.log)
@@ -295,12 +299,15 @@ async def restore(spec: vm.GuestSpec, paths: vm.Paths, ram_file: str,
         if status.get('status') != 'completed':
             raise MonitorError(f'device state did not load: {status}')
         await monitor.execute('cont')
-        for fwd in spec.forwards:
-            reply = await monitor.execute(
-                'human-monitor-command',
-                **{'command-line': f'hostfwd_add n0 {fwd.qemu()}'})
-            if reply:
-                raise MonitorError(f'port forward {fwd.qemu()}: {reply}')
+        for i, forwards in enumerate(spec.nic_forwards):
+            for fwd in forwards:
+                reply = await monitor.execute(
+                    'human-monitor-command', **{
+                        'command-line': f'hostfwd_add {vm.netdev_id(i)} '
+                                        f'{fwd.qemu()}'})
+                if reply:
+                    raise MonitorError(f'port forward {fwd.qemu()}: '
+                                       f'{reply}')
         await monitor.execute('announce-self', initial=50, max=550,
                               rounds=5, step=100)
     except BaseException:

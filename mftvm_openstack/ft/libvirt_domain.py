@@ -60,6 +60,7 @@ from types import MappingProxyType
 from typing import Any, Optional
 from xml.sax.saxutils import quoteattr
 
+from mftvm_openstack.contract.limits import MAX_DISKS, MAX_NICS
 from mftvm_openstack.contract.options import DEFAULT_ALLOWED_BRIDGES
 from mftvm_openstack.ft import boot_files as shipped_boot
 from mftvm_openstack.ft import domain_policy, vm
@@ -220,8 +221,9 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
                 readonly_dirs: Collection[str] = (),
                 uuid: Optional[str] = None,
                 bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES,
-                boot_files: Mapping[str, str] = MappingProxyType({})) \
-        -> str:
+                boot_files: Mapping[str, str] = MappingProxyType({}),
+                disk_chains: Optional[Sequence[Sequence[tuple[str, str]]]]
+                = None) -> str:
     """The XML that resumes the domain described by ``xml`` from a replica.
 
     ``xml`` is the primary's domain XML (``XMLDesc`` with
@@ -236,7 +238,10 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
 
     * runs on the replica: the disk is the top of ``disk_layers``
       (base first) with the lower layers as its ``<backingStore>`` chain,
-      so a failover needs no flattening;
+      so a failover needs no flattening; with ``disk_chains``, the
+      ``i``-th ``<disk>`` with a file (a config drive's CD-ROM too, kept
+      read-only) runs on the ``i``-th chain, and the XML must have as
+      many such disks as there are chains;
     * writes the serial console (file or ``<log>``) to ``serial_path``:
       the primary's path may not exist on this host;
     * runs this host's QEMU as the engine runs it (:data:`EMULATOR`,
@@ -246,9 +251,10 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
       (one libvirtd on one machine plays both hosts in tests), the same
       name keeps it (Nova looks its domains up by the instance uuid).
     """
-    root = domain_policy.rebuild(xml, EMULATOR, host_files=host_files,
-                                 readonly_dirs=readonly_dirs, uuid=uuid,
-                                 bridges=bridges, boot_files=boot_files)
+    root = domain_policy.rebuild(
+        xml, EMULATOR, host_files=host_files, readonly_dirs=readonly_dirs,
+        uuid=uuid, bridges=bridges, boot_files=boot_files,
+        replicated=None if disk_chains is None else len(disk_chains))
     if name and name != root.findtext('name'):
         # Another guest as far as libvirt knows. The same name keeps the
         # uuid: Nova finds its instances' domains by uuid.
@@ -258,26 +264,16 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
         name_el.text = name
         for old_uuid in root.findall('uuid'):
             root.remove(old_uuid)
-    disk = root.find("devices/disk[@device='disk']")
-    if disk is None:
+    disks = root.findall("devices/disk[@device='disk']")
+    if not disks:
         raise ValueError('the domain XML has no disk to restore onto')
-    top, top_fmt = disk_layers[-1]
-    driver = disk.find('driver')
-    if driver is None:
-        driver = ET.SubElement(disk, 'driver', name='qemu')
-    driver.set('type', top_fmt)
-    source = disk.find('source')
-    if source is None:
-        source = ET.SubElement(disk, 'source')
-    source.attrib.clear()
-    source.set('file', top)
-    below = disk
-    for path, fmt in reversed(disk_layers[:-1]):
-        store = ET.SubElement(below, 'backingStore', type='file')
-        ET.SubElement(store, 'format', type=fmt)
-        ET.SubElement(store, 'source', file=path)
-        below = store
-    ET.SubElement(below, 'backingStore')    # the chain ends here
+    chains = [disk_layers]
+    if disk_chains is not None:
+        # (rebuild checked there is a replica for each)
+        disks, chains = domain_policy.replicated_disks(root), \
+            list(disk_chains)
+    for disk, chain in zip(disks, chains):
+        _onto_chain(disk, chain)
     for tag in ('serial', 'console'):
         for dev in root.findall(f'devices/{tag}'):
             src = dev.find('source')
@@ -296,6 +292,29 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
     ET.SubElement(cmdline, f'{{{QEMU_NS}}}arg', value='defer')
     ET.register_namespace('qemu', QEMU_NS)
     return ET.tostring(root, encoding='unicode')
+
+
+def _onto_chain(disk: ET.Element,
+                layers: Sequence[tuple[str, str]]) -> None:
+    """Point the ``<disk>`` at the top of ``layers`` (base first), the
+    rest as its ``<backingStore>`` chain."""
+    top, top_fmt = layers[-1]
+    driver = disk.find('driver')
+    if driver is None:
+        driver = ET.SubElement(disk, 'driver', name='qemu')
+    driver.set('type', top_fmt)
+    source = disk.find('source')
+    if source is None:
+        source = ET.SubElement(disk, 'source')
+    source.attrib.clear()
+    source.set('file', top)
+    below = disk
+    for path, fmt in reversed(layers[:-1]):
+        store = ET.SubElement(below, 'backingStore', type='file')
+        ET.SubElement(store, 'format', type=fmt)
+        ET.SubElement(store, 'source', file=path)
+        below = store
+    ET.SubElement(below, 'backingStore')    # the chain ends here
 
 
 async def _wait_not_running(conn: Any, name: str,
@@ -333,12 +352,16 @@ def check_restorable(xml: str, spec: vm.GuestSpec,
     shipped = shipped_boot.named_by(xml)
     for path in shipped.values():
         shipped_boot.check(path)
+    # Every disk with a file is replicated (guest_disks), a config
+    # drive's CD-ROM too: the secondary puts each on its replica.
+    replicated = len(domain_policy.replicated_disks(
+        domain_policy.parse(xml)))
     root = domain_policy.rebuild(
         xml, EMULATOR, host_files={f for f in (spec.kernel, spec.initrd)
                                    if f},
         readonly_dirs=readonly_dirs,
         uuid=spec.name if domain_policy.UUID(spec.name) else None,
-        bridges=bridges, boot_files=shipped)
+        bridges=bridges, boot_files=shipped, replicated=replicated)
     if root.find("devices/disk[@device='disk']") is None:
         raise domain_policy.DomainRefused('domain/devices: no disk to '
                                           'replicate')
@@ -351,7 +374,8 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
                   readonly_dirs: Collection[str] = (),
                   bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES,
                   boot_files: Mapping[str, str] = MappingProxyType({}),
-                  ) -> tuple[Any, LibvirtMonitor]:
+                  disk_chains: Optional[Sequence[Sequence[tuple[str, str]]]]
+                  = None) -> tuple[Any, LibvirtMonitor]:
     """Run the guest on, as a libvirt domain, from a replica.
 
     ``xml`` is the primary's domain XML (default: :func:`domain_xml` of
@@ -376,7 +400,7 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
         name=name, host_files={f for f in (spec.kernel, spec.initrd) if f},
         readonly_dirs=readonly_dirs,
         uuid=spec.name if domain_policy.UUID(spec.name) else None,
-        bridges=bridges, boot_files=boot_files)
+        bridges=bridges, boot_files=boot_files, disk_chains=disk_chains)
     await _wait_not_running(conn, ET.fromstring(xml).findtext('name', ''))
     dom = await asyncio.to_thread(conn.createXML, xml,
                                   libvirt.VIR_DOMAIN_START_PAUSED)
@@ -417,13 +441,74 @@ async def guest_disk(monitor: Monitor) -> tuple[str, int]:
     """(node name, virtual size in bytes) of the guest's first writable
     disk: what write replication mirrors. Libvirt names its nodes itself
     (``libvirt-1-format``); our own QEMU calls it ``disk0``."""
+    return (await guest_disks(monitor))[0]
+
+
+async def guest_disks(monitor: Monitor) -> list[tuple[str, int]]:
+    """(node name, virtual size) of every disk of the guest, in the order
+    of its devices (the domain XML's order of its ``<disk>`` elements
+    with a file: the restore puts replica ``i`` on the ``i``-th); the
+    first is a writable one. MonitorError if there is none, or more than
+    :data:`~mftvm_openstack.contract.limits.MAX_DISKS`.
+
+    A read-only CD-ROM with a medium (a config drive) is one of them: it
+    is replicated like the rest, so the initial sync ships it once and
+    its epochs' overlays stay empty. (A drive that is no device of the
+    guest's, such as UEFI's flash, is not.)"""
+    disks = []
     for dev in await monitor.execute('query-block'):
         inserted = dev.get('inserted')
-        if not inserted or dev.get('removable') or inserted.get('ro'):
+        # qdev: the device's id, or its QOM path if it has none (a
+        # virtio disk's backend, under /machine/peripheral; a drive of
+        # the machine's own, such as UEFI's flash, elsewhere)
+        qdev = str(dev.get('qdev', ''))
+        if not inserted or (qdev.startswith('/') and not qdev.startswith(
+                '/machine/peripheral')):
             continue
-        return (str(inserted['node-name']),
-                int(inserted['image']['virtual-size']))
-    raise MonitorError('the guest has no writable disk to replicate')
+        disks.append((str(inserted['node-name']),
+                      int(inserted['image']['virtual-size']),
+                      bool(inserted.get('ro'))))
+    writable = [i for i, (_, _, ro) in enumerate(disks) if not ro]
+    if not writable:
+        raise MonitorError('the guest has no writable disk to replicate')
+    if writable[0] != 0:
+        # The first is the one whose size HELLO gives as the guest's
+        # disk, and the one Nova's settling moves: a writable one.
+        raise MonitorError('the guest\'s first disk is read-only; its '
+                           'root disk must come first')
+    if len(disks) > MAX_DISKS:
+        raise MonitorError(f'the guest has {len(disks)} disks; at most '
+                           f'{MAX_DISKS} are replicated')
+    return [(node, size) for node, size, _ in disks]
+
+
+async def guest_netdevs(monitor: Monitor, first: str) -> list[str]:
+    """The netdev of each of the guest's NICs, ``first`` first, the rest
+    by name: the ones whose output is held until its epoch commits.
+
+    Every device with an id (libvirt gives each one) that has a
+    ``netdev`` is a NIC, whatever its model (``query-rx-filter`` would
+    leave out a model without RX filters, and its output with it).
+    MonitorError for more than
+    :data:`~mftvm_openstack.contract.limits.MAX_NICS`."""
+    found = set()
+    for child in await monitor.execute('qom-list',
+                                       path='/machine/peripheral'):
+        if not str(child.get('type', '')).startswith('child<'):
+            continue
+        try:
+            netdev = await monitor.execute(
+                'qom-get', path=f'/machine/peripheral/{child["name"]}',
+                property='netdev')
+        except MonitorError:
+            continue        # (not a NIC)
+        if netdev:
+            found.add(str(netdev))
+    netdevs = [first] + sorted(found - {first})
+    if len(netdevs) > MAX_NICS:
+        raise MonitorError(f'the guest has {len(netdevs)} NICs; at most '
+                           f'{MAX_NICS} are protected')
+    return netdevs
 
 
 async def qemu_pid(monitor: Monitor) -> int:

@@ -45,10 +45,15 @@ class OutputBuffer:
     """Holds guest frames per epoch; releases them on commit."""
 
     def __init__(self, out_path: str, in_path: str,
-                 netdev: str = 'n0') -> None:
+                 netdev: str = 'n0', index: int = 0) -> None:
         self.out_path = out_path   # QEMU → us (filter outdev)
         self.in_path = in_path     # us → QEMU (filter indev)
         self.netdev = netdev
+        # QEMU's ids of the filter and its chardevs (the first NIC's
+        # keep their names)
+        suffix = str(index) if index else ''
+        self.filter_id = f'oc{index}'
+        self.chardevs = (f'oc-out{suffix}', f'oc-in{suffix}')
         # epoch the frames read from now on belong to
         self._open_epoch = 1
         self._held: collections.deque[tuple[int, bytes]] = collections.deque()
@@ -99,8 +104,8 @@ class OutputBuffer:
         self._servers = [
             await asyncio.start_unix_server(on_out, self.out_path),
             await asyncio.start_unix_server(on_in, self.in_path)]
-        for chardev, path in (('oc-out', self.out_path),
-                              ('oc-in', self.in_path)):
+        for chardev, path in zip(self.chardevs,
+                                 (self.out_path, self.in_path)):
             await monitor.execute('chardev-add', id=chardev, backend={
                 'type': 'socket', 'data': {
                     'addr': {'type': 'unix', 'data': {'path': path}},
@@ -108,9 +113,11 @@ class OutputBuffer:
         await asyncio.wait_for(
             asyncio.gather(out_ready.wait(), in_ready.wait()), 10)
         await monitor.execute(
-            'object-add', **{'qom-type': 'filter-redirector', 'id': 'oc0',
+            'object-add', **{'qom-type': 'filter-redirector',
+                             'id': self.filter_id,
                              'netdev': self.netdev, 'queue': 'rx',
-                             'outdev': 'oc-out', 'indev': 'oc-in'})
+                             'outdev': self.chardevs[0],
+                             'indev': self.chardevs[1]})
         self._pump = asyncio.create_task(self._read_frames())
 
     async def _read_frames(self) -> None:
@@ -181,8 +188,8 @@ class OutputBuffer:
         packet path so the guest's network no longer depends on us."""
         await self.passthrough()
         with contextlib.suppress(Exception):
-            await monitor.execute('object-del', id='oc0')
-            for chardev in ('oc-out', 'oc-in'):
+            await monitor.execute('object-del', id=self.filter_id)
+            for chardev in self.chardevs:
                 await monitor.execute('chardev-remove', id=chardev)
         await self.close()
 
@@ -204,3 +211,88 @@ class OutputBuffer:
         for path in (self.out_path, self.in_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+class OutputBuffers:
+    """The output buffers of every NIC of a guest, as one
+    (:class:`~mftvm_openstack.ft.pair.interfaces.OutputBuffer`): each
+    NIC's frames are held, and released in their order, once their epoch
+    commits; ``waiting`` is set while any NIC holds a frame of the open
+    epoch. A guest with one NIC has one buffer in it::
+
+        out = OutputBuffers([OutputBuffer(o0, i0, 'n0'),
+                             OutputBuffer(o1, i1, 'n1', index=1)])
+        await out.attach(monitor)
+    """
+
+    def __init__(self, buffers: list[OutputBuffer]) -> None:
+        if not buffers:
+            raise ValueError('a guest with no NIC has no output to hold')
+        self.buffers = buffers
+        self.waiting = asyncio.Event()
+        self._on_held: Optional[Callable[[int], None]] = None
+        for buf in buffers:
+            buf.waiting = self.waiting
+
+    @property
+    def on_held(self) -> Optional[Callable[[int], None]]:
+        return self._on_held
+
+    @on_held.setter
+    def on_held(self, callback: Optional[Callable[[int], None]]) -> None:
+        # The bound is on what every NIC holds together.
+        self._on_held = callback
+        for buf in self.buffers:
+            buf.on_held = None if callback is None else self._held_one
+
+    def _held_one(self, _bytes: int) -> None:
+        if self._on_held is not None:
+            self._on_held(self.held_bytes)
+
+    @property
+    def held(self) -> int:
+        return sum(b.held for b in self.buffers)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(b.held_bytes for b in self.buffers)
+
+    @property
+    def frames_released(self) -> int:
+        return sum(b.frames_released for b in self.buffers)
+
+    async def attach(self, monitor: Monitor, first_epoch: int = 1) -> None:
+        attached: list[OutputBuffer] = []
+        try:
+            for buf in self.buffers:
+                await buf.attach(monitor, first_epoch)
+                attached.append(buf)
+        except BaseException:
+            for buf in attached:
+                with contextlib.suppress(Exception):
+                    await buf.detach(monitor)
+            raise
+
+    def seal(self, epoch: int) -> None:
+        for buf in self.buffers:
+            buf.seal(epoch)
+
+    async def release(self, epoch: int) -> None:
+        for buf in self.buffers:
+            await buf.release(epoch)
+
+    async def passthrough(self) -> None:
+        for buf in self.buffers:
+            await buf.passthrough()
+
+    async def detach(self, monitor: Monitor) -> None:
+        for buf in self.buffers:
+            await buf.detach(monitor)
+
+    def discard(self) -> None:
+        for buf in self.buffers:
+            buf.discard()
+
+    async def close(self) -> None:
+        for buf in self.buffers:
+            await buf.close()

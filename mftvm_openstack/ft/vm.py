@@ -35,6 +35,8 @@ from typing import Any, Optional
 # The guest's description is part of the contract (it crosses the agent's
 # RPC and guest.json); the engine uses it from there.
 from mftvm_openstack.contract.spec import (  # noqa: F401
+    GuestDisk,
+    GuestNic,
     GuestSpec,
     HostForward,
 )
@@ -77,6 +79,16 @@ class Paths:
     def netin(self) -> str:
         return os.path.join(self.root, 'net-in.sock')
 
+    def net_out(self, index: int) -> str:
+        """NIC ``index``'s output-commit sockets (the first's:
+        :attr:`netout`, :attr:`netin`)."""
+        return self.netout if index == 0 else os.path.join(
+            self.root, f'net{index}-out.sock')
+
+    def net_in(self, index: int) -> str:
+        return self.netin if index == 0 else os.path.join(
+            self.root, f'net{index}-in.sock')
+
 
 #: the environment variable that names where guest RAM files go
 RAM_DIR_ENV = 'MFTVM_RAM_DIR'
@@ -117,22 +129,60 @@ def disk_blockdevs(node: str, layers: Sequence[tuple[str, str]]) -> list[str]:
     return args
 
 
+def netdev_id(index: int) -> str:
+    """The id of NIC ``index``'s netdev in the engine's own QEMU."""
+    return f'n{index}'
+
+
+def user_net(index: int) -> str:
+    """NIC ``index``'s user-mode network: the first has QEMU's default
+    (10.0.2.0/24), the next 10.0.3.0/24 and so on, so that a guest's
+    routes to them do not overlap."""
+    return f'10.0.{2 + index}.0/24'
+
+
 def qemu_argv(spec: GuestSpec, paths: Paths, ram_file: str,
               disk_layers: Optional[Sequence[tuple[str, str]]] = None,
-              incoming: bool = False) -> list[str]:
+              incoming: bool = False,
+              disk_chains: Optional[Sequence[Sequence[tuple[str, str]]]]
+              = None) -> list[str]:
     """The QEMU command line for ``spec``.
 
-    ``disk_layers`` replaces the guest's own disk (the secondary restores
-    onto its replica chain); ``incoming`` makes QEMU wait for a
-    ``migrate-incoming`` of device state instead of booting.
+    ``disk_layers`` replaces the guest's first disk, ``disk_chains``
+    every disk, in order (the secondary restores onto its replica
+    chains); ``incoming`` makes QEMU wait for a ``migrate-incoming`` of
+    device state instead of booting. Disk ``i`` is node ``disk{i}``, NIC
+    ``i`` netdev ``n{i}`` with MAC ``spec.nic_mac(i)``.
     """
-    layers = disk_layers or [(spec.disk, spec.disk_format)]
-    # A restoring QEMU opens its port forwards only once the guest runs
-    # (restore() adds them): a connection taken while the guest is still
-    # paused loses its first SYN and waits out a slow retransmit.
-    forwards = () if incoming else spec.forwards
-    netdev = 'user,id=n0,ipv6=off' + ''.join(
-        f',hostfwd={f.qemu()}' for f in forwards)
+    chains: list[Sequence[tuple[str, str]]] = [
+        [(path, fmt)] for path, fmt, _ in spec.all_disks]
+    if disk_layers:
+        chains[0] = disk_layers
+    if disk_chains:
+        if len(disk_chains) != len(chains):
+            raise VMError(f'the guest has {len(chains)} disks, but '
+                          f'{len(disk_chains)} replica chains were given')
+        chains = list(disk_chains)
+    disk_args: list[str] = []
+    for i, layers in enumerate(chains):
+        disk_args += [*disk_blockdevs(f'disk{i}', layers),
+                      '-device', f'virtio-blk-pci,drive=disk{i},id=vd{i}']
+    nic_args: list[str] = []
+    for i, nic_forwards in enumerate(spec.nic_forwards):
+        # A restoring QEMU opens its port forwards only once the guest
+        # runs (restore() adds them): a connection taken while the guest
+        # is still paused loses its first SYN and waits out a slow
+        # retransmit.
+        forwards = () if incoming else nic_forwards
+        netdev = f'user,id={netdev_id(i)},ipv6=off' + (
+            f',net={user_net(i)}' if i else '') + ''.join(
+            f',hostfwd={f.qemu()}' for f in forwards)
+        nic_args += [
+            '-netdev', netdev,
+            # No option ROM: the kernel boots directly, and every ROM is
+            # migrated again at each checkpoint.
+            '-device', f'virtio-net-pci,netdev={netdev_id(i)},id=nic{i},'
+                       f'mac={spec.nic_mac(i)},romfile=']
     argv = [
         QEMU_BINARY, '-name', spec.name, '-no-user-config', '-nodefaults',
         '-accel', spec.accel,
@@ -142,13 +192,8 @@ def qemu_argv(spec: GuestSpec, paths: Paths, ram_file: str,
                     f'mem-path={ram_file},share=on'),
         '-kernel', spec.kernel, '-initrd', spec.initrd,
         '-append', spec.append,
-        *disk_blockdevs('disk0', layers),
-        '-device', 'virtio-blk-pci,drive=disk0,id=vd0',
-        '-netdev', netdev,
-        # No option ROM: the kernel boots directly, and every ROM is
-        # migrated again at each checkpoint.
-        '-device', f'virtio-net-pci,netdev=n0,id=nic0,mac={spec.mac},'
-                   'romfile=',
+        *disk_args,
+        *nic_args,
         '-chardev', f'file,id=ser0,path={paths.serial},append=on',
         '-serial', 'chardev:ser0',
         '-display', 'none', '-vga', 'none',

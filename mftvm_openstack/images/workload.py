@@ -24,6 +24,9 @@ from mftvm_openstack.images import records
 
 ACK_RE = re.compile(r'^ACK (\d+) ([0-9a-f]{64})\s*$', re.M)
 FUTURE_RE = re.compile(r'^FUTURE (\d+)', re.M)
+#: the tag of the second disk's writer (the guest's writer2 job)
+SECOND_WRITER = 'VDB-'
+
 IOPS_RE = re.compile(r'^IOPS ([0-9.]+) WRITES (\d+) MAXLAT_MS ([0-9.]+)',
                      re.M)
 #: printed by the guest's iobench as its timed writes begin
@@ -57,14 +60,21 @@ def read_text(path: str) -> str:
         return ''
 
 
-def serial_acks(text: str) -> list[tuple[int, str]]:
-    return [(int(m.group(1)), m.group(2)) for m in ACK_RE.finditer(text)]
+def serial_acks(text: str, tag: str = '') -> list[tuple[int, str]]:
+    """The writer's ACKs (``tag``: the writer tagged so, e.g.
+    :data:`SECOND_WRITER`)."""
+    pattern = re.compile('^' + re.escape(tag) + ACK_RE.pattern[1:], re.M) \
+        if tag else ACK_RE
+    return [(int(m.group(1)), m.group(2)) for m in pattern.finditer(text)]
 
 
-def future_records(text: str) -> list[int]:
-    """Records the writer found already on disk before writing them: after
-    a failover, proof that uncommitted writes survived."""
-    return [int(m.group(1)) for m in FUTURE_RE.finditer(text)]
+def future_records(text: str, tag: str = '') -> list[int]:
+    """Records the writer (tagged ``tag``) found already on disk before
+    writing them: after a failover, proof that uncommitted writes
+    survived."""
+    pattern = re.compile('^' + re.escape(tag) + FUTURE_RE.pattern[1:],
+                         re.M) if tag else FUTURE_RE
+    return [int(m.group(1)) for m in pattern.finditer(text)]
 
 
 def disk_records(layers: Sequence[tuple[str, str]]) -> list[records.Record]:

@@ -72,6 +72,21 @@ class RunningGuest:
     netdev: str = 'n0'
     #: the libvirt domain (None: a QEMU of our own)
     domain: Optional[Domain] = None
+    #: the guest's other disks (node, size), replicated as the first
+    more_disks: list[tuple[str, int]] = dataclasses.field(
+        default_factory=list)
+    #: the netdevs of its other NICs, their output held as the first's
+    more_netdevs: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def disks(self) -> list[tuple[str, int]]:
+        """(node, size) of every disk, the first first."""
+        return [(self.disk_node, self.disk_size)] + self.more_disks
+
+    @property
+    def netdevs(self) -> list[str]:
+        """Every NIC's netdev, the first's first."""
+        return [self.netdev] + self.more_netdevs
 
     async def stop(self) -> None:
         """Stop the guest: destroy its domain, or quit (then kill) QEMU."""
@@ -143,7 +158,20 @@ async def boot(spec: vm.GuestSpec, paths: vm.Paths,
         await qemu.wait()
         raise StartError(f'QEMU failed to start: {qemu.last_log_line()}') \
             from None
-    return RunningGuest(qemu, monitor, ram, 'disk0', spec.disk_size)
+    return own_guest(spec, qemu, monitor, ram)
+
+
+def own_guest(spec: vm.GuestSpec, qemu: pair.GuestProcess,
+              monitor: Monitor, ram: str) -> RunningGuest:
+    """The :class:`RunningGuest` of ``spec`` in a QEMU of our own (whose
+    command line is :func:`~mftvm_openstack.ft.vm.qemu_argv`'s)."""
+    return RunningGuest(
+        qemu, monitor, ram, 'disk0', spec.disk_size,
+        netdev=vm.netdev_id(0),
+        more_disks=[(f'disk{i}', d.size)
+                    for i, d in enumerate(spec.disks, 1)],
+        more_netdevs=[vm.netdev_id(i)
+                      for i in range(1, len(spec.nic_forwards))])
 
 
 #: a domain whose metadata is in this namespace is a Nova instance's

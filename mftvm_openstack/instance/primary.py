@@ -82,6 +82,8 @@ class PrimarySide(Side):
                 bridges=self.options.allowed_bridges)
         else:
             self.disk_layers = [(self.spec.disk, self.spec.disk_format)]
+            self.more_disk_layers = [[(d.path, d.format)]
+                                     for d in self.spec.disks]
             self.guest = await guests.boot(self.spec, self.paths, self.ram)
         machine = self.primary
         secondary = self.options.secondary or 'unix:' + os.path.join(

@@ -25,8 +25,14 @@ from collections.abc import Callable
 from typing import Optional
 
 from mftvm_openstack import fencing
-from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello, Ready
+from mftvm_openstack.contract.hello import (
+    PROTOCOL_VERSION,
+    DiskInfo,
+    Hello,
+    Ready,
+)
 from mftvm_openstack.contract.options import HostOptions
+from mftvm_openstack.contract.spec import disk_name
 from mftvm_openstack.ft import (
     boot_files,
     epoch,
@@ -38,8 +44,9 @@ from mftvm_openstack.ft import (
     vm,
 )
 from mftvm_openstack.ft import disk as ft_disk
+from mftvm_openstack.ft import disks as ft_disks
 from mftvm_openstack.ft.monitor import MonitorError
-from mftvm_openstack.ft.network import OutputBuffer
+from mftvm_openstack.ft.network import OutputBuffer, OutputBuffers
 from mftvm_openstack.ft.relay import NbdRelay
 from mftvm_openstack.instance.config import boot_id, tls_dir
 from mftvm_openstack.instance.guest import RunningGuest
@@ -119,8 +126,8 @@ class GuestProtector:
             # Asked anew at each protection: the disk may have moved since
             # the guest came up (after a failover, Nova's driver copies it
             # into its instance directory and pivots: a new node)
-            guest.disk_node, guest.disk_size = \
-                await libvirt_domain.guest_disk(guest.monitor)
+            disks = await libvirt_domain.guest_disks(guest.monitor)
+            (guest.disk_node, guest.disk_size), *guest.more_disks = disks
             xml = await asyncio.to_thread(guest.domain.XMLDesc,
                                           libvirt_domain.MIGRATABLE_XML)
         # A domain's kernel and initrd are this host's files: the
@@ -134,7 +141,11 @@ class GuestProtector:
                      pair_id=pair_id, disk_size=guest.disk_size,
                      domain_xml=xml, boot_files=tuple(
                          boot_files.announce(role, content)
-                         for role, content in zip(shipped, data)))
+                         for role, content in zip(shipped, data)),
+                     disks=tuple(
+                         DiskInfo(name=disk_name(i), size=size)
+                         for i, (_, size) in enumerate(guest.more_disks, 1))
+                     or None)
 
     async def boot_files(self) -> list[bytes]:
         return self._boot_data
@@ -164,10 +175,28 @@ class GuestProtector:
                     target, tls_creds=creds,
                     tls_hostname=pair_tls.server_name(
                         pair_tls.read_pair_key(directory)))
-            sync = ft_disk.load_disk_sync(opts.disk_sync, guest.monitor,
-                                          guest.disk_node)
-            started = time.monotonic()
-            await sync.start(target)
+            disks = guest.disks
+            exports = ready.exports or ()
+            if len(exports) != len(disks) - 1:
+                raise ft_disk.DiskError(
+                    f'READY: {len(exports)} exports for the '
+                    f'{len(disks) - 1} disks after the first')
+            sync: ft_disk.DiskSync | ft_disks.DiskSyncs
+            if len(disks) == 1:
+                sync = ft_disk.load_disk_sync(opts.disk_sync, guest.monitor,
+                                              guest.disk_node)
+                started = time.monotonic()
+                await sync.start(target)
+            else:
+                # Every disk through the same relay, to its own export.
+                sync = ft_disks.DiskSyncs([
+                    ft_disk.load_disk_sync(opts.disk_sync, guest.monitor,
+                                           node, i)
+                    for i, (node, _) in enumerate(disks)])
+                started = time.monotonic()
+                await sync.start([target] + [
+                    dataclasses.replace(target, export=export)
+                    for export in exports])
             self.sync_window = (started, time.monotonic())
             tracker = trackers.load_tracker(
                 opts.tracker, guest.ram, self.spec.memory_bytes,
@@ -175,8 +204,19 @@ class GuestProtector:
             capturer = epoch.CheckpointCapturer(guest.monitor, tracker,
                                                 self.paths.root)
             await capturer.setup()
-            output = OutputBuffer(self.paths.netout, self.paths.netin,
-                                  guest.netdev)
+            if guest.domain is not None:
+                # (asked anew, as the disks are at HELLO)
+                guest.more_netdevs = (await libvirt_domain.guest_netdevs(
+                    guest.monitor, guest.netdev))[1:]
+            output: OutputBuffer | OutputBuffers
+            if not guest.more_netdevs:
+                output = OutputBuffer(self.paths.netout, self.paths.netin,
+                                      guest.netdev)
+            else:
+                output = OutputBuffers([
+                    OutputBuffer(self.paths.net_out(i), self.paths.net_in(i),
+                                 netdev, index=i)
+                    for i, netdev in enumerate(guest.netdevs)])
             await output.attach(guest.monitor)
         except BaseException:
             await relay.close()

@@ -25,6 +25,7 @@ from typing import Optional
 
 from mftvm_openstack import fencing
 from mftvm_openstack.contract.hello import Hello, NbdTargetInfo
+from mftvm_openstack.contract.record import ContractError
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import Takeover
 from mftvm_openstack.ft import (
@@ -36,9 +37,10 @@ from mftvm_openstack.ft import (
     transport,
 )
 from mftvm_openstack.ft import disk as ft_disk
+from mftvm_openstack.ft import disks as ft_disks
 from mftvm_openstack.instance.client import pid_exited
 from mftvm_openstack.instance.config import boot_id, free_port, tls_dir
-from mftvm_openstack.instance.guest import RunningGuest
+from mftvm_openstack.instance.guest import RunningGuest, own_guest
 from mftvm_openstack.instance.side import Side
 from mftvm_openstack.waiting import async_wait_until
 
@@ -116,7 +118,8 @@ class SecondarySide(Side):
 
     def __init__(self, guest_dir: str) -> None:
         self.replica: Optional[epoch.ReplicaImage] = None
-        self.store: Optional[ft_disk.EpochOverlayStore] = None
+        self.store: Optional[ft_disk.EpochOverlayStore
+                             | ft_disks.ReplicaDisks] = None
         super().__init__(guest_dir)
 
     def new_machine(self) -> pair.SecondaryPair:
@@ -232,15 +235,24 @@ class SecondarySide(Side):
             # from a primary refused after all (its READY was not sent)
             self.replica.close()
             self.replica = None
-        disk_dir = os.path.join(self.paths.root, 'disk')
-        disk_size = hello.disk_size or self.spec.disk_size
+        disk_dir = ft_disks.replica_dir(self.paths.root, 0)
+        sizes = hello.disk_sizes()      # (ContractError: refused)
+        disk_size = sizes[0] = hello.disk_size or self.spec.disk_size
+        if not self.spec.domain and len(sizes) != len(self.spec.all_disks):
+            # The restore runs this host's spec: one replica per disk.
+            raise ContractError(
+                f'HELLO.disks: the primary names {len(sizes)} disks, the '
+                f'guest has {len(self.spec.all_disks)}')
         name = self.spec.name
         # The RAM file is allocated in full as it is made (so a full
         # tmpfs is this refusal, never a SIGBUS later); the disk replica
-        # grows as the guest writes, so its room is checked here.
+        # grows as the guest writes, so its room is checked here (all
+        # the disks' replicas are on one filesystem).
         capacity.check([capacity.Need(
-            disk_dir, capacity.replica_disk_bytes(disk_size),
-            f'guest {name} disk replica')])
+            disk_dir, sum(capacity.replica_disk_bytes(size)
+                          for size in sizes),
+            f'guest {name} disk replica' + ('s' if len(sizes) > 1
+                                            else ''))])
         replica = epoch.ReplicaImage(
             self.ram, self.spec.memory_bytes, self.paths.root,
             f'guest {name} RAM (secondary replica)')
@@ -248,15 +260,24 @@ class SecondarySide(Side):
         directory = self.tls_dir
         tls = None if directory is None else ft_disk.NbdServerTls(
             directory, pair_tls.client_dn(pair_tls.read_pair_key(directory)))
-        store = ft_disk.EpochOverlayStore(
-            disk_dir, disk_size,
-            listen=(nbd_host, free_port(nbd_host)) if nbd_host else None,
-            tls=tls)
-        target = await store.start()
+        listen = (nbd_host, free_port(nbd_host)) if nbd_host else None
+        store: ft_disk.EpochOverlayStore | ft_disks.ReplicaDisks
+        if len(sizes) == 1:
+            store = ft_disk.EpochOverlayStore(disk_dir, disk_size,
+                                              listen=listen, tls=tls)
+            target = await store.start()
+            exports: tuple[str, ...] = ()
+        else:
+            # One qsd and NBD server, an export per disk.
+            store = ft_disks.ReplicaDisks(self.paths.root, sizes,
+                                          listen=listen, tls=tls)
+            targets = await store.start()
+            target = targets[0]
+            exports = tuple(t.export for t in targets[1:])
         self.replica, self.store = replica, store
         return pair.Prepared(replica, store, NbdTargetInfo(
             socket=target.socket, host=target.host, port=target.port,
-            export=target.export))
+            export=target.export), exports)
 
     async def activate(self, committed: int) -> None:
         """Fence, then restore the guest from epoch ``committed``."""
@@ -265,7 +286,11 @@ class SecondarySide(Side):
             and self.replica is not None
         detected = time.monotonic()
         self.takeover = Takeover(detected=detected)
-        layers = await self.store.failover_layers(committed)
+        if isinstance(self.store, ft_disks.ReplicaDisks):
+            chains = await self.store.failover_layers(committed)
+            layers, self.more_disk_layers = chains[0], chains[1:]
+        else:
+            layers = await self.store.failover_layers(committed)
         self.disk_layers = layers
         fence = self.load_fence()
         try:
@@ -360,10 +385,10 @@ class SecondarySide(Side):
                 layers, name=name, xml=hello.domain_xml,
                 readonly_dirs=(self.guest_dir,),
                 bridges=self.options.allowed_bridges,
-                boot_files=self.secondary.boot_files)
+                boot_files=self.secondary.boot_files,
+                disk_chains=[layers, *self.more_disk_layers])
             return await self.libvirt.attach(dom, monitor)
         qemu, qmp = await epoch.restore(
             self.spec, self.paths, self.ram, self.replica.devstate_path,
-            layers)
-        return RunningGuest(qemu, qmp, self.ram, 'disk0',
-                            self.spec.disk_size)
+            layers, disk_chains=[layers, *self.more_disk_layers])
+        return own_guest(self.spec, qemu, qmp, self.ram)

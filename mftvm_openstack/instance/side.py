@@ -82,6 +82,8 @@ class Side:
                                         lambda: self.fence)
         #: the disk files the guest runs on here, (path, format)
         self.disk_layers: list[tuple[str, str]] = []
+        #: and those of its other disks (disk1, ...)
+        self.more_disk_layers: list[list[tuple[str, str]]] = []
         #: secondary: where it listens for its primary
         self.listen = ''
         #: CLOCK_MONOTONIC stamps of a takeover
@@ -157,6 +159,8 @@ class Side:
             qemu_pid=guest.process.pid if guest is not None
             and guest.process.running else None,
             disk_layers=tuple(self.disk_layers),
+            more_disk_layers=tuple(tuple(chain)
+                                   for chain in self.more_disk_layers),
             sync_window=self.protector.sync_window,
             listen=self.listen, takeover=self.takeover,
             lease_held=None if fence is None or fence.lease == float('inf')

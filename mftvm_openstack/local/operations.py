@@ -30,7 +30,12 @@ from typing import Any, Optional
 
 from mftvm_openstack.contract import plugins
 from mftvm_openstack.contract.control import ControlOp, ControlRequest
-from mftvm_openstack.contract.limits import MEMORY_MIB_RANGE, SMP_RANGE
+from mftvm_openstack.contract.limits import (
+    MAX_DISKS,
+    MAX_NICS,
+    MEMORY_MIB_RANGE,
+    SMP_RANGE,
+)
 from mftvm_openstack.contract.options import HostOptions
 from mftvm_openstack.contract.record import (
     ContractError,
@@ -99,16 +104,18 @@ def default_disk_dirs() -> list[str]:
 
 
 def check_disk(spec: vm.GuestSpec, dirs: Sequence[str]) -> None:
-    """UserError unless the spec's disk is a regular file in one of
-    ``dirs``, reached without a symbolic link (a link planted where the
-    disk should be would have QEMU, perhaps as root, write through it)."""
-    try:
-        file_in(spec.disk, [os.path.abspath(d) for d in dirs])
-    except NotAllowed as exc:
-        raise UserError(f'--disk {exc}; give --disk-dir or '
-                        f'${DISK_DIRS_ENV}') from None
-    except OSError as exc:
-        raise UserError(f'--disk {spec.disk}: {exc.strerror}') from None
+    """UserError unless each of the spec's disks is a regular file in
+    one of ``dirs``, reached without a symbolic link (a link planted
+    where the disk should be would have QEMU, perhaps as root, write
+    through it)."""
+    for path, _, _ in spec.all_disks:
+        try:
+            file_in(path, [os.path.abspath(d) for d in dirs])
+        except NotAllowed as exc:
+            raise UserError(f'--disk {exc}; give --disk-dir or '
+                            f'${DISK_DIRS_ENV}') from None
+        except OSError as exc:
+            raise UserError(f'--disk {path}: {exc.strerror}') from None
 
 
 def default_state_dir() -> str:
@@ -156,8 +163,16 @@ def check_port_free(fwd: vm.HostForward) -> None:
 
 def make_spec(name: str, kernel: str, initrd: str, disk: str,
               append: Optional[str] = None, memory_mib: int = 128,
-              smp: int = 1, nic: Optional[str] = None) -> vm.GuestSpec:
-    """Validate the user's guest description and build its spec."""
+              smp: int = 1, nic: Optional[str] = None,
+              more_disks: Sequence[str] = (),
+              more_nics: Sequence[str] = ()) -> vm.GuestSpec:
+    """Validate the user's guest description and build its spec
+    (``more_disks``, ``more_nics``: the guest's disks and NICs after the
+    first, each replicated and held as the first is)."""
+    if len(more_disks) + 1 > MAX_DISKS:
+        raise UserError(f'--disk: at most {MAX_DISKS} disks')
+    if len(more_nics) + 1 > MAX_NICS:
+        raise UserError(f'--nic: at most {MAX_NICS} NICs')
     if not NAME_RE.fullmatch(name):
         raise UserError(f'guest name {name!r}: use letters, digits, "_", '
                         f'"." and "-" (at most 63)')
@@ -167,6 +182,10 @@ def make_spec(name: str, kernel: str, initrd: str, disk: str,
         if not os.path.isfile(initrd):
             raise UserError(f'initrd {initrd} does not exist')
         fmt, size = vm.probe_disk(disk)
+        extra = [vm.GuestDisk(path=os.path.abspath(path),
+                              format=probed[0], size=probed[1])
+                 for path in more_disks
+                 for probed in [vm.probe_disk(path)]]
     except vm.VMError as exc:
         raise UserError(str(exc)) from None
     low, high = MEMORY_MIB_RANGE
@@ -176,14 +195,16 @@ def make_spec(name: str, kernel: str, initrd: str, disk: str,
     if not low <= smp <= high:
         raise UserError(f'--smp {smp}: give {low} to {high}')
     forwards = parse_nic(nic) if nic else ()
-    for fwd in forwards:
+    nics = [vm.GuestNic(forwards=parse_nic(text)) for text in more_nics]
+    for fwd in [*forwards, *(f for n in nics for f in n.forwards)]:
         check_port_free(fwd)
     spec = vm.GuestSpec(
         name=name, kernel=os.path.abspath(kernel),
         initrd=os.path.abspath(initrd), disk=os.path.abspath(disk),
         append=append if append is not None else 'console=ttyS0 quiet',
         disk_format=fmt, disk_size=size, memory_mib=memory_mib, smp=smp,
-        forwards=forwards, accel=vm.probe_accelerator())
+        forwards=forwards, accel=vm.probe_accelerator(),
+        more_disks=tuple(extra) or None, more_nics=tuple(nics) or None)
     try:        # what the instance process will check when it loads it
         vm.GuestSpec.from_json(spec.to_json())
     except ContractError as exc:
@@ -260,7 +281,8 @@ def _check_capacity(spec: vm.GuestSpec, gdir: str) -> None:
             capacity.Need(vm.ram_dir(), 2 * spec.memory_bytes,
                           f'guest {spec.name} RAM (both sides)'),
             capacity.Need(os.path.join(gdir, Role.SECONDARY, 'disk'),
-                          capacity.replica_disk_bytes(spec.disk_size),
+                          sum(capacity.replica_disk_bytes(size)
+                              for _, _, size in spec.all_disks),
                           f'guest {spec.name} disk replica')])
     except capacity.CapacityError as exc:
         raise UserError(str(exc)) from None

@@ -42,6 +42,7 @@ from nova.compute import power_state
 from nova.network import neutron as neutron_api
 from nova.scheduler.client import report as scheduler_report
 from nova.servicegroup import api as servicegroup_api
+from nova.virt.libvirt import blockinfo
 from nova.virt.libvirt import driver as libvirt_driver
 from nova.virt.libvirt import utils as libvirt_utils
 from oslo_log import log as logging
@@ -1009,11 +1010,17 @@ class FTDriverMixin:
             dom = self._host.get_connection(  # type: ignore[attr-defined]
             ).lookupByUUIDString(instance.uuid)
             os.makedirs(instance_dir, exist_ok=True)
-            if settle.into_place(dom, path):
+            # its ephemeral, swap and config drive first (into_place
+            # makes the domain persistent as it then is)
+            others = settle.others_into_place(dom, {
+                dev: os.path.join(instance_dir, name)
+                for dev, name in self._ft_local_disks(instance).items()
+                if name != 'disk'})
+            if settle.into_place(dom, path) or others:
                 # what Nova's image backend records of a disk it made
                 files.write_json_atomic(
                     os.path.join(instance_dir, 'disk.info'),
-                    {path: 'qcow2'})
+                    {path: 'qcow2', **others})
         except Exception as exc:
             LOG.error('The guest taken over here stays on its replica; '
                       'stop, start and hard reboot will fail: %s',
@@ -1022,6 +1029,16 @@ class FTDriverMixin:
         LOG.info('The guest taken over here runs on %s, its domain '
                  'persistent', path, instance=instance)
         return True
+
+    @staticmethod
+    def _ft_local_disks(instance: Any) -> dict[str, str]:
+        """Target dev → Nova's file name (``disk``, ``disk.local``,
+        ``disk.eph0``, ``disk.swap``, ``disk.config``) of each local disk
+        of ``instance``, as LibvirtDriver lays them out."""
+        return settle.local_disk_names(blockinfo.get_disk_info(
+            nova_conf.CONF.libvirt.virt_type, instance, instance.image_meta,
+            virt_driver.get_block_device_info(instance,
+                                              instance.get_bdms())))
 
     def _reprotect_after_handoff(self, context: Any, instance: Any,
                                  old_host: str) -> None:

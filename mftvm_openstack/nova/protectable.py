@@ -1,17 +1,20 @@
 """Which servers FT can protect today, and how the rest are refused.
 
-The agents replicate one disk, the guest's local root disk, and hold the
-output of one NIC. A server with anything more would be called
-protected while a failover loses or breaks the rest: a Cinder volume
-(booted from or attached) would be left behind on the dead host, an
-ephemeral or swap disk or a config drive would keep the primary's path,
-a second port's output would leave before its epoch commits. So the
-driver looks at the server's devices first (:class:`Devices`) and
-:func:`cannot_protect` says what of them cannot be protected::
+The agents replicate every local disk of a server (its root disk, its
+ephemeral and swap disks, its config drive: up to
+:data:`~mftvm_openstack.contract.limits.MAX_DISKS` in all) and hold the
+output of each of its NICs (up to
+:data:`~mftvm_openstack.contract.limits.MAX_NICS`). A Cinder volume
+(booted from or attached) is not replicated: it would be left behind on
+the dead host. A server with one would be called protected while a
+failover loses it, so the driver looks at the server's devices first
+(:class:`Devices`) and :func:`cannot_protect` says what of them cannot
+be protected::
 
     >>> cannot_protect(Devices(root_volume=True, ports=2))
-    'boot from volume, 2 ports'
-    >>> cannot_protect(Devices(ports=1)) is None
+    'boot from volume'
+    >>> cannot_protect(Devices(ephemerals=1, swap=True, config_drive=True,
+    ...                        ports=2)) is None
     True
 
 What the driver does with it (see ``doc/nova-driver.rst``):
@@ -35,10 +38,13 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
+from mftvm_openstack.contract.limits import MAX_DISKS, MAX_NICS
 from mftvm_openstack.nova import ft_request
 
-#: what a protected server may have: one local root disk, one port
-SUPPORTED = 'only a local root disk and one port are replicated'
+#: what a protected server may have: local disks, the ports it was built
+#: with
+SUPPORTED = (f'only local disks (up to {MAX_DISKS}) and the ports a '
+             f'server is built with (up to {MAX_NICS}) are replicated')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +69,13 @@ def _count(n: int, one: str, many: str) -> str:
     return one if n == 1 else f'{n} {many}'
 
 
+def local_disks(found: Devices) -> int:
+    """How many disks of ``found`` the agents replicate: the local root
+    disk (unless booted from a volume), ephemeral, swap, config drive."""
+    return ((not found.root_volume) + found.ephemerals + found.swap
+            + found.config_drive)
+
+
 def cannot_protect(found: Devices) -> Optional[str]:
     """What of ``found`` cannot be protected, for people; None if all can.
 
@@ -70,7 +83,9 @@ def cannot_protect(found: Devices) -> Optional[str]:
 
         >>> cannot_protect(Devices(data_volumes=2, ephemerals=1,
         ...                        swap=True, config_drive=True))
-        '2 attached volumes, an ephemeral disk, a swap disk, a config drive'
+        '2 attached volumes'
+        >>> cannot_protect(Devices(ephemerals=8, ports=9))
+        '9 local disks (at most 8), 9 ports (at most 8)'
     """
     what = []
     if found.root_volume:
@@ -78,15 +93,11 @@ def cannot_protect(found: Devices) -> Optional[str]:
     if found.data_volumes:
         what.append(_count(found.data_volumes, 'an attached volume',
                            'attached volumes'))
-    if found.ephemerals:
-        what.append(_count(found.ephemerals, 'an ephemeral disk',
-                           'ephemeral disks'))
-    if found.swap:
-        what.append('a swap disk')
-    if found.config_drive:
-        what.append('a config drive')
-    if found.ports > 1:
-        what.append(f'{found.ports} ports')
+    disks = local_disks(found)
+    if disks > MAX_DISKS:
+        what.append(f'{disks} local disks (at most {MAX_DISKS})')
+    if found.ports > MAX_NICS:
+        what.append(f'{found.ports} ports (at most {MAX_NICS})')
     return ', '.join(what) or None
 
 
@@ -163,9 +174,10 @@ def build_refused(what: str) -> str:
 
     ::
 
-        >>> build_refused('a config drive')
-        'fault tolerance cannot protect a config drive (only a local root \
-disk and one port are replicated)'
+        >>> build_refused('an attached volume')
+        'fault tolerance cannot protect an attached volume (only local \
+disks (up to 8) and the ports a server is built with (up to 8) are \
+replicated)'
     """
     return f'fault tolerance cannot protect {what} ({SUPPORTED})'
 
@@ -184,8 +196,8 @@ def change_refused(what: str, remedy: str) -> str:
 
         >>> change_refused(ATTACH_VOLUME, 'unset the ft server property')
         'Attaching a volume to a fault-tolerant server is refused (only \
-a local root disk and one port are replicated): unset the ft server \
-property'
+local disks (up to 8) and the ports a server is built with (up to 8) \
+are replicated): unset the ft server property'
     """
     return f'{what} a fault-tolerant server is refused ({SUPPORTED}): ' \
            f'{remedy}'

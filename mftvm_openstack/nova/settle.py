@@ -10,6 +10,15 @@ live, and makes its domain persistent::
     dom = conn.lookupByUUIDString(instance.uuid)
     into_place(dom, '/var/lib/nova/instances/<uuid>/disk')
 
+The guest's other disks (ephemeral, swap: :func:`others_into_place`)
+go where Nova expects them the same way; a read-only one (the config
+drive's CD-ROM) is copied once, as its content never changes::
+
+    others_into_place(dom, {'vdb': '/var/lib/nova/instances/<uuid>/'
+                                   'disk.local',
+                            'sda': '/var/lib/nova/instances/<uuid>/'
+                                   'disk.config'})
+
 The order keeps one copy running at all times and loses nothing: the
 guest already runs here alone (the agent won its fence before it
 restored it); libvirt's block copy mirrors every write to the new file
@@ -21,9 +30,12 @@ image backend takes it as it is.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from typing import Any, Optional
 
 #: libvirt's flags and job type, as numbers: this module imports no
@@ -96,34 +108,125 @@ def into_place(dom: Any, path: str, timeout: float = COPY_TIMEOUT,
     if source == path and persistent:
         return False
     if source != path:
-        if os.path.exists(path):
-            raise SettleError(f'{path} exists already; not overwriting it')
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        dest = (f"<disk type='file'><driver type='qcow2'/>"
-                f"<source file='{_attr(path)}'/></disk>")
-        flags = BLOCK_COPY_TRANSIENT_JOB if persistent else 0
-        try:
-            dom.blockCopy(dev, dest, None, flags)
-        except Exception as exc:
-            raise SettleError(f'block copy to {path} refused: {exc}') \
-                from None
-        deadline = time.monotonic() + timeout
-        while not _mirror_ready(dom, dev):
-            if time.monotonic() > deadline or not dom.blockJobInfo(dev, 0):
-                _cancel(dom, dev, path)
-                raise SettleError(f'block copy to {path} did not finish')
-            time.sleep(interval)
-        try:
-            dom.blockJobAbort(dev, BLOCK_JOB_ABORT_PIVOT)
-        except Exception as exc:
-            _cancel(dom, dev, path)
-            raise SettleError(f'pivot to {path} failed: {exc}') from None
-        if first_disk(dom.XMLDesc(0))[1] != path:
-            raise SettleError(f'the guest did not switch to {path}')
+        _copy_live(dom, dev, path, persistent, timeout, interval)
     if not persistent:
         dom.connect().defineXML(persistent_xml(
             dom.XMLDesc(XML_INACTIVE | XML_SECURE)))
     return True
+
+
+def _copy_live(dom: Any, dev: str, path: str, persistent: bool,
+               timeout: float, interval: float) -> None:
+    """Block-copy disk ``dev`` of the running ``dom`` to ``path`` (a
+    qcow2 that stands alone) and pivot onto it."""
+    if os.path.exists(path):
+        raise SettleError(f'{path} exists already; not overwriting it')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    dest = (f"<disk type='file'><driver type='qcow2'/>"
+            f"<source file='{_attr(path)}'/></disk>")
+    flags = BLOCK_COPY_TRANSIENT_JOB if persistent else 0
+    try:
+        dom.blockCopy(dev, dest, None, flags)
+    except Exception as exc:
+        raise SettleError(f'block copy to {path} refused: {exc}') \
+            from None
+    deadline = time.monotonic() + timeout
+    while not _mirror_ready(dom, dev):
+        if time.monotonic() > deadline or not dom.blockJobInfo(dev, 0):
+            _cancel(dom, dev, path)
+            raise SettleError(f'block copy to {path} did not finish')
+        time.sleep(interval)
+    try:
+        dom.blockJobAbort(dev, BLOCK_JOB_ABORT_PIVOT)
+    except Exception as exc:
+        _cancel(dom, dev, path)
+        raise SettleError(f'pivot to {path} failed: {exc}') from None
+    if _disk_of(dom.XMLDesc(0), dev)[0] != path:
+        raise SettleError(f'the guest did not switch to {path}')
+
+
+def _disk_of(xml: str, dev: str) -> tuple[Optional[str], bool,
+                                          list[tuple[str, str]]]:
+    """(source file, read-only, layer chain base first) of disk ``dev``."""
+    disk = ET.fromstring(xml).find(f"devices/disk/target[@dev='{dev}']/..")
+    if disk is None:
+        raise SettleError(f'the domain has no disk {dev}')
+    source = disk.find('source')
+    top = source.get('file') if source is not None else None
+    driver = disk.find('driver')
+    chain = [] if top is None else [
+        (top, driver.get('type', 'raw') if driver is not None else 'raw')]
+    store = disk.find('backingStore')
+    while store is not None and store.find('source') is not None:
+        fmt = store.find('format')
+        chain.append((str(store.find('source').get('file')),  # type: ignore
+                      fmt.get('type', 'raw') if fmt is not None else 'raw'))
+        store = store.find('backingStore')
+    return top, disk.find('readonly') is not None, chain[::-1]
+
+
+def others_into_place(dom: Any, targets: Mapping[str, str],
+                      timeout: float = COPY_TIMEOUT,
+                      interval: float = 0.2) -> dict[str, str]:
+    """Move the running domain's other disks, each ``dev`` in
+    ``targets`` to its path: a writable one live, as :func:`into_place`
+    its first, a read-only one (a config drive) by a copy of its
+    content as it is (raw), while the guest reads on from its replica
+    until Nova's next start. Call it before :func:`into_place` (which
+    makes the domain persistent with every disk where it is then).
+    Returns ``{path: 'qcow2'}`` of the disks copied live (Nova's image
+    backend records them in ``disk.info``).
+
+    :raises SettleError: a copy failed; the disks moved so far stay moved.
+    """
+    moved = {}
+    for dev, path in sorted(targets.items()):
+        source, readonly, chain = _disk_of(dom.XMLDesc(0), dev)
+        if source is None or source == path:
+            continue
+        if not readonly:
+            _copy_live(dom, dev, path, bool(dom.isPersistent()), timeout,
+                       interval)
+            moved[path] = 'qcow2'
+            continue
+        if os.path.exists(path):
+            raise SettleError(f'{path} exists already; not overwriting it')
+        result = subprocess.run(
+            ['qemu-img', 'convert', '-U', '-O', 'raw',
+             _chain_filename(chain), path],
+            capture_output=True, text=True, check=False, timeout=timeout)
+        if result.returncode != 0:
+            raise SettleError(f'copy of {dev} to {path} failed: '
+                              f'{result.stderr.strip()[-200:]}')
+    return moved
+
+
+def _chain_filename(layers: list[tuple[str, str]]) -> str:
+    """A ``json:`` filename that opens a layer chain (base first) as one
+    image: the replica's overlays carry no backing file of their own."""
+    node: Any = None
+    for filename, fmt in layers:
+        node = {'driver': fmt,
+                'file': {'driver': 'file', 'filename': filename},
+                **({'backing': node} if fmt == 'qcow2' else {})}
+    return 'json:' + json.dumps(node)
+
+
+def local_disk_names(disk_info: Mapping[str, Any]) -> dict[str, str]:
+    """Target dev → file name in the instance directory of each local
+    disk in Nova's ``blockinfo.get_disk_info`` answer (``disk``,
+    ``disk.local`` or ``disk.eph0``..., ``disk.swap``, ``disk.config``;
+    volumes, named by their device, are none)::
+
+        >>> local_disk_names({'mapping': {
+        ...     'root': {'dev': 'vda'}, 'disk': {'dev': 'vda'},
+        ...     'disk.eph0': {'dev': 'vdb'}, '/dev/vdc': {'dev': 'vdc'},
+        ...     'disk.config': {'dev': 'sda'}}})
+        {'vda': 'disk', 'vdb': 'disk.eph0', 'sda': 'disk.config'}
+    """
+    return {str(disk['dev']): name
+            for name, disk in disk_info['mapping'].items()
+            if name == 'disk' or name.startswith('disk.')}
 
 
 def _cancel(dom: Any, dev: str, path: str) -> None:

@@ -83,13 +83,14 @@ class LibvirtDaemons(fixtures.Fixture):
             base.wait_for(_libvirtd_answers, 30, 0.2, 'libvirtd')
 
 
-def start_domain(conn, spec, serial_path, uuid=None):
+def start_domain(conn, spec, serial_path, uuid=None, devices=''):
     """Start ``spec`` as a transient libvirt domain, the way Nova would
     have (the engine then gets only its name; Nova's domain has the
     instance's ``uuid``), with its port forwards open (libvirt 9 has
-    none for the user-mode NIC: added through the monitor)."""
-    conn.createXML(libvirt_domain.domain_xml(spec, serial_path, uuid=uuid),
-                   0)
+    none for the user-mode NIC: added through the monitor).
+    ``devices``: more of them, before its NIC."""
+    xml = libvirt_domain.domain_xml(spec, serial_path, uuid=uuid)
+    conn.createXML(xml.replace('<interface', devices + '<interface', 1), 0)
 
     async def open_forwards():
         monitor = await libvirt_monitor.LibvirtMonitor.open(URI, spec.name)
@@ -248,9 +249,11 @@ class LibvirtProtectionTest(LibvirtTestCase):
         except libvirt.libvirtError:
             pass    # gone already
 
-    def start_and_protect(self, name, restored, boot_dir=None):
-        """Start domain ``name`` as Nova would, then protect it; return
-        (libvirt connection, guest dir, counter's last answer).
+    def start_and_protect(self, name, restored, run='writer,counter',
+                          devices='', boot_dir=None):
+        """Start domain ``name`` as Nova would (with more ``devices``),
+        then protect it; return (libvirt connection, guest dir,
+        counter's last answer).
 
         With ``boot_dir``, the domain boots from copies of the kernel and
         initrd in that directory (Nova's ``instances/<uuid>/kernel`` and
@@ -266,14 +269,14 @@ class LibvirtProtectionTest(LibvirtTestCase):
             initrd = shutil.copy(initrd, os.path.join(boot_dir, 'ramdisk'))
         spec = operations.make_spec(
             name, kernel, initrd, disk,
-            append='console=ttyS0 quiet mftvm.run=writer,counter '
+            append=f'console=ttyS0 quiet mftvm.run={run} '
                    'mftvm.writer_interval_ms=20',
             memory_mib=128,
             nic=f'user,hostfwd=tcp:127.0.0.1:{self.port}-:7000')
         conn = libvirt.open(URI)
         self.addCleanup(conn.close)
         serial = os.path.join(self.tmp, 'domain-serial.log')
-        start_domain(conn, spec, serial)
+        start_domain(conn, spec, serial, devices=devices)
         self.addCleanup(self._destroy, conn, name)
         self.addCleanup(self._destroy, conn, restored)
         base.wait_for(lambda: 'COUNTER-READY' in workload.read_text(serial),
@@ -370,6 +373,63 @@ class LibvirtProtectionTest(LibvirtTestCase):
         rserial = os.path.join(gdir, 'secondary', 'serial.log')
         self.talk(last, 1)
         self.assertNotIn('MFTVM-GUEST-READY', workload.read_text(rserial))
+
+    def test_every_disk_and_the_config_drive_fail_over(self):
+        # Issue 13: a second disk (an ephemeral, say) and a config drive
+        # (a read-only CD-ROM outside the instance's directory, as
+        # Nova's) are replicated: the restored domain runs on their
+        # replicas, the second disk's chain intact, the CD-ROM's content
+        # the same.
+        import libvirt
+
+        name = f'mftvm-lvd-{os.getpid()}'
+        restored = f'{name}-b'
+        second = self.make_disk()
+        config = os.path.join(self.tmp, 'disk.config')
+        with open(config, 'wb') as f:
+            f.write(os.urandom(1 << 20))
+        conn, gdir, last = self.start_and_protect(
+            name, restored, run='writer,writer2,counter', devices=f"""
+            <disk type="file" device="disk">
+              <driver name="qemu" type="raw" cache="none"/>
+              <source file="{second}"/><target dev="vdb" bus="virtio"/>
+            </disk>
+            <disk type="file" device="cdrom">
+              <driver name="qemu" type="raw"/>
+              <source file="{config}"/><target dev="hdc" bus="ide"/>
+              <readonly/>
+            </disk>""")
+        prim = self.side(name, 'primary')
+        last = self.talk(last, random.uniform(2, 4))
+        self.assertEqual(State.PROTECTED, self.side(name, 'primary')['state'])
+        self.kill_and_ask(prim['qemu_pid'], last, 90)
+        sec = self.wait_active(name)
+        self.assertEqual(libvirt.VIR_DOMAIN_RUNNING,
+                         conn.lookupByName(restored).state()[0])
+        self.assertEqual(2, len(sec['more_disk_layers']))
+        rserial = os.path.join(gdir, 'secondary', 'serial.log')
+        base.wait_for(lambda: len(workload.serial_acks(
+            workload.read_text(rserial), workload.SECOND_WRITER)) >= 5, 30,
+            what='ACKs of the second disk\'s writer after failover')
+        xml = conn.lookupByName(restored).XMLDesc(0)
+        self.assertNotIn(second, xml)
+        self.assertNotIn(config, xml)
+        operations.stop(self.state_dir, name)
+        text = workload.read_text(rserial)
+        self.assertNotIn('MFTVM-GUEST-READY', text)
+        second_layers, config_layers = sec['more_disk_layers']
+        self.assertEqual([], workload.future_records(
+            text, workload.SECOND_WRITER))
+        on_disk = workload.disk_records([tuple(x) for x in second_layers])
+        last_record = records.verify_chain(on_disk)
+        acks = workload.serial_acks(text, workload.SECOND_WRITER)
+        self.assertLessEqual(acks[-1][0], last_record)
+        for seq, digest in acks:
+            self.assertEqual(digest, on_disk[seq].hash.hex())
+        flat = os.path.join(self.tmp, 'config.flat')
+        vm.flatten([tuple(x) for x in config_layers], flat)
+        with open(config, 'rb') as a, open(flat, 'rb') as b:
+            self.assertEqual(a.read(), b.read())
 
     def test_failed_over_domain_settles_into_nova_s_place(self):
         # After a failover Nova's stop, start and hard reboot need the

@@ -25,7 +25,7 @@ from nova.tests.fixtures import libvirt as fakelibvirt
 from nova.virt.libvirt import driver as libvirt_driver
 
 from mftvm_openstack.agent import exception as agent_exception
-from mftvm_openstack.nova import driver, handoff
+from mftvm_openstack.nova import driver, handoff, steering
 from tests.nova import test_driver
 
 CONF = nova.conf.CONF
@@ -140,9 +140,11 @@ class HandoffTestBase(test_driver.FTDriverTestBase):
         self.useFixture(fixtures.MonkeyPatch(
             f'nova.virt.libvirt.driver.LibvirtDriver.{name}', spy))
 
-    def _boot_ft(self, networks: Any = 'none') -> dict:
-        body = self._build_server(flavor_id=self.ft_flavor,
+    def _boot_ft(self, networks: Any = 'none', flavor: Any = None,
+                 **more: Any) -> dict:
+        body = self._build_server(flavor_id=flavor or self.ft_flavor,
                                   networks=networks)
+        body.update(more)
         server = self.api.post_server({'server': body})
         return self._wait_for_state_change(server, 'ACTIVE')
 
@@ -337,6 +339,55 @@ class TestSettle(HandoffTestBase):
         self.assertEqual('protect', self.agent.calls[-1][0])
         with open(os.path.join(instance_dir, 'disk.info')) as f:
             self.assertEqual({disk: 'qcow2'}, json.load(f))
+
+    def test_every_local_disk_settles_where_nova_expects_it(self) -> None:
+        # ephemeral (Nova's disk.eph0: its mapping at boot), swap and
+        # config drive too (issue 13), before the
+        # root disk (whose move makes the domain persistent)
+        calls: list[tuple[str, Any]] = []
+
+        def others(dom: Any, targets: dict) -> dict:
+            calls.append(('others', dict(targets)))
+            return {p: 'qcow2' for p in targets.values()
+                    if not p.endswith('disk.config')}
+
+        def into_place(dom: Any, path: str) -> bool:
+            calls.append(('root', path))
+            return True
+        for name, fake in (('others_into_place', others),
+                           ('into_place', into_place)):
+            self.useFixture(fixtures.MonkeyPatch(
+                f'mftvm_openstack.nova.settle.{name}', fake))
+        flavor = self._create_flavor(
+            name='mftvm.ft.eph.swap', extra_spec={
+                'ft:enabled': 'true',
+                steering.FLAVOR_TRAIT_SPEC: 'required'},
+            **{**test_driver.FLAVOR, 'ephemeral': 1, 'swap': 128})
+        server = self._boot_ft(flavor=flavor, config_drive=True)
+        self.assertEqual('protected', self._sysmeta(server)[driver.STATUS])
+        primary, secondary, _ = self._roles(server)
+        xml = self.computes[primary].driver._host.get_connection(
+        ).lookupByUUIDString(server['id']).XMLDesc(0)
+        self.computes[secondary].driver._host.get_connection().createXML(
+            xml, 0)
+        self.takeover.take_over(secondary, server['id'])
+        server, _ = self._wait_for_host(server, secondary)
+        deadline = time.monotonic() + HANDOFF_TIMEOUT
+        while not any(c[0] == 'root' for c in calls):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        instance_dir = os.path.join(CONF.instances_path, server['id'])
+        (kind, targets), root = calls[0], calls[1]
+        self.assertEqual('others', kind)
+        self.assertEqual({'disk.eph0', 'disk.swap', 'disk.config'},
+                         {os.path.basename(p) for p in targets.values()})
+        self.assertTrue(all(os.path.dirname(p) == instance_dir
+                            for p in targets.values()))
+        self.assertEqual(('root', os.path.join(instance_dir, 'disk')), root)
+        with open(os.path.join(instance_dir, 'disk.info')) as f:
+            self.assertEqual({os.path.join(instance_dir, n): 'qcow2'
+                              for n in ('disk', 'disk.eph0', 'disk.swap')},
+                             json.load(f))
 
 
 class TestStandbyVifs(HandoffTestBase):

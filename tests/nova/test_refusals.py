@@ -1,12 +1,14 @@
 """What FT cannot protect yet is refused, or said, in Nova's harness.
 
-Only a local root disk and one port are replicated
-(:mod:`mftvm_openstack.nova.protectable`). Through the real API on
-fake-libvirt computes running FTLibvirtDriver, agents faked:
+Local disks and the ports a server is built with are replicated, Cinder
+volumes not (:mod:`mftvm_openstack.nova.protectable`). Through the real
+API on fake-libvirt computes running FTLibvirtDriver, agents faked:
 
+* an FT *flavor* server with an ephemeral or swap disk, a config drive
+  or two ports is protected (each was refused before issue 13);
 * an FT *flavor* server with a volume (booted from or attached at
-  boot), an ephemeral or swap disk, a config drive or two ports is not
-  built: ERROR, its fault says why, no agent told, no secondary held;
+  boot) is not built: ERROR, its fault says why, no agent told, no
+  secondary held;
 * the same asked by server metadata (``ft=true``) runs ACTIVE with
   ``ft_status`` ``unprotected: cannot protect <what>``, no agent told,
   no secondary held; so does a server given ``ft=true`` later, at its
@@ -129,31 +131,44 @@ class TestBuildRefused(RefusalTestBase):
                             **self._data_volume())
         self._assert_refused(server, 'an attached volume')
 
-    def test_config_drive(self) -> None:
-        server = self._post(self.ft_flavor, expected_state='ERROR',
-                            config_drive=True)
-        self._assert_refused(server, 'a config drive')
-
-    def test_ephemeral_disk(self) -> None:
-        server = self._post(self._ft_flavor_with(ephemeral=1),
-                            expected_state='ERROR')
-        self._assert_refused(server, 'an ephemeral disk')
-
-    def test_swap_disk(self) -> None:
-        server = self._post(self._ft_flavor_with(swap=128),
-                            expected_state='ERROR')
-        self._assert_refused(server, 'a swap disk')
-
-    def test_two_ports(self) -> None:
-        server = self._post(self.ft_flavor, expected_state='ERROR',
-                            **self._two_ports())
-        self._assert_refused(server, '2 ports')
-
     def test_one_port_protected(self) -> None:
         server = self._post(
             self.ft_flavor, networks=[{'port': self.neutron.port_1['id']}])
         self.assertEqual('protected', self._sysmeta(server)[driver.STATUS])
         self.assertEqual(1, len(self.agent.of('protect')))
+
+
+class TestEveryLocalDiskAndPortProtected(RefusalTestBase):
+    """What issue 13 protects: every local disk (ephemeral, swap, config
+    drive) and every port; each of these servers was refused before."""
+
+    def _assert_protected(self, server: dict) -> None:
+        self.assertEqual('ACTIVE', server['status'])
+        self.assertEqual('protected', self._sysmeta(server)[driver.STATUS])
+        self.assertIn(driver.SECONDARY_HOST, self._sysmeta(server))
+        self.assertEqual(1, len(self.agent.of('protect')))
+
+    def test_config_drive(self) -> None:
+        self._assert_protected(self._post(self.ft_flavor,
+                                          config_drive=True))
+
+    def test_ephemeral_disk(self) -> None:
+        self._assert_protected(self._post(self._ft_flavor_with(
+            ephemeral=1)))
+
+    def test_swap_disk(self) -> None:
+        self._assert_protected(self._post(self._ft_flavor_with(swap=128)))
+
+    def test_two_ports(self) -> None:
+        self._assert_protected(self._post(self.ft_flavor,
+                                          **self._two_ports()))
+
+    def test_all_of_them_asked_by_metadata(self) -> None:
+        flavor = self._create_flavor(
+            name='mftvm.plain.eph.swap',
+            **{**test_driver.FLAVOR, 'ephemeral': 1, 'swap': 128})
+        self._assert_protected(self._post(
+            flavor, {'ft': 'true'}, config_drive=True, **self._two_ports()))
 
 
 class TestMetadataRunsUnprotected(RefusalTestBase):
@@ -165,18 +180,15 @@ class TestMetadataRunsUnprotected(RefusalTestBase):
         self._delete_server(server)
         self.assertEqual([], self.agent.calls)
 
-    def test_config_drive_and_two_ports(self) -> None:
-        server = self._post(self.flavor, {'ft': 'true'}, config_drive=True,
-                            **self._two_ports())
-        self._assert_unprotected(server, 'a config drive, 2 ports')
-
     def test_volume_ephemeral_and_swap(self) -> None:
+        # the volume is what keeps it unprotected (the local disks are
+        # protected, TestEveryLocalDiskAndPortProtected)
         flavor = self._create_flavor(
             name='mftvm.plain.eph.swap',
             **{**test_driver.FLAVOR, 'ephemeral': 1, 'swap': 128})
-        server = self._post(flavor, {'ft': 'true'}, **self._data_volume())
-        self._assert_unprotected(
-            server, 'an attached volume, an ephemeral disk, a swap disk')
+        server = self._post(flavor, {'ft': 'true'}, config_drive=True,
+                            **self._data_volume())
+        self._assert_unprotected(server, 'an attached volume')
 
     def test_servers_without_ft_untouched(self) -> None:
         server = self._post(self.flavor, config_drive=True,

@@ -12,6 +12,7 @@ import asyncio
 import unittest
 from typing import Any
 
+from mftvm_openstack.contract.limits import MAX_DISKS
 from mftvm_openstack.ft import vm
 from mftvm_openstack.instance import guest as guests
 
@@ -145,10 +146,16 @@ class RestorableTest(unittest.TestCase):
 
     def test_a_domain_a_secondary_restores_is_adopted(self):
         self.assertEqual('attached', self.adopt(DISK))
+        # A config drive is replicated with the disks now (issue 13): the
+        # secondary restores it onto its replica, not from Nova's path.
+        self.assertEqual('attached', self.adopt(DISK + CONFIG_DRIVE))
 
     def test_a_domain_a_secondary_would_refuse_is_not(self):
+        more = ''.join(DISK.replace("dev='vda'", f"dev='vd{chr(98 + i)}'")
+                       .replace("x/disk'", f"x/disk{i}'")
+                       for i in range(MAX_DISKS))
         for devices, why in (
-                (DISK + CONFIG_DRIVE, "outside the instance's own"),
+                (DISK + more, f'at most {MAX_DISKS} disks'),
                 (DISK + "<interface type='bridge'><source bridge='br-ex'/>"
                  "</interface>", 'not a bridge guests may join'),
                 ("<disk type='block' device='disk'><source dev='/dev/sda'/>"

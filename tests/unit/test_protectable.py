@@ -7,6 +7,7 @@ from typing import Any
 
 import testtools
 
+from mftvm_openstack.contract.limits import MAX_DISKS, MAX_NICS
 from mftvm_openstack.nova import protectable
 from mftvm_openstack.nova.protectable import Devices
 
@@ -63,40 +64,67 @@ class TestDevices(testtools.TestCase):
         self.assertEqual('2 attached volumes',
                          protectable.cannot_protect(found))
 
+    # Every local disk and every port is protected since issue 13 (each
+    # of these was refused before); what the agents cannot take is past
+    # their limits.
+
     def test_ephemerals_from_mappings_or_flavor(self) -> None:
         by_mapping = _devices(info={'ephemerals': [{'size': 1},
                                                    {'size': 2}]})
-        self.assertEqual('2 ephemeral disks',
-                         protectable.cannot_protect(by_mapping))
+        self.assertEqual(2, by_mapping.ephemerals)
+        self.assertIsNone(protectable.cannot_protect(by_mapping))
         # libvirt makes disk.local from the flavor when no mapping names it
         by_flavor = _devices(Flavor(ephemeral_gb=1), info={})
-        self.assertEqual('an ephemeral disk',
-                         protectable.cannot_protect(by_flavor))
+        self.assertEqual(1, by_flavor.ephemerals)
+        self.assertIsNone(protectable.cannot_protect(by_flavor))
+        too_many = _devices(info={'ephemerals': [{'size': 1}] * MAX_DISKS})
+        self.assertEqual(f'{MAX_DISKS + 1} local disks (at most '
+                         f'{MAX_DISKS})',
+                         protectable.cannot_protect(too_many))
 
     def test_swap_from_mapping_or_flavor(self) -> None:
         self.assertTrue(_devices(info={'swap': {'swap_size': 64}}).swap)
         self.assertFalse(_devices(info={'swap': {'swap_size': 0}}).swap)
         self.assertTrue(_devices(Flavor(swap=64)).swap)
-        self.assertEqual('a swap disk',
-                         protectable.cannot_protect(_devices(Flavor(swap=1))))
+        self.assertIsNone(protectable.cannot_protect(_devices(Flavor(
+            swap=1))))
 
     def test_config_drive(self) -> None:
-        self.assertEqual('a config drive', protectable.cannot_protect(
-            _devices(config_drive=True)))
+        found = _devices(config_drive=True)
+        self.assertTrue(found.config_drive)
+        self.assertIsNone(protectable.cannot_protect(found))
+        self.assertEqual(2, protectable.local_disks(found))
 
     def test_ports(self) -> None:
         self.assertIsNone(protectable.cannot_protect(_devices(ports=0)))
         self.assertIsNone(protectable.cannot_protect(_devices(ports=1)))
-        self.assertEqual('3 ports', protectable.cannot_protect(
-            _devices(ports=3)))
+        self.assertIsNone(protectable.cannot_protect(_devices(ports=3)))
+        self.assertIsNone(protectable.cannot_protect(_devices(
+            ports=MAX_NICS)))
+        self.assertEqual(f'{MAX_NICS + 1} ports (at most {MAX_NICS})',
+                         protectable.cannot_protect(_devices(
+                             ports=MAX_NICS + 1)))
+
+    def test_local_disks_counted_against_the_limit(self) -> None:
+        # root, swap and a config drive leave room for five ephemerals
+        most = Devices(ephemerals=MAX_DISKS - 3, swap=True,
+                       config_drive=True)
+        self.assertEqual(MAX_DISKS, protectable.local_disks(most))
+        self.assertIsNone(protectable.cannot_protect(most))
+        self.assertIsNotNone(protectable.cannot_protect(Devices(
+            ephemerals=MAX_DISKS - 2, swap=True, config_drive=True)))
+        # booted from a volume: no local root disk (and refused for that)
+        self.assertEqual(1, protectable.local_disks(Devices(
+            root_volume=True, swap=True)))
 
     def test_everything_named_in_order(self) -> None:
-        found = Devices(root_volume=True, data_volumes=1, ephemerals=1,
-                        swap=True, config_drive=True, ports=2)
+        found = Devices(root_volume=True, data_volumes=1,
+                        ephemerals=MAX_DISKS, swap=True, config_drive=True,
+                        ports=MAX_NICS + 1)
         self.assertEqual(
-            'boot from volume, an attached volume, an ephemeral disk, '
-            'a swap disk, a config drive, 2 ports',
-            protectable.cannot_protect(found))
+            f'boot from volume, an attached volume, {MAX_DISKS + 2} local '
+            f'disks (at most {MAX_DISKS}), {MAX_NICS + 1} ports (at most '
+            f'{MAX_NICS})', protectable.cannot_protect(found))
 
 
 class TestRequiredByFlavor(testtools.TestCase):
@@ -119,7 +147,8 @@ class TestMessages(testtools.TestCase):
     def test_refusals_name_what_and_why(self) -> None:
         text = protectable.change_refused(protectable.SWAP_VOLUME, 'undo')
         self.assertEqual('Swapping a volume of a fault-tolerant server is '
-                         'refused (only a local root disk and one port are '
+                         'refused (only local disks (up to 8) and the ports '
+                         'a server is built with (up to 8) are '
                          'replicated): undo', text)
         self.assertIn('a swap disk', protectable.build_refused('a swap disk'))
 

@@ -139,7 +139,9 @@ class OutputBuffer(Protocol):
 
     #: set while the open epoch holds a frame
     waiting: asyncio.Event
-    frames_released: int
+
+    @property
+    def frames_released(self) -> int: ...
     #: told the held byte count each time a frame is held
     on_held: Optional[Callable[[int], None]]
 
@@ -233,3 +235,5 @@ class Prepared:
     replica: Replica
     store: OverlayStore
     target: NbdTargetInfo
+    #: the exports of the guest's other disks, on ``target``'s server
+    exports: tuple[str, ...] = ()

@@ -169,7 +169,8 @@ class SecondaryPair(Machine['SecondaryEvent']):
                                             self.hello_timeout))
             prepared = await self.prepare(hello)
             await channel.send_json(
-                Kind.READY, Ready(target=prepared.target).to_dict())
+                Kind.READY, Ready(target=prepared.target,
+                                  exports=prepared.exports or None).to_dict())
         except Exception as exc:   # whatever it was, this primary is refused
             error = f'refused a primary: {exc or type(exc).__name__}'
             LOG.error('%s', error, exc_info=not isinstance(

@@ -3,7 +3,7 @@
  *
  * One static binary with sub-modes, so the initramfs carries a single file:
  *
- *   guestd writer DEV [interval_ms [max_records]]
+ *   guestd writer DEV [interval_ms [max_records [TAG]]]
  *   guestd counter PORT DEV
  *   guestd session PORT DEV
  *   guestd iobench DEV SECONDS
@@ -291,6 +291,8 @@ static int mode_writer(int argc, char **argv)
 	const char *path = argv[2];
 	long interval_ms = argc > 3 ? atol(argv[3]) : 20;
 	uint64_t max_records = argc > 4 ? strtoull(argv[4], NULL, 10) : 0;
+	/* A second writer (on another disk) tags its lines: "VDB-ACK ..." */
+	const char *tag = argc > 5 ? argv[5] : "";
 	int fd = open_dev(path);
 	uint64_t size = dev_size(fd), end = WRITER_END, k = 0;
 	uint8_t prev[32] = { 0 }, *buf = alloc_block();
@@ -309,12 +311,12 @@ static int mode_writer(int argc, char **argv)
 			break;
 		memcpy(prev, buf + 48, 32);
 	}
-	printf("WRITER-START %llu\n", (unsigned long long)k);
+	printf("%sWRITER-START %llu\n", tag, (unsigned long long)k);
 
 	for (; !max_records || k < max_records; k++) {
 		uint64_t off = WRITER_BASE + k * BLOCK;
 		if (off + BLOCK > end) {
-			printf("WRITER-FULL %llu\n", (unsigned long long)k);
+			printf("%sWRITER-FULL %llu\n", tag, (unsigned long long)k);
 			return 0;
 		}
 		/*
@@ -324,13 +326,13 @@ static int mode_writer(int argc, char **argv)
 		 */
 		read_block(fd, off, buf);
 		if (!all_zero(buf, BLOCK))
-			printf("FUTURE %llu\n", (unsigned long long)k);
+			printf("%sFUTURE %llu\n", tag, (unsigned long long)k);
 		make_record(buf, k, prev);
 		write_block(fd, off, buf);
 		memcpy(prev, buf + 48, 32);
 		for (int i = 0; i < 32; i++)
 			sprintf(hex + 2 * i, "%02x", prev[i]);
-		printf("ACK %llu %s\n", (unsigned long long)k, hex);
+		printf("%sACK %llu %s\n", tag, (unsigned long long)k, hex);
 		if (interval_ms > 0)
 			sleep_ms(interval_ms);
 	}
@@ -706,7 +708,7 @@ static void mode_ticker(int argc, char **argv)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: guestd writer DEV [interval_ms [max_records]]\n"
+		"usage: guestd writer DEV [interval_ms [max_records [TAG]]]\n"
 		"       guestd counter PORT DEV\n"
 		"       guestd session PORT DEV\n"
 		"       guestd iobench DEV SECONDS\n"
