@@ -34,11 +34,15 @@ fi
 # The cloud lab (and the end-to-end tier, which runs it) starts its own
 # MariaDB, RabbitMQ, etcd and OVN central in a network namespace, and per
 # compute host libvirtd, Open vSwitch (userspace), ovn-controller and
-# mftvm-agent.
+# mftvm-agent; with --with-cinder a single-node Ceph (mon, mgr, OSD) for
+# Cinder's RBD driver, whose Python bindings (rados, rbd) only Debian
+# ships, and QEMU's rbd block driver (qemu-block-extra).
 if [ "$job" = test ] || [ "$job" = cloud ]; then
     APT_PACKAGES="$APT_PACKAGES mariadb-server rabbitmq-server etcd-server
         ovn-central ovn-host openvswitch-switch
-        libvirt-daemon-system libvirt-dev pkg-config"
+        libvirt-daemon-system libvirt-dev pkg-config
+        ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd
+        qemu-block-extra"
 fi
 
 missing=""

@@ -32,7 +32,9 @@ ALLOWED = {
     'local': {'instance', 'ft', 'contract', 'images', 'files', 'waiting'},
     'agent': {'instance', 'ft', 'contract', 'conf', 'fencing', 'files',
               'waiting'},
-    'nova': {'agent', 'contract', 'conf', 'files', 'waiting'},
+    # Cinder attachments and RBD volumes of FT servers (doc/volumes.rst)
+    'cinder': {'contract'},
+    'nova': {'agent', 'cinder', 'contract', 'conf', 'files', 'waiting'},
     # the FT API: Nova's FT request rules (nova/ft_request.py, light),
     # the agents' RPC client
     'api': {'agent', 'nova', 'contract', 'conf', 'files', 'waiting'},

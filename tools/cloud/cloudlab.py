@@ -875,7 +875,7 @@ def openrc_env(lab: Lab) -> dict[str, str]:
 # -- up, down, status ----------------------------------------------------
 
 
-def up(state_dir: str, name: str) -> Lab:
+def up(state_dir: str, name: str, with_cinder: bool = False) -> Lab:
     if os.geteuid() != 0:
         raise LabError('cloudlab needs root (a network namespace)')
     if not NAME_RE.match(name):
@@ -921,6 +921,10 @@ def up(state_dir: str, name: str) -> Lab:
         wait_http(lab, 'neutron', lab.url('neutron'))
         wait_for('nova-scheduler and nova-conductors to report up',
                  lambda: compute_services_up(lab), lab)
+        if with_cinder:
+            # Ceph and Cinder (tools/cloud/storage.py)
+            import storage
+            storage.up(lab)
     except BaseException:
         log(f'bring-up failed after {time.monotonic() - t0:.0f}s; '
             f'stopping what started (logs in {lab.path("log")})')
@@ -1031,13 +1035,19 @@ def build_host(lab: Lab, host: str, driver: str) -> None:
         [*enter, 'virsh', '-c', 'qemu:///system', 'version'],
         check=False).returncode == 0, lab, f'{host}-libvirtd', timeout=60)
     conf = configure_compute(lab, host, driver)
+    extra_conf = []
+    if lab.state.get('storage'):
+        # a Ceph client, RBD volumes for nova-compute
+        import storage
+        extra_conf = ['--config-file',
+                      storage.configure_host(lab, host, enter)]
     agent_conf = configure_agent(lab, host, conf)
     start(lab, f'{host}-mftvm-agent',
           [os.path.join(BIN, 'mftvm-agent'), '--config-file', agent_conf],
           enter=enter)
     start(lab, f'{host}-nova-compute',
-          [os.path.join(BIN, 'nova-compute'), '--config-file', conf],
-          enter=enter)
+          [os.path.join(BIN, 'nova-compute'), '--config-file', conf,
+           *extra_conf], enter=enter)
     wait_for(f'mftvm-agent on {host} to answer over RabbitMQ',
              lambda: agent_answers(lab, host), lab, f'{host}-mftvm-agent')
     wait_for(f'nova-compute on {host} to report up',
@@ -1350,12 +1360,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help='add-host: nova-compute\'s compute_driver '
                              f'(default {FT_DRIVER}; libvirt.LibvirtDriver '
                              'for a host without FT)')
+    parser.add_argument('--with-cinder', action='store_true',
+                        help='up: also a single-node Ceph and Cinder '
+                             '(RBD driver) in the lab (tools/cloud/'
+                             'storage.py)')
     parser.add_argument('--name', default='cloud',
                         help='the lab\'s namespace is mfc-NAME')
     args = parser.parse_args(argv)
     try:
         if args.command == 'up':
-            lab = up(args.dir, args.name)
+            lab = up(args.dir, args.name, args.with_cinder)
             print(f'\nThe control plane is up.  Try:\n'
                   f'    source {lab.path("openrc")}\n'
                   f'    openstack service list\n'
@@ -1396,4 +1410,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == '__main__':
+    # storage.py imports this module as "cloudlab": one copy, not two
+    sys.modules.setdefault('cloudlab', sys.modules[__name__])
     sys.exit(main())

@@ -1,0 +1,263 @@
+"""Cinder volumes on the lab's Ceph, through the ``openstack`` CLI only.
+
+One lab for the class, brought up with ``cloudlab.py up --with-cinder``
+(a single-node Ceph and Cinder's RBD driver, tools/cloud/storage.py) and
+one compute host.  The guest's own writes are the evidence: booted from
+a volume, it writes hash-chained records to it (``mftvm.run=writer``)
+and, once a second volume is attached, a fixed number of them to that
+one (``writer-on:vdb:N``); the test reads both volumes back from Ceph
+(``rbd export`` in the lab's namespace) after Nova let go of them::
+
+    openstack volume create --image mftvm-guest --size 1 boot
+    openstack server create --volume boot ... vm
+    openstack server add volume vm data      # the guest writes to vdb
+    openstack server remove volume vm data   # data: N records, intact
+
+The fixture borrows test_cloud.CloudTest's helpers (the same lab
+start-up, CLI wrappers and guest upload) without its tests, so that it
+moves with them to a shared lab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import testtools
+
+from mftvm_openstack.images import records, workload
+from tests.e2e import test_cloud
+from tests.e2e.test_cloud import CLOUDLAB, PYTHON, _checked
+
+#: the host the servers run on (FTLibvirtDriver, RBD volumes configured)
+HOST = 'h1'
+#: records the guest writes to the attached volume
+DATA_RECORDS = 64
+#: how long a volume or a server may take to settle, seconds
+SETTLE = 300
+GUEST_CMDLINE = ('console=ttyS0 virtio_net.csum=0 '
+                 f'mftvm.run=writer,writer-on:vdb:{DATA_RECORDS}')
+ACK_RE = re.compile(r'^ACK (\d+) ([0-9a-f]{64})', re.M)
+
+
+def _fixture(name: str):
+    """CloudTest's fixture piece ``name`` as it is defined (classmethods
+    included), to reuse here without CloudTest's own tests."""
+    return test_cloud.CloudTest.__dict__[name]
+
+
+class VolumesCloudTest(testtools.TestCase):
+    """Boot from a Cinder volume, attach, detach and delete, on RBD."""
+
+    LAB_OPTIONS = ('--with-cinder',)
+
+    _install_wheel = _fixture('_install_wheel')
+    _openrc = _fixture('_openrc')
+    _tear_down = _fixture('_tear_down')
+    add_hosts = _fixture('add_hosts')
+    cloud = _fixture('cloud')
+    cloud_json = _fixture('cloud_json')
+    upload_guest = _fixture('upload_guest')
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        if os.geteuid() != 0:
+            raise RuntimeError('the e2e tier needs root (network namespaces)')
+        if not os.path.exists(PYTHON):
+            raise RuntimeError(f'no {PYTHON}: run tools/run.sh test, which '
+                               f'makes .cloud-venv')
+        cls.tmp = tempfile.mkdtemp(prefix='mftvm-e2e-volumes-')
+        cls.lab_dir = os.path.join(cls.tmp, 'lab')
+        try:
+            cls.wheel = cls._install_wheel()
+            with open(os.path.join(cls.tmp, 'up.log'), 'w') as out:
+                result = subprocess.run(
+                    [PYTHON, CLOUDLAB, 'up', '--dir', cls.lab_dir,
+                     '--name', f'p{os.getpid()}', *cls.LAB_OPTIONS],
+                    stdout=out, stderr=subprocess.STDOUT, timeout=1200)
+            if result.returncode:
+                with open(os.path.join(cls.tmp, 'up.log')) as f:
+                    raise RuntimeError(f'cloudlab up failed:\n'
+                                       f'{f.read()[-6000:]}')
+        except BaseException:
+            cls._tear_down()
+            raise
+        cls.env = cls._openrc()
+        cls.hosts = []
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls._tear_down()
+        super().tearDownClass()
+
+    # -- helpers --------------------------------------------------------
+
+    def wait_for(self, what: str, predicate, timeout: float = SETTLE):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                self.fail(f'timed out after {timeout:.0f}s waiting for '
+                          f'{what}')
+            time.sleep(2)
+
+    def volume(self, volume_id: str) -> dict:
+        return self.cloud_json('volume', 'show', volume_id)
+
+    def wait_volume(self, volume_id: str, status: str) -> dict:
+        def settled():
+            shown = self.volume(volume_id)
+            if shown['status'] in ('error', 'error_deleting'):
+                self.fail(f'volume {volume_id} went {shown["status"]}')
+            return shown if shown['status'] == status else None
+        return self.wait_for(f'volume {volume_id} {status}', settled)
+
+    def create_volume(self, name: str, *args: str) -> dict:
+        volume = self.cloud_json('volume', 'create', '--size', '1', *args,
+                                 name)
+        self.addCleanup(self.cloud, 'volume', 'delete', volume['id'],
+                        check=False)
+        return self.wait_volume(volume['id'], 'available')
+
+    def console(self, server_id: str) -> str:
+        return self.cloud('console', 'log', 'show', server_id).stdout
+
+    def read_volume(self, volume_id: str) -> bytes:
+        """The volume's bytes as Ceph holds them (``rbd export`` as the
+        lab's admin, in its namespace)."""
+        out = os.path.join(self.tmp, f'{volume_id}.raw')
+        _checked(['ip', 'netns', 'exec', f'mfc-p{os.getpid()}', 'rbd',
+                  '-c', os.path.join(self.lab_dir, 'ceph', 'ceph.conf'),
+                  '--id', 'admin', 'export', f'volumes/volume-{volume_id}',
+                  out])
+        self.addCleanup(os.unlink, out)
+        with open(out, 'rb') as f:
+            return f.read()
+
+    def attached_to(self, volume: dict) -> list[tuple[str, str]]:
+        """(server, host) of each of ``volume``'s attachments."""
+        return [(a['server_id'], a['host_name'])
+                for a in volume['attachments']]
+
+    # -- tests -----------------------------------------------------------
+
+    def test_volume_service_on_rbd(self):
+        services = {(s['Binary'], s['Host'], s['State'])
+                    for s in self.cloud_json('volume', 'service', 'list')}
+        self.assertIn('up', {state for binary, _, state in services
+                             if binary == 'cinder-volume'})
+        (volume_host,) = [host for binary, host, _ in services
+                          if binary == 'cinder-volume']
+        self.assertTrue(volume_host.endswith('@ceph'), volume_host)
+        volume = self.create_volume('e2e-plain')
+        # Cinder's RBD driver made it in the lab's pool, on Ceph.
+        self.assertEqual(1 << 30, len(self.read_volume(volume['id'])))
+
+    def test_boot_from_volume_attach_write_detach_delete(self):
+        self.add_hosts(HOST)
+        _, _, image, _ = self.upload_guest(
+            'e2e-volume-guest', f'os_command_line={GUEST_CMDLINE}')
+        boot = self.create_volume('e2e-boot', '--image', image['id'],
+                                  '--bootable')
+        data = self.create_volume('e2e-data')
+        self.cloud('flavor', 'create', '--ram', '128', '--disk', '0',
+                   '--vcpus', '1', 'm1.e2e-volume')
+        self.addCleanup(self.cloud, 'flavor', 'delete', 'm1.e2e-volume',
+                        check=False)
+
+        server = self.cloud_json(
+            'server', 'create', '--volume', boot['id'], '--flavor',
+            'm1.e2e-volume', '--nic', 'none', '--availability-zone',
+            f'nova:{HOST}', '--wait', 'e2e-volume-vm')
+        self.addCleanup(self.cloud, 'server', 'delete', '--wait',
+                        server['id'], check=False)
+        shown = self.cloud_json('server', 'show', server['id'])
+        self.assertEqual(('ACTIVE', HOST), (
+            shown['status'], shown['OS-EXT-SRV-ATTR:host']))
+        self.assertEqual([{'id': boot['id']}], [
+            {'id': v['id']} for v in shown['volumes_attached']])
+        self.assertEqual([(server['id'], HOST)],
+                         self.attached_to(self.volume(boot['id'])))
+        # The guest writes its records to the boot volume (/dev/vda).
+        self.wait_for('the guest\'s writer on its boot volume', lambda:
+                      len(ACK_RE.findall(self.console(server['id']))) > 5)
+
+        # A second volume, attached to the running server: in use on
+        # the server's host; the guest writes its N records to it.
+        self.cloud('server', 'add', 'volume', server['id'], data['id'])
+        attached = self.wait_volume(data['id'], 'in-use')
+        self.assertEqual([(server['id'], HOST)], self.attached_to(attached))
+        self.assertEqual('/dev/vdb', attached['attachments'][0]['device'])
+        self.wait_for('the guest\'s writer on the attached volume', lambda:
+                      f'WRITER-DONE vdb {DATA_RECORDS}' in
+                      self.console(server['id']))
+        self.cloud('server', 'remove', 'volume', server['id'], data['id'])
+        detached = self.wait_volume(data['id'], 'available')
+        self.assertEqual([], detached['attachments'])
+        written = records.parse_records(self.read_volume(data['id']))
+        self.assertEqual(DATA_RECORDS - 1, records.verify_chain(written))
+
+        # Deleting the server leaves the boot volume (made before the
+        # server: not deleted on termination) available, with every
+        # record the guest acknowledged before, intact.
+        acked = workload.serial_acks(self.console(server['id']))
+        self.assertTrue(acked)
+        self.cloud('server', 'delete', '--wait', server['id'])
+        kept = self.wait_volume(boot['id'], 'available')
+        self.assertEqual([], kept['attachments'])
+        on_disk = records.parse_records(self.read_volume(boot['id']))
+        last = records.verify_chain(on_disk)
+        last_acked, last_hash = acked[-1]
+        self.assertGreaterEqual(last, last_acked)
+        self.assertEqual(last_hash, on_disk[last_acked].hash.hex())
+
+    def test_ft_flavor_server_from_volume_refused(self):
+        # Today FT protects a local root disk only (nova/protectable.py):
+        # an FT flavor booted from a volume is refused at spawn, with a
+        # fault that says why, and the volume is let go.
+        self.add_hosts(HOST)
+        _, _, image, _ = self.upload_guest(
+            'e2e-ft-volume-guest', 'os_command_line=console=ttyS0')
+        boot = self.create_volume('e2e-ft-boot', '--image', image['id'],
+                                  '--bootable')
+        self.cloud('flavor', 'create', '--ram', '128', '--disk', '0',
+                   '--vcpus', '1', '--property', 'ft:enabled=true',
+                   'm1.e2e-ft-volume', microversion=test_cloud.VALIDATED)
+        self.addCleanup(self.cloud, 'flavor', 'delete', 'm1.e2e-ft-volume',
+                        check=False)
+        server = self.cloud_json(
+            'server', 'create', '--volume', boot['id'], '--flavor',
+            'm1.e2e-ft-volume', '--nic', 'none', '--availability-zone',
+            f'nova:{HOST}', 'e2e-ft-volume-vm')
+        self.addCleanup(self.cloud, 'server', 'delete', '--wait',
+                        server['id'], check=False)
+
+        def ended():
+            shown = self.cloud_json('server', 'show', server['id'])
+            return shown if shown['status'] in ('ERROR', 'ACTIVE') else None
+
+        shown = ended() or self.wait_for('the build to end', ended)
+        self.assertEqual('ERROR', shown['status'])
+        self.assertIn('fault tolerance cannot protect boot from volume',
+                      json.dumps(shown.get('fault')))
+        # Nothing runs on the host for it, and Cinder has it back.
+        with open(os.path.join(self.lab_dir, 'lab.json')) as f:
+            enter = json.load(f)['hosts'][HOST]['enter']
+        self.assertEqual('', _checked(
+            [*enter, 'virsh', '-c', 'qemu:///system', 'list', '--all',
+             '--name']).stdout.strip())
+        self.cloud('server', 'delete', '--wait', server['id'])
+        self.assertEqual([], self.wait_volume(boot['id'],
+                                              'available')['attachments'])
+
+
+if __name__ == '__main__':
+    sys.exit('run with stestr: tests/e2e needs .cloud-venv and root')
