@@ -318,11 +318,11 @@ class HorizonCloudTest(testtools.TestCase):
             ['async-replication', 'block-copy', 'write-replication'],
             properties['ft:disk_sync']['enum'])
 
-    def test_admin_turns_ft_on_in_the_update_metadata_dialog(self):
-        self.flavor('m1.ft-horizon')
-        self.assertEqual({}, self.properties('m1.ft-horizon'))
+    def turn_ft_on(self, flavor: str) -> None:
+        """doc/admin.rst's "In Horizon" steps: ``ft:enabled`` on, from
+        the FT namespace in the flavor's "Update Metadata" dialog."""
         self.log_in()
-        dialog = self.open_update_metadata('m1.ft-horizon')
+        dialog = self.open_update_metadata(flavor)
         # the namespace opens to its properties, titled from the
         # validators' own descriptions
         self.available(dialog, NAMESPACE_TITLE).click()
@@ -342,7 +342,12 @@ class HorizonCloudTest(testtools.TestCase):
             checkbox.click()
         self.assertTrue(checkbox.is_selected())
         self.shot('ft-enabled-added')
-        self.save('m1.ft-horizon')
+        self.save(flavor)
+
+    def test_admin_turns_ft_on_in_the_update_metadata_dialog(self):
+        self.flavor('m1.ft-horizon')
+        self.assertEqual({}, self.properties('m1.ft-horizon'))
+        self.turn_ft_on('m1.ft-horizon')
         self.assertEqual({'ft:enabled': 'true'},
                          self.properties('m1.ft-horizon'))
 
