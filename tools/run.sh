@@ -30,6 +30,9 @@ APT_PACKAGES="qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64
 if [ "$job" = test ]; then
     APT_PACKAGES="$APT_PACKAGES rabbitmq-server redis-server etcd-server iptables
         libvirt-daemon-system libvirt-dev pkg-config"
+    # The e2e tier's browser test: headless Chromium driven through
+    # chromedriver (Selenium) against the lab's Horizon.
+    APT_PACKAGES="$APT_PACKAGES chromium chromium-driver"
 fi
 # The cloud lab (and the end-to-end tier, which runs it) starts its own
 # MariaDB, RabbitMQ, etcd and OVN central in a network namespace, and per

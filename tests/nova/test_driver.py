@@ -306,6 +306,33 @@ class TestFTDriver(FTDriverTestBase):
         self.assertEqual([], self.agent.calls)
         self.assertEqual({h: NO_USAGE for h in self.HOSTS}, self._usages())
 
+    def test_bad_values_stored_through_horizon_abort_the_build(self) -> None:
+        # Horizon's "Update Metadata" saves through openstacksdk, whose
+        # flavor speaks 2.61: nova-api stores any value there. A word
+        # where a number belongs, or a mistyped key from the dialog's
+        # Custom field, must not leave a server running unprotected.
+        self.admin_api.microversion = '2.61'
+        for name, specs, says in (
+                ('mftvm.banana', {'ft:enabled': 'true',
+                                  'ft:epoch_ms': 'banana'},
+                 "flavor extra spec 'ft:epoch_ms': 'banana' is not an "
+                 "integer number of milliseconds"),
+                ('mftvm.typo', {'ft:enable': 'true'},
+                 "flavor extra spec 'ft:enable': is not a known extra "
+                 "spec")):
+            flavor = self._create_flavor(name=name, extra_spec=specs,
+                                         **FLAVOR)
+            self.assertEqual(
+                specs, self.admin_api.get_flavor(flavor)['extra_specs'],
+                'stored unchecked')
+            server = self._boot(flavor, expected_state='ERROR')
+            self.assertIn(says, server['fault']['message'], name)
+            self.assertIn('aborted', server['fault']['message'], name)
+            self.assertEqual([], self.agent.calls, name)
+            self.assertEqual({h: NO_USAGE for h in self.HOSTS},
+                             self._usages(), name)
+            self._delete_server(server)
+
 
 class TestFTDriverOneHost(FTDriverTestBase):
     """No host for a secondary: ACTIVE, unprotected, and saying so."""

@@ -71,6 +71,12 @@ HOST_STATE_DIR = '/run/mftvm'
 
 VENV = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
 BIN = os.path.join(VENV, 'bin')
+#: the source tree this script belongs to
+SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+#: the ft: flavor properties for Glance's metadefs catalog (Horizon's
+#: "Update Metadata" dialog offers them; doc/admin.rst)
+FT_METADEFS = os.path.join(SOURCE, 'etc', 'metadefs', 'mftvm-ft.json')
 
 # Debian's daemons, run as root with our own paths (no systemd here).
 MARIADB_INSTALL_DB = '/usr/bin/mariadb-install-db'
@@ -84,7 +90,7 @@ RABBITMQCTL = '/usr/lib/rabbitmq/bin/rabbitmqctl'
 PORTS = {'keystone': 5000, 'glance': 9292, 'placement': 8778,
          'nova-api': 8774, 'neutron': 9696, 'rabbit': 5672, 'mysql': 3306,
          'ovn-nb': 6641, 'ovn-sb': 6642, 'mftvm-api': 8790, 'etcd': 2379,
-         'etcd-peer': 2380}
+         'etcd-peer': 2380, 'horizon': 80}
 SERVICE_USERS = ('glance', 'placement', 'nova', 'neutron')
 
 # Debian's Open vSwitch and OVN (openvswitch-switch, ovn-central,
@@ -105,6 +111,8 @@ FT_DRIVER = 'mftvm.FTLibvirtDriver'
 #: guest memory an FT host offers, MiB (all of it file-backed)
 HOST_GUEST_MEMORY_MIB = 4096
 LOG_MAX_MB = 10                 # per log file, two files kept
+#: where Horizon answers (its WEBROOT): http://<lab>/
+HORIZON_ROOT = '/'
 START_TIMEOUT = 300.0
 
 
@@ -755,6 +763,29 @@ def start_glance(lab: Lab) -> None:
         OS_GLANCE_CONFIG_DIR=etc)
 
 
+def load_ft_metadefs(lab: Lab) -> None:
+    """The ft: flavor properties into Glance's metadefs catalog.
+
+    The DevStack plugin loads the same document with ``glance-manage db
+    load_metadefs``; the metadefs API takes it as it is, in a second
+    where glance-manage takes twenty to start."""
+    import openstack
+
+    with open(FT_METADEFS) as f:
+        body = json.load(f)
+    conn = openstack.connect(
+        auth_url=lab.url('keystone') + '/v3', username='admin',
+        password=lab.password('admin'), project_name='admin',
+        user_domain_name='Default', project_domain_name='Default',
+        region_name='RegionOne')
+    response = conn.image.post('/metadefs/namespaces', json=body,
+                               raise_exc=False)
+    if response.status_code != 201:
+        raise LabError(f'Glance refused {FT_METADEFS}: '
+                       f'{response.status_code} {response.text[:500]}')
+    log(f'  metadefs namespace {body["namespace"]} loaded')
+
+
 def start_placement(lab: Lab) -> None:
     etc = lab.path('etc', 'placement')
     manage(lab, 'placement-manage', '--config-file',
@@ -916,6 +947,7 @@ def up(state_dir: str, name: str, with_cinder: bool = False) -> Lab:
         sync_nova(lab)
         start_nova(lab)
         wait_http(lab, 'glance', lab.url('glance'))
+        load_ft_metadefs(lab)
         wait_http(lab, 'placement', lab.url('placement'))
         wait_http(lab, 'nova-api', lab.url('nova-api'))
         wait_http(lab, 'neutron', lab.url('neutron'))
@@ -1306,6 +1338,72 @@ def start_ft_api(state_dir: str) -> str:
     return lab.url('mftvm-api')
 
 
+HORIZON_SETTINGS = """\
+# Horizon's local_settings for the lab, written by cloudlab.py horizon.
+# openstack_dashboard.settings imports it as local.local_settings: this
+# directory comes first on PYTHONPATH, so the venv holds no lab's state.
+WEBROOT = {root!r}
+ALLOWED_HOSTS = ['*']
+SECRET_KEY = {secret!r}
+OPENSTACK_HOST = {ip!r}
+OPENSTACK_KEYSTONE_URL = {keystone!r}
+OPENSTACK_KEYSTONE_DEFAULT_ROLE = 'member'
+TIME_ZONE = 'UTC'
+# one uwsgi process: its memory holds the sessions (no memcached here)
+CACHES = {{'default': {{
+    'BACKEND': 'django.core.cache.backends.locmem.LocMemCache'}}}}
+STATIC_ROOT = {static!r}
+COMPRESS_OFFLINE = True
+"""
+
+
+def start_horizon(state_dir: str) -> str:
+    """Horizon (the dashboard) in the control namespace, under uwsgi
+    as the other services are; its collected and compressed static
+    files are served by uwsgi itself (``--static-map``).  Optional: the
+    lab runs without it.  Returns its URL."""
+    lab = Lab(state_dir)
+    if not os.path.exists(f'/run/netns/{lab.state.get("ns")}'):
+        raise LabError(f'no lab up in {lab.dir}')
+    t0 = time.monotonic()
+    pid = lab.state.get('pids', {}).get('horizon')
+    if pid is not None and alive(pid):     # started again: anew
+        stop(pid)
+    home = lab.path('horizon')
+    static = os.path.join(home, 'static')
+    os.makedirs(os.path.join(home, 'local'), exist_ok=True)
+    with open(os.path.join(home, 'local', '__init__.py'), 'w'):
+        pass
+    secret = lab.state['passwords'].setdefault('horizon',
+                                               secrets.token_hex(24))
+    lab.save()
+    with open(os.open(os.path.join(home, 'local', 'local_settings.py'),
+                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+              'w') as f:
+        f.write(HORIZON_SETTINGS.format(
+            root=HORIZON_ROOT, secret=secret, ip=lab.ip,
+            keystone=lab.url('keystone') + '/v3', static=static))
+    env = {'PYTHONPATH': home,
+           'DJANGO_SETTINGS_MODULE': 'openstack_dashboard.settings'}
+    # What a packager does once per release: static files gathered in
+    # one place, then Horizon's SCSS and JavaScript compressed offline
+    # (COMPRESS_OFFLINE: the pages name the compressed files).
+    for argv in (('collectstatic', '--noinput'), ('compress', '--force')):
+        t1 = time.monotonic()
+        run([os.path.join(BIN, 'django-admin'), *argv],
+            env=service_env(lab, **env), cwd=home)
+        log(f'  django-admin {argv[0]} ({time.monotonic() - t1:.1f}s)')
+    start(lab, 'horizon', uwsgi(
+        lab, 'horizon', 'openstack_dashboard.wsgi', PORTS['horizon'],
+        ('--static-map', f'{HORIZON_ROOT}static={static}')),
+        PYTHONPATH=env['PYTHONPATH'],
+        DJANGO_SETTINGS_MODULE=env['DJANGO_SETTINGS_MODULE'])
+    url = lab.url('horizon') + HORIZON_ROOT
+    wait_http(lab, 'horizon', url)
+    log(f'Horizon up in {time.monotonic() - t0:.1f}s at {url}')
+    return url
+
+
 def rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -1341,7 +1439,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         description='An OpenStack control plane in a network namespace.')
     parser.add_argument('command', choices=('up', 'down', 'status',
                                             'restart', 'add-host', 'probe',
-                                            'tx-checksum-off', 'ft-api'))
+                                            'tx-checksum-off', 'ft-api',
+                                            'horizon'))
     parser.add_argument('what', nargs='?',
                         help='for restart: the daemon, e.g. nova-api; '
                              'for add-host and probe: the host\'s name, '
@@ -1354,6 +1453,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         help='state directory (default $MFTVM_CLOUD_DIR or '
              '/var/lib/mftvm-cloud); "up" empties it first (only if '
              'it is empty or a lab\'s)')
+    parser.add_argument('--with-horizon', action='store_true',
+                        help='up: Horizon too (as "horizon" does later: '
+                             'about a minute and 200 MB more)')
     parser.add_argument('--network-only', action='store_true',
                         help='add-host: only the namespace and its links')
     parser.add_argument('--driver', default=FT_DRIVER,
@@ -1370,6 +1472,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == 'up':
             lab = up(args.dir, args.name, args.with_cinder)
+            if args.with_horizon:
+                try:
+                    start_horizon(args.dir)
+                except BaseException:
+                    down(args.dir)
+                    raise
             print(f'\nThe control plane is up.  Try:\n'
                   f'    source {lab.path("openrc")}\n'
                   f'    openstack service list\n'
@@ -1397,6 +1505,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(probe(args.dir, args.what, args.port))
         elif args.command == 'ft-api':
             print(start_ft_api(args.dir))
+        elif args.command == 'horizon':
+            print(start_horizon(args.dir))
         elif args.command == 'tx-checksum-off':     # used by probe
             if not args.what:
                 parser.error('tx-checksum-off needs an interface')
