@@ -721,6 +721,36 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await settle()
         self.assertEqual([], self.cap.captured)
 
+    async def test_no_mark_queues_behind_a_large_unacked_checkpoint(self):
+        # The first checkpoint after a sync carries much of the guest's
+        # RAM: a MARK sent behind it waited while the secondary read and
+        # applied it, and on a loaded host missed mark_timeout ('checkpoint
+        # 2 failed: TimeoutError()'), dropping the secondary it had just
+        # synced. The next checkpoint waits for that one's ACK instead.
+        await self.make(max_unacked_bytes=1024, ack_timeout=5.0)
+        self.machine.post(pair.Tick())
+        await settle()
+        self.assertEqual([1], self.cap.captured)
+        self.assertGreater(self.machine.unacked_bytes, 1024)
+        self.chan.clear()
+        self.machine.post(pair.Tick())
+        await settle()
+        self.assertEqual([], self.chan.kinds())      # no MARK: it waits
+        self.assertEqual([1], self.cap.captured)
+        self.chan.inbox.put_nowait(Message(Kind.ACK, 1))
+        await settle()
+        self.assertEqual(0, self.machine.unacked_bytes)
+        self.machine.post(pair.Tick())
+        await settle()
+        self.assertEqual([1, 2], self.cap.captured)
+        self.assertEqual([Kind.MARK, Kind.CHECKPOINT], self.chan.kinds())
+        # A secondary that never acks is still lost at ack_timeout.
+        await self.clock.advance(5.5)
+        self.machine.post(pair.Tick())
+        await settle()
+        self.assertEqual(State.UNPROTECTED, self.machine.state)
+        self.assertIn('checkpoint 2 not acked', self.machine.stats.reason)
+
     async def test_mark_timeout_means_secondary_lost(self):
         await self.make(mark_timeout=0.05)
         self.protector.answer_marks = False

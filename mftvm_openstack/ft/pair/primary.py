@@ -103,6 +103,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
                  ack_timeout: float = 10.0,
                  max_held_epochs: int = 50,
                  max_held_bytes: int = 32 << 20,
+                 max_unacked_bytes: int = 16 << 20,
                  policy: Optional[EpochPolicy] = None,
                  guest_cpu: Optional[Callable[[], Optional[float]]] = None,
                  state: State = State.STARTING,
@@ -118,6 +119,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self.ack_timeout = ack_timeout
         self.max_held_epochs = max(1, max_held_epochs)
         self.max_held_bytes = max_held_bytes
+        self.max_unacked_bytes = max_unacked_bytes
         self.policy = policy
         #: the guest's CPU time so far (s; the policy weighs pauses by it)
         self.guest_cpu = guest_cpu or self._qemu_cpu
@@ -144,6 +146,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self._acked: dict[int, asyncio.Future[None]] = {}
         # epoch -> when its checkpoint was shipped, until it is acked
         self._shipped_at: dict[int, float] = {}
+        # epoch -> its checkpoint's bytes, until it is acked
+        self._unacked_bytes: dict[int, int] = {}
         #: the guest is paused because its held output is at a bound
         self.held_output_full = False
         # an OutputFull is queued (one is enough)
@@ -235,6 +239,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 self.stats.last_ack_at = self.clock.monotonic()
             for epoch in [e for e in self._shipped_at if e <= event.epoch]:
                 del self._shipped_at[epoch]
+            for epoch in [e for e in self._unacked_bytes
+                          if e <= event.epoch]:
+                del self._unacked_bytes[epoch]
             if self.link is not None:
                 await self.link.output.release(event.epoch)
                 await self._resume_if_room()
@@ -283,6 +290,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self.next_epoch = 1
         self._echoed_at = None
         self._shipped_at.clear()
+        self._unacked_bytes.clear()
         self._spawn(self._sync(address, pair_id))
 
     async def _sync(self, address: str, pair_id: str) -> None:
@@ -438,10 +446,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
 
     async def _ship(self, channel: Channel, ckpt: Checkpoint) -> None:
         started = self.clock.monotonic()
+        frame = transport.encode_checkpoint(ckpt.devstate, ckpt.delta)
         try:
-            await channel.send(
-                Kind.CHECKPOINT, ckpt.epoch,
-                *transport.encode_checkpoint(ckpt.devstate, ckpt.delta))
+            await channel.send(Kind.CHECKPOINT, ckpt.epoch, *frame)
         except (ConnectionError, OSError) as exc:
             self.post(SecondaryLost(f'shipping checkpoint {ckpt.epoch}: '
                                     f'{exc}'))
@@ -450,8 +457,15 @@ class PrimaryPair(Machine['PrimaryEvent']):
             self.stats.ship_ms.append((shipped - started) * 1000)
             if ckpt.epoch > self.stats.committed:
                 self._shipped_at[ckpt.epoch] = shipped
+                self._unacked_bytes[ckpt.epoch] = sum(
+                    memoryview(part).nbytes for part in frame)
 
     # -- bounds --
+
+    @property
+    def unacked_bytes(self) -> int:
+        """The bytes of checkpoints shipped and not acked yet."""
+        return sum(self._unacked_bytes.values())
 
     def _on_held(self, held_bytes: int) -> None:
         # Called for every frame held: post once, and only at the bound.
@@ -553,6 +567,13 @@ class PrimaryPair(Machine['PrimaryEvent']):
                     f'checkpoint {self.stats.epochs} not taken by the '
                     f'secondary within {self.ship_timeout:.0f}s'))
             return
+        if self.unacked_bytes > self.max_unacked_bytes:
+            # The secondary has a large checkpoint still to read and
+            # apply (the first after the sync, or a burst of dirtying): a
+            # MARK now would queue behind it, and its answer miss
+            # mark_timeout with the guest paused all the while. The epoch
+            # runs longer; ack_timeout still bounds one that never acks.
+            return
         assert self.link is not None
         if self.held_output_full and not self.link.output.waiting.is_set():
             return      # paused, nothing new to commit: wait for acks
@@ -581,6 +602,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
         await self._cancel_tasks()
         self._sending = None
         self._shipped_at.clear()
+        self._unacked_bytes.clear()
         self._close_channel()
         link, self.link = self.link, None
         if link is not None:
