@@ -632,6 +632,27 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await self.clock.advance(2)
         self.assertGreater(len(self.cap.captured), 150)
 
+    async def test_the_cpu_a_pause_takes_is_not_the_guest_being_busy(self):
+        # The guest's QEMU uses CPU only inside each pause (saving the
+        # device state), none while the guest runs: it waits for its
+        # client. Read after the pause, that CPU made the guest look
+        # busy, and a one-client guest was throttled to 25 %.
+        cpu = [3.0]
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=10,
+                                 max_pause_percent=25,
+                                 guest_cpu=lambda: cpu[0])
+        self.cap.pause_s = 0.05
+        capture = self.cap.capture
+
+        async def capture_using_cpu(*args, **kwargs):
+            cpu[0] += self.cap.pause_s
+            return await capture(*args, **kwargs)
+        self.cap.capture = capture_using_cpu
+        self.guest_always_talks()
+        self.out.hold(100)
+        await self.clock.advance(2)
+        self.assertGreater(len(self.cap.captured), 150)
+
     async def test_a_busy_guest_is_paused_at_most_its_share(self):
         # Its QEMU used CPU all the time it ran: each pause counts.
         await self.make_adaptive(output_batch_ms=0, min_epoch_ms=10,

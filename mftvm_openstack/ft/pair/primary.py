@@ -516,11 +516,14 @@ class PrimaryPair(Machine['PrimaryEvent']):
         pause = self.held_output_full or self._at_bound(
             epoch - self.stats.committed)
         started = self.clock.monotonic()
+        # (the guest's CPU time before and after: the cadence weighs
+        # pauses by the guest's use while it ran, not the pause's own)
+        cpu_before = self.guest_cpu() if self._cadence is not None else None
         ckpt = await self.link.capturer.capture(
             epoch, self._mark, self.link.output.seal, resume and not pause)
         if self._cadence is not None:
-            self._cadence.checkpoint_taken(started, ckpt.pause_s,
-                                           self.guest_cpu())
+            self._cadence.checkpoint_taken(
+                started, ckpt.pause_s, (cpu_before, self.guest_cpu()))
         if pause and resume and not self.held_output_full:
             self._held_full()
         self.next_epoch += 1
