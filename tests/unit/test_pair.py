@@ -479,6 +479,33 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(1, self.machine.stats.committed)
         self.assertEqual(State.PROTECTED, self.machine.state)
 
+    async def test_an_ack_releases_output_during_the_next_checkpoint(self):
+        # The ack of epoch 1 comes while checkpoint 2 is being taken: its
+        # output leaves now, not once that checkpoint is done (it waited
+        # a whole extra checkpoint in the machine's queue).
+        await self.make()
+        self.machine.post(pair.Tick())
+        await settle()
+        gate = asyncio.Event()
+        capture = self.cap.capture
+
+        async def slow_capture(*args, **kwargs):
+            await gate.wait()
+            return await capture(*args, **kwargs)
+        self.cap.capture = slow_capture
+        self.machine.post(pair.Tick())
+        await settle()
+        self.chan.inbox.put_nowait(Message(Kind.ACK, 1))
+        await settle()
+        self.assertEqual([1], self.out.released)
+        self.assertEqual([1], self.cap.captured)     # 2 still under way
+        gate.set()
+        await settle()
+        self.assertEqual([1, 2], self.cap.captured)
+        self.assertEqual(1, self.machine.stats.committed)
+        # Epoch 2 is not released before its own ack.
+        self.assertNotIn(2, self.out.released)
+
     async def test_status_says_how_long_ship_and_ack_take(self):
         await self.make()
         self.assertIsNone(self.machine.status().ack_ms_p50)

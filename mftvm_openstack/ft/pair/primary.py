@@ -235,8 +235,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 self.stats.last_ack_at = self.clock.monotonic()
             for epoch in [e for e in self._shipped_at if e <= event.epoch]:
                 del self._shipped_at[epoch]
+            # (its output was released as it came: see _reader)
             if self.link is not None:
-                await self.link.output.release(event.epoch)
                 await self._resume_if_room()
         elif isinstance(event, OutputFull):
             self._full_posted = False
@@ -393,7 +393,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
     async def _reader(self, channel: Channel) -> None:
         # MARKED and ACK resolve their waiters here, not through the
         # queue: a checkpoint waits for its MARKED, and a handover for
-        # its last ACK, inside the handler.
+        # its last ACK, inside the handler. An ACK releases its output
+        # here too; the rest of it (counters, bounds) is the machine's.
         try:
             while True:
                 msg = await channel.recv()
@@ -410,6 +411,10 @@ class PrimaryPair(Machine['PrimaryEvent']):
                         fut = self._acked.pop(epoch)
                         if not fut.done():
                             fut.set_result(None)
+                    # The epoch's output leaves now: queued, it waited for
+                    # the checkpoint under way (a whole pause, often).
+                    if self.link is not None and not self.state.final:
+                        await self.link.output.release(msg.epoch)
                     self.post(Acked(msg.epoch))
                 elif msg.kind == Kind.ECHO:
                     sent = self._beats.pop(msg.epoch, None)
