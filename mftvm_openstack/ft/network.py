@@ -76,6 +76,11 @@ class OutputBuffer:
         """Bytes of the frames held now."""
         return self._held_bytes
 
+    @property
+    def oldest_epoch(self) -> Optional[int]:
+        """The epoch of the oldest frame held (None: none held)."""
+        return self._held[0][0] if self._held else None
+
     async def attach(self, monitor: Monitor, first_epoch: int = 1) -> None:
         """Listen, let QEMU connect, and install the filter."""
         self._open_epoch = first_epoch

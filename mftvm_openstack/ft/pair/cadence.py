@@ -20,7 +20,10 @@ Two bounds keep a chatty guest running:
   gets longer epochs.
 
 Neither bound stretches an epoch that holds output past ``epoch_ms``
-(the old fixed epoch: the latency protection adds stays bounded)::
+(the old fixed epoch: the latency protection adds stays bounded). A due
+checkpoint waits briefly for an ACK expected within half its pause
+(:meth:`Cadence.ack_wait`): QEMU sends nothing while the guest is
+stopped, so that ACK's output would wait out the pause::
 
     policy = EpochPolicy(output_batch_ms=2, min_epoch_ms=10,
                          max_pause_percent=25)
@@ -166,6 +169,9 @@ class Cadence:
         self.budget = PauseBudget(policy.share, now)
         # when the current epoch began (the last checkpoint's start)
         self._began = now
+        # the last pauses' and ACKs' (shipped -> ACK) mean, in seconds
+        self._pause_s = 0.0
+        self._ack_s: Optional[float] = None
 
     def due(self, first_output: float) -> float:
         """When an epoch whose first packet came at ``first_output``
@@ -191,6 +197,27 @@ class Cadence:
         # next waits its own length, never in a busy loop)
         self._began = self.clock.monotonic()
 
+    def ack_took(self, seconds: float) -> None:
+        """An ACK came ``seconds`` after its checkpoint was shipped."""
+        self._ack_s = seconds if self._ack_s is None else (
+            self._ack_s + PAUSE_WEIGHT * (seconds - self._ack_s))
+
+    def ack_wait(self, shipped: float) -> float:
+        """How long a due checkpoint should wait for the ACK of a shipped
+        epoch (shipped at ``shipped``) whose output is held.
+
+        QEMU sends nothing while the guest is stopped, so an ACK that
+        comes during the next pause frees its output only as the pause
+        ends. Due within half a pause, it is worth waiting for (at most
+        that long): its output leaves up to a pause sooner, the next
+        epoch's later by less. Due later, the pause would be over by
+        then, and waiting only delays the next epoch."""
+        if self._ack_s is None:
+            return 0.0
+        half = self._pause_s / 2
+        due = shipped + self._ack_s - self.clock.monotonic()
+        return half if due <= half else 0.0
+
     def checkpoint_taken(
             self, started: float, pause_s: float,
             guest_cpu: tuple[Optional[float], Optional[float]] = (None, None)
@@ -199,5 +226,6 @@ class Cadence:
         ``pause_s`` seconds; ``guest_cpu``: the CPU time its QEMU had
         used as the checkpoint began and now (None: unknown)."""
         self._began = started
+        self._pause_s += PAUSE_WEIGHT * (pause_s - self._pause_s)
         self.budget.spend(started, pause_s, self.clock.monotonic(),
                           guest_cpu)

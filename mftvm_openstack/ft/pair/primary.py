@@ -142,6 +142,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self._sending: Optional[asyncio.Task[Any]] = None
         self._marked: dict[int, asyncio.Future[None]] = {}
         self._acked: dict[int, asyncio.Future[None]] = {}
+        # the newest epoch the secondary acked, and set at each ACK
+        self._acked_upto = 0
+        self._ack_came = asyncio.Event()
         # epoch -> when its checkpoint was shipped, until it is acked
         self._shipped_at: dict[int, float] = {}
         #: the guest is paused because its held output is at a bound
@@ -281,6 +284,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
         # A new secondary starts from nothing: new epochs, new counters.
         self.stats = Stats()
         self.next_epoch = 1
+        self._acked_upto = 0
         self._echoed_at = None
         self._shipped_at.clear()
         self._spawn(self._sync(address, pair_id))
@@ -382,6 +386,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 with contextlib.suppress(TimeoutError):
                     await self.clock.wait_for(asyncio.wait({sending}),
                                               self.idle_epoch_s)
+            await self._ack_before_pause(output, cadence)
             # The next epoch's wait starts once this one's checkpoint was
             # taken (its seal clears output.waiting).
             self._tick_handled.clear()
@@ -389,6 +394,29 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 self._tick_posted = True
                 self.post(Tick())
             await self._tick_handled.wait()
+
+    async def _ack_before_pause(self, output: OutputBuffer,
+                                cadence: Cadence) -> None:
+        """Wait a little for the ACK that frees held output, if it is due
+        within the coming pause (see Cadence.ack_wait)."""
+        oldest = output.oldest_epoch
+        if oldest is None:
+            return
+        # ACKs come in order: the newest such epoch's frees the others'
+        due = [(e, cadence.ack_wait(at)) for e, at in self._shipped_at.items()
+               if e >= oldest and e > self._acked_upto]
+        due = [(e, wait) for e, wait in due if wait > 0]
+        if not due:
+            return
+        epoch, wait = max(due)
+        end = self.clock.monotonic() + wait
+        while self._acked_upto < epoch:
+            rest = end - self.clock.monotonic()
+            if rest <= 0:
+                return
+            self._ack_came.clear()
+            with contextlib.suppress(TimeoutError):
+                await self.clock.wait_for(self._ack_came.wait(), rest)
 
     async def _reader(self, channel: Channel) -> None:
         # MARKED and ACK resolve their waiters here, not through the
@@ -405,8 +433,12 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 elif msg.kind == Kind.ACK:
                     shipped = self._shipped_at.get(msg.epoch)
                     if shipped is not None:
-                        self.stats.ack_ms.append(
-                            (self.clock.monotonic() - shipped) * 1000)
+                        took = self.clock.monotonic() - shipped
+                        self.stats.ack_ms.append(took * 1000)
+                        if self._cadence is not None:
+                            self._cadence.ack_took(took)
+                    self._acked_upto = max(self._acked_upto, msg.epoch)
+                    self._ack_came.set()
                     for epoch in [e for e in self._acked if e <= msg.epoch]:
                         fut = self._acked.pop(epoch)
                         if not fut.done():
