@@ -442,6 +442,10 @@ class MultiVcpuFailoverTest(base.GuestTestCase):
         # The guest's kernel runs on both (its boot says so).
         self.assertRegex(workload.read_text(primary_serial),
                          r'smp: Brought up \d+ nodes?, 2 CPUs')
+        # The dirty job's first passes done (a pass of 32 MiB at 16 MiB/s
+        # takes two seconds of the guest's time, more on a busy host).
+        base.wait_for(lambda: len(dirty_passes(workload.read_text(
+            primary_serial))) >= 2, 60, 0.2, 'dirty passes before the kill')
         last = self.talk(last, random.uniform(3, 6))
         prim = self.side('mv', 'primary')
         self.assertEqual(State.PROTECTED, prim['state'])
