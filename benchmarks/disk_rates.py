@@ -215,7 +215,7 @@ def plot(results: dict, path: str) -> None:
                       key=lambda r: r['rate_mib_s'])
         if not runs:
             continue
-        x = [r['written_mib_s'] for r in runs]
+        x = [r['rate_mib_s'] for r in runs]
         ax.plot(x, [r['pause_ms_p50'] for r in runs], 'o-', color=colour,
                 label=f'{mode}: pause p50')
         ax.plot(x, [r['disk_ms_p50'] or 0 for r in runs], 's--',
@@ -228,8 +228,8 @@ def plot(results: dict, path: str) -> None:
                      [r['written_mib_s'] for r in sweep], 'o-',
                      color=colour, label=mode)
     ax.set_xscale('symlog', linthresh=1)
-    ax.set_xlabel('guest disk write rate reached (MiB/s, '
-                  f'{results["kib"]} KiB writes)')
+    ax.set_xlabel('guest disk write rate asked (MiB/s, '
+                  f'{results["kib"]} KiB writes; reached: see the JSON)')
     ax.set_ylabel('pause per epoch (ms)')
     ax.set_title(f'pause against write rate, {results["epoch_ms"]} ms '
                  'epochs')
