@@ -47,6 +47,7 @@ from a noisy 2-core machine under TCG: compare ratios, not absolutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -165,8 +166,12 @@ class Bench:
             return self.run(mode, rate, epoch_ms)
         except operations.UserError as exc:
             # (the primary's own word on it, if it said one)
+            name = f'd{self.count}'
             prim = client.read_status(operations.guest_dir(
-                self.state, f'd{self.count}'), 'primary') or {}
+                self.state, name), 'primary') or {}
+            # (a protection that failed leaves its RAM files behind)
+            with contextlib.suppress(operations.UserError):
+                operations.stop(self.state, name)
             return {'mode': mode, 'rate_mib_s': rate, 'epoch_ms': epoch_ms,
                     'failed': str(exc)[-300:],
                     'primary_reason': prim.get('reason') or prim.get(
