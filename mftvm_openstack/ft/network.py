@@ -81,6 +81,11 @@ class OutputBuffer:
         """Bytes of the frames held now."""
         return self._held_bytes
 
+    @property
+    def oldest_epoch(self) -> Optional[int]:
+        """The epoch of the oldest frame held (None: none held)."""
+        return self._held[0][0] if self._held else None
+
     async def attach(self, monitor: Monitor, first_epoch: int = 1) -> None:
         """Listen, let QEMU connect, and install the filter."""
         self._open_epoch = first_epoch
@@ -260,6 +265,13 @@ class OutputBuffers:
     @property
     def frames_released(self) -> int:
         return sum(b.frames_released for b in self.buffers)
+
+    @property
+    def oldest_epoch(self) -> Optional[int]:
+        """The epoch of the oldest frame any NIC holds (None: none)."""
+        held = [e for e in (b.oldest_epoch for b in self.buffers)
+                if e is not None]
+        return min(held) if held else None
 
     async def attach(self, monitor: Monitor, first_epoch: int = 1) -> None:
         attached: list[OutputBuffer] = []

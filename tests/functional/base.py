@@ -121,13 +121,15 @@ class GuestTestCase(testtools.TestCase):
         return path
 
     def protect(self, name='g', run='writer,counter', memory_mib=128,
-                epoch_ms=200, disk=None, writer_ms=20, **options):
+                epoch_ms=200, disk=None, writer_ms=20, smp=1, append='',
+                **options):
+        """``append``: more of the guest kernel's command line."""
         disk = disk or self.make_disk()
         spec = operations.make_spec(
             name, self.image.kernel, self.image.initrd, disk,
             append=f'console=ttyS0 quiet mftvm.run={run} '
-                   f'mftvm.writer_interval_ms={writer_ms}',
-            memory_mib=memory_mib,
+                   f'mftvm.writer_interval_ms={writer_ms} {append}'.strip(),
+            memory_mib=memory_mib, smp=smp,
             nic=f'user,hostfwd=tcp:127.0.0.1:{self.port}-:7000')
         opts = operations.ProtectOptions(epoch_ms=epoch_ms, **options)
         self.addCleanup(self._stop_guest, name)

@@ -312,10 +312,14 @@ class OutputBufferTest(unittest.IsolatedAsyncioTestCase):
         await mon.guest_sends(b'b' * 50)
         await asyncio.wait_for(out.waiting.wait(), 2)
         self.assertEqual(([100, 150], 150), (heard, out.held_bytes))
+        # the oldest frame's epoch: the next ACK that frees any
+        self.assertEqual(1, out.oldest_epoch)
         await out.release(1)
         self.assertEqual(50, out.held_bytes)
+        self.assertEqual(2, out.oldest_epoch)
         out.discard()
         self.assertEqual(0, out.held_bytes)
+        self.assertIsNone(out.oldest_epoch)
 
     async def test_passthrough_releases_everything_and_stops_holding(self):
         d = tempfile.mkdtemp()

@@ -380,12 +380,15 @@ class OutputBuffersTest(testtools.TestCase):
             while out.held < 2:
                 await asyncio.sleep(0.01)
             self.assertEqual([10, 15], held)     # both NICs together
+            # (the adaptive cadence waits for the ACK of the oldest held)
+            self.assertEqual(1, out.oldest_epoch)
             out.seal(1)
             self.assertFalse(out.waiting.is_set())
             await out.release(0)
             self.assertEqual(0, out.frames_released)
             await out.release(1)
             self.assertEqual(2, out.frames_released)
+            self.assertIsNone(out.oldest_epoch)
             reader = qemu.streams['oc-in1'][0]
             length, = struct.unpack('!I', await reader.readexactly(4))
             self.assertEqual(b'second-nic', await reader.readexactly(length))

@@ -219,3 +219,26 @@ class TestGuestdWriter(testtools.TestCase):
             block = f.read(16)
         # its own block: the per-request counter's stays untouched
         self.assertEqual(b"MFTVSES1" + (12).to_bytes(8, "little"), block)
+
+    def test_diskrate_writes_its_own_area_in_whole_writes(self):
+        out = subprocess.run(
+            [self.guestd, "diskrate", self.disk, "32", "16", "0.3"],
+            capture_output=True, text=True, check=True, timeout=60).stdout
+        self.assertIn("DISKRATE-START 32.000 16", out)
+        totals = [int(n) for n in re.findall(r"^DISKRATE (\d+)$", out, re.M)]
+        self.assertGreater(totals[-1], 0)
+        self.assertEqual(0, totals[-1] % (16 << 10))
+        self.assertEqual(sorted(totals), totals)
+        # Only in [576 MiB, 832 MiB): clear of the counters, the writer's
+        # records and iobench's area.
+        with open(self.disk, "rb") as f:
+            first = os.lseek(f.fileno(), 0, os.SEEK_DATA)
+            self.assertGreaterEqual(first, 576 << 20)
+            self.assertLessEqual(os.fstat(f.fileno()).st_size, 832 << 20)
+
+    def test_diskrate_refuses_a_write_size_off_its_grid(self):
+        run = subprocess.run(
+            [self.guestd, "diskrate", self.disk, "1", "6", "0.1"],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(1, run.returncode)
+        self.assertIn("DISKRATE-ERROR", run.stdout)

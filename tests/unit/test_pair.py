@@ -133,21 +133,31 @@ class FakeOutput:
         self.held_bytes = 0
         self.on_held = None
         self.waiting = asyncio.Event()
+        # the epoch of each frame held, oldest first
+        self.open_epoch = 1
+        self.epochs_held = []
 
     def hold(self, nbytes):
         """The guest sent a frame of ``nbytes`` (held)."""
         self.held += 1
         self.held_bytes += nbytes
+        self.epochs_held.append(self.open_epoch)
         self.waiting.set()
         self.on_held(self.held_bytes)
 
     def seal(self, epoch):
         self.sealed.append(epoch)
+        self.open_epoch = epoch + 1
         self.waiting.clear()
 
     async def release(self, epoch):
         self.released.append(epoch)
         self.held = self.held_bytes = 0
+        self.epochs_held = [e for e in self.epochs_held if e > epoch]
+
+    @property
+    def oldest_epoch(self):
+        return self.epochs_held[0] if self.epochs_held else None
 
     async def detach(self, monitor):
         self.order.append('release-all')
@@ -486,6 +496,33 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(1, self.machine.stats.committed)
         self.assertEqual(State.PROTECTED, self.machine.state)
 
+    async def test_an_ack_releases_output_during_the_next_checkpoint(self):
+        # The ack of epoch 1 comes while checkpoint 2 is being taken: its
+        # output leaves now, not once that checkpoint is done (it waited
+        # a whole extra checkpoint in the machine's queue).
+        await self.make()
+        self.machine.post(pair.Tick())
+        await settle()
+        gate = asyncio.Event()
+        capture = self.cap.capture
+
+        async def slow_capture(*args, **kwargs):
+            await gate.wait()
+            return await capture(*args, **kwargs)
+        self.cap.capture = slow_capture
+        self.machine.post(pair.Tick())
+        await settle()
+        self.chan.inbox.put_nowait(Message(Kind.ACK, 1))
+        await settle()
+        self.assertEqual([1], self.out.released)
+        self.assertEqual([1], self.cap.captured)     # 2 still under way
+        gate.set()
+        await settle()
+        self.assertEqual([1, 2], self.cap.captured)
+        self.assertEqual(1, self.machine.stats.committed)
+        # Epoch 2 is not released before its own ack.
+        self.assertNotIn(2, self.out.released)
+
     async def test_status_says_how_long_ship_and_ack_take(self):
         await self.make()
         self.assertIsNone(self.machine.status().ack_ms_p50)
@@ -598,6 +635,34 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await self.clock.advance(0.2)
         self.assertEqual([1, 2], self.cap.captured)
 
+    async def test_an_adaptive_epoch_waits_for_a_large_checkpoint_s_ack(
+            self):
+        # The adaptive ticker holds its Tick while a large checkpoint
+        # awaits its ACK (a Tick then would take no checkpoint), and
+        # the next checkpoint follows the ACK at once.
+        await self.make(epoch_ms=200, idle_epoch_ms=1000,
+                        policy=pair.EpochPolicy(output_batch_ms=2,
+                                                min_epoch_ms=10),
+                        guest_cpu=lambda: None, max_unacked_bytes=1024)
+        ticks = []
+        post = self.machine.post
+
+        def count_ticks(event):
+            if isinstance(event, pair.Tick):
+                ticks.append(self.clock.now)
+            post(event)
+        self.machine.post = count_ticks
+        self.guest_always_talks()
+        self.out.hold(100)
+        await self.clock.advance(0.05)
+        self.assertEqual([1], self.cap.captured)
+        await self.clock.advance(0.5)
+        self.assertEqual([1], self.cap.captured)
+        self.assertEqual(1, len(ticks))      # none while it waits
+        self.chan.inbox.put_nowait(Message(Kind.ACK, 1))
+        await self.clock.advance(0.02)
+        self.assertEqual([1, 2], self.cap.captured)
+
     async def test_epochs_are_never_shorter_than_min_epoch_ms(self):
         await self.make_adaptive(output_batch_ms=0, min_epoch_ms=30,
                                  max_pause_percent=100)
@@ -634,6 +699,27 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
                                  max_pause_percent=25,
                                  guest_cpu=lambda: 3.0)
         self.cap.pause_s = 0.05
+        self.guest_always_talks()
+        self.out.hold(100)
+        await self.clock.advance(2)
+        self.assertGreater(len(self.cap.captured), 150)
+
+    async def test_the_cpu_a_pause_takes_is_not_the_guest_being_busy(self):
+        # The guest's QEMU uses CPU only inside each pause (saving the
+        # device state), none while the guest runs: it waits for its
+        # client. Read after the pause, that CPU made the guest look
+        # busy, and a one-client guest was throttled to 25 %.
+        cpu = [3.0]
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=10,
+                                 max_pause_percent=25,
+                                 guest_cpu=lambda: cpu[0])
+        self.cap.pause_s = 0.05
+        capture = self.cap.capture
+
+        async def capture_using_cpu(*args, **kwargs):
+            cpu[0] += self.cap.pause_s
+            return await capture(*args, **kwargs)
+        self.cap.capture = capture_using_cpu
         self.guest_always_talks()
         self.out.hold(100)
         await self.clock.advance(2)
@@ -689,6 +775,64 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         gate.set()
         await settle()
         self.assertEqual([1, 2], self.cap.captured)
+
+    async def talk_and_ack_after(self, ack_s, pause_s):
+        """The guest sends a frame in every epoch; the secondary acks each
+        checkpoint ``ack_s`` after it came; each pause takes ``pause_s``.
+        Returns (checkpoint start times, ACK times) by epoch."""
+        await self.make_adaptive(output_batch_ms=0, min_epoch_ms=1,
+                                 max_pause_percent=100)
+        self.cap.pause_s = pause_s
+        starts, acks = {}, {}
+        capture = self.cap.capture
+
+        async def timed_capture(epoch, *args, **kwargs):
+            starts[epoch] = self.clock.now
+            ckpt = await capture(epoch, *args, **kwargs)
+            await self.clock.sleep(pause_s)     # the guest stopped
+            return ckpt
+        self.cap.capture = timed_capture
+        seal = self.out.seal
+
+        def seal_and_send(epoch):
+            seal(epoch)
+            self.out.hold(100)
+        self.out.seal = seal_and_send
+        answer = self.protector._answer
+
+        async def ack_later(epoch):
+            await self.clock.sleep(ack_s)
+            acks[epoch] = self.clock.now
+            self.chan.inbox.put_nowait(Message(Kind.ACK, epoch))
+
+        def on_send(kind, epoch):
+            answer(self.chan, kind, epoch)
+            if kind == Kind.CHECKPOINT:
+                asyncio.ensure_future(ack_later(epoch))
+        self.chan.on_send = on_send
+        self.out.hold(100)
+        await self.clock.advance(1)
+        return starts, acks
+
+    async def test_a_checkpoint_waits_for_an_ack_due_within_its_pause(self):
+        # QEMU sends nothing while the guest is stopped: an ACK that comes
+        # during the next pause frees its output only once that pause is
+        # over. Due within half a pause, the ACK is worth waiting for.
+        starts, acks = await self.talk_and_ack_after(0.008, 0.030)
+        self.assertGreater(len(starts), 10)
+        # (the first ones: no ACK seen yet, nothing to expect)
+        late = [e for e in starts if e > 3 and e - 1 in acks
+                and starts[e] < acks[e - 1]]
+        self.assertEqual([], late, (starts, acks))
+
+    async def test_a_checkpoint_waits_for_no_ack_due_after_its_pause(self):
+        # An ACK due after the pause is not held up by it: waiting would
+        # only delay the next epoch's output.
+        starts, acks = await self.talk_and_ack_after(0.050, 0.030)
+        self.assertGreater(len(starts), 10)
+        early = [e for e in starts if e > 3 and e - 1 in acks
+                 and starts[e] < acks[e - 1]]
+        self.assertGreater(len(early), 5, (starts, acks))
 
     async def test_no_output_leaves_once_the_fence_says_the_lease_is_gone(
             self):

@@ -12,20 +12,24 @@ Two bounds keep a chatty guest running:
   that it loses to pauses. Each pause is charged to a budget that
   refills at that share of wall time (a second's worth at most, for
   bursts), weighted by how busy the guest's QEMU was while it ran (its
-  CPU time over the run: a guest waiting for its next request loses
+  CPU time from the last pause's end to this one's start, the pause's
+  own work left out: a guest waiting for its next request loses
   nothing by being paused, a busy one all of it); the next checkpoint
   waits until the budget holds what the last ones cost. Pauses grow
   with the pages the guest dirties, so a busy guest that dirties more
   gets longer epochs.
 
 Neither bound stretches an epoch that holds output past ``epoch_ms``
-(the old fixed epoch: the latency protection adds stays bounded)::
+(the old fixed epoch: the latency protection adds stays bounded). A due
+checkpoint waits briefly for an ACK expected within half its pause
+(:meth:`Cadence.ack_wait`): QEMU sends nothing while the guest is
+stopped, so that ACK's output would wait out the pause::
 
     policy = EpochPolicy(output_batch_ms=2, min_epoch_ms=10,
                          max_pause_percent=25)
     cadence = Cadence(policy, clock, epoch_s=0.2, idle_s=1.0)
     await cadence.wait_due(output.waiting)     # then checkpoint
-    cadence.checkpoint_taken(started, pause_s, guest_cpu_s)
+    cadence.checkpoint_taken(started, pause_s, (cpu_before, cpu_after))
 """
 
 from __future__ import annotations
@@ -120,19 +124,24 @@ class PauseBudget:
                           self.credit + self.share * max(0.0, now - self._at))
         self._at = max(self._at, now)
 
-    def spend(self, pause_s: float, now: float,
-              cpu_s: Optional[float] = None) -> None:
-        """A pause of ``pause_s`` ended at ``now``; ``cpu_s``: the
-        guest's CPU time by then (None: unknown, counted busy)."""
+    def spend(self, started: float, pause_s: float, now: float,
+              cpu: tuple[Optional[float], Optional[float]] = (None, None)
+              ) -> None:
+        """A pause began at ``started``, lasted ``pause_s`` and ended at
+        ``now``; ``cpu``: the guest's CPU time as it began and as it
+        ended (None: unknown, counted busy)."""
         self._refill(now)
-        if cpu_s is None or self._cpu is None:
+        before, after = cpu
+        if before is None or self._cpu is None:
             busy = 1.0
         else:
-            # (the pause's own CPU, saving device state, counts as busy:
-            # the charge errs high)
-            ran = max(now - self._ended - pause_s, 1e-3)
-            busy = min(1.0, max(0.0, (cpu_s - self._cpu) / ran))
-        self._cpu, self._ended = cpu_s, now
+            # Only the run since the last pause counts: the pause's own
+            # CPU (QEMU saving device state) is not the guest wanting to
+            # run, and read with it a guest idle between its clients'
+            # requests looked busy.
+            ran = max(started - self._ended, 1e-3)
+            busy = min(1.0, max(0.0, (before - self._cpu) / ran))
+        self._cpu, self._ended = after, now
         self.busy += PAUSE_WEIGHT * (busy - self.busy)
         cost = pause_s * self.busy
         self.credit -= cost
@@ -160,6 +169,9 @@ class Cadence:
         self.budget = PauseBudget(policy.share, now)
         # when the current epoch began (the last checkpoint's start)
         self._began = now
+        # the last pauses' and ACKs' (shipped -> ACK) mean, in seconds
+        self._pause_s = 0.0
+        self._ack_s: Optional[float] = None
 
     def due(self, first_output: float) -> float:
         """When an epoch whose first packet came at ``first_output``
@@ -185,10 +197,35 @@ class Cadence:
         # next waits its own length, never in a busy loop)
         self._began = self.clock.monotonic()
 
-    def checkpoint_taken(self, started: float, pause_s: float,
-                         guest_cpu_s: Optional[float] = None) -> None:
+    def ack_took(self, seconds: float) -> None:
+        """An ACK came ``seconds`` after its checkpoint was shipped."""
+        self._ack_s = seconds if self._ack_s is None else (
+            self._ack_s + PAUSE_WEIGHT * (seconds - self._ack_s))
+
+    def ack_wait(self, shipped: float) -> float:
+        """How long a due checkpoint should wait for the ACK of a shipped
+        epoch (shipped at ``shipped``) whose output is held.
+
+        QEMU sends nothing while the guest is stopped, so an ACK that
+        comes during the next pause frees its output only as the pause
+        ends. Due within half a pause, it is worth waiting for (at most
+        that long): its output leaves up to a pause sooner, the next
+        epoch's later by less. Due later, the pause would be over by
+        then, and waiting only delays the next epoch."""
+        if self._ack_s is None:
+            return 0.0
+        half = self._pause_s / 2
+        due = shipped + self._ack_s - self.clock.monotonic()
+        return half if due <= half else 0.0
+
+    def checkpoint_taken(
+            self, started: float, pause_s: float,
+            guest_cpu: tuple[Optional[float], Optional[float]] = (None, None)
+    ) -> None:
         """A checkpoint began at ``started`` and paused the guest
-        ``pause_s`` seconds; the guest's QEMU has used ``guest_cpu_s``
-        of CPU time by now (None: unknown)."""
+        ``pause_s`` seconds; ``guest_cpu``: the CPU time its QEMU had
+        used as the checkpoint began and now (None: unknown)."""
         self._began = started
-        self.budget.spend(pause_s, self.clock.monotonic(), guest_cpu_s)
+        self._pause_s += PAUSE_WEIGHT * (pause_s - self._pause_s)
+        self.budget.spend(started, pause_s, self.clock.monotonic(),
+                          guest_cpu)

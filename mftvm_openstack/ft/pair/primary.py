@@ -144,6 +144,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self._sending: Optional[asyncio.Task[Any]] = None
         self._marked: dict[int, asyncio.Future[None]] = {}
         self._acked: dict[int, asyncio.Future[None]] = {}
+        # the newest epoch the secondary acked, and set at each ACK
+        self._acked_upto = 0
+        self._ack_came = asyncio.Event()
         # epoch -> when its checkpoint was shipped, until it is acked
         self._shipped_at: dict[int, float] = {}
         # epoch -> its checkpoint's bytes, until it is acked
@@ -239,11 +242,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 self.stats.last_ack_at = self.clock.monotonic()
             for epoch in [e for e in self._shipped_at if e <= event.epoch]:
                 del self._shipped_at[epoch]
-            for epoch in [e for e in self._unacked_bytes
-                          if e <= event.epoch]:
-                del self._unacked_bytes[epoch]
+            # (its output was released as it came, and its bytes no
+            # longer count as unacked: see _reader)
             if self.link is not None:
-                await self.link.output.release(event.epoch)
                 await self._resume_if_room()
         elif isinstance(event, OutputFull):
             self._full_posted = False
@@ -288,6 +289,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
         # A new secondary starts from nothing: new epochs, new counters.
         self.stats = Stats()
         self.next_epoch = 1
+        self._acked_upto = 0
         self._echoed_at = None
         self._shipped_at.clear()
         self._unacked_bytes.clear()
@@ -391,6 +393,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 with contextlib.suppress(TimeoutError):
                     await self.clock.wait_for(asyncio.wait({sending}),
                                               self.idle_epoch_s)
+            await self._unacked_below_bound()
+            await self._ack_before_pause(output, cadence)
             # The next epoch's wait starts once this one's checkpoint was
             # taken (its seal clears output.waiting).
             self._tick_handled.clear()
@@ -399,10 +403,47 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 self.post(Tick())
             await self._tick_handled.wait()
 
+    async def _unacked_below_bound(self) -> None:
+        """Wait (at most an idle epoch: the Tick still finds a secondary
+        that never acks) until the checkpoints awaiting their ACK are
+        below max_unacked_bytes; _tick takes none before."""
+        end = self.clock.monotonic() + self.idle_epoch_s
+        while self.unacked_bytes > self.max_unacked_bytes:
+            rest = end - self.clock.monotonic()
+            if rest <= 0:
+                return
+            self._ack_came.clear()
+            with contextlib.suppress(TimeoutError):
+                await self.clock.wait_for(self._ack_came.wait(), rest)
+
+    async def _ack_before_pause(self, output: OutputBuffer,
+                                cadence: Cadence) -> None:
+        """Wait a little for the ACK that frees held output, if it is due
+        within the coming pause (see Cadence.ack_wait)."""
+        oldest = output.oldest_epoch
+        if oldest is None:
+            return
+        # ACKs come in order: the newest such epoch's frees the others'
+        due = [(e, cadence.ack_wait(at)) for e, at in self._shipped_at.items()
+               if e >= oldest and e > self._acked_upto]
+        due = [(e, wait) for e, wait in due if wait > 0]
+        if not due:
+            return
+        epoch, wait = max(due)
+        end = self.clock.monotonic() + wait
+        while self._acked_upto < epoch:
+            rest = end - self.clock.monotonic()
+            if rest <= 0:
+                return
+            self._ack_came.clear()
+            with contextlib.suppress(TimeoutError):
+                await self.clock.wait_for(self._ack_came.wait(), rest)
+
     async def _reader(self, channel: Channel) -> None:
         # MARKED and ACK resolve their waiters here, not through the
         # queue: a checkpoint waits for its MARKED, and a handover for
-        # its last ACK, inside the handler.
+        # its last ACK, inside the handler. An ACK releases its output
+        # here too; the rest of it (counters, bounds) is the machine's.
         try:
             while True:
                 msg = await channel.recv()
@@ -413,12 +454,23 @@ class PrimaryPair(Machine['PrimaryEvent']):
                 elif msg.kind == Kind.ACK:
                     shipped = self._shipped_at.get(msg.epoch)
                     if shipped is not None:
-                        self.stats.ack_ms.append(
-                            (self.clock.monotonic() - shipped) * 1000)
+                        took = self.clock.monotonic() - shipped
+                        self.stats.ack_ms.append(took * 1000)
+                        if self._cadence is not None:
+                            self._cadence.ack_took(took)
+                    self._acked_upto = max(self._acked_upto, msg.epoch)
+                    for epoch in [e for e in self._unacked_bytes
+                                  if e <= msg.epoch]:
+                        del self._unacked_bytes[epoch]
+                    self._ack_came.set()
                     for epoch in [e for e in self._acked if e <= msg.epoch]:
                         fut = self._acked.pop(epoch)
                         if not fut.done():
                             fut.set_result(None)
+                    # The epoch's output leaves now: queued, it waited for
+                    # the checkpoint under way (a whole pause, often).
+                    if self.link is not None and not self.state.final:
+                        await self.link.output.release(msg.epoch)
                     self.post(Acked(msg.epoch))
                 elif msg.kind == Kind.ECHO:
                     sent = self._beats.pop(msg.epoch, None)
@@ -457,6 +509,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
             self.stats.ship_ms.append((shipped - started) * 1000)
             if ckpt.epoch > self.stats.committed:
                 self._shipped_at[ckpt.epoch] = shipped
+            if ckpt.epoch > self._acked_upto:
                 self._unacked_bytes[ckpt.epoch] = sum(
                     memoryview(part).nbytes for part in frame)
 
@@ -531,11 +584,14 @@ class PrimaryPair(Machine['PrimaryEvent']):
         pause = self.held_output_full or self._at_bound(
             epoch - self.stats.committed)
         started = self.clock.monotonic()
+        # (the guest's CPU time before and after: the cadence weighs
+        # pauses by the guest's use while it ran, not the pause's own)
+        cpu_before = self.guest_cpu() if self._cadence is not None else None
         ckpt = await self.link.capturer.capture(
             epoch, self._mark, self.link.output.seal, resume and not pause)
         if self._cadence is not None:
-            self._cadence.checkpoint_taken(started, ckpt.pause_s,
-                                           self.guest_cpu())
+            self._cadence.checkpoint_taken(
+                started, ckpt.pause_s, (cpu_before, self.guest_cpu()))
         if pause and resume and not self.held_output_full:
             self._held_full()
         self.next_epoch += 1

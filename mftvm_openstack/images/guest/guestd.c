@@ -8,6 +8,7 @@
  *   guestd session PORT DEV
  *   guestd iobench DEV SECONDS
  *   guestd dirty MIB [RATE_MIB_PER_S]
+ *   guestd diskrate DEV RATE_MIB_PER_S KIB [SECONDS]
  *
  * Every mode writes one-line, machine-parsable reports to stdout (the guest
  * serial console).  The tests and benchmarks on the host read them there and
@@ -19,6 +20,7 @@
  *   [4 KiB, 8 KiB)       session counter block: "MFTVSES1" + u64 value
  *   [1 MiB, 512 MiB)     writer records, record k at 1 MiB + k * 4 KiB
  *   [512 MiB, 576 MiB)   iobench scratch area
+ *   [576 MiB, 832 MiB)   diskrate scratch area
  *
  * Writer record k (4096 bytes, little-endian):
  *
@@ -52,6 +54,8 @@
 #define WRITER_END (512ULL << 20)
 #define IOBENCH_BASE (512ULL << 20)
 #define IOBENCH_SPAN (64ULL << 20)
+#define DISKRATE_BASE (576ULL << 20)
+#define DISKRATE_SPAN (256ULL << 20)
 #define REC_HDR 80
 #define REC_PAYLOAD (BLOCK - REC_HDR)
 
@@ -685,6 +689,71 @@ static __attribute__((noreturn)) void mode_dirty(int argc, char **argv)
 	}
 }
 
+/* --------------------------------------------------------------- diskrate */
+
+/*
+ * Writes the disk at a sustained rate: RATE MiB/s of KIB-sized direct
+ * writes (no fdatasync: each has reached QEMU's block layer when it
+ * returns), at random KIB-aligned offsets of the diskrate area, paced in
+ * 10 ms steps. "DISKRATE-START", then "DISKRATE bytes" (the total so far)
+ * about twice a second: the host times the rate with its own clock (a
+ * guest's clock stands still while a checkpoint has it stopped). Ends
+ * after SECONDS (0 or none: never).
+ */
+static int mode_diskrate(int argc, char **argv)
+{
+	double rate = atof(argv[3]), seconds = argc >= 6 ? atof(argv[5]) : 0;
+	long kib = atol(argv[4]);
+	size_t len = (size_t)kib << 10;
+	uint64_t slots, done = 0, due = 0, seed = 88172645463325252ULL;
+	int fd = open(argv[2], O_RDWR | O_DIRECT | O_CREAT, 0644);
+	double start, said = 0;
+	void *buf;
+
+	if (fd < 0 && errno == EINVAL)
+		fd = open(argv[2], O_RDWR | O_CREAT, 0644);
+	if (fd < 0)
+		die(argv[2]);
+	if (kib < 4 || kib > 1024 || kib % 4 || rate <= 0) {
+		printf("DISKRATE-ERROR give a rate > 0 and 4-1024 KiB in "
+		       "multiples of 4\n");
+		return 1;
+	}
+	slots = DISKRATE_SPAN / len;
+	if (posix_memalign(&buf, BLOCK, len) != 0)
+		die("posix_memalign");
+	memset(buf, 0x5a, len);
+	printf("DISKRATE-START %.3f %ld\n", rate, kib);
+	fflush(stdout);
+	start = now_s();
+	for (;;) {
+		double now = now_s();
+		uint64_t want = (uint64_t)((now - start) * rate * (1 << 20) / len);
+		if (seconds > 0 && now - start >= seconds)
+			break;
+		for (; due < want; due++) {
+			/* xorshift64: offsets spread over the area, as a
+			 * database's pages are */
+			seed ^= seed << 13;
+			seed ^= seed >> 7;
+			seed ^= seed << 17;
+			put_u64(buf, due);
+			if (pwrite(fd, buf, len, (off_t)(DISKRATE_BASE +
+			    (seed % slots) * len)) != (ssize_t)len)
+				die("pwrite");
+			done += len;
+		}
+		if (now - said >= 0.5) {
+			said = now;
+			printf("DISKRATE %llu\n", (unsigned long long)done);
+			fflush(stdout);
+		}
+		sleep_ms(10);
+	}
+	printf("DISKRATE %llu\n", (unsigned long long)done);
+	return 0;
+}
+
 /* ----------------------------------------------------------------- ticker */
 
 /* Output with no disk I/O: "TICK n" every interval. Shows which copy of
@@ -713,6 +782,7 @@ static void usage(void)
 		"       guestd session PORT DEV\n"
 		"       guestd iobench DEV SECONDS\n"
 		"       guestd dirty MIB\n"
+		"       guestd diskrate DEV MIB_PER_S KIB [SECONDS]\n"
 		"       guestd ticker INTERVAL_MS\n");
 	exit(2);
 }
@@ -735,6 +805,8 @@ int main(int argc, char **argv)
 		mode_dirty(argc, argv);
 	if (strcmp(argv[1], "ticker") == 0)
 		mode_ticker(argc, argv);
+	if (strcmp(argv[1], "diskrate") == 0 && argc >= 5)
+		return mode_diskrate(argc, argv);
 	usage();
 	return 2;
 }
