@@ -1141,8 +1141,11 @@ def configure_compute(lab: Lab, host: str, driver: str) -> str:
     write_ini(conf, options)
     if driver.startswith('mftvm.'):
         # the FT options, by the code the DevStack plugin calls
+        # (OVS's userspace datapath does not finish guests' partial
+        # checksums into Geneve: the guests' NICs must not leave them)
         deploy(lab, 'nova', '--nova-conf', conf, '--compute-driver',
-               driver, '--file-backed-memory', str(HOST_GUEST_MEMORY_MIB))
+               driver, '--file-backed-memory', str(HOST_GUEST_MEMORY_MIB),
+               '--nic-checksum-offload', 'false')
     return conf
 
 
@@ -1158,14 +1161,18 @@ def configure_agent(lab: Lab, host: str, nova_conf: str) -> str:
     """The host's ``mftvm.conf``: the agent on nova-compute's broker and
     vhost (cell1's: the driver calls it there), fencing on the lab's
     etcd, its state in the host's directory, its log beside the host's
-    other logs."""
+    other logs; deploy's defaults for its versioned notifications (on
+    that broker, topic ``versioned_notifications``) and its Prometheus
+    endpoint (port 9787), bound to the host's management address, which
+    the control namespace and the root namespace reach over ``br0``."""
     info = lab.state['hosts'][host]
     conf = host_dir(lab, host, 'etc', 'mftvm.conf')
     deploy(lab, 'agent', '--conf', conf, '--host', host, '--nova-conf',
            nova_conf, '--my-ip', info['ip'], '--state-path',
            host_dir(lab, host, 'mftvm'), '--log-file',
            lab.path('log', f'{host}-mftvm-agent.log'),
-           '--log-max-mb', str(LOG_MAX_MB))
+           '--log-max-mb', str(LOG_MAX_MB),
+           '--metrics-bind-address', info['ip'])
     return conf
 
 
