@@ -395,10 +395,12 @@ class AgentManager:
                 host=self.host, data_address=listening[0],
                 credentials=None if creds is None
                 else creds.client_bundle()).to_dict()
-        self._discard(inst)
+        # Its logs say why: kept under ended/, which the message names
+        # (its directory itself goes, with what data it made).
+        kept = self._discard(inst)
         raise exception.Conflict(instance=instance,
                                  reason='the secondary process did not '
-                                 'start; see ' + inst.dir)
+                                 'start; see the logs in ' + kept)
 
     def protect(self, instance: str, spec: GuestSpec,
                 options: ProtectionOptions,
@@ -612,12 +614,14 @@ class AgentManager:
         self._discard(inst)
         return {'instance': instance, 'stopped': True}
 
-    def _discard(self, inst: Instance, keep_data: bool = False) -> None:
+    def _discard(self, inst: Instance, keep_data: bool = False) -> str:
         """Kill its instance process (if it still runs) and forget it.
 
         Its logs and records are kept; its disks, overlays, device state
         and RAM are deleted, unless ``keep_data``: then the whole directory
-        is kept under ended/ (the last copy of a guest's disk).
+        is kept under ended/ (the last copy of a guest's disk). Returns
+        where they are kept: ``ended/<name>``, the last per instance
+        name (the next end of that name replaces it).
         """
         try:
             st = inst.live_status()
@@ -648,6 +652,7 @@ class AgentManager:
             os.unlink(vm.ram_path(inst.name, self.host))
         except OSError:
             pass
+        return ended
 
     def _purge_ended(self, name: str) -> bool:
         """Delete the data (not the logs and records) kept under

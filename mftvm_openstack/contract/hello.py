@@ -6,6 +6,14 @@ closes. A secondary refuses a Hello of another protocol version::
 
     Hello(version=PROTOCOL_VERSION, qemu_pid=..., host_pid=...,
           boot_id=..., pair_id='pair-1', disk_size=1 << 30).to_dict()
+
+A libvirt guest booted from a kernel and initrd of its host's own (Nova's
+``instances/<uuid>/kernel``) announces them in the HELLO's
+``boot_files``; one ``BOOT_FILE`` frame each follows the HELLO, in that
+order, and the secondary keeps them as its own copies
+(:mod:`mftvm_openstack.ft.boot_files`)::
+
+    BootFile(role='kernel', size=9_000_000, sha256='9f86d0...')
 """
 
 from __future__ import annotations
@@ -14,12 +22,28 @@ import dataclasses
 from typing import Optional
 
 from mftvm_openstack.contract.control import PAIR_ID_PATTERN
+from mftvm_openstack.contract.limits import BOOT_FILE_MAX_BYTES
 from mftvm_openstack.contract.record import Record, field
 
 #: bumped whenever a frame's meaning changes
 PROTOCOL_VERSION = 1
 #: process ids (Linux's pid_max is at most 2**22)
 PID_RANGE = (1, 1 << 22)
+
+
+#: the files a direct-kernel boot names in ``<os>``, each at most once
+BOOT_FILE_ROLES = ('kernel', 'initrd')
+
+
+@dataclasses.dataclass(frozen=True)
+class BootFile(Record):
+    """A boot file whose bytes follow the HELLO in a ``BOOT_FILE`` frame."""
+
+    #: which ``<os>`` element names it; also the secondary's file name
+    role: str = field(choices=BOOT_FILE_ROLES)
+    size: int = field(range=(0, BOOT_FILE_MAX_BYTES))
+    #: of its bytes, lower-case hex
+    sha256: str = field(pattern=r'[0-9a-f]{64}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +61,9 @@ class Hello(Record):
     disk_size: int = field(range=(0, 1 << 50))
     #: a libvirt guest's domain XML (None: the engine's own QEMU)
     domain_xml: Optional[str] = field(default=None, max_len=1 << 20)
+    #: the boot files that follow the HELLO (a domain's kernel, initrd)
+    boot_files: tuple[BootFile, ...] = field(
+        default=(), max_len=len(BOOT_FILE_ROLES))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,3 +21,7 @@ MEMORY_MIB_RANGE = (16, 65536)
 SMP_RANGE = (1, 64)
 #: TCP ports
 PORT_RANGE = (1, 65535)
+#: the most bytes one boot file (a direct-kernel boot's kernel or initrd)
+#: that a primary ships to its secondary may have: distribution kernels
+#: are about 10 MiB, their initrds up to about 100 MiB
+BOOT_FILE_MAX_BYTES = 128 << 20

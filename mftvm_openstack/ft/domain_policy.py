@@ -23,9 +23,10 @@ console paths (its own serial log), ``<emulator>`` (the host's QEMU),
 ``-incoming defer``; the one the primary may carry is the same and is
 dropped), a guest-agent channel's socket path (libvirt picks one). The
 paths left in the document must be the secondary's own: ``<kernel>``
-and ``<initrd>`` only as its own spec names them, firmware only under
-the system's firmware directories, a read-only CD-ROM only under an
-allowed directory (the instance's own)::
+and ``<initrd>`` only as its own spec names them (or as the copies the
+primary sent it of its own, which replace the primary's paths),
+firmware only under the system's firmware directories, a read-only
+CD-ROM only under an allowed directory (the instance's own)::
 
     doc = rebuild(xml, emulator='/usr/bin/qemu-system-x86_64',
                   host_files={'/boot/vmlinuz', '/boot/initrd'})
@@ -57,6 +58,7 @@ import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Collection, Mapping
+from types import MappingProxyType
 from typing import Any, Optional, Union
 
 from mftvm_openstack.contract.options import (
@@ -562,15 +564,19 @@ def rebuild(xml: str, emulator: str,
             host_files: Collection[str] = (),
             readonly_dirs: Collection[str] = (),
             uuid: Optional[str] = None,
-            bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES) \
+            bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES,
+            boot_files: Mapping[str, str] = MappingProxyType({})) \
         -> ET.Element:
     """A new ``<domain>`` from the allowed parts of ``xml``.
 
     ``emulator`` is this host's QEMU (whatever ``xml`` says is dropped);
     ``host_files`` the only files ``<kernel>``/``<initrd>`` may name (the
-    secondary's own spec); ``readonly_dirs`` where a read-only CD-ROM's
-    image may be (the instance's own directories); ``uuid``, if given,
-    the only ``<uuid>`` the document may carry (the instance's);
+    secondary's own spec); ``boot_files`` (``{'kernel': path, ...}``) the
+    copies this host received of the primary's own (:mod:`.boot_files`):
+    they replace whatever the element names; ``readonly_dirs`` where a
+    read-only CD-ROM's image may be (the instance's own directories);
+    ``uuid``, if given, the only ``<uuid>`` the document may carry (the
+    instance's);
     ``bridges`` the host bridges a NIC may name (``*`` and ``?`` as
     wildcards: the operator's ``[agent] allowed_bridges``).
     DomainRefused names the first element or attribute out of bounds.
@@ -579,8 +585,15 @@ def rebuild(xml: str, emulator: str,
     root = _Walk().element(src, DOMAIN, 'domain')
     assert root is not None
     for tag in ('kernel', 'initrd'):
-        path = root.findtext(f'os/{tag}')
-        if path is not None and path not in host_files:
+        el = root.find(f'os/{tag}')
+        if el is None:
+            continue
+        if tag in boot_files:
+            # The primary's path names its own copy: ours is the one it
+            # sent, kept under a name of our choosing.
+            el.text = boot_files[tag]
+        path = el.text or ''
+        if path not in host_files and path != boot_files.get(tag):
             raise DomainRefused(f'domain/os/{tag}: {shown(path)} is not '
                                 f'a file this host was given for the '
                                 f'guest')

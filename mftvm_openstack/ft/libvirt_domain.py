@@ -55,11 +55,13 @@ import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Optional
 from xml.sax.saxutils import quoteattr
 
 from mftvm_openstack.contract.options import DEFAULT_ALLOWED_BRIDGES
+from mftvm_openstack.ft import boot_files as shipped_boot
 from mftvm_openstack.ft import domain_policy, vm
 from mftvm_openstack.ft.libvirt_monitor import LibvirtMonitor
 from mftvm_openstack.ft.monitor import MIGRATION_ENDED, Monitor, MonitorError
@@ -217,7 +219,9 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
                 host_files: Collection[str] = (),
                 readonly_dirs: Collection[str] = (),
                 uuid: Optional[str] = None,
-                bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES) -> str:
+                bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES,
+                boot_files: Mapping[str, str] = MappingProxyType({})) \
+        -> str:
     """The XML that resumes the domain described by ``xml`` from a replica.
 
     ``xml`` is the primary's domain XML (``XMLDesc`` with
@@ -225,8 +229,8 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
     secondary, or :func:`domain_xml`): text from the wire. It is never
     started as received: :func:`.domain_policy.rebuild` builds a new
     document from its allowed parts only (``host_files``,
-    ``readonly_dirs``, ``uuid`` and ``bridges`` are the secondary's own,
-    see there)
+    ``readonly_dirs``, ``uuid``, ``bridges`` and ``boot_files`` are the
+    secondary's own, see there)
     and refuses anything else (DomainRefused, a ValueError). The
     result:
 
@@ -244,7 +248,7 @@ def restore_xml(xml: str, disk_layers: Sequence[tuple[str, str]],
     """
     root = domain_policy.rebuild(xml, EMULATOR, host_files=host_files,
                                  readonly_dirs=readonly_dirs, uuid=uuid,
-                                 bridges=bridges)
+                                 bridges=bridges, boot_files=boot_files)
     if name and name != root.findtext('name'):
         # Another guest as far as libvirt knows. The same name keeps the
         # uuid: Nova finds its instances' domains by uuid.
@@ -321,14 +325,20 @@ def check_restorable(xml: str, spec: vm.GuestSpec,
     would refuse its XML at failover (a config drive outside the
     instance's directory, a block device, ...) must be refused protection
     now, visibly, not reported protected and lost when its host dies.
-    The rules are the secondary's own (:func:`restore`).
+    The rules are the secondary's own (:func:`restore`). The kernel and
+    initrd the domain boots from are shipped to the secondary
+    (:mod:`.boot_files`): each must be a file small enough to ship
+    (BootFileError, a ValueError, if not).
     """
+    shipped = shipped_boot.named_by(xml)
+    for path in shipped.values():
+        shipped_boot.check(path)
     root = domain_policy.rebuild(
         xml, EMULATOR, host_files={f for f in (spec.kernel, spec.initrd)
                                    if f},
         readonly_dirs=readonly_dirs,
         uuid=spec.name if domain_policy.UUID(spec.name) else None,
-        bridges=bridges)
+        bridges=bridges, boot_files=shipped)
     if root.find("devices/disk[@device='disk']") is None:
         raise domain_policy.DomainRefused('domain/devices: no disk to '
                                           'replicate')
@@ -340,12 +350,14 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
                   name: str | None = None, xml: str | None = None,
                   readonly_dirs: Collection[str] = (),
                   bridges: Collection[str] = DEFAULT_ALLOWED_BRIDGES,
+                  boot_files: Mapping[str, str] = MappingProxyType({}),
                   ) -> tuple[Any, LibvirtMonitor]:
     """Run the guest on, as a libvirt domain, from a replica.
 
     ``xml`` is the primary's domain XML (default: :func:`domain_xml` of
     ``spec``); :func:`restore_xml` rebuilds it from its allowed parts
-    (kernel and initrd only as ``spec`` names them, a read-only image
+    (kernel and initrd only as ``spec`` names them or as the copies
+    ``boot_files`` the primary sent (:mod:`.boot_files`), a read-only image
     only in ``readonly_dirs``, the uuid only ``spec.name`` if that is a
     uuid, NICs only on ``bridges``) and points it at the replica. The domain
     starts paused with ``-incoming defer``; the replica's RAM image is
@@ -364,7 +376,7 @@ async def restore(conn: Any, spec: vm.GuestSpec, serial_path: str,
         name=name, host_files={f for f in (spec.kernel, spec.initrd) if f},
         readonly_dirs=readonly_dirs,
         uuid=spec.name if domain_policy.UUID(spec.name) else None,
-        bridges=bridges)
+        bridges=bridges, boot_files=boot_files)
     await _wait_not_running(conn, ET.fromstring(xml).findtext('name', ''))
     dom = await asyncio.to_thread(conn.createXML, xml,
                                   libvirt.VIR_DOMAIN_START_PAUSED)

@@ -97,6 +97,15 @@ class Kind(enum.IntEnum):
     BYE = 10          # orderly end of protection
     ECHO = 11         # secondary → primary: heartbeat n heard; payload:
                       # its detection time in ms (ASCII)
+    BOOT_FILE = 12    # primary → secondary, after HELLO: the bytes of
+                      # the HELLO's boot_files[epoch] (ft.boot_files)
+
+
+def _kind_name(kind: int) -> str:
+    try:
+        return Kind(kind).name
+    except ValueError:
+        return f'kind {kind}'
 
 
 class ProtocolError(Exception):
@@ -350,18 +359,21 @@ class Channel:
                 raise ConnectionError('the peer closed the data stream') \
                     from None
 
-    async def recv(self, timeout: Optional[float] = None) -> Message:
+    async def recv(self, timeout: Optional[float] = None, *,
+                   limit: int = MAX_PAYLOAD) -> Message:
         """The next frame; ``timeout`` bounds the wait for its header (see
         :meth:`wait_frame`), ``stall_timeout`` each wait for more of its
-        payload."""
+        payload. A frame longer than ``limit`` is refused unread."""
         await asyncio.wait_for(self.wait_frame(), timeout)
         header, self._header = self._header, None
         assert header is not None
         magic, kind, epoch, length = HEADER.unpack(header)
         if magic != MAGIC:
             raise ProtocolError(f'bad frame magic {magic!r}')
-        if length > MAX_PAYLOAD:
-            raise ProtocolError(f'frame of {length} bytes is too large')
+        if length > min(limit, MAX_PAYLOAD):
+            raise ProtocolError(f'{_kind_name(kind)} frame of {length} '
+                                f'bytes is too large (at most '
+                                f'{min(limit, MAX_PAYLOAD)} here)')
         try:
             kind = Kind(kind)
         except ValueError:

@@ -27,8 +27,8 @@ from typing import Optional
 from mftvm_openstack import fencing
 from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello, Ready
 from mftvm_openstack.contract.options import HostOptions
-from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft import (
+    boot_files,
     epoch,
     libvirt_domain,
     pair,
@@ -37,6 +37,7 @@ from mftvm_openstack.ft import (
     transport,
     vm,
 )
+from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft.monitor import MonitorError
 from mftvm_openstack.ft.network import OutputBuffer
 from mftvm_openstack.ft.relay import NbdRelay
@@ -71,6 +72,8 @@ class GuestProtector:
         self.sync_window: tuple[float, ...] = ()
         # names the guest QEMU's TLS creds object of each protection
         self._creds_ids = itertools.count(1)
+        # the bytes of the boot files the last HELLO announced
+        self._boot_data: list[bytes] = []
 
     @property
     def tls_dir(self) -> Optional[str]:
@@ -120,10 +123,21 @@ class GuestProtector:
                 await libvirt_domain.guest_disk(guest.monitor)
             xml = await asyncio.to_thread(guest.domain.XMLDesc,
                                           libvirt_domain.MIGRATABLE_XML)
+        # A domain's kernel and initrd are this host's files: the
+        # secondary gets copies, read anew (they may have changed).
+        shipped = boot_files.named_by(xml) if xml is not None else {}
+        data = [await asyncio.to_thread(boot_files.read, path)
+                for path in shipped.values()]
+        self._boot_data = data
         return Hello(version=PROTOCOL_VERSION, qemu_pid=guest.process.pid,
                      host_pid=os.getpid(), boot_id=boot_id(),
                      pair_id=pair_id, disk_size=guest.disk_size,
-                     domain_xml=xml)
+                     domain_xml=xml, boot_files=tuple(
+                         boot_files.announce(role, content)
+                         for role, content in zip(shipped, data)))
+
+    async def boot_files(self) -> list[bytes]:
+        return self._boot_data
 
     async def link(self, ready: Ready,
                    lost: Callable[[str], None]) -> pair.Link:

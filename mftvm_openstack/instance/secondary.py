@@ -123,7 +123,8 @@ class SecondarySide(Side):
         return pair.SecondaryPair(
             prepare=self.prepare, activate=self.activate, clock=self.clock,
             detect_timeout=self.options.detect_timeout,
-            vouches=not fencing.dies_with_holder(self.options.fence_url))
+            vouches=not fencing.dies_with_holder(self.options.fence_url),
+            boot_dir=os.path.join(self.paths.root, 'boot'))
 
     @property
     def secondary(self) -> pair.SecondaryPair:
@@ -358,7 +359,8 @@ class SecondarySide(Side):
                 self.paths.serial, self.ram, self.replica.devstate_path,
                 layers, name=name, xml=hello.domain_xml,
                 readonly_dirs=(self.guest_dir,),
-                bridges=self.options.allowed_bridges)
+                bridges=self.options.allowed_bridges,
+                boot_files=self.secondary.boot_files)
             return await self.libvirt.attach(dom, monitor)
         qemu, qmp = await epoch.restore(
             self.spec, self.paths, self.ram, self.replica.devstate_path,

@@ -367,6 +367,22 @@ class LabTestCase(testtools.TestCase):
     def ns(self, host: str) -> str:
         return self.lab.ns(host)
 
+    def only_hosts(self, *names: str) -> None:
+        """For this test, servers (and FT secondaries) go to ``names``
+        only: every other compute host's nova-compute is disabled, and
+        enabled again after the test (hosts other modules added, or a
+        host another test powered off, stay out of the way)."""
+        for service in self.openstack_json('compute', 'service', 'list',
+                                           '--service', 'nova-compute'):
+            if service['Host'] in names or service['Status'] != 'enabled':
+                continue
+            self.openstack('compute', 'service', 'set', '--disable',
+                           '--disable-reason', f'e2e: {self.id()}',
+                           service['Host'], 'nova-compute')
+            self.addCleanup(self.openstack, 'compute', 'service', 'set',
+                            '--enable', service['Host'], 'nova-compute',
+                            check=False)
+
     # -- the CLIs ----------------------------------------------------------
 
     def openstack(self, *args: str, check: bool = True,

@@ -82,6 +82,7 @@ class ReportingTest(lab.LabTestCase):
         """A protected FT server (the project's guest, no NIC) on the
         lab's FT hosts; returns ``openstack ft server show``."""
         self.add_hosts(*HOSTS)
+        self.only_hosts(*HOSTS)
         name = self.unique('e2e-report')
         _, _, image, _ = self.upload_guest(
             name, 'os_command_line=console=ttyS0 mftvm.run=counter')

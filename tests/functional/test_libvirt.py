@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 
 import fixtures
 import numpy as np
@@ -247,14 +248,24 @@ class LibvirtProtectionTest(LibvirtTestCase):
         except libvirt.libvirtError:
             pass    # gone already
 
-    def start_and_protect(self, name, restored):
+    def start_and_protect(self, name, restored, boot_dir=None):
         """Start domain ``name`` as Nova would, then protect it; return
-        (libvirt connection, guest dir, counter's last answer)."""
+        (libvirt connection, guest dir, counter's last answer).
+
+        With ``boot_dir``, the domain boots from copies of the kernel and
+        initrd in that directory (Nova's ``instances/<uuid>/kernel`` and
+        ``ramdisk``, which only the primary's host has), and the guest
+        spec names none: as Nova's driver protects a domain."""
         import libvirt
 
         disk = self.make_disk()
+        kernel, initrd = self.image.kernel, self.image.initrd
+        if boot_dir is not None:
+            os.makedirs(boot_dir)
+            kernel = shutil.copy(kernel, os.path.join(boot_dir, 'kernel'))
+            initrd = shutil.copy(initrd, os.path.join(boot_dir, 'ramdisk'))
         spec = operations.make_spec(
-            name, self.image.kernel, self.image.initrd, disk,
+            name, kernel, initrd, disk,
             append='console=ttyS0 quiet mftvm.run=writer,counter '
                    'mftvm.writer_interval_ms=20',
             memory_mib=128,
@@ -271,6 +282,8 @@ class LibvirtProtectionTest(LibvirtTestCase):
         self.assertIsNotNone(last)
 
         ft_spec = dataclasses.replace(spec, domain=name)
+        if boot_dir is not None:
+            ft_spec = dataclasses.replace(ft_spec, kernel='', initrd='')
         self.addCleanup(self._stop_guest, name)
         gdir = operations.protect(
             ft_spec, operations.ProtectOptions(epoch_ms=200), self.state_dir,
@@ -323,6 +336,40 @@ class LibvirtProtectionTest(LibvirtTestCase):
         print(f'libvirt failover: restore {sec["failover_ms"]} ms, kill -> '
               f'next answer {answered_in * 1000:.0f} ms')
 
+
+    def test_direct_kernel_boot_fails_over_onto_the_files_shipped(self):
+        # Nova boots a server from Glance's kernel and ramdisk, which it
+        # writes to the primary's instance directory only. The secondary
+        # gets copies over the data stream, and the domain resumes on
+        # them after the primary's are gone.
+        name = f'mftvm-lvk-{os.getpid()}'
+        restored = f'{name}-b'
+        nova_dir = os.path.join(self.tmp, 'nova-instance')
+        conn, gdir, last = self.start_and_protect(name, restored,
+                                                  boot_dir=nova_dir)
+        prim = self.side(name, 'primary')
+        boot_dir = os.path.join(gdir, 'secondary', 'boot')
+        shipped = {}
+        for role, theirs in (('kernel', 'kernel'), ('initrd', 'ramdisk')):
+            ours = os.path.join(boot_dir, role)
+            with open(ours, 'rb') as a, \
+                    open(os.path.join(nova_dir, theirs), 'rb') as b:
+                self.assertEqual(b.read(), a.read())
+            self.assertEqual(0o600, os.stat(ours).st_mode & 0o777)
+            shipped[role] = ours
+        # Only the primary's host had them: gone with it.
+        shutil.rmtree(nova_dir)
+        last = self.talk(last, 1)
+        last, _ = self.kill_and_ask(prim['qemu_pid'], last, 90)
+        self.wait_active(name)
+        xml = conn.lookupByName(restored).XMLDesc(0)
+        os_el = ET.fromstring(xml).find('os')
+        self.assertEqual(shipped['kernel'], os_el.findtext('kernel'))
+        self.assertEqual(shipped['initrd'], os_el.findtext('initrd'))
+        self.assertNotIn(nova_dir, xml)
+        rserial = os.path.join(gdir, 'secondary', 'serial.log')
+        self.talk(last, 1)
+        self.assertNotIn('MFTVM-GUEST-READY', workload.read_text(rserial))
 
     def test_failed_over_domain_settles_into_nova_s_place(self):
         # After a failover Nova's stop, start and hard reboot need the

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import unittest
@@ -358,6 +359,38 @@ class PairCredentialsTest(unittest.TestCase):
             guest = json.load(f)
         self.assertTrue(guest['options']['tls'])
         self.assertNotIn('PRIVATE KEY', json.dumps(guest))
+
+    def test_a_secondary_that_did_not_start_keeps_its_logs(self):
+        # The refusal says where to read why; its logs are there, its
+        # data is not (what the message named once was deleted with it).
+        dead = subprocess.Popen(['true'])
+        dead.wait()
+
+        def fails(inst, role, secrets=None):
+            with open(os.path.join(inst.dir, 'record.json')) as f:
+                record = json.load(f)
+            with open(os.path.join(inst.dir, 'record.json'), 'w') as f:
+                json.dump(dict(record, role=str(role), pid=dead.pid), f)
+            side = os.path.join(inst.dir, str(role))
+            os.makedirs(os.path.join(side, 'disk'))
+            with open(os.path.join(side, 'instance.log'), 'w') as f:
+                f.write('ERROR cannot listen: address in use\n')
+            with open(os.path.join(side, 'disk', 'base.raw'), 'w') as f:
+                f.write('tenant data')
+            return dead.pid
+        self.fake_spawn = fails
+        with self.assertRaises(exception.Conflict) as ctx:
+            self.m.prepare_secondary('vm0', self.spec, ProtectionOptions(),
+                                     'hv0')
+        kept = os.path.join(self.tmp, 'ended', 'vm0')
+        self.assertIn(f'see the logs in {kept}', str(ctx.exception))
+        with open(os.path.join(kept, 'secondary', 'instance.log')) as f:
+            self.assertIn('address in use', f.read())
+        self.assertEqual(0o700, os.stat(kept).st_mode & 0o777)
+        self.assertFalse(os.path.exists(os.path.join(kept, 'secondary',
+                                                     'disk', 'base.raw')))
+        self.assertFalse(os.path.exists(os.path.join(
+            self.tmp, 'instances', 'vm0')))
 
     def test_tls_off_makes_no_credentials(self):
         self.m.conf.set_override('tls', False, group='replication')

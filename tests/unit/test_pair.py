@@ -65,12 +65,16 @@ class FakeChannel:
         if self._next is None:
             self._next = await self.inbox.get()
 
-    async def recv(self):
+    async def recv(self, *, limit=transport.MAX_PAYLOAD):
         # (not self.wait_frame: a test may replace that)
         await FakeChannel.wait_frame(self)
         item, self._next = self._next, None
         if isinstance(item, Exception):
             raise item
+        if len(item.payload) > limit:
+            raise transport.ProtocolError(
+                f'{item.kind.name} frame of {len(item.payload)} bytes is '
+                f'too large')
         return item
 
     def close(self):
@@ -219,6 +223,9 @@ class FakeProtector:
 
     async def hello(self, pair_id):
         return hello(pair_id=pair_id)
+
+    async def boot_files(self):
+        return []
 
     async def link(self, ready, lost):
         self.ready = ready

@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Protocol, TypeVar
 
 from mftvm_openstack.contract.hello import Hello, NbdTargetInfo, Ready
+from mftvm_openstack.ft import transport
 from mftvm_openstack.ft.transport import Kind, Message
 
 if TYPE_CHECKING:
@@ -91,7 +92,9 @@ class Channel(Protocol):
 
     async def wait_frame(self) -> None: ...
 
-    async def recv(self) -> Message: ...
+    async def recv(self, *, limit: int = transport.MAX_PAYLOAD) -> Message:
+        """The next frame; ProtocolError if longer than ``limit``."""
+        ...
 
     def close(self) -> None: ...
 
@@ -200,6 +203,11 @@ class Protector(Protocol):
         ...
 
     async def hello(self, pair_id: str) -> Hello: ...
+
+    async def boot_files(self) -> Sequence[bytes]:
+        """The bytes of the boot files the last :meth:`hello` announced,
+        in its order (sent after it, one ``BOOT_FILE`` frame each)."""
+        ...
 
     async def link(self, ready: Ready,
                    lost: Callable[[str], None]) -> Link:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from mftvm_openstack.contract.hello import Ready
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
-from mftvm_openstack.ft import transport
+from mftvm_openstack.ft import boot_files, transport
 from mftvm_openstack.ft.pair.cadence import (
     Cadence,
     EpochPolicy,
@@ -291,6 +291,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
             self.channel = channel
             hello = await self.protector.hello(pair_id)
             await channel.send_json(Kind.HELLO, hello.to_dict())
+            await boot_files.send(channel, await self.protector.boot_files())
             await self.clock.wait_for(channel.wait_frame(),
                                       self.ready_timeout)
             reply = await channel.recv()

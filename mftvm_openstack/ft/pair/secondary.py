@@ -18,7 +18,7 @@ from mftvm_openstack.contract.hello import PROTOCOL_VERSION, Hello, Ready
 from mftvm_openstack.contract.record import ContractError
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
-from mftvm_openstack.ft import transport
+from mftvm_openstack.ft import boot_files, transport
 from mftvm_openstack.ft.capacity import CapacityError
 from mftvm_openstack.ft.pair.events import (
     Committed,
@@ -46,9 +46,11 @@ class SecondaryPair(Machine['SecondaryEvent']):
     """Keeps the replica; takes over when the primary dies.
 
     ``prepare(hello)`` makes the replica and the disk store for a primary
-    whose HELLO was accepted; ``activate(committed_epoch)`` fences and
-    restores the guest (both injected: the host decides where the
-    replica lives, how to fence and where QEMU runs).
+    whose HELLO was accepted (and whose boot files, if it announced any,
+    were received into ``boot_dir``: :attr:`boot_files`);
+    ``activate(committed_epoch)`` fences and restores the guest (both
+    injected: the host decides where the replica lives, how to fence and
+    where QEMU runs).
     """
 
     def __init__(self, *, prepare: Callable[[Hello], Awaitable[Prepared]],
@@ -56,7 +58,8 @@ class SecondaryPair(Machine['SecondaryEvent']):
                  clock: Clock, detect_timeout: float = 1.0,
                  first_commit_timeout: float = 30.0,
                  hello_timeout: float = 30.0,
-                 vouches: bool = True) -> None:
+                 vouches: bool = True,
+                 boot_dir: Optional[str] = None) -> None:
         super().__init__(clock, State.STARTING)
         # Until a first checkpoint arrives there is nothing to resume, so
         # silence then is no reason to give up quickly: the initial disk
@@ -75,6 +78,11 @@ class SecondaryPair(Machine['SecondaryEvent']):
         self.vouches = vouches
         #: the primary's HELLO, once accepted
         self.hello: Optional[Hello] = None
+        #: where the boot files a primary ships are kept (None: refused)
+        self.boot_dir = boot_dir
+        #: ``{role: path}`` of the boot files of the accepted HELLO's
+        #: primary, kept in ``boot_dir`` (:mod:`..boot_files`)
+        self.boot_files: dict[str, str] = {}
         self.pair_id = ''
         self.channel: Optional[Channel] = None
         self.prepared: Optional[Prepared] = None
@@ -155,6 +163,10 @@ class SecondaryPair(Machine['SecondaryEvent']):
                     f'the primary speaks protocol version {hello.version}, '
                     f'this secondary {PROTOCOL_VERSION}')
             self.hello, self.pair_id = hello, hello.pair_id
+            self.boot_files = await boot_files.receive(
+                channel, hello.boot_files, self.boot_dir,
+                lambda: self.clock.wait_for(channel.wait_frame(),
+                                            self.hello_timeout))
             prepared = await self.prepare(hello)
             await channel.send_json(
                 Kind.READY, Ready(target=prepared.target).to_dict())
