@@ -214,15 +214,31 @@ def start(lab: Lab, name: str, argv: list[str], *,
 
 
 def stop(pid: int, grace: float = 15.0) -> None:
-    """SIGTERM ``pid``'s process group, SIGKILL it after ``grace`` s."""
+    """SIGTERM ``pid``'s process group, SIGKILL it after ``grace`` s;
+    returns once no process of the group is left (a uwsgi worker that
+    outlives its master still holds the port a restart binds)."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
         deadline = time.monotonic() + wait
-        while alive(pid) and time.monotonic() < deadline:
+        while group_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not alive(pid):
+        if not group_alive(pid):
             return
+
+
+def group_alive(pgid: int) -> bool:
+    """Is a process of group ``pgid`` left, other than zombies?"""
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            with open(f'/proc/{entry}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            # (state, ppid, pgrp, ...)
+            if int(fields[2]) == pgid and fields[0] != 'Z':
+                return True
+    return False
 
 
 def alive(pid: int) -> bool:
