@@ -104,8 +104,11 @@ class Lab:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        self.tmp = tempfile.mkdtemp(prefix='mftvm-e2e-')
-        self.dir = os.path.join(self.tmp, 'lab')
+        # Short: an instance's control socket lies under the lab's
+        # directory (hosts/h1/mftvm/instances/<uuid>/secondary/
+        # control.sock), and AF_UNIX paths end at 107 bytes.
+        self.tmp = tempfile.mkdtemp(prefix='e2e-', dir='/tmp')
+        self.dir = os.path.join(self.tmp, 'l')
         self.name = f'p{os.getpid()}'
         self.wheel = ''
         self.env: dict[str, str] = {}
