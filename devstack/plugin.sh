@@ -147,6 +147,9 @@ function configure_mftvm {
         --nova-conf "$NOVA_CONF" --my-ip "$MFTVM_MY_IP" \
         --state-path "$MFTVM_STATE_PATH" --peers "$MFTVM_PEERS" \
         --lease "$MFTVM_LEASE" --epoch-ms "$MFTVM_EPOCH_MS" \
+        --notification-driver "$MFTVM_NOTIFICATION_DRIVER" \
+        --metrics-port "$MFTVM_METRICS_PORT" \
+        --metrics-bind-address "$MFTVM_METRICS_BIND_ADDRESS" \
         --debug "$ENABLE_DEBUG_LOG_LEVEL" \
         || die $LINENO "could not write $MFTVM_CONF"
     setup_logging "$MFTVM_CONF"

@@ -14,14 +14,21 @@ transport_url`` (the broker *and vhost nova-compute uses*: the driver
 reaches the agents on nova.conf's own transport, so under DevStack's
 cells v2 that is the cell's vhost, ``nova_cell1``), ``[agent]``,
 ``[fencing]`` (``MFTVM_FENCING_URL``, or lock files under the state
-path when it is empty) and ``[ft]``. The URLs hold passwords, so they
+path when it is empty), ``[ft]``, versioned notifications
+(``[oslo_messaging_notifications]``: ``--notification-driver
+messagingv2`` on topic ``versioned_notifications``, where consumers of
+Nova's versioned notifications listen; ``noop`` for none) and the
+Prometheus endpoint (``[metrics]``: ``--metrics-port 9787`` on
+``--metrics-bind-address``, 127.0.0.1 unless told the management
+network's address; port 0 for none). The URLs hold passwords, so they
 come from the environment, never from the command line (``ps`` shows
 that to every user).
 
 ``nova`` sets, in place, the options nova-compute needs for FT servers:
 ``[DEFAULT] compute_driver``, file-backed guest memory (``[libvirt]
 file_backed_memory``, the agent reads an FT guest's RAM from its file)
-and the two options Nova demands with it. Every other line of the file
+and the two options Nova demands with it; with ``--nic-checksum-offload
+false``, ``[ft] nic_checksum_offload`` too. Every other line of the file
 is kept as it was.
 
 Every value is checked before anything is written; a bad one ends the
@@ -60,8 +67,22 @@ HOST_RESERVE_MIB = 1024
 AUTO_MINIMUM_MIB = 1024
 #: log files: one, then size rotation keeps two of at most this many MB
 LOG_MAX_MB_RANGE = (1, 10240)
+#: the agent's versioned notifications: as DevStack sets Nova's (on, on
+#: the bus), on the topic of Nova's versioned notifications
+DEFAULT_NOTIFICATION_DRIVER = 'messagingv2'
+DEFAULT_NOTIFICATION_TOPIC = 'versioned_notifications'
+#: oslo.messaging's notification drivers an agent may be given
+NOTIFICATION_DRIVERS = ('messagingv2', 'messaging', 'log', 'routing',
+                        'noop')
+#: the agent's Prometheus endpoint: on, but only for this host unless a
+#: bind address is given (it has no authentication)
+DEFAULT_METRICS_PORT = 9787
+DEFAULT_METRICS_BIND_ADDRESS = '127.0.0.1'
+#: 0: no endpoint
+METRICS_PORT_RANGE = (0, 65535)
 
 _HOST_RE = re.compile(HOST_PATTERN)
+_TOPIC_RE = re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}')
 _DRIVER_RE = re.compile(r'[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+')
 _TRANSPORT_SCHEMES = ('rabbit', 'amqp', 'kafka')
 _FENCING_SCHEMES = ('etcd3+http', 'etcd3+https', 'redis', 'rediss')
@@ -89,11 +110,11 @@ def check_host(value: str, what: str = '--host') -> str:
     return value
 
 
-def check_ip(value: str) -> str:
+def check_ip(value: str, what: str = '--my-ip') -> str:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise DeployError(f'--my-ip {value!r}: not an IP address') from None
+        raise DeployError(f'{what} {value!r}: not an IP address') from None
 
 
 def check_abs_path(value: str, what: str) -> str:
@@ -164,6 +185,20 @@ def check_driver(value: str) -> str:
     return value
 
 
+def check_notification_driver(value: str) -> str:
+    if value not in NOTIFICATION_DRIVERS:
+        raise DeployError(f'--notification-driver {value!r}: not one of '
+                          f'{", ".join(NOTIFICATION_DRIVERS)}')
+    return value
+
+
+def check_topic(value: str) -> str:
+    if not _TOPIC_RE.fullmatch(value):
+        raise DeployError(f'--notification-topic {value!r}: not a topic '
+                          f'name')
+    return value
+
+
 def check_peers(value: str) -> list[str]:
     return [check_host(p.strip(), '--peers')
             for p in value.split(',') if p.strip()]
@@ -188,6 +223,10 @@ class AgentConfig:
     debug: bool = False
     log_file: Optional[str] = None
     log_max_mb: Optional[int] = None
+    notification_driver: str = DEFAULT_NOTIFICATION_DRIVER
+    notification_topic: str = DEFAULT_NOTIFICATION_TOPIC
+    metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_bind_address: str = DEFAULT_METRICS_BIND_ADDRESS
 
     def sections(self) -> dict[str, dict[str, str]]:
         default = {'transport_url': self.transport_url,
@@ -211,8 +250,17 @@ class AgentConfig:
             # the agent's user
             fencing = {'lock_path': os.path.join(self.state_path, 'fence')}
         fencing['lease'] = str(self.lease)
-        return {'DEFAULT': default, 'agent': agent, 'fencing': fencing,
-                'ft': {'epoch_ms': str(self.epoch_ms)}}
+        sections = {'DEFAULT': default, 'agent': agent, 'fencing': fencing,
+                    'ft': {'epoch_ms': str(self.epoch_ms)},
+                    # on the RPC transport (nova-compute's broker)
+                    'oslo_messaging_notifications': {
+                        'driver': self.notification_driver,
+                        'topics': self.notification_topic}}
+        if self.metrics_port:
+            sections['metrics'] = {
+                'port': str(self.metrics_port),
+                'bind_address': self.metrics_bind_address}
+        return sections
 
 
 def nova_host(nova_conf: Optional[str]) -> Optional[str]:
@@ -229,7 +277,12 @@ def agent_config(*, host: Optional[str], my_ip: str, state_path: str,
                  epoch_ms: str | int = 200, peers: str = '',
                  debug: str | bool = False, log_file: Optional[str] = None,
                  log_max_mb: Optional[str | int] = None,
-                 nova_conf: Optional[str] = None) -> AgentConfig:
+                 nova_conf: Optional[str] = None,
+                 notification_driver: str = DEFAULT_NOTIFICATION_DRIVER,
+                 notification_topic: str = DEFAULT_NOTIFICATION_TOPIC,
+                 metrics_port: str | int = DEFAULT_METRICS_PORT,
+                 metrics_bind_address: str = DEFAULT_METRICS_BIND_ADDRESS,
+                 ) -> AgentConfig:
     """Check every input; ``host`` empty: nova.conf's ``[DEFAULT] host``,
     else this machine's name (what nova-compute uses by default)."""
     name = host or nova_host(nova_conf) or socket.gethostname()
@@ -246,7 +299,13 @@ def agent_config(*, host: Optional[str], my_ip: str, state_path: str,
         log_file=(check_abs_path(log_file, '--log-file')
                   if log_file else None),
         log_max_mb=(check_int(log_max_mb, '--log-max-mb', LOG_MAX_MB_RANGE)
-                    if log_max_mb not in (None, '') else None))
+                    if log_max_mb not in (None, '') else None),
+        notification_driver=check_notification_driver(notification_driver),
+        notification_topic=check_topic(notification_topic),
+        metrics_port=check_int(metrics_port, '--metrics-port',
+                               METRICS_PORT_RANGE),
+        metrics_bind_address=check_ip(metrics_bind_address,
+                                      '--metrics-bind-address'))
 
 
 def render(sections: Mapping[str, Mapping[str, str]]) -> str:
@@ -344,9 +403,13 @@ def file_backed_memory(value: str | int) -> int:
 
 
 def nova_options(compute_driver: str = DEFAULT_COMPUTE_DRIVER,
-                 memory: str | int = 'auto') -> dict[str, dict[str, str]]:
-    """The options nova-compute needs for FT servers."""
-    return {
+                 memory: str | int = 'auto',
+                 nic_checksum_offload: str | bool = '',
+                 ) -> dict[str, dict[str, str]]:
+    """The options nova-compute needs for FT servers; ``[ft]
+    nic_checksum_offload`` only if ``nic_checksum_offload`` is given
+    (false on hosts whose datapath cannot finish guests' checksums)."""
+    options = {
         'DEFAULT': {'compute_driver': check_driver(compute_driver),
                     # Nova refuses to start with file-backed memory
                     # unless these two hold.
@@ -357,6 +420,10 @@ def nova_options(compute_driver: str = DEFAULT_COMPUTE_DRIVER,
         # from it.
         'libvirt': {'file_backed_memory': str(file_backed_memory(memory))},
     }
+    if nic_checksum_offload != '':
+        options['ft'] = {'nic_checksum_offload': str(check_bool(
+            nic_checksum_offload, '--nic-checksum-offload'))}
+    return options
 
 
 def update_nova_conf(path: str,
@@ -406,12 +473,36 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument('--debug', default='False')
     agent.add_argument('--log-file', default=None)
     agent.add_argument('--log-max-mb', default=None)
+    agent.add_argument('--notification-driver',
+                       default=DEFAULT_NOTIFICATION_DRIVER,
+                       help='[oslo_messaging_notifications] driver '
+                            f'(default {DEFAULT_NOTIFICATION_DRIVER}; noop: '
+                            'none)')
+    agent.add_argument('--notification-topic',
+                       default=DEFAULT_NOTIFICATION_TOPIC,
+                       help='[oslo_messaging_notifications] topics '
+                            f'(default {DEFAULT_NOTIFICATION_TOPIC})')
+    agent.add_argument('--metrics-port', default=str(DEFAULT_METRICS_PORT),
+                       help='[metrics] port of the Prometheus endpoint '
+                            f'(default {DEFAULT_METRICS_PORT}; 0: none)')
+    agent.add_argument('--metrics-bind-address',
+                       default=DEFAULT_METRICS_BIND_ADDRESS,
+                       help='[metrics] bind_address (default '
+                            f'{DEFAULT_METRICS_BIND_ADDRESS}: this host '
+                            'only; the management network\'s address for '
+                            'a Prometheus elsewhere, never one tenants '
+                            'reach)')
     nova = sub.add_parser('nova', help='set nova-compute\'s FT options in '
                           'a nova.conf, in place')
     nova.add_argument('--nova-conf', required=True)
     nova.add_argument('--compute-driver', default=DEFAULT_COMPUTE_DRIVER)
     nova.add_argument('--file-backed-memory', default='auto',
                       help='MiB, or auto (this host\'s memory less 1 GiB)')
+    nova.add_argument('--nic-checksum-offload', default='',
+                      help='[ft] nic_checksum_offload: false where the '
+                           'host cannot finish guests\' checksums (OVS\'s '
+                           'userspace datapath with tunnels); default: '
+                           'left as it is')
     return parser
 
 
@@ -426,14 +517,19 @@ def main(argv: Optional[list[str]] = None,
                 state_path=args.state_path, env=environ, lease=args.lease,
                 epoch_ms=args.epoch_ms, peers=args.peers, debug=args.debug,
                 log_file=args.log_file, log_max_mb=args.log_max_mb,
-                nova_conf=args.nova_conf)
+                nova_conf=args.nova_conf,
+                notification_driver=args.notification_driver,
+                notification_topic=args.notification_topic,
+                metrics_port=args.metrics_port,
+                metrics_bind_address=args.metrics_bind_address)
             conf = check_abs_path(os.path.abspath(args.conf), '--conf')
             write_agent_conf(conf, config)
         else:
             conf = check_abs_path(os.path.abspath(args.nova_conf),
                                   '--nova-conf')
-            update_nova_conf(conf, nova_options(args.compute_driver,
-                                                args.file_backed_memory))
+            update_nova_conf(conf, nova_options(
+                args.compute_driver, args.file_backed_memory,
+                args.nic_checksum_offload))
     except (DeployError, OSError) as exc:
         print(f'mftvm-deploy: error: {exc}', file=sys.stderr)
         return 2

@@ -30,17 +30,12 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import Optional
 
-# eventlet (installed for oslo.service's other backend, imported by
-# futurist) warns on import; this agent does not use it
-warnings.filterwarnings('ignore', message=r'\s*Eventlet is deprecated')
+# before any oslo import (threading_backend says why)
+from mftvm_openstack.cmd import threading_backend
 
-from oslo_service import backend as _backend  # noqa: E402
-
-if _backend.get_backend_type() is None:
-    _backend.init_backend(_backend.BackendType.THREADING)
+threading_backend.select()
 
 from oslo_config import cfg  # noqa: E402
 from oslo_log import log as logging  # noqa: E402

@@ -41,16 +41,13 @@ import signal
 import socketserver
 import sys
 import threading
-import warnings
 from typing import Any, Optional
 from wsgiref import simple_server
 
-warnings.filterwarnings('ignore', message=r'\s*Eventlet is deprecated')
+# before any oslo import (threading_backend says why)
+from mftvm_openstack.cmd import threading_backend
 
-from oslo_service import backend as _backend  # noqa: E402
-
-if _backend.get_backend_type() is None:
-    _backend.init_backend(_backend.BackendType.THREADING)
+threading_backend.select()
 
 from oslo_config import cfg  # noqa: E402
 from oslo_log import log as logging  # noqa: E402

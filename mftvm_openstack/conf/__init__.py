@@ -248,6 +248,19 @@ ft_opts = [
              'ft_status, kept true at each look, and their secondary\'s '
              'Placement allocation, released). 0 turns both off.'),
     cfg.BoolOpt(
+        'nic_checksum_offload', default=True,
+        help='nova-compute (FTLibvirtDriver) only: leave the TCP/UDP '
+             'checksums of a guest\'s virtio NIC to the host, as QEMU '
+             'does by default (cheapest for the guest; it also lets the '
+             'guest send large segments). False writes <driver><host '
+             'csum="off"/></driver> into every virtio interface of the '
+             'guests of this host (FT or not), so that guests finish '
+             'their checksums themselves: needed where the host cannot, '
+             'e.g. Open vSwitch\'s userspace (netdev) datapath sending '
+             'through a Geneve or VXLAN tunnel, where TCP between hosts '
+             'otherwise fails. Set it alike on every host a guest may '
+             'fail over to: the secondary runs the primary\'s XML.'),
+    cfg.BoolOpt(
         'reprotect_after_handoff', default=True,
         help='nova-compute (FTLibvirtDriver) only: once a server has '
              'been handed off to this host, choose a new secondary '

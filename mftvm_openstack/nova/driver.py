@@ -54,6 +54,7 @@ from mftvm_openstack.contract.states import State
 from mftvm_openstack.nova import (
     ft_request,
     handoff,
+    nic_checksum,
     protectable,
     secondary_choice,
     secondary_placement,
@@ -1119,3 +1120,10 @@ class FTDriverMixin:
 
 class FTLibvirtDriver(FTDriverMixin, libvirt_driver.LibvirtDriver):
     """``LibvirtDriver`` with fault tolerance for FT servers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # [ft] nic_checksum_offload, read at each use (nic_checksum.py)
+        self.vif_driver = nic_checksum.ChecksumOffVIFDriver(
+            self.vif_driver,  # type: ignore[has-type]
+            lambda: not mftvm_conf.CONF.ft.nic_checksum_offload)

@@ -1,10 +1,15 @@
 """An FT server through the ``openstack`` CLI, and the loss of its host.
 
-A mix-in of :class:`tests.e2e.test_cloud.CloudTest`, so that its tests
-share that class's one lab (its helpers: ``cloud``, ``cloud_json``,
-``mftvm``, ``add_hosts``, ``upload_guest``, ``flavor``, ``ns``)::
+A mix-in of :class:`tests.e2e.test_cloud.CloudTest`, on the tier's one
+lab (:class:`tests.e2e.lab.LabTestCase`'s helpers: ``cloud``,
+``cloud_json``, ``mftvm``, ``add_hosts``, ``upload_guest``, ``flavor``,
+``ns``)::
 
-    class CloudTest(FTServerTests, testtools.TestCase): ...
+    class CloudTest(FTServerTests, lab.LabTestCase): ...
+
+It powers a host off, so it runs on hosts of its own (:data:`HOSTS`,
+not the ``h1``-``h3`` other modules share), the others' nova-compute
+disabled meanwhile (``only_hosts``).
 
 A host is *powered off* as a machine dies: its links cut first, then
 every process of its namespaces SIGKILLed at once (QEMU, libvirtd,
@@ -22,7 +27,8 @@ import sys
 import tempfile
 import time
 
-HOSTS = ('h1', 'h2', 'h3')
+#: hosts of this test alone: it powers one of them off
+HOSTS = ('f1', 'f2', 'f3')
 #: run in a host's network namespace: asks the guest's counter service
 #: at 10.0.2.15:7000 without end (a new connection each time), one JSON
 #: line per answer: [CLOCK_MONOTONIC, value]. Monotonic time is the
@@ -121,6 +127,7 @@ class FTServerTests:
         reachable at 10.0.2.15:7000 (counter service) from a probe port;
         returns (server, probe port id)."""
         self.add_hosts(*HOSTS)
+        self.only_hosts(*HOSTS)
         _, _, image, _ = self.upload_guest(
             name, 'os_command_line=console=ttyS0 mftvm.run=counter '
             'virtio_net.csum=0')

@@ -13,11 +13,12 @@ servers, then ask with real tokens, through the real ``openstack`` CLI
     admin: openstack ft server failover    -> past the policy (409: no
                                               agent protects it here)
 
-The lab has no compute hosts here: the servers end in ERROR (no valid
-host) but belong to their projects in Nova all the same, which is all
-the API's policy and project scoping need. Their live state (agents on
-hosts) is the unit and functional tiers' (fakes) until the lab runs
-agents.
+On the tier's shared lab (:mod:`tests.e2e.lab`), whatever hosts other
+modules added to it: the servers ask for more memory than any host
+offers, so they end in ERROR (no valid host) but belong to their
+projects in Nova all the same, which is all the API's policy and project
+scoping need. Their live state (agents on hosts) is the unit and
+functional tiers' (fakes), and test_reporting.py's.
 """
 
 from __future__ import annotations
@@ -25,98 +26,41 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
 from typing import Any
 
-import testtools
-
-from tests.e2e.test_cloud import (
-    CLOUDLAB,
-    PIP,
-    PYTHON,
-    ROOT,
-    VENV_BIN,
-    _checked,
-    _run,
-)
+from tests.e2e import lab
+from tests.e2e.lab import VENV_BIN, run
 
 PROJECTS = {'alice': 'ft-e2e-1', 'bob': 'ft-e2e-2'}
+#: a flavor no host of the lab can take (they offer 4 GiB each)
+UNSCHEDULABLE_RAM_MB = 1 << 20
 
 
-class FTAPICloudTest(testtools.TestCase):
+class FTAPICloudTest(lab.LabTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
-        if os.geteuid() != 0:
-            raise RuntimeError('the e2e tier needs root (network namespaces)')
-        if not os.path.exists(PYTHON):
-            raise RuntimeError(f'no {PYTHON}: run tools/run.sh test, which '
-                               f'makes .cloud-venv')
-        cls.tmp = tempfile.mkdtemp(prefix='mftvm-e2e-ftapi-')
-        cls.lab_dir = os.path.join(cls.tmp, 'lab')
-        try:
-            cls._install_wheel()
-            with open(os.path.join(cls.tmp, 'up.log'), 'w') as out:
-                result = subprocess.run(
-                    [PYTHON, CLOUDLAB, 'up', '--dir', cls.lab_dir,
-                     '--name', f'p{os.getpid()}'],
-                    stdout=out, stderr=subprocess.STDOUT, timeout=900)
-            if result.returncode:
-                with open(os.path.join(cls.tmp, 'up.log')) as f:
-                    raise RuntimeError(f'cloudlab up failed:\n'
-                                       f'{f.read()[-6000:]}')
-            cls.api_url = _checked(
-                [PYTHON, CLOUDLAB, 'ft-api', '--dir', cls.lab_dir],
-                timeout=600).stdout.strip().splitlines()[-1]
-            cls.admin_env = cls._openrc()
-            cls._register_endpoint()
-            cls._tenants_and_servers()
-        except BaseException:
-            cls._tear_down()
-            raise
+        cls.api_url = cls.lab.ft_api()
+        cls.admin_env = cls.env
+        cls.addClassCleanup(cls._delete_servers)
+        cls._tenants_and_servers()
 
     @classmethod
-    def tearDownClass(cls) -> None:
-        cls._tear_down()
-        super().tearDownClass()
-
-    @classmethod
-    def _tear_down(cls) -> None:
-        if os.path.exists(os.path.join(cls.lab_dir, 'lab.json')):
-            _run([PYTHON, CLOUDLAB, 'down', '--dir', cls.lab_dir])
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
-    @classmethod
-    def _install_wheel(cls) -> None:
-        out = os.path.join(cls.tmp, 'wheel')
-        _checked([*PIP, 'wheel', '--no-deps', '--no-build-isolation',
-                  '-w', out, ROOT], cwd=cls.tmp)
-        (wheel,) = [os.path.join(out, name) for name in os.listdir(out)]
-        _checked([*PIP, 'install', '--no-deps', '--force-reinstall', wheel])
-
-    @classmethod
-    def _openrc(cls) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith('OS_')}
-        env['PATH'] = f'{VENV_BIN}:{env.get("PATH", os.defpath)}'
-        with open(os.path.join(cls.lab_dir, 'openrc')) as f:
-            for line in f:
-                key, _, value = line.removeprefix('export ').strip(
-                    ).partition('=')
-                if key.startswith('OS_'):
-                    env[key] = value
-        return env
+    def _delete_servers(cls) -> None:
+        # (the other modules' FT servers are theirs; these go)
+        for server_id in getattr(cls, 'ids', {}).values():
+            cls.cli(cls.admin_env, 'server', 'delete', '--wait', server_id,
+                    check=False)
 
     @classmethod
     def cli(cls, env: dict[str, str], *args: str,
             check: bool = True) -> subprocess.CompletedProcess:
         argv = [os.path.join(VENV_BIN, 'openstack'), *args]
-        result = _run(argv, env=env, cwd=cls.tmp)
+        result = run(argv, env=env, cwd=cls.tmp)
         if check and result.returncode:
             raise AssertionError(f'openstack {" ".join(args)} exited '
                                  f'{result.returncode}:\n'
@@ -128,16 +72,6 @@ class FTAPICloudTest(testtools.TestCase):
         return json.loads(cls.cli(env, *args, '-f', 'json').stdout)
 
     @classmethod
-    def _register_endpoint(cls) -> None:
-        """The operator's step of doc/api.rst."""
-        admin = cls.admin_env
-        cls.cli(admin, 'service', 'create', '--name', 'mftvm',
-                '--description', 'Fault-tolerant servers', 'fault-tolerance')
-        for interface in ('public', 'internal', 'admin'):
-            cls.cli(admin, 'endpoint', 'create', '--region', 'RegionOne',
-                    'fault-tolerance', interface, cls.api_url)
-
-    @classmethod
     def _tenants_and_servers(cls) -> None:
         admin = cls.admin_env
         image = os.path.join(cls.tmp, 'tiny.raw')
@@ -146,8 +80,9 @@ class FTAPICloudTest(testtools.TestCase):
         cls.cli(admin, 'image', 'create', '--disk-format', 'raw',
                 '--container-format', 'bare', '--public', '--file', image,
                 'ft-e2e-tiny')
-        cls.cli(admin, 'flavor', 'create', '--ram', '128', '--disk', '1',
-                '--vcpus', '1', 'ft-e2e-flavor')
+        cls.cli(admin, 'flavor', 'create', '--ram',
+                str(UNSCHEDULABLE_RAM_MB), '--disk', '1', '--vcpus', '1',
+                'ft-e2e-flavor')
         cls.envs: dict[str, dict[str, str]] = {}
         for user, project in PROJECTS.items():
             password = secrets.token_hex(12)
@@ -236,7 +171,9 @@ class FTAPICloudTest(testtools.TestCase):
                          check=False)
         self.assertIn(f'server {self.ids["alice-ft"]} has no FT side on '
                       f'its host (none) (HTTP 409)', result.stderr)
+        # all projects: both tenants' FT servers, not alice's plain one
+        # (other modules' FT servers in the shared lab are listed too)
         listed = json.loads(self.ft('admin', 'list', '--all-projects',
                                     '-f', 'json').stdout)
         self.assertEqual({self.ids['alice-ft'], self.ids['bob-ft']},
-                         {s['ID'] for s in listed})
+                         {s['ID'] for s in listed} & set(self.ids.values()))

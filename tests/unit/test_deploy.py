@@ -14,6 +14,7 @@ import os
 import socket
 
 import fixtures
+import oslo_messaging
 import testtools
 
 from mftvm_openstack import conf as mftvm_conf
@@ -67,6 +68,11 @@ class DeployTest(testtools.TestCase):
                       'my_ip': '10.0.0.11', 'peers': 'hv2,hv3'},
             'fencing': {'backend_url': ETCD, 'lease': '5'},
             'ft': {'epoch_ms': '100'},
+            # by default: versioned notifications on the bus, where
+            # Nova's go, and metrics for this host only
+            'oslo_messaging_notifications': {
+                'driver': 'messagingv2', 'topics': 'versioned_notifications'},
+            'metrics': {'port': '9787', 'bind_address': '127.0.0.1'},
         }, _ini(self.conf))
         # the broker's and the store's passwords: its owner only
         self.assertEqual(0o600, os.stat(self.conf).st_mode & 0o777)
@@ -81,6 +87,29 @@ class DeployTest(testtools.TestCase):
                          (conf.agent.host, conf.agent.my_ip,
                           conf.agent.peers, conf.fencing.backend_url,
                           conf.fencing.lease, conf.ft.epoch_ms))
+        self.assertEqual((9787, '127.0.0.1'),
+                         (conf.metrics.port, conf.metrics.bind_address))
+        # oslo.messaging's own options, as the agent's notifier reads them
+        transport = oslo_messaging.get_notification_transport(
+            conf, url='fake:/')
+        self.addCleanup(transport.cleanup)
+        self.assertEqual((['messagingv2'], ['versioned_notifications']),
+                         (conf.oslo_messaging_notifications.driver,
+                          conf.oslo_messaging_notifications.topics))
+
+    def test_agent_reporting_options(self):
+        self.assertEqual((0, ''), self.agent(
+            '--notification-driver', 'noop', '--notification-topic',
+            'ft_notifications', '--metrics-port', '9100',
+            '--metrics-bind-address', '10.0.0.11'))
+        ini = _ini(self.conf)
+        self.assertEqual({'driver': 'noop', 'topics': 'ft_notifications'},
+                         ini['oslo_messaging_notifications'])
+        self.assertEqual({'port': '9100', 'bind_address': '10.0.0.11'},
+                         ini['metrics'])
+        # port 0: no endpoint at all
+        self.assertEqual((0, ''), self.agent('--metrics-port', '0'))
+        self.assertNotIn('metrics', _ini(self.conf))
 
     def test_agent_conf_replaced_not_merged(self):
         os.makedirs(os.path.dirname(self.conf))
@@ -136,6 +165,14 @@ class DeployTest(testtools.TestCase):
             (('--epoch-ms', '99999'), ENV, '--epoch-ms 99999: out of range'),
             (('--debug', 'maybe'), ENV, "--debug 'maybe': not a boolean"),
             (('--log-file', 'agent.log'), ENV, '--log-file'),
+            (('--notification-driver', 'eventlet\nx'), ENV,
+             '--notification-driver'),
+            (('--notification-topic', 'a\n[x]'), ENV,
+             '--notification-topic'),
+            (('--metrics-port', '70000'), ENV,
+             '--metrics-port 70000: out of range'),
+            (('--metrics-bind-address', '0.0.0.0\nx'), ENV,
+             '--metrics-bind-address'),
             ((), {}, 'MFTVM_TRANSPORT_URL is empty'),
             ((), {deploy.TRANSPORT_URL_ENV: 'http://u:s3cret@h/'},
              "MFTVM_TRANSPORT_URL: scheme 'http'"),
@@ -214,6 +251,14 @@ class DeployTest(testtools.TestCase):
             'libvirt': {'file_backed_memory': '2048'}},
             _ini(self.nova_conf))
 
+    def test_nova_nic_checksum_offload(self):
+        # hosts whose datapath cannot finish guests' checksums (the lab)
+        self.assertEqual((0, ''), self.run_main(
+            'nova', '--nova-conf', self.nova_conf, '--file-backed-memory',
+            '2048', '--nic-checksum-offload', 'false'))
+        self.assertEqual({'nic_checksum_offload': 'False'},
+                         _ini(self.nova_conf)['ft'])
+
     def test_nova_file_backed_memory_auto(self):
         with open('/proc/meminfo') as f:
             total = next(int(line.split()[1]) // 1024 for line in f
@@ -233,7 +278,9 @@ class DeployTest(testtools.TestCase):
                 (('--compute-driver', 'mftvm.FT\n[DEFAULT]'),
                  'not a module.Class name'),
                 (('--compute-driver', 'FTLibvirtDriver'),
-                 'not a module.Class name')):
+                 'not a module.Class name'),
+                (('--nic-checksum-offload', 'sometimes'),
+                 "--nic-checksum-offload 'sometimes': not a boolean")):
             code, err = self.run_main('nova', '--nova-conf', self.nova_conf,
                                       *extra)
             self.assertEqual(2, code, extra)

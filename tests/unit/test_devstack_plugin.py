@@ -219,6 +219,9 @@ class DevStackPluginTest(testtools.TestCase):
         self.assertEqual('True', s['MFTVM_SET_COMPUTE_DRIVER'])
         self.assertEqual('', s['MFTVM_FILE_BACKED_MEMORY'])
         self.assertEqual('mftvm.FTLibvirtDriver', s['MFTVM_COMPUTE_DRIVER'])
+        self.assertEqual('messagingv2', s['MFTVM_NOTIFICATION_DRIVER'])
+        self.assertEqual('9787', s['MFTVM_METRICS_PORT'])
+        self.assertEqual('127.0.0.1', s['MFTVM_METRICS_BIND_ADDRESS'])
         self.assertEqual([('mftvm-openstack',)], self.calls('define_plugin'))
 
     def test_settings_keep_local_conf_values(self):
@@ -372,6 +375,9 @@ class DevStackPluginTest(testtools.TestCase):
             'fencing': {'backend_url': f'etcd3+http://{HOST_IP}:2379',
                         'lease': '3'},
             'ft': {'epoch_ms': '200'},
+            'oslo_messaging_notifications': {
+                'driver': 'messagingv2', 'topics': 'versioned_notifications'},
+            'metrics': {'port': '9787', 'bind_address': '127.0.0.1'},
         }, self.ini(self.conf))
         self.assertEqual([(self.conf,)], self.calls('setup_logging'))
         self.assertEqual([(_user(), 'kvm')], self.calls('add_user_to_group'))
@@ -392,6 +398,11 @@ class DevStackPluginTest(testtools.TestCase):
                 ('MFTVM_EPOCH_MS', '5', '--epoch-ms 5: out of range'),
                 ('MFTVM_LEASE', 'abc', '--lease'),
                 ('MFTVM_PEERS', 'hv2,hv 3', '--peers'),
+                ('MFTVM_METRICS_PORT', '99999', '--metrics-port'),
+                ('MFTVM_METRICS_BIND_ADDRESS', 'everywhere',
+                 '--metrics-bind-address'),
+                ('MFTVM_NOTIFICATION_DRIVER', 'carrier-pigeon',
+                 '--notification-driver'),
                 ('MFTVM_FENCING_URL', 'http://10.0.0.5:2379',
                  'MFTVM_FENCING_URL: scheme')):
             self.reset()

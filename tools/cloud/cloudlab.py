@@ -227,15 +227,31 @@ def start(lab: Lab, name: str, argv: list[str], *,
 
 
 def stop(pid: int, grace: float = 15.0) -> None:
-    """SIGTERM ``pid``'s process group, SIGKILL it after ``grace`` s."""
+    """SIGTERM ``pid``'s process group, SIGKILL it after ``grace`` s;
+    returns once no process of the group is left (a uwsgi worker that
+    outlives its master still holds the port a restart binds)."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
         deadline = time.monotonic() + wait
-        while alive(pid) and time.monotonic() < deadline:
+        while group_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not alive(pid):
+        if not group_alive(pid):
             return
+
+
+def group_alive(pgid: int) -> bool:
+    """Is a process of group ``pgid`` left, other than zombies?"""
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            with open(f'/proc/{entry}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            # (state, ppid, pgrp, ...)
+            if int(fields[2]) == pgid and fields[0] != 'Z':
+                return True
+    return False
 
 
 def alive(pid: int) -> bool:
@@ -1188,8 +1204,11 @@ def configure_compute(lab: Lab, host: str, driver: str) -> str:
     write_ini(conf, options)
     if driver.startswith('mftvm.'):
         # the FT options, by the code the DevStack plugin calls
+        # (OVS's userspace datapath does not finish guests' partial
+        # checksums into Geneve: the guests' NICs must not leave them)
         deploy(lab, 'nova', '--nova-conf', conf, '--compute-driver',
-               driver, '--file-backed-memory', str(HOST_GUEST_MEMORY_MIB))
+               driver, '--file-backed-memory', str(HOST_GUEST_MEMORY_MIB),
+               '--nic-checksum-offload', 'false')
     return conf
 
 
@@ -1205,14 +1224,19 @@ def configure_agent(lab: Lab, host: str, nova_conf: str) -> str:
     """The host's ``mftvm.conf``: the agent on nova-compute's broker and
     vhost (cell1's: the driver calls it there), fencing on the lab's
     etcd, its state in the host's private /run (:data:`HOST_STATE_DIR`),
-    its log beside the host's other logs."""
+    its log beside the host's other logs; deploy's defaults for its
+    versioned notifications (on that broker, topic
+    ``versioned_notifications``) and its Prometheus endpoint (port 9787),
+    bound to the host's management address, which the control namespace
+    and the root namespace reach over ``br0``."""
     info = lab.state['hosts'][host]
     conf = host_dir(lab, host, 'etc', 'mftvm.conf')
     deploy(lab, 'agent', '--conf', conf, '--host', host, '--nova-conf',
            nova_conf, '--my-ip', info['ip'], '--state-path',
            HOST_STATE_DIR, '--log-file',
            lab.path('log', f'{host}-mftvm-agent.log'),
-           '--log-max-mb', str(LOG_MAX_MB))
+           '--log-max-mb', str(LOG_MAX_MB),
+           '--metrics-bind-address', info['ip'])
     return conf
 
 
