@@ -87,7 +87,7 @@ class HorizonCloudTest(testtools.TestCase):
             with open(os.path.join(cls.tmp, 'up.log'), 'w') as out:
                 result = subprocess.run(
                     [PYTHON, CLOUDLAB, 'up', '--dir', cls.lab_dir,
-                     '--name', f'p{os.getpid()}'],
+                     '--name', f'hp{os.getpid()}'],
                     stdout=out, stderr=subprocess.STDOUT, timeout=900)
             if result.returncode:
                 with open(os.path.join(cls.tmp, 'up.log')) as f:

@@ -79,7 +79,7 @@ class VolumesCloudTest(testtools.TestCase):
             with open(os.path.join(cls.tmp, 'up.log'), 'w') as out:
                 result = subprocess.run(
                     [PYTHON, CLOUDLAB, 'up', '--dir', cls.lab_dir,
-                     '--name', f'p{os.getpid()}', *cls.LAB_OPTIONS],
+                     '--name', f'vp{os.getpid()}', *cls.LAB_OPTIONS],
                     stdout=out, stderr=subprocess.STDOUT, timeout=1200)
             if result.returncode:
                 with open(os.path.join(cls.tmp, 'up.log')) as f:
@@ -134,7 +134,7 @@ class VolumesCloudTest(testtools.TestCase):
         """The volume's bytes as Ceph holds them (``rbd export`` as the
         lab's admin, in its namespace)."""
         out = os.path.join(self.tmp, f'{volume_id}.raw')
-        _checked(['ip', 'netns', 'exec', f'mfc-p{os.getpid()}', 'rbd',
+        _checked(['ip', 'netns', 'exec', f'mfc-vp{os.getpid()}', 'rbd',
                   '-c', os.path.join(self.lab_dir, 'ceph', 'ceph.conf'),
                   '--id', 'admin', 'export', f'volumes/volume-{volume_id}',
                   out])

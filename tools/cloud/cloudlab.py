@@ -56,9 +56,11 @@ IP = shutil.which('ip') or '/usr/sbin/ip'
 NET_PREFIX = '10.78'            # control networks are NET_PREFIX.N.0/24
 LOCK_PATH = '/tmp/mftvm-cloud.lock'
 NAME_RE = re.compile(r'^[a-z0-9]{1,10}$')
-# Labs of the e2e tier are named after their test process; a lab whose
-# process is dead is removed by the next `up`.
-OWNED_NAME_RE = re.compile(r'^mfc-p(\d+)(-[a-z0-9]+)?$')
+# Labs of the e2e tier are named after their test process (p<pid>, or
+# with a letter before it for a module's own lab beside the tier's
+# shared one: hp<pid>, vp<pid>); a lab whose process is dead is removed
+# by the next `up`.
+OWNED_NAME_RE = re.compile(r'^mfc-[a-z]?p(\d+)(-[a-z0-9]+)?$')
 HOST_RE = re.compile(r'^[a-z][a-z0-9]{0,7}$')
 FIRST_HOST_OCTET = 11
 UNDERLAY_PREFIX = '10.79'       # hosts' Geneve underlay: UNDERLAY_PREFIX.N.*
