@@ -149,9 +149,10 @@ class Lab:
         t0 = time.monotonic()
         with open(os.path.join(self.tmp, 'up.log'), 'w') as out:
             result = subprocess.run(
+                # (with Ceph and Cinder: test_volumes' RBD volumes)
                 [PYTHON, CLOUDLAB, 'up', '--dir', self.dir, '--name',
-                 self.name], stdout=out, stderr=subprocess.STDOUT,
-                timeout=900)
+                 self.name, '--with-cinder'], stdout=out,
+                stderr=subprocess.STDOUT, timeout=1200)
         if result.returncode:
             with open(os.path.join(self.tmp, 'up.log')) as f:
                 raise RuntimeError(f'cloudlab up failed:\n'

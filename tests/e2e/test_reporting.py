@@ -79,18 +79,29 @@ class ReportingTest(lab.LabTestCase):
             self.assertIn('process_resident_memory_bytes', text, host)
 
     def ft_server(self) -> dict:
-        """A protected FT server (the project's guest, no NIC) on the
+        """A protected FT server (the project's guest, one port) on the
         lab's FT hosts; returns ``openstack ft server show``."""
         self.add_hosts(*HOSTS)
         self.only_hosts(*HOSTS)
         name = self.unique('e2e-report')
         _, _, image, _ = self.upload_guest(
             name, 'os_command_line=console=ttyS0 mftvm.run=counter')
+        # One port: the engine holds a NIC's output (a guest with none
+        # is refused protection).
+        network = self.openstack_json('network', 'create', f'{name}-net')
+        self.addCleanup(self.openstack, 'network', 'delete', network['id'],
+                        check=False)
+        self.openstack('subnet', 'create', '--network', network['id'],
+                       '--subnet-range', '10.0.2.0/24', f'{name}-subnet')
+        port = self.openstack_json('port', 'create', '--network',
+                                   network['id'], f'{name}-guest')
+        self.addCleanup(self.openstack, 'port', 'delete', port['id'],
+                        check=False)
         flavor = f'm1.{name}'
         self.flavor(flavor, *FT_FLAVOR_SPECS)
         server = self.server(name, '--image', image['id'], '--flavor',
-                             flavor, '--nic', 'none', '--property',
-                             'ft=true')
+                             flavor, '--nic', f'port-id={port["id"]}',
+                             '--property', 'ft=true')
         shown, _ = self.wait_ft_protection(server['id'], 'protected',
                                            timeout=600)
         return shown

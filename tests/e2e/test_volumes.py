@@ -23,16 +23,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 
-import testtools
-
 from mftvm_openstack.images import records, workload
-from tests.e2e import test_cloud
-from tests.e2e.test_cloud import CLOUDLAB, PYTHON, _checked
+from tests.e2e import lab
+from tests.e2e.lab import checked as _checked
 
 #: the host the servers run on (FTLibvirtDriver, RBD volumes configured)
 HOST = 'h1'
@@ -45,56 +41,9 @@ GUEST_CMDLINE = ('console=ttyS0 virtio_net.csum=0 '
 ACK_RE = re.compile(r'^ACK (\d+) ([0-9a-f]{64})', re.M)
 
 
-def _fixture(name: str):
-    """CloudTest's fixture piece ``name`` as it is defined (classmethods
-    included), to reuse here without CloudTest's own tests."""
-    return test_cloud.CloudTest.__dict__[name]
-
-
-class VolumesCloudTest(testtools.TestCase):
-    """Boot from a Cinder volume, attach, detach and delete, on RBD."""
-
-    LAB_OPTIONS = ('--with-cinder',)
-
-    _install_wheel = _fixture('_install_wheel')
-    _openrc = _fixture('_openrc')
-    _tear_down = _fixture('_tear_down')
-    add_hosts = _fixture('add_hosts')
-    cloud = _fixture('cloud')
-    cloud_json = _fixture('cloud_json')
-    upload_guest = _fixture('upload_guest')
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        super().setUpClass()
-        if os.geteuid() != 0:
-            raise RuntimeError('the e2e tier needs root (network namespaces)')
-        if not os.path.exists(PYTHON):
-            raise RuntimeError(f'no {PYTHON}: run tools/run.sh test, which '
-                               f'makes .cloud-venv')
-        cls.tmp = tempfile.mkdtemp(prefix='mftvm-e2e-volumes-')
-        cls.lab_dir = os.path.join(cls.tmp, 'lab')
-        try:
-            cls.wheel = cls._install_wheel()
-            with open(os.path.join(cls.tmp, 'up.log'), 'w') as out:
-                result = subprocess.run(
-                    [PYTHON, CLOUDLAB, 'up', '--dir', cls.lab_dir,
-                     '--name', f'vp{os.getpid()}', *cls.LAB_OPTIONS],
-                    stdout=out, stderr=subprocess.STDOUT, timeout=1200)
-            if result.returncode:
-                with open(os.path.join(cls.tmp, 'up.log')) as f:
-                    raise RuntimeError(f'cloudlab up failed:\n'
-                                       f'{f.read()[-6000:]}')
-        except BaseException:
-            cls._tear_down()
-            raise
-        cls.env = cls._openrc()
-        cls.hosts = []
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls._tear_down()
-        super().tearDownClass()
+class VolumesCloudTest(lab.LabTestCase):
+    """Boot from a Cinder volume, attach, detach and delete, on RBD (the
+    tier's shared lab runs Ceph and Cinder: ``up --with-cinder``)."""
 
     # -- helpers --------------------------------------------------------
 
@@ -134,7 +83,7 @@ class VolumesCloudTest(testtools.TestCase):
         """The volume's bytes as Ceph holds them (``rbd export`` as the
         lab's admin, in its namespace)."""
         out = os.path.join(self.tmp, f'{volume_id}.raw')
-        _checked(['ip', 'netns', 'exec', f'mfc-vp{os.getpid()}', 'rbd',
+        _checked(['ip', 'netns', 'exec', f'mfc-{self.lab.name}', 'rbd',
                   '-c', os.path.join(self.lab_dir, 'ceph', 'ceph.conf'),
                   '--id', 'admin', 'export', f'volumes/volume-{volume_id}',
                   out])
@@ -157,26 +106,28 @@ class VolumesCloudTest(testtools.TestCase):
         (volume_host,) = [host for binary, host, _ in services
                           if binary == 'cinder-volume']
         self.assertTrue(volume_host.endswith('@ceph'), volume_host)
-        volume = self.create_volume('e2e-plain')
+        volume = self.create_volume(self.unique('e2e-plain'))
         # Cinder's RBD driver made it in the lab's pool, on Ceph.
         self.assertEqual(1 << 30, len(self.read_volume(volume['id'])))
 
     def test_boot_from_volume_attach_write_detach_delete(self):
         self.add_hosts(HOST)
         _, _, image, _ = self.upload_guest(
-            'e2e-volume-guest', f'os_command_line={GUEST_CMDLINE}')
-        boot = self.create_volume('e2e-boot', '--image', image['id'],
-                                  '--bootable')
-        data = self.create_volume('e2e-data')
+            self.unique('e2e-volume-guest'),
+            f'os_command_line={GUEST_CMDLINE}')
+        boot = self.create_volume(self.unique('e2e-boot'), '--image',
+                                  image['id'], '--bootable')
+        data = self.create_volume(self.unique('e2e-data'))
+        flavor = self.unique('m1.e2e-volume')
         self.cloud('flavor', 'create', '--ram', '128', '--disk', '0',
-                   '--vcpus', '1', 'm1.e2e-volume')
-        self.addCleanup(self.cloud, 'flavor', 'delete', 'm1.e2e-volume',
+                   '--vcpus', '1', flavor)
+        self.addCleanup(self.cloud, 'flavor', 'delete', flavor,
                         check=False)
 
         server = self.cloud_json(
             'server', 'create', '--volume', boot['id'], '--flavor',
-            'm1.e2e-volume', '--nic', 'none', '--availability-zone',
-            f'nova:{HOST}', '--wait', 'e2e-volume-vm')
+            flavor, '--nic', 'none', '--availability-zone',
+            f'nova:{HOST}', '--wait', self.unique('e2e-volume-vm'))
         self.addCleanup(self.cloud, 'server', 'delete', '--wait',
                         server['id'], check=False)
         shown = self.cloud_json('server', 'show', server['id'])
@@ -225,18 +176,20 @@ class VolumesCloudTest(testtools.TestCase):
         # fault that says why, and the volume is let go.
         self.add_hosts(HOST)
         _, _, image, _ = self.upload_guest(
-            'e2e-ft-volume-guest', 'os_command_line=console=ttyS0')
-        boot = self.create_volume('e2e-ft-boot', '--image', image['id'],
-                                  '--bootable')
+            self.unique('e2e-ft-volume-guest'),
+            'os_command_line=console=ttyS0')
+        boot = self.create_volume(self.unique('e2e-ft-boot'), '--image',
+                                  image['id'], '--bootable')
+        flavor = self.unique('m1.e2e-ft-volume')
         self.cloud('flavor', 'create', '--ram', '128', '--disk', '0',
                    '--vcpus', '1', '--property', 'ft:enabled=true',
-                   'm1.e2e-ft-volume', microversion=test_cloud.VALIDATED)
-        self.addCleanup(self.cloud, 'flavor', 'delete', 'm1.e2e-ft-volume',
+                   flavor, microversion=lab.VALIDATED)
+        self.addCleanup(self.cloud, 'flavor', 'delete', flavor,
                         check=False)
         server = self.cloud_json(
             'server', 'create', '--volume', boot['id'], '--flavor',
-            'm1.e2e-ft-volume', '--nic', 'none', '--availability-zone',
-            f'nova:{HOST}', 'e2e-ft-volume-vm')
+            flavor, '--nic', 'none', '--availability-zone',
+            f'nova:{HOST}', self.unique('e2e-ft-volume-vm'))
         self.addCleanup(self.cloud, 'server', 'delete', '--wait',
                         server['id'], check=False)
 
@@ -248,12 +201,13 @@ class VolumesCloudTest(testtools.TestCase):
         self.assertEqual('ERROR', shown['status'])
         self.assertIn('fault tolerance cannot protect boot from volume',
                       json.dumps(shown.get('fault')))
-        # Nothing runs on the host for it, and Cinder has it back.
+        # Nothing runs on the host for it (other tests' servers may), and
+        # Cinder has it back.
         with open(os.path.join(self.lab_dir, 'lab.json')) as f:
             enter = json.load(f)['hosts'][HOST]['enter']
-        self.assertEqual('', _checked(
+        self.assertNotIn(shown['OS-EXT-SRV-ATTR:instance_name'], _checked(
             [*enter, 'virsh', '-c', 'qemu:///system', 'list', '--all',
-             '--name']).stdout.strip())
+             '--name']).stdout.split())
         self.cloud('server', 'delete', '--wait', server['id'])
         self.assertEqual([], self.wait_volume(boot['id'],
                                               'available')['attachments'])
