@@ -407,14 +407,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
         """Wait (at most an idle epoch: the Tick still finds a secondary
         that never acks) until the checkpoints awaiting their ACK are
         below max_unacked_bytes; _tick takes none before."""
-        end = self.clock.monotonic() + self.idle_epoch_s
-        while self.unacked_bytes > self.max_unacked_bytes:
-            rest = end - self.clock.monotonic()
-            if rest <= 0:
-                return
-            self._ack_came.clear()
-            with contextlib.suppress(TimeoutError):
-                await self.clock.wait_for(self._ack_came.wait(), rest)
+        await self._acks_until(
+            lambda: self.unacked_bytes <= self.max_unacked_bytes,
+            self.idle_epoch_s)
 
     async def _ack_before_pause(self, output: OutputBuffer,
                                 cadence: Cadence) -> None:
@@ -430,8 +425,14 @@ class PrimaryPair(Machine['PrimaryEvent']):
         if not due:
             return
         epoch, wait = max(due)
-        end = self.clock.monotonic() + wait
-        while self._acked_upto < epoch:
+        await self._acks_until(lambda: self._acked_upto >= epoch, wait)
+
+    async def _acks_until(self, done: Callable[[], bool],
+                          timeout: float) -> None:
+        """Wait, ACK by ACK, until ``done()`` or ``timeout`` seconds
+        have passed."""
+        end = self.clock.monotonic() + timeout
+        while not done():
             rest = end - self.clock.monotonic()
             if rest <= 0:
                 return
