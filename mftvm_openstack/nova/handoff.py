@@ -104,7 +104,7 @@ empty under Nova.)
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Optional
 
 import nova.objects as objects
@@ -152,6 +152,28 @@ def failed_over_status(old_host: str) -> str:
     return f'{FAILED_OVER}{old_host}; {State.UNPROTECTED}'
 
 
+def listed(entries: Iterable[Mapping[str, Any]], warn: bool = False
+           ) -> Iterator[InstanceStatus]:
+    """Each entry of an agent's ``list()`` as the typed status contract
+    reads it; an entry it cannot read is left out (with a warning if
+    ``warn``)::
+
+        >>> [s.instance for s in listed([
+        ...     {'instance': 'a', 'role': 'primary', 'state': 'active'},
+        ...     {'role': 'nonsense'}])]
+        ['a']
+    """
+    for entry in entries:
+        try:
+            yield InstanceStatus.from_dict(
+                dict(entry) if isinstance(entry, Mapping) else entry,
+                'list entry')
+        except ContractError as exc:
+            if warn:
+                LOG.warning('The agent listed what this driver cannot '
+                            'read: %s', exc)
+
+
 def taken_over(entries: Iterable[Mapping[str, Any]]) -> list[str]:
     """The instances an agent's ``list()`` shows running as primary.
 
@@ -169,15 +191,7 @@ def taken_over(entries: Iterable[Mapping[str, Any]]) -> list[str]:
     Whether Nova still places it elsewhere is :func:`hand_off`'s check.
     """
     out = []
-    for entry in entries:
-        try:
-            status = InstanceStatus.from_dict(
-                dict(entry) if isinstance(entry, Mapping) else entry,
-                'list entry')
-        except ContractError as exc:
-            LOG.warning('The agent listed what this driver cannot read: '
-                        '%s', exc)
-            continue
+    for status in listed(entries, warn=True):
         if status.role is not PRIMARY or \
                 status.state not in RUNNING_STATES or \
                 status.alive is False:
@@ -199,13 +213,7 @@ def standing_by(entries: Iterable[Mapping[str, Any]]) -> list[str]:
         ['a']
     """
     out = []
-    for entry in entries:
-        try:
-            status = InstanceStatus.from_dict(
-                dict(entry) if isinstance(entry, Mapping) else entry,
-                'list entry')
-        except ContractError:
-            continue        # taken_over() says so
+    for status in listed(entries):      # (taken_over() warns)
         if status.role is Role.SECONDARY and \
                 status.state is State.STANDBY and \
                 status.alive is not False and status.instance:

@@ -59,10 +59,9 @@ from oslo_concurrency import lockutils
 from oslo_log import log as logging
 
 from mftvm_openstack import conf as mftvm_conf
-from mftvm_openstack.contract.record import ContractError
 from mftvm_openstack.contract.states import Role
 from mftvm_openstack.contract.status import InstanceStatus
-from mftvm_openstack.nova import ft_request, live_status
+from mftvm_openstack.nova import ft_request, handoff, live_status
 from mftvm_openstack.nova.handoff import FAILED_OVER, SECONDARY_HOST, STATUS
 
 LOG = logging.getLogger(__name__)
@@ -87,13 +86,8 @@ def primaries(entries: Iterable[Mapping[str, Any]]
         ['a']
     """
     out = {}
-    for entry in entries:
-        try:
-            status = InstanceStatus.from_dict(
-                dict(entry) if isinstance(entry, Mapping) else entry,
-                'list entry')
-        except ContractError:
-            continue        # the hand-off's look logs what it cannot read
+    # (the hand-off's look logs what it cannot read)
+    for status in handoff.listed(entries):
         if status.role is Role.PRIMARY and status.instance:
             out[status.instance] = status
     return out
