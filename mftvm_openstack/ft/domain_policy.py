@@ -223,10 +223,17 @@ _INTERFACE = E(
     model=E({'type': ('virtio', 'e1000', 'e1000e', 'rtl8139', 'ne2k_pci',
                       'pcnet', 'virtio-transitional',
                       'virtio-non-transitional')}),
+    # offloads on or off (Nova's [ft] nic_checksum_offload = false
+    # writes <host csum='off'/>): switches, no paths
     driver=E({'name': ('vhost', 'qemu'), 'queues': NUM,
               'rx_queue_size': NUM, 'tx_queue_size': NUM,
               'txmode': ('iothread', 'timer'), 'iommu': ONOFF,
-              'ats': ONOFF, 'packed': ONOFF}),
+              'ats': ONOFF, 'packed': ONOFF},
+             host=E({'csum': ONOFF, 'gso': ONOFF, 'tso4': ONOFF,
+                     'tso6': ONOFF, 'ecn': ONOFF, 'ufo': ONOFF,
+                     'mrg_rxbuf': ONOFF}),
+             guest=E({'csum': ONOFF, 'tso4': ONOFF, 'tso6': ONOFF,
+                      'ecn': ONOFF, 'ufo': ONOFF})),
     mtu=E({'size': NUM}),
     # no rom file=: a host file loaded into the guest
     rom=E({'enabled': YESNO, 'bar': ONOFF}),

@@ -312,6 +312,27 @@ class AllowedDomainsTest(unittest.TestCase):
             restore(tuned.replace('<weight>500</weight>',
                                   "<device><path>/dev/sda</path></device>"))
 
+    def test_nic_offload_switches_are_kept(self):
+        # Nova's driver with [ft] nic_checksum_offload = false writes
+        # <host csum='off'/> into each virtio NIC (the cloud lab's
+        # Geneve on OVS's userspace datapath): a secondary refused to
+        # restore such a domain, so no FT server was protected.
+        off = NOVA.replace("<driver name='vhost' rx_queue_size='512'/>",
+                           "<driver name='vhost' rx_queue_size='512'>"
+                           "<host csum='off' tso4='off'/>"
+                           "<guest csum='off'/></driver>")
+        root = restore(off)
+        driver = root.find('devices/interface/driver')
+        self.assertEqual(('off', 'off'), (driver.find('host').get('csum'),
+                                          driver.find('host').get('tso4')))
+        self.assertEqual('off', driver.find('guest').get('csum'))
+        # switches only: anything else in them is refused
+        with self.assertRaises(DomainRefused):
+            restore(off.replace("<host csum='off'", "<host csum='maybe'"))
+        with self.assertRaises(DomainRefused):
+            restore(off.replace("<guest csum='off'/>",
+                                "<guest path='/etc/shadow'/>"))
+
     def test_a_file_console_writes_only_this_sides_log(self):
         root = restore(OURS.replace('/tmp/serial.log', '/etc/cron.d/x'))
         self.assertNotIn('/etc/cron.d/x', paths_in(root))
