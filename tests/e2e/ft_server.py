@@ -199,7 +199,7 @@ class FTServerTests:
         self.assertEqual(('primary', 'protected'),
                          (status['role'], status['state']), status)
         secondary = status['peer']
-        self.assertIn(secondary, set(self.hosts) - {primary})
+        self.assertIn(secondary, set(HOSTS) - {primary})
         listed = {i['instance']: i for i in json.loads(self.mftvm(
             'list', '--host', secondary, '--json').stdout)}
         self.assertEqual('secondary', listed[server_id]['role'])
