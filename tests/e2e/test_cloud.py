@@ -16,7 +16,6 @@ import os
 import sys
 
 from tests.e2e import lab
-from tests.e2e.ft_server import FTServerTests
 from tests.e2e.lab import (  # noqa: F401 (the names other modules import)
     CLOUDLAB,
     HOSTS,
@@ -59,7 +58,7 @@ print(json.dumps(won))
 """
 
 
-class CloudTest(FTServerTests, lab.LabTestCase):
+class CloudTest(lab.LabTestCase):
     """Keystone, Nova's flavor validators and Glance, as a user sees them.
     """
 
