@@ -36,8 +36,9 @@ from tests.e2e.lab import VENV_BIN, run
 
 PROJECTS = {'alice': 'ft-e2e-1', 'bob': 'ft-e2e-2'}
 #: a flavor no host of the lab can take (they offer 4 GiB each), within
-#: a project's default RAM quota (50 GiB: more is refused with a 403)
-UNSCHEDULABLE_RAM_MB = 32 << 10
+#: a project's default RAM quota with its two servers (50 GiB: more is
+#: refused with a 403)
+UNSCHEDULABLE_RAM_MB = 16 << 10
 
 
 class FTAPICloudTest(lab.LabTestCase):
