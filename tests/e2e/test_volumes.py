@@ -24,11 +24,11 @@ import json
 import os
 import re
 import sys
-import time
 
 from mftvm_openstack.images import records, workload
 from tests.e2e import lab
 from tests.e2e.lab import checked as _checked
+from tests.functional import base
 
 #: the host the servers run on (FTLibvirtDriver, RBD volumes configured)
 HOST = 'h1'
@@ -48,15 +48,8 @@ class VolumesCloudTest(lab.LabTestCase):
     # -- helpers --------------------------------------------------------
 
     def wait_for(self, what: str, predicate, timeout: float = SETTLE):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                self.fail(f'timed out after {timeout:.0f}s waiting for '
-                          f'{what}')
-            time.sleep(2)
+        # (every 2 s: each look is an openstack CLI call)
+        return base.wait_for(predicate, timeout, 2, what)
 
     def volume(self, volume_id: str) -> dict:
         return self.cloud_json('volume', 'show', volume_id)
