@@ -51,6 +51,9 @@ class VolumeAPI(Protocol):
     def attachment_complete(self, context: Any,
                             attachment_id: str) -> Any: ...
 
+    def attachment_get(self, context: Any,
+                       attachment_id: str) -> Mapping[str, Any]: ...
+
     def attachment_delete(self, context: Any, attachment_id: str) -> Any: ...
 
 
@@ -116,6 +119,30 @@ class AttachmentHandover:
         assert isinstance(info, Mapping)
         LOG.info('volume %s: attachment %s made for host %s (standing by)',
                  volume_id, attachment_id, host)
+        return StandbyAttachment(volume_id=volume_id,
+                                 instance_uuid=instance_uuid,
+                                 attachment_id=attachment_id, host=host,
+                                 volume=volume, connection_info=info)
+
+    def recall(self, volume_id: str, instance_uuid: str,
+               attachment_id: str, host: str) -> StandbyAttachment:
+        """The standby attachment ``attachment_id`` that :meth:`prepare`
+        made earlier (its id is all a host keeps of it), read back from
+        Cinder and checked as :meth:`prepare` checks it."""
+        _check_id('volume', volume_id)
+        _check_id('attachment', attachment_id)
+        ref = self.api.attachment_get(self.context, attachment_id)
+        if not isinstance(ref, Mapping):
+            raise HandoverError(f'attachment {attachment_id}: no answer')
+        info = ref.get('connection_info')
+        try:
+            volume = RbdVolume.from_connection_info(info)
+        except InvalidConnection as exc:
+            raise HandoverError(f'volume {volume_id}: {exc}') from None
+        if volume.volume_id != volume_id:
+            raise HandoverError(f'attachment {attachment_id} is not of '
+                                f'volume {volume_id}')
+        assert isinstance(info, Mapping)
         return StandbyAttachment(volume_id=volume_id,
                                  instance_uuid=instance_uuid,
                                  attachment_id=attachment_id, host=host,
