@@ -114,7 +114,7 @@ class AttachmentHandover:
                 raise InvalidConnection(
                     f'connection_info is for volume {volume.volume_id}')
         except InvalidConnection as exc:
-            self._delete(attachment_id)
+            self.delete(attachment_id)
             raise HandoverError(f'volume {volume_id}: {exc}') from None
         assert isinstance(info, Mapping)
         LOG.info('volume %s: attachment %s made for host %s (standing by)',
@@ -156,7 +156,7 @@ class AttachmentHandover:
         self.api.attachment_complete(self.context, standby.attachment_id)
         if old_attachment_id and old_attachment_id != standby.attachment_id:
             _check_id('attachment', old_attachment_id)
-            self._delete(old_attachment_id)
+            self.delete(old_attachment_id)
         LOG.info('volume %s: attached on %s (attachment %s), the old '
                  'attachment %s removed', standby.volume_id, standby.host,
                  standby.attachment_id, old_attachment_id)
@@ -164,9 +164,10 @@ class AttachmentHandover:
     def abandon(self, standby: StandbyAttachment) -> None:
         """Protection ended without a failover: the standing-by host's
         attachment goes (already gone is fine)."""
-        self._delete(standby.attachment_id)
+        self.delete(standby.attachment_id)
 
-    def _delete(self, attachment_id: str) -> None:
+    def delete(self, attachment_id: str) -> None:
+        """Delete attachment ``attachment_id``; already gone is fine."""
         try:
             self.api.attachment_delete(self.context, attachment_id)
         except self.gone:
