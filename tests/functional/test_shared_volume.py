@@ -22,14 +22,19 @@ MiB = 1 << 20
 SIZE = 16 * MiB
 
 
-def read_layers(layers):
+def read_layers(layers, shared=None, key=None):
     """The guest-visible bytes of a chain whose base may be a shared
-    image's ``json:`` filename."""
+    image's ``json:`` filename (``key``: its cephx key's file)."""
     spec = None
+    objects = []
     for filename, fmt in layers:
         if shared_image.is_chain_filename(filename):
             protocol = json.loads(filename[5:])
             protocol.pop('node-name')
+            if shared is not None and shared.user:
+                objects = ['--object', f'secret,id=k0,file={key},'
+                                       f'format=base64']
+                protocol['key-secret'] = 'k0'
         else:
             protocol = {'driver': 'file', 'filename': filename}
         node = {'driver': fmt, 'file': protocol}
@@ -38,35 +43,33 @@ def read_layers(layers):
         spec = node
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'flat.raw')
-        subprocess.run(['qemu-img', 'convert', '-U', '-O', 'raw',
+        subprocess.run(['qemu-img', 'convert', '-U', *objects, '-O', 'raw',
                         'json:' + json.dumps(spec), out], check=True)
         with open(out, 'rb') as f:
             return f.read()
 
 
-def image(path):
-    with open(path, 'rb') as f:
-        return f.read()
-
-
 class SharedGuest:
-    """A paused QEMU whose disk ``disk0`` is the shared image (no QEMU
-    file lock, as the store opens it: see shared_image)."""
+    """A paused QEMU whose disk ``disk0`` is the shared image, opened as
+    the store opens it (shared_image: no QEMU file lock on a file; an
+    rbd image with its own client)."""
 
-    def __init__(self, workdir, path):
+    def __init__(self, workdir, shared):
         self.workdir = workdir
-        self.path = path
+        self.shared = shared
         self.proc = self.monitor = None
 
     async def start(self):
         qmp = os.path.join(self.workdir, 'qemu.sock')
+        key = shared_image.secret_object(self.shared, 'k0')
+        secret = []
+        if key is not None:
+            secret = ['-object', f'secret,id=k0,file={key["file"]},'
+                                 f'format=base64']
         argv = [vm.QEMU_BINARY, '-accel', 'tcg', '-machine', 'pc',
-                '-nodefaults', '-S', '-display', 'none',
-                '-blockdev', json.dumps({
-                    'driver': 'file', 'filename': self.path,
-                    'locking': 'off', 'node-name': 'disk0-file'}),
-                '-blockdev', json.dumps({'driver': 'raw', 'file':
-                                         'disk0-file', 'node-name': 'disk0'}),
+                '-nodefaults', '-S', '-display', 'none', *secret,
+                '-blockdev', json.dumps(shared_image.base_blockdev(
+                    self.shared, 'disk0', 'k0' if key else None)),
                 '-device', 'virtio-blk-pci,drive=disk0,id=vd0',
                 '-qmp', f'unix:{qmp},server=on,wait=off']
         self.proc = await vm.ChildProcess.start(
@@ -91,19 +94,34 @@ class SharedVolumeTest(DiskTestCase):
 
     SYNC = disk.AsyncReplication
 
+    #: the image's size
+    SIZE = SIZE
+
     def setUp(self):
         super().setUp()
+        self.shared = self.make_shared()
+
+    def make_shared(self):
+        """The shared image, 0x11 in its first chunk, zeros after."""
         self.vol = os.path.join(self.tmp, 'volume.raw')
         with open(self.vol, 'wb') as f:
-            f.truncate(SIZE)
+            f.truncate(self.SIZE)
             f.write(b'\x11' * CHUNK)        # the volume's data before
-        self.shared = SharedDisk(driver='file', path=self.vol)
+        return SharedDisk(driver='file', path=self.vol)
+
+    def image(self):
+        """The shared image's bytes (up to 8 MiB) as its storage has them."""
+        with open(self.vol, 'rb') as f:
+            return f.read(8 * MiB)
+
+    def read_layers(self, layers):
+        return read_layers(layers)[:8 * MiB]
 
     async def _protected(self, guest, store):
         await guest.start()
         target = await store.start()
         buffer = volume.VolumeBuffer(guest.monitor, 'disk0',
-                                     os.path.join(self.tmp, 'buf'), SIZE)
+                                     os.path.join(self.tmp, 'buf'), self.SIZE)
         sync = self.SYNC(guest.monitor, await buffer.insulate())
         sync.initial_sync = 'top'
         await sync.start(target)
@@ -118,8 +136,8 @@ class SharedVolumeTest(DiskTestCase):
         self.fail(f'no merge: {store.stats()}')
 
     async def _failover(self):
-        guest = SharedGuest(self.tmp, self.vol)
-        store = disk.EpochOverlayStore(self.store_dir, SIZE,
+        guest = SharedGuest(self.tmp, self.shared)
+        store = disk.EpochOverlayStore(self.store_dir, self.SIZE,
                                        shared=self.shared, merge_at=1)
         seen = {}
         try:
@@ -127,19 +145,19 @@ class SharedVolumeTest(DiskTestCase):
             await guest.write(0xa1, 1 * MiB)             # epoch 1
             await sync.checkpoint(1)
             await store.mark(1)
-            seen['epoch 1 marked'] = image(self.vol)
+            seen['epoch 1 marked'] = self.image()
             await guest.write(0xa2, 2 * MiB)             # epoch 2
             await sync.checkpoint(2)
             await store.mark(2)
             await store.commit(1)
             await self._merged(store, 1)
-            seen['epoch 1 committed'] = image(self.vol)
+            seen['epoch 1 committed'] = self.image()
             await guest.write(0xa3, 0)                   # epoch 3
             await sync.checkpoint(3)
             await store.commit(2)                        # 3 never is
             layers = await store.failover_layers(2)
-            seen['failed over'] = image(self.vol)
-            seen['chain'] = read_layers(layers)
+            seen['failed over'] = self.image()
+            seen['chain'] = self.read_layers(layers)
             seen['buffer'] = buffer.path
             await sync.stop()
             await buffer.discard()
@@ -166,13 +184,12 @@ class SharedVolumeTest(DiskTestCase):
         self.assertTrue(expect(chain, 0, 0x11))
         self.assertTrue(expect(chain, 1 * MiB, 0xa1))
         self.assertTrue(expect(chain, 2 * MiB, 0xa2))
-        # the image survives the store; the buffer file does not
-        self.assertTrue(os.path.exists(self.vol))
+        # the buffer file does not outlive the guest
         self.assertFalse(os.path.exists(seen['buffer']))
 
     async def _secondary_lost(self):
-        guest = SharedGuest(self.tmp, self.vol)
-        store = disk.EpochOverlayStore(self.store_dir, SIZE,
+        guest = SharedGuest(self.tmp, self.shared)
+        store = disk.EpochOverlayStore(self.store_dir, self.SIZE,
                                        shared=self.shared, merge_at=1)
         try:
             buffer, sync = await self._protected(guest, store)
@@ -184,11 +201,11 @@ class SharedVolumeTest(DiskTestCase):
             await guest.write(0xb5, 5 * MiB)     # epoch 5, never marked
             await store.stop()                   # the secondary is gone
             await sync.stop()
-            lost = image(self.vol)
+            lost = self.image()
             await buffer.release()
-            released = image(self.vol)
+            released = self.image()
             await guest.write(0xc6, 6 * MiB)     # unprotected, directly
-            after = image(self.vol)
+            after = self.image()
             nodes = await guest.monitor.execute('query-named-block-nodes')
         finally:
             await store.stop()
