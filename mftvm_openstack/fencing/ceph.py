@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 from collections.abc import Callable, Collection, Sequence
@@ -70,9 +71,9 @@ class CephBlocklist:
                  runner: Runner = run) -> None:
         self.spec = f'{pool}/{image}'
         self.runner = runner
-        common = []
-        if conf:
-            common += ['--conf', conf]
+        # No ceph.conf on the host is fine: the monitors and the key are
+        # given (the ceph CLI refuses to start without a file to read)
+        common = ['--conf', conf or os.devnull]
         if monitors:
             common += ['--mon-host', ','.join(monitors)]
         if user:

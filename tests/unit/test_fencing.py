@@ -299,7 +299,9 @@ class CephBlocklistTest(unittest.TestCase):
         fence = self.fence([{'address': self.PRIMARY, 'client': 4146},
                             {'address': self.OURS, 'client': 4150}])
         self.assertEqual([self.PRIMARY], fence.fence_others({self.OURS}))
-        common = ['--mon-host', '10.78.1.1:6789', '--id', 'cinder',
+        # (the ceph CLI needs a file to read even when given the rest)
+        common = ['--conf', '/dev/null', '--mon-host', '10.78.1.1:6789',
+                  '--id', 'cinder',
                   '--keyfile', '/etc/mftvm/ceph.key']
         self.assertEqual([
             ['rbd', *common, 'status', '--format', 'json',
