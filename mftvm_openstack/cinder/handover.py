@@ -51,6 +51,9 @@ class VolumeAPI(Protocol):
     def attachment_complete(self, context: Any,
                             attachment_id: str) -> Any: ...
 
+    def attachment_get(self, context: Any,
+                       attachment_id: str) -> Mapping[str, Any]: ...
+
     def attachment_delete(self, context: Any, attachment_id: str) -> Any: ...
 
 
@@ -111,11 +114,35 @@ class AttachmentHandover:
                 raise InvalidConnection(
                     f'connection_info is for volume {volume.volume_id}')
         except InvalidConnection as exc:
-            self._delete(attachment_id)
+            self.delete(attachment_id)
             raise HandoverError(f'volume {volume_id}: {exc}') from None
         assert isinstance(info, Mapping)
         LOG.info('volume %s: attachment %s made for host %s (standing by)',
                  volume_id, attachment_id, host)
+        return StandbyAttachment(volume_id=volume_id,
+                                 instance_uuid=instance_uuid,
+                                 attachment_id=attachment_id, host=host,
+                                 volume=volume, connection_info=info)
+
+    def recall(self, volume_id: str, instance_uuid: str,
+               attachment_id: str, host: str) -> StandbyAttachment:
+        """The standby attachment ``attachment_id`` that :meth:`prepare`
+        made earlier (its id is all a host keeps of it), read back from
+        Cinder and checked as :meth:`prepare` checks it."""
+        _check_id('volume', volume_id)
+        _check_id('attachment', attachment_id)
+        ref = self.api.attachment_get(self.context, attachment_id)
+        if not isinstance(ref, Mapping):
+            raise HandoverError(f'attachment {attachment_id}: no answer')
+        info = ref.get('connection_info')
+        try:
+            volume = RbdVolume.from_connection_info(info)
+        except InvalidConnection as exc:
+            raise HandoverError(f'volume {volume_id}: {exc}') from None
+        if volume.volume_id != volume_id:
+            raise HandoverError(f'attachment {attachment_id} is not of '
+                                f'volume {volume_id}')
+        assert isinstance(info, Mapping)
         return StandbyAttachment(volume_id=volume_id,
                                  instance_uuid=instance_uuid,
                                  attachment_id=attachment_id, host=host,
@@ -129,7 +156,7 @@ class AttachmentHandover:
         self.api.attachment_complete(self.context, standby.attachment_id)
         if old_attachment_id and old_attachment_id != standby.attachment_id:
             _check_id('attachment', old_attachment_id)
-            self._delete(old_attachment_id)
+            self.delete(old_attachment_id)
         LOG.info('volume %s: attached on %s (attachment %s), the old '
                  'attachment %s removed', standby.volume_id, standby.host,
                  standby.attachment_id, old_attachment_id)
@@ -137,9 +164,10 @@ class AttachmentHandover:
     def abandon(self, standby: StandbyAttachment) -> None:
         """Protection ended without a failover: the standing-by host's
         attachment goes (already gone is fine)."""
-        self._delete(standby.attachment_id)
+        self.delete(standby.attachment_id)
 
-    def _delete(self, attachment_id: str) -> None:
+    def delete(self, attachment_id: str) -> None:
+        """Delete attachment ``attachment_id``; already gone is fine."""
         try:
             self.api.attachment_delete(self.context, attachment_id)
         except self.gone:

@@ -261,6 +261,16 @@ ft_opts = [
              'otherwise fails. Set it alike on every host a guest may '
              'fail over to: the secondary runs the primary\'s XML.'),
     cfg.BoolOpt(
+        'rbd_volumes', default=False,
+        help='nova-compute (FTLibvirtDriver) only: protect FT servers '
+             'whose Cinder volumes (booted from or attached) are on Ceph '
+             'RBD (doc/volumes.rst): the secondary host gets its own '
+             'attachment of each volume while it stands by, and Cinder\'s '
+             'records move to it on failover. Volumes of any other '
+             'backend are refused, as they are when this is false (the '
+             'default: every volume refused). Turn it on only where every '
+             'FT host\'s agent protects shared RBD disks.'),
+    cfg.BoolOpt(
         'reprotect_after_handoff', default=True,
         help='nova-compute (FTLibvirtDriver) only: once a server has '
              'been handed off to this host, choose a new secondary '

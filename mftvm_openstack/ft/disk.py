@@ -81,8 +81,9 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from mftvm_openstack.contract import plugins
+from mftvm_openstack.contract.volume import SharedDisk
 from mftvm_openstack.files import create_private, private_dir
-from mftvm_openstack.ft import vm
+from mftvm_openstack.ft import shared_image, vm
 from mftvm_openstack.ft.monitor import Event, Monitor, MonitorError, QMPMonitor
 from mftvm_openstack.ft.plugin_loader import load_plugin_class
 
@@ -203,7 +204,7 @@ async def wait_job(monitor: Monitor, job_id: str, states: frozenset[str],
                 await events.wait(is_it, left)
 
 
-async def _quietly(monitor: Monitor, command: str, **args: Any) -> bool:
+async def quietly(monitor: Monitor, command: str, **args: Any) -> bool:
     """Run a clean-up command; False (and a debug log) if it failed."""
     try:
         await monitor.execute(command, **args)
@@ -213,7 +214,7 @@ async def _quietly(monitor: Monitor, command: str, **args: Any) -> bool:
         return False
 
 
-async def _create_qcow2(path: str, size: int) -> None:
+async def create_qcow2(path: str, size: int) -> None:
     proc = await asyncio.create_subprocess_exec(
         'qemu-img', 'create', '-q', '-f', 'qcow2',
         # Subclusters: a 4 KiB write into a fresh overlay allocates 4 KiB,
@@ -272,6 +273,14 @@ class LayerChain:
     @property
     def top(self) -> Layer:
         return self.layers[-1]
+
+    def buffer_base(self, layer: Layer) -> None:
+        """Record ``layer``, over the base before any mark, as the
+        layer of the epochs until the first mark: a base that is shared
+        storage takes no write before its epoch commits."""
+        if len(self.layers) != 1 or self.last_mark is not None:
+            raise DiskError('the base is buffered before anything else')
+        self.layers.append(dataclasses.replace(layer, first_epoch=0))
 
     def push(self, epoch: int, layer: Layer) -> None:
         """Record ``layer`` (holding epoch+1 on) as the new top."""
@@ -343,7 +352,8 @@ class EpochOverlayStore:
                  tls: Optional[NbdServerTls] = None,
                  pool_size: int = 4, merge_at: int = 2,
                  reuse: bool = False, name: str = EXPORT_NAME,
-                 server: Optional[EpochOverlayStore] = None) -> None:
+                 server: Optional[EpochOverlayStore] = None,
+                 shared: Optional[SharedDisk] = None) -> None:
         #: the disk's name: its export, and its nodes' prefix (the first
         #: disk's nodes keep their plain names)
         self.name = name
@@ -364,7 +374,10 @@ class EpochOverlayStore:
         self.qmp_path = os.path.join(workdir, 'qsd.sock')
         self.nbd_path = os.path.join(workdir, 'nbd.sock')
         self.log_path = os.path.join(workdir, 'qsd.log')
-        self.base_path = os.path.join(workdir, 'base.raw')
+        #: the image both hosts reach, as the base (None: a local replica)
+        self.shared = shared
+        self.base_path = os.path.join(workdir, 'base.raw') \
+            if shared is None else shared_image.chain_filename(shared)
         self.chain = LayerChain(Layer(self.BASE, self.base_path, 'raw', 0))
         self.monitor: Optional[Monitor] = None
         self.process: Optional[vm.ChildProcess] = None
@@ -394,7 +407,8 @@ class EpochOverlayStore:
                       + [self.qmp_path, self.nbd_path]):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stale)
-        if not (self.reuse and os.path.exists(self.base_path)):
+        if self.shared is None and not (self.reuse and
+                                        os.path.exists(self.base_path)):
             # sparse: costs no disk space
             os.close(create_private(self.base_path, self.size))
         if self.server is not None:
@@ -415,12 +429,15 @@ class EpochOverlayStore:
         :meth:`start` is "spawn qsd, then attach"; tests attach fakes.
         """
         self.monitor = monitor
-        await monitor.execute('blockdev-add', **{
-            'driver': 'raw', 'node-name': self.BASE, 'discard': 'unmap',
-            'cache': REPLICA_CACHE,
-            'file': {'driver': 'file', 'filename': self.base_path,
-                     'node-name': f'{self.BASE}-file',
-                     'cache': REPLICA_CACHE}})
+        if self.shared is not None:
+            await self._add_shared_base(monitor, self.shared)
+        else:
+            await monitor.execute('blockdev-add', **{
+                'driver': 'raw', 'node-name': self.BASE, 'discard': 'unmap',
+                'cache': REPLICA_CACHE,
+                'file': {'driver': 'file', 'filename': self.base_path,
+                         'node-name': f'{self.BASE}-file',
+                         'cache': REPLICA_CACHE}})
         # A throttle group without limits: a pass-through root node.
         group = 'tg0' if self.name == EXPORT_NAME else f'{self.name}-tg'
         await monitor.execute('object-add', **{
@@ -428,6 +445,8 @@ class EpochOverlayStore:
         await monitor.execute('blockdev-add', **{
             'driver': 'throttle', 'node-name': self.TOP,
             'throttle-group': group, 'file': self.BASE})
+        if self.shared is not None:
+            await self._buffer_shared_base(monitor)
         if self.server is not None:
             # The server's NBD server serves this disk too.
             assert self.server.target is not None
@@ -458,6 +477,29 @@ class EpochOverlayStore:
         await monitor.execute('nbd-server-start', addr=addr, **secure)
         await self._export(monitor, target)
         return target
+
+    async def _add_shared_base(self, monitor: Monitor,
+                               shared: SharedDisk) -> None:
+        # The image itself, opened with this host's own credentials.
+        secret = f'{self.BASE}-key'
+        key = shared_image.secret_object(shared, secret)
+        if key is not None:
+            await monitor.execute('object-add', **key)
+        await monitor.execute('blockdev-add', **shared_image.base_blockdev(
+            shared, self.BASE, secret if key is not None else None))
+
+    async def _buffer_shared_base(self, monitor: Monitor) -> None:
+        # A shared image is the volume a failover resumes from: before
+        # the export takes any write, an overlay goes over it, so that
+        # even the writes before the first mark are merged into the
+        # image only once committed.
+        await self._add_to_pool()
+        node, pooled = self._pool.popleft()
+        path = os.path.join(self.workdir, 'ov-0.qcow2')
+        os.replace(pooled, path)
+        await monitor.execute('blockdev-snapshot', node=self.BASE,
+                              overlay=node)
+        self.chain.buffer_base(Layer(node, path, 'qcow2', 0))
 
     async def _export(self, monitor: Monitor, target: NbdTarget) -> None:
         await monitor.execute('block-export-add', type='nbd',
@@ -496,7 +538,7 @@ class EpochOverlayStore:
             for layer in self.chain.layers[1:]:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(layer.path)
-            if not self.reuse:
+            if not self.reuse and self.shared is None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.base_path)
         with contextlib.suppress(FileNotFoundError):
@@ -538,7 +580,7 @@ class EpochOverlayStore:
         except BaseException:
             # (refused, or the store stopping meanwhile) not in the chain
             with contextlib.suppress(Exception):
-                await _quietly(monitor, 'blockdev-del',
+                await quietly(monitor, 'blockdev-del',
                                **{'node-name': node})
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -582,9 +624,9 @@ class EpochOverlayStore:
             except DiskError:
                 # A merge this slow holds up nothing but the next merge:
                 # cancelled, the overlays keep their data above base.
-                await _quietly(monitor, 'block-job-cancel', device=job)
+                await quietly(monitor, 'block-job-cancel', device=job)
                 info = await wait_job(monitor, job, _DONE, 10)
-            await _quietly(monitor, 'job-dismiss', id=job)
+            await quietly(monitor, 'job-dismiss', id=job)
             if info is not None and info.get('error'):
                 # Cancelled (failover) or failed: the overlays still hold
                 # their data above base, so the chain is as before.
@@ -597,7 +639,7 @@ class EpochOverlayStore:
             # blockdev-add'ed nodes outlive the commit: delete them, top
             # down (each still holds the one below as its backing).
             for layer in reversed(gone):
-                await _quietly(monitor, 'blockdev-del',
+                await quietly(monitor, 'blockdev-del',
                                **{'node-name': layer.node})
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(layer.path)
@@ -621,15 +663,15 @@ class EpochOverlayStore:
         self.chain.failover(committed_epoch)      # fail early if impossible
         self._closing = True
         # Fence first: a primary we believe dead must not write any more.
-        await _quietly(monitor, 'block-export-del', id=self.EXPORT_ID,
+        await quietly(monitor, 'block-export-del', id=self.EXPORT_ID,
                        mode='hard')
         if self.server is None:
-            await _quietly(monitor, 'nbd-server-stop')
+            await quietly(monitor, 'nbd-server-stop')
         merge = self._merge_task
         if merge is not None:
             # A half-done commit is harmless: the overlays keep their data
             # until the job completes, and a completed one is accounted.
-            await _quietly(monitor, 'block-job-cancel', device=self._merge_job)
+            await quietly(monitor, 'block-job-cancel', device=self._merge_job)
             await merge
         await self._cancel_tasks()
         await self._quit()
@@ -661,7 +703,7 @@ class EpochOverlayStore:
 
     async def create_overlay_file(self, path: str) -> None:
         """Create one empty overlay image (tests replace this)."""
-        await _create_qcow2(path, self.size)
+        await create_qcow2(path, self.size)
 
     async def _fill_pool(self) -> None:
         failing = False
@@ -759,6 +801,11 @@ class DiskSync(abc.ABC):
         self.failure: Optional[str] = None
         self.on_failure: Optional[Callable[[str], None]] = None
         self.stop_timeout = 10.0
+        #: what the first sync copies: ``full``, the whole disk, or
+        #: ``top``, only its top image (a shared image's buffer,
+        #: :class:`~.volume.VolumeBuffer`: the replica's base is the
+        #: image itself)
+        self.initial_sync = 'full'
         self._stats: dict[str, Any] = {'sync_s': None}
 
     @abc.abstractmethod
@@ -806,12 +853,12 @@ class DiskSync(abc.ABC):
         info = await job_info(self.monitor, job)
         if info is not None and info['status'] not in _DONE:
             # force: a ready mirror would otherwise try to converge first.
-            await _quietly(self.monitor, 'block-job-cancel', device=job,
+            await quietly(self.monitor, 'block-job-cancel', device=job,
                            force=True)
             info = await wait_job(self.monitor, job, _DONE,
                                   self.stop_timeout)
         if info is not None:
-            await _quietly(self.monitor, 'job-dismiss', id=job)
+            await quietly(self.monitor, 'job-dismiss', id=job)
 
 
 class WriteReplication(DiskSync):
@@ -843,7 +890,7 @@ class WriteReplication(DiskSync):
         self._active = True
         args: dict[str, Any] = {
             'job-id': self.JOB, 'device': self.node,
-            'target': self.REPLICA, 'sync': 'full',
+            'target': self.REPLICA, 'sync': self.initial_sync,
             'copy-mode': self.COPY_MODE,
             # A write the replica refuses (its overlays' filesystem full:
             # qsd's NBD server answers ENOSPC) ends the job with the
@@ -905,7 +952,7 @@ class WriteReplication(DiskSync):
         if not self._active:
             return
         await self._end_job(self.JOB)
-        await _quietly(self.monitor, 'blockdev-del',
+        await quietly(self.monitor, 'blockdev-del',
                        **{'node-name': self.REPLICA})
         self._active = False
 
@@ -995,7 +1042,8 @@ class BlockCopy(DiskSync):
                  'data': {'node': self.node, 'name': self.BITMAP}},
                 {'type': 'blockdev-backup',
                  'data': {'job-id': self._job, 'device': self.node,
-                          'target': self.REPLICA, 'sync': 'full',
+                          'target': self.REPLICA,
+                          'sync': self.initial_sync,
                           'auto-dismiss': False}}])
             await self._finish(self._job, self.sync_timeout)
         except BaseException:
@@ -1028,7 +1076,7 @@ class BlockCopy(DiskSync):
 
     async def _finish(self, job: str, timeout: Optional[float]) -> None:
         info = await wait_job(self.monitor, job, _DONE, timeout)
-        await _quietly(self.monitor, 'job-dismiss', id=job)
+        await quietly(self.monitor, 'job-dismiss', id=job)
         self._job = None
         if info is not None and info.get('error'):
             raise DiskError(f'{job}: {info["error"]}')
@@ -1039,9 +1087,9 @@ class BlockCopy(DiskSync):
         if self._job is not None:
             await self._end_job(self._job)
             self._job = None
-        await _quietly(self.monitor, 'block-dirty-bitmap-remove',
+        await quietly(self.monitor, 'block-dirty-bitmap-remove',
                        node=self.node, name=self.BITMAP)
-        await _quietly(self.monitor, 'blockdev-del',
+        await quietly(self.monitor, 'blockdev-del',
                        **{'node-name': self.REPLICA})
         self._active = False
 

@@ -117,9 +117,14 @@ def disk_blockdevs(node: str, layers: Sequence[tuple[str, str]]) -> list[str]:
     for i, (filename, fmt) in enumerate(layers):
         top = i == len(layers) - 1
         name = node if top else f'{node}-l{i}'
-        args += ['-blockdev', json.dumps({
-            'driver': 'file', 'filename': filename,
-            'node-name': f'{name}-file'})]
+        if filename.startswith('json:'):
+            # a shared image (ft/shared_image.py: chain_filename)
+            protocol = dict(json.loads(filename[5:]),
+                            **{'node-name': f'{name}-file'})
+        else:
+            protocol = {'driver': 'file', 'filename': filename,
+                        'node-name': f'{name}-file'}
+        args += ['-blockdev', json.dumps(protocol)]
         fmt_node: dict[str, Any] = {
             'driver': fmt, 'file': f'{name}-file', 'node-name': name}
         if fmt == 'qcow2':

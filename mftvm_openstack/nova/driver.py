@@ -60,6 +60,7 @@ from mftvm_openstack.nova import (
     secondary_placement,
     settle,
     steering,
+    volumes,
 )
 from mftvm_openstack.nova.status import StatusKeeper
 
@@ -408,6 +409,21 @@ class FTDriverMixin:
         return super().network_binding_host_id(  # type: ignore[misc]
             context, instance)
 
+    def detach_volume(self, context: Any, connection_info: Any,
+                      instance: Any, mountpoint: str,
+                      encryption: Any = None) -> None:
+        # a cast: Nova rolls Cinder's detaching back, the volume stays
+        # attached and the reason is the instance fault. Refused while
+        # the server holds a secondary, whose domain has the disk (its
+        # restore would not load the device state without it); a server
+        # being deleted or shelved is destroyed first, which ends that
+        if self._ft_secondary(instance):
+            self._refuse_change(instance, protectable.DETACH_VOLUME,
+                                nova_exception.InvalidVolume)
+        super().detach_volume(  # type: ignore[misc]
+            context, connection_info, instance, mountpoint,
+            encryption=encryption)
+
     def swap_volume(self, context: Any, old_connection_info: Any,
                     new_connection_info: Any, instance: Any,
                     mountpoint: str, resize_to: int) -> None:
@@ -623,7 +639,8 @@ class FTDriverMixin:
             network_info = instance.get_network_info()
         return protectable.cannot_protect(protectable.devices(
             instance.flavor, block_device_info, network_info,
-            config_drive=configdrive.required_by(instance)))
+            config_drive=configdrive.required_by(instance)),
+            rbd_volumes=mftvm_conf.CONF.ft.rbd_volumes)
 
     def _refuse_unprotectable_build(self, instance: Any,
                                     block_device_info: Any,
@@ -635,7 +652,8 @@ class FTDriverMixin:
         cannot = self._ft_cannot_protect(instance, block_device_info,
                                          network_info)
         if cannot is not None:
-            reason = protectable.build_refused(cannot)
+            reason = protectable.build_refused(
+                cannot, rbd_volumes=mftvm_conf.CONF.ft.rbd_volumes)
             LOG.warning('Refused: %s', reason, instance=instance)
             raise nova_exception.BuildAbortException(
                 instance_uuid=instance.uuid, reason=reason)
@@ -957,9 +975,49 @@ class FTDriverMixin:
                       'stands by for (retrying): %s', _one_line(exc),
                       instance=instance)
             return
+        if not self._ft_stand_by_volumes(context, host, instance):
+            return
         self._ft_plugged[uuid_] = (instance, network_info)
         LOG.info('VIFs plugged on %s, which stands by for this instance',
                  host, instance=instance)
+
+    def _ft_stand_by_volumes(self, context: Any, host: str,
+                             instance: Any) -> bool:
+        """This host's own attachment of each of ``instance``'s volumes,
+        made while it stands by (:mod:`~mftvm_openstack.nova.volumes`);
+        False, logged, if Cinder could not make one (retried)."""
+        if not mftvm_conf.CONF.ft.rbd_volumes:
+            return True
+        try:
+            made = volumes.ServerVolumes(context, instance).stand_by(
+                host, self.get_volume_connector(  # type: ignore[attr-defined]
+                    instance))
+            if made:
+                instance.save()
+        except Exception as exc:
+            LOG.error('Cannot attach the volumes of the instance this host '
+                      'stands by for (retrying): %s', _one_line(exc),
+                      instance=instance)
+            return False
+        return True
+
+    def _ft_take_over_volumes(self, context: Any, host: str,
+                              instance: Any) -> None:
+        """Cinder's attachments of ``instance``'s volumes moved here."""
+        if not mftvm_conf.CONF.ft.rbd_volumes:
+            return
+        try:
+            moved = volumes.ServerVolumes(context, instance).take_over(host)
+        except Exception as exc:
+            # the guest runs here all the same; Nova's stop, start and
+            # reboot would not find its volumes
+            LOG.error('The volumes of the instance taken over here were '
+                      'not moved in Cinder: %s', _one_line(exc),
+                      instance=instance)
+            return
+        if moved:
+            LOG.info('Volumes %s attached here in Cinder', ', '.join(moved),
+                     instance=instance)
 
     def _ft_take_over(self, context: Any, host: str, uuid_: str) -> None:
         try:
@@ -993,6 +1051,7 @@ class FTDriverMixin:
             self._ft_seen[uuid_] = 'nothing to hand off'
             return
         self._ft_seen[uuid_] = 'handed off'
+        self._ft_take_over_volumes(context, host, instance)
         # before a new secondary's disk mirror: one block job at a time
         self._ft_settle(instance)
         if self.reprotect_after_handoff:
@@ -1111,6 +1170,8 @@ class FTDriverMixin:
             return False
         for key in (SECONDARY_HOST, SECONDARY_NODE, SECONDARY_CONSUMER):
             sysmeta.pop(key, None)
+        # the secondary's own attachments of the volumes, if it made any
+        volumes.ServerVolumes(context, instance).abandon()
         if status is not None:
             self._set_status(instance, status)
         else:

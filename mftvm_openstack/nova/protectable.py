@@ -5,17 +5,23 @@ ephemeral and swap disks, its config drive: up to
 :data:`~mftvm_openstack.contract.limits.MAX_DISKS` in all) and hold the
 output of each of its NICs (up to
 :data:`~mftvm_openstack.contract.limits.MAX_NICS`). A Cinder volume
-(booted from or attached) is not replicated: it would be left behind on
-the dead host. A server with one would be called protected while a
-failover loses it, so the driver looks at the server's devices first
-(:class:`Devices`) and :func:`cannot_protect` says what of them cannot
-be protected::
+(booted from or attached) is protected only on Ceph RBD, and only where
+``[ft] rbd_volumes`` says the agents do (doc/volumes.rst: both hosts
+open the same image, only committed epochs reach it); any other volume
+would be left behind on the dead host. A server with one would be
+called protected while a failover loses it, so the driver looks at the
+server's devices first (:class:`Devices`) and :func:`cannot_protect`
+says what of them cannot be protected::
 
     >>> cannot_protect(Devices(root_volume=True, ports=2))
     'boot from volume'
     >>> cannot_protect(Devices(ephemerals=1, swap=True, config_drive=True,
     ...                        ports=2)) is None
     True
+    >>> cannot_protect(Devices(root_volume=True, data_volumes=1,
+    ...                        volume_backends=('rbd', 'iscsi')),
+    ...                rbd_volumes=True)
+    'a volume on iscsi (not Ceph RBD)'
 
 What the driver does with it (see ``doc/nova-driver.rst``):
 
@@ -35,16 +41,32 @@ Nothing here imports Nova: :func:`devices` reads the driver's
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 from mftvm_openstack.contract.limits import MAX_DISKS, MAX_NICS
 from mftvm_openstack.nova import ft_request
 
+#: the Cinder backend (``driver_volume_type``) whose volumes can be
+#: protected (doc/volumes.rst)
+RBD = 'rbd'
+
+
+def supported(rbd_volumes: bool = False) -> str:
+    """What a protected server may have (``rbd_volumes``: ``[ft]
+    rbd_volumes``)."""
+    if rbd_volumes:
+        return (f'only local disks and Ceph RBD volumes (up to '
+                f'{MAX_DISKS}) and the ports a server is built with (up '
+                f'to {MAX_NICS}) are protected')
+    return (f'only local disks (up to {MAX_DISKS}) and the ports a '
+            f'server is built with (up to {MAX_NICS}) are replicated')
+
+
 #: what a protected server may have: local disks, the ports it was built
 #: with
-SUPPORTED = (f'only local disks (up to {MAX_DISKS}) and the ports a '
-             f'server is built with (up to {MAX_NICS}) are replicated')
+SUPPORTED = supported()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +85,9 @@ class Devices:
     config_drive: bool = False
     #: Neutron ports
     ports: int = 0
+    #: each volume's Cinder backend (its connection_info's
+    #: ``driver_volume_type``; 'unknown' without one), the root's first
+    volume_backends: tuple[str, ...] = ()
 
 
 def _count(n: int, one: str, many: str) -> str:
@@ -76,8 +101,10 @@ def local_disks(found: Devices) -> int:
             + found.config_drive)
 
 
-def cannot_protect(found: Devices) -> Optional[str]:
+def cannot_protect(found: Devices,
+                   rbd_volumes: bool = False) -> Optional[str]:
     """What of ``found`` cannot be protected, for people; None if all can.
+    ``rbd_volumes``: Ceph RBD volumes can (``[ft] rbd_volumes``).
 
     ::
 
@@ -88,14 +115,23 @@ def cannot_protect(found: Devices) -> Optional[str]:
         '9 local disks (at most 8), 9 ports (at most 8)'
     """
     what = []
-    if found.root_volume:
-        what.append('boot from volume')
-    if found.data_volumes:
-        what.append(_count(found.data_volumes, 'an attached volume',
-                           'attached volumes'))
-    disks = local_disks(found)
+    volumes = found.root_volume + found.data_volumes
+    if rbd_volumes:
+        others = [b for b in found.volume_backends if b != RBD]
+        others += ['unknown'] * (volumes - len(found.volume_backends))
+        if others:
+            what.append(f'{_count(len(others), "a volume", "volumes")} on '
+                        f'{", ".join(sorted(set(others)))} (not Ceph RBD)')
+    else:
+        if found.root_volume:
+            what.append('boot from volume')
+        if found.data_volumes:
+            what.append(_count(found.data_volumes, 'an attached volume',
+                               'attached volumes'))
+    disks = local_disks(found) + (volumes if rbd_volumes else 0)
     if disks > MAX_DISKS:
-        what.append(f'{disks} local disks (at most {MAX_DISKS})')
+        what.append(f'{disks} {"disks" if rbd_volumes else "local disks"}'
+                    f' (at most {MAX_DISKS})')
     if found.ports > MAX_NICS:
         what.append(f'{found.ports} ports (at most {MAX_NICS})')
     return ', '.join(what) or None
@@ -124,7 +160,8 @@ def devices(flavor: Any, block_device_info: Optional[Mapping[str, Any]],
         ...     [{'id': 'p1'}], config_drive=False)
         ... # doctest: +NORMALIZE_WHITESPACE
         Devices(root_volume=True, data_volumes=1, ephemerals=0, swap=True,
-                config_drive=False, ports=1)
+                config_drive=False, ports=1,
+                volume_backends=('unknown', 'unknown'))
     """
     info = block_device_info or {}
     volumes = list(_get(info, 'block_device_mapping') or [])
@@ -139,7 +176,31 @@ def devices(flavor: Any, block_device_info: Optional[Mapping[str, Any]],
                    data_volumes=len(volumes) - len(root),
                    ephemerals=ephemerals, swap=has_swap,
                    config_drive=bool(config_drive),
-                   ports=len(list(network_info or [])))
+                   ports=len(list(network_info or [])),
+                   volume_backends=tuple(
+                       backend(v) for v in root + [
+                           v for v in volumes if v not in root]))
+
+
+def backend(volume: Any) -> str:
+    """The Cinder backend of one of the driver's volume mappings (its
+    ``connection_info``'s ``driver_volume_type``; 'unknown' if none)::
+
+        >>> backend({'connection_info': {'driver_volume_type': 'rbd'}})
+        'rbd'
+        >>> backend({'connection_info': '{"driver_volume_type": "iscsi"}'})
+        'iscsi'
+    """
+    info = _get(volume, 'connection_info')
+    if isinstance(info, str):
+        try:
+            info = json.loads(info)
+        except ValueError:
+            info = None
+    kind = _get(info, 'driver_volume_type') if info is not None else None
+    if not isinstance(kind, str) or not kind.isidentifier():
+        return 'unknown'
+    return kind[:32]
 
 
 def required_by_flavor(instance: Any) -> bool:
@@ -169,7 +230,7 @@ def status(what: str) -> str:
     return f'unprotected: cannot protect {what}'
 
 
-def build_refused(what: str) -> str:
+def build_refused(what: str, rbd_volumes: bool = False) -> str:
     """Why the build of an FT-flavor server is refused (a fault: short).
 
     ::
@@ -179,13 +240,15 @@ def build_refused(what: str) -> str:
 disks (up to 8) and the ports a server is built with (up to 8) are \
 replicated)'
     """
-    return f'fault tolerance cannot protect {what} ({SUPPORTED})'
+    return f'fault tolerance cannot protect {what} ' \
+           f'({supported(rbd_volumes)})'
 
 
 #: what the refused change is, as :func:`change_refused` names it
 ATTACH_VOLUME = 'Attaching a volume to'
 ATTACH_INTERFACE = 'Attaching an interface to'
 SWAP_VOLUME = 'Swapping a volume of'
+DETACH_VOLUME = 'Detaching a volume from'
 
 
 def change_refused(what: str, remedy: str) -> str:

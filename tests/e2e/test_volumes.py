@@ -20,15 +20,22 @@ moves with them to a shared lab.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
 import sys
 
+import testtools
+
+from mftvm_openstack.contract.volume import SharedDisk
+from mftvm_openstack.fencing.ceph import CephBlocklist
+from mftvm_openstack.ft import disk, shared_image, volume
 from mftvm_openstack.images import records, workload
 from tests.e2e import lab
 from tests.e2e.lab import checked as _checked
-from tests.functional import base
+from tests.functional import base, test_shared_volume
 
 #: the host the servers run on (FTLibvirtDriver, RBD volumes configured)
 HOST = 'h1'
@@ -204,6 +211,130 @@ class VolumesCloudTest(lab.LabTestCase):
         self.cloud('server', 'delete', '--wait', server['id'])
         self.assertEqual([], self.wait_volume(boot['id'],
                                               'available')['attachments'])
+
+
+class SharedVolumeOnRbdTest(lab.LabTestCase,
+                            test_shared_volume.SharedVolumeTest):
+    """The engine's shared-volume pair (doc/volumes.rst, design (a)) on
+    a Cinder volume of the lab's Ceph: the volume made with the
+    ``openstack`` CLI, the guest's QEMU (the primary) buffering its
+    writes over the RBD image, the secondary's qemu-storage-daemon
+    building its epoch store on the same image with its own librbd
+    client; the image read back through Ceph holds committed epochs
+    only, and a client Ceph has blocklisted can never write it again.
+    (The same tests as tests/functional/test_shared_volume, on RBD; a
+    volume-backed *server* protected through Nova needs the instance
+    process to use these pieces: doc/volumes.rst.)"""
+
+    SIZE = 1 << 30
+
+    def run_async(self, coro, timeout=120):
+        # (Ceph on this machine answers slower than a local file)
+        return super().run_async(coro, timeout)
+
+    def make_shared(self):
+        volume = self.cloud_json('volume', 'create', '--size', '1',
+                                 self.unique('e2e-shared'))
+        self.addCleanup(self.cloud, 'volume', 'delete', volume['id'],
+                        check=False)
+        base.wait_for(lambda: self.cloud_json(
+            'volume', 'show', volume['id'])['status'] == 'available',
+            SETTLE, 2, f'volume {volume["id"]} available')
+        keyring = os.path.join(self.lab_dir, 'ceph',
+                               'ceph.client.cinder.keyring')
+        with open(keyring) as f:
+            key = re.search(r'key\s*=\s*(\S+)', f.read()).group(1)
+        self.key_file = os.path.join(self.tmp, 'cinder.key')
+        with open(os.open(self.key_file, os.O_WRONLY | os.O_CREAT, 0o600),
+                  'w') as f:
+            f.write(key)
+        shared = SharedDisk.from_dict({
+            'driver': 'rbd', 'pool': 'volumes',
+            'image': f'volume-{volume["id"]}',
+            'monitors': [{'host': self.lab.ip, 'port': 6789}],
+            'user': 'cinder', 'key_file': self.key_file})
+        self.qemu_io(shared, 'write -P 0x11 0 64k')   # its data before
+        return shared
+
+    def secret(self):
+        return ['--object',
+                f'secret,id=k0,file={self.key_file},format=base64']
+
+    def qemu_io(self, shared, command):
+        _checked(['qemu-io', *self.secret(), '-c', command,
+                  '--image-opts', self.image_opts(shared)])
+
+    @staticmethod
+    def image_opts(shared):
+        """The image as ``--image-opts`` (what shared_image opens)."""
+        node = shared_image.base_blockdev(shared, 'n', 'k0')['file']
+        server = node['server'][0]
+        return (f'driver=raw,file.driver=rbd,file.pool={node["pool"]},'
+                f'file.image={node["image"]},file.user={node["user"]},'
+                f'file.key-secret=k0,file.auth-client-required.0=cephx,'
+                f'file.server.0.host={server["host"]},'
+                f'file.server.0.port={server["port"]}')
+
+    def image(self):
+        """The image's first 8 MiB, as Ceph holds them."""
+        out = os.path.join(self.tmp, 'image.raw')
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
+        _checked(['qemu-img', 'dd', *self.secret(), '--image-opts', '-O',
+                  'raw', 'bs=1M', 'count=8',
+                  f'if={self.image_opts(self.shared)}', f'of={out}'])
+        with open(out, 'rb') as f:
+            return f.read()
+
+    def read_layers(self, layers):
+        return test_shared_volume.read_layers(
+            layers, self.shared, self.key_file)[:8 << 20]
+
+    def test_a_blocklisted_primary_can_never_write_the_image(self):
+        self.run_async(self._blocklisted())
+
+    async def _blocklisted(self):
+        shared = self.shared
+        fence = CephBlocklist(
+            shared.pool, shared.image, user=shared.user,
+            keyfile=self.key_file,
+            monitors=[f'{m.host}:{m.port}' for m in shared.monitors])
+        guest = test_shared_volume.SharedGuest(self.tmp, shared)
+        store = disk.EpochOverlayStore(self.store_dir, self.SIZE,
+                                       shared=shared, merge_at=1)
+        try:
+            await guest.start()
+            primary = await asyncio.to_thread(fence.watchers)
+            self.assertEqual(1, len(primary))
+            target = await store.start()
+            ours = await asyncio.to_thread(fence.watchers) - primary
+            self.assertEqual(1, len(ours))
+            buffer = volume.VolumeBuffer(guest.monitor, 'disk0',
+                                         os.path.join(self.tmp, 'buf'),
+                                         self.SIZE)
+            sync = disk.AsyncReplication(guest.monitor,
+                                         await buffer.insulate())
+            sync.initial_sync = 'top'
+            await sync.start(target)
+            await guest.write(0xa1, 1 << 20)              # epoch 1
+            await sync.checkpoint(1)
+            await store.mark(1)
+            await store.commit(1)
+            # the secondary takes over: the primary's client fenced
+            fenced = await asyncio.to_thread(fence.fence_others, ours)
+            self.assertEqual(sorted(primary), fenced)
+            await store.failover_layers(1)
+            await sync.stop()
+            # the fenced primary's merge into the image fails: nothing
+            # of it reaches the image
+            await guest.write(0xee, 2 << 20)
+            with testtools.ExpectedException(disk.DiskError):
+                await buffer.release()
+        finally:
+            await store.stop()
+            await guest.close()
+        self.assertFalse(test_shared_volume.expect(self.image(), 2 << 20,
+                                                   0xee))
 
 
 if __name__ == '__main__':

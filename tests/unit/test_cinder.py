@@ -72,6 +72,12 @@ class FakeCinder:
             raise AttachmentNotFound(attachment_id)
         self.attachments[attachment_id]['status'] = 'attached'
 
+    def attachment_get(self, context, attachment_id):
+        if attachment_id not in self.attachments:
+            raise AttachmentNotFound(attachment_id)
+        return {'id': attachment_id, 'connection_info': copy.deepcopy(
+            self.info(self.attachments[attachment_id]['volume']))}
+
     def attachment_delete(self, context, attachment_id):
         self.calls.append(('delete', attachment_id))
         if self.attachments.pop(attachment_id, None) is None:
@@ -202,6 +208,26 @@ class AttachmentHandoverTest(unittest.TestCase):
         # completed first: the volume is never shown attached nowhere
         self.assertEqual([('complete', standby.attachment_id),
                           ('delete', self.old)], self.cinder.calls[1:])
+
+    def test_a_standby_recalled_by_its_id_is_taken_over(self):
+        # the host keeps only the id (in Nova's system metadata)
+        made = self.handover.prepare(VOLUME, SERVER, {'host': 'h2'})
+        standby = self.handover.recall(VOLUME, SERVER, made.attachment_id,
+                                       'h2')
+        self.assertEqual(made, standby)
+        self.handover.take_over(standby, self.old)
+        self.assertEqual([(SERVER, 'h2')], self.cinder.shown(VOLUME))
+
+    def test_a_recalled_attachment_of_another_volume_is_refused(self):
+        other = str(uuid.uuid4())
+        made = self.handover.prepare(VOLUME, SERVER, {'host': 'h2'})
+        self.assertRaises(HandoverError, self.handover.recall, other,
+                          SERVER, made.attachment_id, 'h2')
+        self.assertRaises(HandoverError, self.handover.recall, VOLUME,
+                          SERVER, 'x; rm', 'h2')
+        self.cinder.info = lambda v: {'driver_volume_type': 'iscsi'}
+        self.assertRaises(HandoverError, self.handover.recall, VOLUME,
+                          SERVER, made.attachment_id, 'h2')
 
     def test_take_over_repeated_after_a_crash(self):
         standby = self.handover.prepare(VOLUME, SERVER, {'host': 'h2'})

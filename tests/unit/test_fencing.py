@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -9,7 +10,7 @@ import unittest
 import warnings
 
 from mftvm_openstack import fencing
-from mftvm_openstack.fencing import etcd
+from mftvm_openstack.fencing import ceph, etcd
 
 
 class FenceContract:
@@ -272,3 +273,61 @@ class ContendTest(unittest.TestCase):
         fence = ScriptedFence(fencing.FenceError('down'))
         self.assertFalse(fence.acquire(1))
         self.assertLess(fence.now, 1001.2)
+
+
+class CephBlocklistTest(unittest.TestCase):
+    """The storage fence of a shared RBD image (fencing/ceph.py), its
+    ``rbd`` and ``ceph`` commands faked."""
+
+    PRIMARY = '10.78.1.11:0/3062212283'
+    OURS = '10.78.1.12:0/1234567'
+
+    def fence(self, watchers):
+        self.ran = []
+
+        def runner(argv):
+            self.ran.append(list(argv))
+            if argv[0] == 'rbd':
+                return json.dumps({'watchers': watchers})
+            return ''
+        return ceph.CephBlocklist('volumes', 'volume-1', user='cinder',
+                                  keyfile='/etc/mftvm/ceph.key',
+                                  monitors=['10.78.1.1:6789'],
+                                  runner=runner)
+
+    def test_every_other_client_is_blocklisted(self):
+        fence = self.fence([{'address': self.PRIMARY, 'client': 4146},
+                            {'address': self.OURS, 'client': 4150}])
+        self.assertEqual([self.PRIMARY], fence.fence_others({self.OURS}))
+        # (the ceph CLI needs a file to read even when given the rest)
+        common = ['--conf', '/dev/null', '--mon-host', '10.78.1.1:6789',
+                  '--id', 'cinder',
+                  '--keyfile', '/etc/mftvm/ceph.key']
+        self.assertEqual([
+            ['rbd', *common, 'status', '--format', 'json',
+             'volumes/volume-1'],
+            ['ceph', *common, 'osd', 'blocklist', 'add', self.PRIMARY]],
+            self.ran)
+
+    def test_nothing_to_fence_runs_no_blocklist(self):
+        fence = self.fence([{'address': self.OURS}])
+        self.assertEqual([], fence.fence_others({self.OURS}))
+        self.assertEqual(['rbd'], [argv[0] for argv in self.ran])
+
+    def test_a_hostile_address_is_refused_before_any_blocklist(self):
+        for bad in ('--yes-i-really-mean-it', '10.0.0.1:0/1 x', 7,
+                    '0.0.0.0/0'):
+            fence = self.fence([{'address': self.PRIMARY},
+                                {'address': bad}])
+            self.assertRaises(ceph.StorageFenceError, fence.fence_others,
+                              ())
+            self.assertEqual(['rbd'], [argv[0] for argv in self.ran])
+
+    def test_a_failing_command_raises(self):
+
+        def failing(argv):
+            raise ceph.StorageFenceError('rbd status: EPERM')
+        fence = ceph.CephBlocklist('volumes', 'volume-1', runner=failing)
+        self.assertRaises(ceph.StorageFenceError, fence.fence_others, ())
+        self.assertRaises(ceph.StorageFenceError, ceph.run,
+                          ['false'])

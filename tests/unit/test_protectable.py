@@ -156,3 +156,49 @@ class TestMessages(testtools.TestCase):
         result = doctest.testmod(protectable)
         self.assertGreater(result.attempted, 0)
         self.assertEqual(0, result.failed)
+
+
+def _volume(boot_index: Any, kind: Any) -> dict:
+    return {'boot_index': boot_index,
+            'connection_info': {'driver_volume_type': kind}}
+
+
+class TestRbdVolumes(testtools.TestCase):
+    """``[ft] rbd_volumes``: Ceph RBD volumes are protected, any other
+    volume refused with its backend named."""
+
+    def test_rbd_boot_and_data_volumes_are_protectable(self) -> None:
+        found = _devices(info={'block_device_mapping': [
+            _volume(0, 'rbd'), _volume(None, 'rbd')]})
+        self.assertEqual(('rbd', 'rbd'), found.volume_backends)
+        self.assertIsNone(protectable.cannot_protect(found,
+                                                     rbd_volumes=True))
+        # off: refused as before
+        self.assertEqual('boot from volume, an attached volume',
+                         protectable.cannot_protect(found))
+
+    def test_other_backends_are_named(self) -> None:
+        found = _devices(info={'block_device_mapping': [
+            _volume(0, 'iscsi'), _volume(None, 'rbd'),
+            _volume(None, 'nfs'), {'boot_index': None}]})
+        self.assertEqual('3 volumes on iscsi, nfs, unknown (not Ceph RBD)',
+                         protectable.cannot_protect(found,
+                                                    rbd_volumes=True))
+
+    def test_a_hostile_backend_name_is_not_repeated(self) -> None:
+        self.assertEqual('unknown', protectable.backend(
+            {'connection_info': {'driver_volume_type': 'x" <b>'}}))
+        self.assertEqual('unknown', protectable.backend(
+            {'connection_info': 'not json'}))
+
+    def test_volumes_count_against_the_disks(self) -> None:
+        found = _devices(Flavor(ephemeral_gb=1), info={
+            'block_device_mapping': [_volume(None, 'rbd')] * MAX_DISKS})
+        self.assertEqual(f'{MAX_DISKS + 2} disks (at most {MAX_DISKS})',
+                         protectable.cannot_protect(found,
+                                                    rbd_volumes=True))
+
+    def test_the_refusal_says_what_is_supported(self) -> None:
+        self.assertIn('Ceph RBD volumes', protectable.build_refused(
+            'a volume on iscsi (not Ceph RBD)', rbd_volumes=True))
+        self.assertNotIn('RBD', protectable.build_refused('x'))
