@@ -100,9 +100,12 @@ class FakeCapturer:
         #: how long each checkpoint says it paused the guest
         self.pause_s = 0.01
 
-    async def capture(self, epoch, mark, on_stopped=None, resume=True):
+    async def capture(self, epoch, mark, on_stopped=None, resume=True,
+                      settle=None):
         if on_stopped:
             on_stopped(epoch)
+        if settle:
+            await settle(epoch)
         await mark(epoch)
         self.captured.append(epoch)
         if not resume:
