@@ -24,8 +24,10 @@ protected epoch has the guest at its rate. Epochs are fixed
 
 * pause per epoch p50/p99 (the primary's per-epoch record, over the
   measured seconds) and its disk part (``pause_parts_ms_p50.disk_mark``:
-  the disk's work in the pause, over every protected epoch; the pause's
-  parts run concurrently, so the pause is at least the longest);
+  the disk's work in the pause, its sync's checkpoint then the MARK, over
+  every protected epoch; the device-state save waits for the sync's
+  checkpoint and runs beside the MARK, the RAM delta beside both, so the
+  pause is at least the disk part);
 * the write rate the guest reached, timed with the host's clock from
   the totals it prints (a guest's clock stands still while a checkpoint
   has it stopped).

@@ -21,10 +21,14 @@ once with ``hash`` (keyed per-page hashes, RAM read once), back to back:
   (``state_bytes``), and the primary instance process's anonymous
   memory as measured.
 
+``--smp N`` gives every guest N vCPUs (TCG runs a thread per vCPU):
+the same pauses for guests that use several (a run each, e.g.
+``--sizes 128 --smp 4 --out benchmarks/results-vcpus-4.json``).
+
 Usage::
 
     .venv/bin/python benchmarks/ram_sizes.py [--quick] [--sizes 128,512]
-        [--out benchmarks/results-ram-sizes.json]
+        [--smp 1] [--out benchmarks/results-ram-sizes.json]
         [--plot benchmarks/ram_sizes.png]
 
 Needs root and the packages ``tools/run.sh`` installs. The numbers are
@@ -159,8 +163,9 @@ def anon_bytes(pid: int) -> int:
 
 class Bench:
     def __init__(self, seconds: float, epoch_ms: int,
-                 dirty_pct: float) -> None:
+                 dirty_pct: float, smp: int = 1) -> None:
         self.seconds = seconds
+        self.smp = smp
         self.epoch_ms = epoch_ms
         self.dirty_pct = dirty_pct
         self.image = builder.build_guest_image(demo.cache_dir())
@@ -182,7 +187,7 @@ class Bench:
         spec = operations.make_spec(
             name, self.image.kernel, self.image.initrd, disk,
             append=f'console=ttyS0 quiet mftvm.run={self.job(memory, load)}',
-            memory_mib=memory)
+            memory_mib=memory, smp=self.smp)
         gdir = operations.protect(
             spec, operations.ProtectOptions(
                 epoch_ms=self.epoch_ms, idle_epoch_ms=0, tracker=tracker),
@@ -216,7 +221,8 @@ class Bench:
         parts = prim.get('pause_parts_ms_p50') or {}
         dirty_mib = ((prim.get('dirty_mib_total') or 0.0) - mib0) / max(
             epochs, 1)
-        return {'guest_mib': memory, 'load': load, 'tracker': tracker,
+        return {'guest_mib': memory, 'vcpus': self.smp, 'load': load,
+                'tracker': tracker,
                 'epochs': epochs,
                 'epochs_per_s': round(epochs / elapsed, 2),
                 'pause_ms_p50': p(pauses, 50),
@@ -302,6 +308,8 @@ def main() -> int:
     parser.add_argument('--epoch-ms', type=int, default=200)
     parser.add_argument('--dirty-pct', type=float, default=10.0,
                         help='share of RAM the dirty job writes per second')
+    parser.add_argument('--smp', type=int, default=1,
+                        help='vCPUs of every guest')
     parser.add_argument('--out', default='benchmarks/results-ram-sizes.json')
     parser.add_argument('--plot', default='benchmarks/ram_sizes.png')
     args = parser.parse_args()
@@ -312,6 +320,7 @@ def main() -> int:
     seconds = args.seconds or (8 if args.quick else 12)
     results: dict[str, Any] = {
         'host': platform.node(), 'when': time.strftime('%Y-%m-%d %H:%M'),
+        'load_before': os.getloadavg(), 'vcpus': args.smp,
         'epoch_ms': args.epoch_ms, 'dirty_pct_per_s': args.dirty_pct,
         'limit_factor_target': LIMIT_FACTOR}
     bw = [read_bandwidth()]
@@ -329,9 +338,10 @@ def main() -> int:
         print(f'  {memory:5d} MiB ' + '  '.join(
             f'{k} {v["ms_min"]}/{v["ms_p50"]}' for k, v in c.items()),
             flush=True)
-    bench = Bench(seconds, args.epoch_ms, args.dirty_pct)
+    bench = Bench(seconds, args.epoch_ms, args.dirty_pct, args.smp)
     runs = []
-    print(f'== pauses ({seconds:g} s per run, {args.epoch_ms} ms epochs; '
+    print(f'== pauses ({seconds:g} s per run, {args.epoch_ms} ms epochs, '
+          f'{args.smp} vCPU{"s" if args.smp > 1 else ""}; '
           f'dirty: {args.dirty_pct:g} % of RAM per second)')
     try:
         for i, memory in enumerate(sizes):
@@ -360,6 +370,7 @@ def main() -> int:
     results['bandwidth_gb_s'] = [round(b / 1e9, 2) for b in bw]
     print(f'== memory read bandwidth after: {bw[1] / 1e9:.1f} GB/s; '
           f'the limit uses the best, {bandwidth / 1e9:.1f} GB/s')
+    results['load_after'] = os.getloadavg()
     save(args.out, results, runs, bandwidth, partial=False)
     results['hash_to_scan_p50'] = {}
     print(f'== p50 / limit (target <= {LIMIT_FACTOR}), hash / scan')

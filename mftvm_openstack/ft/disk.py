@@ -55,7 +55,7 @@ Example::
 
     sync = load_disk_sync('async-replication', monitor)
     await sync.start(target)         # returns once the replica is in sync
-    await sync.checkpoint(epoch)     # inside each pause (after ``stop``)
+    await sync.checkpoint(epoch)     # in each pause, before device state
     sync.failed                      # asyncio.Event: the replica is lost
     await sync.stop()                # secondary lost, or unprotect
 
@@ -814,7 +814,11 @@ class DiskSync(abc.ABC):
 
     @abc.abstractmethod
     async def checkpoint(self, epoch: int) -> None:
-        """Inside the pause of ``epoch``, after ``stop``: finish the epoch."""
+        """Inside the pause of ``epoch``, after ``stop``: finish the epoch.
+
+        It runs before the device-state save starts, whose end
+        inactivates the block nodes: when it returns, no job of this
+        sync may have a write left to do (see :mod:`.epoch`)."""
 
     async def stop(self) -> None:
         """Stop replicating; never hangs on a dead peer. Idempotent."""
@@ -968,7 +972,9 @@ class AsyncReplication(WriteReplication):
     4 KiB) and keeps up with the guest during the epoch; inside the pause
     (the guest is stopped, its I/O drained) :meth:`checkpoint` wakes the
     job and waits until nothing is dirty or in flight. Only then does the
-    epoch's mark go out, so its overlay holds every write of the epoch.
+    epoch's mark go out, so its overlay holds every write of the epoch,
+    and the device-state save start (its end inactivates the replica's
+    node too: a mirror write after it would abort QEMU).
     The pause grows by the tail of the epoch's writes; guest writes no
     longer wait for the network.
     """
@@ -1016,7 +1022,12 @@ class AsyncReplication(WriteReplication):
 
 
 class BlockCopy(DiskSync):
-    """MFTVM 3's way: copy the epoch's dirty blocks inside each pause."""
+    """MFTVM 3's way: copy the epoch's dirty blocks inside each pause.
+
+    Each copy is a backup job that ends (and is dismissed) inside
+    :meth:`checkpoint`, before the device-state save: QEMU cannot
+    inactivate its nodes at the save's end while a backup job runs,
+    and the save would fail."""
 
     BITMAP = 'mftvm-bc0'
 

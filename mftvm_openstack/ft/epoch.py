@@ -1,14 +1,23 @@
 """One epoch's checkpoint: taken on the primary, applied on the secondary.
 
-Primary, inside the pause (the guest is stopped for steps 1–5 only)::
+Primary, inside the pause (the guest is stopped from ``stop`` to
+``cont`` only; the branches run concurrently)::
 
-    1 stop   2 device state   3 RAM delta   4 disk mark   5 cont
+    stop ─┬─ disks settle ─┬─ device state ─┬─ cont
+          │                └─ disk mark ────┤
+          └─ RAM delta ─────────────────────┘
 
-Steps 2, 3 and 4 are independent once the guest is stopped, so they run
-concurrently: the pause is the longest of them, not their sum. Device
-state comes from a migration with ``x-ignore-shared`` (guest RAM lives in
-a shared file, so the stream carries only device state and ROMs) into a
-unix socket we listen on.
+Device state comes from a migration with ``x-ignore-shared`` (guest RAM
+lives in a shared file, so the stream carries only device state and
+ROMs) into a unix socket we listen on. The end of that migration
+*inactivates* every block node of QEMU (it hands the disks over, as to a
+destination), until ``cont`` takes them back. So the disks' own part of
+the epoch (an asynchronous mirror's last writes, the baseline's copy of
+the dirty blocks) must be over before it starts: a mirror write after it
+aborts QEMU (``bdrv_co_write_req_prepare: Assertion
+'!(bs->open_flags & BDRV_O_INACTIVE)'``), and a backup job still running
+makes the inactivation, and so the save, fail. The RAM delta runs beside
+all of it: the pause is the longest path, not the sum.
 
 Secondary: :class:`ReplicaImage` keeps the RAM image and the device state
 of the last committed epoch; :func:`restore` starts a QEMU from them.
@@ -17,7 +26,7 @@ Example::
 
     capturer = CheckpointCapturer(monitor, tracker, workdir)
     await capturer.setup()
-    ckpt = await capturer.capture(epoch, mark=...)   # guest paused inside
+    ckpt = await capturer.capture(epoch, mark=..., settle=...)  # paused inside
     replica.apply(ckpt.epoch, ckpt.devstate, ckpt.delta)
 """
 
@@ -148,13 +157,20 @@ class CheckpointCapturer:
     async def capture(self, epoch: int,
                       mark: Callable[[int], Awaitable[None]],
                       on_stopped: Optional[Callable[[int], None]] = None,
-                      resume: bool = True) -> Checkpoint:
+                      resume: bool = True,
+                      settle: Optional[Callable[[int], Awaitable[None]]]
+                      = None) -> Checkpoint:
         """Stop, take everything of ``epoch``, resume; return the checkpoint.
 
-        ``mark(epoch)`` sets the disk epoch boundary (on the secondary);
-        ``on_stopped`` runs right after the guest stopped (output commit
-        seals the epoch there). ``resume=False`` leaves the guest stopped
-        (the last checkpoint of a planned handover).
+        ``settle(epoch)`` finishes the disks' part of the epoch (the disk
+        sync's checkpoint): it runs first, and both the device-state save
+        (whose end inactivates the block nodes) and ``mark(epoch)``,
+        which sets the disk epoch boundary on the secondary, start only
+        once it is done. ``on_stopped`` runs right after the guest
+        stopped (output commit seals the epoch there). ``resume=False``
+        leaves the guest stopped (the last checkpoint of a planned
+        handover). The checkpoint's ``mark_s`` is the disks' whole part,
+        settle and mark.
         """
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
@@ -169,11 +185,21 @@ class CheckpointCapturer:
             timings[name] = time.perf_counter() - start
             return result
 
-        try:
-            devstate, delta, _ = await asyncio.gather(
+        async def disks_then_devstate() -> object:
+            start = time.perf_counter()
+            if settle is not None:
+                await settle(epoch)
+            settled = time.perf_counter() - start
+            devstate, _ = await asyncio.gather(
                 timed('dev', self._device_state()),
-                timed('ram', loop.run_in_executor(None, self.tracker.collect)),
                 timed('mark', mark(epoch)))
+            timings['mark'] += settled
+            return devstate
+
+        try:
+            devstate, delta = await asyncio.gather(
+                disks_then_devstate(),
+                timed('ram', loop.run_in_executor(None, self.tracker.collect)))
         except BaseException as exc:
             await _resume(self.monitor)
             if isinstance(exc, (CheckpointError, asyncio.CancelledError)):

@@ -469,6 +469,32 @@ class CheckpointCaptureTest(unittest.IsolatedAsyncioTestCase):
                          [c for c in monitor.calls if c in
                           ('stop', 'migrate', 'cont')])
 
+    async def test_the_disks_settle_before_the_save_and_the_mark(self):
+        # The end of the device-state save inactivates QEMU's block
+        # nodes: a disk job still writing then would abort QEMU. The
+        # save and the mark wait for the disk sync's part; RAM does not.
+        monitor = FakeMigratingMonitor()
+        capturer = epoch.CheckpointCapturer(monitor, FakeTracker(),
+                                            tempfile.mkdtemp())
+        capturer.end_timeout = 0.01
+        await capturer.setup()
+        order = []
+
+        async def settle(n):
+            order.append(('settle', n, 'migrate' in monitor.calls))
+            await asyncio.sleep(0.05)       # a mirror's tail in flight
+            order.append(('settled', n, 'migrate' in monitor.calls))
+
+        async def mark(n):
+            order.append(('mark', n))
+        ckpt = await capturer.capture(4, mark, settle=settle)
+        self.assertEqual(b'device state', ckpt.devstate)
+        self.assertEqual([('settle', 4, False), ('settled', 4, False),
+                          ('mark', 4)], order)
+        self.assertEqual(['stop', 'migrate', 'cont'],
+                         [c for c in monitor.calls if c in
+                          ('stop', 'migrate', 'cont')])
+
     async def test_without_the_announcement_it_asks(self):
         monitor = FakeMigratingMonitor(announce=False)
         await self.capture(monitor)

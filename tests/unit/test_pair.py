@@ -95,14 +95,20 @@ class FakeChannel:
 class FakeCapturer:
     def __init__(self):
         self.captured = []
+        #: the epochs whose disks settled before their device state
+        self.settled = []
         #: the epochs after which the guest was left paused
         self.left_paused = []
         #: how long each checkpoint says it paused the guest
         self.pause_s = 0.01
 
-    async def capture(self, epoch, mark, on_stopped=None, resume=True):
+    async def capture(self, epoch, mark, on_stopped=None, resume=True,
+                      settle=None):
         if on_stopped:
             on_stopped(epoch)
+        if settle:
+            await settle(epoch)
+            self.settled.append(epoch)
         await mark(epoch)
         self.captured.append(epoch)
         if not resume:
@@ -481,6 +487,9 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.machine.post(pair.Tick())
         await settle()
         self.assertEqual([1], self.cap.captured)
+        # the disk sync's checkpoint is the capture's settle (it ends
+        # before the device-state save, whose end inactivates the disks)
+        self.assertEqual([1], self.cap.settled)
         self.assertEqual([('checkpoint', 1)], self.disk.calls)
         self.assertEqual([1], self.out.sealed)
         self.assertEqual([Kind.MARK, Kind.CHECKPOINT], self.chan.kinds())

@@ -122,7 +122,9 @@ class Capturer(Protocol):
     async def capture(self, epoch: int,
                       mark: Callable[[int], Awaitable[None]],
                       on_stopped: Optional[Callable[[int], None]] = None,
-                      resume: bool = True) -> Checkpoint: ...
+                      resume: bool = True,
+                      settle: Optional[Callable[[int], Awaitable[None]]]
+                      = None) -> Checkpoint: ...
 
 
 class DiskSync(Protocol):

@@ -487,10 +487,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
             self.post(SecondaryLost(f'data stream: {exc}'))
 
     async def _mark(self, epoch: int) -> None:
-        assert self.link is not None and self.channel is not None
-        # Disk sync first (the block-copy baseline copies the epoch's
-        # dirty blocks here), then the secondary starts a new overlay.
-        await self.link.disk.checkpoint(epoch)
+        assert self.channel is not None
+        # (after the disk sync's checkpoint, the capturer's settle: the
+        # epoch's every write is on the replica when its overlay changes)
         fut = asyncio.get_running_loop().create_future()
         self._marked[epoch] = fut
         LOG.debug('sending MARK %d', epoch)
@@ -589,7 +588,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
         # pauses by the guest's use while it ran, not the pause's own)
         cpu_before = self.guest_cpu() if self._cadence is not None else None
         ckpt = await self.link.capturer.capture(
-            epoch, self._mark, self.link.output.seal, resume and not pause)
+            epoch, self._mark, self.link.output.seal, resume and not pause,
+            settle=self.link.disk.checkpoint)
         if self._cadence is not None:
             self._cadence.checkpoint_taken(
                 started, ckpt.pause_s, (cpu_before, self.guest_cpu()))

@@ -731,7 +731,10 @@ static int mode_diskrate(int argc, char **argv)
 		uint64_t want = (uint64_t)((now - start) * rate * (1 << 20) / len);
 		if (seconds > 0 && now - start >= seconds)
 			break;
-		for (; due < want; due++) {
+		/* Behind a rate the disk cannot give, the writes would go
+		 * on for ever: half a second of them at most, then the
+		 * total is said all the same. */
+		for (; due < want && now_s() - now < 0.5; due++) {
 			/* xorshift64: offsets spread over the area, as a
 			 * database's pages are */
 			seed ^= seed << 13;
@@ -743,12 +746,14 @@ static int mode_diskrate(int argc, char **argv)
 				die("pwrite");
 			done += len;
 		}
+		now = now_s();
 		if (now - said >= 0.5) {
 			said = now;
 			printf("DISKRATE %llu\n", (unsigned long long)done);
 			fflush(stdout);
 		}
-		sleep_ms(10);
+		if (due >= want)
+			sleep_ms(10);
 	}
 	printf("DISKRATE %llu\n", (unsigned long long)done);
 	return 0;

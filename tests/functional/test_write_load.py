@@ -1,0 +1,110 @@
+"""A guest that writes its disk at 16 MiB/s, protected in each disk mode.
+
+Under such a load the disk's part of a checkpoint (the mirror's tail, or
+the block-copy baseline's incremental copy) is still writing to the
+replica when the device-state save of the same pause would end, and the
+end of that save inactivates QEMU's block nodes: a write after it
+aborted the primary QEMU (async-replication) or failed the checkpoint
+(block-copy). Each test protects the project's guest running guestd's
+``diskrate`` job (16 MiB/s of 16 KiB direct writes) beside the hash-chain
+writer and the counter, checks that checkpoints keep committing while it
+writes with the primary QEMU alive and protected, then kills the primary
+QEMU: the secondary must resume from the committed epoch with the chain
+intact, and the guest's writes go on.
+"""
+
+import os
+import re
+
+from mftvm_openstack.contract.states import State
+from mftvm_openstack.images import records, workload
+from mftvm_openstack.local import operations
+from tests.functional import base
+
+_TOTAL = re.compile(r'^DISKRATE (\d+)\r?$', re.MULTILINE)
+#: the diskrate job's area ends at 832 MiB of the guest's disk
+DISK_MIB = 896
+#: checkpoints that must commit while the guest writes
+COMMITS = 30
+
+
+def written(text):
+    """The bytes the diskrate job says it wrote so far (0: none yet)."""
+    totals = _TOTAL.findall(text)
+    return int(totals[-1]) if totals else 0
+
+
+class WriteLoadMixin:
+    """The test, for the disk mode ``DISK_SYNC``."""
+
+    DISK_SYNC = ''
+
+    def test_checkpoints_commit_while_the_guest_writes_16_mib_s(self):
+        name = 'wl'
+        spec, gdir = self.protect(
+            name, run='writer,counter,diskrate:16:16',
+            disk=self.make_disk(size_mib=DISK_MIB),
+            disk_sync=self.DISK_SYNC)
+        serial = os.path.join(gdir, 'primary', 'serial.log')
+        last = self.wait_counter(gdir)
+        prim = self.side(name, 'primary')
+        qemu_pid = prim['qemu_pid']
+        base.wait_for(lambda: written(workload.read_text(serial)), 60, 0.2,
+                      'the guest writing its disk')
+        before = written(workload.read_text(serial))
+        first = prim['last_committed_epoch']
+
+        def committed_on():
+            s = self.side(name, 'primary')
+            # Every look: still protected, its QEMU the same and alive
+            # (the bug aborted it; a failed checkpoint unprotects).
+            self.assertEqual(State.PROTECTED, s['state'],
+                             f'{s.get("reason")} {s.get("error")}')
+            self.assertEqual(qemu_pid, s['qemu_pid'])
+            self.assertTrue(os.path.exists(f'/proc/{qemu_pid}'))
+            return s['last_committed_epoch'] >= first + COMMITS
+        base.wait_for(committed_on, 120, 0.2,
+                      f'{COMMITS} commits while the guest writes')
+        # The guest did write meanwhile (the load was there).
+        self.assertGreater(written(workload.read_text(serial)), before)
+        last = self.talk(last, 2)
+        stats = self.side(name, 'primary')
+
+        # Failover: the replica's disk chain is the committed epoch's.
+        self.kill_and_ask(qemu_pid, last)
+        sec = self.wait_active(name)
+        self.assertEqual([sec['qemu_pid']], base.qemu_pids_for(name))
+        after = os.path.join(gdir, 'secondary', 'serial.log')
+        base.wait_for(lambda: len(workload.serial_acks(
+            workload.read_text(after))) >= 5, 60, 0.2,
+            'writer ACKs after failover')
+        base.wait_for(lambda: written(workload.read_text(after)), 60, 0.2,
+                      'the guest writing on after failover')
+        operations.stop(self.state_dir, name)
+        text = workload.read_text(after)
+        self.assertNotIn('MFTVM-GUEST-READY', text)      # no reboot
+        self.assertEqual([], workload.future_records(text))
+        acks = workload.serial_acks(text)
+        disk = workload.disk_records([tuple(x) for x in sec['disk_layers']])
+        last_record = records.verify_chain(disk)
+        self.assertLessEqual(acks[-1][0], last_record)
+        for seq, digest in acks:
+            self.assertEqual(digest, disk[seq].hash.hex())
+        self.assertEqual(list(range(acks[0][0], acks[0][0] + len(acks))),
+                         [seq for seq, _ in acks])
+        print(f'{self.DISK_SYNC} at 16 MiB/s: pause p50 '
+              f'{stats.get("pause_ms_p50")} ms, parts '
+              f'{stats.get("pause_parts_ms_p50")}, '
+              f'{written(text) / 2**20:.0f} MiB written in all')
+
+
+class AsyncReplicationWriteLoadTest(WriteLoadMixin, base.GuestTestCase):
+    DISK_SYNC = 'async-replication'
+
+
+class WriteReplicationWriteLoadTest(WriteLoadMixin, base.GuestTestCase):
+    DISK_SYNC = 'write-replication'
+
+
+class BlockCopyWriteLoadTest(WriteLoadMixin, base.GuestTestCase):
+    DISK_SYNC = 'block-copy'
