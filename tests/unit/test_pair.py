@@ -735,7 +735,8 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await self.make(epoch_ms=200, idle_epoch_ms=1000,
                         policy=pair.EpochPolicy(output_batch_ms=2,
                                                 min_epoch_ms=10),
-                        guest_cpu=lambda: None, max_unacked_bytes=1024)
+                        guest_cpu=lambda: None, guest_busy=lambda: None,
+                        max_unacked_bytes=1024)
         ticks = []
         post = self.machine.post
 
