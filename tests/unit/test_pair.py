@@ -655,13 +655,13 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
             self.starts.append(self.clock.now)
             return await capture(*args, **kwargs)
         self.cap.capture = timed_capture
-        for n in range(1, 26):
+        for n in range(1, 13):
             self.out.hold(100)
             for _ in range(100):
                 await self.clock.advance(0.01)
                 if len(self.cap.captured) == n:
                     break
-        self.assertEqual(25, len(self.cap.captured))
+        self.assertEqual(12, len(self.cap.captured))
 
     async def test_a_held_epoch_waits_for_the_busy_guest_to_go_quiet(self):
         # The guest acknowledged a request (a frame held) and works on
@@ -699,6 +699,56 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(taken, len(self.cap.captured))
         await self.clock.advance(0.003)
         self.assertEqual(taken + 1, len(self.cap.captured))
+
+    async def busy_epochs(self, n, more_output):
+        """``n`` epochs of a guest that never goes quiet, each with a frame
+        held (and another 5 ms later if ``more_output``); returns how
+        long after its first frame each epoch's checkpoint began."""
+        took = []
+        for _ in range(n):
+            taken = len(self.cap.captured)
+            held = self.clock.now
+            self.out.hold(60)
+            await self.clock.advance(0.005)
+            if more_output:
+                self.out.hold(60)
+            # (silent after that: the next epoch would be an idle one)
+            await self.clock.advance(0.025)
+            self.assertEqual(taken + 1, len(self.cap.captured))
+            took.append(self.starts[-1] - held)
+        return took
+
+    async def test_waits_that_do_not_pay_shrink_to_a_quarter_pause(self):
+        # A guest busy with a job beside its service never goes quiet,
+        # and its answer is all it sends: waiting for quiet only delays
+        # its output. The wait shrinks to a quarter of a pause (its
+        # answers may still take a few ms), and no less.
+        busy = [False]
+        await self.make_quiet_aware(busy)
+        busy[0] = True
+        took = await self.busy_epochs(6, more_output=False)
+        self.assertAlmostEqual(0.020, took[0], delta=0.001)
+        self.assertAlmostEqual(0.005, took[-1], delta=0.001)
+        # It goes quiet again after a while: the wait pays, and grows.
+        busy[0] = False
+        for _ in range(6):
+            self.out.hold(60)
+            busy[0] = True
+            await self.clock.advance(0.003)
+            busy[0] = False
+            await self.clock.advance(0.01)
+        busy[0] = True
+        took = await self.busy_epochs(1, more_output=False)
+        self.assertGreater(took[0], 0.015)
+
+    async def test_waits_that_pay_keep_their_length(self):
+        # Busy with many clients: more output comes during each wait,
+        # which keeps lasting a pause.
+        busy = [False]
+        await self.make_quiet_aware(busy)
+        busy[0] = True
+        took = await self.busy_epochs(6, more_output=True)
+        self.assertAlmostEqual(0.020, min(took), delta=0.001)
 
     async def test_a_quiet_guest_s_epoch_ends_at_its_batch(self):
         busy = [False]

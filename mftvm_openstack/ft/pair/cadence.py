@@ -8,7 +8,10 @@ or, while the guest's QEMU is still busy then (:mod:`.activity`: it
 computes, or flushes a disk write, the rest of an answer still to come),
 once it goes quiet, waiting at most as long as a pause lasts. Ending the
 epoch while the guest is busy would pause it in mid-answer and leave the
-answer for the next commit: a whole pause, ship and ACK later. A silent
+answer for the next commit: a whole pause, ship and ACK later. A guest
+busy with something else (a job beside its service) never goes quiet:
+waits that end at their bound with no more output shorten the next
+(down to a quarter pause), and waits that pay lengthen them again. A silent
 epoch keeps nobody waiting and runs on to ``idle_epoch_ms``. Two bounds
 keep a chatty guest running:
 
@@ -34,7 +37,7 @@ stopped, so that ACK's output would wait out the pause::
                          max_pause_percent=25)
     cadence = Cadence(policy, clock, epoch_s=0.2, idle_s=1.0,
                       guest_busy=QemuActivity(qemu_pid).busy)
-    await cadence.wait_due(output.waiting)     # then checkpoint
+    await cadence.wait_due(output.waiting, frames)     # then checkpoint
     cadence.checkpoint_taken(started, pause_s, (cpu_before, cpu_after))
 """
 
@@ -67,6 +70,9 @@ QUIET_LOOKS = 2
 #: quiet, in pauses: waiting costs its packets that long, ending it costs
 #: the rest of the answer a pause and a commit
 HOLD_PAUSES = 1.0
+#: the least share of that wait kept for a guest whose waits did not pay
+#: (it stayed busy and sent nothing more): its answers may still come
+HOLD_FLOOR = 0.25
 #: the kernel's CPU time unit
 CLK_TCK = os.sysconf('SC_CLK_TCK')
 
@@ -192,6 +198,8 @@ class Cadence:
         # the last pauses' and ACKs' (shipped -> ACK) mean, in seconds
         self._pause_s = 0.0
         self._ack_s: Optional[float] = None
+        # how often waiting for a busy guest to go quiet paid (0-1)
+        self._hold_pays = 1.0
 
     def due(self, first_output: float) -> float:
         """When an epoch whose first packet came at ``first_output``
@@ -211,14 +219,17 @@ class Cadence:
         ``first_output`` waits for a busy guest to go quiet: a pause
         (the last ones' mean) after the packet, never before
         :meth:`due` nor past ``epoch_s``."""
-        hold = first_output + max(self.policy.batch_s,
-                                  HOLD_PAUSES * self.pause_s)
+        hold = first_output + max(
+            self.policy.batch_s,
+            HOLD_PAUSES * self.pause_s * max(HOLD_FLOOR, self._hold_pays))
         return max(self.due(first_output),
                    min(hold, self._longest(first_output)))
 
-    async def wait_due(self, waiting: asyncio.Event) -> None:
+    async def wait_due(self, waiting: asyncio.Event,
+                       frames: Optional[Callable[[], int]] = None) -> None:
         """Until the current epoch should end; ``waiting`` is set while
-        the epoch holds output."""
+        the epoch holds output, ``frames()`` counts the frames the guest
+        has sent (whether waiting for it to go quiet paid)."""
         rest = self._began + self.idle_s - self.clock.monotonic()
         if not waiting.is_set():
             with contextlib.suppress(TimeoutError):
@@ -226,24 +237,37 @@ class Cadence:
         now = self.clock.monotonic()
         if waiting.is_set():
             await self.clock.sleep(self.due(now) - now)
-            await self._until_quiet(self.quiet_by(now))
+            await self._until_quiet(self.quiet_by(now), frames)
         # (a checkpoint that is then not taken still ends the epoch: the
         # next waits its own length, never in a busy loop)
         self._began = self.clock.monotonic()
 
-    async def _until_quiet(self, end: float) -> None:
+    async def _until_quiet(self, end: float,
+                           frames: Optional[Callable[[], int]]) -> None:
         """Until the guest's QEMU is quiet (:data:`QUIET_LOOKS` looks in
-        a row) or ``end``; at once if nobody can tell."""
-        quiet = 0
+        a row) or ``end``; at once if nobody can tell. A wait that found
+        the guest busy paid if it went quiet, or sent more, meanwhile."""
+        quiet, looks = 0, 0
+        sent = frames() if frames is not None else 0
         while self.guest_busy is not None:
             busy = self.guest_busy()
             if busy is None:
                 return
+            looks += 1
             quiet = 0 if busy else quiet + 1
-            rest = end - self.clock.monotonic()
-            if quiet >= QUIET_LOOKS or rest <= 0:
+            if quiet >= QUIET_LOOKS:
+                if looks > QUIET_LOOKS:
+                    self._waited(paid=True)
                 return
-            await self.clock.sleep(min(QUIET_POLL_S, rest))
+            if self.clock.monotonic() >= end:
+                if looks > 1:       # (it did wait)
+                    self._waited(paid=frames is None or frames() > sent)
+                return
+            await self.clock.sleep(
+                min(QUIET_POLL_S, end - self.clock.monotonic()))
+
+    def _waited(self, paid: bool) -> None:
+        self._hold_pays += PAUSE_WEIGHT * (float(paid) - self._hold_pays)
 
     @property
     def pause_s(self) -> float:

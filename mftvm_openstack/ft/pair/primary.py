@@ -395,7 +395,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
     async def _adaptive_ticker(self, output: OutputBuffer,
                                cadence: Cadence) -> None:
         while True:
-            await cadence.wait_due(output.waiting)
+            await cadence.wait_due(
+                output.waiting, lambda: output.held + output.frames_released)
             sending = self._sending
             if sending is not None and not sending.done():
                 # A checkpoint waits for the last to be on its way (a
