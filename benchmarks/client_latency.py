@@ -11,7 +11,8 @@ Variants:
 
 * **unprotected**: the same guest in a plain QEMU;
 * **ours**: protected with the defaults (adaptive epochs: an epoch ends
-  ``output_batch_ms`` after the guest's first packet in it);
+  ``output_batch_ms`` after the guest's first packet in it, or once the
+  guest's QEMU is quiet if it is still busy then, up to a pause later);
 * **ours, shortest**: adaptive epochs cut as short as they go
   (``output_batch_ms=0``, ``min_epoch_ms=1``, ``max_pause_percent=100``);
 * **fixed 200 ms**: epochs of ``epoch_ms`` while the guest talks, as
@@ -23,7 +24,9 @@ shipping it, then the secondary's ACK. A request on a new connection
 waits for two commits (the SYN-ACK's, then the answer's), so the
 latency protection adds is at best 2 × (pause + ship + ack); on a
 persistent connection, one commit. The primary's status gives the three
-(p50), and the report sets the added latency beside them.
+(p50), and the report sets the added latency beside them, with the
+epochs taken per request and the machine's load average as each level
+began.
 
 Usage::
 
@@ -180,13 +183,21 @@ class Bench:
     def level(self, mode: str, port: int, clients: int,
               gdir: str | None) -> dict:
         before = primary_status(gdir) if gdir else {}
+        # (the machine's load as the level starts: other jobs share it)
+        load_avg = round(os.getloadavg()[0], 2)
         row = load(port, clients, self.seconds, mode)
+        row['load_avg_1m'] = load_avg
         if gdir:
             row.update(commit_parts(gdir, before, row['elapsed_s']))
+            # (a request on a new connection needs two commits at least)
+            row['epochs_per_request'] = round(
+                row['epochs_per_s'] * row['elapsed_s']
+                / max(row['requests'], 1), 2)
         print(f'    {mode:10s} {clients:2d} clients: p50 '
               f'{row["latency_ms_p50"]} ms, p99 {row["latency_ms_p99"]} ms, '
-              f'{row["throughput_rps"]} req/s'
-              + (f'; pause {row["pause_ms_p50"]} ship {row["ship_ms_p50"]} '
+              f'{row["throughput_rps"]} req/s, load {load_avg}'
+              + (f'; {row["epochs_per_request"]} epochs/request, pause '
+                 f'{row["pause_ms_p50"]} ship {row["ship_ms_p50"]} '
                  f'ack {row["ack_ms_p50"]} ms, {row["epochs_per_s"]} '
                  f'epochs/s, {row["paused_percent"]} % paused'
                  if gdir else ''))

@@ -163,7 +163,9 @@ ft_opts = [
                     'lasts this long.'),
     cfg.BoolOpt('adaptive_epochs', default=True,
                 help='End an epoch soon after the guest\'s first packet in '
-                     'it (output_batch_ms later), no sooner than '
+                     'it (output_batch_ms later, or once the guest\'s QEMU '
+                     'goes quiet if it is still busy then, waiting up to '
+                     'a pause), no sooner than '
                      'min_epoch_ms after the last checkpoint began, and '
                      'never so often that the guest spends more than '
                      'max_pause_percent of its time paused; an epoch '
@@ -174,8 +176,12 @@ ft_opts = [
                help='adaptive_epochs: how long after the guest\'s first '
                     'packet of an epoch the epoch ends, so that the rest '
                     'of a reply, and other clients\' packets, share its '
-                    'commit. Each packet waits this, plus the checkpoint '
-                    'pause and the round trip to the secondary.'),
+                    'commit; a guest whose QEMU is still busy then (it '
+                    'computes, or flushes a disk write, an answer still '
+                    'to come) is waited for until it is quiet, up to as '
+                    'long as a pause takes. Each packet waits this, plus '
+                    'the checkpoint pause and the round trip to the '
+                    'secondary.'),
     cfg.IntOpt('min_epoch_ms', default=10,
                min=MIN_EPOCH_MS_RANGE[0], max=MIN_EPOCH_MS_RANGE[1],
                help='adaptive_epochs: shortest epoch, from one '

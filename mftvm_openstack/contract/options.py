@@ -113,7 +113,8 @@ class HostOptions(Record):
     max_held_epochs: int = field(default=50, range=(1, 1 << 20))
     max_held_bytes: int = field(default=32 << 20, range=(1 << 12, 1 << 40))
     # -- the adaptive epoch (ft.pair.cadence): an epoch ends
-    # output_batch_ms after the guest's first packet, no sooner than
+    # output_batch_ms after the guest's first packet (or once the guest
+    # is quiet, if it is still busy then), no sooner than
     # min_epoch_ms after the last checkpoint began, with a busy guest
     # paused at most max_pause_percent of the time
     adaptive_epochs: bool = True

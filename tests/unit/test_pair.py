@@ -603,12 +603,14 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
 
     # -- the adaptive epoch (pair.cadence) --
 
-    async def make_adaptive(self, guest_cpu=lambda: None, **policy):
+    async def make_adaptive(self, guest_cpu=lambda: None,
+                            guest_busy=lambda: None, **policy):
         # (guest_cpu None: how busy the guest is is unknown, so every
-        # pause counts in full)
+        # pause counts in full; guest_busy None: nobody can tell whether
+        # the guest has gone quiet, so an epoch ends at its batch)
         await self.make(epoch_ms=200, idle_epoch_ms=1000,
                         policy=pair.EpochPolicy(**policy),
-                        guest_cpu=guest_cpu)
+                        guest_cpu=guest_cpu, guest_busy=guest_busy)
         # the secondary acks every checkpoint at once
         answer = self.chan.on_send
 
@@ -644,6 +646,146 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await self.clock.advance(0.2)
         self.assertEqual([1, 2], self.cap.captured)
 
+    async def make_quiet_aware(self, busy, pause_s=0.02):
+        """An adaptive machine (batch 2 ms, no other bound: its QEMU used
+        no CPU, so pauses cost it nothing) whose guest is busy while
+        ``busy[0]``, after enough epochs of ``pause_s`` pauses that their
+        mean is known; the guest silent from then on."""
+        await self.make_adaptive(output_batch_ms=2, min_epoch_ms=1,
+                                 max_pause_percent=100,
+                                 guest_cpu=lambda: 3.0,
+                                 guest_busy=lambda: busy[0])
+        self.cap.pause_s = pause_s
+        #: when each checkpoint began
+        self.starts = []
+        capture = self.cap.capture
+
+        async def timed_capture(*args, **kwargs):
+            self.starts.append(self.clock.now)
+            return await capture(*args, **kwargs)
+        self.cap.capture = timed_capture
+        for n in range(1, 13):
+            self.out.hold(100)
+            for _ in range(100):
+                await self.clock.advance(0.01)
+                if len(self.cap.captured) == n:
+                    break
+        self.assertEqual(12, len(self.cap.captured))
+
+    async def test_a_held_epoch_waits_for_the_busy_guest_to_go_quiet(self):
+        # The guest acknowledged a request (a frame held) and works on
+        # its answer: ending the epoch 2 ms after that frame would pause
+        # it in mid-answer and leave the answer a pause and a commit
+        # later. The epoch waits until its QEMU is quiet.
+        busy = [False]
+        await self.make_quiet_aware(busy)
+        taken = len(self.cap.captured)
+        busy[0] = True
+        self.out.hold(60)
+        await self.clock.advance(0.010)
+        self.assertEqual(taken, len(self.cap.captured))     # not at 2 ms
+        self.out.hold(200)                  # the answer
+        busy[0] = False
+        epoch = self.out.open_epoch
+        self.assertEqual([epoch, epoch], self.out.epochs_held)
+        await self.clock.advance(0.003)     # two quiet looks, 1 ms apart
+        self.assertEqual(taken + 1, len(self.cap.captured))
+        self.assertEqual(epoch, self.cap.captured[-1])
+        # both left together, once their epoch was acked
+        self.assertEqual(epoch, self.out.released[-1])
+        self.assertEqual([], self.out.epochs_held)
+
+    async def test_a_guest_that_stays_busy_holds_its_output_a_pause_at_most(
+            self):
+        # Output waits for a busy guest no longer than a pause (the last
+        # ones' mean, 20 ms here): what ending the epoch would cost it.
+        busy = [True]
+        await self.make_quiet_aware([False])
+        self.machine._cadence.guest_busy = lambda: busy[0]
+        taken = len(self.cap.captured)
+        self.out.hold(60)
+        await self.clock.advance(0.018)
+        self.assertEqual(taken, len(self.cap.captured))
+        await self.clock.advance(0.003)
+        self.assertEqual(taken + 1, len(self.cap.captured))
+
+    async def busy_epochs(self, n, more_output):
+        """``n`` epochs of a guest that never goes quiet, each with a frame
+        held (and another 5 ms later if ``more_output``); returns how
+        long after its first frame each epoch's checkpoint began."""
+        took = []
+        for _ in range(n):
+            taken = len(self.cap.captured)
+            held = self.clock.now
+            self.out.hold(60)
+            await self.clock.advance(0.005)
+            if more_output:
+                self.out.hold(60)
+            # (silent after that: the next epoch would be an idle one)
+            await self.clock.advance(0.025)
+            self.assertEqual(taken + 1, len(self.cap.captured))
+            took.append(self.starts[-1] - held)
+        return took
+
+    async def test_waits_that_do_not_pay_shrink_to_a_quarter_pause(self):
+        # A guest busy with a job beside its service never goes quiet,
+        # and its answer is all it sends: waiting for quiet only delays
+        # its output. The wait shrinks to a quarter of a pause (its
+        # answers may still take a few ms), and no less.
+        busy = [False]
+        await self.make_quiet_aware(busy)
+        busy[0] = True
+        took = await self.busy_epochs(6, more_output=False)
+        self.assertAlmostEqual(0.020, took[0], delta=0.001)
+        self.assertAlmostEqual(0.005, took[-1], delta=0.001)
+        # It goes quiet again after a while: the wait pays, and grows.
+        busy[0] = False
+        for _ in range(6):
+            self.out.hold(60)
+            busy[0] = True
+            await self.clock.advance(0.003)
+            busy[0] = False
+            await self.clock.advance(0.01)
+        busy[0] = True
+        took = await self.busy_epochs(1, more_output=False)
+        self.assertGreater(took[0], 0.015)
+
+    async def test_waits_that_pay_keep_their_length(self):
+        # Busy with many clients: more output comes during each wait,
+        # which keeps lasting a pause.
+        busy = [False]
+        await self.make_quiet_aware(busy)
+        busy[0] = True
+        took = await self.busy_epochs(6, more_output=True)
+        self.assertAlmostEqual(0.020, min(took), delta=0.001)
+
+    async def test_a_quiet_guest_s_epoch_ends_at_its_batch(self):
+        busy = [False]
+        await self.make_quiet_aware(busy)
+        taken = len(self.cap.captured)
+        self.out.hold(60)
+        await self.clock.advance(0.0019)
+        self.assertEqual(taken, len(self.cap.captured))     # batching
+        await self.clock.advance(0.0015)    # the batch, and a second look
+        self.assertEqual(taken + 1, len(self.cap.captured))
+
+    async def test_waiting_for_quiet_never_stretches_an_epoch_past_epoch_ms(
+            self):
+        # Half-second pauses: a busy guest's output still waits no longer
+        # than epoch_ms (200) from the epoch's start.
+        busy = [False]
+        await self.make_quiet_aware(busy, pause_s=0.5)
+        busy[0] = True
+        taken = len(self.cap.captured)
+        began = self.starts[-1]
+        await self.clock.advance(began + 0.150 - self.clock.now)
+        self.out.hold(60)
+        await self.clock.advance(0.049)
+        self.assertEqual(taken, len(self.cap.captured))
+        await self.clock.advance(0.002)
+        self.assertEqual(taken + 1, len(self.cap.captured))
+        self.assertAlmostEqual(began + 0.2, self.starts[-1], delta=0.0011)
+
     async def test_an_adaptive_epoch_waits_for_a_large_checkpoint_s_ack(
             self):
         # The adaptive ticker holds its Tick while a large checkpoint
@@ -652,7 +794,8 @@ class PrimaryPairTest(unittest.IsolatedAsyncioTestCase):
         await self.make(epoch_ms=200, idle_epoch_ms=1000,
                         policy=pair.EpochPolicy(output_batch_ms=2,
                                                 min_epoch_ms=10),
-                        guest_cpu=lambda: None, max_unacked_bytes=1024)
+                        guest_cpu=lambda: None, guest_busy=lambda: None,
+                        max_unacked_bytes=1024)
         ticks = []
         post = self.machine.post
 

@@ -3,9 +3,17 @@ first held packet, never so often that pauses starve the guest.
 
 A packet the guest sends waits for its epoch's commit, so a talking
 guest's epoch should end soon after its first packet: ``output_batch_ms``
-later (the reply's other segments and other clients' packets join it).
-A silent epoch keeps nobody waiting and runs on to ``idle_epoch_ms``.
-Two bounds keep a chatty guest running:
+later (the reply's other segments and other clients' packets join it),
+or, while the guest's QEMU is still busy then (:mod:`.activity`: it
+computes, or flushes a disk write, the rest of an answer still to come),
+once it goes quiet, waiting at most as long as a pause lasts. Ending the
+epoch while the guest is busy would pause it in mid-answer and leave the
+answer for the next commit: a whole pause, ship and ACK later. A guest
+busy with something else (a job beside its service) never goes quiet:
+waits that end at their bound with no more output shorten the next
+(down to a quarter pause), and waits that pay lengthen them again. A silent
+epoch keeps nobody waiting and runs on to ``idle_epoch_ms``. Two bounds
+keep a chatty guest running:
 
 * ``min_epoch_ms``: from one checkpoint's start to the next's, at least;
 * ``max_pause_percent``: the share of the time the guest wants to run
@@ -27,8 +35,9 @@ stopped, so that ACK's output would wait out the pause::
 
     policy = EpochPolicy(output_batch_ms=2, min_epoch_ms=10,
                          max_pause_percent=25)
-    cadence = Cadence(policy, clock, epoch_s=0.2, idle_s=1.0)
-    await cadence.wait_due(output.waiting)     # then checkpoint
+    cadence = Cadence(policy, clock, epoch_s=0.2, idle_s=1.0,
+                      guest_busy=QemuActivity(qemu_pid).busy)
+    await cadence.wait_due(output.waiting, frames)     # then checkpoint
     cadence.checkpoint_taken(started, pause_s, (cpu_before, cpu_after))
 """
 
@@ -38,6 +47,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Optional
 
 from mftvm_openstack.contract.limits import (
@@ -51,6 +61,18 @@ from mftvm_openstack.ft.pair.interfaces import Clock
 BURST_S = 1.0
 #: weight of the newest epoch in the expected charge
 PAUSE_WEIGHT = 0.3
+#: how often a held epoch looks whether the guest has gone quiet
+QUIET_POLL_S = 0.001
+#: looks in a row that must find it quiet (one may fall between two of
+#: its threads' turns: the vCPU handing a disk write to a worker)
+QUIET_LOOKS = 2
+#: how long an epoch that holds output waits for a busy guest to go
+#: quiet, in pauses: waiting costs its packets that long, ending it costs
+#: the rest of the answer a pause and a commit
+HOLD_PAUSES = 1.0
+#: the least share of that wait kept for a guest whose waits did not pay
+#: (it stayed busy and sent nothing more): its answers may still come
+HOLD_FLOOR = 0.25
 #: the kernel's CPU time unit
 CLK_TCK = os.sysconf('SC_CLK_TCK')
 
@@ -160,9 +182,13 @@ class Cadence:
     ``idle_s``."""
 
     def __init__(self, policy: EpochPolicy, clock: Clock, *,
-                 epoch_s: float, idle_s: float) -> None:
+                 epoch_s: float, idle_s: float,
+                 guest_busy: Optional[Callable[[], Optional[bool]]] = None
+                 ) -> None:
         self.policy = policy
         self.clock = clock
+        #: whether the guest's QEMU is busy now (None: cannot tell)
+        self.guest_busy = guest_busy
         self.epoch_s = epoch_s
         self.idle_s = max(idle_s, epoch_s)
         now = clock.monotonic()
@@ -172,6 +198,8 @@ class Cadence:
         # the last pauses' and ACKs' (shipped -> ACK) mean, in seconds
         self._pause_s = 0.0
         self._ack_s: Optional[float] = None
+        # how often waiting for a busy guest to go quiet paid (0-1)
+        self._hold_pays = 1.0
 
     def due(self, first_output: float) -> float:
         """When an epoch whose first packet came at ``first_output``
@@ -179,13 +207,29 @@ class Cadence:
         p = self.policy
         due = max(first_output + p.batch_s, self._began + p.min_s,
                   self.budget.ready_at(first_output))
-        # (a packet late in a long silent epoch still gets its batch)
-        return min(due, max(self._began + self.epoch_s,
-                            first_output + p.batch_s))
+        return min(due, self._longest(first_output))
 
-    async def wait_due(self, waiting: asyncio.Event) -> None:
+    def _longest(self, first_output: float) -> float:
+        # (a packet late in a long silent epoch still gets its batch)
+        return max(self._began + self.epoch_s,
+                   first_output + self.policy.batch_s)
+
+    def quiet_by(self, first_output: float) -> float:
+        """The latest an epoch whose first packet came at
+        ``first_output`` waits for a busy guest to go quiet: a pause
+        (the last ones' mean) after the packet, never before
+        :meth:`due` nor past ``epoch_s``."""
+        hold = first_output + max(
+            self.policy.batch_s,
+            HOLD_PAUSES * self.pause_s * max(HOLD_FLOOR, self._hold_pays))
+        return max(self.due(first_output),
+                   min(hold, self._longest(first_output)))
+
+    async def wait_due(self, waiting: asyncio.Event,
+                       frames: Optional[Callable[[], int]] = None) -> None:
         """Until the current epoch should end; ``waiting`` is set while
-        the epoch holds output."""
+        the epoch holds output, ``frames()`` counts the frames the guest
+        has sent (whether waiting for it to go quiet paid)."""
         rest = self._began + self.idle_s - self.clock.monotonic()
         if not waiting.is_set():
             with contextlib.suppress(TimeoutError):
@@ -193,9 +237,42 @@ class Cadence:
         now = self.clock.monotonic()
         if waiting.is_set():
             await self.clock.sleep(self.due(now) - now)
+            await self._until_quiet(self.quiet_by(now), frames)
         # (a checkpoint that is then not taken still ends the epoch: the
         # next waits its own length, never in a busy loop)
         self._began = self.clock.monotonic()
+
+    async def _until_quiet(self, end: float,
+                           frames: Optional[Callable[[], int]]) -> None:
+        """Until the guest's QEMU is quiet (:data:`QUIET_LOOKS` looks in
+        a row) or ``end``; at once if nobody can tell. A wait that found
+        the guest busy paid if it went quiet, or sent more, meanwhile."""
+        quiet, looks = 0, 0
+        sent = frames() if frames is not None else 0
+        while self.guest_busy is not None:
+            busy = self.guest_busy()
+            if busy is None:
+                return
+            looks += 1
+            quiet = 0 if busy else quiet + 1
+            if quiet >= QUIET_LOOKS:
+                if looks > QUIET_LOOKS:
+                    self._waited(paid=True)
+                return
+            if self.clock.monotonic() >= end:
+                if looks > 1:       # (it did wait)
+                    self._waited(paid=frames is None or frames() > sent)
+                return
+            await self.clock.sleep(
+                min(QUIET_POLL_S, end - self.clock.monotonic()))
+
+    def _waited(self, paid: bool) -> None:
+        self._hold_pays += PAUSE_WEIGHT * (float(paid) - self._hold_pays)
+
+    @property
+    def pause_s(self) -> float:
+        """What the last pauses took (their mean, seconds)."""
+        return self._pause_s
 
     def ack_took(self, seconds: float) -> None:
         """An ACK came ``seconds`` after its checkpoint was shipped."""
@@ -214,7 +291,7 @@ class Cadence:
         then, and waiting only delays the next epoch."""
         if self._ack_s is None:
             return 0.0
-        half = self._pause_s / 2
+        half = self.pause_s / 2
         due = shipped + self._ack_s - self.clock.monotonic()
         return half if due <= half else 0.0
 
@@ -226,6 +303,7 @@ class Cadence:
         ``pause_s`` seconds; ``guest_cpu``: the CPU time its QEMU had
         used as the checkpoint began and now (None: unknown)."""
         self._began = started
+        # (from 0: the first, of all RAM, weighs little)
         self._pause_s += PAUSE_WEIGHT * (pause_s - self._pause_s)
         self.budget.spend(started, pause_s, self.clock.monotonic(),
                           guest_cpu)

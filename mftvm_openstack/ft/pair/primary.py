@@ -19,6 +19,7 @@ from mftvm_openstack.contract.hello import Ready
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import boot_files, transport
+from mftvm_openstack.ft.pair.activity import QemuActivity
 from mftvm_openstack.ft.pair.cadence import (
     Cadence,
     EpochPolicy,
@@ -91,7 +92,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
     ``ack_timeout`` seconds loses the secondary, as a broken stream does.
 
     With a ``policy`` (:mod:`.cadence`), an epoch that holds output ends
-    soon after its first packet instead, within the policy's bounds.
+    soon after its first packet instead, once the guest's QEMU is quiet
+    (``guest_busy``), within the policy's bounds.
     """
 
     def __init__(self, *, protector: Protector, clock: Clock,
@@ -106,6 +108,7 @@ class PrimaryPair(Machine['PrimaryEvent']):
                  max_unacked_bytes: int = 16 << 20,
                  policy: Optional[EpochPolicy] = None,
                  guest_cpu: Optional[Callable[[], Optional[float]]] = None,
+                 guest_busy: Optional[Callable[[], Optional[bool]]] = None,
                  state: State = State.STARTING,
                  stats: Optional[Stats] = None) -> None:
         super().__init__(clock, state, stats)
@@ -123,6 +126,9 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self.policy = policy
         #: the guest's CPU time so far (s; the policy weighs pauses by it)
         self.guest_cpu = guest_cpu or self._qemu_cpu
+        #: whether the guest's QEMU is busy now (the policy waits for it
+        #: to go quiet before ending an epoch that holds output)
+        self.guest_busy = guest_busy or self._qemu_busy
         self._cadence: Optional[Cadence] = None
         # set once the Tick the ticker posted was handled
         self._tick_handled = asyncio.Event()
@@ -171,6 +177,10 @@ class PrimaryPair(Machine['PrimaryEvent']):
     def _qemu_cpu(self) -> Optional[float]:
         return (None if self.guest is None
                 else process_cpu_seconds(self.guest.pid))
+
+    def _qemu_busy(self) -> Optional[bool]:
+        return (None if self.guest is None
+                else QemuActivity(self.guest.pid).busy())
 
     def _on_task_failure(self, exc: BaseException) -> PrimaryEvent:
         return SecondaryLost(f'internal error: {exc!r}')
@@ -333,7 +343,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
         else:
             self._cadence = Cadence(self.policy, self.clock,
                                    epoch_s=self.epoch_s,
-                                   idle_s=self.idle_epoch_s)
+                                   idle_s=self.idle_epoch_s,
+                                   guest_busy=self.guest_busy)
             self._spawn(self._adaptive_ticker(link.output, self._cadence))
 
     async def _sync_failed(self, error: str) -> None:
@@ -384,7 +395,8 @@ class PrimaryPair(Machine['PrimaryEvent']):
     async def _adaptive_ticker(self, output: OutputBuffer,
                                cadence: Cadence) -> None:
         while True:
-            await cadence.wait_due(output.waiting)
+            await cadence.wait_due(
+                output.waiting, lambda: output.held + output.frames_released)
             sending = self._sending
             if sending is not None and not sending.done():
                 # A checkpoint waits for the last to be on its way (a
