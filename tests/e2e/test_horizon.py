@@ -324,6 +324,9 @@ class HorizonCloudTest(lab.LabTestCase):
                                       "//dt[normalize-space()='ft_status']"
                                       "/following-sibling::dd[1]")))
         self.assertEqual('protected', shown_status.text.strip())
+        # (the Metadata section is below the fold)
+        self.browser.execute_script(
+            'arguments[0].scrollIntoView({block: "center"})', shown_status)
         self.shot('server-protected')
 
     def test_a_mistyped_key_from_horizon_errors_the_server(self):
