@@ -205,6 +205,9 @@ class Watch:
         #: answers had, and the seconds they took in all
         self.asked = 0
         self.busy = 0.0
+        #: the latest answer, and when its question was asked
+        self.latest: Any = None
+        self.latest_asked = -1.0
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name='watch')
 
@@ -220,6 +223,7 @@ class Watch:
             with self._lock:
                 self.asked += 1
                 self.busy += at - t0
+                self.latest, self.latest_asked = value, t0
                 if value != last:
                     self.changes.append((at, value))
                     last = value
@@ -232,6 +236,17 @@ class Watch:
         with self._lock:
             return next((at for at, value in self.changes
                          if at >= since and predicate(value)), None)
+
+    def answer_after(self, since: float, timeout: float) -> Any:
+        """The first answer to a question asked at ``since`` or later
+        (AssertionError if none came within ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.latest_asked >= since:
+                    return self.latest
+            time.sleep(0.1)
+        raise AssertionError(f'no answer in {timeout} s')
 
     def history(self, since: float) -> list[tuple[float, Any]]:
         """The changes at ``since`` or later, their times from it."""
@@ -429,6 +444,14 @@ class ReportingTest(lab.LabTestCase):
         self.assertEqual({secondary}, self.held_by(consumer, token))
         lost_before = metric(self.metrics(primary),
                              'mftvm_secondaries_lost_total')
+        # Every watch shows it protected onto that host, answering a
+        # question asked now (the CLI's first answer, the shell's start,
+        # takes tens of seconds on a loaded machine).
+        now = time.monotonic()
+        for name, watch in (('api', api), ('cli', cli)):
+            self.assertEqual(('protected', secondary), watch.answer_after(
+                now, timeout=120)[:2], name)
+        self.assertEqual('protected', nova.answer_after(now, timeout=120))
         # The secondary dies: its host's agent, which Nova cannot use
         # meanwhile (so its first try goes elsewhere anyway), and every
         # process of the guest's there (its instance process and QEMU).
