@@ -446,7 +446,7 @@ class ReportingTest(lab.LabTestCase):
                              'mftvm_secondaries_lost_total')
         # Every watch shows it protected onto that host, answering a
         # question asked now (the CLI's first answer, the shell's start,
-        # takes tens of seconds on a loaded machine).
+        # took about 10 s at a load average of 14).
         now = time.monotonic()
         for name, watch in (('api', api), ('cli', cli)):
             self.assertEqual(('protected', secondary), watch.answer_after(
