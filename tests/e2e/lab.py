@@ -115,6 +115,7 @@ class Lab:
         self.hosts: list[str] = []
         self._ft_api: Optional[str] = None
         self._guest_files: Optional[dict[str, str]] = None
+        self._horizon: Optional[str] = None
 
     @classmethod
     def get(cls) -> Lab:
@@ -250,6 +251,14 @@ class Lab:
                 line.split(' ', 1) for line in build.stdout.splitlines())
         return self._guest_files
 
+    def horizon(self) -> str:
+        """Horizon's URL (``cloudlab.py horizon``), started once for the
+        lab by the first test that asks."""
+        if self._horizon is None:
+            self._horizon = self.cloudlab('horizon').stdout.strip(
+                ).splitlines()[-1]
+        return self._horizon
+
 
 def _exit_on_sigterm() -> None:
     """SIGTERM (a runner's timeout) as SystemExit, so that atexit tears
@@ -314,11 +323,15 @@ class Notifications:
         self._transport.cleanup()
 
     def wait_for(self, event_type: str, timeout: float = 120,
-                 **payload_data: Any) -> dict[str, Any]:
+                 since: float = 0.0, **payload_data: Any
+                 ) -> dict[str, Any]:
         """The first notice of ``event_type`` whose payload's data has
-        ``payload_data``; AssertionError after ``timeout`` seconds."""
+        ``payload_data``, received at ``since`` (``time.time()``) or
+        later; AssertionError after ``timeout`` seconds."""
         def match() -> Optional[dict[str, Any]]:
             for notice in self.seen:
+                if notice['at'] < since:
+                    continue
                 data = notice['payload'].get('mftvm_object.data', {}) \
                     if isinstance(notice['payload'], dict) else {}
                 if notice['event_type'] == event_type and all(
@@ -491,6 +504,22 @@ class LabTestCase(testtools.TestCase):
         self.addCleanup(run, [*enter, 'ovs-vsctl', '--timeout=30',
                               '--if-exists', 'del-port', 'br-int', dev])
         return dev
+
+    def guest_port(self, name: str) -> dict:
+        """A port on a network and subnet of its own (10.0.2.0/24), all
+        deleted after the test: an FT server needs a NIC (the engine
+        holds a NIC's output; a guest with none is refused protection).
+        """
+        network = self.openstack_json('network', 'create', f'{name}-net')
+        self.addCleanup(self.openstack, 'network', 'delete', network['id'],
+                        check=False)
+        self.openstack('subnet', 'create', '--network', network['id'],
+                       '--subnet-range', '10.0.2.0/24', f'{name}-subnet')
+        port = self.openstack_json('port', 'create', '--network',
+                                   network['id'], f'{name}-guest')
+        self.addCleanup(self.openstack, 'port', 'delete', port['id'],
+                        check=False)
+        return port  # type: ignore[no-any-return]
 
     # -- FT: the API, notifications, metrics -----------------------------
 

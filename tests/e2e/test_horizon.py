@@ -1,15 +1,17 @@
 """FT flavors through Horizon, in a real browser, against the lab.
 
-One lab for the class, as in test_cloud.py, with Horizon
-(``cloudlab.py horizon``: Horizon under uwsgi in the control namespace,
-at ``http://<lab>/dashboard/``). Headless Chromium (Debian's
-``chromium`` and ``chromium-driver``), driven by Selenium, does what an
-admin does (doc/admin.rst)::
+On the tier's shared lab (:mod:`tests.e2e.lab`), with Horizon started
+in it by the first test here (``cloudlab.py horizon``: Horizon under
+uwsgi in the control namespace, at ``http://<lab>/dashboard/``).
+Headless Chromium (Debian's ``chromium`` and ``chromium-driver``),
+driven by Selenium, does what an admin does (doc/admin.rst)::
 
     log in as admin
     Admin > Compute > Flavors > the flavor's "Update Metadata"
     "Fault Tolerance (mftvm-openstack)" > "Fault tolerant" > +, Save
     openstack flavor show FLAVOR      -> ft:enabled='true'
+    a server of that flavor           -> protected; its overview in
+                                         Horizon says ft_status protected
 
 Horizon saves extra specs below microversion 2.86, so nova-api does not
 check them: a mistyped key typed into the dialog's Custom field is
@@ -26,14 +28,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-import testtools
 from selenium import webdriver
 from selenium.common.exceptions import (
     NoSuchElementException,
@@ -46,15 +45,9 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 from testtools import content
 
-from tests.e2e.test_cloud import (
-    CLOUDLAB,
-    PIP,
-    PYTHON,
-    ROOT,
-    VENV_BIN,
-    _checked,
-    _run,
-)
+from tests.e2e import lab
+from tests.e2e.lab import HOSTS, ROOT, VALIDATED
+from tests.e2e.test_reporting import FT_FLAVOR_SPECS
 
 CHROMIUM = '/usr/bin/chromium'
 CHROMEDRIVER = '/usr/bin/chromedriver'
@@ -65,78 +58,33 @@ NAMESPACE = 'MFTVM::FaultTolerance'
 NAMESPACE_TITLE = 'Fault Tolerance (mftvm-openstack)'
 #: how long a page or the dialog may take (two busy cores)
 PAGE_TIMEOUT = 120
-#: the server's build on the lab's one FT host
+#: the server's build on the lab's FT hosts
 BUILD_TIMEOUT = 300
+#: the build of an FT server: primary's guest, secondary chosen, first
+#: checkpoint and initial disk copy (the agent's protect_timeout is 300)
+PROTECT_TIMEOUT = 420
 
 
-class HorizonCloudTest(testtools.TestCase):
+class HorizonCloudTest(lab.LabTestCase):
+
+    #: the lab's Horizon, and the class's browser
+    dashboard: str
+    browser: webdriver.Chrome
 
     @classmethod
     def setUpClass(cls) -> None:
-        super().setUpClass()
-        if os.geteuid() != 0:
-            raise RuntimeError('the e2e tier needs root (network namespaces)')
-        for path in (PYTHON, CHROMIUM, CHROMEDRIVER):
+        for path in (CHROMIUM, CHROMEDRIVER):
             if not os.path.exists(path):
                 raise RuntimeError(f'no {path}: run tools/run.sh test, '
                                    f'which installs it')
-        cls.tmp = tempfile.mkdtemp(prefix='mftvm-e2e-horizon-')
-        cls.lab_dir = os.path.join(cls.tmp, 'lab')
-        try:
-            cls._install_wheel()
-            with open(os.path.join(cls.tmp, 'up.log'), 'w') as out:
-                result = subprocess.run(
-                    [PYTHON, CLOUDLAB, 'up', '--dir', cls.lab_dir,
-                     '--name', f'hp{os.getpid()}'],
-                    stdout=out, stderr=subprocess.STDOUT, timeout=900)
-            if result.returncode:
-                with open(os.path.join(cls.tmp, 'up.log')) as f:
-                    raise RuntimeError(f'cloudlab up failed:\n'
-                                       f'{f.read()[-6000:]}')
-            cls.dashboard = _checked(
-                [PYTHON, CLOUDLAB, 'horizon', '--dir', cls.lab_dir],
-                timeout=900).stdout.strip().splitlines()[-1]
-            cls.admin_env = cls._openrc()
-            cls.hosts: list[str] = []
-            cls.browser = cls._browser()
-        except BaseException:
-            cls._tear_down()
-            raise
+        super().setUpClass()
+        cls.dashboard = cls.lab.horizon()
+        cls.browser = cls._browser()
 
     @classmethod
     def tearDownClass(cls) -> None:
-        cls._tear_down()
+        cls.browser.quit()      # ends chromedriver and its Chromium
         super().tearDownClass()
-
-    @classmethod
-    def _tear_down(cls) -> None:
-        browser = getattr(cls, 'browser', None)
-        if browser is not None:
-            browser.quit()      # ends chromedriver and its Chromium
-        if os.path.exists(os.path.join(cls.lab_dir, 'lab.json')):
-            _run([PYTHON, CLOUDLAB, 'down', '--dir', cls.lab_dir])
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
-    @classmethod
-    def _install_wheel(cls) -> None:
-        out = os.path.join(cls.tmp, 'wheel')
-        _checked([*PIP, 'wheel', '--no-deps', '--no-build-isolation',
-                  '-w', out, ROOT], cwd=cls.tmp)
-        (wheel,) = [os.path.join(out, name) for name in os.listdir(out)]
-        _checked([*PIP, 'install', '--no-deps', '--force-reinstall', wheel])
-
-    @classmethod
-    def _openrc(cls) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith('OS_')}
-        env['PATH'] = f'{VENV_BIN}:{env.get("PATH", os.defpath)}'
-        with open(os.path.join(cls.lab_dir, 'openrc')) as f:
-            for line in f:
-                key, _, value = line.removeprefix('export ').strip(
-                    ).partition('=')
-                if key.startswith('OS_'):
-                    env[key] = value
-        return env
 
     @classmethod
     def _browser(cls) -> webdriver.Chrome:
@@ -152,34 +100,6 @@ class HorizonCloudTest(testtools.TestCase):
                                    options=options)
         browser.set_page_load_timeout(PAGE_TIMEOUT)
         return browser
-
-    # -- the lab, through the CLI ------------------------------------------
-
-    def cli(self, *args: str, check: bool = True
-            ) -> subprocess.CompletedProcess:
-        """``openstack ARGS`` as the lab's admin."""
-        result = _run([os.path.join(VENV_BIN, 'openstack'), *args],
-                      env=self.admin_env, cwd=self.tmp)
-        if check and result.returncode:
-            self.fail(f'openstack {" ".join(args)} exited '
-                      f'{result.returncode}:\n{result.stderr[-3000:]}')
-        return result
-
-    def cli_json(self, *args: str) -> Any:
-        return json.loads(self.cli(*args, '-f', 'json').stdout)
-
-    def flavor(self, name: str) -> str:
-        flavor = self.cli_json('flavor', 'create', '--ram', '128', '--disk',
-                               '1', '--vcpus', '1', name)
-        self.addCleanup(self.cli, 'flavor', 'delete', name, check=False)
-        return flavor['id']
-
-    def add_host(self, host: str) -> None:
-        """A compute host with the FT driver, once for the class."""
-        if host not in self.hosts:
-            _checked([PYTHON, CLOUDLAB, 'add-host', host, '--dir',
-                      self.lab_dir], timeout=900)
-            self.hosts.append(host)
 
     # -- the browser -------------------------------------------------------
 
@@ -222,8 +142,7 @@ class HorizonCloudTest(testtools.TestCase):
         self.browser.delete_all_cookies()
         self.browser.get(self.dashboard + 'auth/login/')
         self.visible('#id_username').send_keys('admin')
-        self.visible('#id_password').send_keys(
-            self.admin_env['OS_PASSWORD'])
+        self.visible('#id_password').send_keys(self.env['OS_PASSWORD'])
         self.shot('login')
         self.visible('#loginBtn').click()
         self.until('the dashboard after logging in', lambda b: (
@@ -279,7 +198,21 @@ class HorizonCloudTest(testtools.TestCase):
         self.shot('saved')
 
     def properties(self, flavor: str) -> dict[str, str]:
-        return self.cli_json('flavor', 'show', flavor)['properties']
+        return self.openstack_json(  # type: ignore[no-any-return]
+            'flavor', 'show', flavor)['properties']
+
+    def wait_built(self, server: str, timeout: float = BUILD_TIMEOUT
+                   ) -> dict:
+        """``server show`` once the server is ACTIVE or ERROR."""
+        deadline = time.monotonic() + timeout
+        while True:
+            shown = self.openstack_json('server', 'show', server)
+            if shown['status'] in ('ERROR', 'ACTIVE'):
+                return shown  # type: ignore[no-any-return]
+            if time.monotonic() > deadline:
+                self.fail(f'server still {shown["status"]} after '
+                          f'{timeout}s')
+            time.sleep(3)
 
     # -- the tests ---------------------------------------------------------
 
@@ -287,22 +220,23 @@ class HorizonCloudTest(testtools.TestCase):
         with open(os.path.join(ROOT, 'etc', 'metadefs',
                                'mftvm-ft.json')) as f:
             document = json.load(f)
-        shown = self.cli_json('image', 'metadef', 'namespace', 'show',
-                              NAMESPACE)
+        shown = self.openstack_json('image', 'metadef', 'namespace',
+                                    'show', NAMESPACE)
         self.assertEqual(NAMESPACE_TITLE, shown['display_name'])
         self.assertEqual(['OS::Nova::Flavor'],
                          shown['resource_type_associations'])
         self.assertEqual(
             {'enabled': 'boolean', 'epoch_ms': 'integer',
              'disk_sync': 'string'},
-            {p['name']: p['type'] for p in self.cli_json(
+            {p['name']: p['type'] for p in self.openstack_json(
                 'image', 'metadef', 'property', 'list', NAMESPACE)})
         # as Horizon asks for a flavor's dialog: for the resource type,
         # which names each property with its prefix
-        token = self.cli('token', 'issue', '-f', 'value', '-c',
-                         'id').stdout.strip()
-        glance = self.cli_json('endpoint', 'list', '--service', 'image',
-                               '--interface', 'public')[0]['URL']
+        token = self.openstack('token', 'issue', '-f', 'value', '-c',
+                               'id').stdout.strip()
+        glance = self.openstack_json('endpoint', 'list', '--service',
+                                     'image', '--interface',
+                                     'public')[0]['URL']
         request = urllib.request.Request(
             f'{glance}/v2/metadefs/namespaces/{NAMESPACE}'
             f'?resource_type=OS::Nova::Flavor',
@@ -345,16 +279,61 @@ class HorizonCloudTest(testtools.TestCase):
         self.save(flavor)
 
     def test_admin_turns_ft_on_in_the_update_metadata_dialog(self):
-        self.flavor('m1.ft-horizon')
-        self.assertEqual({}, self.properties('m1.ft-horizon'))
-        self.turn_ft_on('m1.ft-horizon')
-        self.assertEqual({'ft:enabled': 'true'},
-                         self.properties('m1.ft-horizon'))
+        flavor = self.unique('m1.ft-horizon')
+        self.assertEqual({}, self.flavor(flavor))
+        self.turn_ft_on(flavor)
+        self.assertEqual({'ft:enabled': 'true'}, self.properties(flavor))
+
+    def test_a_server_of_the_horizon_flavor_is_protected(self):
+        flavor = self.unique('m1.ft-protected')
+        self.flavor(flavor)
+        self.turn_ft_on(flavor)
+        # steered to FT hosts, as doc/admin.rst has it (CLI, validated)
+        self.openstack('flavor', 'set', '--property',
+                       'trait:CUSTOM_MFTVM_FT=required', flavor,
+                       microversion=VALIDATED)
+        self.assertEqual(dict(p.split('=') for p in FT_FLAVOR_SPECS),
+                         self.properties(flavor))
+        self.add_hosts(*HOSTS)
+        self.only_hosts(*HOSTS)
+        name = self.unique('e2e-horizon')
+        _, _, image, _ = self.upload_guest(
+            name, 'os_command_line=console=ttyS0 mftvm.run=counter')
+        port = self.guest_port(name)
+        server = self.server(name, '--image', image['id'], '--flavor',
+                             flavor, '--nic', f'port-id={port["id"]}',
+                             wait=False)['id']
+        deadline = time.monotonic() + PROTECT_TIMEOUT
+        while True:
+            shown = self.openstack_json('server', 'show', server)
+            status = shown['properties'].get('ft_status', '')
+            if shown['status'] == 'ERROR' or status == 'protected' or \
+                    status.startswith(('error', 'unprotected')):
+                break
+            if time.monotonic() > deadline:
+                self.fail(f'server {shown["status"]}, ft_status '
+                          f'{status!r} after {PROTECT_TIMEOUT}s')
+            time.sleep(5)
+        self.assertEqual(('ACTIVE', 'protected'), (shown['status'], status),
+                         shown.get('fault'))
+        # the admin sees it in Horizon: the server's overview lists its
+        # metadata, where Nova keeps ft_status
+        self.browser.get(self.dashboard + f'admin/instances/{server}/detail')
+        shown_status = self.until('ft_status on the instance page', lambda b:
+                                  b.find_element(By.XPATH, (
+                                      "//dt[normalize-space()='ft_status']"
+                                      "/following-sibling::dd[1]")))
+        self.assertEqual('protected', shown_status.text.strip())
+        # (the Metadata section is below the fold)
+        self.browser.execute_script(
+            'arguments[0].scrollIntoView({block: "center"})', shown_status)
+        self.shot('server-protected')
 
     def test_a_mistyped_key_from_horizon_errors_the_server(self):
-        flavor = self.flavor('m1.ft-typo')
+        flavor = self.unique('m1.ft-typo')
+        self.flavor(flavor)
         self.log_in()
-        dialog = self.open_update_metadata('m1.ft-typo')
+        dialog = self.open_update_metadata(flavor)
         custom = self.visible('input[name=customItem]', dialog)
         custom.send_keys('ft:enable')
         custom.find_element(By.XPATH, './following-sibling::span/button'
@@ -363,33 +342,24 @@ class HorizonCloudTest(testtools.TestCase):
             By.CSS_SELECTOR, 'input[type=text]')
         value.send_keys('true')
         self.shot('custom-key')
-        self.save('m1.ft-typo')
+        self.save(flavor)
         # stored as typed: Horizon's microversion is not checked
-        self.assertEqual({'ft:enable': 'true'}, self.properties('m1.ft-typo'))
+        self.assertEqual({'ft:enable': 'true'}, self.properties(flavor))
 
-        self.add_host('h1')
+        self.add_hosts(*HOSTS)
+        self.only_hosts(*HOSTS)
         image = os.path.join(self.tmp, 'tiny.raw')
         with open(image, 'wb') as f:
             f.truncate(1 << 20)
-        self.cli('image', 'create', '--disk-format', 'raw',
-                 '--container-format', 'bare', '--file', image,
-                 'horizon-tiny')
-        self.addCleanup(self.cli, 'image', 'delete', 'horizon-tiny',
+        tiny = self.openstack_json(
+            'image', 'create', '--disk-format', 'raw', '--container-format',
+            'bare', '--file', image, self.unique('horizon-tiny'))
+        self.addCleanup(self.openstack, 'image', 'delete', tiny['id'],
                         check=False)
-        server = self.cli_json('server', 'create', '--image', 'horizon-tiny',
-                               '--flavor', flavor, '--nic', 'none',
-                               'typo-vm')['id']
-        self.addCleanup(self.cli, 'server', 'delete', '--wait', server,
-                        check=False)
-        deadline = time.monotonic() + BUILD_TIMEOUT
-        while True:
-            shown = self.cli_json('server', 'show', server)
-            if shown['status'] in ('ERROR', 'ACTIVE'):
-                break
-            if time.monotonic() > deadline:
-                self.fail(f'server still {shown["status"]} after '
-                          f'{BUILD_TIMEOUT}s')
-            time.sleep(3)
+        server = self.server(self.unique('typo-vm'), '--image', tiny['id'],
+                             '--flavor', flavor, '--nic', 'none',
+                             wait=False)['id']
+        shown = self.wait_built(server)
         self.assertEqual('ERROR', shown['status'])
         message = shown['fault']['message']
         self.assertIn("flavor extra spec 'ft:enable': is not a known extra "
