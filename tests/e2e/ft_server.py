@@ -34,6 +34,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+
+from testtools import content
+
+from tests.e2e import counter_net, diagnostics
+from tests.e2e.lab import PYTHON
 
 #: hosts of this test alone: it powers one of them off
 HOSTS = ('f1', 'f2', 'f3')
@@ -86,6 +92,27 @@ def power_off(ns: str) -> float:
     return killed_at
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """One power-off's figures, in seconds from the kill (CLOCK_MONOTONIC
+    moment ``killed_at``): the guest's next answer, Nova's ``server
+    show`` naming the new host, and ``ft_status`` protected there again
+    (each CLI look takes 1-3 s: Nova's figures are that coarse)."""
+
+    killed_at: float
+    last_before: int
+    first_after: int
+    answered: float
+    nova_moved: float
+    reprotected: float
+
+    def __str__(self) -> str:
+        return (f'kill -> next answer {self.answered:.1f} s '
+                f'({self.last_before} then {self.first_after}), -> Nova '
+                f'shows the new host {self.nova_moved:.0f} s, -> protected '
+                f'again {self.reprotected:.0f} s')
+
+
 class CounterLog:
     """:data:`COUNTER_LOGGER` running in namespace ``ns``."""
 
@@ -125,74 +152,31 @@ class CounterLog:
 class FTServerTests:
     """Mixed into CloudTest (see the module docstring)."""
 
-    # (CloudTest's, for the type checker's sake)
+    # (LabTestCase's, for the type checker's sake)
     tmp: str
     lab_dir: str
-    hosts: list[str]
 
-    def ft_server(self, name: str) -> tuple[dict, str]:
-        """An FT server booted through the CLI on the lab's FT hosts,
-        reachable at 10.0.2.15:7000 (counter service) from a probe port;
-        returns (server, probe port id)."""
-        self.add_hosts(*HOSTS)
-        self.only_hosts(*HOSTS)
-        _, _, image, _ = self.upload_guest(
-            name, 'os_command_line=console=ttyS0 mftvm.run=counter '
-            'virtio_net.csum=0')
-        network = self.cloud_json('network', 'create', f'{name}-net')
-        self.addCleanup(self.cloud, 'network', 'delete', network['id'],
-                        check=False)
-        self.cloud('subnet', 'create', '--network', network['id'],
-                   '--subnet-range', '10.0.2.0/24', '--gateway',
-                   '10.0.2.2', f'{name}-subnet')
-        group = self.cloud_json('security', 'group', 'create', name)
-        self.addCleanup(self.cloud, 'security', 'group', 'delete',
-                        group['id'], check=False)
-        self.cloud('security', 'group', 'rule', 'create', '--protocol',
-                   'tcp', '--dst-port', '7000', group['id'])
-        port = self.cloud_json(
-            'port', 'create', '--network', network['id'], '--fixed-ip',
-            f'subnet={name}-subnet,ip-address=10.0.2.15',
-            '--security-group', group['id'], f'{name}-guest')
-        self.addCleanup(self.cloud, 'port', 'delete', port['id'],
-                        check=False)
-        probe = self.cloud_json('port', 'create', '--network',
-                                network['id'], f'{name}-probe')
-        self.addCleanup(self.cloud, 'port', 'delete', probe['id'],
-                        check=False)
+    def ft_server(self, name: str, hosts: tuple[str, ...] = HOSTS
+                  ) -> tuple[dict, counter_net.CounterNet]:
+        """An FT server booted through the CLI on ``hosts`` only (each
+        an FT host), its guest's counter at 10.0.2.15:7000 (see
+        :mod:`~tests.e2e.counter_net`; a host reaches it through the
+        probe port); returns (server, its network)."""
+        self.add_hosts(*hosts)
+        self.only_hosts(*hosts)
+        net = counter_net.make(self, name)
         flavor = f'm1.{name}'
         self.assertEqual(dict(p.split('=') for p in FT_FLAVOR_SPECS),
                          self.flavor(flavor, *FT_FLAVOR_SPECS))
-        server = self.cloud_json(
-            'server', 'create', '--image', image['id'], '--flavor', flavor,
-            '--nic', f'port-id={port["id"]}', '--property', 'ft=true',
-            '--wait', name)
-        self.addCleanup(self.cloud, 'server', 'delete', '--wait',
-                        server['id'], check=False)
-        return server, probe['id']
+        server = self.server(
+            name, '--image', net.image['id'], '--flavor', flavor,
+            '--nic', f'port-id={net.port["id"]}', '--property', 'ft=true')
+        return server, net
 
-    def wait_ft_status(self, server_id: str, want: str = 'protected',
-                       timeout: float = 600, host: str | None = None
-                       ) -> dict:
-        """``server show`` once ``ft_status`` is ``want`` (and the
-        server's host ``host``, if given); fails with what it last
-        showed otherwise."""
-        deadline = time.monotonic() + timeout
-        while True:
-            shown = self.cloud_json('server', 'show', server_id)
-            status = shown['properties'].get('ft_status')
-            if status == want and host in (
-                    None, shown['OS-EXT-SRV-ATTR:host']):
-                return shown
-            if time.monotonic() > deadline:
-                self.fail(f'ft_status {status!r}, not {want!r} within '
-                          f'{timeout}s: {json.dumps(shown)[:3000]}')
-            time.sleep(3)
-
-    def protected_pair(self, server_id: str, host: str | None = None
-                       ) -> tuple[dict, str, str]:
+    def protected_pair(self, server_id: str, hosts: tuple[str, ...] = HOSTS,
+                       host: str | None = None) -> tuple[dict, str, str]:
         """(server show, primary host, secondary host) once protected,
-        as Nova and the agents see it."""
+        as Nova and the agents see it, both sides among ``hosts``."""
         shown = self.wait_ft_status(server_id, host=host)
         self.assertEqual('ACTIVE', shown['status'])
         primary = shown['OS-EXT-SRV-ATTR:host']
@@ -207,60 +191,94 @@ class FTServerTests:
         self.assertEqual(('primary', 'protected'),
                          (status['role'], status['state']), status)
         secondary = status['peer']
-        self.assertIn(secondary, set(HOSTS) - {primary})
+        self.assertIn(secondary, set(hosts) - {primary})
         listed = {i['instance']: i for i in json.loads(self.mftvm(
             'list', '--host', secondary, '--json').stdout)}
         self.assertEqual('secondary', listed[server_id]['role'])
         return shown, primary, secondary
 
     def counter_from(self, host: str, probe_id: str) -> CounterLog:
-        from tests.e2e.test_cloud import CLOUDLAB, PYTHON, _checked
-        _checked([PYTHON, CLOUDLAB, 'probe', host, probe_id, '--dir',
-                  self.lab_dir])
+        """The guest's counter asked without end from ``host`` (the
+        probe port plugged there)."""
+        self.probe(host, probe_id)
         log = CounterLog(PYTHON, self.ns(host), self.tmp)
         self.addCleanup(log.stop)
         return log
 
+    def power_off_primary(self, server_id: str, primary: str,
+                          secondary: str, counter: CounterLog,
+                          timeout: float = 300) -> Recovery:
+        """Power ``primary`` off (:func:`power_off`), then watch, through
+        the counter's log and ``openstack server show``, until the guest
+        answered again, Nova shows it on ``secondary``, and its
+        ``ft_status`` is ``protected`` there again; fails with what was
+        seen otherwise (after ``timeout`` seconds)."""
+        last = counter.answers()[-1][1]
+        killed_at = power_off(self.ns(primary))
+        moved_at = protected_at = None
+        shown: dict = {}
+        while True:
+            shown = self.openstack_json('server', 'show', server_id)
+            now = time.monotonic()
+            on_secondary = shown['OS-EXT-SRV-ATTR:host'] == secondary
+            if on_secondary and moved_at is None:
+                moved_at = now
+            if on_secondary and protected_at is None and \
+                    shown['properties'].get('ft_status') == 'protected':
+                protected_at = now
+            after = [(t, v) for t, v in counter.answers() if t > killed_at]
+            if after and moved_at and protected_at:
+                break
+            if now - killed_at > timeout:
+                self.fail(
+                    f'after {primary} was powered off, within {timeout} s: '
+                    f'answers since {after[:3]} (the last before: {last}); '
+                    f'Nova on {secondary} '
+                    f'{"at" if moved_at else "not"} '
+                    f'{moved_at - killed_at if moved_at else ""}; '
+                    f'server show: {json.dumps(shown)[:2500]}')
+            time.sleep(1)
+        return Recovery(killed_at=killed_at, last_before=last,
+                        answered=after[0][0] - killed_at,
+                        first_after=after[0][1],
+                        nova_moved=moved_at - killed_at,
+                        reprotected=protected_at - killed_at)
+
     def test_ft_server_survives_the_power_off_of_its_host(self):
-        server, probe = self.ft_server('e2e-ft')
+        diagnostics.keep_on_failure(self)
+        server, net = self.ft_server(self.unique('e2e-ft'))
         sid = server['id']
         shown, primary, secondary = self.protected_pair(sid)
         (third,) = set(HOSTS) - {primary, secondary}
         # The guest's job answers, from a host that is neither side's.
-        counter = self.counter_from(third, probe)
+        counter = self.counter_from(third, net.probe['id'])
         before = counter.wait(lambda a: len(a) >= 5, 300,
                               'answers from the guest')
-        killed_at = power_off(self.ns(primary))
-        after = counter.wait(
-            lambda a: any(t > killed_at for t, _ in a), 300,
-            'an answer after the primary host was powered off')
-        values = [v for _, v in after]
+        recovery = self.power_off_primary(sid, primary, secondary, counter)
+        values = [v for _, v in counter.answers()]
         # No answer repeated or taken back, no reboot (a counter that
         # restarted would answer 1 again).
         self.assertEqual(list(range(values[0], values[0] + len(values))),
                          values)
         self.assertGreater(len(values), len(before))
-        recovered = next(t for t, _ in after if t > killed_at) - killed_at
+        self.assertEqual(recovery.last_before + 1, recovery.first_after)
         # Nova shows the new host, and protection onto the third host.
         shown, new_primary, new_secondary = self.protected_pair(
             sid, host=secondary)
-        shown_in = time.monotonic() - killed_at
         self.assertEqual((secondary, third), (new_primary, new_secondary))
-        print(f'host power-off: kill -> next answer {recovered:.1f} s, '
-              f'kill -> protected again on {new_primary} (Nova shows it) '
-              f'{shown_in:.0f} s', file=sys.stderr)
-        self.addDetail_text('recovery', f'{recovered:.3f}')
+        print(f'host power-off: {recovery}', file=sys.stderr)
+        self.addDetail('recovery', content.text_content(str(recovery)))
 
         # Nova's operations on the failed-over server, on its new host.
         last = counter.answers()[-1][1]
-        self.cloud('server', 'stop', sid)
+        self.openstack('server', 'stop', sid)
         self.wait_server(sid, 'SHUTOFF')
-        self.cloud('server', 'start', sid)
+        self.openstack('server', 'start', sid)
         self.wait_server(sid, 'ACTIVE')
         self.protected_pair(sid, host=new_primary)
         counter.wait(lambda a: a[-1][1] < last, 300,
                      'the restarted guest answering anew')
-        self.cloud('server', 'reboot', '--hard', '--wait', sid)
+        self.openstack('server', 'reboot', '--hard', '--wait', sid)
         self.protected_pair(sid, host=new_primary)
         since = len(counter.answers())
         counter.wait(lambda a: len(a) > since + 2, 300,
@@ -270,14 +288,10 @@ class FTServerTests:
                     timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            shown = self.cloud_json('server', 'show', server_id)
+            shown = self.openstack_json('server', 'show', server_id)
             if shown['status'] == status:
                 return shown
             if shown['status'] == 'ERROR' or time.monotonic() > deadline:
                 self.fail(f'server {server_id} is {shown["status"]}, not '
                           f'{status}: {json.dumps(shown)[:3000]}')
             time.sleep(2)
-
-    def addDetail_text(self, name: str, text: str) -> None:  # noqa: N802
-        from testtools import content
-        self.addDetail(name, content.text_content(text))
