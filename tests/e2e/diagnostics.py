@@ -75,7 +75,8 @@ def keep_on_failure(case: Any) -> None:
         except Exception as exc:        # never hide the test's failure
             said = f'the lab\'s logs could not be kept in {dest}: {exc!r}'
         if keep_lab():
-            said += (f'; the lab stays up: {sys.executable} '
+            said += (f'; the lab stays up: '
+                     f'{os.path.join(lab_bin(), "python")} '
                      f'{os.path.join(ROOT, "tools", "cloud", "cloudlab.py")}'
                      f' down --dir {case.lab.dir}')
         print(said, file=sys.stderr)
