@@ -482,13 +482,23 @@ class FTDriverMixin:
 
     def _ft_guest_runs(self, instance: Any) -> bool:
         """``instance`` is the agents' business and its guest runs now
-        (a stopped or paused FT server is unprotected already)."""
+        (a stopped or paused FT server is unprotected already).
+
+        A domain paused while Nova did not pause the server runs: the
+        engine pauses it for every checkpoint (and while held output is
+        at its bound), so a look often finds it paused; taken for a
+        stopped guest, Nova's stop would go on with protection on, and
+        its destroy would fail the guest over instead.
+        """
         if not self._ft_lifecycle(instance):
             return False
         try:
             state = self.get_info(instance).state  # type: ignore[attr-defined]
         except nova_exception.InstanceNotFound:
             return False
+        if state == power_state.PAUSED:
+            return bool(getattr(instance, 'vm_state', None) !=
+                        vm_states.PAUSED)
         return bool(state == power_state.RUNNING)
 
     @contextlib.contextmanager
