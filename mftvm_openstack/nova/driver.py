@@ -1032,6 +1032,8 @@ class FTDriverMixin:
                 files.write_json_atomic(
                     os.path.join(instance_dir, 'disk.info'),
                     {path: 'qcow2', **others})
+            # a start or hard reboot would fetch them from Glance again
+            settle.boot_files_into_place(dom, instance_dir)
         except Exception as exc:
             LOG.error('The guest taken over here stays on its replica; '
                       'stop, start and hard reboot will fail: %s',
