@@ -498,13 +498,23 @@ class FTDriverMixin:
 
     def _ft_guest_runs(self, instance: Any) -> bool:
         """``instance`` is the agents' business and its guest runs now
-        (a stopped or paused FT server is unprotected already)."""
+        (a stopped or paused FT server is unprotected already).
+
+        A domain paused while Nova did not pause the server runs: the
+        engine pauses it for every checkpoint (and while held output is
+        at its bound), so a look often finds it paused; taken for a
+        stopped guest, Nova's stop would go on with protection on, and
+        its destroy would fail the guest over instead.
+        """
         if not self._ft_lifecycle(instance):
             return False
         try:
             state = self.get_info(instance).state  # type: ignore[attr-defined]
         except nova_exception.InstanceNotFound:
             return False
+        if state == power_state.PAUSED:
+            return bool(getattr(instance, 'vm_state', None) !=
+                        vm_states.PAUSED)
         return bool(state == power_state.RUNNING)
 
     @contextlib.contextmanager
@@ -1081,6 +1091,8 @@ class FTDriverMixin:
                 files.write_json_atomic(
                     os.path.join(instance_dir, 'disk.info'),
                     {path: 'qcow2', **others})
+            # a start or hard reboot would fetch them from Glance again
+            settle.boot_files_into_place(dom, instance_dir)
         except Exception as exc:
             LOG.error('The guest taken over here stays on its replica; '
                       'stop, start and hard reboot will fail: %s',

@@ -70,9 +70,13 @@ a standby secondary (:func:`standing_by`) and Nova recorded this host as
 its secondary, the driver's watcher calls ``plug_vifs`` (os-vif: the
 taps of Nova 34's OVS/OVN VIFs, hybrid-plug bridges), as live
 migration's ``pre_live_migration`` does on its destination, so that the
-restored domain finds them; it unplugs them when the host stops standing
-by without taking over. Moving ``binding:host_id`` is what activates the
-binding here (with ML2/OVN, the port's requested-chassis follows it).
+restored domain finds them (or, if no look saw it standing by, as it
+begins to take over); they stay while it takes over (winning the fence
+takes up to a lease; a look then must not take away the taps the
+restore is about to open), and it unplugs them when the host stops
+standing by without taking over. Moving ``binding:host_id`` is what
+activates the binding here (with ML2/OVN, the port's requested-chassis
+follows it).
 
 *The old host.* Evacuation's rule applies unchanged: when its
 nova-compute starts again, ``_destroy_evacuated_instances`` finds the
@@ -124,6 +128,10 @@ LOG = logging.getLogger(__name__)
 RUNNING_STATES = frozenset({State.ACTIVE, State.PROTECTED, State.SYNCING})
 #: the role of the agent's side that runs the guest
 PRIMARY = Role.PRIMARY
+#: secondary states whose host keeps the guest's VIFs plugged: ready to
+#: take over, and taking over (winning the fence, then restoring onto
+#: those very taps; it lists as a primary once the guest runs)
+STANDING_BY_STATES = frozenset({State.STANDBY, State.FAILING_OVER})
 #: the instance action recorded for a hand-off (``server event list``)
 ACTION = 'ft-failover'
 
@@ -202,20 +210,22 @@ def taken_over(entries: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 def standing_by(entries: Iterable[Mapping[str, Any]]) -> list[str]:
-    """The instances an agent's ``list()`` shows as a standby
-    secondary (ready to take over)::
+    """The instances an agent's ``list()`` shows as a secondary ready to
+    take over, or taking over now (:data:`STANDING_BY_STATES`)::
 
         >>> standing_by([
         ...     {'instance': 'a', 'role': 'secondary', 'state': 'standby'},
         ...     {'instance': 'b', 'role': 'secondary',
         ...      'state': 'waiting-for-primary'},
-        ...     {'instance': 'c', 'role': 'primary', 'state': 'active'}])
-        ['a']
+        ...     {'instance': 'c', 'role': 'primary', 'state': 'active'},
+        ...     {'instance': 'd', 'role': 'secondary',
+        ...      'state': 'failing-over'}])
+        ['a', 'd']
     """
     out = []
     for status in listed(entries):      # (taken_over() warns)
         if status.role is Role.SECONDARY and \
-                status.state is State.STANDBY and \
+                status.state in STANDING_BY_STATES and \
                 status.alive is not False and status.instance:
             out.append(status.instance)
     return out

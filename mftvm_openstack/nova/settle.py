@@ -19,6 +19,9 @@ drive's CD-ROM) is copied once, as its content never changes::
                             'sda': '/var/lib/nova/instances/<uuid>/'
                                    'disk.config'})
 
+Its kernel and initrd, if it boots from them, are copied to the names
+LibvirtDriver gives them (:func:`boot_files_into_place`).
+
 The order keeps one copy running at all times and loses nothing: the
 guest already runs here alone (the agent won its fence before it
 restored it); libvirt's block copy mirrors every write to the new file
@@ -30,8 +33,10 @@ image backend takes it as it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -199,6 +204,42 @@ def others_into_place(dom: Any, targets: Mapping[str, str],
             raise SettleError(f'copy of {dev} to {path} failed: '
                               f'{result.stderr.strip()[-200:]}')
     return moved
+
+
+#: a domain's boot file (``<os>`` child) -> the name LibvirtDriver gives
+#: its copy in the instance's directory
+BOOT_FILE_NAMES = {'kernel': 'kernel', 'initrd': 'ramdisk'}
+
+
+def boot_files_into_place(dom: Any, instance_dir: str) -> list[str]:
+    """Copy the kernel and initrd the running domain boots from (after a
+    failover: the copies its primary shipped, in the agent's directory)
+    to ``<instance_dir>/kernel`` and ``ramdisk``, where LibvirtDriver's
+    start and hard reboot look before they would fetch them from Glance
+    again (which may refuse a kernel image: Nova's format safety check).
+    A file already there is kept. Returns the paths written.
+
+    :raises SettleError: a copy failed.
+    """
+    written = []
+    root = ET.fromstring(dom.XMLDesc(0))
+    for element, name in BOOT_FILE_NAMES.items():
+        source = (root.findtext(f'os/{element}') or '').strip()
+        target = os.path.join(instance_dir, name)
+        if not source or source == target or os.path.exists(target):
+            continue
+        part = f'{target}.part'
+        try:
+            shutil.copyfile(source, part)
+            os.chmod(part, 0o644)
+            os.replace(part, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+            raise SettleError(f'{element} {source} not copied to '
+                              f'{target}: {exc}') from exc
+        written.append(target)
+    return written
 
 
 def _chain_filename(layers: list[tuple[str, str]]) -> str:

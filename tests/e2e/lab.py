@@ -102,6 +102,9 @@ class Lab:
     #: why the one try to bring it up failed (later tests fail at once)
     _failed: Optional[BaseException] = None
     _lock = threading.Lock()
+    #: ``cloudlab.py up``'s options (Ceph and Cinder: test_volumes' RBD
+    #: volumes; a benchmark without volumes leaves them out)
+    up_options: tuple[str, ...] = ('--with-cinder',)
 
     def __init__(self) -> None:
         # Short: an instance's control socket lies under the lab's
@@ -150,9 +153,8 @@ class Lab:
         t0 = time.monotonic()
         with open(os.path.join(self.tmp, 'up.log'), 'w') as out:
             result = subprocess.run(
-                # (with Ceph and Cinder: test_volumes' RBD volumes)
                 [PYTHON, CLOUDLAB, 'up', '--dir', self.dir, '--name',
-                 self.name, '--with-cinder'], stdout=out,
+                 self.name, *self.up_options], stdout=out,
                 stderr=subprocess.STDOUT, timeout=1200)
         if result.returncode:
             with open(os.path.join(self.tmp, 'up.log')) as f:
@@ -163,7 +165,15 @@ class Lab:
 
     def tear_down(self) -> None:
         """``cloudlab.py down`` (it ends every process in the lab's
-        namespaces), then the lab's files; twice is harmless."""
+        namespaces), then the lab's files; twice is harmless. With
+        ``MFTVM_E2E_KEEP_LAB=1`` the lab stays up, to be looked at
+        (:mod:`tests.e2e.diagnostics`), and how to end it is printed."""
+        from tests.e2e import diagnostics
+        if diagnostics.keep_lab():
+            print(f'{diagnostics.KEEP_LAB}: the lab stays up; end it with '
+                  f'{PYTHON} {CLOUDLAB} down --dir {self.dir}',
+                  file=sys.stderr)
+            return
         if os.path.exists(os.path.join(self.dir, 'lab.json')):
             run([PYTHON, CLOUDLAB, 'down', '--dir', self.dir], timeout=600)
         shutil.rmtree(self.tmp, ignore_errors=True)

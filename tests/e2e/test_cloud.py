@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from tests.e2e import lab
+from tests.e2e import counter_net, lab
 from tests.e2e.lab import (  # noqa: F401 (the names other modules import)
     CLOUDLAB,
     HOSTS,
@@ -260,38 +260,14 @@ class CloudTest(lab.LabTestCase):
         # The guest has a static 10.0.2.15/24 (guest/init); its virtio-net
         # checksum offload is off (OVS's userspace Geneve needs that).
         name = self.unique('e2e')
-        _, _, image, _ = self.upload_guest(
-            f'{name}-counter', 'os_command_line=console=ttyS0 '
-            'mftvm.run=counter virtio_net.csum=0')
-        network = self.cloud_json('network', 'create', f'{name}-net')
-        self.addCleanup(self.cloud, 'network', 'delete', network['id'],
-                        check=False)
-        self.assertEqual('geneve', network['provider:network_type'])
-        self.cloud('subnet', 'create', '--network', network['id'],
-                   '--subnet-range', '10.0.2.0/24', '--gateway',
-                   '10.0.2.2', f'{name}-subnet')
-        group = self.cloud_json('security', 'group', 'create',
-                                f'{name}-counter')
-        self.addCleanup(self.cloud, 'security', 'group', 'delete',
-                        group['id'], check=False)
-        self.cloud('security', 'group', 'rule', 'create', '--protocol',
-                   'tcp', '--dst-port', '7000', group['id'])
-        port = self.cloud_json(
-            'port', 'create', '--network', network['id'], '--fixed-ip',
-            f'subnet={name}-subnet,ip-address=10.0.2.15',
-            '--security-group', group['id'], f'{name}-guest')
-        self.addCleanup(self.cloud, 'port', 'delete', port['id'],
-                        check=False)
-        probe = self.cloud_json('port', 'create', '--network',
-                                network['id'], f'{name}-probe')
-        self.addCleanup(self.cloud, 'port', 'delete', probe['id'],
-                        check=False)
+        net = counter_net.make(self, name)
+        self.assertEqual('geneve', net.network['provider:network_type'])
         flavor = f'{name}-flavor'
         self.flavor(flavor)
 
         server = self.server(
-            f'{name}-vm', '--image', image['id'], '--flavor', flavor,
-            '--nic', f'port-id={port["id"]}', '--availability-zone',
+            f'{name}-vm', '--image', net.image['id'], '--flavor', flavor,
+            '--nic', f'port-id={net.port["id"]}', '--availability-zone',
             'nova:h1')
         shown = self.cloud_json('server', 'show', server['id'])
         self.assertEqual('ACTIVE', shown['status'])
@@ -301,13 +277,13 @@ class CloudTest(lab.LabTestCase):
         # Nova's API lists servers (it asks Neutron for their groups).
         self.assertIn(server['id'], {s['ID'] for s in self.cloud_json(
             'server', 'list')})
-        bound = self.cloud_json('port', 'show', port['id'])
+        bound = self.cloud_json('port', 'show', net.port['id'])
         self.assertEqual(('ACTIVE', 'h1'),
                          (bound['status'], bound['binding_host_id']))
 
         # From h2, through OVN (Geneve between the hosts' userspace
         # datapaths) to the guest's counter service on h1.
-        self.probe('h2', probe['id'])
+        self.probe('h2', net.probe['id'])
         values = json.loads(_checked(
             ['ip', 'netns', 'exec', self.ns('h2'), PYTHON, '-c',
              COUNTER_CLIENT],

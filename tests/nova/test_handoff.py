@@ -443,6 +443,51 @@ class TestStandbyVifs(HandoffTestBase):
         time.sleep(0.5)
         self.assertEqual(1, len(self.vif_calls))    # not unplugged
 
+    def test_kept_while_it_fails_over(self) -> None:
+        # Seen in the cloud lab: the secondary's watcher looked while the
+        # agent was winning the fence (failing-over: neither standby nor
+        # a primary yet) and unplugged the taps the restore then opened;
+        # the guest ran on with no network.
+        port = self.neutron.port_1['id']
+        server = self._boot_ft(networks=[{'port': port}])
+        primary, secondary, _ = self._roles(server)
+        self.vif_calls.clear()
+        self._stand_by(server, secondary, primary)
+        self._wait_calls(1)
+        self.takeover.running[secondary] = [
+            {'instance': server['id'], 'role': 'secondary',
+             'state': 'failing-over', 'alive': True, 'host': secondary,
+             'peer': primary}]
+        time.sleep(0.5)                 # five looks
+        self.assertEqual(
+            [('plug_vifs', secondary, server['id'], [port])],
+            self.vif_calls)
+        # (one entry per instance, as an agent lists it)
+        self.takeover.running[secondary] = [
+            {'instance': server['id'], 'role': 'primary', 'state': 'active',
+             'alive': True, 'host': secondary, 'peer': None}]
+        self._wait_for_host(server, secondary)
+        time.sleep(0.5)
+        self.assertEqual(
+            [('plug_vifs', secondary, server['id'], [port])],
+            self.vif_calls)
+
+    def test_plugged_if_first_seen_failing_over(self) -> None:
+        # a takeover that began before a look saw it standing by: its
+        # taps are made then, for the restore to open
+        port = self.neutron.port_1['id']
+        server = self._boot_ft(networks=[{'port': port}])
+        primary, secondary, _ = self._roles(server)
+        self.vif_calls.clear()
+        self.takeover.running[secondary] = [
+            {'instance': server['id'], 'role': 'secondary',
+             'state': 'failing-over', 'alive': True, 'host': secondary,
+             'peer': primary}]
+        self._wait_calls(1)
+        self.assertEqual(
+            [('plug_vifs', secondary, server['id'], [port])],
+            self.vif_calls)
+
     def test_unplugged_when_it_no_longer_stands_by(self) -> None:
         port = self.neutron.port_1['id']
         server = self._boot_ft(networks=[{'port': port}])

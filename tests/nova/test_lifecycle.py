@@ -23,7 +23,9 @@ import fixtures
 import nova.context as nova_context
 import nova.objects.instance_fault as fault_obj
 import testtools
+from nova.compute import power_state
 from nova.tests.functional.api import client as api_client
+from nova.virt.libvirt import driver as libvirt_driver
 
 from mftvm_openstack.agent import exception as agent_exception
 from mftvm_openstack.nova import driver
@@ -170,6 +172,30 @@ class TestStopStart(LifecycleTestBase):
         # power_on's destroy-and-recreate released nothing; delete does
         self._delete_server(server)
         self.assertEqual({h: NO_USAGE for h in self.HOSTS}, self._usages())
+
+    def test_stop_during_a_checkpoint_pause_unprotects(self) -> None:
+        # Seen in the cloud lab: Nova's stop looked at the domain while
+        # the engine had it paused for a checkpoint (every epoch pauses
+        # it), took it for a guest that no longer runs, did not
+        # unprotect, and the clean shutdown's destroy then failed the
+        # guest over to its secondary instead of stopping it.
+        server, primary, secondary, _ = self._boot_ft()
+        running = libvirt_driver.LibvirtDriver.get_info
+
+        def paused_for_a_checkpoint(drv: Any, instance: Any,
+                                    *args: Any, **kwargs: Any) -> Any:
+            info = running(drv, instance, *args, **kwargs)
+            if info.state == power_state.RUNNING:
+                info.state = power_state.PAUSED
+            return info
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova.virt.libvirt.driver.LibvirtDriver.get_info',
+            paused_for_a_checkpoint))
+
+        server = self._stop_server(server)
+        self.assertEqual([self._unprotect_call(primary, server)],
+                         self.agent.calls)
+        self.assertEqual('stopped', self._status(server))
 
     def test_start_chooses_another_secondary_if_it_no_longer_fits(
             self) -> None:
