@@ -182,11 +182,14 @@ class GuestTestCase(testtools.TestCase):
 
         Asking earlier is not harmless: user-mode networking accepts the
         connection and delivers the request once the guest listens, after
-        the client gave up, and that increment would go unseen."""
+        the client gave up, and that increment would go unseen. The
+        answer may take long: it is held until a checkpoint commits, and
+        a guest dirtying all its RAM on a loaded machine takes more than
+        10 s for that (seen twice in full runs at load ~15)."""
         serial = os.path.join(gdir, 'primary', 'serial.log')
         wait_for(lambda: 'COUNTER-READY' in workload.read_text(serial),
                  timeout, 0.2, 'the guest counter service')
-        return workload.counter_request('127.0.0.1', self.port, 10)
+        return workload.counter_request('127.0.0.1', self.port, 30)
 
 
 def assert_ran_on_from_checkpoint(test, text, on_disk, disk_path):
