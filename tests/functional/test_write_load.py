@@ -35,12 +35,15 @@ def written(text):
 
 
 class WriteLoadMixin:
-    """The test, for the disk mode ``DISK_SYNC``."""
+    """The test, for the disk mode ``DISK_SYNC``, on a guest named
+    ``NAME`` (its own per class: the tier runs two at once, and a guest's
+    name names its /dev/shm RAM file and its QEMU)."""
 
     DISK_SYNC = ''
+    NAME = ''
 
     def test_checkpoints_commit_while_the_guest_writes_16_mib_s(self):
-        name = 'wl'
+        name = self.NAME
         spec, gdir = self.protect(
             name, run='writer,counter,diskrate:16:16',
             disk=self.make_disk(size_mib=DISK_MIB),
@@ -99,12 +102,15 @@ class WriteLoadMixin:
 
 
 class AsyncReplicationWriteLoadTest(WriteLoadMixin, base.GuestTestCase):
+    NAME = 'wla'
     DISK_SYNC = 'async-replication'
 
 
 class WriteReplicationWriteLoadTest(WriteLoadMixin, base.GuestTestCase):
+    NAME = 'wlw'
     DISK_SYNC = 'write-replication'
 
 
 class BlockCopyWriteLoadTest(WriteLoadMixin, base.GuestTestCase):
+    NAME = 'wlb'
     DISK_SYNC = 'block-copy'
