@@ -205,6 +205,26 @@ def assert_ran_on_from_checkpoint(test, text, on_disk, disk_path):
     records.verify_chain(records.read_records(disk_path))
 
 
+def assert_acks_continue_chain(test, text, layers, tag=''):
+    """After a failover: the replica's disk (``layers``, a status's
+    ``disk_layers``) holds no record from after the committed epoch, its
+    hash chain is intact, and the writer's ACKs on the console ``text``
+    (tagged ``tag``) name records of that chain, one after another with
+    no gap. Returns the ACKs."""
+    test.assertEqual([], workload.future_records(text, tag))
+    disk = workload.disk_records([tuple(x) for x in layers])
+    last_record = records.verify_chain(disk)
+    acks = workload.serial_acks(text, tag)
+    test.assertTrue(acks, f'the writer {tag!r} ran on')
+    test.assertLessEqual(acks[-1][0], last_record)
+    for seq, digest in acks:
+        test.assertEqual(digest, disk[seq].hash.hex())
+    first = acks[0][0]
+    test.assertEqual(list(range(first, first + len(acks))),
+                     [seq for seq, _ in acks])
+    return acks
+
+
 def ram_files(name):
     """The guest RAM files of ``name`` still on this host."""
     return sorted(glob.glob(vm.ram_path(name, 'ROLE').replace('ROLE', '*')))

@@ -48,19 +48,9 @@ class PrimaryLossTest(base.GuestTestCase):
         # Both RAM files are gone: the dead primary's and the guest's.
         self.assertEqual([], base.ram_files('pk'))
         text = workload.read_text(serial)
-        # The disk held no record from after the committed epoch...
-        self.assertEqual([], workload.future_records(text))
-        acks = workload.serial_acks(text)
-        disk = workload.disk_records(
-            [tuple(x) for x in sec['disk_layers']])
-        # ...its chain is intact, and the guest's ACKs continue it.
-        last_record = records.verify_chain(disk)
-        first_ack = acks[0][0]
-        self.assertLessEqual(acks[-1][0], last_record)
-        for seq, digest in acks:
-            self.assertEqual(digest, disk[seq].hash.hex())
-        self.assertEqual(list(range(first_ack, first_ack + len(acks))),
-                         [seq for seq, _ in acks])
+        # The disk held no record from after the committed epoch, its
+        # chain is intact, and the guest's ACKs continue it.
+        base.assert_acks_continue_chain(self, text, sec['disk_layers'])
         print(f'failover: restore {sec["failover_ms"]} ms, kill -> next '
               f'answer {answered_in * 1000:.0f} ms')
 
@@ -481,16 +471,7 @@ class MultiVcpuFailoverTest(base.GuestTestCase):
         self.assertNotIn('MFTVM-GUEST-READY', after)
         self.assertGreaterEqual(dirty_passes(after)[0],
                                 dirty_passes(before)[-1])
-        self.assertEqual([], workload.future_records(after))
-        acks = workload.serial_acks(after)
-        disk = workload.disk_records(
-            [tuple(x) for x in sec['disk_layers']])
-        last_record = records.verify_chain(disk)
-        self.assertLessEqual(acks[-1][0], last_record)
-        for seq, digest in acks:
-            self.assertEqual(digest, disk[seq].hash.hex())
-        self.assertEqual(list(range(acks[0][0], acks[0][0] + len(acks))),
-                         [seq for seq, _ in acks])
+        base.assert_acks_continue_chain(self, after, sec['disk_layers'])
         print(f'{vcpus} vCPUs: restore {sec["failover_ms"]} ms, pause p50 '
               f'{prim.get("pause_ms_p50")} ms')
 
