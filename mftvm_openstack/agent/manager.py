@@ -436,7 +436,7 @@ class AgentManager:
             st = inst.live_status()
             if st is None:
                 return False
-            if st.state is State.PROTECTED and st.last_committed_epoch >= 1:
+            if st.counted_state is State.PROTECTED:
                 return True
             if st.state.final or st.alive is False:
                 raise exception.Conflict(

@@ -120,21 +120,13 @@ class ProtectionWatch:
 
     # -- inside the lock --
 
-    @staticmethod
-    def _effective(st: InstanceStatus) -> State:
-        # Protected counts from the first committed epoch on (the agent's
-        # protect call answers then too).
-        if st.state is State.PROTECTED and st.last_committed_epoch < 1:
-            return State.SYNCING
-        return st.state
-
     def _baseline(self, st: InstanceStatus) -> _Seen:
-        state = self._effective(st)
+        state = st.counted_state
         return _Seen(state, st.role, protected_before=state is
                      State.PROTECTED or _took_over(st) or bool(st.reason))
 
     def _remember(self, st: InstanceStatus, was: _Seen, now: float) -> _Seen:
-        state = self._effective(st)
+        state = st.counted_state
         protected_before = was.protected_before or state is State.PROTECTED
         if state is State.UNPROTECTED and \
                 st.reason == UNPROTECTED_BY_REQUEST:
@@ -145,7 +137,7 @@ class ProtectionWatch:
         return _Seen(state, st.role, protected_before, since)
 
     def _changes(self, st: InstanceStatus, was: _Seen) -> list[Notice]:
-        prev, state = was.state, self._effective(st)
+        prev, state = was.state, st.counted_state
         if prev is state:
             return []
         out: list[Event] = []

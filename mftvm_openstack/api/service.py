@@ -131,13 +131,9 @@ def view(server: NovaServer, status: Optional[InstanceStatus],
         reason = f'its {status.role} instance process has ended ' \
                  f'({status.state})'
     else:
-        protection = Protection.of(status.state)
-        if protection is Protection.PROTECTED and \
-                status.last_committed_epoch < 1:
-            # synced, no epoch acked yet: protected from the first
-            # committed epoch on, as the agents' notifications and
-            # Nova's ft_status count it
-            protection = Protection.SYNCING
+        # protected from the first committed epoch on, as the agents'
+        # notifications and Nova's ft_status count it
+        protection = Protection.of(status.counted_state)
         reason = status.reason
     primary, secondary = server.host, status.peer
     if status.role is Role.SECONDARY:

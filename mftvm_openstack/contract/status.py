@@ -104,3 +104,16 @@ class InstanceStatus(Record):
     instance: str = ''
     host: str = ''
     peer: Optional[str] = None
+
+    @property
+    def counted_state(self) -> State:
+        """The state as everyone outside the pair counts it: protected
+        from the first committed epoch on (the agent's protect call
+        answers then too), syncing before it::
+
+            >>> InstanceStatus(Role.PRIMARY, State.PROTECTED).counted_state
+            <State.SYNCING: 'syncing'>
+        """
+        if self.state is State.PROTECTED and self.last_committed_epoch < 1:
+            return State.SYNCING
+        return self.state

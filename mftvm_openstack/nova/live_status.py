@@ -81,7 +81,7 @@ def judge(recorded: str, secondary: Optional[str],
     """
     if live is None or live.alive is False or live.role is not Role.PRIMARY:
         return Verdict()
-    if live.state is State.PROTECTED and live.last_committed_epoch >= 1:
+    if live.counted_state is State.PROTECTED:
         if secondary is not None and live.peer and live.peer != secondary:
             # the agent protects onto a host of its own choosing ([agent]
             # peers): the one Nova holds serves nobody
