@@ -8,14 +8,21 @@ the image itself, and the image must only ever hold committed epochs.
 """
 
 import asyncio
+import dataclasses
+import glob
 import json
 import os
+import random
 import subprocess
 import tempfile
 
+from mftvm_openstack.contract.states import State
 from mftvm_openstack.contract.volume import SharedDisk
 from mftvm_openstack.ft import disk, shared_image, vm, volume
 from mftvm_openstack.ft.monitor import QMPMonitor
+from mftvm_openstack.images import workload
+from mftvm_openstack.local import operations
+from tests.functional import base
 from tests.functional.test_disk import CHUNK, DiskTestCase, expect
 
 MiB = 1 << 20
@@ -229,3 +236,58 @@ class SharedVolumeTest(DiskTestCase):
 
 class SharedVolumeWriteReplicationTest(SharedVolumeTest):
     SYNC = disk.WriteReplication
+
+
+class SharedDiskProtectionTest(base.GuestTestCase):
+    """The instance processes protect a guest whose disk is a shared
+    image file (``GuestSpec.shared``: both "hosts" see it at one path):
+    the primary's QEMU is killed, and the secondary resumes on the image
+    itself, which held committed epochs only."""
+
+    def test_failover_resumes_on_the_image_with_committed_epochs_only(self):
+        name = 'sv'
+        image = self.make_disk()
+        spec = dataclasses.replace(operations.make_spec(
+            name, self.image.kernel, self.image.initrd, image,
+            append='console=ttyS0 quiet mftvm.run=writer,counter '
+                   'mftvm.writer_interval_ms=20',
+            memory_mib=128,
+            nic=f'user,hostfwd=tcp:127.0.0.1:{self.port}-:7000'),
+            shared=True)
+        self.addCleanup(self._stop_guest, name)
+        gdir = operations.protect(spec, operations.ProtectOptions(
+            epoch_ms=200), self.state_dir)
+        last = self.wait_counter(gdir)
+        last = self.talk(last, random.uniform(3, 5))
+        prim = self.side(name, 'primary')
+        self.assertEqual(State.PROTECTED, prim['state'])
+        # The guest writes its buffer, not the image.
+        buffer = os.path.join(gdir, 'primary', 'buffer', 'vbuf0.qcow2')
+        self.assertTrue(os.path.exists(buffer))
+        # The secondary's store is on the image: no local base replica.
+        self.assertFalse(os.path.exists(os.path.join(
+            gdir, 'secondary', 'disk', 'base.raw')))
+        self.kill_and_ask(prim['qemu_pid'], last)
+        sec = self.wait_active(name)
+        # Restored onto the image, the committed overlays merged into it:
+        # the guest runs on the image itself, the overlay files gone.
+        self.assertEqual(1, len(sec['disk_layers']))
+        self.assertTrue(shared_image.is_chain_filename(
+            sec['disk_layers'][0][0]))
+        self.assertEqual(image, json.loads(
+            sec['disk_layers'][0][0][5:])['filename'])
+        self.assertEqual([], glob.glob(os.path.join(
+            gdir, 'secondary', 'disk', '*.qcow2')))
+        # The dead primary's buffer (it holds what never committed) is
+        # dropped, never merged into the image.
+        base.wait_for(lambda: not os.path.exists(buffer), 10,
+                      what='the dead primary\'s buffer dropped')
+        serial = os.path.join(gdir, 'secondary', 'serial.log')
+        base.wait_for(lambda: len(workload.serial_acks(
+            workload.read_text(serial))) >= 5, 30, what='ACKs after failover')
+        operations.stop(self.state_dir, name)
+        text = workload.read_text(serial)
+        # The image alone: no record from after the committed epoch (the
+        # writer found none of its next slots written: no FUTURE), its
+        # chain intact, and the guest's ACKs continue it there.
+        base.assert_acks_continue_chain(self, text, [(image, 'raw')])
