@@ -143,10 +143,10 @@ class VolumeBuffer:
         key = shared_image.secret_object(shared, 'k0')
         objects = [] if key is None else [
             '--object', f'secret,id=k0,file={key["file"]},format=base64']
-        backing = 'json:' + json.dumps({'file': shared_image.
-                                        protocol_blockdev(
-                                            shared, 'image',
-                                            None if key is None else 'k0')})
+        image = shared_image.protocol_blockdev(
+            shared, 'image', None if key is None else 'k0')
+        image.pop('node-name')
+        backing = 'json:' + json.dumps({'file': image})
         for argv in (['qemu-img', 'rebase', *objects, '-u', '-F', 'raw',
                       '-b', backing, self.path],
                      ['qemu-img', 'commit', *objects, '-d', self.path]):

@@ -88,6 +88,9 @@ class GuestProtector:
         #: :meth:`mirrored_node`)
         self.buffers: dict[int, VolumeBuffer] = {}
         self._buffered: Optional[RunningGuest] = None
+        #: the last protection's disk sync (a stop leaves it running: the
+        #: guest goes anyway; a buffer is merged only once it stopped)
+        self._sync: Optional[ft_disk.DiskSync | ft_disks.DiskSyncs] = None
 
     @property
     def tls_dir(self) -> Optional[str]:
@@ -230,6 +233,7 @@ class GuestProtector:
             await self._drop_creds(creds)
             raise
         sync.on_failure = lost
+        self._sync = sync
 
         async def close() -> None:
             await relay.close()
@@ -280,6 +284,16 @@ class GuestProtector:
         shared = shared_image.spec_shared_disks(self.spec)
         guest, buffers = self._buffered, self.buffers
         self.buffers, self._buffered = {}, None
+        sync, self._sync = self._sync, None
+        if buffers and running and sync is not None:
+            # its mirror sits on the buffer, which must be the guest's
+            # root node to be merged
+            try:
+                await sync.stop()
+            except Exception as exc:
+                LOG.error('the disk sync did not stop (%s): the buffers '
+                          'are kept', exc)
+                return
         for i, buffer in sorted(buffers.items()):
             try:
                 if running:

@@ -20,7 +20,7 @@ from mftvm_openstack.contract.states import State
 from mftvm_openstack.contract.volume import SharedDisk
 from mftvm_openstack.ft import disk, shared_image, vm, volume
 from mftvm_openstack.ft.monitor import QMPMonitor
-from mftvm_openstack.images import workload
+from mftvm_openstack.images import records, workload
 from mftvm_openstack.local import operations
 from tests.functional import base
 from tests.functional.test_disk import CHUNK, DiskTestCase, expect
@@ -291,3 +291,75 @@ class SharedDiskProtectionTest(base.GuestTestCase):
         # writer found none of its next slots written: no FUTURE), its
         # chain intact, and the guest's ACKs continue it there.
         base.assert_acks_continue_chain(self, text, [(image, 'raw')])
+
+    def test_a_stopped_guest_leaves_every_write_in_the_image(self):
+        # Stopped here, with nobody to resume it: the buffer (every write
+        # since protection) is merged into the image, which alone then
+        # holds every record the guest wrote.
+        name = 'sw'
+        image = self.make_disk()
+        spec = dataclasses.replace(operations.make_spec(
+            name, self.image.kernel, self.image.initrd, image,
+            append='console=ttyS0 quiet mftvm.run=writer,counter '
+                   'mftvm.writer_interval_ms=20',
+            memory_mib=128,
+            nic=f'user,hostfwd=tcp:127.0.0.1:{self.port}-:7000'),
+            shared=True)
+        self.addCleanup(self._stop_guest, name)
+        gdir = operations.protect(spec, operations.ProtectOptions(
+            epoch_ms=200), self.state_dir)
+        self.talk(self.wait_counter(gdir), 2)
+        serial = os.path.join(gdir, 'primary', 'serial.log')
+        base.wait_for(lambda: len(workload.serial_acks(
+            workload.read_text(serial))) >= 20, 30, what='20 ACKs')
+        operations.stop(self.state_dir, name)
+        acks = workload.serial_acks(workload.read_text(serial))
+        on_image = workload.disk_records([(image, 'raw')])
+        last = records.verify_chain(on_image)
+        self.assertEqual(acks[-1][0], last)
+        for seq, digest in acks:
+            self.assertEqual(digest, on_image[seq].hash.hex())
+        self.assertFalse(os.path.exists(os.path.join(
+            gdir, 'primary', 'buffer', 'vbuf0.qcow2')))
+
+
+class BufferAfterQemuTest(DiskTestCase):
+    """A guest whose QEMU ended (powered off, or died unprotected) with
+    writes in its buffer: they are merged into the image offline."""
+
+    SIZE = SIZE
+    make_shared = SharedVolumeTest.make_shared
+    image = SharedVolumeTest.image
+
+    def setUp(self):
+        super().setUp()
+        self.shared = self.make_shared()
+
+    def test_the_buffer_is_merged_into_the_image_by_qemu_img(self):
+        self.run_async(self._offline())
+        image = self.image()
+        self.assertTrue(expect(image, 0, 0x11))
+        self.assertTrue(expect(image, 1 * MiB, 0xa1))
+        self.assertTrue(expect(image, 2 * MiB, 0xa2))
+
+    async def _offline(self):
+        guest = SharedGuest(self.tmp, self.shared)
+        try:
+            await guest.start()
+            buffer = volume.VolumeBuffer(guest.monitor, 'disk0',
+                                         os.path.join(self.tmp, 'buf'),
+                                         self.SIZE)
+            await buffer.insulate()
+            await guest.write(0xa1, 1 * MiB)
+            await guest.write(0xa2, 2 * MiB)
+            # (what a guest that powers off does: a QEMU killed before
+            # keeps unflushed qcow2 metadata, writes never acknowledged
+            # as durable)
+            await guest.monitor.execute('human-monitor-command', **{
+                'command-line': 'qemu-io -d /machine/peripheral/vd0/'
+                                'virtio-backend "flush"'})
+            self.assertTrue(expect(self.image(), 1 * MiB, 0))
+        finally:
+            await guest.close()
+        await buffer.commit_offline(self.shared)
+        self.assertFalse(os.path.exists(buffer.path))
