@@ -85,7 +85,7 @@ class GuestProtector:
         self._boot_data: list[bytes] = []
         #: the buffers over the guest's shared disks, by disk index, and
         #: the guest they belong to (kept across protections: see
-        #: :meth:`mirrored_node`)
+        #: :meth:`disk_sync`)
         self.buffers: dict[int, VolumeBuffer] = {}
         self._buffered: Optional[RunningGuest] = None
         #: the last protection's disk sync (a stop leaves it running: the

@@ -173,6 +173,9 @@ class SecondarySide(Side):
         finally:
             server.close()
         if machine.state == State.ACTIVE and self.guest is not None:
+            # The guest runs (the takeover's stamps are taken); before it
+            # can be protected again, its shared disks become whole.
+            await self._merge_shared_down(self.guest)
             # We are the primary now, unprotected until a protect op.
             primary = pair.PrimaryPair.took_over(
                 machine, self.guest.process, self.guest.monitor,
@@ -435,5 +438,4 @@ class SecondarySide(Side):
         # A shared disk runs on the image under the committed overlays
         # not merged into it yet (none: on the image itself).
         guest.shared = {i: len(chains[i]) == 1 for i in guest.shared}
-        await self._merge_shared_down(guest)
         return guest

@@ -268,10 +268,13 @@ class SharedDiskProtectionTest(base.GuestTestCase):
         self.assertFalse(os.path.exists(os.path.join(
             gdir, 'secondary', 'disk', 'base.raw')))
         self.kill_and_ask(prim['qemu_pid'], last)
-        sec = self.wait_active(name)
-        # Restored onto the image, the committed overlays merged into it:
-        # the guest runs on the image itself, the overlay files gone.
-        self.assertEqual(1, len(sec['disk_layers']))
+        self.wait_active(name)
+        # Restored onto the image, the committed overlays merged into it
+        # (once it runs): the guest runs on the image itself, the overlay
+        # files gone.
+        sec = base.wait_for(
+            lambda: len((s := self.side(name, 'secondary'))['disk_layers'])
+            == 1 and s, 30, what='the committed epochs merged down')
         self.assertTrue(shared_image.is_chain_filename(
             sec['disk_layers'][0][0]))
         self.assertEqual(image, json.loads(

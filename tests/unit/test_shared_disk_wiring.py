@@ -4,6 +4,7 @@ HELLO's names (from a peer: typed, checked, and never a path), the
 guest's QEMU opening the image, the primary's buffer and the secondary's
 store on the image (real QEMU: tests/functional/test_shared_volume)."""
 
+import asyncio
 import json
 import os
 import tempfile
@@ -286,3 +287,68 @@ class AgentSharedDiskTest(testtools.TestCase):
                                'g', spec(disk='/etc/shadow'),
                                ProtectionOptions(), 'hv2')
 
+
+
+class MergeDownTest(unittest.IsolatedAsyncioTestCase):
+    """After a failover the restored guest's committed overlays are
+    merged into the shared image: the guest then runs on the image."""
+
+    async def asyncSetUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        write_guest(tmp.name, spec(shared=True))
+        self.side = SecondarySide(tmp.name)
+        self.overlays = []
+        for n in (3, 4):
+            path = os.path.join(tmp.name, f'ov-{n}.qcow2')
+            open(path, 'wb').close()
+            self.overlays.append((path, 'qcow2'))
+        self.image = (shared_image.chain_filename(
+            SharedDisk(driver='file', path='/v/g.raw')), 'raw')
+        self.side.disk_layers = [self.image, *self.overlays]
+        self.mon = FakeMonitor()
+        self.guest = own_guest(spec(shared=True), mock.Mock(pid=1),
+                               self.mon, '/r')
+        self.guest.shared = {0: False}
+
+    def jobs_end(self, error=None):
+        execute = self.mon.execute
+
+        async def watched(command, **args):
+            result = await execute(command, **args)
+            loop = asyncio.get_running_loop()
+            if command == 'block-commit':
+                loop.call_soon(self.mon.set_job, args['job-id'],
+                               'concluded' if error else 'ready', error)
+            if command == 'block-job-complete':
+                loop.call_soon(self.mon.set_job, args['device'],
+                               'concluded')
+            return result
+        self.mon.execute = watched
+
+    async def test_the_overlays_are_merged_and_go(self):
+        self.jobs_end()
+        await self.side._merge_shared_down(self.guest)
+        commit = self.mon.args('block-commit')[0]
+        self.assertEqual(('disk0', 'disk0', 'disk0-l0'),
+                         (commit['device'], commit['top-node'],
+                          commit['base-node']))
+        self.assertIn('block-job-complete', self.mon.names())
+        self.assertEqual([self.image], self.side.disk_layers)
+        self.assertEqual({0: True}, self.guest.shared)
+        for path, _ in self.overlays:
+            self.assertFalse(os.path.exists(path))
+
+    async def test_a_failed_merge_leaves_the_guest_on_its_chain(self):
+        self.jobs_end(error='EIO')
+        await self.side._merge_shared_down(self.guest)
+        self.assertEqual([self.image, *self.overlays],
+                         self.side.disk_layers)
+        self.assertEqual({0: False}, self.guest.shared)
+        for path, _ in self.overlays:
+            self.assertTrue(os.path.exists(path))
+
+    async def test_a_guest_on_the_image_is_left_alone(self):
+        self.guest.shared = {0: True}
+        await self.side._merge_shared_down(self.guest)
+        self.assertEqual([], self.mon.calls)
