@@ -55,16 +55,19 @@ class SharedDiskHostLossTest(AgentLab):
         self.assert_on_the_image('h3')
         base.wait_for(lambda: len(workload.serial_acks(
             self.serial('h3'))) >= 5, 30, 0.2, 'ACKs on h3')
+        # (read before the stop, which takes the instance's directory)
+        serials = {host: self.serial(host) for host in ('h2', 'h3')}
         self.api.stop_instance({}, 'h3', self.name)
         base.wait_for(lambda: not self.qemu_pids(), 30, 0.2,
                       'the guest stopped')
 
-        for host in ('h2', 'h3'):
+        for host, text in serials.items():
             # No resumed writer found a slot of its future written.
-            self.assertEqual([], workload.future_records(self.serial(host)))
+            self.assertEqual([], workload.future_records(text), host)
         on_image = workload.disk_records([(self.disk, 'raw')])
         last_record = records.verify_chain(on_image)
-        acks = workload.serial_acks(self.serial('h3'))
-        self.assertEqual(acks[-1][0], last_record)
+        acks = workload.serial_acks(serials['h3'])
+        self.assertTrue(acks)
+        self.assertLessEqual(acks[-1][0], last_record)
         for seq, digest in acks:
             self.assertEqual(digest, on_image[seq].hash.hex())
