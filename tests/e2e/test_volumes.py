@@ -345,12 +345,15 @@ class BufferAfterQemuOnRbdTest(lab.LabTestCase,
     the key given as a secret object from its key file)."""
 
     SIZE = SharedVolumeOnRbdTest.SIZE
-    run_async = SharedVolumeOnRbdTest.run_async
     make_shared = SharedVolumeOnRbdTest.make_shared
     secret = SharedVolumeOnRbdTest.secret
     qemu_io = SharedVolumeOnRbdTest.qemu_io
     image_opts = staticmethod(SharedVolumeOnRbdTest.image_opts)
     image = SharedVolumeOnRbdTest.image
+
+    def run_async(self, coro, timeout=120):
+        # (Ceph on this machine answers slower than a local file)
+        return super().run_async(coro, timeout)
 
 
 if __name__ == '__main__':
