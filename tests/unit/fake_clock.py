@@ -61,6 +61,10 @@ class FakeClock:
             # Let a cancelled awaitable run its cleanup before we return.
             await asyncio.gather(task, timer, return_exceptions=True)
 
+    def waiting(self):
+        """How many sleeps and timeouts wait for virtual time now."""
+        return sum(1 for _, _, fut in self._timers if not fut.done())
+
     async def advance(self, seconds):
         """Move time ``seconds`` on, firing the timers due meanwhile."""
         end = self.now + seconds

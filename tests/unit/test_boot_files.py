@@ -158,6 +158,9 @@ class SecondaryReceivesBootFilesTest(unittest.IsolatedAsyncioTestCase):
     async def test_a_primary_that_never_sends_them_is_refused(self):
         chan = await self.handshake(*frames_after(boot_hello(), KERNEL),
                                     answer=False)
+        # The kernel is written in a worker thread, in real time; only
+        # then does the wait for the initrd start on the fake clock.
+        await until(lambda: self.clock.waiting())
         self.assertEqual([], chan.kinds())
         with self.assertLogs('mftvm_openstack.ft.pair', 'ERROR'):
             await self.clock.advance(self.machine.hello_timeout + 1)
