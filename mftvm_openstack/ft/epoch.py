@@ -276,6 +276,9 @@ class ReplicaImage:
         self.damaged: Optional[str] = None
         #: device-state files staged and not installed yet
         self._pending: set[str] = set()
+        #: why an install failed (None: none did); ``damaged`` also names
+        #: an install under way
+        self._broken: Optional[str] = None
         fd = create_ram_file(ram_file, size, what)
         try:
             self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
@@ -290,8 +293,12 @@ class ReplicaImage:
 
     def stage(self, epoch: int, devstate: bytes, delta: RamDelta) -> Staged:
         """Check checkpoint ``epoch`` against the image and write its
-        device state to a file of its own; the image is not touched."""
-        self.check_whole()
+        device state to a file of its own; the image is not touched.
+
+        It may run while an earlier epoch installs (``damaged`` names
+        that one meanwhile): only an install that failed refuses it."""
+        if self._broken is not None:
+            raise ReplicaDamaged(f'the replica is unusable: {self._broken}')
         if epoch < self.staged:
             raise ValueError(f'checkpoint {epoch} after checkpoint '
                              f'{self.staged}: epochs must not go back')
@@ -321,9 +328,10 @@ class ReplicaImage:
         try:
             self._pages[staged.delta.indices] = staged.delta.pages
         except BaseException as exc:
-            self.damaged = (f'applying checkpoint {staged.epoch} failed '
-                            f'after its first RAM pages were written over '
-                            f'epoch {self.committed}: {exc!r}')
+            self.damaged = self._broken = (
+                f'applying checkpoint {staged.epoch} failed after its '
+                f'first RAM pages were written over epoch '
+                f'{self.committed}: {exc!r}')
             raise
         previous, self.devstate_path = self.devstate_path, \
             staged.devstate_path

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from unittest import mock
 
 import fixtures
@@ -194,6 +195,43 @@ class ReplicaApplyTest(testtools.TestCase):
                                      self.replica.damaged))
         self.assertEqual(b'\x02' * 16 * PAGE_SIZE, self.ram())
         self.assertEqual(b'dev-2', self.devstate())
+
+    def test_the_next_epoch_stages_while_one_installs(self):
+        # The ACK comes before the install, so the next checkpoint is
+        # staged while the last one is still going in (the first one,
+        # all of RAM, takes a while). Staging refused it: it read the
+        # install under way as a damaged image, and the secondary gave
+        # up (seen in the disk-rate benchmark: "applying checkpoint 2
+        # failed: the replica is unusable: checkpoint 1 was cut short").
+        copying, go_on = threading.Event(), threading.Event()
+
+        class Slow:
+            """Pages that take until ``go_on`` to copy."""
+
+            shape = (16, PAGE_SIZE)
+
+            def __array__(self, *args, **kwargs):
+                copying.set()
+                go_on.wait(10)
+                return np.full(self.shape, 2, np.uint8)
+        staged = self.replica.stage(2, b'dev-2', RamDelta(
+            np.arange(16, dtype=np.uint32), Slow()))
+        installing = threading.Thread(target=self.replica.install,
+                                      args=(staged,))
+        installing.start()
+        self.addCleanup(installing.join, 10)
+        self.addCleanup(go_on.set)
+        self.assertTrue(copying.wait(10))
+        self.assertIsNotNone(self.replica.damaged)      # under way
+        third = self.replica.stage(3, b'dev-3', delta_of(16, 3))
+        go_on.set()
+        installing.join(10)
+        self.assertEqual((2, None), (self.replica.committed,
+                                     self.replica.damaged))
+        self.replica.install(third)
+        self.assertEqual(3, self.replica.committed)
+        self.assertEqual(b'\x03' * 16 * PAGE_SIZE, self.ram())
+        self.assertEqual(b'dev-3', self.devstate())
 
     def test_staging_checks_the_checkpoint_before_it_is_acked(self):
         staged = self.replica.stage(2, b'dev-2', delta_of(1, 2))
