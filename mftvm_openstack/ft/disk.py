@@ -977,17 +977,67 @@ class AsyncReplication(WriteReplication):
     node too: a mirror write after it would abort QEMU).
     The pause grows by the tail of the epoch's writes; guest writes no
     longer wait for the network.
+
+    **Back-pressure.** A guest that writes faster than the replica path
+    takes leaves the mirror a backlog that grows from epoch to epoch. So
+    the checkpoint holds the guest (it is stopped in the pause) as long
+    as the replica still takes writes, up to ``drain_timeout``, and gives
+    the replica up only when it takes nothing for ``stall_timeout``; and
+    each checkpoint paces the guest's writes to its drive
+    (``block_set_io_throttle``) by the backlog it found: one more than
+    twice what the replica takes in ``TARGET_DRAIN_S`` (at the rate it
+    drained in the pauses) lowers the write limit in proportion; a
+    backlog under half that raises it, and it is lifted once it is well
+    above what the replica takes. Stopping the sync lifts it.
     """
 
     COPY_MODE = 'background'
     GRANULARITY = 4096
+    #: the disk's part of a pause that pacing aims for
+    TARGET_DRAIN_S = 0.05
+    #: a backlog no larger than this never slows the guest
+    MIN_BACKLOG = 1 << 20
+    #: the least a paced guest may write per second
+    MIN_WRITE_BPS = 1 << 20
 
     def __init__(self, monitor: Monitor, node: str = 'disk0',
                  index: int = 0) -> None:
         super().__init__(monitor, node, index)
-        #: the longest a checkpoint waits for the replica to catch up
-        self.drain_timeout = 2.0
-        self._stats.update(last_drain_ms=None, max_drain_ms=None)
+        #: the longest a checkpoint holds the guest for the replica to
+        #: catch up
+        self.drain_timeout = 10.0
+        #: the longest it waits while the replica takes nothing at all
+        self.stall_timeout = 2.0
+        #: the guest's drive (its qdev), whose writes are paced; None:
+        #: not found, or it refused a limit (the guest is never paced)
+        self.device: Optional[str] = None
+        #: the guest's write limit in bytes/s (None: none)
+        self.write_limit: Optional[int] = None
+        #: what the replica takes, bytes/s, as measured in the pauses
+        self._rate: Optional[float] = None
+        self._stats.update(last_drain_ms=None, max_drain_ms=None,
+                           last_backlog=None, write_limit_bps=None,
+                           paced_epochs=0)
+
+    async def start(self, target: NbdTarget) -> None:
+        # (before the mirror puts its filter node above ours)
+        self.device = await self._guest_device()
+        await super().start(target)
+
+    async def _guest_device(self) -> Optional[str]:
+        """The device whose drive's root is our node, or None."""
+        try:
+            backends = await self.monitor.execute('query-block')
+        except MonitorError as exc:
+            LOG.warning('the guest\'s writes cannot be paced: %s', exc)
+            return None
+        for backend in backends if isinstance(backends, list) else ():
+            inserted = backend.get('inserted') or {}
+            if inserted.get('node-name') == self.node and backend.get('qdev'):
+                return str(backend['qdev'])
+        LOG.info('no device on %s: the guest\'s writes are not paced',
+                 self.node)
+        return None
 
     async def checkpoint(self, epoch: int) -> None:
         await super().checkpoint(epoch)
@@ -995,7 +1045,8 @@ class AsyncReplication(WriteReplication):
         # Setting the speed wakes a job that sleeps between iterations.
         await self.monitor.execute('block-job-set-speed', device=self.JOB,
                                    speed=0)
-        deadline = t0 + self.drain_timeout
+        backlog: Optional[int] = None
+        least, taking = None, t0
         # QEMU announces no drained mirror (BLOCK_JOB_READY comes once, at
         # the first convergence): poll, a millisecond apart, in the pause.
         while True:
@@ -1008,17 +1059,82 @@ class AsyncReplication(WriteReplication):
                 raise DiskError(f'epoch {epoch}: disk replication failed: '
                                 f'{self.failure}')
             # len - offset: bytes dirty or in flight (QEMU counts both)
-            if job['len'] == job['offset']:
+            left = int(job['len']) - int(job['offset'])
+            if backlog is None:
+                backlog = left
+            if left <= 0:
                 break
-            if time.perf_counter() > deadline:
+            now = time.perf_counter()
+            if least is None or left < least:
+                least, taking = left, now
+            if now - t0 > self.drain_timeout:
                 self._fail(f'the replica did not catch up within '
                            f'{self.drain_timeout:.1f}s')
                 raise DiskError(f'epoch {epoch}: {self.failure}')
+            if now - taking > self.stall_timeout:
+                self._fail(f'the replica did not catch up: it took no '
+                           f'write for {self.stall_timeout:.1f}s')
+                raise DiskError(f'epoch {epoch}: {self.failure}')
             await asyncio.sleep(0.001)
-        ms = (time.perf_counter() - t0) * 1000
+        took = time.perf_counter() - t0
+        ms = took * 1000
         self._stats['last_drain_ms'] = round(ms, 2)
         self._stats['max_drain_ms'] = round(
             max(ms, self._stats['max_drain_ms'] or 0), 2)
+        self._stats['last_backlog'] = backlog
+        await self._pace(backlog or 0, took)
+
+    async def _pace(self, backlog: int, took: float) -> None:
+        """Set the guest's write limit by the backlog this pause found."""
+        if backlog >= self.MIN_BACKLOG and took > 0:
+            rate = backlog / took
+            self._rate = rate if self._rate is None \
+                else (self._rate + rate) / 2
+        if self.device is None or self._rate is None:
+            return
+        target = max(self.MIN_BACKLOG, self._rate * self.TARGET_DRAIN_S)
+        limit = self.write_limit
+        new: Optional[int]
+        if backlog > 2 * target:
+            # In proportion to how far behind the replica is (at most 4×
+            # slower at once, so that one burst does not stall the guest).
+            base = limit if limit is not None else self._rate
+            new = max(self.MIN_WRITE_BPS,
+                      int(base * max(0.25, target / backlog)))
+        elif limit is not None and backlog < target / 2:
+            new = limit * 2
+            if new >= 4 * self._rate:
+                new = None          # caught up: writes go at their pace
+        else:
+            return
+        if new != limit:
+            await self._set_write_limit(new)
+        if self.write_limit is not None:
+            self._stats['paced_epochs'] += 1
+
+    async def _set_write_limit(self, limit: Optional[int]) -> None:
+        assert self.device is not None
+        try:
+            await self.monitor.execute(
+                'block_set_io_throttle', id=self.device, bps=0, bps_rd=0,
+                bps_wr=limit or 0, iops=0, iops_rd=0, iops_wr=0)
+        except MonitorError as exc:
+            LOG.warning('cannot pace the guest\'s writes to %s: %s',
+                        self.device, exc)
+            self.device = None
+            return
+        LOG.info('guest writes to %s: %s', self.device,
+                 'no limit' if limit is None
+                 else f'at most {limit / 2**20:.1f} MiB/s')
+        self.write_limit = limit
+        self._stats['write_limit_bps'] = limit
+
+    async def _stop(self) -> None:
+        # The guest runs on unprotected, or is stopped: at its own pace.
+        if self.write_limit is not None and self.device is not None:
+            with contextlib.suppress(MonitorError):
+                await self._set_write_limit(None)
+        await super()._stop()
 
 
 class BlockCopy(DiskSync):

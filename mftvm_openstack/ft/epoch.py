@@ -218,35 +218,67 @@ class ReplicaDamaged(Exception):
     """The replica holds part of an epoch: it must never be resumed."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Staged:
+    """A checkpoint received whole and held where a failover will use it:
+    its device state in its own file, its RAM pages in memory, checked
+    against the image (:meth:`ReplicaImage.stage`)."""
+
+    epoch: int
+    devstate_path: str
+    delta: RamDelta
+
+
 class ReplicaImage:
     """The secondary's copy of guest RAM and device state.
 
-    ``apply`` takes a whole checkpoint at once (it has already been
-    received in full), and ``committed`` names an epoch only once its RAM
-    pages *and* its device state are both in place. Its steps, in the
-    order that keeps the image whole:
+    A checkpoint goes in in two steps, so that the secondary can
+    acknowledge it as soon as it is held for good (``stage``) and apply
+    it after the ACK (``install``)::
 
-    1. the device state goes to a staging file beside the current one
-       (the one write that can find its disk full: if it fails, nothing
-       of the replica has changed, it is still ``committed``);
-    2. the RAM pages are written (the RAM file is allocated in full at
-       creation, so these writes cannot fail for want of space);
-    3. the staging file replaces the device state (a rename).
+        staged = replica.stage(epoch, devstate, delta)   # may fail: no ACK
+        ... send ACK epoch ...
+        replica.install(staged)                         # cannot fail for
+                                                        # want of anything
 
-    From the first page of step 2 until step 3 is done, ``damaged`` says
-    which epoch is half in; an apply that fails there leaves it set, and
+    ``stage`` does everything that can fail: it checks the image is whole,
+    the epoch no older than any staged, every page inside guest RAM, and
+    writes the device state to a file of its own
+    (``devstate-<epoch>.bin``; the one write that can find its disk
+    full). The image is not touched: after a failed stage it is still
+    whole at ``committed``.
+
+    ``install`` only copies the pages into the RAM file (allocated in full
+    at creation, so no write can find it full) and then names the staged
+    file as :attr:`devstate_path`: no system call that could fail stands
+    between the ACK and the epoch's being whole, and the previous epoch's
+    file is removed only after (a failure there loses nothing).
+    ``committed`` names an epoch only once its RAM pages and its device
+    state are both in place. From the first page until then, ``damaged``
+    says which epoch is half in; an install cut short leaves it set, and
     the image is never resumed (:meth:`check_whole`), rather than a guest
     run from the RAM of two epochs.
+
+    ``apply`` is both steps at once.
     """
 
     def __init__(self, ram_file: str, size: int, workdir: str,
                  what: str = 'the replica of guest RAM') -> None:
         self.ram_file = ram_file
         self.size = size
+        #: the device state of epoch ``committed`` (staged files go beside
+        #: it)
         self.devstate_path = os.path.join(workdir, 'devstate.bin')
         self.committed = 0
+        #: the newest epoch staged (installed or not)
+        self.staged = 0
         #: why the image mixes two epochs (None: it is whole)
         self.damaged: Optional[str] = None
+        #: device-state files staged and not installed yet
+        self._pending: set[str] = set()
+        #: why an install failed (None: none did); ``damaged`` also names
+        #: an install under way
+        self._broken: Optional[str] = None
         fd = create_ram_file(ram_file, size, what)
         try:
             self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
@@ -255,26 +287,63 @@ class ReplicaImage:
         self._pages = np.frombuffer(self._map, np.uint8).reshape(
             -1, PAGE_SIZE)
 
-    def apply(self, epoch: int, devstate: bytes, delta: RamDelta) -> None:
-        self.check_whole()
+    def _staged_path(self, epoch: int) -> str:
+        return os.path.join(os.path.dirname(self.devstate_path),
+                            f'devstate-{epoch}.bin')
+
+    def stage(self, epoch: int, devstate: bytes, delta: RamDelta) -> Staged:
+        """Check checkpoint ``epoch`` against the image and write its
+        device state to a file of its own; the image is not touched.
+
+        It may run while an earlier epoch installs (``damaged`` names
+        that one meanwhile): only an install that failed refuses it."""
+        if self._broken is not None:
+            raise ReplicaDamaged(f'the replica is unusable: {self._broken}')
+        if epoch < self.staged:
+            raise ValueError(f'checkpoint {epoch} after checkpoint '
+                             f'{self.staged}: epochs must not go back')
+        if delta.pages.shape != (len(delta.indices), PAGE_SIZE):
+            raise ValueError(f'checkpoint {epoch}: {len(delta.indices)} '
+                             f'page numbers for pages of shape '
+                             f'{delta.pages.shape}')
         if len(delta.indices) and int(delta.indices.max()) >= len(
                 self._pages):
             raise ValueError(f'checkpoint {epoch} writes beyond guest RAM')
-        staged = f'{self.devstate_path}.next'
-        write_private(staged, devstate)
-        self.damaged = (f'checkpoint {epoch} was cut short after its first '
-                        f'RAM pages were written over epoch '
+        path = self._staged_path(epoch)
+        write_private(path, devstate)
+        self._pending.add(path)
+        self.staged = epoch
+        return Staged(epoch, path, delta)
+
+    def install(self, staged: Staged) -> None:
+        """Make the staged epoch the image's: its pages, then its device
+        state. Epochs install in the order they were staged."""
+        self.check_whole()
+        if staged.epoch < self.committed:
+            raise ValueError(f'checkpoint {staged.epoch} installed after '
+                             f'checkpoint {self.committed}')
+        self.damaged = (f'checkpoint {staged.epoch} was cut short after its '
+                        f'first RAM pages were written over epoch '
                         f'{self.committed}')
         try:
-            self._pages[delta.indices] = delta.pages
-            os.replace(staged, self.devstate_path)
+            self._pages[staged.delta.indices] = staged.delta.pages
         except BaseException as exc:
-            self.damaged = (f'applying checkpoint {epoch} failed after its '
-                            f'first RAM pages were written over epoch '
-                            f'{self.committed}: {exc!r}')
+            self.damaged = self._broken = (
+                f'applying checkpoint {staged.epoch} failed after its '
+                f'first RAM pages were written over epoch '
+                f'{self.committed}: {exc!r}')
             raise
+        previous, self.devstate_path = self.devstate_path, \
+            staged.devstate_path
+        self._pending.discard(staged.devstate_path)
         self.damaged = None
-        self.committed = epoch
+        self.committed = staged.epoch
+        with contextlib.suppress(OSError):
+            os.unlink(previous)
+
+    def apply(self, epoch: int, devstate: bytes, delta: RamDelta) -> None:
+        """Stage and install checkpoint ``epoch`` at once."""
+        self.install(self.stage(epoch, devstate, delta))
 
     def check_whole(self) -> None:
         """ReplicaDamaged if the image mixes two epochs."""
@@ -282,8 +351,12 @@ class ReplicaImage:
             raise ReplicaDamaged(f'the replica is unusable: {self.damaged}')
 
     def close(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f'{self.devstate_path}.next')
+        """Unmap the RAM; remove staged device states that were never
+        installed (the committed one stays: the restore reads it)."""
+        for path in self._pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._pending.clear()
         self._pages = np.zeros((0, PAGE_SIZE), np.uint8)
         with contextlib.suppress(BufferError):
             self._map.close()

@@ -32,8 +32,6 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any, Optional
 
-# The guest's description is part of the contract (it crosses the agent's
-# RPC and guest.json); the engine uses it from there.
 from mftvm_openstack.contract.spec import (  # noqa: F401
     GuestDisk,
     GuestNic,
@@ -41,6 +39,10 @@ from mftvm_openstack.contract.spec import (  # noqa: F401
     HostForward,
 )
 from mftvm_openstack.ft import shared_image
+
+# The guest's description is part of the contract (it crosses the agent's
+# RPC and guest.json); the engine uses it from there.
+from mftvm_openstack.ft import log_bound
 
 QEMU_BINARY = 'qemu-system-x86_64'
 QSD_BINARY = 'qemu-storage-daemon'
@@ -332,21 +334,44 @@ def _die_with_parent() -> None:
 
 
 class ChildProcess:
-    """A QEMU (or qsd) owned by this host process; dies when it dies."""
+    """A QEMU (or qsd) owned by this host process; dies when it dies.
+
+    Its log, ``log_path``, is kept under ``log_limit`` bytes while it runs
+    (:mod:`.log_bound`): it is looked at every ``log_check_s`` seconds.
+    """
 
     def __init__(self, proc: asyncio.subprocess.Process, argv: list[str],
-                 log_path: str) -> None:
+                 log_path: str, log_limit: int = log_bound.LIMIT,
+                 log_check_s: float = 10.0) -> None:
         self.proc = proc
         self.argv = argv
         self.log_path = log_path
+        self.log_limit = log_limit
+        self._log_keeper = asyncio.ensure_future(
+            self._keep_log_bounded(log_check_s))
 
     @classmethod
-    async def start(cls, argv: list[str], log_path: str) -> ChildProcess:
+    async def start(cls, argv: list[str], log_path: str,
+                    log_limit: int = log_bound.LIMIT,
+                    log_check_s: float = 10.0) -> ChildProcess:
         with open(log_path, 'ab') as log:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 preexec_fn=_die_with_parent)
-        return cls(proc, argv, log_path)
+        return cls(proc, argv, log_path, log_limit, log_check_s)
+
+    async def _keep_log_bounded(self, every: float) -> None:
+        wait = asyncio.ensure_future(self.proc.wait())
+        try:
+            while not wait.done():
+                await asyncio.wait([wait], timeout=every)
+                try:
+                    await asyncio.to_thread(log_bound.cut_back,
+                                            self.log_path, self.log_limit)
+                except OSError:
+                    pass    # (its directory removed): nothing to bound
+        finally:
+            wait.cancel()
 
     @property
     def pid(self) -> int:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from unittest import mock
 
 import fixtures
@@ -146,16 +147,17 @@ class ReplicaApplyTest(testtools.TestCase):
         self.assertEqual(b'dev-1', self.devstate())
 
     def test_an_apply_that_fails_midway_marks_the_image_damaged(self):
-        real_replace = os.replace
+        class Unreadable:
+            """Pages that pass the checks and fail as they are copied
+            (the step after the image began to change)."""
 
-        def replace(src, dst):
-            # the step after the RAM pages: the device state put in place
-            if dst == self.replica.devstate_path:
+            shape = (16, PAGE_SIZE)
+
+            def __array__(self, *args, **kwargs):
                 raise OSError(5, 'Input/output error')
-            real_replace(src, dst)
-        with mock.patch('os.replace', side_effect=replace):
-            self.assertRaises(OSError, self.replica.apply, 2, b'dev-2',
-                              delta_of(16, 2))
+        pages = Unreadable()
+        self.assertRaises(OSError, self.replica.apply, 2, b'dev-2',
+                          RamDelta(np.arange(16, dtype=np.uint32), pages))
         self.assertEqual(1, self.replica.committed)
         self.assertIn('applying checkpoint 2 failed', self.replica.damaged)
         # Never resumed, never applied over.
@@ -164,13 +166,97 @@ class ReplicaApplyTest(testtools.TestCase):
                           b'dev-3', delta_of(1, 3))
 
     def test_a_whole_apply_commits(self):
+        first = self.replica.devstate_path
         self.replica.apply(2, b'dev-2', delta_of(16, 2))
         self.assertEqual((2, None), (self.replica.committed,
                                      self.replica.damaged))
         self.assertEqual(b'dev-2', self.devstate())
         self.assertEqual(b'\x02' * 16 * PAGE_SIZE, self.ram())
-        self.assertFalse(os.path.exists(self.replica.devstate_path
-                                        + '.next'))
+        # (the last epoch's device state is not kept)
+        self.assertFalse(os.path.exists(first))
+        self.assertEqual(['devstate-2.bin'], sorted(
+            f for f in os.listdir(self.workdir) if 'devstate' in f))
+
+    def test_a_staged_epoch_is_held_and_installs_with_no_room_left(self):
+        # What is acked must go in: staging writes everything that
+        # needs space; the install after the ACK needs none.
+        full = self.useFixture(SmallTmpfs(1 * MiB))
+        self.replica.devstate_path = os.path.join(full.path, 'devstate.bin')
+        self.replica.apply(1, b'dev-1', delta_of(16, 1))
+        staged = self.replica.stage(2, b'dev-2', delta_of(16, 2))
+        # Staged: nothing of the image changed yet.
+        self.assertEqual((1, None), (self.replica.committed,
+                                     self.replica.damaged))
+        self.assertEqual(b'\x01' * 16 * PAGE_SIZE, self.ram())
+        self.assertEqual(b'dev-1', self.devstate())
+        full.fill()
+        self.replica.install(staged)
+        self.assertEqual((2, None), (self.replica.committed,
+                                     self.replica.damaged))
+        self.assertEqual(b'\x02' * 16 * PAGE_SIZE, self.ram())
+        self.assertEqual(b'dev-2', self.devstate())
+
+    def test_the_next_epoch_stages_while_one_installs(self):
+        # The ACK comes before the install, so the next checkpoint is
+        # staged while the last one is still going in (the first one,
+        # all of RAM, takes a while). Staging refused it: it read the
+        # install under way as a damaged image, and the secondary gave
+        # up (seen in the disk-rate benchmark: "applying checkpoint 2
+        # failed: the replica is unusable: checkpoint 1 was cut short").
+        copying, go_on = threading.Event(), threading.Event()
+
+        class Slow:
+            """Pages that take until ``go_on`` to copy."""
+
+            shape = (16, PAGE_SIZE)
+
+            def __array__(self, *args, **kwargs):
+                copying.set()
+                go_on.wait(10)
+                return np.full(self.shape, 2, np.uint8)
+        staged = self.replica.stage(2, b'dev-2', RamDelta(
+            np.arange(16, dtype=np.uint32), Slow()))
+        installing = threading.Thread(target=self.replica.install,
+                                      args=(staged,))
+        installing.start()
+        self.addCleanup(installing.join, 10)
+        self.addCleanup(go_on.set)
+        self.assertTrue(copying.wait(10))
+        self.assertIsNotNone(self.replica.damaged)      # under way
+        third = self.replica.stage(3, b'dev-3', delta_of(16, 3))
+        go_on.set()
+        installing.join(10)
+        self.assertEqual((2, None), (self.replica.committed,
+                                     self.replica.damaged))
+        self.replica.install(third)
+        self.assertEqual(3, self.replica.committed)
+        self.assertEqual(b'\x03' * 16 * PAGE_SIZE, self.ram())
+        self.assertEqual(b'dev-3', self.devstate())
+
+    def test_staging_checks_the_checkpoint_before_it_is_acked(self):
+        staged = self.replica.stage(2, b'dev-2', delta_of(1, 2))
+        beyond = RamDelta(np.array([4 * MiB // PAGE_SIZE], np.uint32),
+                          np.zeros((1, PAGE_SIZE), np.uint8))
+        short = RamDelta(np.arange(2, dtype=np.uint32),
+                         np.zeros((1, PAGE_SIZE), np.uint8))
+        for epoch_, delta, error in (
+                (3, beyond, 'beyond guest RAM'),
+                (3, short, 'page numbers for pages of shape'),
+                (1, delta_of(1, 1), 'epochs must not go back')):
+            with self.subTest(error):
+                self.assertRaisesRegex(ValueError, error, self.replica.stage,
+                                       epoch_, b'dev', delta)
+        self.assertFalse(os.path.exists(
+            os.path.join(self.workdir, 'devstate-3.bin')))
+        self.replica.install(staged)
+        self.assertEqual(2, self.replica.committed)
+
+    def test_close_removes_what_was_staged_and_not_installed(self):
+        self.replica.stage(2, b'dev-2', delta_of(1, 2))
+        self.replica.stage(3, b'dev-3', delta_of(1, 3))
+        self.replica.close()
+        self.assertEqual(['devstate-1.bin'], sorted(
+            f for f in os.listdir(self.workdir) if 'devstate' in f))
 
 
 class AgentAdmissionTest(testtools.TestCase):

@@ -429,6 +429,47 @@ class BlockJobsMonitor(FakeMonitor):
         return await super().execute(command, **arguments)
 
 
+class ReplicaPathMonitor(BlockJobsMonitor):
+    """A replica path that takes ``step`` bytes per poll of the drain,
+    each poll taking ``poll_s`` (so a rate of about step / poll_s); the
+    guest's drive is ``vd0`` on node disk0, and records its write
+    limits."""
+
+    def __init__(self, step, poll_s=0.002):
+        super().__init__(remaining=0)
+        self.step = step
+        self.poll_s = poll_s
+        self.limits = []
+
+    async def execute(self, command, **arguments):
+        if command == 'query-block':
+            self.calls.append((command, arguments))
+            return [{'device': '', 'qdev': 'vd0',
+                     'inserted': {'node-name': 'disk0'}},
+                    {'device': 'cd', 'qdev': 'ide0', 'inserted': {
+                        'node-name': 'cdrom0'}}]
+        if command == 'block_set_io_throttle':
+            self.calls.append((command, arguments))
+            self.limits.append(arguments['bps_wr'])
+            return {}
+        if command == 'query-block-jobs' and self.woken:
+            await asyncio.sleep(self.poll_s)
+            remaining = self.remaining
+            self.remaining = max(0, self.remaining - self.step)
+            self.calls.append((command, arguments))
+            return [{'device': job['id'], 'status': job['status'],
+                     'len': 1 << 40, 'offset': (1 << 40) - remaining}
+                    for job in self.jobs.values()]
+        return await super().execute(command, **arguments)
+
+    async def epoch(self, sync, epoch, written):
+        """The guest wrote ``written`` bytes the mirror did not copy
+        during the epoch; the checkpoint drains them."""
+        self.remaining = written
+        self.woken = False
+        await sync.checkpoint(epoch)
+
+
 class TestAsyncReplication(testtools.TestCase):
 
     async def _started(self, mon):
@@ -479,6 +520,105 @@ class TestAsyncReplication(testtools.TestCase):
             with testtools.ExpectedException(disk.DiskError):
                 await sync.checkpoint(3)
             self.assertTrue(sync.failed.is_set())
+        run(scenario())
+
+    def test_a_replica_behind_paces_the_guests_writes_until_it_caught_up(
+            self):
+        # The mirror's backlog grew from epoch to epoch at a write rate
+        # the replica path could not take, until one pause could not
+        # drain it and the secondary was dropped.
+        async def scenario():
+            mon = ReplicaPathMonitor(step=1 << 20)
+            sync = await self._started(mon)
+            self.assertEqual('vd0', sync.device)
+            await mon.epoch(sync, 1, 64 << 20)       # far behind
+            self.assertEqual(1, len(mon.limits))
+            first = mon.limits[0]
+            self.assertGreaterEqual(first, disk.AsyncReplication
+                                    .MIN_WRITE_BPS)
+            self.assertEqual({'id': 'vd0', 'bps': 0, 'bps_rd': 0,
+                              'bps_wr': first, 'iops': 0, 'iops_rd': 0,
+                              'iops_wr': 0},
+                             mon.args('block_set_io_throttle')[0])
+            await mon.epoch(sync, 2, 64 << 20)       # still behind: slower
+            self.assertLess(mon.limits[-1], first)
+            self.assertEqual(mon.limits[-1], sync.write_limit)
+            # Caught up: the limit rises, then is lifted.
+            for epoch in range(3, 20):
+                await mon.epoch(sync, epoch, 0)
+                if sync.write_limit is None:
+                    break
+            self.assertIsNone(sync.write_limit)
+            self.assertEqual(0, mon.limits[-1])
+            rising = mon.limits[2:-1]
+            self.assertEqual(sorted(rising), rising)
+            self.assertFalse(sync.failed.is_set())
+            self.assertEqual(0, sync.stats()['write_limit_bps'] or 0)
+            await sync.stop()
+        run(scenario())
+
+    def test_stopping_lifts_the_write_limit(self):
+        async def scenario():
+            mon = ReplicaPathMonitor(step=1 << 20)
+            sync = await self._started(mon)
+            await mon.epoch(sync, 1, 64 << 20)
+            self.assertIsNotNone(sync.write_limit)
+            await sync.stop()
+            self.assertEqual(0, mon.limits[-1])
+            names = mon.names()
+            self.assertLess(names.index('block_set_io_throttle', 1),
+                            names.index('blockdev-del'))
+        run(scenario())
+
+    def test_a_slow_replica_holds_the_pause_rather_than_be_dropped(self):
+        # It still takes writes: the guest waits (it is stopped in the
+        # pause); the replica was given up after 2 s before.
+        async def scenario():
+            mon = ReplicaPathMonitor(step=4096, poll_s=0.01)
+            sync = await self._started(mon)
+            sync.stall_timeout = 0.5
+            # (300 polls of 10 ms: past the 2 s it was given before)
+            await mon.epoch(sync, 1, 300 * 4096)
+            self.assertFalse(sync.failed.is_set())
+            self.assertEqual(0, mon.remaining)
+            await sync.stop()
+        run(scenario())
+
+    def test_a_replica_that_takes_nothing_is_given_up(self):
+        async def scenario():
+            mon = ReplicaPathMonitor(step=0)
+            sync = await self._started(mon)
+            sync.stall_timeout = 0.05
+            reasons = []
+            sync.on_failure = reasons.append
+            with testtools.ExpectedException(disk.DiskError,
+                                             '.*took no write.*'):
+                await mon.epoch(sync, 1, 4096)
+            self.assertEqual(1, len(reasons))
+            self.assertIn('did not catch up', reasons[0])
+            await sync.stop()
+        run(scenario())
+
+    def test_a_drive_that_cannot_be_paced_is_replicated_all_the_same(self):
+        async def scenario():
+            mon = ReplicaPathMonitor(step=1 << 20)
+            mon.fail['block_set_io_throttle'] = 'no throttling here'
+            orig = mon.execute
+
+            async def execute(command, **arguments):
+                if command in mon.fail:
+                    mon.calls.append((command, arguments))
+                    raise MonitorError(mon.fail[command])
+                return await orig(command, **arguments)
+            mon.execute = execute
+            sync = await self._started(mon)
+            with self.assertLogs('mftvm_openstack.ft.disk', 'WARNING'):
+                await mon.epoch(sync, 1, 64 << 20)
+            self.assertIsNone(sync.device)
+            await mon.epoch(sync, 2, 64 << 20)
+            self.assertEqual(1, len(mon.args('block_set_io_throttle')))
+            self.assertFalse(sync.failed.is_set())
+            await sync.stop()
         run(scenario())
 
 

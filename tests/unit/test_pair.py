@@ -19,7 +19,7 @@ from mftvm_openstack.contract.hello import (
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
 from mftvm_openstack.ft import pair, transport
-from mftvm_openstack.ft.epoch import Checkpoint
+from mftvm_openstack.ft.epoch import Checkpoint, Staged
 from mftvm_openstack.ft.trackers import PAGE_SIZE, RamDelta
 from mftvm_openstack.ft.transport import Kind, Message
 from tests.unit.fake_clock import FakeClock, settle
@@ -1244,23 +1244,31 @@ class EpochPolicyTest(unittest.TestCase):
 
 
 class FakeReplica:
+    """Stages at once; installs (the part after the ACK) the second and
+    later epochs only once ``gate`` (a threading.Event) is set."""
+
     def __init__(self, gate=None):
         self.committed = 0
         self.damaged = None
+        self.staged = []
         self.applied = []
-        #: a threading.Event the second and later applies wait for
         self.gate = gate
 
-    def apply(self, epoch, devstate, delta):
-        if self.gate is not None and epoch > 1:
+    def stage(self, epoch, devstate, delta):
+        self.staged.append(epoch)
+        return Staged(epoch, f'/devstate-{epoch}', delta)
+
+    def install(self, staged):
+        if self.gate is not None and staged.epoch > 1:
             self.gate.wait(5)
-        self.applied.append(epoch)
-        self.committed = epoch
+        self.applied.append(staged.epoch)
+        self.committed = staged.epoch
 
 
 class FailingReplica(FakeReplica):
-    """Applies epoch 1; fails applying ``fail_at``: ``midway`` after some
-    of its RAM pages were written (the image is damaged), else before
+    """Takes epoch 1; fails on ``fail_at``: ``midway`` while installing
+    it, after some of its RAM pages were written (the image is damaged;
+    only a bug does this after the ACK), else while staging it, before
     anything was written (its device state found no space)."""
 
     def __init__(self, gate=None, fail_at=2, midway=True):
@@ -1268,14 +1276,37 @@ class FailingReplica(FakeReplica):
         self.fail_at = fail_at
         self.midway = midway
 
-    def apply(self, epoch, devstate, delta):
-        if self.gate is not None and epoch > 1:
-            self.gate.wait(5)
-        if epoch == self.fail_at:
-            if self.midway:
-                self.damaged = f'checkpoint {epoch} half written'
+    def stage(self, epoch, devstate, delta):
+        if epoch == self.fail_at and not self.midway:
+            if self.gate is not None:
+                self.gate.wait(5)
             raise OSError(28, 'No space left on device')
-        super().apply(epoch, devstate, delta)
+        return super().stage(epoch, devstate, delta)
+
+
+    def install(self, staged):
+        if self.gate is not None and staged.epoch > 1:
+            self.gate.wait(5)
+        if staged.epoch == self.fail_at:
+            self.damaged = f'checkpoint {staged.epoch} half written'
+            raise OSError(28, 'No space left on device')
+        super().install(staged)
+
+
+class LaggingReplica(FakeReplica):
+    """Fails to install ``fail_at`` without touching the image (only a
+    bug could): it stays whole, but behind the acked epoch."""
+
+    def __init__(self, gate=None, fail_at=2):
+        super().__init__(gate)
+        self.fail_at = fail_at
+
+    def install(self, staged):
+        if self.gate is not None and staged.epoch > 1:
+            self.gate.wait(5)
+        if staged.epoch == self.fail_at:
+            raise RuntimeError('a bug')
+        super().install(staged)
 
 
 class FakeStore:
@@ -1473,6 +1504,7 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         self.chan.inbox.put_nowait(Message(Kind.MARK, 1))
         self.chan.inbox.put_nowait(checkpoint_msg(1))
         await until(lambda: Kind.ACK in self.chan.kinds())
+        await until(lambda: ('commit', 1) in self.store.calls)
         self.assertEqual([('mark', 1), ('commit', 1)], self.store.calls)
         self.assertEqual([Kind.MARKED, Kind.ACK], self.chan.kinds())
         self.assertEqual([1], self.replica.applied)
@@ -1529,20 +1561,114 @@ class SecondaryPairTest(unittest.IsolatedAsyncioTestCase):
         for epoch in (1, 2, 3):
             self.chan.inbox.put_nowait(checkpoint_msg(epoch))
         self.chan.inbox.put_nowait(ConnectionError('gone'))
-        await until(lambda: self.machine.state == State.FAILING_OVER)
+        # (checkpoint 2 is staged, before its ACK, in the queue: the
+        # stream's end is queued behind it while it waits for room)
+        await until(lambda: self.chan.inbox.empty())
+        await settle()
         gate.set()
         # (the failover waits out what the primary may run on: our
         # detection time after we last heard it)
-        await self.clock.advance(5.0)
-        await self.finished()
+        with self.assertLogs('mftvm_openstack.ft.pair', 'ERROR'):
+            await self.clock.advance(5.0)
+            await self.finished()
         self.assertEqual([1], self.activated)
         self.assertEqual([1], replica.applied)
         self.assertEqual(State.ACTIVE, self.machine.state)
+        self.assertEqual([1], [m.epoch for m in self.chan.frames(Kind.ACK)])
+
+    async def test_a_checkpoint_is_acked_once_staged_and_applied_after(
+            self):
+        # The ACK used to wait for the RAM pages to be written and the
+        # disk epoch committed: that time was added to every commit the
+        # primary's output waits for.
+        gate = threading.Event()
+        await self.make(FakeReplica(gate))
+        self.addCleanup(gate.set)
+        self.chan.inbox.put_nowait(Message(Kind.MARK, 1))
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        self.chan.inbox.put_nowait(Message(Kind.MARK, 2))
+        self.chan.inbox.put_nowait(checkpoint_msg(2))
+        await until(lambda: len(self.chan.frames(Kind.ACK)) == 2)
+        # Acked, staged, not yet applied (its install waits at the gate).
+        self.assertEqual([1, 2], self.replica.staged)
+        self.assertEqual([1], self.replica.applied)
+        self.assertEqual(1, self.replica.committed)
+        self.assertEqual(2, self.machine.stats.committed)
+        self.assertNotIn(('commit', 2), self.store.calls)
+        gate.set()
+        await until(lambda: ('commit', 2) in self.store.calls)
+        self.assertEqual([1, 2], self.replica.applied)
+        # The disk epoch commits (and may merge) only once installed,
+        # in order.
+        self.assertEqual([('commit', 1), ('commit', 2)],
+                         [c for c in self.store.calls if c[0] == 'commit'])
+
+    async def test_a_failover_installs_every_acked_epoch_first(self):
+        gate = threading.Event()
+        await self.make(FakeReplica(gate))
+        self.addCleanup(gate.set)
+        for epoch in (1, 2, 3):
+            self.chan.inbox.put_nowait(checkpoint_msg(epoch))
+        await until(lambda: len(self.chan.frames(Kind.ACK)) == 3)
+        self.chan.inbox.put_nowait(ConnectionError('gone'))
+        await until(lambda: self.machine.state == State.FAILING_OVER)
+        await self.clock.advance(5.0)
+        # Epochs 2 and 3 are acked, not installed: nothing resumes yet.
+        self.assertEqual([], self.activated)
+        self.assertEqual(State.FAILING_OVER, self.machine.state)
+        gate.set()
+        await self.finished()
+        self.assertEqual([1, 2, 3], self.replica.applied)
+        self.assertEqual([3], self.activated)
+        self.assertEqual(State.ACTIVE, self.machine.state)
+
+    async def test_an_acked_epoch_that_did_not_go_in_is_never_resumed(
+            self):
+        # Resuming the epoch before it would take back output the
+        # primary released on the ACK: no guest, rather than a wrong one.
+        gate = threading.Event()
+        replica = LaggingReplica(gate, fail_at=2)
+        await self.make(replica)
+        self.addCleanup(gate.set)
+        self.chan.inbox.put_nowait(checkpoint_msg(1))
+        self.chan.inbox.put_nowait(checkpoint_msg(2))
+        await until(lambda: len(self.chan.frames(Kind.ACK)) == 2)
+        self.chan.inbox.put_nowait(ConnectionError('gone'))
+        await until(lambda: self.machine.state == State.FAILING_OVER)
+        gate.set()
+        with self.assertLogs('mftvm_openstack.ft.pair', 'ERROR'):
+            await self.clock.advance(5.0)
+            await self.finished()
+        self.assertEqual([], self.activated)
+        self.assertEqual(State.LOST, self.machine.state)
+        self.assertEqual(1, replica.committed)
+        self.assertIn('acked epoch 2 did not go in',
+                      self.machine.stats.reason)
+
+    async def test_installs_that_fall_behind_hold_the_next_ack(self):
+        # The staged epochs' RAM pages wait in memory: at most
+        # MAX_STAGED of them wait to be installed.
+        gate = threading.Event()
+        await self.make(FakeReplica(gate))
+        self.addCleanup(gate.set)
+        last = pair.secondary.MAX_STAGED + 2
+        for epoch in range(1, last + 1):
+            self.chan.inbox.put_nowait(checkpoint_msg(epoch))
+        held = list(range(1, pair.secondary.MAX_STAGED + 2))
+        await until(lambda: len(self.chan.frames(Kind.ACK)) == len(held))
+        await settle()
+        self.assertEqual(held, [m.epoch for m in
+                                self.chan.frames(Kind.ACK)])
+        self.assertEqual(held, self.replica.staged)
+        gate.set()
+        await until(lambda: len(self.chan.frames(Kind.ACK)) == last)
+        self.assertEqual(list(range(1, last + 1)),
+                         [m.epoch for m in self.chan.frames(Kind.ACK)])
 
     async def test_a_failed_apply_gives_the_replica_up(self):
         # In standby: the primary is told (it goes on unprotected at
         # once) and this side stops, instead of dying of the exception.
-        await self.make(FailingReplica(fail_at=2))
+        await self.make(FailingReplica(fail_at=2, midway=False))
         self.chan.inbox.put_nowait(checkpoint_msg(1))
         await until(lambda: Kind.ACK in self.chan.kinds())
         with self.assertLogs('mftvm_openstack.ft.pair', 'ERROR'):

@@ -49,8 +49,8 @@ Secondary::
     STARTING --Listening--> WAITING_FOR_PRIMARY
     WAITING_FOR_PRIMARY --Connected (HELLO checked, READY sent)--> STANDBY
         (a HELLO of another protocol version: ERROR frame, still waiting)
-    STANDBY --FrameReceived (MARK/CHECKPOINT/HEARTBEAT), Committed (ACK)-->
-        STANDBY
+    STANDBY --FrameReceived (MARK/CHECKPOINT staged and ACKed, then
+        installed beside the queue/HEARTBEAT)--> STANDBY
     STANDBY --PrimaryLost / Takeover--> FAILING_OVER --> ACTIVE
                                                      \\-> LOST
     WAITING_FOR_PRIMARY/STANDBY --Stop (or BYE, a corrupt stream)--> STOPPED

@@ -132,7 +132,8 @@ class FrameReceived:
 
 @dataclasses.dataclass
 class Committed:
-    """A checkpoint was applied and its disk epoch committed: ACK it."""
+    """A checkpoint was received whole and staged where a failover will
+    use it (applied or not yet): ACK it."""
     epoch: int
     nbytes: int
 

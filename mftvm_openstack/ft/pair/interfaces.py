@@ -24,7 +24,7 @@ from mftvm_openstack.ft.transport import Kind, Message
 
 if TYPE_CHECKING:
     # (interfaces only: importing them would pull in QEMU's libraries)
-    from mftvm_openstack.ft.epoch import Checkpoint
+    from mftvm_openstack.ft.epoch import Checkpoint, Staged
     from mftvm_openstack.ft.monitor import Monitor
     from mftvm_openstack.ft.trackers import RamDelta
 
@@ -167,15 +167,18 @@ class OutputBuffer(Protocol):
 
 class Replica(Protocol):
     """The guest's RAM and device state as of the last commit
-    (``epoch.ReplicaImage``)."""
+    (``epoch.ReplicaImage``): ``stage`` holds a checkpoint for good or
+    fails (before its ACK), ``install`` makes it the image's (after)."""
 
     committed: int
     #: why the image mixes two epochs and must not be resumed (None:
     #: it is whole, at ``committed``)
     damaged: Optional[str]
 
-    def apply(self, epoch: int, devstate: bytes,
-              delta: RamDelta) -> None: ...
+    def stage(self, epoch: int, devstate: bytes,
+              delta: RamDelta) -> Staged: ...
+
+    def install(self, staged: Staged) -> None: ...
 
 
 class OverlayStore(Protocol):

@@ -37,7 +37,12 @@ from mftvm_openstack.ft.pair.machine import Machine
 from mftvm_openstack.ft.transport import Kind, Message
 
 if TYPE_CHECKING:
+    from mftvm_openstack.ft.epoch import Staged
     from mftvm_openstack.ft.trackers import RamDelta
+
+#: acked checkpoints that may wait to be installed; the next ACK waits for
+#: the installs (their RAM pages are held in memory until then)
+MAX_STAGED = 4
 
 LOG = logging.getLogger(__name__)
 
@@ -88,6 +93,8 @@ class SecondaryPair(Machine['SecondaryEvent']):
         self.prepared: Optional[Prepared] = None
         self._handshaking = False
         self._applying: Optional[asyncio.Task[Any]] = None
+        #: the newest epoch acked to the primary (a failover resumes it)
+        self.acked = 0
         #: why a checkpoint could not be applied (none is applied after)
         self.apply_failed: Optional[str] = None
 
@@ -259,8 +266,7 @@ class SecondaryPair(Machine['SecondaryEvent']):
             except transport.ProtocolError as exc:
                 await self._protocol_error(exc)
                 return
-            self._applying = self._spawn(
-                self._apply(self._applying, msg.epoch, devstate, delta))
+            await self._stage(msg.epoch, devstate, delta)
         elif msg.kind == Kind.HEARTBEAT:
             with contextlib.suppress(ConnectionError, OSError):
                 await self.channel.send(
@@ -279,34 +285,70 @@ class SecondaryPair(Machine['SecondaryEvent']):
             self.stats.reason = 'the primary ended protection'
             self.post(Stop())
 
-    async def _apply(self, previous: Optional[asyncio.Task[Any]], epoch: int,
-                     devstate: bytes, delta: RamDelta) -> None:
-        # Apply and commit here, beside the queue, so that a failover
-        # (handled in the queue) can wait for a checkpoint received in
-        # full; the ACK is the machine's to send (Committed).
+    async def _stage(self, epoch: int, devstate: bytes,
+                     delta: RamDelta) -> None:
+        """Hold checkpoint ``epoch`` where a failover will use it, ACK it,
+        and apply it after (beside the queue).
+
+        Everything that can fail is done before the ACK: the replica's
+        ``stage`` checks the checkpoint against the image and writes its
+        device state to a file of its own. What is left after the ACK,
+        ``install``, copies pages into RAM allocated in full and renames
+        nothing, so an acked epoch cannot fail to go in; a failover
+        installs every acked epoch before it resumes (:meth:`_failover`),
+        so output the primary released on this ACK is never taken back.
+        """
+        assert self.prepared is not None
+        replica = self.prepared.replica
+        if self.apply_failed is not None:
+            return       # nothing is acked over an epoch that did not go in
+        if self._applying is not None and \
+                self.acked - replica.committed >= MAX_STAGED:
+            # The installs fell behind: the RAM pages of this many acked
+            # epochs are held in memory already; wait before holding more.
+            with contextlib.suppress(Exception):
+                await self._applying
+        loop = asyncio.get_running_loop()
+        try:
+            staged = await loop.run_in_executor(None, replica.stage, epoch,
+                                                devstate, delta)
+        except Exception as exc:
+            # (A full disk for the device state, most likely.) Not acked:
+            # the replica is still whole at the last acked epoch, and
+            # nothing after this one is taken.
+            self.apply_failed = f'applying checkpoint {epoch} failed: {exc}'
+            await self._give_up(self.apply_failed)
+            return
+        self.acked = epoch
+        self._applying = self._spawn(self._install(self._applying, staged))
+        await self._committed(Committed(epoch, delta.nbytes))
+
+    async def _install(self, previous: Optional[asyncio.Task[Any]],
+                       staged: Staged) -> None:
+        # Beside the queue, so that a failover (handled in the queue) can
+        # wait for every acked checkpoint to be installed.
         assert self.prepared is not None
         prepared = self.prepared
         if previous is not None:
-            # Checkpoints apply strictly in order; a failed one is
+            # Checkpoints install strictly in order; a failed one is
             # recorded in apply_failed.
             with contextlib.suppress(Exception):
                 await previous
         if self.apply_failed is not None:
-            return       # nothing applies over an epoch that did not
+            return       # nothing installs over an epoch that did not
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, prepared.replica.apply, epoch,
-                                       devstate, delta)
-            await prepared.store.commit(epoch)
+            await loop.run_in_executor(None, prepared.replica.install,
+                                       staged)
+            await prepared.store.commit(staged.epoch)
         except Exception as exc:
-            # (A full disk for the device state, most likely.) The
-            # replica stays at its last whole epoch, or says it is
-            # damaged; either way it cannot follow the primary any more.
-            self.apply_failed = f'applying checkpoint {epoch} failed: {exc}'
+            # Only a bug gets here (install does nothing that can fail):
+            # the replica says it is damaged, or stays behind the acked
+            # epoch, and a failover then refuses to resume it.
+            self.apply_failed = (f'applying checkpoint {staged.epoch} '
+                                 f'failed: {exc}')
             if self.state == State.STANDBY:
                 await self._give_up(self.apply_failed)
-            return
-        self.post(Committed(epoch, delta.nbytes))
 
     async def _give_up(self, why: str) -> None:
         """This replica cannot go on: tell the primary (it goes on
@@ -356,7 +398,7 @@ class SecondaryPair(Machine['SecondaryEvent']):
         self.stats.reason = reason
         self.channel.close()
         if self._applying is not None:
-            # A checkpoint received in full still commits: finish it.
+            # Every acked checkpoint goes in before the guest resumes.
             with contextlib.suppress(Exception):
                 await self._applying
         replica = self.prepared.replica
@@ -370,6 +412,17 @@ class SecondaryPair(Machine['SecondaryEvent']):
             self._finish(State.LOST)
             return
         committed = replica.committed
+        if committed < self.acked:
+            # Resuming an older epoch would take back output the primary
+            # released on our ACK: better no guest than a wrong one.
+            self.stats.reason = (f'{reason}; the replica is unusable, not '
+                                 f'resuming it: acked epoch {self.acked} '
+                                 f'did not go in ({self.apply_failed}), it '
+                                 f'holds epoch {committed}')
+            self.error = self.stats.reason
+            LOG.error(self.stats.reason)
+            self._finish(State.LOST)
+            return
         if committed == 0:
             self.stats.reason = (f'{reason}; no checkpoint was ever '
                                  f'committed, nothing to resume')
