@@ -32,17 +32,15 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any, Optional
 
+# The guest's description is part of the contract (it crosses the agent's
+# RPC and guest.json); the engine uses it from there.
 from mftvm_openstack.contract.spec import (  # noqa: F401
     GuestDisk,
     GuestNic,
     GuestSpec,
     HostForward,
 )
-from mftvm_openstack.ft import shared_image
-
-# The guest's description is part of the contract (it crosses the agent's
-# RPC and guest.json); the engine uses it from there.
-from mftvm_openstack.ft import log_bound
+from mftvm_openstack.ft import log_bound, shared_image
 
 QEMU_BINARY = 'qemu-system-x86_64'
 QSD_BINARY = 'qemu-storage-daemon'

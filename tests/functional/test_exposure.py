@@ -3,15 +3,19 @@ runs, whatever the umask; never written through a planted symlink; gone
 with its protection.
 """
 
+import contextlib
 import os
+import re
 import stat
 
 from mftvm_openstack.ft import vm
 from mftvm_openstack.local import operations
 from tests.functional import base
 
-#: names of files that hold a tenant's data (disk, writes, device state)
-DATA = ('.raw', '.qcow2', 'devstate.bin')
+#: names of files that hold a tenant's data (disk, writes, the device
+#: state: ``devstate.bin`` until the first checkpoint, ``devstate-N.bin``
+#: for epoch N's)
+DATA = re.compile(r'.*(\.raw|\.qcow2|^devstate(-[0-9]+)?\.bin)$')
 
 
 def mode(path):
@@ -20,7 +24,7 @@ def mode(path):
 
 def data_files(gdir):
     return sorted(os.path.join(d, n) for d, _, names in os.walk(gdir)
-                  for n in names if n.endswith(DATA))
+                  for n in names if DATA.match(n))
 
 
 class GuestFilesTest(base.GuestTestCase):
@@ -57,11 +61,18 @@ class GuestFilesTest(base.GuestTestCase):
                       os.path.join(gdir, 'secondary', 'status.json')])
         self.assertIn(os.path.join(gdir, 'secondary', 'disk', 'base.raw'),
                       private)
-        self.assertIn(os.path.join(gdir, 'secondary', 'devstate.bin'),
-                      private)
+        self.assertTrue(any(os.path.dirname(p) == os.path.join(
+            gdir, 'secondary') and os.path.basename(p).startswith('devstate')
+            for p in private), private)
         self.assertEqual(2, len(base.ram_files(name)))
-        self.assertEqual({p: 0o600 for p in private},
-                         {p: mode(p) for p in private})
+        modes = {}
+        for p in private:
+            # An overlay merged down, or an epoch's device state replaced
+            # by the next one's, between the listing and now: gone, so
+            # not exposed either.
+            with contextlib.suppress(FileNotFoundError):
+                modes[p] = mode(p)
+        self.assertEqual({p: 0o600 for p in modes}, modes)
 
         operations.stop(self.state_dir, name)
         self.assertEqual([], data_files(gdir))
