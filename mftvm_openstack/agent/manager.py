@@ -204,6 +204,10 @@ class AgentManager:
         self._lock = threading.RLock()
         self._busy: set[str] = set()       # instances being re-protected
         self._last_try: dict[str, float] = {}
+        #: instance -> why its last re-protection failed: a failure is
+        #: logged as a warning when its reason changes, not at every try
+        #: (with no ``[agent] peers``, as under Nova, every try fails)
+        self._reprotect_failed: dict[str, str] = {}
         #: called with every periodic look at the instances (the
         #: notifications and metrics: agent/watch.py)
         self.observers: list[Callable[[list[InstanceStatus]], None]] = []
@@ -632,6 +636,9 @@ class AgentManager:
         pid = st.host_pid if st is not None else inst.record.get('pid')
         if isinstance(pid, int) and pid_alive(pid):
             os.kill(pid, 9)
+        with self._lock:        # nothing kept per instance outlives it
+            self._last_try.pop(inst.name, None)
+            self._reprotect_failed.pop(inst.name, None)
         # Its logs and records are kept (the last ones per instance) for
         # the operator to read; its disks, overlays and device state are
         # tenants' data and go.
@@ -756,11 +763,24 @@ class AgentManager:
             try:
                 self.reprotect(name)
             except Exception as exc:
-                LOG.warning('%s: cannot re-protect now (%s); retrying in '
-                            '%.0fs', name, exc,
-                            self.conf.agent.reprotect_retry_interval)
+                self._reprotect_failure(name, str(exc))
+            else:
+                with self._lock:
+                    self._reprotect_failed.pop(name, None)
             finally:
                 with self._lock:
                     self._busy.discard(name)
         threading.Thread(target=run, name=f'reprotect-{name}',
                          daemon=True).start()
+
+    def _reprotect_failure(self, name: str, reason: str) -> None:
+        """Log a failed re-protection: a warning the first time and
+        whenever the reason changes, else at debug level (it is retried
+        every ``[agent] reprotect_retry_interval`` seconds)."""
+        with self._lock:
+            same = self._reprotect_failed.get(name) == reason
+            self._reprotect_failed[name] = reason
+        log = LOG.debug if same else LOG.warning
+        log('%s: cannot re-protect now (%s); retrying every %gs%s', name,
+            reason, self.conf.agent.reprotect_retry_interval,
+            '' if same else ' (logged again only if the reason changes)')

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 import unittest
 from unittest import mock
 
@@ -471,3 +472,57 @@ class PeerAnswersTest(unittest.TestCase):
         # no primary was started to stream the guest anywhere
         self.assertFalse(os.path.exists(os.path.join(
             self.tmp, 'instances', 'vm0', 'guest.json')))
+
+
+class ReprotectLogTest(unittest.TestCase):
+    """A guest that runs here unprotected is re-protected every ``[agent]
+    reprotect_retry_interval``; with no peer to take it (no ``[agent]
+    peers``, as under Nova, whose driver re-protects) every try fails.
+    Seen in the cloud lab: a warning every 5 s after each takeover. A
+    failure is a warning once per reason, then debug."""
+
+    class Agents:
+        def prepare_secondary(self, ctxt, host, *args):
+            raise exception.PeerUnreachable(host=host, reason='no answer')
+
+    def setUp(self):
+        self.m = manager_on(self, reprotect_retry_interval=0.5)
+        self.m._agents = self.Agents()
+        proc = FakeInstanceProcess(self.tmp, 'vm0', 'secondary', {
+            'role': 'primary', 'state': 'active'}, peer='hv0')
+        self.addCleanup(proc.close)
+        with open(os.path.join(proc.dir, 'guest.json'), 'w') as f:
+            json.dump({'spec': {'name': 'vm0', 'domain': 'instance-1',
+                                'memory_mib': 128},
+                       'options': self.m.host_options(
+                           ProtectionOptions()).to_dict()}, f)
+
+    def tries(self, count):
+        """``count`` looks of the agent, each one re-protection try;
+        the messages it logged at WARNING and at DEBUG."""
+        with self.assertLogs(manager.LOG, 'DEBUG') as logs:
+            for _ in range(count):
+                self.m.periodic()
+                for thread in threading.enumerate():
+                    if thread.name == 'reprotect-vm0':
+                        thread.join(10)
+                # the next try only once the retry interval has passed
+                time.sleep(0.55)
+        tried = [r for r in logs.records
+                 if 'cannot re-protect now' in r.getMessage()]
+        self.assertEqual(count, len(tried))
+        return ([r.getMessage() for r in tried if r.levelname == 'WARNING'],
+                [r.getMessage() for r in tried if r.levelname == 'DEBUG'])
+
+    def test_a_failure_is_a_warning_once_per_reason(self):
+        warned, quiet = self.tries(3)
+        self.assertEqual(1, len(warned), warned)
+        self.assertIn('no peer configured', warned[0])
+        self.assertEqual(2, len(quiet))
+        # a new reason is a new warning, once
+        self.m.conf.set_override('peers', ['hv2'], group='agent')
+        warned, quiet = self.tries(2)
+        self.assertEqual(1, len(warned), warned)
+        self.assertIn('hv2: ', warned[0])
+        self.assertIn('no answer', warned[0])
+        self.assertEqual(1, len(quiet))
