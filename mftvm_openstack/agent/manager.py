@@ -125,6 +125,13 @@ def _ran_from_replica(status: InstanceStatus) -> bool:
         status.takeover.resumed is not None
 
 
+def _only_copy(status: InstanceStatus, record: dict[str, Any]) -> bool:
+    """Whether an ended instance's replica may be the guest's only copy:
+    the guest ran here from it, and nobody said since that its disks
+    were moved elsewhere (:meth:`AgentManager.disk_settled`)."""
+    return _ran_from_replica(status) and not record.get('disk_settled')
+
+
 class Instance:
     """One guest's directory on this host, and its instance process."""
 
@@ -620,6 +627,29 @@ class AgentManager:
         self._discard(inst)
         return {'instance': instance, 'stopped': True}
 
+    def disk_settled(self, instance: str) -> dict[str, Any]:
+        """The guest that runs here from its replica (taken over) has its
+        disks elsewhere now: Nova's driver copied them live into its
+        instance directory and switched the guest onto them (see
+        :mod:`mftvm_openstack.nova.settle`). The replica is nobody's disk
+        any more, so when the instance ends here it goes like any other
+        instance's data instead of being kept under ``ended/``; if the
+        instance has ended already, what was kept of it goes now."""
+        try:
+            inst = self._instance(instance)
+        except exception.InstanceNotFound:
+            if self._purge_ended(instance):
+                return {'instance': instance, 'disk_settled': True}
+            raise
+        try:
+            inst.save_record(disk_settled=time.time())
+        except FileNotFoundError:
+            # it ended meanwhile, its directory moved to ended/
+            self._purge_ended(instance)
+        LOG.info('%s: its disks are settled elsewhere; its replica is not '
+                 'kept when it ends', instance)
+        return {'instance': instance, 'disk_settled': True}
+
     def _discard(self, inst: Instance, keep_data: bool = False) -> str:
         """Kill its instance process (if it still runs) and forget it.
 
@@ -742,7 +772,8 @@ class AgentManager:
                     # elsewhere (or is lost); keep no stale claim on it.
                     LOG.info('%s: instance process ended (%s); forgetting '
                              'it', name, state)
-                    self._discard(inst, keep_data=_ran_from_replica(info))
+                    self._discard(inst,
+                                  keep_data=_only_copy(info, inst.record))
                 continue
             if state in RUNNING_UNPROTECTED and self.conf.agent.reprotect \
                     and inst.record.get('auto_reprotect', True):

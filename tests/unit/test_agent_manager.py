@@ -164,6 +164,61 @@ class EndedDataTest(unittest.TestCase):
     def test_stop_of_an_unknown_instance_is_not_found(self):
         with self.assertRaises(exception.InstanceNotFound):
             self.m.stop_instance('vm9')
+        with self.assertRaises(exception.InstanceNotFound):
+            self.m.disk_settled('vm9')
+
+    def taken_over_then_ended(self):
+        """Instance vm0 of a secondary that took the guest over and ran
+        it from its replica, its process gone now; its replica files."""
+        dead = subprocess.Popen(['true'])
+        dead.wait()
+        side = os.path.join(self.tmp, 'instances', 'vm0', 'secondary')
+        os.makedirs(os.path.join(side, 'disk'))
+        with open(os.path.join(side, '..', 'record.json'), 'w') as f:
+            json.dump({'role': 'secondary', 'pid': dead.pid,
+                       'peer': 'hv0'}, f)
+        with open(os.path.join(side, 'status.json'), 'w') as f:
+            json.dump({'role': 'primary', 'state': 'active',
+                       'host_pid': dead.pid,
+                       'takeover': {'detected': 1.0, 'fenced': 2.0,
+                                    'resumed': 3.0}}, f)
+        for name in ('disk/base.qcow2', 'disk/epoch-7.qcow2', 'devstate',
+                     'secondary-host.log'):
+            with open(os.path.join(side, name), 'w') as f:
+                f.write('x')
+
+    def kept(self):
+        ended = os.path.join(self.tmp, 'ended', 'vm0', 'secondary')
+        return sorted(os.path.relpath(os.path.join(d, n), ended)
+                      for d, _, names in os.walk(ended) for n in names)
+
+    def test_a_replica_the_guest_ran_from_is_kept_when_it_ends(self):
+        self.taken_over_then_ended()
+        self.m.periodic()
+        self.assertEqual(['devstate', 'disk/base.qcow2',
+                          'disk/epoch-7.qcow2', 'secondary-host.log',
+                          'status.json'], self.kept())
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, 'instances',
+                                                     'vm0')))
+
+    def test_a_settled_guests_replica_is_not_kept_when_it_ends(self):
+        # Nova's driver moved the guest onto its own disk and said so:
+        # the replica is nobody's disk (seen in the cloud lab: kept under
+        # ended/ after Nova's stop on the new host, never deleted)
+        self.taken_over_then_ended()
+        self.assertEqual({'instance': 'vm0', 'disk_settled': True},
+                         self.m.disk_settled('vm0'))
+        self.m.periodic()
+        self.assertEqual(['secondary-host.log', 'status.json'],
+                         self.kept())
+
+    def test_settled_after_it_ended_deletes_what_was_kept(self):
+        self.taken_over_then_ended()
+        self.m.periodic()
+        self.assertEqual({'instance': 'vm0', 'disk_settled': True},
+                         self.m.disk_settled('vm0'))
+        self.assertEqual(['secondary-host.log', 'status.json'],
+                         self.kept())
 
 
 class FakeInstanceProcess:
