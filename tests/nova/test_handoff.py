@@ -21,6 +21,7 @@ import nova.conf
 import nova.context as nova_context
 import nova.objects.instance as instance_obj
 import testtools
+from nova import utils
 from nova.tests.fixtures import libvirt as fakelibvirt
 from nova.virt.libvirt import driver as libvirt_driver
 
@@ -453,6 +454,31 @@ class TestDeleteAfterHandoff(HandoffTestBase):
         self.assertEqual([(secondary, {'instance': server['id']})],
                          self.agent.of('stop_instance'))
         self.assertEqual({h: NO_USAGE for h in self.HOSTS}, self._usages())
+
+
+class TestRebuildAfterHandoff(HandoffTestBase):
+    """A server handed off here and not re-protected, rebuilt: the agent
+    here (which runs the guest it took over) is stopped, and the new
+    guest is protected anew, a secondary chosen through Placement."""
+
+    def test_rebuild_stops_the_agent_here_and_protects_anew(self) -> None:
+        server = self._boot_ft()
+        primary, secondary, _ = self._roles(server)
+        self.takeover.take_over(secondary, server['id'])
+        server, _ = self._wait_for_host(server, secondary)
+        self.agent.calls.clear()
+        with utils.temporary_mutation(self.api, microversion='2.35'):
+            image = self.api.get_images()[1]['id']
+        server = self._rebuild_server(server, image)
+        self.assertEqual(secondary, server['OS-EXT-SRV-ATTR:host'])
+        again = self._sysmeta(server)[driver.SECONDARY_HOST]
+        self.assertNotEqual(secondary, again)
+        self.assertEqual(
+            [('stop_instance', secondary), ('protect', secondary)],
+            [(m, h) for m, h, _ in self.agent.calls])
+        self.assertEqual(again, self.agent.of('protect')[0][1][
+            'secondary_host'])
+        self.assertEqual('protected', self._sysmeta(server)[driver.STATUS])
 
 
 class TestStandbyVifs(HandoffTestBase):
