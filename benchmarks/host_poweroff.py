@@ -19,7 +19,10 @@ kill:
   than 1 only for requests in between that got no answer:
   ``CounterLog.check_nothing_taken_back``);
 * ``nova_moved``: ``openstack server show`` names the new host;
-* ``reprotected``: ``ft_status`` is ``protected`` on the new host.
+* ``reprotected``: ``ft_status`` is ``protected`` on the new host;
+
+and the machine's load average (1, 5 and 15 minutes) at the kill and
+once protected again (``load_at_kill``, ``load_after``).
 
 The CLI's own looks take 1-3 s each, so the last two are that coarse.
 
@@ -107,8 +110,10 @@ class PowerOffSeries(ft_server.FTServerTests, lab.LabTestCase):
             self.add_hosts(new)
             add_s = time.monotonic() - t_add
             hosts.append(new)
+            load_at_kill = os.getloadavg()
             recovery = self.power_off_primary(sid, primary, secondary,
                                               counter)
+            load_after = os.getloadavg()
             # (the dead host is left as it is: Nova counts its service
             # down a minute later and no secondary goes there; disabling
             # it would wait out an RPC call to the dead nova-compute)
@@ -120,6 +125,10 @@ class PowerOffSeries(ft_server.FTServerTests, lab.LabTestCase):
                    'last_before': recovery.last_before,
                    'first_after': recovery.first_after,
                    'host_added_s': round(add_s, 1),
+                   # the machine's load average (1, 5, 15 min) at the
+                   # kill and once protected again: two shared cores
+                   'load_at_kill': [round(x, 2) for x in load_at_kill],
+                   'load_after': [round(x, 2) for x in load_after],
                    **{k: round(getattr(recovery, k), 2) for k in FIGURES}}
             report['runs'].append(row)
             write(report, self.out)

@@ -126,6 +126,13 @@ def _ran_from_replica(status: InstanceStatus) -> bool:
         status.takeover.resumed is not None
 
 
+def _only_copy(status: InstanceStatus, record: dict[str, Any]) -> bool:
+    """Whether an ended instance's replica may be the guest's only copy:
+    the guest ran here from it, and nobody said since that its disks
+    were moved elsewhere (:meth:`AgentManager.disk_settled`)."""
+    return _ran_from_replica(status) and not record.get('disk_settled')
+
+
 class Instance:
     """One guest's directory on this host, and its instance process."""
 
@@ -205,6 +212,10 @@ class AgentManager:
         self._lock = threading.RLock()
         self._busy: set[str] = set()       # instances being re-protected
         self._last_try: dict[str, float] = {}
+        #: instance -> why its last re-protection failed: a failure is
+        #: logged as a warning when its reason changes, not at every try
+        #: (with no ``[agent] peers``, as under Nova, every try fails)
+        self._reprotect_failed: dict[str, str] = {}
         #: called with every periodic look at the instances (the
         #: notifications and metrics: agent/watch.py)
         self.observers: list[Callable[[list[InstanceStatus]], None]] = []
@@ -627,6 +638,29 @@ class AgentManager:
         self._discard(inst)
         return {'instance': instance, 'stopped': True}
 
+    def disk_settled(self, instance: str) -> dict[str, Any]:
+        """The guest that runs here from its replica (taken over) has its
+        disks elsewhere now: Nova's driver copied them live into its
+        instance directory and switched the guest onto them (see
+        :mod:`mftvm_openstack.nova.settle`). The replica is nobody's disk
+        any more, so when the instance ends here it goes like any other
+        instance's data instead of being kept under ``ended/``; if the
+        instance has ended already, what was kept of it goes now."""
+        try:
+            inst = self._instance(instance)
+        except exception.InstanceNotFound:
+            if self._purge_ended(instance):
+                return {'instance': instance, 'disk_settled': True}
+            raise
+        try:
+            inst.save_record(disk_settled=time.time())
+        except FileNotFoundError:
+            # it ended meanwhile, its directory moved to ended/
+            self._purge_ended(instance)
+        LOG.info('%s: its disks are settled elsewhere; its replica is not '
+                 'kept when it ends', instance)
+        return {'instance': instance, 'disk_settled': True}
+
     def _discard(self, inst: Instance, keep_data: bool = False) -> str:
         """Kill its instance process (if it still runs) and forget it.
 
@@ -643,6 +677,9 @@ class AgentManager:
         pid = st.host_pid if st is not None else inst.record.get('pid')
         if isinstance(pid, int) and pid_alive(pid):
             os.kill(pid, 9)
+        with self._lock:        # nothing kept per instance outlives it
+            self._last_try.pop(inst.name, None)
+            self._reprotect_failed.pop(inst.name, None)
         # Its logs and records are kept (the last ones per instance) for
         # the operator to read; its disks, overlays and device state are
         # tenants' data and go.
@@ -746,7 +783,8 @@ class AgentManager:
                     # elsewhere (or is lost); keep no stale claim on it.
                     LOG.info('%s: instance process ended (%s); forgetting '
                              'it', name, state)
-                    self._discard(inst, keep_data=_ran_from_replica(info))
+                    self._discard(inst,
+                                  keep_data=_only_copy(info, inst.record))
                 continue
             if state in RUNNING_UNPROTECTED and self.conf.agent.reprotect \
                     and inst.record.get('auto_reprotect', True):
@@ -767,11 +805,24 @@ class AgentManager:
             try:
                 self.reprotect(name)
             except Exception as exc:
-                LOG.warning('%s: cannot re-protect now (%s); retrying in '
-                            '%.0fs', name, exc,
-                            self.conf.agent.reprotect_retry_interval)
+                self._reprotect_failure(name, str(exc))
+            else:
+                with self._lock:
+                    self._reprotect_failed.pop(name, None)
             finally:
                 with self._lock:
                     self._busy.discard(name)
         threading.Thread(target=run, name=f'reprotect-{name}',
                          daemon=True).start()
+
+    def _reprotect_failure(self, name: str, reason: str) -> None:
+        """Log a failed re-protection: a warning the first time and
+        whenever the reason changes, else at debug level (it is retried
+        every ``[agent] reprotect_retry_interval`` seconds)."""
+        with self._lock:
+            same = self._reprotect_failed.get(name) == reason
+            self._reprotect_failed[name] = reason
+        log = LOG.debug if same else LOG.warning
+        log('%s: cannot re-protect now (%s); retrying every %gs%s', name,
+            reason, self.conf.agent.reprotect_retry_interval,
+            '' if same else ' (logged again only if the reason changes)')

@@ -27,7 +27,7 @@ request never brings the agent down. Unknown methods and versions are
 refused by oslo.messaging itself (``NoSuchMethod``,
 ``UnsupportedVersion``).
 
-Version 1.0 of the API (client: :mod:`mftvm_openstack.agent.rpcapi`)::
+Version 1.1 of the API (client: :mod:`mftvm_openstack.agent.rpcapi`)::
 
     prepare_secondary(instance, spec, options, primary_host) -> dict
     protect(instance, spec, options, secondary_host=None)    -> status
@@ -36,6 +36,7 @@ Version 1.0 of the API (client: :mod:`mftvm_openstack.agent.rpcapi`)::
     stop_instance(instance)                                   -> dict
     status(instance)                                          -> status
     list()                                                    -> [status]
+    disk_settled(instance)                           -> dict (1.1)
 
 where a status is an :class:`~mftvm_openstack.contract.status.\
 InstanceStatus` as a JSON object.
@@ -93,6 +94,8 @@ class Manager(Protocol):
     def failover(self, instance: str) -> dict[str, Any]: ...
 
     def stop_instance(self, instance: str) -> dict[str, Any]: ...
+
+    def disk_settled(self, instance: str) -> dict[str, Any]: ...
 
     def status(self, instance: str) -> dict[str, Any]: ...
 
@@ -215,13 +218,13 @@ def _request(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class AgentEndpoint:
-    """The agent's RPC methods, version 1.0 (default namespace).
+    """The agent's RPC methods, version 1.1 (default namespace).
 
     ``manager`` does the work (:class:`Manager`); ``host`` only names
     this agent in error messages.
     """
 
-    target = oslo_messaging.Target(version='1.0', namespace=None)
+    target = oslo_messaging.Target(version='1.1', namespace=None)
 
     def __init__(self, manager: Manager, host: Optional[str] = None) -> None:
         self.manager = manager
@@ -268,6 +271,12 @@ class AgentEndpoint:
         instance = check_name('instance', instance)
         LOG.info('stop_instance %s', instance)
         return self.manager.stop_instance(instance)
+
+    @_request
+    def disk_settled(self, ctxt: Any, instance: Any) -> Any:
+        instance = check_name('instance', instance)
+        LOG.info('disk_settled %s', instance)
+        return self.manager.disk_settled(instance)
 
     @_request
     def status(self, ctxt: Any, instance: Any) -> Any:

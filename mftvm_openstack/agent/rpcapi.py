@@ -193,6 +193,7 @@ class AgentAPI:
 
     * 1.0 - Initial version: prepare_secondary, protect, unprotect,
       failover, stop_instance, status, list.
+    * 1.1 - disk_settled.
 
     ``protect`` may take ``[agent] protect_timeout`` seconds (initial
     disk sync included); the server heartbeats it, so a dead agent is
@@ -201,7 +202,7 @@ class AgentAPI:
     ``retry`` limits reconnections to the broker (None: forever).
     """
 
-    RPC_API_VERSION = '1.0'
+    RPC_API_VERSION = '1.1'
 
     def __init__(self, transport: oslo_messaging.Transport,
                  conf: cfg.ConfigOpts = mftvm_conf.CONF,
@@ -223,9 +224,9 @@ class AgentAPI:
         return self.timeout
 
     def _prepare(self, host: str, timeout: Optional[float] = None,
-                 **kwargs: Any) -> Any:
+                 version: str = '1.0', **kwargs: Any) -> Any:
         return self.client.prepare(
-            server=host, version='1.0',
+            server=host, version=version,
             timeout=self.timeout if timeout is None else timeout, **kwargs)
 
     @_clean_errors
@@ -280,6 +281,16 @@ class AgentAPI:
         """Stop the instance's side on ``host``."""
         return self._prepare(host).call(
             _context(ctxt), 'stop_instance', instance=instance)
+
+    @_clean_errors
+    def disk_settled(self, ctxt: Any, host: str,
+                     instance: str) -> dict[str, Any]:
+        """Tell ``host``, which runs the instance taken over from its
+        replica, that its disks were moved elsewhere: its replica is not
+        kept when it ends (an agent of API 1.0 refuses:
+        UnsupportedVersion)."""
+        return self._prepare(host, version='1.1').call(
+            _context(ctxt), 'disk_settled', instance=instance)
 
     @_clean_errors
     def status(self, ctxt: Any, host: str,

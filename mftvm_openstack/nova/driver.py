@@ -49,6 +49,7 @@ from oslo_log import log as logging
 
 from mftvm_openstack import conf as mftvm_conf
 from mftvm_openstack import files
+from mftvm_openstack.agent import exception as agent_exception
 from mftvm_openstack.agent import rpcapi
 from mftvm_openstack.contract.states import State
 from mftvm_openstack.nova import (
@@ -255,10 +256,12 @@ class FTDriverMixin:
         secondary = self._ft_secondary_to_release(instance)
         if secondary is not None:
             self._stop_agents(context, instance, secondary)
-        elif self._ft_runs_here_handed_off(instance):
-            # the agent here took the guest over (its instance process
-            # restored the domain): it stops it, and LibvirtDriver then
-            # finds the domain gone
+        elif self._ft_agent_may_hold(instance):
+            # handed off here, no secondary (not re-protected, or lost
+            # since): the agent here may run the guest (a takeover's
+            # instance process restored the domain), or keep the replica
+            # it ran from; it stops the one and lets the other go, and
+            # LibvirtDriver then finds the domain gone
             self._stop_agents(context, instance, None)
         super().destroy(  # type: ignore[misc]
             context, instance, network_info,
@@ -1063,7 +1066,8 @@ class FTDriverMixin:
         self._ft_seen[uuid_] = 'handed off'
         self._ft_take_over_volumes(context, host, instance)
         # before a new secondary's disk mirror: one block job at a time
-        self._ft_settle(instance)
+        if self._ft_settle(instance):
+            self._ft_replica_released(context, host, instance)
         if self.reprotect_after_handoff:
             self._reprotect_after_handoff(context, instance, old_host)
 
@@ -1101,6 +1105,21 @@ class FTDriverMixin:
         LOG.info('The guest taken over here runs on %s, its domain '
                  'persistent', path, instance=instance)
         return True
+
+    def _ft_replica_released(self, context: Any, host: str,
+                             instance: Any) -> None:
+        """Tell the agent here that the guest it took over runs on
+        Nova's disks now: its replica is nobody's disk, and is not to be
+        kept when the guest ends here (the agent keeps the replica of a
+        guest that ran from it, which may be the only copy, until told
+        so, or until Nova's delete)."""
+        try:
+            self.agent_api.disk_settled(context, host, instance.uuid)
+        except Exception as exc:
+            LOG.warning('The agent on %s was not told that the guest\'s '
+                        'disk is settled (it keeps the replica until the '
+                        'server is deleted): %s', host, _one_line(exc),
+                        instance=instance)
 
     @staticmethod
     def _ft_local_disks(instance: Any) -> dict[str, str]:
@@ -1141,12 +1160,15 @@ class FTDriverMixin:
             return None
         return str(secondary)
 
-    def _ft_runs_here_handed_off(self, instance: Any) -> bool:
-        """Handed off here and not re-protected (no secondary)."""
+    def _ft_agent_may_hold(self, instance: Any) -> bool:
+        """Handed off to this host, whatever its ``ft_status`` says now
+        (``failed-over from ...`` lasts only until the next change: a
+        failed re-protection, a stop): the agent here may run it, or keep
+        the replica it ran from."""
         sysmeta = getattr(instance, 'system_metadata', None) or {}
-        status = str(sysmeta.get(STATUS) or '')
-        return (status.startswith(handoff.FAILED_OVER) and
-                self._ft_host is not None and
+        handed_off = bool(sysmeta.get(handoff.HANDED_OFF_FROM)) or str(
+            sysmeta.get(STATUS) or '').startswith(handoff.FAILED_OVER)
+        return (handed_off and self._ft_host is not None and
                 instance.host == self._ft_host)
 
     def _stop_agents(self, context: Any, instance: Any,
@@ -1156,6 +1178,10 @@ class FTDriverMixin:
                 continue
             try:
                 self.agent_api.stop_instance(context, host, instance.uuid)
+            except agent_exception.InstanceNotFound:
+                # nothing of it there (never protected, or gone already)
+                LOG.debug('The agent on %s has nothing of the instance',
+                          host, instance=instance)
             except Exception as exc:
                 LOG.warning('The agent on %s did not stop the instance: %s',
                             host, _one_line(exc), instance=instance)

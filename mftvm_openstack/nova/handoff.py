@@ -142,6 +142,10 @@ FAILED_OVER = 'failed-over from '
 _UNFINISHED = ['accepted', 'pre-migrating']
 
 SECONDARY_HOST = 'ft_secondary_host'
+#: system metadata: the host a hand-off took the server from (kept: its
+#: new host's agent ran it from a replica, whatever ``ft_status`` says
+#: later)
+HANDED_OFF_FROM = 'ft_handed_off_from'
 SECONDARY_NODE = 'ft_secondary_node'
 SECONDARY_CONSUMER = 'ft_secondary_consumer'
 STATUS = 'ft_status'
@@ -424,6 +428,7 @@ def hand_off(context: Any, instance: Any, host: str, *,
         for key in (SECONDARY_HOST, SECONDARY_NODE, SECONDARY_CONSUMER):
             sysmeta.pop(key, None)
         status = failed_over_status(old_host)
+        sysmeta[HANDED_OFF_FROM] = old_host
         sysmeta[STATUS] = status
         instance.metadata[STATUS] = status
         instance.save(expected_task_state=[task_state])

@@ -138,6 +138,8 @@ def collect(lab: Any, dest: str, env: dict[str, str]) -> str:
     shutil.rmtree(dest, ignore_errors=True)
     os.makedirs(dest)
     _copy_tree(os.path.join(lab.dir, 'log'), os.path.join(dest, 'log'))
+    # the clients' own logs of the guest's answers (ft_server.CounterLog)
+    _copy_tree(lab.tmp, os.path.join(dest, 'clients'), ('.counter',))
     state = lab.state()
     hosts: dict[str, Any] = state.get('hosts', {})
     for host, info in hosts.items():

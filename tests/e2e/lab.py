@@ -36,6 +36,7 @@ test, ``KeyboardInterrupt`` or ``SIGTERM``, which is turned into
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import os
@@ -70,6 +71,8 @@ HOSTS = ('h1', 'h2', 'h3')
 METRICS_PORT = 9787
 #: where the agents send their versioned notifications, on cell1's vhost
 NOTIFICATION_TOPIC = 'versioned_notifications'
+#: Placement's microversion for reading allocations with their consumer
+PLACEMENT_VERSION = 'placement 1.28'
 
 
 def run(argv: list[str], timeout: float = CLI_TIMEOUT,
@@ -582,6 +585,39 @@ class LabTestCase(testtools.TestCase):
             yield listener
         finally:
             listener.stop()
+
+    # -- Placement --------------------------------------------------------
+
+    @functools.cached_property
+    def placement(self) -> str:
+        """Placement's URL, from the catalog."""
+        url: str = self.openstack_json(
+            'endpoint', 'list', '--service', 'placement', '--interface',
+            'public')[0]['URL']
+        return url.rstrip('/')
+
+    def held_by(self, consumer: str, token: str) -> set[str]:
+        """The hosts whose resource providers hold allocations of
+        Placement consumer ``consumer``."""
+        import urllib.request
+
+        def get(path: str) -> Any:
+            req = urllib.request.Request(f'{self.placement}{path}', headers={
+                'X-Auth-Token': token,
+                'OpenStack-API-Version': PLACEMENT_VERSION})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read())
+
+        return {get(f'/resource_providers/{rp}')['name']
+                for rp in get(f'/allocations/{consumer}')['allocations']}
+
+    def secondary_consumer(self, server_id: str) -> str:
+        """The Placement consumer of the server's secondary, as the
+        driver names it (asked of the package installed in the lab)."""
+        return checked([
+            PYTHON, '-c', 'import sys; from mftvm_openstack.nova.'
+            'driver import secondary_consumer as c; print(c(sys.argv[1]))',
+            server_id], cwd=self.tmp).stdout.strip()
 
     def metrics(self, host: str) -> str:
         """``host``'s agent's Prometheus endpoint, as a scraper reads it

@@ -30,7 +30,6 @@ runs the same steps again and again and sums them up.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import queue
@@ -57,8 +56,6 @@ FT_FLAVOR_SPECS = ('ft:enabled=true', 'trait:CUSTOM_MFTVM_FT=required')
 #: look (every [ft] handoff_interval, 2 s), a secondary chosen through
 #: Placement and started, the first checkpoint committed (two busy cores)
 REPROTECT_TIMEOUT = 300
-#: Placement's microversion for reading allocations with their consumer
-PLACEMENT_VERSION = 'placement 1.28'
 
 
 def _cmdline(pid: int) -> str:
@@ -332,35 +329,6 @@ class ReportingTest(lab.LabTestCase):
         req.add_header('X-Auth-Token', token)
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read()).get('server')
-
-    @functools.cached_property
-    def placement(self) -> str:
-        """Placement's URL, from the catalog."""
-        url: str = self.openstack_json(
-            'endpoint', 'list', '--service', 'placement', '--interface',
-            'public')[0]['URL']
-        return url.rstrip('/')
-
-    def held_by(self, consumer: str, token: str) -> set[str]:
-        """The hosts whose resource providers hold allocations of
-        Placement consumer ``consumer``."""
-        def get(path: str) -> Any:
-            req = urllib.request.Request(f'{self.placement}{path}', headers={
-                'X-Auth-Token': token,
-                'OpenStack-API-Version': PLACEMENT_VERSION})
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return json.loads(resp.read())
-
-        return {get(f'/resource_providers/{rp}')['name']
-                for rp in get(f'/allocations/{consumer}')['allocations']}
-
-    def secondary_consumer(self, server_id: str) -> str:
-        """The Placement consumer of the server's secondary, as the
-        driver names it (asked of the package installed in the lab)."""
-        return lab.checked([
-            lab.PYTHON, '-c', 'import sys; from mftvm_openstack.nova.'
-            'driver import secondary_consumer as c; print(c(sys.argv[1]))',
-            server_id], cwd=self.tmp).stdout.strip()
 
     def test_a_lost_secondary_shows_unprotected_then_protected_again(self):
         with self.notifications() as seen:

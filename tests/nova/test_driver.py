@@ -73,6 +73,9 @@ class FakeAgentAPI:
     def stop_instance(self, ctxt: Any, host: str, instance: str) -> dict:
         return self._call('stop_instance', host, instance=instance)
 
+    def disk_settled(self, ctxt: Any, host: str, instance: str) -> dict:
+        return self._call('disk_settled', host, instance=instance)
+
     def of(self, method: str) -> list[tuple[str, dict[str, Any]]]:
         return [(h, kw) for m, h, kw in self.calls if m == method]
 

@@ -21,11 +21,12 @@ import nova.conf
 import nova.context as nova_context
 import nova.objects.instance as instance_obj
 import testtools
+from nova import utils
 from nova.tests.fixtures import libvirt as fakelibvirt
 from nova.virt.libvirt import driver as libvirt_driver
 
 from mftvm_openstack.agent import exception as agent_exception
-from mftvm_openstack.nova import driver, handoff, steering
+from mftvm_openstack.nova import driver, handoff, settle, steering
 from tests.nova import test_driver
 
 CONF = nova.conf.CONF
@@ -339,6 +340,37 @@ class TestSettle(HandoffTestBase):
         self.assertEqual('protect', self.agent.calls[-1][0])
         with open(os.path.join(instance_dir, 'disk.info')) as f:
             self.assertEqual({disk: 'qcow2'}, json.load(f))
+        # The agent there keeps the replica a guest ran from, which may
+        # be its only copy: once settled it is nobody's disk, and the
+        # agent is told so (else a stop or delete on the new host left
+        # it in the agent's ended/, as seen in the cloud lab).
+        self.assertEqual([('disk_settled', secondary,
+                           {'instance': server['id']}), 'protect'],
+                         [c if c[0] == 'disk_settled' else c[0]
+                          for c in self.agent.calls])
+
+    def test_a_guest_not_settled_keeps_its_replica(self) -> None:
+        # the copy failed: the guest runs on from its replica, which the
+        # agent must keep (it is the guest's only disk)
+        def into_place(dom: Any, path: str) -> bool:
+            raise settle.SettleError('block copy refused')
+        self.useFixture(fixtures.MonkeyPatch(
+            'mftvm_openstack.nova.settle.into_place', into_place))
+        server = self._boot_ft()
+        primary, secondary, _ = self._roles(server)
+        xml = self.computes[primary].driver._host.get_connection(
+        ).lookupByUUIDString(server['id']).XMLDesc(0)
+        self.computes[secondary].driver._host.get_connection().createXML(
+            xml, 0)
+        self.agent.calls.clear()
+        self.takeover.take_over(secondary, server['id'])
+        server, _ = self._wait_for_host(server, secondary)
+        deadline = time.monotonic() + HANDOFF_TIMEOUT
+        while not self.agent.of('protect'):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        self.assertEqual([], self.agent.of('disk_settled'))
+
 
     def test_every_local_disk_settles_where_nova_expects_it(self) -> None:
         # ephemeral (Nova's disk.eph0: its mapping at boot), swap and
@@ -388,6 +420,65 @@ class TestSettle(HandoffTestBase):
             self.assertEqual({os.path.join(instance_dir, n): 'qcow2'
                               for n in ('disk', 'disk.eph0', 'disk.swap')},
                              json.load(f))
+
+
+class TestDeleteAfterHandoff(HandoffTestBase):
+    """Deleting a server handed off here tells the agent here, whatever
+    its ``ft_status`` says by then: the agent runs the guest, or keeps
+    the replica it ran from, and lets both go only when told."""
+
+    HOSTS = ('host1', 'host2')
+    REPROTECT = True
+
+    def test_delete_stops_the_agent_here_after_a_failed_reprotect(
+            self) -> None:
+        server = self._boot_ft()
+        primary = server['OS-EXT-SRV-ATTR:host']
+        secondary = self._other(primary)
+        # the old primary's host is gone (here: disabled), so the
+        # server's re-protection finds no host for a secondary
+        (service,) = self.admin_api.get_services(binary='nova-compute',
+                                                 host=primary)
+        self.admin_api.put_service(service['id'], {'status': 'disabled'})
+        self.agent.calls.clear()
+        self.takeover.take_over(secondary, server['id'])
+        server, _ = self._wait_for_host(server, secondary)
+        # no third host: re-protection finds no secondary, and says so
+        deadline = time.monotonic() + HANDOFF_TIMEOUT
+        while not self._sysmeta(server).get(driver.STATUS, '').startswith(
+                driver.STATUS_NO_SECONDARY):
+            self.assertLess(time.monotonic(), deadline,
+                            self._sysmeta(server).get(driver.STATUS))
+            time.sleep(0.05)
+        self._delete_server(server)
+        self.assertEqual([(secondary, {'instance': server['id']})],
+                         self.agent.of('stop_instance'))
+        self.assertEqual({h: NO_USAGE for h in self.HOSTS}, self._usages())
+
+
+class TestRebuildAfterHandoff(HandoffTestBase):
+    """A server handed off here and not re-protected, rebuilt: the agent
+    here (which runs the guest it took over) is stopped, and the new
+    guest is protected anew, a secondary chosen through Placement."""
+
+    def test_rebuild_stops_the_agent_here_and_protects_anew(self) -> None:
+        server = self._boot_ft()
+        primary, secondary, _ = self._roles(server)
+        self.takeover.take_over(secondary, server['id'])
+        server, _ = self._wait_for_host(server, secondary)
+        self.agent.calls.clear()
+        with utils.temporary_mutation(self.api, microversion='2.35'):
+            image = self.api.get_images()[1]['id']
+        server = self._rebuild_server(server, image)
+        self.assertEqual(secondary, server['OS-EXT-SRV-ATTR:host'])
+        again = self._sysmeta(server)[driver.SECONDARY_HOST]
+        self.assertNotEqual(secondary, again)
+        self.assertEqual(
+            [('stop_instance', secondary), ('protect', secondary)],
+            [(m, h) for m, h, _ in self.agent.calls])
+        self.assertEqual(again, self.agent.of('protect')[0][1][
+            'secondary_host'])
+        self.assertEqual('protected', self._sysmeta(server)[driver.STATUS])
 
 
 class TestStandbyVifs(HandoffTestBase):

@@ -23,6 +23,7 @@ from typing import Any
 
 import fixtures
 import testtools
+from nova import utils
 from nova.compute import task_states
 from nova.virt import event as virtevent
 
@@ -258,3 +259,32 @@ class TestGuestPoweroff(OperationsTestBase):
         self.assertEqual([self._protect_call(primary, server, secondary)],
                          self.agent.calls)
         self.assertEqual('protected', self._status(server))
+
+
+class TestRebuild(OperationsTestBase):
+    """Rebuild (a new guest from an image, on the same host): Nova stops
+    the server (protection off first: no failover), destroys it (both
+    agents stopped, the secondary's hold released) and spawns it anew,
+    which protects it anew (a secondary chosen and held again)."""
+
+    def test_rebuild_destroys_then_protects_anew(self) -> None:
+        server, primary, secondary, _ = self._boot_ft()
+        with utils.temporary_mutation(self.api, microversion='2.35'):
+            image = self.api.get_images()[1]['id']
+        self.assertNotEqual(server['image']['id'], image)
+        server = self._rebuild_server(server, image)
+        self.assertEqual(image, server['image']['id'])
+        self.assertEqual(primary, server['OS-EXT-SRV-ATTR:host'])
+        again = self._sysmeta(server)[driver.SECONDARY_HOST]
+        self.assertNotEqual(primary, again)
+        self.assertEqual(
+            [self._unprotect_call(primary, server),
+             ('stop_instance', primary, {'instance': server['id']}),
+             ('stop_instance', secondary, {'instance': server['id']}),
+             self._protect_call(primary, server, again)],
+            self.agent.calls)
+        self.assertEqual([], self.agent.of('failover'))
+        self.assertEqual('protected', self._status(server))
+        self.assertEqual(self._usage_of(primary, again), self._usages())
+        self.assertEqual([self.compute_rp_uuids[again]],
+                         list(self._secondary_allocs(server)))

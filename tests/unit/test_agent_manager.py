@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 import unittest
 from unittest import mock
 
@@ -163,6 +164,61 @@ class EndedDataTest(unittest.TestCase):
     def test_stop_of_an_unknown_instance_is_not_found(self):
         with self.assertRaises(exception.InstanceNotFound):
             self.m.stop_instance('vm9')
+        with self.assertRaises(exception.InstanceNotFound):
+            self.m.disk_settled('vm9')
+
+    def taken_over_then_ended(self):
+        """Instance vm0 of a secondary that took the guest over and ran
+        it from its replica, its process gone now; its replica files."""
+        dead = subprocess.Popen(['true'])
+        dead.wait()
+        side = os.path.join(self.tmp, 'instances', 'vm0', 'secondary')
+        os.makedirs(os.path.join(side, 'disk'))
+        with open(os.path.join(side, '..', 'record.json'), 'w') as f:
+            json.dump({'role': 'secondary', 'pid': dead.pid,
+                       'peer': 'hv0'}, f)
+        with open(os.path.join(side, 'status.json'), 'w') as f:
+            json.dump({'role': 'primary', 'state': 'active',
+                       'host_pid': dead.pid,
+                       'takeover': {'detected': 1.0, 'fenced': 2.0,
+                                    'resumed': 3.0}}, f)
+        for name in ('disk/base.qcow2', 'disk/epoch-7.qcow2', 'devstate',
+                     'secondary-host.log'):
+            with open(os.path.join(side, name), 'w') as f:
+                f.write('x')
+
+    def kept(self):
+        ended = os.path.join(self.tmp, 'ended', 'vm0', 'secondary')
+        return sorted(os.path.relpath(os.path.join(d, n), ended)
+                      for d, _, names in os.walk(ended) for n in names)
+
+    def test_a_replica_the_guest_ran_from_is_kept_when_it_ends(self):
+        self.taken_over_then_ended()
+        self.m.periodic()
+        self.assertEqual(['devstate', 'disk/base.qcow2',
+                          'disk/epoch-7.qcow2', 'secondary-host.log',
+                          'status.json'], self.kept())
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, 'instances',
+                                                     'vm0')))
+
+    def test_a_settled_guests_replica_is_not_kept_when_it_ends(self):
+        # Nova's driver moved the guest onto its own disk and said so:
+        # the replica is nobody's disk (seen in the cloud lab: kept under
+        # ended/ after Nova's stop on the new host, never deleted)
+        self.taken_over_then_ended()
+        self.assertEqual({'instance': 'vm0', 'disk_settled': True},
+                         self.m.disk_settled('vm0'))
+        self.m.periodic()
+        self.assertEqual(['secondary-host.log', 'status.json'],
+                         self.kept())
+
+    def test_settled_after_it_ended_deletes_what_was_kept(self):
+        self.taken_over_then_ended()
+        self.m.periodic()
+        self.assertEqual({'instance': 'vm0', 'disk_settled': True},
+                         self.m.disk_settled('vm0'))
+        self.assertEqual(['secondary-host.log', 'status.json'],
+                         self.kept())
 
 
 class FakeInstanceProcess:
@@ -471,3 +527,57 @@ class PeerAnswersTest(unittest.TestCase):
         # no primary was started to stream the guest anywhere
         self.assertFalse(os.path.exists(os.path.join(
             self.tmp, 'instances', 'vm0', 'guest.json')))
+
+
+class ReprotectLogTest(unittest.TestCase):
+    """A guest that runs here unprotected is re-protected every ``[agent]
+    reprotect_retry_interval``; with no peer to take it (no ``[agent]
+    peers``, as under Nova, whose driver re-protects) every try fails.
+    Seen in the cloud lab: a warning every 5 s after each takeover. A
+    failure is a warning once per reason, then debug."""
+
+    class Agents:
+        def prepare_secondary(self, ctxt, host, *args):
+            raise exception.PeerUnreachable(host=host, reason='no answer')
+
+    def setUp(self):
+        self.m = manager_on(self, reprotect_retry_interval=0.5)
+        self.m._agents = self.Agents()
+        proc = FakeInstanceProcess(self.tmp, 'vm0', 'secondary', {
+            'role': 'primary', 'state': 'active'}, peer='hv0')
+        self.addCleanup(proc.close)
+        with open(os.path.join(proc.dir, 'guest.json'), 'w') as f:
+            json.dump({'spec': {'name': 'vm0', 'domain': 'instance-1',
+                                'memory_mib': 128},
+                       'options': self.m.host_options(
+                           ProtectionOptions()).to_dict()}, f)
+
+    def tries(self, count):
+        """``count`` looks of the agent, each one re-protection try;
+        the messages it logged at WARNING and at DEBUG."""
+        with self.assertLogs(manager.LOG, 'DEBUG') as logs:
+            for _ in range(count):
+                self.m.periodic()
+                for thread in threading.enumerate():
+                    if thread.name == 'reprotect-vm0':
+                        thread.join(10)
+                # the next try only once the retry interval has passed
+                time.sleep(0.55)
+        tried = [r for r in logs.records
+                 if 'cannot re-protect now' in r.getMessage()]
+        self.assertEqual(count, len(tried))
+        return ([r.getMessage() for r in tried if r.levelname == 'WARNING'],
+                [r.getMessage() for r in tried if r.levelname == 'DEBUG'])
+
+    def test_a_failure_is_a_warning_once_per_reason(self):
+        warned, quiet = self.tries(3)
+        self.assertEqual(1, len(warned), warned)
+        self.assertIn('no peer configured', warned[0])
+        self.assertEqual(2, len(quiet))
+        # a new reason is a new warning, once
+        self.m.conf.set_override('peers', ['hv2'], group='agent')
+        warned, quiet = self.tries(2)
+        self.assertEqual(1, len(warned), warned)
+        self.assertIn('hv2: ', warned[0])
+        self.assertIn('no answer', warned[0])
+        self.assertEqual(1, len(quiet))

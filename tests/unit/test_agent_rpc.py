@@ -90,6 +90,9 @@ class FakeManager:
     def stop_instance(self, instance):
         return self._record('stop_instance', instance)
 
+    def disk_settled(self, instance):
+        return self._record('disk_settled', instance)
+
     def status(self, instance):
         return self._record('status', instance)
 
@@ -169,6 +172,7 @@ class EndpointChecksTest(testtools.TestCase):
         for bad in ('vm 0', '-vm', '.vm', 'x' * 64, '', 'vm/0', 'vm0\n',
                     'vm;rm'):
             self.assertInvalid('instance', 'status', instance=bad)
+            self.assertInvalid('instance', 'disk_settled', instance=bad)
         for bad in (7, None, ['vm0'], b'vm0'):
             msg = self.assertInvalid('instance', 'failover', instance=bad)
             self.assertIn('must be a string', msg)
@@ -516,6 +520,7 @@ class ServiceOverFakeTransportTest(testtools.TestCase):
         api.unprotect(ctxt, HOST, 'vm0')
         api.failover(ctxt, HOST, 'vm0')
         api.stop_instance(ctxt, HOST, 'vm0')
+        api.disk_settled(ctxt, HOST, 'vm0')
         self.assertEqual({'method': 'status', 'instance': 'vm0'},
                          api.status(ctxt, HOST, 'vm0'))
         self.assertEqual([{'instance': 'vm0', 'role': 'primary'}],
@@ -527,7 +532,8 @@ class ServiceOverFakeTransportTest(testtools.TestCase):
              ('protect', 'vm1', GuestSpec(name='vm1'), ProtectionOptions(),
               None),
              ('unprotect', 'vm0'), ('failover', 'vm0'),
-             ('stop_instance', 'vm0'), ('status', 'vm0'), ('list',)],
+             ('stop_instance', 'vm0'), ('disk_settled', 'vm0'),
+             ('status', 'vm0'), ('list',)],
             self.manager.calls)
         self.assertTrue(self.manager.started)
 

@@ -10,7 +10,7 @@ import subprocess
 import fixtures
 import testtools
 
-from mftvm_openstack.images import builder, records
+from mftvm_openstack.images import builder, records, workload
 
 # Not /tmp: tmpfs would refuse O_DIRECT (guestd falls back, but test the
 # real path where the filesystem allows it).
@@ -242,3 +242,28 @@ class TestGuestdWriter(testtools.TestCase):
             capture_output=True, text=True, timeout=60)
         self.assertEqual(1, run.returncode)
         self.assertIn("DISKRATE-ERROR", run.stdout)
+
+
+class TestCounterRequest(testtools.TestCase):
+    """The host-side client of the guest's counter."""
+
+    def test_a_request_given_up_on_is_reset_not_closed(self):
+        # Seen in the cloud lab: a request the client gave up on (no
+        # answer in time: the guest paused for its first checkpoint, or
+        # resumed on another host) was closed normally, so the client's
+        # kernel went on sending it, and the guest counted it seconds
+        # later, after requests that came after it had been answered (a
+        # value skipped with no unanswered request in between). Reset,
+        # nothing of it is sent any more: the server sees the reset
+        # after what had reached it, not the end of a request.
+        srv = socket.socket()
+        self.addCleanup(srv.close)
+        srv.bind(('127.0.0.1', 0))
+        srv.listen(4)
+        self.assertIsNone(workload.counter_request(
+            '127.0.0.1', srv.getsockname()[1], timeout=0.2))
+        conn, _ = srv.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(5)
+        self.assertEqual(b'INC\n', conn.recv(64))
+        self.assertRaises(ConnectionResetError, conn.recv, 64)
