@@ -63,7 +63,6 @@ from mftvm_openstack.contract.spec import (
     GuestSpec,
     PreparedSecondary,
     ProtectionOptions,
-    disk_name,
 )
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import InstanceStatus
@@ -330,22 +329,13 @@ class AgentManager:
                            'options': options.to_dict()})
         return inst
 
-    def check_disk(self, spec: GuestSpec, shared_only: bool = False) \
-            -> None:
+    def check_disk(self, spec: GuestSpec) -> None:
         """InvalidRequest unless the disk a caller named (for a guest
         that is not a libvirt domain) is a regular file in ``[agent]
-        disk_dirs``, reached without a symlink (:func:`.files.file_in`).
-
-        ``shared_only``: only the disks on shared storage, which a
-        secondary's store writes (its committed epochs): the secondary's
-        agent checks them against its *own* ``disk_dirs``, so a peer
-        cannot have it write any other file of its host."""
+        disk_dirs``, reached without a symlink (:func:`.files.file_in`)."""
         if spec.domain:
             return      # the disk is the domain's, as libvirt has it
-        shared = spec.shared_disks
         for i, (path, _, _) in enumerate(spec.all_disks):
-            if shared_only and disk_name(i) not in shared:
-                continue
             where = 'spec.disk' if i == 0 else f'spec.more_disks[{i - 1}]'
             try:
                 file_in(path, self.conf.agent.disk_dirs)
@@ -392,7 +382,6 @@ class AgentManager:
         opts = dataclasses.replace(self.host_options(options, instance),
                                    listen=f'tcp:{my_ip}:0', nbd_host=my_ip)
         self.check_capacity(instance, spec, Role.SECONDARY)
-        self.check_disk(spec, shared_only=True)
         creds = None
         if opts.tls:
             # This pair's own CA: only the primary that gets the client

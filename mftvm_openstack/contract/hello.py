@@ -19,15 +19,6 @@ A guest with more disks names the others in ``disks`` (``disk1``, ...,
 in order; :meth:`Hello.disk_sizes` checks the names), and the secondary
 answers each one's export in ``Ready.exports``, on the same NBD server
 as ``target``'s. A single-disk pair leaves both out, as before.
-
-A disk on storage both hosts reach (doc/volumes.rst) is named in
-``shared``: the primary buffers it and mirrors only its buffer, so the
-secondary must build that disk's store on the image itself. The name is
-all that crosses: the secondary opens the image as *its own* spec says
-(never a path or a pool from the peer), and refuses a HELLO whose
-``shared`` is not exactly its own spec's (:meth:`Hello.check_shared`)::
-
-    Hello(..., shared=('disk0',)).check_shared(('disk0',), 2)
 """
 
 from __future__ import annotations
@@ -96,30 +87,6 @@ class Hello(Record):
     #: (None, left out, for a guest with one disk)
     disks: Optional[tuple[DiskInfo, ...]] = field(
         default=None, max_len=MAX_DISKS - 1, nullable=False)
-    #: the disks on shared storage, by name (None, left out: none)
-    shared: Optional[tuple[str, ...]] = field(
-        default=None, max_len=MAX_DISKS, pattern=DISK_NAME_PATTERN,
-        nullable=False)
-
-    def check_shared(self, mine: tuple[str, ...], disks: int) -> None:
-        """ContractError unless ``shared`` names exactly the disks
-        ``mine`` (this side's own spec's shared disks) among the guest's
-        ``disks`` disks. A secondary that took a local disk for a shared
-        one would merge the primary's writes into an image nobody
-        resumes from (or the reverse: resume from an image that never
-        got them)."""
-        theirs = self.shared or ()
-        for name in theirs:
-            if int(name[4:]) >= disks:
-                raise ContractError(f'HELLO.shared: {name} is not a disk '
-                                    f'of the guest ({disks} disks)')
-        if len(set(theirs)) != len(theirs):
-            raise ContractError('HELLO.shared: a disk named twice')
-        if sorted(theirs) != sorted(mine):
-            raise ContractError(
-                f'HELLO.shared: the primary has {list(theirs) or "none"} on '
-                f'shared storage, this side\'s guest '
-                f'{list(mine) or "none"}')
 
     def disk_sizes(self) -> list[int]:
         """Every disk's size, the first's first; ContractError unless

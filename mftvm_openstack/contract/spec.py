@@ -100,8 +100,6 @@ class GuestDisk(Record):
     format: str = field(default='raw', choices=DISK_FORMATS)
     #: virtual size in bytes, filled by probe_disk()
     size: int = field(default=0, range=(0, 1 << 50))
-    #: on storage both hosts reach (:attr:`GuestSpec.shared`)
-    shared: Optional[bool] = field(default=None, nullable=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,10 +147,6 @@ class GuestSpec(Record):
     #: the NICs after the first (whose port forwards are ``forwards``)
     more_nics: Optional[tuple[GuestNic, ...]] = field(
         default=None, max_len=MAX_NICS - 1, nullable=False)
-    #: ``disk`` is a raw image file on a filesystem both hosts mount at
-    #: the same path (doc/volumes.rst): not copied to the secondary, but
-    #: written only with committed epochs; (None, left out: a local disk)
-    shared: Optional[bool] = field(default=None, nullable=False)
 
     @property
     def disks(self) -> tuple[GuestDisk, ...]:
@@ -188,14 +182,6 @@ class GuestSpec(Record):
             (d.path, d.format, d.size) for d in self.disks]
 
     @property
-    def shared_disks(self) -> tuple[str, ...]:
-        """The names (:func:`disk_name`) of the disks on shared storage,
-        in order: ``('disk0',)`` for a shared root disk."""
-        flags = [bool(self.shared)] + [bool(d.shared) for d in self.disks]
-        return tuple(disk_name(i) for i, shared in enumerate(flags)
-                     if shared)
-
-    @property
     def memory_bytes(self) -> int:
         return self.memory_mib << 20
 
@@ -208,18 +194,6 @@ class GuestSpec(Record):
         if self.domain and (self.disks or self.nics):
             raise ContractError('spec.more_disks: a libvirt domain\'s disks '
                                 'and NICs are those of its XML')
-        if self.domain and self.shared:
-            raise ContractError('spec.shared: a libvirt domain\'s shared '
-                                'disks are those of its XML')
-        formats = [self.disk_format] + [d.format for d in self.disks]
-        for name in self.shared_disks:
-            i = int(name[4:])
-            if formats[i] != 'raw':
-                # the image is the secondary's base: a raw node on it
-                where = 'spec.disk_format' if i == 0 else \
-                    f'spec.more_disks[{i - 1}].format'
-                raise ContractError(f'{where}: a shared disk is a raw '
-                                    f'image (got {formats[i]})')
         paths = [self.disk] + [d.path for d in self.disks]
         for i, path in enumerate(paths[1:], 1):
             if path in paths[:i]:

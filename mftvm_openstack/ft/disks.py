@@ -29,11 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from mftvm_openstack.contract.spec import disk_name
-from mftvm_openstack.contract.volume import SharedDisk
 from mftvm_openstack.ft.disk import (
     DiskError,
     DiskSync,
@@ -63,20 +62,14 @@ class ReplicaDisks:
                  listen: Optional[tuple[str, int]] = None,
                  tls: Optional[NbdServerTls] = None,
                  store_class: type[EpochOverlayStore] = EpochOverlayStore,
-                 shared: Optional[Mapping[int, SharedDisk]] = None,
                  **store_args: Any) -> None:
         if not sizes:
             raise DiskError('a guest has at least one disk')
-        # ``shared``: the disks (by index) whose store is built on the
-        # shared image itself
-        on: dict[int, dict[str, Any]] = {
-            i: {'shared': disk} for i, disk in (shared or {}).items()}
         first = store_class(replica_dir(root, 0), sizes[0],
-                            listen=listen, tls=tls, **on.get(0, {}),
-                            **store_args)
+                            listen=listen, tls=tls, **store_args)
         self.stores = [first] + [
             store_class(replica_dir(root, i), size, name=disk_name(i),
-                        server=first, **on.get(i, {}), **store_args)
+                        server=first, **store_args)
             for i, size in enumerate(sizes[1:], 1)]
 
     @property

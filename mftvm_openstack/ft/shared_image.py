@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from mftvm_openstack.contract.spec import GuestSpec
 from mftvm_openstack.contract.volume import SharedDisk
 
 
@@ -85,18 +84,3 @@ def chain_filename(shared: SharedDisk) -> str:
 def is_chain_filename(filename: str) -> bool:
     """``filename`` was made by :func:`chain_filename`."""
     return filename.startswith('json:')
-
-
-def spec_shared_disks(spec: GuestSpec) -> dict[int, SharedDisk]:
-    """The shared disks of a guest the engine runs itself, by index:
-    each an image file at the spec's path (``GuestSpec.shared``), which
-    both hosts mount at that path::
-
-        >>> spec_shared_disks(GuestSpec(name='g', disk='/v/g.raw',
-        ...                             shared=True))  # doctest: +ELLIPSIS
-        {0: SharedDisk(driver='file', ..., path='/v/g.raw')}
-    """
-    paths = [path for path, _, _ in spec.all_disks]
-    return {int(name[4:]): SharedDisk(driver='file',
-                                      path=paths[int(name[4:])])
-            for name in spec.shared_disks}

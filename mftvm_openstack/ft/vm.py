@@ -40,7 +40,7 @@ from mftvm_openstack.contract.spec import (  # noqa: F401
     GuestSpec,
     HostForward,
 )
-from mftvm_openstack.ft import log_bound, shared_image
+from mftvm_openstack.ft import log_bound
 
 QEMU_BINARY = 'qemu-system-x86_64'
 QSD_BINARY = 'qemu-storage-daemon'
@@ -162,10 +162,6 @@ def qemu_argv(spec: GuestSpec, paths: Paths, ram_file: str,
     """
     chains: list[Sequence[tuple[str, str]]] = [
         [(path, fmt)] for path, fmt, _ in spec.all_disks]
-    for i, shared in shared_image.spec_shared_disks(spec).items():
-        # opened as the secondary's store opens it (no QEMU file lock:
-        # the pair's protocol keeps one writer)
-        chains[i] = [(shared_image.chain_filename(shared), 'raw')]
     if disk_layers:
         chains[0] = disk_layers
     if disk_chains:
@@ -404,12 +400,8 @@ def chain_filename(layers: Sequence[tuple[str, str]]) -> str:
     (base first) as one image, e.g. to flatten or check a replica."""
     node: Any = None
     for filename, fmt in layers:
-        protocol: dict[str, Any] = {'driver': 'file', 'filename': filename}
-        if filename.startswith('json:'):
-            # a shared image (ft/shared_image.py: chain_filename)
-            protocol = json.loads(filename[5:])
-            protocol.pop('node-name', None)
-        node = {'driver': fmt, 'file': protocol,
+        node = {'driver': fmt, 'file': {'driver': 'file',
+                                        'filename': filename},
                 **({'backing': node} if fmt == 'qcow2' else {})}
     return 'json:' + json.dumps(node)
 

@@ -38,16 +38,12 @@ leaves the image newer than anything the secondary merged.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
 import os
 
-from mftvm_openstack.contract.volume import SharedDisk
 from mftvm_openstack.files import private_dir
 from mftvm_openstack.ft import disk as ft_disk
-from mftvm_openstack.ft import shared_image
 from mftvm_openstack.ft.monitor import Monitor, MonitorError
 
 LOG = logging.getLogger(__name__)
@@ -122,9 +118,26 @@ class VolumeBuffer:
         buffer is then kept, and the guest runs on it (nothing lost)."""
         if not self.insulated:
             return
-        await merge_down(self.monitor, self.top, self.node, self.job,
-                         self.release_timeout)
         monitor = self.monitor
+        await monitor.execute('block-commit', **{
+            'job-id': self.job, 'device': self.top, 'top-node': self.top,
+            'base-node': self.node, 'auto-dismiss': False})
+        info = await ft_disk.wait_job(monitor, self.job,
+                                      frozenset({'ready'}),
+                                      self.release_timeout)
+        if info is None or info['status'] != 'ready':
+            await ft_disk.quietly(monitor, 'job-dismiss', id=self.job)
+            raise ft_disk.DiskError(
+                f'the buffer of {self.node} was not merged into the shared '
+                f'image: {(info or {}).get("error", "job vanished")}')
+        # The pivot: the guest's device now writes the image itself.
+        await monitor.execute('block-job-complete', device=self.job)
+        info = await ft_disk.wait_job(monitor, self.job, frozenset(),
+                                      self.release_timeout)
+        await ft_disk.quietly(monitor, 'job-dismiss', id=self.job)
+        if info is not None and info.get('error'):
+            raise ft_disk.DiskError(f'the buffer of {self.node} was not '
+                                    f'merged: {info["error"]}')
         await ft_disk.quietly(monitor, 'blockdev-del',
                               **{'node-name': self.top})
         with contextlib.suppress(FileNotFoundError):
@@ -132,37 +145,6 @@ class VolumeBuffer:
         self.insulated = False
         LOG.info('guest disk %s: buffer merged, the guest writes the '
                  'shared image again', self.node)
-
-    async def commit_offline(self, shared: SharedDisk) -> None:
-        """The guest's QEMU is gone (it powered itself off, or died
-        unprotected): merge the buffer's file into the image ``shared``
-        with ``qemu-img`` and delete it. DiskError if that fails (the
-        file is then kept)."""
-        if not self.insulated:
-            return
-        key = shared_image.secret_object(shared, 'k0')
-        objects = [] if key is None else [
-            '--object', f'secret,id=k0,file={key["file"]},format=base64']
-        image = shared_image.protocol_blockdev(
-            shared, 'image', None if key is None else 'k0')
-        image.pop('node-name')
-        backing = 'json:' + json.dumps({'file': image})
-        for argv in (['qemu-img', 'rebase', *objects, '-u', '-F', 'raw',
-                      '-b', backing, self.path],
-                     ['qemu-img', 'commit', *objects, '-d', self.path]):
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE)
-            _, err = await proc.communicate()
-            if proc.returncode:
-                raise ft_disk.DiskError(
-                    f'{argv[1]} of {self.path}: '
-                    f'{err.decode(errors="replace").strip()}')
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self.insulated = False
-        LOG.info('guest disk %s: buffer merged into %s after its QEMU '
-                 'ended', self.node, shared.label)
 
     async def discard(self) -> None:
         """The guest is gone (failed over, stopped): delete the buffer's
@@ -174,31 +156,3 @@ class VolumeBuffer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self.insulated = False
-
-
-async def merge_down(monitor: Monitor, top: str, base: str, job: str,
-                     timeout: float = 600.0) -> None:
-    """Merge the guest's active layer ``top`` and every layer between it
-    and ``base`` into ``base``, then pivot: the guest's device writes
-    ``base`` itself from then on (an active ``block-commit`` and
-    ``block-job-complete``). The layers above ``base`` stay in the graph
-    (their nodes ``blockdev-del``-able if they were added so, their
-    files the caller's to delete). DiskError if the merge fails: the
-    guest then runs on as before, nothing lost."""
-    await monitor.execute('block-commit', **{
-        'job-id': job, 'device': top, 'top-node': top,
-        'base-node': base, 'auto-dismiss': False})
-    info = await ft_disk.wait_job(monitor, job, frozenset({'ready'}),
-                                  timeout)
-    if info is None or info['status'] != 'ready':
-        await ft_disk.quietly(monitor, 'job-dismiss', id=job)
-        raise ft_disk.DiskError(
-            f'{top} was not merged into {base}: '
-            f'{(info or {}).get("error", "job vanished")}')
-    # The pivot: the guest's device now writes the base itself.
-    await monitor.execute('block-job-complete', device=job)
-    info = await ft_disk.wait_job(monitor, job, frozenset(), timeout)
-    await ft_disk.quietly(monitor, 'job-dismiss', id=job)
-    if info is not None and info.get('error'):
-        raise ft_disk.DiskError(f'{top} was not merged into {base}: '
-                                f'{info["error"]}')

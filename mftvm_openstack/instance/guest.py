@@ -27,7 +27,6 @@ from mftvm_openstack.ft import (
     libvirt_domain,
     libvirt_monitor,
     pair,
-    shared_image,
     vm,
 )
 from mftvm_openstack.ft.libvirt_monitor import LibvirtMonitor
@@ -78,11 +77,6 @@ class RunningGuest:
         default_factory=list)
     #: the netdevs of its other NICs, their output held as the first's
     more_netdevs: list[str] = dataclasses.field(default_factory=list)
-    #: its disks on shared storage (doc/volumes.rst), by index: whether
-    #: the disk's node is the image itself (True), or committed overlays
-    #: over it that are not merged into it yet (False: a guest restored
-    #: by a failover)
-    shared: dict[int, bool] = dataclasses.field(default_factory=dict)
 
     @property
     def disks(self) -> list[tuple[str, int]]:
@@ -177,8 +171,7 @@ def own_guest(spec: vm.GuestSpec, qemu: pair.GuestProcess,
         more_disks=[(f'disk{i}', d.size)
                     for i, d in enumerate(spec.disks, 1)],
         more_netdevs=[vm.netdev_id(i)
-                      for i in range(1, len(spec.nic_forwards))],
-        shared={i: True for i in shared_image.spec_shared_disks(spec)})
+                      for i in range(1, len(spec.nic_forwards))])
 
 
 #: a domain whose metadata is in this namespace is a Nova instance's

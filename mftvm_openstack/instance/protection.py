@@ -39,7 +39,6 @@ from mftvm_openstack.ft import (
     libvirt_domain,
     pair,
     pair_tls,
-    shared_image,
     trackers,
     transport,
     vm,
@@ -49,7 +48,6 @@ from mftvm_openstack.ft import disks as ft_disks
 from mftvm_openstack.ft.monitor import MonitorError
 from mftvm_openstack.ft.network import OutputBuffer, OutputBuffers
 from mftvm_openstack.ft.relay import NbdRelay
-from mftvm_openstack.ft.volume import VolumeBuffer
 from mftvm_openstack.instance.config import boot_id, tls_dir
 from mftvm_openstack.instance.guest import RunningGuest
 
@@ -83,14 +81,6 @@ class GuestProtector:
         self._creds_ids = itertools.count(1)
         # the bytes of the boot files the last HELLO announced
         self._boot_data: list[bytes] = []
-        #: the buffers over the guest's shared disks, by disk index, and
-        #: the guest they belong to (kept across protections: see
-        #: :meth:`disk_sync`)
-        self.buffers: dict[int, VolumeBuffer] = {}
-        self._buffered: Optional[RunningGuest] = None
-        #: the last protection's disk sync (a stop leaves it running: the
-        #: guest goes anyway; a buffer is merged only once it stopped)
-        self._sync: Optional[ft_disk.DiskSync | ft_disks.DiskSyncs] = None
 
     @property
     def tls_dir(self) -> Optional[str]:
@@ -155,8 +145,6 @@ class GuestProtector:
                      disks=tuple(
                          DiskInfo(name=disk_name(i), size=size)
                          for i, (_, size) in enumerate(guest.more_disks, 1))
-                     or None,
-                     shared=tuple(disk_name(i) for i in sorted(guest.shared))
                      or None)
 
     async def boot_files(self) -> list[bytes]:
@@ -193,16 +181,18 @@ class GuestProtector:
                 raise ft_disk.DiskError(
                     f'READY: {len(exports)} exports for the '
                     f'{len(disks) - 1} disks after the first')
-            syncs = [await self.disk_sync(guest, i, node)
-                     for i, (node, _) in enumerate(disks)]
             sync: ft_disk.DiskSync | ft_disks.DiskSyncs
             if len(disks) == 1:
-                sync = syncs[0]
+                sync = ft_disk.load_disk_sync(opts.disk_sync, guest.monitor,
+                                              guest.disk_node)
                 started = time.monotonic()
                 await sync.start(target)
             else:
                 # Every disk through the same relay, to its own export.
-                sync = ft_disks.DiskSyncs(syncs)
+                sync = ft_disks.DiskSyncs([
+                    ft_disk.load_disk_sync(opts.disk_sync, guest.monitor,
+                                           node, i)
+                    for i, (node, _) in enumerate(disks)])
                 started = time.monotonic()
                 await sync.start([target] + [
                     dataclasses.replace(target, export=export)
@@ -233,93 +223,11 @@ class GuestProtector:
             await self._drop_creds(creds)
             raise
         sync.on_failure = lost
-        self._sync = sync
 
         async def close() -> None:
             await relay.close()
             await self._drop_creds(creds)
         return pair.Link(capturer, sync, output, close)
-
-    async def disk_sync(self, guest: RunningGuest, index: int,
-                        node: str) -> ft_disk.DiskSync:
-        """The disk sync of the guest's disk ``index`` (node ``node``).
-
-        A disk on shared storage is mirrored from a buffer over it
-        (:class:`~mftvm_openstack.ft.volume.VolumeBuffer`): from the
-        first protection on, this side never writes the image, which the
-        secondary's store has as its base and writes only with committed
-        epochs. The buffer stays while the guest runs here: it holds
-        every write since, so a later secondary gets all of them from it
-        (``sync=top``) over the image, whatever the last one merged. A
-        guest restored onto committed overlays not merged into the image
-        yet mirrors the whole disk (``full``): the overlays are not in
-        the image a new secondary starts from."""
-        opts = self.options
-        on_image = guest.shared.get(index)
-        if on_image is None:
-            return ft_disk.load_disk_sync(opts.disk_sync, guest.monitor,
-                                          node, index)
-        if self._buffered is not guest:
-            self.buffers, self._buffered = {}, guest
-        buffer = self.buffers.get(index)
-        if buffer is None:
-            size = guest.disks[index][1]
-            buffer = self.buffers[index] = VolumeBuffer(
-                guest.monitor, node, os.path.join(self.paths.root,
-                                                  'buffer'),
-                size, name=f'vbuf{index}')
-        top = await buffer.insulate()
-        sync = ft_disk.load_disk_sync(opts.disk_sync, guest.monitor, top,
-                                      index)
-        sync.initial_sync = 'top' if on_image else 'full'
-        return sync
-
-    async def settle_buffers(self, running: bool) -> None:
-        """The guest ends here and nobody resumes it elsewhere (stopped,
-        powered off, or it died unprotected): its disks are the images
-        plus the buffers, so each buffer is merged into its image, by
-        the guest's QEMU while it ``running``, else by ``qemu-img``. A
-        buffer that cannot be merged is kept (its file named in the
-        log): nothing is lost, nothing is half-merged twice."""
-        shared = shared_image.spec_shared_disks(self.spec)
-        guest, buffers = self._buffered, self.buffers
-        self.buffers, self._buffered = {}, None
-        sync, self._sync = self._sync, None
-        if buffers and running and sync is not None:
-            # its mirror sits on the buffer, which must be the guest's
-            # root node to be merged
-            try:
-                await sync.stop()
-            except Exception as exc:
-                LOG.error('the disk sync did not stop (%s): the buffers '
-                          'are kept', exc)
-                return
-        for i, buffer in sorted(buffers.items()):
-            try:
-                if running:
-                    await buffer.release()
-                elif guest is not None and guest.shared.get(i) and \
-                        i in shared:
-                    await buffer.commit_offline(shared[i])
-                else:
-                    raise ft_disk.DiskError('the guest ran on overlays '
-                                            'not merged into the image')
-            except Exception as exc:
-                LOG.error('%s: its buffer was not merged into the shared '
-                          'image (%s): it is kept in %s', disk_name(i),
-                          exc, buffer.path)
-
-    async def discard_buffers(self) -> None:
-        """Another copy of the guest resumes from its last committed
-        epoch: what the buffers hold beyond it must go nowhere."""
-        buffers, self.buffers, self._buffered = self.buffers, {}, None
-        for buffer in buffers.values():
-            try:
-                await buffer.discard()
-            except Exception as exc:     # (its QEMU may be gone)
-                LOG.warning('buffer %s: %s', buffer.path, exc)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(buffer.path)
 
     async def _drop_creds(self, creds: Optional[str]) -> None:
         # Once the replica node is gone nothing uses them; a guest that

@@ -26,7 +26,6 @@ from typing import Optional
 from mftvm_openstack import fencing
 from mftvm_openstack.contract.hello import Hello, NbdTargetInfo
 from mftvm_openstack.contract.record import ContractError
-from mftvm_openstack.contract.spec import disk_name
 from mftvm_openstack.contract.states import Role, State
 from mftvm_openstack.contract.status import Takeover
 from mftvm_openstack.ft import (
@@ -35,13 +34,10 @@ from mftvm_openstack.ft import (
     libvirt_domain,
     pair,
     pair_tls,
-    shared_image,
     transport,
-    volume,
 )
 from mftvm_openstack.ft import disk as ft_disk
 from mftvm_openstack.ft import disks as ft_disks
-from mftvm_openstack.ft.monitor import MonitorError
 from mftvm_openstack.instance.client import pid_exited
 from mftvm_openstack.instance.config import boot_id, free_port, tls_dir
 from mftvm_openstack.instance.guest import RunningGuest, own_guest
@@ -173,9 +169,6 @@ class SecondarySide(Side):
         finally:
             server.close()
         if machine.state == State.ACTIVE and self.guest is not None:
-            # The guest runs (the takeover's stamps are taken); before it
-            # can be protected again, its shared disks become whole.
-            await self._merge_shared_down(self.guest)
             # We are the primary now, unprotected until a protect op.
             primary = pair.PrimaryPair.took_over(
                 machine, self.guest.process, self.guest.monitor,
@@ -250,10 +243,6 @@ class SecondarySide(Side):
             raise ContractError(
                 f'HELLO.disks: the primary names {len(sizes)} disks, the '
                 f'guest has {len(self.spec.all_disks)}')
-        # Which disks are on shared storage is this side's spec's to
-        # say; the HELLO must agree, and names nothing else of them.
-        shared = shared_image.spec_shared_disks(self.spec)
-        hello.check_shared(self.spec.shared_disks, len(sizes))
         name = self.spec.name
         # The RAM file is allocated in full as it is made (so a full
         # tmpfs is this refusal, never a SIGBUS later); the disk replica
@@ -275,15 +264,13 @@ class SecondarySide(Side):
         store: ft_disk.EpochOverlayStore | ft_disks.ReplicaDisks
         if len(sizes) == 1:
             store = ft_disk.EpochOverlayStore(disk_dir, disk_size,
-                                              listen=listen, tls=tls,
-                                              shared=shared.get(0))
+                                              listen=listen, tls=tls)
             target = await store.start()
             exports: tuple[str, ...] = ()
         else:
             # One qsd and NBD server, an export per disk.
             store = ft_disks.ReplicaDisks(self.paths.root, sizes,
-                                          listen=listen, tls=tls,
-                                          shared=shared)
+                                          listen=listen, tls=tls)
             targets = await store.start()
             target = targets[0]
             exports = tuple(t.export for t in targets[1:])
@@ -333,35 +320,6 @@ class SecondarySide(Side):
         self.guest = await self._restore(layers, hello)
         self.takeover = Takeover(detected=detected, fenced=fenced,
                                  resumed=time.monotonic())
-
-    async def _merge_shared_down(self, guest: RunningGuest) -> None:
-        """The restored guest's shared disks run on the image under the
-        committed overlays not merged yet: merge those into the image
-        now (the guest runs on meanwhile), so that the image is the
-        whole disk again, as an unprotected guest's is, and the overlay
-        files (in this side's private directory) can go. A merge that
-        fails leaves the guest on its chain (nothing lost; a protection
-        then mirrors that disk whole)."""
-        chains = [self.disk_layers, *self.more_disk_layers]
-        for i, on_image in sorted(guest.shared.items()):
-            if on_image:
-                continue
-            node = disk_name(i)
-            try:
-                await volume.merge_down(guest.monitor, node, f'{node}-l0',
-                                        f'{node}-merge')
-            except (ft_disk.DiskError, MonitorError) as exc:
-                LOG.error('%s: the committed epochs were not merged into '
-                          'the shared image (the guest runs on them): %s',
-                          node, exc)
-                continue
-            guest.shared[i] = True
-            for path, _ in chains[i][1:]:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            del chains[i][1:]
-            LOG.info('%s: the committed epochs merged into the shared '
-                     'image; the guest writes it directly', node)
 
     async def _win_fence(self, fence: fencing.Fence, pair_id: str) -> None:
         """Own the guest, and know the replica current, or raise.
@@ -430,12 +388,7 @@ class SecondarySide(Side):
                 boot_files=self.secondary.boot_files,
                 disk_chains=[layers, *self.more_disk_layers])
             return await self.libvirt.attach(dom, monitor)
-        chains = [layers, *self.more_disk_layers]
         qemu, qmp = await epoch.restore(
             self.spec, self.paths, self.ram, self.replica.devstate_path,
-            layers, disk_chains=chains)
-        guest = own_guest(self.spec, qemu, qmp, self.ram)
-        # A shared disk runs on the image under the committed overlays
-        # not merged into it yet (none: on the image itself).
-        guest.shared = {i: len(chains[i]) == 1 for i in guest.shared}
-        return guest
+            layers, disk_chains=[layers, *self.more_disk_layers])
+        return own_guest(self.spec, qemu, qmp, self.ram)

@@ -292,12 +292,6 @@ class Side:
             finally:
                 for task in helpers:
                     task.cancel()
-        if machine.state is State.FENCED or machine.secondary_told:
-            # another copy resumes from the last committed epoch
-            await self.protector.discard_buffers()
-        else:
-            # this guest's disk is the image plus its buffer
-            await self.protector.settle_buffers(process.running)
         if process.running:
             await guest.stop()
 

@@ -337,24 +337,5 @@ class SharedVolumeOnRbdTest(lab.LabTestCase,
                                                    0xee))
 
 
-class BufferAfterQemuOnRbdTest(lab.LabTestCase,
-                               test_shared_volume.BufferAfterQemuTest):
-    """A guest's buffer over a Cinder volume on the lab's Ceph, merged
-    into the RBD image by ``qemu-img`` once its QEMU ended (a guest that
-    powered itself off while protected: ``VolumeBuffer.commit_offline``,
-    the key given as a secret object from its key file)."""
-
-    SIZE = SharedVolumeOnRbdTest.SIZE
-    make_shared = SharedVolumeOnRbdTest.make_shared
-    secret = SharedVolumeOnRbdTest.secret
-    qemu_io = SharedVolumeOnRbdTest.qemu_io
-    image_opts = staticmethod(SharedVolumeOnRbdTest.image_opts)
-    image = SharedVolumeOnRbdTest.image
-
-    def run_async(self, coro, timeout=120):
-        # (Ceph on this machine answers slower than a local file)
-        return super().run_async(coro, timeout)
-
-
 if __name__ == '__main__':
     sys.exit('run with stestr: tests/e2e needs .cloud-venv and root')

@@ -8,21 +8,14 @@ the image itself, and the image must only ever hold committed epochs.
 """
 
 import asyncio
-import dataclasses
-import glob
 import json
 import os
-import random
 import subprocess
 import tempfile
 
-from mftvm_openstack.contract.states import State
 from mftvm_openstack.contract.volume import SharedDisk
 from mftvm_openstack.ft import disk, shared_image, vm, volume
 from mftvm_openstack.ft.monitor import QMPMonitor
-from mftvm_openstack.images import records, workload
-from mftvm_openstack.local import operations
-from tests.functional import base
 from tests.functional.test_disk import CHUNK, DiskTestCase, expect
 
 MiB = 1 << 20
@@ -236,133 +229,3 @@ class SharedVolumeTest(DiskTestCase):
 
 class SharedVolumeWriteReplicationTest(SharedVolumeTest):
     SYNC = disk.WriteReplication
-
-
-class SharedDiskProtectionTest(base.GuestTestCase):
-    """The instance processes protect a guest whose disk is a shared
-    image file (``GuestSpec.shared``: both "hosts" see it at one path):
-    the primary's QEMU is killed, and the secondary resumes on the image
-    itself, which held committed epochs only."""
-
-    def test_failover_resumes_on_the_image_with_committed_epochs_only(self):
-        name = 'sv'
-        image = self.make_disk()
-        spec = dataclasses.replace(operations.make_spec(
-            name, self.image.kernel, self.image.initrd, image,
-            append='console=ttyS0 quiet mftvm.run=writer,counter '
-                   'mftvm.writer_interval_ms=20',
-            memory_mib=128,
-            nic=f'user,hostfwd=tcp:127.0.0.1:{self.port}-:7000'),
-            shared=True)
-        self.addCleanup(self._stop_guest, name)
-        gdir = operations.protect(spec, operations.ProtectOptions(
-            epoch_ms=200), self.state_dir)
-        last = self.wait_counter(gdir)
-        last = self.talk(last, random.uniform(3, 5))
-        prim = self.side(name, 'primary')
-        self.assertEqual(State.PROTECTED, prim['state'])
-        # The guest writes its buffer, not the image.
-        buffer = os.path.join(gdir, 'primary', 'buffer', 'vbuf0.qcow2')
-        self.assertTrue(os.path.exists(buffer))
-        # The secondary's store is on the image: no local base replica.
-        self.assertFalse(os.path.exists(os.path.join(
-            gdir, 'secondary', 'disk', 'base.raw')))
-        self.kill_and_ask(prim['qemu_pid'], last)
-        self.wait_active(name)
-        # Restored onto the image, the committed overlays merged into it
-        # (once it runs): the guest runs on the image itself, the overlay
-        # files gone.
-        sec = base.wait_for(
-            lambda: len((s := self.side(name, 'secondary'))['disk_layers'])
-            == 1 and s, 30, what='the committed epochs merged down')
-        self.assertTrue(shared_image.is_chain_filename(
-            sec['disk_layers'][0][0]))
-        self.assertEqual(image, json.loads(
-            sec['disk_layers'][0][0][5:])['filename'])
-        self.assertEqual([], glob.glob(os.path.join(
-            gdir, 'secondary', 'disk', '*.qcow2')))
-        # The dead primary's buffer (it holds what never committed) is
-        # dropped, never merged into the image.
-        base.wait_for(lambda: not os.path.exists(buffer), 10,
-                      what='the dead primary\'s buffer dropped')
-        serial = os.path.join(gdir, 'secondary', 'serial.log')
-        base.wait_for(lambda: len(workload.serial_acks(
-            workload.read_text(serial))) >= 5, 30, what='ACKs after failover')
-        operations.stop(self.state_dir, name)
-        text = workload.read_text(serial)
-        # The image alone: no record from after the committed epoch (the
-        # writer found none of its next slots written: no FUTURE), its
-        # chain intact, and the guest's ACKs continue it there.
-        base.assert_acks_continue_chain(self, text, [(image, 'raw')])
-
-    def test_a_stopped_guest_leaves_every_write_in_the_image(self):
-        # Stopped here, with nobody to resume it: the buffer (every write
-        # since protection) is merged into the image, which alone then
-        # holds every record the guest wrote.
-        name = 'sw'
-        image = self.make_disk()
-        spec = dataclasses.replace(operations.make_spec(
-            name, self.image.kernel, self.image.initrd, image,
-            append='console=ttyS0 quiet mftvm.run=writer,counter '
-                   'mftvm.writer_interval_ms=20',
-            memory_mib=128,
-            nic=f'user,hostfwd=tcp:127.0.0.1:{self.port}-:7000'),
-            shared=True)
-        self.addCleanup(self._stop_guest, name)
-        gdir = operations.protect(spec, operations.ProtectOptions(
-            epoch_ms=200), self.state_dir)
-        self.talk(self.wait_counter(gdir), 2)
-        serial = os.path.join(gdir, 'primary', 'serial.log')
-        base.wait_for(lambda: len(workload.serial_acks(
-            workload.read_text(serial))) >= 20, 30, what='20 ACKs')
-        operations.stop(self.state_dir, name)
-        acks = workload.serial_acks(workload.read_text(serial))
-        on_image = workload.disk_records([(image, 'raw')])
-        last = records.verify_chain(on_image)
-        self.assertEqual(acks[-1][0], last)
-        for seq, digest in acks:
-            self.assertEqual(digest, on_image[seq].hash.hex())
-        self.assertFalse(os.path.exists(os.path.join(
-            gdir, 'primary', 'buffer', 'vbuf0.qcow2')))
-
-
-class BufferAfterQemuTest(DiskTestCase):
-    """A guest whose QEMU ended (powered off, or died unprotected) with
-    writes in its buffer: they are merged into the image offline."""
-
-    SIZE = SIZE
-    make_shared = SharedVolumeTest.make_shared
-    image = SharedVolumeTest.image
-
-    def setUp(self):
-        super().setUp()
-        self.shared = self.make_shared()
-
-    def test_the_buffer_is_merged_into_the_image_by_qemu_img(self):
-        self.run_async(self._offline())
-        image = self.image()
-        self.assertTrue(expect(image, 0, 0x11))
-        self.assertTrue(expect(image, 1 * MiB, 0xa1))
-        self.assertTrue(expect(image, 2 * MiB, 0xa2))
-
-    async def _offline(self):
-        guest = SharedGuest(self.tmp, self.shared)
-        try:
-            await guest.start()
-            buffer = volume.VolumeBuffer(guest.monitor, 'disk0',
-                                         os.path.join(self.tmp, 'buf'),
-                                         self.SIZE)
-            await buffer.insulate()
-            await guest.write(0xa1, 1 * MiB)
-            await guest.write(0xa2, 2 * MiB)
-            # (what a guest that powers off does: a QEMU killed before
-            # keeps unflushed qcow2 metadata, writes never acknowledged
-            # as durable)
-            await guest.monitor.execute('human-monitor-command', **{
-                'command-line': 'qemu-io -d /machine/peripheral/vd0/'
-                                'virtio-backend "flush"'})
-            self.assertTrue(expect(self.image(), 1 * MiB, 0))
-        finally:
-            await guest.close()
-        await buffer.commit_offline(self.shared)
-        self.assertFalse(os.path.exists(buffer.path))

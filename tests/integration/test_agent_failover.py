@@ -10,7 +10,6 @@ namespace — agent, instance process, QEMU — gets SIGKILL at once.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
@@ -101,13 +100,10 @@ class AgentLab(testtools.TestCase):
         except Exception:
             return {}
 
-    def protect(self, port: int, run: str = 'writer,counter',
-                shared: bool = False) -> int:
+    def protect(self, port: int, run: str = 'writer,counter') -> int:
         """Protect the guest from h1 onto h2; once its counter service
-        listens, return its first answer. ``shared``: its disk is an
-        image on storage every host reaches (``self.disk``, in the
-        lab's directory that each host sees)."""
-        disk = self.disk = os.path.join(self.tmp, 'disk.raw')
+        listens, return its first answer."""
+        disk = os.path.join(self.tmp, 'disk.raw')
         with open(disk, 'wb') as f:
             f.truncate(64 << 20)
         spec = operations.make_spec(
@@ -116,8 +112,6 @@ class AgentLab(testtools.TestCase):
                    'mftvm.writer_interval_ms=50',
             memory_mib=128,
             nic=f'user,hostfwd=tcp:0.0.0.0:{port}-:7000')
-        if shared:
-            spec = dataclasses.replace(spec, shared=True)
         self.api.protect({}, 'h1', self.name, spec.to_json(),
                          {'epoch_ms': 200}, secondary_host='h2')
         serial = os.path.join(self.instance_dir('h1'), 'primary',

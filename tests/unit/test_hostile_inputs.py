@@ -87,8 +87,6 @@ class EveryFieldTest(unittest.TestCase):
                 if float in number and isinstance(bad, (int, float)) and \
                         not isinstance(bad, bool) and bad >= 0:
                     continue    # start_delay: any finite wait is a wait
-                if bool in number and isinstance(bad, bool):
-                    continue    # a flag (spec.shared): True is a flag
                 if bad == [] and tuple in (
                         typing.get_origin(hints[f.name]),
                         *map(typing.get_origin, number)):

@@ -140,10 +140,6 @@ class PrimaryPair(Machine['PrimaryEvent']):
         self._protect_first: Optional[Protect] = None
         self.channel: Optional[Channel] = None
         self.link: Optional[Link] = None
-        #: a secondary was told to take the guest over (a handover, or
-        #: this guest's end while protected): what the guest wrote here
-        #: after its last committed epoch must go nowhere
-        self.secondary_told = False
         # heartbeat seq -> when it was sent; the newest echoed send time
         self._beats: dict[int, float] = {}
         self._beat_seq = 0
@@ -714,7 +710,6 @@ class PrimaryPair(Machine['PrimaryEvent']):
         await self._end_link()
 
     async def _tell_secondary_to_take_over(self, reason: str) -> None:
-        self.secondary_told = True
         if self.channel is not None:
             with contextlib.suppress(Exception):
                 # Bounded: a secondary that stopped reading detects our
