@@ -166,6 +166,20 @@ class HandoffTestBase(test_driver.FTDriverTestBase):
                           f' after {HANDOFF_TIMEOUT} s')
             time.sleep(0.05)
 
+    def _take_over(self, server: dict) -> tuple[dict, str]:
+        """The secondary's agent restored the guest there as a (transient)
+        domain and took it over: the server once Nova names that host,
+        and the host."""
+        primary, secondary, _ = self._roles(server)
+        xml = self.computes[primary].driver._host.get_connection(
+        ).lookupByUUIDString(server['id']).XMLDesc(0)
+        self.computes[secondary].driver._host.get_connection().createXML(
+            xml, 0)
+        self.agent.calls.clear()
+        self.takeover.take_over(secondary, server['id'])
+        server, _ = self._wait_for_host(server, secondary)
+        return server, secondary
+
     def _domains(self, host: str) -> list[str]:
         conn = self.computes[host].driver._host.get_connection()
         flags = (fakelibvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE |
@@ -317,17 +331,7 @@ class TestSettle(HandoffTestBase):
             return True
         self.useFixture(fixtures.MonkeyPatch(
             'mftvm_openstack.nova.settle.into_place', into_place))
-        server = self._boot_ft()
-        primary, secondary, _ = self._roles(server)
-        # the agent on S restored the guest as a (transient) domain there
-        xml = self.computes[primary].driver._host.get_connection(
-        ).lookupByUUIDString(server['id']).XMLDesc(0)
-        self.computes[secondary].driver._host.get_connection().createXML(
-            xml, 0)
-        self.agent.calls.clear()
-
-        self.takeover.take_over(secondary, server['id'])
-        server, _ = self._wait_for_host(server, secondary)
+        server, secondary = self._take_over(self._boot_ft())
         deadline = time.monotonic() + HANDOFF_TIMEOUT
         while self._sysmeta(server).get(driver.STATUS) != 'protected':
             self.assertLess(time.monotonic(), deadline)
@@ -356,15 +360,7 @@ class TestSettle(HandoffTestBase):
             raise settle.SettleError('block copy refused')
         self.useFixture(fixtures.MonkeyPatch(
             'mftvm_openstack.nova.settle.into_place', into_place))
-        server = self._boot_ft()
-        primary, secondary, _ = self._roles(server)
-        xml = self.computes[primary].driver._host.get_connection(
-        ).lookupByUUIDString(server['id']).XMLDesc(0)
-        self.computes[secondary].driver._host.get_connection().createXML(
-            xml, 0)
-        self.agent.calls.clear()
-        self.takeover.take_over(secondary, server['id'])
-        server, _ = self._wait_for_host(server, secondary)
+        server, secondary = self._take_over(self._boot_ft())
         deadline = time.monotonic() + HANDOFF_TIMEOUT
         while not self.agent.of('protect'):
             self.assertLess(time.monotonic(), deadline)
@@ -397,13 +393,7 @@ class TestSettle(HandoffTestBase):
             **{**test_driver.FLAVOR, 'ephemeral': 1, 'swap': 128})
         server = self._boot_ft(flavor=flavor, config_drive=True)
         self.assertEqual('protected', self._sysmeta(server)[driver.STATUS])
-        primary, secondary, _ = self._roles(server)
-        xml = self.computes[primary].driver._host.get_connection(
-        ).lookupByUUIDString(server['id']).XMLDesc(0)
-        self.computes[secondary].driver._host.get_connection().createXML(
-            xml, 0)
-        self.takeover.take_over(secondary, server['id'])
-        server, _ = self._wait_for_host(server, secondary)
+        server, secondary = self._take_over(server)
         deadline = time.monotonic() + HANDOFF_TIMEOUT
         while not any(c[0] == 'root' for c in calls):
             self.assertLess(time.monotonic(), deadline)
