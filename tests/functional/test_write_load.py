@@ -37,6 +37,22 @@ def written(text):
     return int(totals[-1]) if totals else 0
 
 
+def protect_writing(case, name, mib_s, disk_sync):
+    """Protect guest ``name`` writing ``mib_s`` MiB/s of 16 KiB writes to
+    its disk (and answering its counter), once it is writing: its
+    directory, its primary's serial log, the counter's last answer and
+    the primary's QEMU pid."""
+    spec, gdir = case.protect(
+        name, run=f'writer,counter,diskrate:{mib_s}:16',
+        disk=case.make_disk(size_mib=DISK_MIB), disk_sync=disk_sync)
+    serial = os.path.join(gdir, 'primary', 'serial.log')
+    last = case.wait_counter(gdir)
+    qemu_pid = case.side(name, 'primary')['qemu_pid']
+    base.wait_for(lambda: written(workload.read_text(serial)), 60, 0.2,
+                  'the guest writing its disk')
+    return gdir, serial, last, qemu_pid
+
+
 class WriteLoadMixin:
     """The test, for the disk mode ``DISK_SYNC``, on a guest named
     ``NAME`` (its own per class: the tier runs two at once, and a guest's
@@ -47,18 +63,10 @@ class WriteLoadMixin:
 
     def test_checkpoints_commit_while_the_guest_writes_16_mib_s(self):
         name = self.NAME
-        spec, gdir = self.protect(
-            name, run='writer,counter,diskrate:16:16',
-            disk=self.make_disk(size_mib=DISK_MIB),
-            disk_sync=self.DISK_SYNC)
-        serial = os.path.join(gdir, 'primary', 'serial.log')
-        last = self.wait_counter(gdir)
-        prim = self.side(name, 'primary')
-        qemu_pid = prim['qemu_pid']
-        base.wait_for(lambda: written(workload.read_text(serial)), 60, 0.2,
-                      'the guest writing its disk')
+        gdir, serial, last, qemu_pid = protect_writing(
+            self, name, 16, self.DISK_SYNC)
         before = written(workload.read_text(serial))
-        first = prim['last_committed_epoch']
+        first = self.side(name, 'primary')['last_committed_epoch']
 
         def committed_on():
             s = self.side(name, 'primary')
@@ -173,16 +181,8 @@ class BackPressureTest(base.GuestTestCase):
 
     def test_a_guest_writing_faster_than_the_replica_stays_protected(self):
         name = 'wlp'
-        spec, gdir = self.protect(
-            name, run='writer,counter,diskrate:64:16',
-            disk=self.make_disk(size_mib=DISK_MIB),
-            disk_sync='async-replication')
-        serial = os.path.join(gdir, 'primary', 'serial.log')
-        last = self.wait_counter(gdir)
-        prim = self.side(name, 'primary')
-        qemu_pid = prim['qemu_pid']
-        base.wait_for(lambda: written(workload.read_text(serial)), 60, 0.2,
-                      'the guest writing its disk')
+        gdir, serial, last, qemu_pid = protect_writing(
+            self, name, 64, 'async-replication')
         qsd, = storage_daemons(os.path.join(gdir, 'secondary'))
         starved = Starved(qsd)
         starved.start()
